@@ -1,0 +1,88 @@
+"""Engine configuration: frozen dataclasses, built once (CLI or `LLM(...)`) and passed down.
+
+Derived values are properties; per-node variants are made with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+Role = Literal["prefill", "decode", "both"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+
+ROLES: tuple[str, ...] = get_args(Role)
+DTYPES: tuple[str, ...] = get_args(DType)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # HF model directory, or `dummy:<preset>` for random weights of a real shape.
+    model: str
+    # "auto" takes the checkpoint's torch_dtype (fp32 when it has none).
+    dtype: DType = "auto"
+    # torch device string: "cpu", "cuda", "cuda:1".
+    device: str = "cpu"
+    # Seed for dummy weights and for sampling rows that carry no seed of their own.
+    seed: int = 0
+    # Context cap in tokens; None takes the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Name the API reports and the block-hash chain is seeded with; None: `model` itself.
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # Tokens per KV block; one value for the whole cluster.
+    block_size: int = 16
+    # Exact number of KV blocks; overrides kv_cache_memory_gib when set.
+    num_blocks: int | None = None
+    # Memory budget for the KV pool in GiB when num_blocks is not given.
+    kv_cache_memory_gib: float = 0.5
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Token budget of one engine step, shared by decode tokens and prefill chunks.
+    max_num_batched_tokens: int = 2048
+    # Most sequences in the running batch at once.
+    max_num_seqs: int = 256
+    # Split long prompts into chunks of the remaining step budget (else whole prompts only).
+    enable_chunked_prefill: bool = True
+    role: Role = "both"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

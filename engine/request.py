@@ -1,0 +1,98 @@
+"""Request and its lifecycle status, as the scheduler and block manager see them.
+
+The lifecycle (docs/architecture.md): WAITING -> RUNNING -> FINISHED_*; in decode role a
+request whose prompt KV comes from a prefill node sits in WAITING_FOR_REMOTE_KV until it
+lands; recompute preemption sends a RUNNING request back to PREEMPTED (waiting again).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import NewType
+
+from splitserve.engine.hashing import BlockHash
+from splitserve.engine.sampling_params import SamplingParams
+
+RequestId = NewType("RequestId", str)
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: everything above PREEMPTED is finished."""
+
+    WAITING = 0
+    WAITING_FOR_REMOTE_KV = 1
+    RUNNING = 2
+    PREEMPTED = 3
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+    FINISHED_ERROR = 7
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence being generated (a prompt with n > 1 becomes n of these)."""
+
+    request_id: RequestId
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    # Tokens the engine may generate at most (max_tokens capped by the context).
+    max_new_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose KV is in the pool (computed here, hit in the prefix cache, or received).
+    num_computed_tokens: int = 0
+    # Prompt tokens this request found in the prefix cache (first admission).
+    num_cached_tokens: int = 0
+    # Prompt tokens this engine computed itself (what the nodes' stats report).
+    num_prompt_tokens_computed: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    # Hash chain of the request's full blocks, extended as blocks fill.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None
+    first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
