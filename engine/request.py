@@ -69,7 +69,11 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     # Hash chain of the request's full blocks, extended as blocks fill.
     block_hashes: list[BlockHash] = field(default_factory=list)
+    # Leading blocks of block_ids already offered to the prefix cache.
+    num_blocks_offered: int = 0
     num_preemptions: int = 0
+    # Whether the first admission was counted in the prefix-cache statistics.
+    is_prefix_recorded: bool = False
     stop_reason: int | str | None = None
     first_token_time: float | None = None
 
@@ -92,6 +96,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without concatenating the whole."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
     @property
     def is_prefill_done(self) -> bool:
