@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import tokenizers
+
 from splitserve.engine.sampling_params import SamplingParams
 
 _REPLACEMENT_CHAR = "\ufffd"

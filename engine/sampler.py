@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
 

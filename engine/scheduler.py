@@ -100,7 +100,9 @@ class Scheduler:
             self._admit_waiting(budget, out)
         return out
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, preempted: list[Request]
+    ) -> bool:
         while not self.blocks.allocate_slots(request, num_new):
             victim = self.running.pop()
             self._preempt(victim)

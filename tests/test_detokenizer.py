@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from splitserve.engine.detokenizer import IncrementalDetokenizer
-from splitserve.engine.sampling_params import SamplingParams
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.sampling_params import SamplingParams
 
 _CORPUS = [
     "The naïve café near 東京 serves crème brûlée 🙂 and green tea. ",

@@ -1,0 +1,186 @@
+"""AsyncEngine: the engine loop on its own thread, driven from asyncio (the nodes' gRPC
+servers).
+
+The thread runs: drain submitted commands -> run step hooks (e.g. NIXL polling) ->
+`EngineCore.step()` -> hand each output to its request's asyncio queue. Every touch of
+the EngineCore happens on that thread; other threads go through `call` (a function run
+there between steps, its result returned as an awaitable) or `generate`/`abort`.
+
+If a step raises, the error is logged, every unfinished request ends with finish_reason
+"error", and the loop goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.core import EngineCore, StepOutput
+from splitserve.engine.output_collector import OutputCollector
+from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.stats import EngineStats
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_IDLE_WAIT_S = 0.05
+# Idle wait while a step hook reports work in flight (e.g. KV transfers to poll).
+_BUSY_WAIT_S = 0.0005
+
+
+class _Stream:
+    """A request's output queue on the asyncio side."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, collector: OutputCollector) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.collector = collector
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
+        self.core = core if core is not None else EngineCore(config)
+        self._commands: deque[tuple[Callable[[EngineCore], Any], concurrent.futures.Future]] = (
+            deque()
+        )
+        self._streams: dict[str, _Stream] = {}
+        self._step_hooks: list[Callable[[EngineCore], bool]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # Any thread.
+
+    def call(self, fn: Callable[[EngineCore], T]) -> concurrent.futures.Future[T]:
+        """Run `fn(core)` on the engine thread between steps."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._commands.append((fn, future))
+        self._wake.set()
+        return future
+
+    def add_step_hook(self, hook: Callable[[EngineCore], bool]) -> None:
+        """`hook(core)` runs on the engine thread before every step (and while idle); it
+        returns True while it has work in flight, so that the idle loop polls it often."""
+        self.call(lambda core: self._step_hooks.append(hook))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # asyncio side.
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        admit: Callable[[EngineCore], Any] | None = None,
+        on_admitted: Callable[[Any], None] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs as deltas until it finishes. `admit`
+        replaces the plain `add_request` (the decode node's remote-KV admission); its
+        result goes to `on_admitted` before any output is awaited."""
+        stream = self._open(request_id, prompt_token_ids, params)
+        add = admit or (lambda core: core.add_request(request_id, prompt_token_ids, params))
+        try:
+            admitted = await asyncio.wrap_future(self.call(add))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        if on_admitted is not None:
+            on_admitted(admitted)
+        finished = False
+        try:
+            while not finished:
+                out = await stream.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                await self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def _open(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> _Stream:
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
+        collector = OutputCollector(request_id, None, list(prompt_token_ids), params.n)
+        stream = _Stream(asyncio.get_running_loop(), collector)
+        self._streams[request_id] = stream
+        return stream
+
+    async def abort(self, request_id: str) -> None:
+        outputs = await asyncio.wrap_future(self.call(lambda core: core.abort(request_id)))
+        self._deliver(outputs)
+
+    async def stats(self) -> EngineStats:
+        return await asyncio.wrap_future(self.call(lambda core: core.stats()))
+
+    def deliver(self, outputs: list[StepOutput]) -> None:
+        """Route outputs produced outside `step` (e.g. remote KV arrival) to streams."""
+        self._deliver(outputs)
+
+    # Engine thread.
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._run_commands()
+            is_busy = False
+            for hook in self._step_hooks:
+                is_busy |= self._guarded(hook)
+            if not self.core.has_runnable():
+                self._wake.wait(_BUSY_WAIT_S if is_busy else _IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.core.step()
+            except Exception:
+                logger.exception("engine step failed; ending every unfinished request")
+                outputs = self._fail_all()
+            self._deliver(outputs)
+
+    def _guarded(self, hook: Callable[[EngineCore], bool]) -> bool:
+        try:
+            return bool(hook(self.core))
+        except Exception:
+            logger.exception("engine step hook %r failed", hook)
+            return False
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, future = self._commands.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self.core))
+            except BaseException as exc:  # handed to the caller, who re-raises it
+                future.set_exception(exc)
+
+    def _fail_all(self) -> list[StepOutput]:
+        outputs = []
+        for request_id in self.core.unfinished_request_ids():
+            for out in self.core.abort(request_id):
+                outputs.append(out._replace(finish_reason="error"))
+        return outputs
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            delta = stream.collector.add(out)
+            result = stream.collector.make([delta])
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, result)

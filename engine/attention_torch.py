@@ -1,0 +1,132 @@
+"""`TorchPagedAttention`: the plain-torch attention backend over the paged KV pool.
+
+What the CPU runs, and the reference the Triton kernels are tested against. Per layer the
+model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
+
+1. stores the step's K/V rows into the pool at `meta.slot_mapping` (slot -1 is skipped);
+2. attends: each sequence's queries over its first `seq_lens[b]` context tokens, gathered
+   through its block table, causally, with grouped-query heads. Scores, softmax and the
+   weighted sum run in float32 (float64 for float64 inputs); the output has q's dtype.
+
+An all-decode batch (one query per sequence) runs as one padded batched gather; anything
+with a prefill chunk runs sequence by sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.attention import AttentionMetadata
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+) -> None:
+    block_size = kv_cache.shape[2]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[:, 0][blocks, offsets] = k[valid].to(kv_cache.dtype)
+    kv_cache[:, 1][blocks, offsets] = v[valid].to(kv_cache.dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gather_context(
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, kv_heads, head_dim]
+    block_table: torch.Tensor,  # [max_blocks] int32, -1 padded
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # K, V: [seq_len, kv_heads, head_dim]
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-seq_len // block_size)
+    table = block_table[:num_blocks].long()
+    ctx = kv_cache[table]  # [num_blocks, 2, block_size, kv_heads, head_dim]
+    k = ctx[:, 0].reshape(-1, *ctx.shape[-2:])[:seq_len]
+    v = ctx[:, 1].reshape(-1, *ctx.shape[-2:])[:seq_len]
+    return k, v
+
+
+def _prefill_one(
+    q: torch.Tensor,  # [query_len, heads, head_dim]
+    k: torch.Tensor,  # [seq_len, kv_heads, head_dim]
+    v: torch.Tensor,  # [seq_len, kv_heads, head_dim]
+    scale: float,
+) -> torch.Tensor:  # [query_len, heads, head_dim]
+    query_len, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads = k.shape[:2]
+    acc = _acc_dtype(q.dtype)
+    qg = q.to(acc).reshape(query_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("qhgd,khd->hgqk", qg, k.to(acc)) * scale
+    # Query row i sits at position seq_len - query_len + i and sees keys up to it.
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
+    k_pos = torch.arange(seq_len, device=q.device)[None, :]
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("hgqk,khd->qhgd", probs, v.to(acc))
+    return out.reshape(query_len, num_heads, head_dim).to(q.dtype)
+
+
+def _decode_batched(
+    q: torch.Tensor,  # [B, heads, head_dim]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [B, heads, head_dim]
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    max_blocks = -(-meta.max_seq_len // block_size)
+    # Padding entries (-1) read block 0; the length mask hides them.
+    tables = meta.block_tables[:, :max_blocks].long().clamp(min=0)
+    ctx = kv_cache[tables]  # [B, max_blocks, 2, block_size, kv_heads, head_dim]
+    k = ctx[:, :, 0].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim)
+    v = ctx[:, :, 1].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim)
+    k_pos = torch.arange(max_blocks * block_size, device=q.device)
+    hidden = k_pos[None, :] >= meta.seq_lens.to(q.device).long()[:, None]  # [B, S]
+    # Slots past a sequence's length hold stale (even non-finite) data: zero them, so
+    # that 0 * NaN never reaches the output.
+    k = k.masked_fill(hidden[:, :, None, None], 0)
+    v = v.masked_fill(hidden[:, :, None, None], 0)
+    acc = _acc_dtype(q.dtype)
+    qg = q.to(acc).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k.to(acc)) * scale
+    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhgk,bkhd->bhgd", probs, v.to(acc))
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+class TorchPagedAttention:
+    """AttentionBackend in plain torch (see the module docstring)."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if meta.is_all_decode and q.shape[0] == meta.num_seqs:
+            return _decode_batched(q, kv_cache, meta, scale)
+        out = torch.empty_like(q)
+        start = 0
+        for b, (query_len, seq_len) in enumerate(
+            zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
+        ):
+            if query_len == 0:
+                continue
+            k_ctx, v_ctx = gather_context(kv_cache, meta.block_tables[b], seq_len)
+            out[start : start + query_len] = _prefill_one(
+                q[start : start + query_len], k_ctx, v_ctx, scale
+            )
+            start += query_len
+        return out

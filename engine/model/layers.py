@@ -1,0 +1,202 @@
+"""Building blocks of the Llama-family forward over a flattened batch of T tokens.
+
+Parameters are created with `torch.empty` (no init) on the current default device in the
+dtype given at construction; the loader (or the dummy initialiser) fills them. q/k/v and
+gate/up are fused into one matmul each (`qkv_proj`, `gate_up_proj`); the loader writes
+the HF checkpoint's separate tensors into their row slices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.engine.attention import AttentionBackend, AttentionMetadata
+from splitserve.engine.model.arch import ModelArchConfig, RopeScaling
+
+
+def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W: [out_features, in_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = empty_param(out_features, in_features, dtype=dtype)
+        self.bias = empty_param(out_features, dtype=dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """Token embedding table [vocab, hidden]; also the LM head's weight when tied."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = empty_param(num_embeddings, dim, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """hidden -> float32 logits; shares `tied_weight` when given."""
+
+    def __init__(
+        self, vocab_size: int, dim: int, dtype: torch.dtype, tied_weight: nn.Parameter | None
+    ):
+        super().__init__()
+        if tied_weight is None:
+            tied_weight = empty_param(vocab_size, dim, dtype=dtype)
+        self.weight = tied_weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight).float()
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim; the statistics are taken in float32."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_param(size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype != torch.float64 else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float32, with llama3 or linear scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths divided by factor, short kept, a smooth blend in between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rope (rotate halves). cos/sin are tabulated in float32 for every position
+    and cast to the activations' dtype when applied."""
+
+    def __init__(self, arch: ModelArchConfig):
+        super().__init__()
+        inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+        positions = torch.arange(arch.max_position_embeddings, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # [max_position, 2, head_dim] float32; not saved with the weights.
+        self.cos_sin: torch.Tensor
+        self.register_buffer(
+            "cos_sin", torch.stack((emb.cos(), emb.sin()), dim=1), persistent=False
+        )
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H, D], k: [T, KVH, D], positions: [T]
+        cos_sin = self.cos_sin[positions].to(q.dtype)
+        cos, sin = cos_sin[:, 0, None, :], cos_sin[:, 1, None, :]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, arch: ModelArchConfig, layer_idx: int, backend: AttentionBackend, dtype: torch.dtype
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.backend = backend
+        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.q_size, self.kv_size = arch.q_size, arch.kv_size
+        self.scale = arch.head_dim**-0.5
+        qkv_out = arch.q_size + 2 * arch.kv_size
+        self.qkv_proj = Linear(arch.hidden_size, qkv_out, arch.attention_bias, dtype)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size, arch.o_proj_bias, dtype)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused."""
+
+    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype):
+        super().__init__()
+        self.intermediate_size = arch.intermediate_size
+        self.gate_up_proj = Linear(
+            arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, dtype
+        )
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, arch: ModelArchConfig, layer_idx: int, backend: AttentionBackend, dtype: torch.dtype
+    ):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.self_attn = Attention(arch, layer_idx, backend, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.mlp = MLP(arch, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))

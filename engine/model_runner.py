@@ -1,0 +1,85 @@
+"""Model runner: turns a step's scheduled chunks into one flattened batch, runs the model,
+and returns logits for the rows that sample (the last token of each chunk that reaches
+its request's last known token).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.scheduler import ScheduledChunk
+
+
+class BatchInputs(NamedTuple):
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    # Row of each sampling chunk's last token, in chunk order.
+    logits_indices: torch.Tensor  # [N] int64
+
+
+def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.device) -> BatchInputs:
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start = [0]
+    seq_lens: list[int] = []
+    sample_rows: list[int] = []
+    for chunk in chunks:
+        request, start, num_new = chunk
+        end = start + num_new
+        token_ids.extend(request.token_ids_slice(start, end))
+        positions.extend(range(start, end))
+        block_ids = request.block_ids
+        slots.extend(
+            block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)
+        )
+        query_start.append(query_start[-1] + num_new)
+        seq_lens.append(end)
+        if chunk.samples:
+            sample_rows.append(query_start[-1] - 1)
+    max_blocks = max(-(-n // block_size) for n in seq_lens)
+    tables = [c.request.block_ids[:max_blocks] for c in chunks]
+    block_tables = [t + [-1] * (max_blocks - len(t)) for t in tables]
+    query_lens = [b - a for a, b in itertools.pairwise(query_start)]
+
+    def as_tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        slot_mapping=as_tensor(slots, torch.int64),
+        query_start_loc=as_tensor(query_start, torch.int32),
+        seq_lens=as_tensor(seq_lens, torch.int32),
+        block_tables=torch.tensor(block_tables, dtype=torch.int32).to(device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+    )
+    return BatchInputs(
+        input_ids=as_tensor(token_ids, torch.int64),
+        positions=as_tensor(positions, torch.int64),
+        meta=meta,
+        logits_indices=as_tensor(sample_rows, torch.int64),
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; returns float32 logits [num_sampling_chunks, vocab]."""
+        batch = build_batch(chunks, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        return self.model.compute_logits(hidden[batch.logits_indices])

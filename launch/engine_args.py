@@ -1,0 +1,57 @@
+"""Engine flags shared by every command that runs an engine (generate, prefill, decode,
+benchmarks), and the EngineConfig they build."""
+
+from __future__ import annotations
+
+import argparse
+
+from splitserve.engine.config import (
+    DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    Role,
+    SchedulerConfig,
+)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="HF model directory or dummy:<preset>")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--served-model-name", default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-blocks", type=int, default=None, help="exact KV pool size in blocks")
+    g.add_argument("--kv-cache-memory-gib", type=float, default=0.5)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--no-chunked-prefill", action="store_true")
+
+
+def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            seed=args.seed,
+            max_model_len=args.max_model_len,
+            served_model_name=args.served_model_name,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_blocks,
+            kv_cache_memory_gib=args.kv_cache_memory_gib,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            enable_chunked_prefill=not args.no_chunked_prefill,
+            role=role,
+        ),
+    )
