@@ -6,7 +6,9 @@ One step (`schedule`):
    budget. When the pool has no blocks left, the most recently admitted running request is
    preempted (recompute: its blocks are freed and it goes back to the head of the queue).
 2. If nothing was preempted, waiting requests are admitted FCFS while budget and
-   `max_num_seqs` allow: each reuses its cached prefix and gets a first chunk.
+   `max_num_seqs` allow: each reuses its cached prefix and gets a first chunk. In prefill
+   role a request reserves blocks for its whole prompt at admission, so running prefill
+   requests never preempt one another (their blocks may be under transfer).
 
 The engine runs the model on the chunks, then calls `advance` (KV now computed, full blocks
 enter the prefix cache) and `finish` for requests that ended. In decode role,
@@ -129,7 +131,12 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not self.blocks.allocate_slots(request, num_new, prefix):
+            # In prefill role a request reserves its whole prompt at admission, so it never
+            # needs a block later and is never preempted while a push reads its blocks.
+            num_reserved = (
+                request.num_tokens - num_computed if self.config.role == "prefill" else num_new
+            )
+            if not self.blocks.allocate_slots(request, num_reserved, prefix):
                 break
             self.waiting.popleft()
             self._record_prefix_hit(request, prefix)

@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "write a tiny seeded test model in Hugging Face format",
     ),
     "bench": ("splitserve.benchmarks.cli", "SLO benchmark against an OpenAI-compatible server"),
+    "prefill": ("splitserve.launch.prefill_cmd", "run a prefill node"),
+    "decode": ("splitserve.launch.decode_cmd", "run a decode node"),
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

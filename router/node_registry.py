@@ -62,6 +62,7 @@ class NodeRecord:
     capacity: NodeCapacity
     load: NodeLoad = field(default_factory=NodeLoad)
     started_at: float = field(default_factory=time.time)  # unix seconds
+    max_model_len: int = 0  # context length in tokens; 0 = unknown
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

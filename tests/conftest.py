@@ -35,3 +35,35 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """hf_greedy(model_dir, prompts, num_new) -> transformers `generate` greedy tokens,
+    exactly num_new per prompt (EOS does not stop it, as with ignore_eos)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    models: dict[str, object] = {}
+
+    def run(model_dir: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+        key = str(model_dir)
+        if key not in models:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            # min_new_tokens would mask EOS and change the greedy choice; with no EOS in
+            # the generation config, generate runs the full length.
+            model.generation_config.eos_token_id = None
+            models[key] = model
+        model = models[key]
+        config = GenerationConfig(do_sample=False, max_new_tokens=num_new, pad_token_id=0)
+        outs = []
+        with torch.no_grad():
+            for prompt in prompts:
+                ids = torch.tensor([prompt])
+                gen = model.generate(  # type: ignore[attr-defined]
+                    ids, attention_mask=torch.ones_like(ids), generation_config=config
+                )
+                outs.append(gen[0, len(prompt) :].tolist())
+        return outs
+
+    return run

@@ -32,30 +32,12 @@ def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def hf_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    # Generate exactly NUM_NEW tokens, as the engine does with ignore_eos. (min_new_tokens
-    # would mask EOS and change the greedy choice; the model's own config keeps its EOS.)
-    model.generation_config.eos_token_id = None
-    config = GenerationConfig(do_sample=False, max_new_tokens=NUM_NEW, pad_token_id=0)
-    outs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            outs.append(gen[0, len(prompt) :].tolist())
-    return outs
-
-
 @pytest.fixture(scope="module", params=ARCHS)
-def arch_case(request, tiny_model_factory):
+def arch_case(request, tiny_model_factory, hf_greedy):
     model_dir = tiny_model_factory(request.param)
     llm = LLM(str(model_dir), dtype="float32")
     prompts = make_prompts(llm.engine.arch.vocab_size)
-    expected = hf_greedy(model_dir, prompts)
+    expected = hf_greedy(model_dir, prompts, NUM_NEW)
     assert all(len(e) == NUM_NEW for e in expected)
     return model_dir, prompts, expected
 

@@ -139,3 +139,18 @@ def test_prefill_role_holds_blocks_until_released() -> None:
     assert sched.release_held(r.request_id)
     assert sched.blocks.pool.num_free_blocks == 8
     assert not sched.release_held(r.request_id)
+
+
+def test_prefill_role_reserves_the_whole_prompt_and_never_preempts() -> None:
+    sched = make(6, max_num_batched_tokens=4, role="prefill")
+    a, b = req("a", 12), req("b", 12, base=50)
+    sched.add_request(a)
+    sched.add_request(b)
+    assert run_step(sched) == [("a", 0, 4)]
+    assert a.block_ids == [0, 1, 2]  # the whole prompt, though only 4 tokens ran
+    assert run_step(sched) == [("a", 4, 4)]
+    assert run_step(sched) == [("a", 8, 4)]
+    # b needs 3 blocks and finds 3: it is admitted without preempting anyone.
+    sched.finish(a, RequestStatus.FINISHED_LENGTH, hold=True)
+    assert run_step(sched) == [("b", 0, 4)]
+    assert b.block_ids == [3, 4, 5] and sched.num_preemptions == 0

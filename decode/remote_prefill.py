@@ -1,0 +1,189 @@
+"""RemotePrefills: the decode node's side of disaggregated prefill, on the engine thread.
+
+Who calls what, in order (all on the engine thread, through `AsyncEngine.call` or as a
+step hook; network I/O stays in decode/service.py):
+
+    admit(core, ...)        allocate the prompt's blocks (reusing this node's cached prefix)
+                            and expect the request's KV chunks; None when the pool is short,
+                            and the request is then queued for local prefill instead
+    rpc_succeeded(...)      the prefill node answered: first token, its cache hits
+    rpc_failed(...)         the Prefill RPC failed (node died, error, deadline)
+    poll(core)              step hook: chunk arrivals from the ArrivalTracker; a request
+                            whose blocks all landed AND whose RPC answered joins the batch
+                            with the first token; a failure or timeout makes it prefill
+                            locally into the same blocks
+    pop_metrics(rid)        per-request transfer metrics, for the final Generate message
+
+A request aborted while its KV is in flight keeps its blocks (EngineCore holds them) until
+its Prefill RPC has returned, since the prefill node may still be writing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from splitserve.engine.core import EngineCore, StepOutput
+from splitserve.engine.outputs import TokenLogprob
+from splitserve.engine.request import RequestStatus
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import RemotePlan
+from splitserve.kv_transfer import ArrivalTracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    started: float
+    prefill_node_id: str
+    num_tokens_to_receive: int
+    num_bytes: int
+    first: tuple[int, TokenLogprob | None] | None = None
+    num_remote_cached_tokens: int = 0
+    has_arrived: bool = False
+    is_rpc_done: bool = False
+    is_aborted: bool = False
+
+
+@dataclass(frozen=True)
+class TransferMetrics:
+    is_prefill_remote: bool
+    is_prefill_fallback: bool
+    prefill_node_id: str
+    transfer_time_s: float
+    num_remote_cached_tokens: int
+
+
+class RemotePrefills:
+    def __init__(
+        self,
+        tracker: ArrivalTracker,
+        deliver: Callable[[list[StepOutput]], None],
+        block_bytes: int,
+    ) -> None:
+        self.tracker = tracker
+        self.deliver = deliver
+        self.block_bytes = block_bytes
+        self._pending: dict[str, _Pending] = {}
+        self._metrics: dict[str, TransferMetrics] = {}
+        # Statistics for the Stats RPC.
+        self.num_completed = 0
+        self.num_failed = 0
+        self.num_fallbacks = 0
+        self.num_bytes_total = 0
+        self.num_prompt_tokens_received = 0
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def num_bytes_in_flight(self) -> int:
+        return sum(p.num_bytes for p in self._pending.values())
+
+    def admit(
+        self,
+        core: EngineCore,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        prefill_node_id: str,
+        timeout_s: float,
+    ) -> RemotePlan | None:
+        plan = core.admit_remote(request_id, prompt, params)
+        if plan is None:
+            logger.info("KV pool short for %s: prefilling it locally", request_id)
+            core.add_request(request_id, prompt, params)
+            return None
+        self.tracker.expect(request_id, timeout_s)
+        num_blocks = len(plan.block_ids) - plan.num_cached_blocks
+        self._pending[request_id] = _Pending(
+            started=time.monotonic(),
+            prefill_node_id=prefill_node_id,
+            num_tokens_to_receive=len(prompt) - plan.num_cached_blocks * core.block_size,
+            num_bytes=num_blocks * self.block_bytes,
+        )
+        return plan
+
+    def rpc_succeeded(
+        self,
+        core: EngineCore,
+        request_id: str,
+        first_token_id: int,
+        first_logprob: TokenLogprob | None,
+        num_remote_cached_tokens: int,
+    ) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return
+        pending.is_rpc_done = True
+        pending.first = (first_token_id, first_logprob)
+        pending.num_remote_cached_tokens = num_remote_cached_tokens
+        self._advance(core, request_id, pending)
+
+    def rpc_failed(self, core: EngineCore, request_id: str, error: str) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return
+        pending.is_rpc_done = True
+        self._fail(core, request_id, pending, f"Prefill RPC failed: {error}")
+
+    def poll(self, core: EngineCore) -> bool:
+        """Step hook; True while remote prefills are pending."""
+        for arrival in self.tracker.poll():
+            pending = self._pending.get(arrival.request_id)
+            if pending is None:
+                continue
+            if arrival.ok:
+                pending.has_arrived = True
+                self._advance(core, arrival.request_id, pending)
+            else:
+                self._fail(core, arrival.request_id, pending, arrival.error or "KV did not arrive")
+        for request_id, pending in list(self._pending.items()):
+            if not pending.is_aborted and not core.is_unfinished(request_id):
+                pending.is_aborted = True  # the client went away; blocks stay held
+                self.tracker.forget(request_id)
+            if pending.is_aborted and pending.is_rpc_done:
+                core.release(request_id)
+                del self._pending[request_id]
+        return bool(self._pending)
+
+    def pop_metrics(self, request_id: str) -> TransferMetrics | None:
+        return self._metrics.pop(request_id, None)
+
+    def _advance(self, core: EngineCore, request_id: str, pending: _Pending) -> None:
+        if pending.is_aborted or not pending.has_arrived or pending.first is None:
+            return
+        del self._pending[request_id]
+        self.num_completed += 1
+        self.num_bytes_total += pending.num_bytes
+        self.num_prompt_tokens_received += pending.num_tokens_to_receive
+        self._record(request_id, pending, is_fallback=False)
+        token, logprob = pending.first
+        self.deliver([core.remote_kv_arrived(request_id, token, logprob)])
+
+    def _fail(self, core: EngineCore, request_id: str, pending: _Pending, error: str) -> None:
+        self.tracker.forget(request_id)
+        if pending.is_aborted:
+            return  # released in poll once the RPC is done
+        del self._pending[request_id]
+        self.num_failed += 1
+        if core.request_status(request_id) == RequestStatus.WAITING_FOR_REMOTE_KV:
+            logger.warning(
+                "remote prefill of %s failed (%s): prefilling locally", request_id, error
+            )
+            core.remote_kv_failed(request_id)
+            self.num_fallbacks += 1
+            self._record(request_id, pending, is_fallback=True)
+
+    def _record(self, request_id: str, pending: _Pending, is_fallback: bool) -> None:
+        self._metrics[request_id] = TransferMetrics(
+            is_prefill_remote=not is_fallback,
+            is_prefill_fallback=is_fallback,
+            prefill_node_id=pending.prefill_node_id,
+            transfer_time_s=time.monotonic() - pending.started,
+            num_remote_cached_tokens=pending.num_remote_cached_tokens,
+        )

@@ -1,0 +1,62 @@
+"""Building `GenerateResponse` messages from the engine's RequestOutput deltas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitserve.decode.remote_prefill import TransferMetrics
+from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.protocol import node_pb2 as pb
+from splitserve.protocol.messages import token_logprob_to_proto
+
+
+def completion_delta(comp: CompletionOutput) -> pb.CompletionDelta:
+    delta = pb.CompletionDelta(index=comp.index, token_ids=comp.token_ids, text=comp.text)
+    if comp.logprobs:
+        delta.logprobs.extend(token_logprob_to_proto(lp) for lp in comp.logprobs)
+    if comp.finish_reason is not None:
+        delta.finish_reason = comp.finish_reason
+    if isinstance(comp.stop_reason, str):
+        delta.stop_str = comp.stop_reason
+    elif isinstance(comp.stop_reason, int):
+        delta.stop_token_id = comp.stop_reason
+    return delta
+
+
+def generate_response(
+    out: RequestOutput,
+    stream_options: pb.StreamOptions,
+    num_prompt_tokens: int,
+    num_completion_tokens: int,
+    ttft_s: float | None = None,
+    transfer: TransferMetrics | None = None,
+    **_: Any,
+) -> pb.GenerateResponse:
+    """One stream message; usage on the final one (always: the router needs the counts)
+    or on every one with continuous_usage_stats; metrics on the final one."""
+    msg = pb.GenerateResponse(
+        request_id=out.request_id,
+        deltas=[completion_delta(c) for c in out.outputs],
+        finished=out.finished,
+    )
+    cached = out.num_cached_tokens
+    if transfer is not None and transfer.is_prefill_remote:
+        cached = max(cached, transfer.num_remote_cached_tokens)
+    if out.finished or stream_options.continuous_usage_stats:
+        msg.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=num_prompt_tokens,
+                cached_tokens=cached,
+                completion_tokens=num_completion_tokens,
+            )
+        )
+    if out.finished:
+        metrics = pb.RequestMetrics(ttft_s=ttft_s or 0.0)
+        if transfer is not None:
+            metrics.transfer_time_s = transfer.transfer_time_s
+            metrics.is_prefill_remote = transfer.is_prefill_remote
+            metrics.is_prefill_fallback = transfer.is_prefill_fallback
+            metrics.prefill_node_id = transfer.prefill_node_id
+            metrics.num_remote_cached_tokens = transfer.num_remote_cached_tokens
+        msg.metrics.CopyFrom(metrics)
+    return msg

@@ -1,0 +1,231 @@
+"""The decode node's gRPC service (`Decode` in protocol/node.proto).
+
+`Generate` (server stream), from the router:
+- with `prefill_node` set and n == 1: admit the request for remote KV on the engine thread
+  (RemotePrefills.admit allocates the prompt's blocks and expects its chunks), then call
+  `Prefill` on that node with this node's NIXL metadata and the destination blocks; the
+  request joins the batch once every chunk landed and the RPC answered. If the pool is
+  short, the RPC fails or the KV does not arrive in time, the prompt is prefilled here.
+- otherwise: prefill locally (aggregated mode, or conditional disaggregation).
+Token deltas stream back as they are generated; the last message carries usage and
+metrics. A cancelled stream (client gone) aborts the request here and on the prefill node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from splitserve.decode.remote_prefill import RemotePrefills, TransferMetrics
+from splitserve.decode.responses import generate_response
+from splitserve.engine.core import EngineCore
+from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.scheduler import RemotePlan
+from splitserve.kv_transfer import ArrivalTracker
+from splitserve.kv_transfer.layout import PoolDescriptor
+from splitserve.launch import node_rpcs
+from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.protocol import node_pb2 as pb
+from splitserve.protocol import node_pb2_grpc
+from splitserve.protocol.messages import (
+    sampling_params_from_proto,
+    token_logprob_from_proto,
+)
+
+logger = logging.getLogger(__name__)
+_RECENT = 1000
+
+
+class DecodeService(node_pb2_grpc.DecodeServicer):
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        agent = runtime.require_agent()
+        self.pool: PoolDescriptor = agent.pool_descriptor
+        tracker = ArrivalTracker(agent, runtime.config.prefill_timeout_s)
+        self.remote = RemotePrefills(tracker, runtime.engine.deliver, self.pool.block_bytes)
+        runtime.engine.add_step_hook(self.remote.poll)
+        self._agent_metadata = runtime.engine.call(lambda core: agent.metadata()).result()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recent_ttft_s: deque[float] = deque(maxlen=_RECENT)
+        self._recent_transfer_s: deque[float] = deque(maxlen=_RECENT)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if self.runtime.is_draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
+        started = time.monotonic()
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_params_from_proto(request.sampling_params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        node = request.prefill_node if request.HasField("prefill_node") else None
+        if params.n != 1:
+            node = None  # n > 1 samples several first tokens: prefill here
+        admit, on_admitted = None, None
+        if node is not None:
+            timeout = self.runtime.config.prefill_timeout_s
+            remote_node = node
+
+            def admit(core: EngineCore) -> RemotePlan | None:
+                return self.remote.admit(core, rid, prompt, params, remote_node.node_id, timeout)
+
+            def on_admitted(plan: RemotePlan | None) -> None:
+                if plan is not None:
+                    self._spawn(self._call_prefill(rid, request, plan, remote_node))
+
+        finish: str | None = None
+        first_token_time: float | None = None
+        num_completion_tokens = 0
+        try:
+            stream = self.runtime.engine.generate(rid, prompt, params, admit, on_admitted)
+            async for out in stream:
+                if first_token_time is None and any(c.token_ids for c in out.outputs):
+                    first_token_time = time.monotonic()
+                num_completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+                extras: dict[str, Any] = {}
+                if out.finished:
+                    finish = "done"
+                    extras = await self._final(rid, out, started, first_token_time)
+                yield generate_response(
+                    out, request.stream_options, len(prompt), num_completion_tokens, **extras
+                )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            if node is not None and finish is None:
+                self._spawn(self._abort_on(node.grpc_address, rid))
+
+    async def _final(
+        self, rid: str, out: RequestOutput, started: float, first_token_time: float | None
+    ) -> dict[str, Any]:
+        metrics: TransferMetrics | None = await asyncio.wrap_future(
+            self.runtime.engine.call(lambda core: self.remote.pop_metrics(rid))
+        )
+        ttft = (first_token_time or time.monotonic()) - started
+        self._recent_ttft_s.append(ttft)
+        if metrics is not None and metrics.is_prefill_remote:
+            self._recent_transfer_s.append(metrics.transfer_time_s)
+        return {"ttft_s": ttft, "transfer": metrics}
+
+    async def _call_prefill(
+        self, rid: str, request: pb.GenerateRequest, plan: RemotePlan, node: pb.NodeEndpoint
+    ) -> None:
+        timeout = self.runtime.config.prefill_timeout_s
+        message = pb.PrefillRequest(
+            request_id=rid,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling_params=request.sampling_params,
+            decode_node_id=self.runtime.node_id,
+            decode_agent_name=self.pool.agent_name,
+            decode_agent_metadata=self._agent_metadata,
+            decode_pool_descriptor=self.pool.to_json().encode(),
+            dst_block_ids=plan.block_ids,
+            num_skip_blocks=plan.num_cached_blocks,
+            timeout_s=timeout,
+        )
+        engine = self.runtime.engine
+        try:
+            stub = node_pb2_grpc.PrefillStub(self._channel(node.grpc_address))
+            resp = await stub.Prefill(message, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            error = f"{exc.code().name}: {exc.details()}"
+            await asyncio.wrap_future(engine.call(lambda c: self.remote.rpc_failed(c, rid, error)))
+            return
+        logprob = (
+            token_logprob_from_proto(resp.first_token_logprob)
+            if resp.HasField("first_token_logprob")
+            else None
+        )
+        await asyncio.wrap_future(
+            engine.call(
+                lambda c: self.remote.rpc_succeeded(
+                    c, rid, resp.first_token_id, logprob, resp.num_cached_tokens
+                )
+            )
+        )
+
+    async def _abort_on(self, address: str, rid: str) -> None:
+        try:
+            stub = node_pb2_grpc.PrefillStub(self._channel(address))
+            await stub.Abort(pb.AbortRequest(request_ids=[rid]), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            logger.info("could not forward abort of %s to %s: %s", rid, address, exc.code().name)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return channel
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        num = 0
+        for rid in request.request_ids:
+            known = await asyncio.wrap_future(
+                self.runtime.engine.call(lambda core, r=rid: core.is_unfinished(r))
+            )
+            await self.runtime.engine.abort(rid)
+            num += int(known)
+        return pb.AbortResponse(num_aborted=num)
+
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        return node_rpcs.health(self.runtime)
+
+    async def Stats(
+        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatsResponse:
+        remote = self.remote
+        extra = {}
+        for name, values in (
+            ("ttft_s", self._recent_ttft_s),
+            ("transfer_time_s", self._recent_transfer_s),
+        ):
+            if values:
+                extra[f"{name}_mean"] = statistics.fmean(values)
+                extra[f"{name}_max"] = max(values)
+        return await node_rpcs.stats(
+            self.runtime,
+            {
+                "num_transfers_in_flight": remote.num_in_flight,
+                "transfer_bytes_in_flight": remote.num_bytes_in_flight,
+                "transfer_bytes_total": remote.num_bytes_total,
+                "num_transfers_completed": remote.num_completed,
+                "num_transfers_failed": remote.num_failed,
+                "num_prefill_fallbacks": remote.num_fallbacks,
+                "prompt_tokens_received": remote.num_prompt_tokens_received,
+                "extra": extra,
+            },
+        )
+
+    async def TransferMetadata(
+        self, request: pb.TransferMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TransferMetadataResponse:
+        return await node_rpcs.transfer_metadata(self.runtime)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+def add_decode_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
+    node_pb2_grpc.add_DecodeServicer_to_server(DecodeService(runtime), server)

@@ -1,0 +1,71 @@
+"""`splitserve prefill ...` and `splitserve decode ...`: run one node until SIGINT/SIGTERM.
+
+Prints `<role> node <id> listening on <host:port>` once it serves (launchers and tests
+wait for that line), then stops cleanly on a signal: deregisters from Redis, lets
+in-flight requests finish for --drain-timeout-s (then aborts them), frees the NIXL
+registration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
+from splitserve.launch.node_runtime import NodeConfig, NodeRole, NodeRuntime
+
+logger = logging.getLogger(__name__)
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    g = parser.add_argument_group("node")
+    g.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds")
+    g.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
+    g.add_argument("--advertise-host", default=None, help="host others reach this node at")
+    g.add_argument("--redis", default=None, help="redis://host:port/db of the cluster")
+    g.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
+    g.add_argument("--prefill-timeout-s", type=float, default=30.0)
+    g.add_argument("--drain-timeout-s", type=float, default=5.0)
+    g.add_argument("--push-timeout-s", type=float, default=30.0)
+
+
+def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfig:
+    return NodeConfig(
+        role=role,
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        redis_url=args.redis,
+        cluster=args.cluster,
+        prefill_timeout_s=args.prefill_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
+        push_timeout_s=args.push_timeout_s,
+    )
+
+
+async def serve(runtime: NodeRuntime) -> None:
+    if runtime.config.role == "prefill":
+        from splitserve.prefill.service import add_prefill_service as add
+    else:
+        from splitserve.decode.service import add_decode_service as add
+    await runtime.start(add)
+    print(
+        f"{runtime.config.role} node {runtime.node_id} listening on {runtime.address}", flush=True
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("stop signal: draining")
+    await runtime.stop()
+
+
+def run_node(args: argparse.Namespace, role: NodeRole) -> int:
+    engine_config = engine_config_from_args(args, role=role)
+    runtime = NodeRuntime(engine_config, node_config_from_args(args, role))
+    asyncio.run(serve(runtime))
+    return 0

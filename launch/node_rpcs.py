@@ -1,0 +1,65 @@
+"""The RPCs both node kinds answer the same way: Health, Stats, TransferMetadata.
+
+Each role's servicer delegates to these; `role_stats` adds what only that role knows
+(transfers in flight, prompt tokens received, fallbacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.protocol import node_pb2 as pb
+
+
+def health(runtime: NodeRuntime) -> pb.HealthResponse:
+    status = pb.HealthResponse.DRAINING if runtime.is_draining else pb.HealthResponse.SERVING
+    return pb.HealthResponse(
+        status=status,
+        node_id=runtime.node_id,
+        role=runtime.config.role,
+        model=runtime.model_id,
+        block_size=runtime.core.block_size,
+        uptime_s=time.monotonic() - runtime.started_at,
+        message="draining: finishing in-flight requests" if runtime.is_draining else "",
+    )
+
+
+async def stats(runtime: NodeRuntime, role_stats: dict[str, Any]) -> pb.StatsResponse:
+    engine_stats = await runtime.engine.stats()
+    extra = {"prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate}
+    extra.update(role_stats.pop("extra", {}))
+    return pb.StatsResponse(
+        node_id=runtime.node_id,
+        role=runtime.config.role,
+        num_running=engine_stats.num_running,
+        num_waiting=engine_stats.num_waiting,
+        num_waiting_for_remote_kv=engine_stats.num_waiting_for_remote_kv,
+        num_blocks_total=engine_stats.num_blocks,
+        num_blocks_free=engine_stats.num_free_blocks,
+        num_blocks_cached=engine_stats.num_cached_blocks,
+        kv_usage=engine_stats.kv_usage,
+        prefix_cache_queries=engine_stats.prefix_cache_queries,
+        prefix_cache_hits=engine_stats.prefix_cache_hits,
+        num_preemptions=engine_stats.num_preemptions,
+        prompt_tokens_computed=engine_stats.prompt_tokens_computed,
+        generation_tokens=engine_stats.generation_tokens,
+        num_requests_finished=engine_stats.num_requests_finished,
+        num_steps=engine_stats.num_steps,
+        uptime_s=time.monotonic() - runtime.started_at,
+        extra=extra,
+        **role_stats,
+    )
+
+
+async def transfer_metadata(runtime: NodeRuntime) -> pb.TransferMetadataResponse:
+    agent = runtime.require_agent()
+    metadata = await asyncio.wrap_future(runtime.engine.call(lambda core: agent.metadata()))
+    return pb.TransferMetadataResponse(
+        node_id=runtime.node_id,
+        agent_name=agent.name,
+        agent_metadata=metadata,
+        pool_descriptor=agent.pool_descriptor.to_json().encode(),
+    )

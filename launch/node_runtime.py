@@ -1,0 +1,198 @@
+"""NodeRuntime: what a prefill and a decode node share: the AsyncEngine, the NIXL
+TransferAgent over the engine's KV pool, the grpc.aio server, and the Redis publisher.
+
+Start-up order (`start`): bind the gRPC port (so the node id, which names the NIXL agent,
+carries the real port) -> create the TransferAgent on the engine thread -> let the role
+add its servicer -> start serving -> register in Redis and publish the cached-block
+snapshot -> heartbeat the load every second, and publish KV events after every step.
+
+Stop order (`stop`): report DRAINING -> deregister from Redis (the router stops sending)
+-> let in-flight requests finish for `drain_timeout_s`, then abort the rest -> stop the
+gRPC server -> close the TransferAgent (deregisters the pool) -> stop the engine thread.
+
+Every TransferAgent call happens on the engine thread (via `engine.call` or step hooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.core import EngineCore
+from splitserve.kv_transfer import TransferAgent, TransferConfig
+from splitserve.router.node_publisher import NodePublisher
+from splitserve.router.node_registry import NodeCapacity, NodeLoad, NodeRecord, make_node_id
+
+logger = logging.getLogger(__name__)
+
+NodeRole = Literal["prefill", "decode"]
+# gRPC message cap: a 128k-token prompt is 512 KiB of token ids.
+_MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    role: NodeRole
+    # Address the gRPC server binds; port 0 picks a free one.
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Host other processes use to reach this node; None: `host` (127.0.0.1 for 0.0.0.0).
+    advertise_host: str | None = None
+    # Redis URL of the cluster; None runs the node unregistered (tests, direct use).
+    redis_url: str | None = None
+    cluster: str = "default"
+    # Decode: seconds to wait for a prefill node's KV before prefilling locally.
+    prefill_timeout_s: float = 30.0
+    # Seconds in-flight requests may run on after a stop signal before they are aborted.
+    drain_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 1.0
+    # Seconds a push may stay unfinished before it is failed.
+    push_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.prefill_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ValueError("prefill_timeout_s must be > 0 and drain_timeout_s >= 0")
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+
+ServicerFactory = Callable[["NodeRuntime", grpc.aio.Server], None]
+
+
+class NodeRuntime:
+    def __init__(self, engine_config: EngineConfig, config: NodeConfig) -> None:
+        if engine_config.scheduler.role != config.role:
+            raise ValueError(
+                f"engine role {engine_config.scheduler.role!r} does not match node role "
+                f"{config.role!r}"
+            )
+        self.config = config
+        self.engine_config = engine_config
+        self.engine = AsyncEngine(engine_config)
+        self.core: EngineCore = self.engine.core
+        self.started_at = time.monotonic()
+        self.is_draining = False
+        self.node_id = ""
+        self.port = 0
+        self.agent: TransferAgent | None = None
+        self.publisher: NodePublisher | None = None
+        self._server: grpc.aio.Server | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.public_host}:{self.port}"
+
+    @property
+    def model_id(self) -> str:
+        return self.engine_config.model.model_id
+
+    def require_agent(self) -> TransferAgent:
+        if self.agent is None:
+            raise RuntimeError("the node's transfer agent is not started")
+        return self.agent
+
+    async def start(self, add_servicer: ServicerFactory) -> None:
+        options = [
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ]
+        server = grpc.aio.server(options=options)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise ValueError(f"cannot bind {self.config.host}:{self.config.port}; pick a free port")
+        self.node_id = make_node_id(self.config.role, self.config.public_host, self.port)
+        transfer = TransferConfig(
+            agent_name=self.node_id, push_timeout_s=self.config.push_timeout_s
+        )
+        self.agent = await asyncio.wrap_future(
+            self.engine.call(lambda core: TransferAgent(transfer, core.kv_cache))
+        )
+        add_servicer(self, server)
+        await server.start()
+        self._server = server
+        if self.config.redis_url:
+            await self._start_publisher(self.config.redis_url)
+        logger.info("%s node %s serving on %s", self.config.role, self.node_id, self.address)
+
+    async def _start_publisher(self, redis_url: str) -> None:
+        publisher = NodePublisher(
+            redis_url, self.config.cluster, heartbeat_interval_s=self.config.heartbeat_interval_s
+        )
+        snapshot = await asyncio.wrap_future(self.engine.call(lambda c: c.pool.cached_hashes()))
+        publisher.start(self._record(), lambda: snapshot)
+        self.publisher = publisher
+        self.engine.add_step_hook(self._publish_kv_events)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+
+    def _record(self) -> NodeRecord:
+        core = self.core
+        sched = self.engine_config.scheduler
+        return NodeRecord(
+            node_id=self.node_id,  # type: ignore[arg-type]
+            role=self.config.role,
+            grpc_address=self.address,
+            nixl_agent_name=self.require_agent().name,
+            model=self.model_id,
+            block_size=core.block_size,
+            capacity=NodeCapacity(core.pool.num_blocks, sched.max_num_seqs),
+            max_model_len=core.max_model_len,
+        )
+
+    def _publish_kv_events(self, core: EngineCore) -> bool:
+        stored, removed = core.pool.take_events()
+        if (stored or removed) and self.publisher is not None:
+            self.publisher.publish_events(stored, removed)
+        return False
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            stats = await self.engine.stats()
+            if self.publisher is not None:
+                self.publisher.heartbeat(
+                    NodeLoad(stats.num_running, stats.num_waiting, stats.kv_usage)
+                )
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def stop(self) -> None:
+        self.is_draining = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self.publisher is not None:
+            self.publisher.stop()
+        await self._drain()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self.agent is not None:
+            agent = self.agent
+            await asyncio.wrap_future(self.engine.call(lambda core: agent.close()))
+        self.engine.shutdown()
+        logger.info("%s node %s stopped", self.config.role, self.node_id)
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while time.monotonic() < deadline:
+            ids = await asyncio.wrap_future(self.engine.call(lambda c: c.unfinished_request_ids()))
+            if not ids:
+                return
+            await asyncio.sleep(0.05)
+        for request_id in await asyncio.wrap_future(
+            self.engine.call(lambda c: c.unfinished_request_ids())
+        ):
+            await self.engine.abort(request_id)

@@ -1,0 +1,15 @@
+"""`splitserve prefill`: a prefill node (see launch/node_cmd.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from splitserve.launch.node_cmd import add_node_arguments, run_node
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_node_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_node(args, "prefill")

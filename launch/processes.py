@@ -1,0 +1,124 @@
+"""Child processes of a local cluster: start, wait for their ready line, stop.
+
+`splitserve up` and the end-to-end tests start every node and the router as
+`python -m splitserve.launch.cli ...` subprocesses and wait for the line each prints when
+it serves; output goes on being read (and logged) by a thread, so a child never blocks
+on a full pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+logger = logging.getLogger(__name__)
+
+# The line every splitserve server prints once it serves; group 1 is its address.
+READY_PATTERN = re.compile(r"listening on (?:https?://)?(\S+)")
+
+
+class ManagedProcess:
+    """One child: `start()` returns once it printed `ready_pattern` (its match is kept)."""
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        ready_pattern: re.Pattern[str] = READY_PATTERN,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.args = list(args)
+        self.ready_pattern = ready_pattern
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.match: re.Match[str] | None = None
+        self.lines: deque[str] = deque(maxlen=200)
+        self._proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @classmethod
+    def splitserve(cls, name: str, *cli_args: str, **kwargs: object) -> ManagedProcess:
+        return cls(name, [sys.executable, "-m", "splitserve.launch.cli", *cli_args], **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def address(self) -> str:
+        if self.match is None:
+            raise RuntimeError(f"{self.name} is not ready")
+        return self.match.group(1)
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} is not started")
+        return self._proc.pid
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 120.0) -> ManagedProcess:
+        self._proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"{self.name}-out", daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.1):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(self.lines)
+                self.stop()
+                raise RuntimeError(f"{self.name} did not become ready; its output:\n{tail}")
+        return self
+
+    def _read(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            self.lines.append(line)
+            logger.debug("[%s] %s", self.name, line)
+            if not self._ready.is_set():
+                match = self.ready_pattern.search(line)
+                if match:
+                    self.match = match
+                    self._ready.set()
+
+    def signal(self, sig: int) -> None:
+        if self.is_alive() and self._proc is not None:
+            self._proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s ignored SIGTERM for %.0f s: killing it", self.name, timeout_s)
+                self._proc.kill()
+                self._proc.wait(10)
+        if self._reader is not None:
+            self._reader.join(5)
+        return self._proc.returncode

@@ -1,0 +1,148 @@
+"""The prefill node's gRPC service (`Prefill` in protocol/node.proto).
+
+A decode node calls `Prefill` with the prompt, its NIXL agent metadata and pool
+descriptor, the destination block ids it allocated, and how many leading blocks it
+already holds. On the engine thread this node connects to the decode node's agent (once;
+cached), queues the prompt in the engine (prefill role: prefix-cache reuse, chunked
+prefill, one sampled token) and registers the request with the PrefillPusher, which
+pushes each chunk's finished blocks as the engine reports them. The RPC answers once
+the last chunk's push completed: first token, final notification tag, cache and push
+statistics. A failed push, an engine error or an abort ends the RPC with an error status;
+the decode node then prefills the prompt itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from splitserve.engine.core import EngineCore
+from splitserve.kv_transfer import PoolDescriptor
+from splitserve.launch import node_rpcs
+from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.prefill.pusher import PrefillPusher, PushOutcome
+from splitserve.protocol import node_pb2 as pb
+from splitserve.protocol import node_pb2_grpc
+from splitserve.protocol.messages import sampling_params_from_proto, token_logprob_to_proto
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillService(node_pb2_grpc.PrefillServicer):
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self.pusher = PrefillPusher(runtime.require_agent())
+        pusher = self.pusher
+
+        def install(core: EngineCore) -> None:
+            core.on_prefill_chunk = pusher.on_chunk
+
+        runtime.engine.call(install).result()
+        runtime.engine.add_step_hook(pusher.poll)
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        if self.runtime.is_draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill node is draining")
+        started = time.monotonic()
+        rid = request.request_id
+        try:
+            params = sampling_params_from_proto(request.sampling_params)
+            descriptor = PoolDescriptor.from_json(request.decode_pool_descriptor)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[PushOutcome] = loop.create_future()
+        agent, pusher = self.runtime.require_agent(), self.pusher
+        prompt = list(request.prompt_token_ids)
+
+        def on_done(outcome: PushOutcome) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(outcome))
+
+        def admit(core: EngineCore) -> None:
+            if params.n != 1:
+                raise ValueError("remote prefill serves n=1 requests")
+            peer = agent.connect(request.decode_agent_metadata, descriptor)
+            pusher.begin(rid, peer, list(request.dst_block_ids), request.num_skip_blocks, on_done)
+            try:
+                core.add_request(rid, prompt, params)
+            except ValueError:
+                pusher.cancel(rid)
+                raise
+
+        try:
+            await asyncio.wrap_future(self.runtime.engine.call(admit))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        timeout = request.timeout_s or None
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(done), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            await self._abort([rid])
+            raise
+        if not outcome.ok:
+            await context.abort(grpc.StatusCode.ABORTED, outcome.error or "prefill failed")
+        return pb.PrefillResponse(
+            request_id=rid,
+            first_token_id=outcome.first_token_id or 0,
+            first_token_logprob=(
+                token_logprob_to_proto(outcome.first_logprob) if outcome.first_logprob else None
+            ),
+            final_notif_tag=outcome.final_tag.encode(),
+            num_cached_tokens=outcome.num_cached_tokens,
+            prefill_time_s=time.monotonic() - started,
+            num_bytes_pushed=outcome.num_bytes,
+            num_chunks=outcome.num_chunks,
+            num_blocks_pushed=outcome.num_blocks,
+        )
+
+    async def _abort(self, request_ids: list[str]) -> int:
+        pusher = self.pusher
+
+        def abort(core: EngineCore) -> int:
+            num = 0
+            for rid in request_ids:
+                known = core.is_unfinished(rid)
+                core.abort(rid)
+                num += int(pusher.abort(rid) or known)
+            return num
+
+        return await asyncio.wrap_future(self.runtime.engine.call(abort))
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        return pb.AbortResponse(num_aborted=await self._abort(list(request.request_ids)))
+
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        return node_rpcs.health(self.runtime)
+
+    async def Stats(
+        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatsResponse:
+        pusher = self.pusher
+        return await node_rpcs.stats(
+            self.runtime,
+            {
+                "num_transfers_in_flight": pusher.num_in_flight,
+                "transfer_bytes_in_flight": pusher.num_bytes_in_flight,
+                "transfer_bytes_total": pusher.num_bytes_total,
+                "num_transfers_completed": pusher.num_pushes_completed,
+                "num_transfers_failed": pusher.num_pushes_failed,
+            },
+        )
+
+    async def TransferMetadata(
+        self, request: pb.TransferMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TransferMetadataResponse:
+        return await node_rpcs.transfer_metadata(self.runtime)
+
+
+def add_prefill_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
+    node_pb2_grpc.add_PrefillServicer_to_server(PrefillService(runtime), server)
