@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -13,6 +14,9 @@ from typing import Any
 
 
 def git_commit() -> str:
+    """The checkout's commit; SPLITSERVE_GIT_COMMIT overrides it (a copy without .git)."""
+    if os.environ.get("SPLITSERVE_GIT_COMMIT"):
+        return os.environ["SPLITSERVE_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

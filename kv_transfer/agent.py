@@ -40,6 +40,7 @@ from splitserve.kv_transfer.layout import (
     coalesce_runs,
     describe_pool,
     run_descs,
+    split_runs,
 )
 from splitserve.kv_transfer.tags import decode_tag
 from splitserve.kv_transfer.types import Notification, PeerName, PushHandle, PushResult
@@ -180,7 +181,10 @@ class TransferAgent:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         check_block_ids(src_block_ids, self._desc.num_blocks, "source")
         check_block_ids(dst_block_ids, remote.pool.num_blocks, "destination", is_unique=True)
-        runs = coalesce_runs(src_block_ids, dst_block_ids)
+        runs = split_runs(
+            coalesce_runs(src_block_ids, dst_block_ids),
+            self.config.max_descriptor_blocks(self._desc.block_bytes),
+        )
         num_bytes = len(src_block_ids) * self._desc.block_bytes
         handle = PushHandle(next(self._push_ids), peer, tag, request_id, num_bytes, len(runs))
         started = time.perf_counter()

@@ -35,6 +35,9 @@ class TransferConfig:
     sync_cuda_before_push: bool = True
     # NIXL INFO logs; otherwise NIXL_LOG_LEVEL defaults to WARN.
     debug: bool = False
+    # Largest transfer descriptor in bytes: longer runs of adjacent blocks are split so
+    # that UCX can spread one push over several copy streams. 0: one descriptor per run.
+    max_descriptor_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.agent_name:
@@ -51,8 +54,18 @@ class TransferConfig:
                 f"ucx_error_handling_mode must be one of {UCX_ERROR_MODES}, "
                 f"got {self.ucx_error_handling_mode!r}"
             )
+        if self.max_descriptor_bytes < 0:
+            raise ValueError(
+                f"max_descriptor_bytes must be >= 0 (0: unlimited), got {self.max_descriptor_bytes}"
+            )
         if self.num_ucx_workers < 1:
             raise ValueError(f"num_ucx_workers must be >= 1, got {self.num_ucx_workers}")
+
+    def max_descriptor_blocks(self, block_bytes: int) -> int:
+        """Blocks per descriptor at most (0: unlimited)."""
+        if not self.max_descriptor_bytes:
+            return 0
+        return max(1, self.max_descriptor_bytes // block_bytes)
 
     def use_progress_thread(self, is_gpu_pool: bool) -> bool:
         if self.enable_progress_thread is None:

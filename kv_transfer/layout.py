@@ -110,6 +110,18 @@ def coalesce_runs(src: Sequence[int], dst: Sequence[int]) -> list[Run]:
     return runs
 
 
+def split_runs(runs: Sequence[Run], max_blocks: int) -> list[Run]:
+    """Cut runs longer than `max_blocks` into pieces of at most that many (0: no cut)."""
+    if max_blocks <= 0:
+        return list(runs)
+    out: list[Run] = []
+    for run in runs:
+        for offset in range(0, run.length, max_blocks):
+            length = min(max_blocks, run.length - offset)
+            out.append(Run(run.src_start + offset, run.dst_start + offset, length))
+    return out
+
+
 def run_descs(runs: Sequence[Run], pool: PoolDescriptor, side: Literal["src", "dst"]) -> np.ndarray:
     """NIXL descriptors (address, length, device id) of one side of `runs`, an N x 3 array."""
     descs = np.empty((len(runs), 3), dtype=np.uint64)

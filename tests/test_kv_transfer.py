@@ -404,3 +404,12 @@ def test_push_to_killed_peer_fails_within_timeout() -> None:
         assert time.monotonic() - started < timeout_s + 1.0
         assert [(r.request_id, r.ok) for r in results] == [("after", False)] * 2
         assert all(r.error for r in results)
+
+
+def test_split_runs_caps_descriptor_length() -> None:
+    from splitserve.kv_transfer.layout import Run, split_runs
+
+    runs = [Run(0, 10, 5), Run(20, 3, 2)]
+    assert split_runs(runs, 0) == runs
+    assert split_runs(runs, 2) == [Run(0, 10, 2), Run(2, 12, 2), Run(4, 14, 1), Run(20, 3, 2)]
+    assert sum(r.length for r in split_runs(runs, 3)) == 7
