@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from splitserve.engine.core import EngineCore, StepOutput
 from splitserve.engine.outputs import TokenLogprob
@@ -35,6 +36,15 @@ from splitserve.kv_transfer import ArrivalTracker
 logger = logging.getLogger(__name__)
 
 
+class RemotePrefillInfo(NamedTuple):
+    """What the prefill node reported beside the first token."""
+
+    num_cached_tokens: int = 0
+    queue_time_s: float = 0.0
+    compute_time_s: float = 0.0
+    push_tail_time_s: float = 0.0
+
+
 @dataclass
 class _Pending:
     started: float
@@ -42,7 +52,7 @@ class _Pending:
     num_tokens_to_receive: int
     num_bytes: int
     first: tuple[int, TokenLogprob | None] | None = None
-    num_remote_cached_tokens: int = 0
+    info: RemotePrefillInfo = field(default_factory=RemotePrefillInfo)
     has_arrived: bool = False
     is_rpc_done: bool = False
     is_aborted: bool = False
@@ -53,8 +63,11 @@ class TransferMetrics:
     is_prefill_remote: bool
     is_prefill_fallback: bool
     prefill_node_id: str
+    # Admission to KV landed (remote) or to the fallback decision.
     transfer_time_s: float
-    num_remote_cached_tokens: int
+    info: RemotePrefillInfo
+    # time.monotonic() when the request joined the queue with its KV (remote only).
+    landed_at: float
 
 
 class RemotePrefills:
@@ -114,14 +127,14 @@ class RemotePrefills:
         request_id: str,
         first_token_id: int,
         first_logprob: TokenLogprob | None,
-        num_remote_cached_tokens: int,
+        info: RemotePrefillInfo,
     ) -> None:
         pending = self._pending.get(request_id)
         if pending is None:
             return
         pending.is_rpc_done = True
         pending.first = (first_token_id, first_logprob)
-        pending.num_remote_cached_tokens = num_remote_cached_tokens
+        pending.info = info
         self._advance(core, request_id, pending)
 
     def rpc_failed(self, core: EngineCore, request_id: str, error: str) -> None:
@@ -180,10 +193,12 @@ class RemotePrefills:
             self._record(request_id, pending, is_fallback=True)
 
     def _record(self, request_id: str, pending: _Pending, is_fallback: bool) -> None:
+        now = time.monotonic()
         self._metrics[request_id] = TransferMetrics(
             is_prefill_remote=not is_fallback,
             is_prefill_fallback=is_fallback,
             prefill_node_id=pending.prefill_node_id,
-            transfer_time_s=time.monotonic() - pending.started,
-            num_remote_cached_tokens=pending.num_remote_cached_tokens,
+            transfer_time_s=now - pending.started,
+            info=pending.info,
+            landed_at=now,
         )

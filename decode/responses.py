@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from splitserve.decode.remote_prefill import TransferMetrics
 from splitserve.engine.outputs import CompletionOutput, RequestOutput
 from splitserve.protocol import node_pb2 as pb
@@ -30,7 +28,7 @@ def generate_response(
     num_completion_tokens: int,
     ttft_s: float | None = None,
     transfer: TransferMetrics | None = None,
-    **_: Any,
+    first_token_time: float | None = None,
 ) -> pb.GenerateResponse:
     """One stream message; usage on the final one (always: the router needs the counts)
     or on every one with continuous_usage_stats; metrics on the final one."""
@@ -41,7 +39,7 @@ def generate_response(
     )
     cached = out.num_cached_tokens
     if transfer is not None and transfer.is_prefill_remote:
-        cached = max(cached, transfer.num_remote_cached_tokens)
+        cached = max(cached, transfer.info.num_cached_tokens)
     if out.finished or stream_options.continuous_usage_stats:
         msg.usage.CopyFrom(
             pb.Usage(
@@ -57,6 +55,11 @@ def generate_response(
             metrics.is_prefill_remote = transfer.is_prefill_remote
             metrics.is_prefill_fallback = transfer.is_prefill_fallback
             metrics.prefill_node_id = transfer.prefill_node_id
-            metrics.num_remote_cached_tokens = transfer.num_remote_cached_tokens
+            metrics.num_remote_cached_tokens = transfer.info.num_cached_tokens
+            metrics.prefill_queue_time_s = transfer.info.queue_time_s
+            metrics.prefill_compute_time_s = transfer.info.compute_time_s
+            metrics.push_tail_time_s = transfer.info.push_tail_time_s
+            if transfer.is_prefill_remote and first_token_time is not None:
+                metrics.admission_time_s = max(0.0, first_token_time - transfer.landed_at)
         msg.metrics.CopyFrom(metrics)
     return msg

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from splitserve.decode.remote_prefill import RemotePrefills, TransferMetrics
+from splitserve.decode.remote_prefill import RemotePrefillInfo, RemotePrefills, TransferMetrics
 from splitserve.decode.responses import generate_response
 from splitserve.engine.core import EngineCore
 from splitserve.engine.outputs import RequestOutput
@@ -116,7 +116,7 @@ class DecodeService(node_pb2_grpc.DecodeServicer):
         self._recent_ttft_s.append(ttft)
         if metrics is not None and metrics.is_prefill_remote:
             self._recent_transfer_s.append(metrics.transfer_time_s)
-        return {"ttft_s": ttft, "transfer": metrics}
+        return {"ttft_s": ttft, "transfer": metrics, "first_token_time": first_token_time}
 
     async def _call_prefill(
         self, rid: str, request: pb.GenerateRequest, plan: RemotePlan, node: pb.NodeEndpoint
@@ -147,11 +147,15 @@ class DecodeService(node_pb2_grpc.DecodeServicer):
             if resp.HasField("first_token_logprob")
             else None
         )
+        info = RemotePrefillInfo(
+            num_cached_tokens=resp.num_cached_tokens,
+            queue_time_s=resp.queue_time_s,
+            compute_time_s=resp.compute_time_s,
+            push_tail_time_s=resp.push_tail_time_s,
+        )
         await asyncio.wrap_future(
             engine.call(
-                lambda c: self.remote.rpc_succeeded(
-                    c, rid, resp.first_token_id, logprob, resp.num_cached_tokens
-                )
+                lambda c: self.remote.rpc_succeeded(c, rid, resp.first_token_id, logprob, info)
             )
         )
 

@@ -73,6 +73,8 @@ class PrefillChunk(NamedTuple):
     first_logprob: TokenLogprob | None
     # Prompt tokens found in this engine's prefix cache.
     num_cached_tokens: int = 0
+    # Seconds the request waited before its first chunk was scheduled.
+    queue_time_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -353,6 +355,7 @@ class EngineCore:
                     None if first is None else first[0],
                     None if first is None else first[1],
                     req.num_cached_tokens,
+                    (req.first_scheduled_time or req.arrival_time) - req.arrival_time,
                 )
             )
             seq.num_blocks_reported = upto

@@ -75,6 +75,8 @@ class Request:
     # Whether the first admission was counted in the prefix-cache statistics.
     is_prefix_recorded: bool = False
     stop_reason: int | str | None = None
+    # time.monotonic() of the first admission to the running batch, and of the first token.
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property

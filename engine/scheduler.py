@@ -21,6 +21,7 @@ No sockets or tensors here: the scheduler is tested with plain objects.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -142,6 +143,8 @@ class Scheduler:
             self._record_prefix_hit(request, prefix)
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, num_computed, num_new))
             budget -= num_new

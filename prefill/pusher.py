@@ -20,6 +20,7 @@ the decode node's ArrivalTracker knows when every chunk has landed.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -41,6 +42,10 @@ class PushOutcome(NamedTuple):
     num_blocks: int
     num_bytes: int
     num_cached_tokens: int
+    queue_time_s: float
+    # First chunk scheduled to last chunk computed, and from there to the last push done.
+    compute_time_s: float
+    push_tail_time_s: float
 
 
 @dataclass
@@ -59,6 +64,9 @@ class _Pushing:
     first: tuple[int, TokenLogprob | None] | None = None
     final_tag: str = ""
     num_cached_tokens: int = 0
+    begun_at: float = field(default_factory=time.monotonic)
+    queue_time_s: float = 0.0
+    last_chunk_at: float = 0.0
 
 
 class PrefillPusher:
@@ -96,7 +104,9 @@ class PrefillPusher:
         if state is None or state.aborted or state.error is not None:
             return
         state.num_cached_tokens = chunk.num_cached_tokens
+        state.queue_time_s = chunk.queue_time_s
         if chunk.is_last:
+            state.last_chunk_at = time.monotonic()
             state.first = (chunk.first_token_id, chunk.first_logprob)  # type: ignore[assignment]
         start = max(chunk.first_block_index, state.num_skip_blocks)
         end = chunk.first_block_index + len(chunk.block_ids)
@@ -166,6 +176,7 @@ class PrefillPusher:
         core.release(request_id)
         error = state.error or ("aborted" if state.aborted else None)
         first_token, first_logprob = state.first if state.first is not None else (None, None)
+        last_chunk = state.last_chunk_at or time.monotonic()
         outcome = PushOutcome(
             ok=error is None and state.sent_last,
             error=error,
@@ -176,6 +187,9 @@ class PrefillPusher:
             num_blocks=state.num_blocks,
             num_bytes=state.num_bytes,
             num_cached_tokens=state.num_cached_tokens,
+            queue_time_s=state.queue_time_s,
+            compute_time_s=max(0.0, last_chunk - state.begun_at - state.queue_time_s),
+            push_tail_time_s=time.monotonic() - last_chunk,
         )
         try:
             state.on_done(outcome)

@@ -98,6 +98,9 @@ class PrefillService(node_pb2_grpc.PrefillServicer):
             num_bytes_pushed=outcome.num_bytes,
             num_chunks=outcome.num_chunks,
             num_blocks_pushed=outcome.num_blocks,
+            queue_time_s=outcome.queue_time_s,
+            compute_time_s=outcome.compute_time_s,
+            push_tail_time_s=outcome.push_tail_time_s,
         )
 
     async def _abort(self, request_ids: list[str]) -> int:

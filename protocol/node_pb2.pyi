@@ -126,7 +126,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class RequestMetrics(_message.Message):
-    __slots__ = ("ttft_s", "transfer_time_s", "is_prefill_remote", "prefill_node_id", "queue_time_s", "num_remote_cached_tokens", "is_prefill_fallback")
+    __slots__ = ("ttft_s", "transfer_time_s", "is_prefill_remote", "prefill_node_id", "queue_time_s", "num_remote_cached_tokens", "is_prefill_fallback", "prefill_queue_time_s", "prefill_compute_time_s", "push_tail_time_s", "admission_time_s")
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TIME_S_FIELD_NUMBER: _ClassVar[int]
     IS_PREFILL_REMOTE_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,10 @@ class RequestMetrics(_message.Message):
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     NUM_REMOTE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IS_PREFILL_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COMPUTE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TAIL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_TIME_S_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     transfer_time_s: float
     is_prefill_remote: bool
@@ -141,7 +145,11 @@ class RequestMetrics(_message.Message):
     queue_time_s: float
     num_remote_cached_tokens: int
     is_prefill_fallback: bool
-    def __init__(self, ttft_s: _Optional[float] = ..., transfer_time_s: _Optional[float] = ..., is_prefill_remote: _Optional[bool] = ..., prefill_node_id: _Optional[str] = ..., queue_time_s: _Optional[float] = ..., num_remote_cached_tokens: _Optional[int] = ..., is_prefill_fallback: _Optional[bool] = ...) -> None: ...
+    prefill_queue_time_s: float
+    prefill_compute_time_s: float
+    push_tail_time_s: float
+    admission_time_s: float
+    def __init__(self, ttft_s: _Optional[float] = ..., transfer_time_s: _Optional[float] = ..., is_prefill_remote: _Optional[bool] = ..., prefill_node_id: _Optional[str] = ..., queue_time_s: _Optional[float] = ..., num_remote_cached_tokens: _Optional[int] = ..., is_prefill_fallback: _Optional[bool] = ..., prefill_queue_time_s: _Optional[float] = ..., prefill_compute_time_s: _Optional[float] = ..., push_tail_time_s: _Optional[float] = ..., admission_time_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "deltas", "finished", "usage", "metrics")
@@ -182,7 +190,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., decode_node_id: _Optional[str] = ..., decode_agent_name: _Optional[str] = ..., decode_agent_metadata: _Optional[bytes] = ..., decode_pool_descriptor: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., num_skip_blocks: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "first_token_logprob", "final_notif_tag", "num_cached_tokens", "prefill_time_s", "num_bytes_pushed", "num_chunks", "num_blocks_pushed")
+    __slots__ = ("request_id", "first_token_id", "first_token_logprob", "final_notif_tag", "num_cached_tokens", "prefill_time_s", "num_bytes_pushed", "num_chunks", "num_blocks_pushed", "queue_time_s", "compute_time_s", "push_tail_time_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +200,9 @@ class PrefillResponse(_message.Message):
     NUM_BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TAIL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     first_token_logprob: TokenLogprob
@@ -201,7 +212,10 @@ class PrefillResponse(_message.Message):
     num_bytes_pushed: int
     num_chunks: int
     num_blocks_pushed: int
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., final_notif_tag: _Optional[bytes] = ..., num_cached_tokens: _Optional[int] = ..., prefill_time_s: _Optional[float] = ..., num_bytes_pushed: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_blocks_pushed: _Optional[int] = ...) -> None: ...
+    queue_time_s: float
+    compute_time_s: float
+    push_tail_time_s: float
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., final_notif_tag: _Optional[bytes] = ..., num_cached_tokens: _Optional[int] = ..., prefill_time_s: _Optional[float] = ..., num_bytes_pushed: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_blocks_pushed: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., push_tail_time_s: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_ids",)

@@ -80,7 +80,8 @@ DUMMY_PRESETS: dict[str, ModelArchConfig] = {
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         rope_scaling=None,
-        max_position_embeddings=4096,
+        # Long enough for the long-prompt benchmarks (8k and more tokens).
+        max_position_embeddings=32768,
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_ids=(1,),
