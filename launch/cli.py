@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("splitserve.benchmarks.cli", "SLO benchmark against an OpenAI-compatible server"),
     "prefill": ("splitserve.launch.prefill_cmd", "run a prefill node"),
     "decode": ("splitserve.launch.decode_cmd", "run a decode node"),
+    "router": ("splitserve.launch.router_cmd", "run the OpenAI-compatible router"),
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -1,0 +1,196 @@
+"""One `Decode.Generate` stream per prompt, merged into one sequence of messages.
+
+Who calls what, in what order (a handler of /v1/completions or /v1/chat/completions):
+
+    streams = PromptStreams(service, prepared)
+    await streams.start()          # routes every prompt, opens its stream, waits for the
+                                   # first message of each: raises APIError (503 when no node
+                                   # can serve, or the node failed before its first message)
+    async for item in streams:     # (prompt index, GenerateResponse) until all finished;
+        ...                        # raises APIError when a node fails mid-stream
+    await streams.aclose()         # always (finally): cancels what still runs
+
+A prompt whose stream ends without its `finished` message (client gone, error, cancel) has
+its gRPC call cancelled and `Decode.Abort` sent for its request id; the decode node passes
+the abort on to the prefill node. A node that is unreachable before the first message is
+excluded and the prompt re-routed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+import grpc
+
+from splitserve.protocol import node_pb2 as pb
+from splitserve.protocol.messages import sampling_params_to_proto
+from splitserve.router.errors import APIError, from_grpc_error
+from splitserve.router.node_registry import NodeId
+from splitserve.router.policy import RouteDecision
+from splitserve.router.prepare import PreparedRequest
+from splitserve.router.service import RouterService
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2
+_QUEUE_SIZE = 1024
+
+
+class _StreamFailed(Exception):
+    def __init__(self, error: grpc.aio.AioRpcError, received_any: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.received_any = received_any
+
+
+class StreamItem(NamedTuple):
+    prompt_index: int
+    message: pb.GenerateResponse | None
+    error: APIError | None
+
+
+class PromptStreams:
+    def __init__(self, service: RouterService, prepared: PreparedRequest) -> None:
+        self.service = service
+        self.prepared = prepared
+        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue(maxsize=_QUEUE_SIZE)
+        self._buffer: list[StreamItem] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_token_s: dict[int, float] = {}
+        self.first_token_s: float | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run_guarded(i)) for i in range(len(self.prepared.prompts))
+        ]
+        waiting = set(range(len(self.prepared.prompts)))
+        while waiting:
+            item = await self._queue.get()
+            if item.error is not None:
+                raise item.error
+            self._buffer.append(item)
+            waiting.discard(item.prompt_index)
+
+    async def __aiter__(self) -> AsyncIterator[StreamItem]:
+        num_finished = 0
+        num_prompts = len(self.prepared.prompts)
+        buffered, self._buffer = self._buffer, []
+        for item in buffered:
+            self._observe(item)
+            yield item
+            num_finished += bool(item.message is not None and item.message.finished)
+        while num_finished < num_prompts:
+            item = await self._queue.get()
+            if item.error is not None:
+                raise item.error
+            self._observe(item)
+            yield item
+            num_finished += bool(item.message is not None and item.message.finished)
+
+    async def aclose(self) -> None:
+        running = [t for t in self._tasks if not t.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def _observe(self, item: StreamItem) -> None:
+        msg = item.message
+        if msg is None or not any(d.token_ids for d in msg.deltas):
+            return
+        now = time.perf_counter()
+        metrics = self.service.metrics
+        if self.first_token_s is None:
+            self.first_token_s = now
+            metrics.ttft.observe(now - self.prepared.arrival_s)
+        last = self._last_token_s.get(item.prompt_index)
+        if last is not None:
+            metrics.itl.observe(now - last)
+        self._last_token_s[item.prompt_index] = now
+
+    async def _run_guarded(self, index: int) -> None:
+        try:
+            await self._run(index)
+        except APIError as exc:
+            await self._queue.put(StreamItem(index, None, exc))
+        except Exception as exc:
+            logger.exception("prompt %d of %s failed", index, self.prepared.request_id)
+            error = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+            await self._queue.put(StreamItem(index, None, error))
+
+    async def _run(self, index: int) -> None:
+        excluded: set[NodeId] = set()
+        prompt = self.prepared.prompts[index]
+        for attempt in range(MAX_ATTEMPTS):
+            decision = await self.service.route(
+                self.prepared.model, prompt, self.prepared.n, frozenset(excluded)
+            )
+            try:
+                await self._stream(index, decision)
+                return
+            except _StreamFailed as failed:
+                node, exc = decision.decode.node_id, failed.error
+                can_retry = not failed.received_any and attempt + 1 < MAX_ATTEMPTS
+                if not can_retry or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_grpc_error(exc, node) from exc
+                logger.warning("decode node %s unavailable (%s); re-routing", node, exc.details())
+                excluded.add(node)
+
+    def _generate_request(self, index: int, decision: RouteDecision) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(
+            request_id=f"{self.prepared.request_id}-{index}-{secrets.token_hex(3)}",
+            prompt_token_ids=self.prepared.prompts[index],
+            sampling_params=sampling_params_to_proto(self.prepared.params[index]),
+            stream_options=pb.StreamOptions(
+                include_usage=True, continuous_usage_stats=self.prepared.continuous_usage
+            ),
+        )
+        if decision.prefill is not None:
+            request.prefill_node.CopyFrom(
+                pb.NodeEndpoint(
+                    node_id=decision.prefill.node_id, grpc_address=decision.prefill.grpc_address
+                )
+            )
+        return request
+
+    async def _stream(self, index: int, decision: RouteDecision) -> None:
+        """Forward one node stream to the queue; abort on the node unless it finished."""
+        request = self._generate_request(index, decision)
+        call = self.service.clients.decode_stub(decision.decode).Generate(request)
+        service, prefill = self.service, decision.prefill
+        service.track(decision.decode)
+        if prefill is not None:
+            service.track(prefill)
+        received_any = is_finished = is_unreachable = False
+        try:
+            async for msg in call:
+                if not received_any and prefill is not None:
+                    service.untrack(prefill)
+                received_any = True
+                await self._queue.put(StreamItem(index, msg, None))
+                if msg.finished:
+                    is_finished = True
+                    return
+            raise APIError(
+                502,
+                f"decode node {decision.decode.node_id} ended the stream of "
+                f"{request.request_id} without a final message",
+                code="node_error",
+            )
+        except grpc.aio.AioRpcError as exc:
+            is_unreachable = not received_any and exc.code() == grpc.StatusCode.UNAVAILABLE
+            raise _StreamFailed(exc, received_any) from exc
+        finally:
+            service.untrack(decision.decode)
+            if prefill is not None and not received_any:
+                service.untrack(prefill)
+            if not is_finished:
+                call.cancel()
+                if not is_unreachable:
+                    service.clients.abort_soon(decision.decode, [request.request_id])

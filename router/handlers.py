@@ -1,0 +1,188 @@
+"""/v1/completions and /v1/chat/completions: validate, prepare, stream from decode nodes.
+
+Order per request: parse the body strictly (400), resolve the model against the live decode
+nodes (404 unknown, 503 none live), tokenize and check the context budget (400), then route
+and open one stream per prompt and wait for each stream's first message (503 when no node
+can serve) while watching for the client going away. Streaming responses start only then,
+so their status is a real one; a failure after that is an error chunk, then `[DONE]`.
+A client that disconnects at any point cancels the node streams, which sends Decode.Abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
+
+from splitserve.router.errors import APIError, from_validation_error
+from splitserve.router.generation import PromptStreams
+from splitserve.router.prepare import PreparedRequest
+from splitserve.router.responses import ResponseBuilder, sse
+from splitserve.router.service import RouterService
+from splitserve.router.tokenizer import RouterTokenizer
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+CLIENT_GONE_STATUS = 499  # nginx's "client closed request": only ever seen in metrics
+_DONE = "data: [DONE]\n\n"
+Prepare = Callable[[Any, RouterTokenizer, str, int], PreparedRequest]
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
+def parse_body(body: bytes, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientGone (with `work` cancelled) if the client leaves first."""
+    work_task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if work_task in done:
+        return work_task.result()
+    raise ClientGone()
+
+
+def _finish_metrics(
+    service: RouterService, endpoint: str, status: int, builder: ResponseBuilder | None
+) -> None:
+    metrics = service.metrics
+    metrics.requests.labels(endpoint, str(status)).inc()
+    if builder is None:
+        return
+    metrics.e2e.observe(time.perf_counter() - builder.prepared.arrival_s)
+    usage = builder.usage
+    metrics.prompt_tokens.inc(sum(usage.prompt_tokens))
+    metrics.cached_tokens.inc(sum(usage.cached_tokens))
+    metrics.generation_tokens.inc(sum(usage.completion_tokens))
+
+
+async def handle_generation(
+    request: Request, endpoint: str, model: type[BaseModel], prepare: Prepare, request_id: str
+) -> Response:
+    service: RouterService = request.app.state.service
+    streams: PromptStreams | None = None
+    try:
+        req = parse_body(await request.body(), model)
+        info = await service.resolve_model(req.model)  # type: ignore[attr-defined]
+        prepared = prepare(req, service.tokenizer, request_id, info.max_model_len)
+        streams = PromptStreams(service, prepared)
+        await until_disconnect(request, streams.start())
+        builder = ResponseBuilder(prepared, service.tokenizer)
+        if prepared.stream:
+            response = _SSEResponse(_SSEStream(service, endpoint, streams, builder))
+            streams = None  # the response owns it now
+            return response
+        result = await until_disconnect(request, _collect(streams, builder))
+        _finish_metrics(service, endpoint, 200, builder)
+        return JSONResponse(result)
+    except APIError as exc:
+        _finish_metrics(service, endpoint, exc.status, None)
+        return JSONResponse(exc.body(), status_code=exc.status)
+    except ClientGone:
+        logger.info("client of %s went away before the response", request_id)
+        _finish_metrics(service, endpoint, CLIENT_GONE_STATUS, None)
+        return Response(status_code=CLIENT_GONE_STATUS)
+    finally:
+        if streams is not None:
+            await streams.aclose()
+
+
+async def _collect(streams: PromptStreams, builder: ResponseBuilder) -> dict[str, Any]:
+    async for item in streams:
+        if item.message is not None:
+            builder.add(item.prompt_index, item.message)
+    failed = builder.failed_choice()
+    if failed is not None:
+        status = 503 if failed.finish_reason == "abort" else 500
+        raise APIError(
+            status,
+            f"the decode node ended a completion with finish_reason {failed.finish_reason!r}",
+            code="generation_" + str(failed.finish_reason),
+        )
+    return builder.response()
+
+
+class _SSEResponse(StreamingResponse):
+    """StreamingResponse that always closes its node streams, even if never iterated
+    (the client left between the first node message and the first chunk)."""
+
+    def __init__(self, stream: _SSEStream) -> None:
+        super().__init__(stream.events(), media_type="text/event-stream")
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.close()
+
+
+class _SSEStream:
+    def __init__(
+        self,
+        service: RouterService,
+        endpoint: str,
+        streams: PromptStreams,
+        builder: ResponseBuilder,
+    ) -> None:
+        self.service = service
+        self.endpoint = endpoint
+        self.streams = streams
+        self.builder = builder
+        self.status = CLIENT_GONE_STATUS
+        self._is_closed = False
+
+    async def close(self) -> None:
+        if not self._is_closed:
+            self._is_closed = True
+            _finish_metrics(self.service, self.endpoint, self.status, self.builder)
+        await self.streams.aclose()
+
+    async def events(self) -> AsyncIterator[str]:
+        builder, prepared = self.builder, self.builder.prepared
+        try:
+            if prepared.kind == "chat":
+                yield sse(builder.role_chunk())
+            async for item in self.streams:
+                if item.message is None:
+                    continue
+                choices = builder.add(item.prompt_index, item.message)
+                if choices:
+                    yield sse(builder.chunk(choices, with_usage=prepared.continuous_usage))
+            if prepared.include_usage:
+                yield sse(builder.usage_chunk())
+            self.status = 200
+            yield _DONE
+        except APIError as exc:
+            self.status = exc.status
+            logger.warning("stream of %s failed: %s", prepared.request_id, exc.message)
+            yield sse(exc.body())
+            yield _DONE
+        finally:
+            await self.close()

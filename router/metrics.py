@@ -1,0 +1,117 @@
+"""Prometheus metrics of the router, on a registry of its own (one per app instance).
+
+Request metrics are observed on the request path; per-node gauges are set when /metrics is
+scraped, from the node list (registry load) and one Stats call per node (prefix-cache hits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from splitserve.protocol import node_pb2 as pb
+from splitserve.router.node_registry import NodeRecord
+
+_LATENCY_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+_ITL_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+_ROUTING_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+_NODE_LABELS = ("node_id", "role")
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        p = "splitserve_router_"
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "Request arrival to its first generated token",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds",
+            "Time between consecutive token messages of one completion stream",
+            buckets=_ITL_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds",
+            "Request arrival to its last token",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.routing = Histogram(
+            p + "routing_decision_seconds",
+            "Node list, prefix lookup and policy for one prompt",
+            buckets=_ROUTING_BUCKETS_S,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens served", registry=r)
+        self.cached_tokens = Counter(
+            p + "cached_prompt_tokens", "Prompt tokens found cached (node usage)", registry=r
+        )
+        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
+        self.requests = Counter(
+            p + "requests",
+            "Finished HTTP requests by endpoint and status (499: client went away)",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            p + "routing_decisions",
+            "Routing decisions by policy used and prefill placement",
+            ["policy", "prefill"],
+            registry=r,
+        )
+        self.node_running = Gauge(
+            p + "node_num_running", "Running requests", _NODE_LABELS, registry=r
+        )
+        self.node_waiting = Gauge(
+            p + "node_num_waiting", "Waiting requests", _NODE_LABELS, registry=r
+        )
+        self.node_kv_usage = Gauge(
+            p + "node_kv_usage", "Fraction of KV blocks in use", _NODE_LABELS, registry=r
+        )
+        self.node_hit_rate = Gauge(
+            p + "node_prefix_cache_hit_rate",
+            "Prefix-cache hits / queries (prompt tokens) since the node started",
+            _NODE_LABELS,
+            registry=r,
+        )
+        self.redis_up = Gauge(p + "redis_up", "1 when Redis answered the last call", registry=r)
+
+    def set_nodes(
+        self, nodes: Sequence[NodeRecord], stats: Sequence[pb.StatsResponse | None]
+    ) -> None:
+        for gauge in (self.node_running, self.node_waiting, self.node_kv_usage, self.node_hit_rate):
+            gauge.clear()
+        for node, st in zip(nodes, stats, strict=True):
+            labels = (node.node_id, node.role)
+            if st is None:
+                running, waiting, kv = (
+                    node.load.num_running,
+                    node.load.num_waiting,
+                    node.load.kv_usage,
+                )
+            else:
+                running, waiting = st.num_running, st.num_waiting + st.num_waiting_for_remote_kv
+                kv = st.kv_usage
+                if st.prefix_cache_queries:
+                    rate = st.prefix_cache_hits / st.prefix_cache_queries
+                    self.node_hit_rate.labels(*labels).set(rate)
+            self.node_running.labels(*labels).set(running)
+            self.node_waiting.labels(*labels).set(waiting)
+            self.node_kv_usage.labels(*labels).set(kv)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

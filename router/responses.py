@@ -1,0 +1,232 @@
+"""OpenAI response bodies from decode-node messages: whole responses and SSE chunks.
+
+Choice index = prompt index × n + the node's completion index (prompt-major). Logprobs use
+the exact OpenAI shapes: completions `{tokens, token_logprobs, top_logprobs, text_offset}`
+(top_logprobs maps token text to logprob and always holds the sampled token; text_offset
+counts characters of the token strings), chat `{content: [{token, logprob, bytes,
+top_logprobs}]}`. Token strings come from the router's tokenizer (one token decoded alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.protocol import node_pb2 as pb
+from splitserve.router.prepare import PreparedRequest
+from splitserve.router.tokenizer import RouterTokenizer
+
+# JSON has no -inf; OpenAI-compatible servers report impossible tokens with this floor.
+MIN_LOGPROB = -9999.0
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _logprob(value: float) -> float:
+    return MIN_LOGPROB if math.isnan(value) or value < MIN_LOGPROB else float(value)
+
+
+def stop_reason(delta: pb.CompletionDelta) -> str | int | None:
+    which = delta.WhichOneof("stop_reason")
+    return None if which is None else getattr(delta, which)
+
+
+def response_id(prepared: PreparedRequest) -> str:
+    prefix = "chatcmpl-" if prepared.kind == "chat" else "cmpl-"
+    return prefix + prepared.request_id
+
+
+def completion_logprobs(
+    tokenizer: RouterTokenizer, lps: Sequence[pb.TokenLogprob], top_k: int, offset: int
+) -> tuple[dict[str, Any], int]:
+    """The completions logprobs object for `lps`, and the text offset after them."""
+    out: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    for lp in lps:
+        text = tokenizer.token_str(lp.token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(_logprob(lp.logprob))
+        top = {tokenizer.token_str(t.token_id): _logprob(t.logprob) for t in lp.top[:top_k]}
+        top.setdefault(text, _logprob(lp.logprob))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out, offset
+
+
+def _chat_token(tokenizer: RouterTokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    text = tokenizer.token_str(token_id)
+    return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(
+    tokenizer: RouterTokenizer, lps: Sequence[pb.TokenLogprob], top_k: int
+) -> list[dict[str, Any]]:
+    return [
+        {
+            **_chat_token(tokenizer, lp.token_id, lp.logprob),
+            "top_logprobs": [_chat_token(tokenizer, t.token_id, t.logprob) for t in lp.top[:top_k]],
+        }
+        for lp in lps
+    ]
+
+
+@dataclass
+class ChoiceState:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text_offset: int = 0  # completions logprobs: characters of token strings so far
+
+
+class UsageTally:
+    """Per-prompt usage: the node's numbers when it sent them, counted tokens otherwise."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]]) -> None:
+        self.prompt_tokens = [len(p) for p in prompts]
+        self.cached_tokens = [0] * len(prompts)
+        self.completion_tokens = [0] * len(prompts)
+
+    def add(self, prompt_index: int, msg: pb.GenerateResponse) -> None:
+        self.completion_tokens[prompt_index] += sum(len(d.token_ids) for d in msg.deltas)
+        if msg.HasField("usage"):
+            usage = msg.usage
+            if usage.prompt_tokens:
+                self.prompt_tokens[prompt_index] = usage.prompt_tokens
+            self.cached_tokens[prompt_index] = usage.cached_tokens
+            self.completion_tokens[prompt_index] = max(
+                usage.completion_tokens, self.completion_tokens[prompt_index]
+            )
+
+    def json(self) -> dict[str, Any]:
+        prompt, completion = sum(self.prompt_tokens), sum(self.completion_tokens)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens)},
+        }
+
+
+class ResponseBuilder:
+    """Accumulates node messages for one request; renders whole responses or chunks."""
+
+    def __init__(self, prepared: PreparedRequest, tokenizer: RouterTokenizer) -> None:
+        self.prepared = prepared
+        self.tokenizer = tokenizer
+        self.choices = [ChoiceState() for _ in range(prepared.num_choices)]
+        self.usage = UsageTally(prepared.prompts)
+        self.id = response_id(prepared)
+        self.top_k = prepared.params[0].logprobs or 0
+        self.has_logprobs = prepared.params[0].logprobs is not None
+
+    def _header(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.prepared.created,
+            "model": self.prepared.model,
+        }
+
+    def add(self, prompt_index: int, msg: pb.GenerateResponse) -> list[dict[str, Any]]:
+        """Record `msg`; returns the chunk choices it makes (deltas with something to say)."""
+        self.usage.add(prompt_index, msg)
+        chunk_choices = []
+        for delta in msg.deltas:
+            index = prompt_index * self.prepared.n + delta.index
+            state = self.choices[index]
+            state.text.append(delta.text)
+            state.logprobs.extend(delta.logprobs)
+            if delta.HasField("finish_reason"):
+                state.finish_reason = delta.finish_reason
+                state.stop_reason = stop_reason(delta)
+            if delta.text or delta.token_ids or delta.HasField("finish_reason"):
+                chunk_choices.append(self._chunk_choice(index, delta))
+        return chunk_choices
+
+    def _chunk_choice(self, index: int, delta: pb.CompletionDelta) -> dict[str, Any]:
+        state = self.choices[index]
+        finish = delta.finish_reason if delta.HasField("finish_reason") else None
+        stop = stop_reason(delta) if finish else None
+        logprobs: Any = None
+        if self.prepared.kind == "chat":
+            if self.has_logprobs:
+                logprobs = {"content": chat_logprobs(self.tokenizer, delta.logprobs, self.top_k)}
+            body = {"content": delta.text} if delta.text else {}
+            return {
+                "index": index,
+                "delta": body,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+                "stop_reason": stop,
+            }
+        if self.has_logprobs:
+            logprobs, state.text_offset = completion_logprobs(
+                self.tokenizer, delta.logprobs, self.top_k, state.text_offset
+            )
+        return {
+            "index": index,
+            "text": delta.text,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop,
+        }
+
+    def chunk(self, choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.prepared.kind == "chat" else "text_completion"
+        out = {**self._header(kind), "choices": choices}
+        if with_usage:
+            out["usage"] = self.usage.json()
+        return out
+
+    def role_chunk(self) -> dict[str, Any]:
+        choices = [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(self.prepared.num_choices)
+        ]
+        return self.chunk(choices)
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return self.chunk([], with_usage=True)
+
+    def failed_choice(self) -> ChoiceState | None:
+        """A choice the node ended with finish_reason error/abort (non-streaming: an error)."""
+        return next((c for c in self.choices if c.finish_reason in ("error", "abort")), None)
+
+    def response(self) -> dict[str, Any]:
+        choices = [self._final_choice(i, c) for i, c in enumerate(self.choices)]
+        kind = "chat.completion" if self.prepared.kind == "chat" else "text_completion"
+        return {**self._header(kind), "choices": choices, "usage": self.usage.json()}
+
+    def _final_choice(self, index: int, state: ChoiceState) -> dict[str, Any]:
+        text = "".join(state.text)
+        out: dict[str, Any] = {"index": index}
+        logprobs: Any = None
+        if self.prepared.kind == "chat":
+            if self.has_logprobs:
+                logprobs = {"content": chat_logprobs(self.tokenizer, state.logprobs, self.top_k)}
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            if self.has_logprobs:
+                logprobs, _ = completion_logprobs(self.tokenizer, state.logprobs, self.top_k, 0)
+            out["text"] = text
+        out.update(
+            logprobs=logprobs, finish_reason=state.finish_reason, stop_reason=state.stop_reason
+        )
+        return out

@@ -1,0 +1,164 @@
+"""RouterService: the router's state and its routing step, shared by every HTTP handler.
+
+Per prompt, `route()` reads the cached node list, hashes the prompt's full blocks the way the
+nodes do (engine/hashing.py, seeded with the node's served model name and block size), asks
+Redis once for every live node's cached prefix, and applies the policy (router/policy.py).
+Load reported by nodes is up to a heartbeat old, so the router adds the requests it has
+itself sent and not yet seen answered (`track`/`untrack`), which keeps a burst from herding
+onto the node that looked best a second ago. With Redis down, routing is by load only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import NamedTuple
+
+from splitserve.engine.hashing import hash_blocks, seed_hash
+from splitserve.router.cluster import ClusterView
+from splitserve.router.config import RouterConfig
+from splitserve.router.errors import APIError
+from splitserve.router.metrics import RouterMetrics
+from splitserve.router.node_clients import NodeClients
+from splitserve.router.node_registry import NodeId, NodeLoad, NodeRecord
+from splitserve.router.policy import RouteDecision, RoutingInputs, choose_route
+from splitserve.router.tokenizer import RouterTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class ModelInfo(NamedTuple):
+    name: str
+    max_model_len: int  # 0: unknown
+    created: int  # unix seconds: the oldest node serving it started then
+
+
+def _no_decode_node(model: str | None) -> APIError:
+    what = f"serves model {model!r}" if model else "is live"
+    return APIError(503, f"no decode node {what}; try again shortly", code="no_decode_node")
+
+
+class RouterService:
+    def __init__(
+        self,
+        config: RouterConfig,
+        tokenizer: RouterTokenizer,
+        clients: NodeClients,
+        cluster: ClusterView,
+        metrics: RouterMetrics,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.clients = clients
+        self.cluster = cluster
+        self.metrics = metrics
+        self._load_only = replace(config.policy, name="least_load")
+        self._rotation = itertools.count()
+        self._inflight: Counter[NodeId] = Counter()
+
+    async def models(self) -> list[ModelInfo]:
+        """Models served by live decode nodes (only the expected one when --model is set)."""
+        snap = await self.cluster.nodes()
+        by_model: dict[str, list[NodeRecord]] = {}
+        for node in snap.decode:
+            if not self.config.model or node.model == self.config.model:
+                by_model.setdefault(node.model, []).append(node)
+        return [
+            ModelInfo(
+                name,
+                min((n.max_model_len for n in nodes if n.max_model_len > 0), default=0),
+                int(min(n.started_at for n in nodes)),
+            )
+            for name, nodes in sorted(by_model.items())
+        ]
+
+    async def resolve_model(self, requested: str | None) -> ModelInfo:
+        """The model a request names (None: the only one); 404 unknown, 503 none live."""
+        models = await self.models()
+        if not models:
+            raise _no_decode_node(requested)
+        if requested is None:
+            return models[0]
+        for info in models:
+            if info.name == requested:
+                return info
+        names = ", ".join(repr(m.name) for m in models)
+        raise APIError(
+            404,
+            f"the model {requested!r} does not exist: this cluster serves {names}",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def route(
+        self, model: str, prompt: Sequence[int], n: int, exclude: frozenset[NodeId] = frozenset()
+    ) -> RouteDecision:
+        start = time.perf_counter()
+        snap = await self.cluster.nodes()
+        decode = [d for d in snap.decode if d.model == model and d.node_id not in exclude]
+        if not decode:
+            raise _no_decode_node(model)
+        block_size = decode[0].block_size
+        decode = [d for d in decode if d.block_size == block_size]
+        prefill = [p for p in snap.prefill if p.model == model and p.block_size == block_size]
+        policy = self.config.policy
+        cached: dict[NodeId, int] = {}
+        if policy.name == "cache_aware":
+            hashes = hash_blocks(prompt[:-1], block_size, seed_hash(model, block_size))
+            prefixes = await self.cluster.longest_prefixes(hashes) if hashes else {}
+            if prefixes is None:
+                policy = self._load_only
+            else:
+                cached = prefixes
+        inputs = RoutingInputs(
+            prompt_len=len(prompt),
+            n=n,
+            decode_nodes=[self._with_inflight(d) for d in decode],
+            prefill_nodes=[self._with_inflight(p) for p in prefill],
+            cached_blocks=cached,
+            rotation=next(self._rotation),
+        )
+        decision = choose_route(inputs, policy)
+        self.metrics.routing.observe(time.perf_counter() - start)
+        placement = "local" if decision.prefill is None else "remote"
+        self.metrics.decisions.labels(policy.name, placement).inc()
+        logger.debug(
+            "route %d tokens -> decode %s (cached %d), prefill %s (cached %d): %s",
+            len(prompt),
+            decision.decode.node_id,
+            decision.decode_cached_tokens,
+            decision.prefill.node_id if decision.prefill else "local",
+            decision.prefill_cached_tokens,
+            decision.reason,
+        )
+        return decision
+
+    def _with_inflight(self, node: NodeRecord) -> NodeRecord:
+        """The record with the router's own unanswered requests counted as waiting."""
+        reported = node.load.num_running + node.load.num_waiting
+        extra = self._inflight[node.node_id] - reported
+        if extra <= 0:
+            return node
+        load = NodeLoad(node.load.num_running, node.load.num_waiting + extra, node.load.kv_usage)
+        return replace(node, load=load)
+
+    def track(self, node: NodeRecord) -> None:
+        self._inflight[node.node_id] += 1
+
+    def untrack(self, node: NodeRecord) -> None:
+        self._inflight[node.node_id] -= 1
+        if self._inflight[node.node_id] <= 0:
+            del self._inflight[node.node_id]
+
+    async def scrape(self) -> bytes:
+        """Prometheus exposition, with per-node gauges refreshed from Stats."""
+        snap = await self.cluster.nodes()
+        nodes = [*snap.decode, *snap.prefill]
+        stats = await self.clients.stats_many(nodes)
+        self.metrics.set_nodes(nodes, stats)
+        self.metrics.redis_up.set(1.0 if self.cluster.is_redis_up else 0.0)
+        return self.metrics.exposition()

@@ -1,0 +1,105 @@
+"""The router's tokenizer: prompts to token ids, chat templates, token strings for logprobs.
+
+Loaded once at start from a local directory with transformers' AutoTokenizer (local files
+only, never the network), or, for `dummy:<preset>` models, built in memory by the engine's
+own dummy tokenizer builder so that router and nodes agree on every id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DUMMY_PREFIX = "dummy:"
+
+
+def load_hf_tokenizer(name_or_path: str) -> Any:
+    """A PreTrainedTokenizer(Fast) for a local directory or a `dummy:<preset>` model."""
+    if name_or_path.startswith(DUMMY_PREFIX):
+        dummy = importlib.import_module("splitserve.engine.model.dummy")
+        return dummy.build_dummy_tokenizer(dummy.dummy_arch(name_or_path))
+    if not Path(name_or_path).is_dir():
+        raise ValueError(
+            f"tokenizer {name_or_path!r} is not a local directory: pass --tokenizer with the "
+            "model's directory (tokenizer.json / tokenizer_config.json), or a dummy:<preset> model"
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+
+
+class ChatTemplateError(ValueError):
+    """The chat template could not render these messages (a client error)."""
+
+
+class RouterTokenizer:
+    """Thin, typed wrapper over a Hugging Face tokenizer."""
+
+    def __init__(self, hf_tokenizer: Any, name: str) -> None:
+        self.hf = hf_tokenizer
+        self.name = name
+        self.vocab_size = len(hf_tokenizer)
+        self._token_str = lru_cache(maxsize=1 << 16)(self._decode_one)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> RouterTokenizer:
+        tokenizer = cls(load_hf_tokenizer(name_or_path), name_or_path)
+        logger.info("tokenizer %s loaded (%d ids)", name_or_path, tokenizer.vocab_size)
+        return tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens))
+
+    def token_str(self, token_id: int) -> str:
+        """The text of one token as logprobs show it (special tokens included)."""
+        return str(self._token_str(token_id))
+
+    def _decode_one(self, token_id: int) -> str:
+        return str(self.hf.decode([token_id], skip_special_tokens=False))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        template_kwargs: dict[str, Any] | None,
+    ) -> str:
+        """The prompt text the model's chat template makes of `messages`."""
+        if not self.has_chat_template:
+            raise ChatTemplateError(
+                f"the tokenizer of {self.name} has no chat template: use /v1/completions "
+                "with a pre-formatted prompt instead"
+            )
+        if add_generation_prompt and continue_final_message:
+            raise ChatTemplateError(
+                "add_generation_prompt and continue_final_message cannot both be true: set "
+                "add_generation_prompt to false to continue the final assistant message"
+            )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.hf.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **(template_kwargs or {}),
+            )
+        except (TemplateError, ValueError, TypeError, KeyError) as exc:
+            message = f"the chat template cannot render these messages: {exc}"
+            raise ChatTemplateError(message) from exc
+        if not isinstance(text, str):
+            raise ChatTemplateError(f"the chat template returned {type(text).__name__}, not text")
+        return text
