@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: nixl and transformers declare an unpinned torch.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[cluster,bench,dev]"
+	$(PIP) install -q -e ".[cluster,bench,kernels,dev]"
 	touch $@
 
 install: $(VENV)/.installed

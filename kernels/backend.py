@@ -1,0 +1,66 @@
+"""`TritonPagedAttention`: the AttentionBackend of GPU nodes, built on the kernels here.
+
+Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
+
+1. stores the step's K/V rows at `meta.slot_mapping` (`store_kv`; slot -1 skipped);
+2. attends: an all-decode batch (one query per sequence, one row per sequence) runs the
+   split-K decode kernel; any batch with a prefill chunk runs the varlen prefill kernel,
+   which also serves the decode rows mixed into it.
+
+Nothing in `forward` reads device memory on the host: grid sizes come from the host ints
+`meta.max_query_len` and `meta.max_seq_len`, everything else from meta's device tensors.
+Output rows that belong to no sequence (past query_start_loc[-1]) are not written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.kernels.decode_attention import decode_attention
+from splitserve.kernels.prefill_attention import prefill_attention
+from splitserve.kernels.store_kv import store_kv
+
+
+class TritonPagedAttention:
+    """AttentionBackend over the paged pool with Triton kernels (see the module docstring).
+
+    `decode_num_splits` pins the decode kernel's split count (None: chosen per batch from
+    the device size and `meta.max_seq_len`)."""
+
+    def __init__(self, decode_num_splits: int | None = None) -> None:
+        if decode_num_splits is not None and decode_num_splits < 1:
+            raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
+        self.decode_num_splits = decode_num_splits
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if meta.is_all_decode and q.shape[0] == meta.num_seqs:
+            return decode_attention(
+                q,
+                kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.max_seq_len,
+                scale,
+                num_splits=self.decode_num_splits,
+            )
+        return prefill_attention(
+            q,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            scale,
+        )

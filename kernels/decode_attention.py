@@ -1,0 +1,294 @@
+"""Paged decode attention: one query token per sequence, split-K (flash-decoding).
+
+Stage 1 (`_decode_split_kernel`, grid (batch, num_kv_heads, num_splits)): each program
+takes one sequence, one KV head and one partition of `partition_size` context tokens,
+gathers the partition's K/V through the block table tile by tile, and scores all
+`group_size` query heads that share the KV head in one `tl.dot` (the group is padded to 16
+rows), so each KV byte is read once per KV head. It writes the partition's running max
+`m`, sum `l` and unnormalised output `acc` (fp32). Partitions that start at or past the
+sequence's length write nothing.
+
+Stage 2 (`decode_reduce.merge_partitions`, grid (batch, num_heads)) merges the partitions that
+hold tokens: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s.
+With a single partition stage 1 normalises and writes the output itself and stage 2 is
+skipped.
+
+The number of partitions is picked on the host from `max_seq_len` and the batch shape so
+that batch x kv_heads x splits fills the multiprocessors a few times over; nothing is
+read back from the device. Reference: `splitserve.engine.attention_torch._decode_batched`
+(via `decode_attention_reference`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.attention_torch import _decode_batched
+from splitserve.kernels.checks import (
+    FLOAT_DTYPES,
+    check_launchable,
+    check_shape,
+    check_tensor,
+    check_tile,
+    dot_precision,
+    next_pow2,
+    num_sms,
+)
+from splitserve.kernels.decode_reduce import merge_partitions
+from splitserve.kernels.paged import attend_kv_tile
+
+LOG2E = 1.4426950408889634
+# Fewest context tokens worth a partition of their own (below this the reduce costs more
+# than the parallelism gains).
+MIN_PARTITION_TOKENS = 256
+MAX_SPLITS = 64
+# Programs per multiprocessor the split heuristic aims for.
+PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, num_heads, HEAD_DIM]
+    kv_ptr,  # [num_blocks, 2, KV_BLOCK_SIZE, num_kv_heads, HEAD_DIM]
+    table_ptr,  # [B, max_blocks] int32, -1 padded
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, num_heads, HEAD_DIM] (written when IS_SINGLE_SPLIT)
+    part_acc_ptr,  # [B, num_heads, num_splits, HEAD_DIM] fp32 (otherwise)
+    part_m_ptr,  # [B, num_heads, num_splits] fp32
+    part_l_ptr,  # [B, num_heads, num_splits] fp32
+    qk_scale_log2,
+    partition_size,
+    stride_q_seq,
+    stride_q_head,
+    stride_q_dim,
+    stride_kv_block,
+    stride_kv_kv,
+    stride_kv_tok,
+    stride_kv_head,
+    stride_kv_dim,
+    stride_table_seq,
+    stride_table_blk,
+    stride_seq_lens,
+    stride_out_seq,
+    stride_out_head,
+    stride_out_dim,
+    stride_pacc_seq,
+    stride_pacc_head,
+    stride_pacc_split,
+    stride_pacc_dim,
+    stride_pml_seq,
+    stride_pml_head,
+    stride_pml_split,
+    GROUP_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KV_BLOCK_SIZE: tl.constexpr,
+    IS_SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
+    start = split * partition_size
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + partition_size, seq_len)
+
+    groups = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP_SIZE + groups
+    row_mask = (groups < GROUP_SIZE)[:, None] & (dims < HEAD_DIM)[None, :]
+    q = tl.load(
+        q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :] * stride_q_dim,
+        mask=row_mask,
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    table = table_ptr + seq.to(tl.int64) * stride_table_seq
+    for tile_start in range(start, end, BLOCK_N):
+        acc, m_i, l_i = attend_kv_tile(
+            q, acc, m_i, l_i, groups, kv_ptr, table, kv_head, end, tile_start, qk_scale_log2,
+            stride_kv_block, stride_kv_kv, stride_kv_tok, stride_kv_head, stride_kv_dim,
+            stride_table_blk,
+            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, KV_BLOCK_SIZE=KV_BLOCK_SIZE,
+            CAUSAL=False, DOT_PRECISION=DOT_PRECISION,
+        )  # fmt: skip
+
+    if IS_SINGLE_SPLIT:
+        # A row that saw no visible key has acc = 0 and l = 0: it gets 0.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out_ptrs = (
+            out_ptr
+            + seq * stride_out_seq
+            + heads[:, None] * stride_out_head
+            + dims[None, :] * stride_out_dim
+        )
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        pacc_ptrs = (
+            part_acc_ptr
+            + seq * stride_pacc_seq
+            + heads[:, None] * stride_pacc_head
+            + split * stride_pacc_split
+            + dims[None, :] * stride_pacc_dim
+        )
+        tl.store(pacc_ptrs, acc, mask=row_mask)
+        pml = seq * stride_pml_seq + heads * stride_pml_head + split * stride_pml_split
+        tl.store(part_m_ptr + pml, m_i, mask=groups < GROUP_SIZE)
+        tl.store(part_l_ptr + pml, l_i, mask=groups < GROUP_SIZE)
+
+
+class SplitPlan(NamedTuple):
+    num_splits: int
+    partition_size: int  # context tokens per split, a multiple of the KV tile
+
+
+def plan_splits(
+    batch: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    block_n: int,
+    sms: int,
+    num_splits: int | None = None,
+) -> SplitPlan:
+    """Partition the longest context so batch x kv_heads x splits fills the device."""
+    if num_splits is None:
+        wanted = math.ceil(PROGRAMS_PER_SM * sms / max(1, batch * num_kv_heads))
+        by_length = math.ceil(max_seq_len / MIN_PARTITION_TOKENS)
+        num_splits = max(1, min(wanted, by_length, MAX_SPLITS))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    partition = math.ceil(max(1, max_seq_len) / num_splits)
+    partition = math.ceil(partition / block_n) * block_n
+    return SplitPlan(math.ceil(max(1, max_seq_len) / partition), partition)
+
+
+class LaunchConfig(NamedTuple):
+    block_n: int  # context tokens per KV tile
+    num_warps: int
+    num_stages: int
+
+
+def default_launch(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    """Picked from sm_90 compile reports (Triton 3.6, head_dim 128): 32-token tiles with 8
+    warps need about 128 registers a thread and no spills (64-token tiles with 4 warps
+    spill); float32 uses 2 stages to stay within shared memory."""
+    if dtype == torch.float32 or head_dim > 128:
+        return LaunchConfig(32, 8, 2)
+    return LaunchConfig(32, 8, 3)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, -1 padded
+    seq_lens: torch.Tensor,  # [B] int32, >= 1
+    max_seq_len: int,  # host upper bound of seq_lens (sizes the split plan)
+    scale: float,
+    out: torch.Tensor | None = None,  # [B, num_heads, head_dim], q's dtype
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:  # [B, num_heads, head_dim]
+    """Attention of each sequence's single query over its first seq_lens[b] pooled tokens."""
+    device = q.device
+    check_launchable(device)
+    check_tensor("q", q, 3, FLOAT_DTYPES, device)
+    check_tensor("kv_cache", kv_cache, 5, (q.dtype,), device)
+    batch, num_heads, head_dim = q.shape
+    _, two, block_size, num_kv_heads, _ = kv_cache.shape
+    if two != 2 or kv_cache.shape[4] != head_dim:
+        raise ValueError(
+            f"kv_cache shape {tuple(kv_cache.shape)} does not match q {tuple(q.shape)}: "
+            "expected [num_blocks, 2, block_size, num_kv_heads, head_dim]"
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads}")
+    check_tensor("block_tables", block_tables, 2, (torch.int32,), device, inner_contiguous=False)
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {batch} queries")
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,), device, inner_contiguous=False)
+    check_shape("seq_lens", seq_lens, (batch,))
+    if block_tables.shape[1] * block_size < max_seq_len:
+        raise ValueError(
+            f"block_tables holds {block_tables.shape[1]} blocks of {block_size} tokens, "
+            f"fewer than max_seq_len={max_seq_len}"
+        )
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("out", out, 3, (q.dtype,), device)
+    check_shape("out", out, q.shape)
+    if batch == 0:
+        return out
+    default = default_launch(q.dtype, head_dim)
+    block_n = block_n or default.block_n
+    num_warps = num_warps or default.num_warps
+    num_stages = num_stages or default.num_stages
+    check_tile("block_n", block_n)
+    plan = plan_splits(batch, num_kv_heads, max_seq_len, block_n, num_sms(device), num_splits)
+    single = plan.num_splits == 1
+    parts = 1 if single else plan.num_splits
+    part_acc = torch.empty(batch, num_heads, parts, head_dim, dtype=torch.float32, device=device)
+    part_m = torch.empty(batch, num_heads, parts, dtype=torch.float32, device=device)
+    part_l = torch.empty_like(part_m)
+    group_size = num_heads // num_kv_heads
+    block_d = next_pow2(head_dim, 16)
+    _decode_split_kernel[(batch, num_kv_heads, plan.num_splits)](
+        q_ptr=q, kv_ptr=kv_cache, table_ptr=block_tables, seq_lens_ptr=seq_lens, out_ptr=out,
+        part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
+        qk_scale_log2=scale * LOG2E, partition_size=plan.partition_size,
+        stride_q_seq=q.stride(0), stride_q_head=q.stride(1), stride_q_dim=q.stride(2),
+        stride_kv_block=kv_cache.stride(0), stride_kv_kv=kv_cache.stride(1),
+        stride_kv_tok=kv_cache.stride(2), stride_kv_head=kv_cache.stride(3),
+        stride_kv_dim=kv_cache.stride(4),
+        stride_table_seq=block_tables.stride(0), stride_table_blk=block_tables.stride(1),
+        stride_seq_lens=seq_lens.stride(0),
+        stride_out_seq=out.stride(0), stride_out_head=out.stride(1), stride_out_dim=out.stride(2),
+        stride_pacc_seq=part_acc.stride(0), stride_pacc_head=part_acc.stride(1),
+        stride_pacc_split=part_acc.stride(2), stride_pacc_dim=part_acc.stride(3),
+        stride_pml_seq=part_m.stride(0), stride_pml_head=part_m.stride(1),
+        stride_pml_split=part_m.stride(2),
+        GROUP_SIZE=group_size, HEAD_DIM=head_dim, BLOCK_G=next_pow2(group_size, 16),
+        BLOCK_D=block_d, BLOCK_N=block_n, KV_BLOCK_SIZE=block_size,
+        IS_SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if not single:
+        merge_partitions(part_acc, part_m, part_l, seq_lens, out, plan.partition_size)
+    return out
+
+
+def decode_attention_reference(
+    q: torch.Tensor,  # [B, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:  # [B, num_heads, head_dim]
+    """The torch backend's batched decode path on the same arguments."""
+    batch = q.shape[0]
+    lens = seq_lens.tolist()
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=q.device),
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=q.device),
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        max_query_len=1,
+        max_seq_len=max_seq_len,
+        query_lens_cpu=[1] * batch,
+        seq_lens_cpu=lens,
+    )
+    return _decode_batched(q, kv_cache, meta, scale)

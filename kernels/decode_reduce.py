@@ -1,0 +1,133 @@
+"""Split-K merge of paged decode attention (stage 2 of `decode_attention`).
+
+Stage 1 left, per (sequence, query head, partition s), the partition's running max `m_s`
+(log2 domain), sum `l_s` and unnormalised output `acc_s`, all fp32; partitions at or past
+the sequence's length were never written. One program per (sequence, head) merges the
+partitions that hold tokens, `cdiv(seq_len, partition_size)` of them:
+
+    out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,   M = max_s m_s
+
+A sequence with no visible key (all its l_s = 0) gets zeros. Reference:
+`merge_partitions_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from splitserve.kernels.checks import check_launchable, check_shape, check_tensor, next_pow2
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_acc_ptr,  # [B, num_heads, num_splits, HEAD_DIM] fp32
+    part_m_ptr,  # [B, num_heads, num_splits] fp32
+    part_l_ptr,  # [B, num_heads, num_splits] fp32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, num_heads, HEAD_DIM]
+    partition_size,
+    num_splits,
+    stride_seq_lens,
+    stride_pacc_seq,
+    stride_pacc_head,
+    stride_pacc_split,
+    stride_pacc_dim,
+    stride_pml_seq,
+    stride_pml_head,
+    stride_pml_split,
+    stride_out_seq,
+    stride_out_head,
+    stride_out_dim,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
+    num_active = tl.minimum(tl.cdiv(seq_len, partition_size), num_splits)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    active = splits < num_active
+    pml = seq * stride_pml_seq + head * stride_pml_head + splits * stride_pml_split
+    m_s = tl.load(part_m_ptr + pml, mask=active, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + pml, mask=active, other=0.0)
+    m_max = tl.max(m_s, 0)
+    weight = tl.exp2(m_s - tl.where(m_max == float("-inf"), 0.0, m_max))  # [BLOCK_S]
+    acc = tl.load(
+        part_acc_ptr
+        + seq * stride_pacc_seq
+        + head * stride_pacc_head
+        + splits[:, None] * stride_pacc_split
+        + dims[None, :] * stride_pacc_dim,
+        mask=active[:, None] & (dims < HEAD_DIM)[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    numer = tl.sum(acc * weight[:, None], 0)
+    denom = tl.sum(l_s * weight, 0)
+    out = numer / tl.where(denom > 0, denom, 1.0)
+    tl.store(
+        out_ptr + seq * stride_out_seq + head * stride_out_head + dims * stride_out_dim,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
+def merge_partitions(
+    part_acc: torch.Tensor,  # [B, num_heads, num_splits, head_dim] fp32
+    part_m: torch.Tensor,  # [B, num_heads, num_splits] fp32
+    part_l: torch.Tensor,  # [B, num_heads, num_splits] fp32
+    seq_lens: torch.Tensor,  # [B] int32
+    out: torch.Tensor,  # [B, num_heads, head_dim], written
+    partition_size: int,  # context tokens per partition
+) -> None:
+    device = out.device
+    check_launchable(device)
+    check_tensor("part_acc", part_acc, 4, (torch.float32,), device)
+    batch, num_heads, num_splits, head_dim = part_acc.shape
+    for name, t in (("part_m", part_m), ("part_l", part_l)):
+        check_tensor(name, t, 3, (torch.float32,), device, inner_contiguous=False)
+        check_shape(name, t, (batch, num_heads, num_splits))
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,), device, inner_contiguous=False)
+    check_shape("seq_lens", seq_lens, (batch,))
+    check_tensor("out", out, 3, (torch.float32, torch.float16, torch.bfloat16), device)
+    check_shape("out", out, (batch, num_heads, head_dim))
+    if partition_size < 1:
+        raise ValueError(f"partition_size must be >= 1, got {partition_size}")
+    if batch == 0:
+        return
+    _decode_reduce_kernel[(batch, num_heads)](
+        part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
+        seq_lens_ptr=seq_lens, out_ptr=out,
+        partition_size=partition_size, num_splits=num_splits,
+        stride_seq_lens=seq_lens.stride(0),
+        stride_pacc_seq=part_acc.stride(0), stride_pacc_head=part_acc.stride(1),
+        stride_pacc_split=part_acc.stride(2), stride_pacc_dim=part_acc.stride(3),
+        stride_pml_seq=part_m.stride(0), stride_pml_head=part_m.stride(1),
+        stride_pml_split=part_m.stride(2),
+        stride_out_seq=out.stride(0), stride_out_head=out.stride(1),
+        stride_out_dim=out.stride(2),
+        HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim, 16), BLOCK_S=next_pow2(num_splits),
+        num_warps=4,
+    )  # fmt: skip
+
+
+def merge_partitions_reference(
+    part_acc: torch.Tensor,  # [B, num_heads, num_splits, head_dim] fp32
+    part_m: torch.Tensor,  # [B, num_heads, num_splits] fp32
+    part_l: torch.Tensor,  # [B, num_heads, num_splits] fp32
+    seq_lens: torch.Tensor,  # [B] int32
+    partition_size: int,
+) -> torch.Tensor:  # [B, num_heads, head_dim] fp32
+    splits = torch.arange(part_m.shape[2], device=part_m.device)
+    active = splits[None, :] < (seq_lens.long()[:, None] + partition_size - 1) // partition_size
+    active = active[:, None, :]  # [B, 1, S]
+    m = torch.where(active, part_m, float("-inf"))
+    m_max = m.amax(-1, keepdim=True)
+    weight = torch.exp2(m - torch.where(m_max == float("-inf"), 0.0, m_max))
+    acc = torch.where(active[..., None], part_acc, 0.0)
+    numer = (weight[..., None] * acc).sum(2)
+    denom = (weight * torch.where(active, part_l, 0.0)).sum(2)
+    return numer / torch.where(denom > 0, denom, 1.0)[..., None]

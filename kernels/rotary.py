@@ -1,0 +1,150 @@
+"""Rotary position embedding (neox style, rotate halves) applied in place to q and k.
+
+For each token t with position p = positions[t] and every head, with h = head_dim / 2:
+
+    out[:h] = x[:h] * cos[p, :h] - x[h:] * sin[p, :h]
+    out[h:] = x[h:] * cos[p, h:] + x[:h] * sin[p, h:]
+
+cos/sin come from the model's float32 table `RotaryEmbedding.cos_sin`
+[max_position, 2, head_dim] and are cast to the activations' dtype first; every product
+and sum is rounded to that dtype as the model's torch code does, so 16-bit results are
+bit-for-bit the reference's (float32 may differ by an ulp where the compiler fuses a
+multiply-add). Tokens with position -1 (padding) are left untouched. One program per
+token rotates all of its q and k heads.
+Reference: `splitserve.engine.model.layers.RotaryEmbedding` (via `rotary_reference`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from splitserve.engine.model.layers import RotaryEmbedding
+from splitserve.kernels.checks import (
+    FLOAT_DTYPES,
+    check_launchable,
+    check_shape,
+    check_tensor,
+    next_pow2,
+)
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,  # [T, num_heads, 2 * HALF_DIM] (this token's row is at `x_ptr`)
+    num_heads,
+    stride_head,
+    cos_lo,  # [BLOCK_HALF] fp32, rounded through the activation dtype
+    cos_hi,
+    sin_lo,
+    sin_hi,
+    HALF_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    mask = (heads < num_heads)[:, None] & (dims < HALF_DIM)[None, :]
+    lo_ptrs = x_ptr + heads[:, None] * stride_head + dims[None, :]
+    lo = tl.load(lo_ptrs, mask=mask, other=0.0)
+    hi = tl.load(lo_ptrs + HALF_DIM, mask=mask, other=0.0)
+    lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+    # Round each product, then the sum, to the activation dtype (as torch does).
+    a = (lo_f * cos_lo[None, :]).to(dtype).to(tl.float32)
+    b = (-hi_f * sin_lo[None, :]).to(dtype).to(tl.float32)
+    c = (hi_f * cos_hi[None, :]).to(dtype).to(tl.float32)
+    d = (lo_f * sin_hi[None, :]).to(dtype).to(tl.float32)
+    tl.store(lo_ptrs, (a + b).to(dtype), mask=mask)
+    tl.store(lo_ptrs + HALF_DIM, (c + d).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,  # [T, num_heads, HEAD_DIM], rotated in place
+    k_ptr,  # [T, num_kv_heads, HEAD_DIM], rotated in place
+    cos_sin_ptr,  # [max_position, 2, HEAD_DIM] fp32
+    positions_ptr,  # [T] int64, -1 = skip
+    num_heads,
+    num_kv_heads,
+    stride_q_tok,
+    stride_q_head,
+    stride_k_tok,
+    stride_k_head,
+    stride_cs_pos,
+    stride_cs_kind,
+    stride_cs_dim,
+    stride_pos,
+    HALF_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + tok * stride_pos)
+    if pos < 0:
+        return
+    dtype = q_ptr.dtype.element_ty
+    dims = tl.arange(0, BLOCK_HALF)
+    dmask = dims < HALF_DIM
+    cos_ptrs = cos_sin_ptr + pos * stride_cs_pos + dims * stride_cs_dim
+    sin_ptrs = cos_ptrs + stride_cs_kind
+    hi = HALF_DIM * stride_cs_dim
+    cos_lo = tl.load(cos_ptrs, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    cos_hi = tl.load(cos_ptrs + hi, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    sin_lo = tl.load(sin_ptrs, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    sin_hi = tl.load(sin_ptrs + hi, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    _rotate_heads(
+        q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos_lo, cos_hi, sin_lo, sin_hi,
+        HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HQ, BLOCK_HALF=BLOCK_HALF,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, cos_lo, cos_hi, sin_lo, sin_hi,
+        HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
+    )  # fmt: skip
+
+
+def apply_rotary_(
+    positions: torch.Tensor,  # [T] int64, -1 = padding (left untouched)
+    q: torch.Tensor,  # [T, num_heads, head_dim], rotated in place
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim], rotated in place
+    cos_sin: torch.Tensor,  # [max_position, 2, head_dim] fp32 (RotaryEmbedding.cos_sin)
+) -> None:
+    """Rotate q and k in place. Positions must be < max_position (not checked on device)."""
+    device = q.device
+    check_launchable(device)
+    check_tensor("q", q, 3, FLOAT_DTYPES, device)
+    num_tokens, num_heads, head_dim = q.shape
+    check_tensor("k", k, 3, (q.dtype,), device)
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    check_tensor("cos_sin", cos_sin, 3, (torch.float32,), device, inner_contiguous=False)
+    if cos_sin.shape[1:] != (2, head_dim):
+        raise ValueError(
+            f"cos_sin must be [max_position, 2, {head_dim}], got {tuple(cos_sin.shape)}"
+        )
+    check_tensor("positions", positions, 1, (torch.int64,), device, inner_contiguous=False)
+    check_shape("positions", positions, (num_tokens,))
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        q_ptr=q, k_ptr=k, cos_sin_ptr=cos_sin, positions_ptr=positions,
+        num_heads=num_heads, num_kv_heads=k.shape[1],
+        stride_q_tok=q.stride(0), stride_q_head=q.stride(1),
+        stride_k_tok=k.stride(0), stride_k_head=k.stride(1),
+        stride_cs_pos=cos_sin.stride(0), stride_cs_kind=cos_sin.stride(1),
+        stride_cs_dim=cos_sin.stride(2), stride_pos=positions.stride(0),
+        HALF_DIM=half, BLOCK_HALF=next_pow2(half), BLOCK_HQ=next_pow2(num_heads),
+        BLOCK_HK=next_pow2(k.shape[1]), num_warps=4,
+    )  # fmt: skip
+
+
+def rotary_reference(
+    rope: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rotary module (out of place)."""
+    return rope(positions, q, k)

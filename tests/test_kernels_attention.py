@@ -1,0 +1,254 @@
+"""Paged attention kernels (store_kv, decode, prefill, the Triton backend) against the
+plain-torch references, on random ragged batches in a NaN-poisoned, shuffled pool.
+
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before
+triton is imported) at small shapes in float32; with CUDA the same tests run on the GPU,
+16-bit dtypes included, and the `gpu`-marked tests add model-sized shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+from splitserve.engine.attention_torch import TorchPagedAttention
+from splitserve.kernels.backend import TritonPagedAttention
+from splitserve.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+)
+from splitserve.kernels.decode_reduce import merge_partitions, merge_partitions_reference
+from splitserve.kernels.prefill_attention import (
+    prefill_attention,
+    prefill_attention_reference,
+)
+from splitserve.kernels.store_kv import store_kv, store_kv_reference
+from splitserve.kernels.testing import PagedBatch, make_paged_batch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5) if not ON_GPU else dict(atol=5e-5, rtol=5e-5),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+# 16-bit dtypes at these small shapes run on a GPU when the whole file runs there; the
+# `gpu`-marked model-sized tests below cover them under `-m gpu`.
+DTYPES = [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=gpu),
+    pytest.param(torch.float16, marks=gpu),
+]
+# (num_heads, num_kv_heads): GQA ratios 1, 4 and 8, kept small for the interpreter.
+HEADS = {1: (2, 2), 4: (4, 1), 8: (8, 1)}
+DECODE_LENS = [1, 15, 16, 17, 32, 33, 70]
+# (cached, new): fresh prompts, extends of a cached prefix, and decode rows mixed in.
+MIXED_CASES = [(0, 1), (0, 15), (0, 17), (16, 16), (5, 1), (31, 1), (20, 12), (32, 1)]
+
+
+def _batch(cases, ratio, head_dim, block_size, dtype, seed, pad_rows=0) -> PagedBatch:
+    num_heads, num_kv = HEADS[ratio]
+    return make_paged_batch(
+        cases, num_heads, num_kv, head_dim, block_size, dtype, DEVICE, seed, pad_rows=pad_rows
+    )
+
+
+def _nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+def _assert_written_and_close(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    assert not torch.isnan(out).any(), "some output elements were never written"
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_store_kv(block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+    batch = _batch(MIXED_CASES, 4, head_dim, block_size, dtype, seed=head_dim, pad_rows=2)
+    expected = batch.pool.clone()
+    store_kv_reference(batch.k, batch.v, expected[:, 1], batch.meta.slot_mapping)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    # Exact, and nothing else in the pool (other layer, unused slots, padding) touched.
+    torch.testing.assert_close(batch.pool, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def _run_decode(batch: PagedBatch, scale: float, **kwargs) -> torch.Tensor:
+    meta = batch.meta
+    out = _nan_like(batch.q)
+    decode_attention(
+        batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+        out=out, **kwargs,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [None, 3])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_attention(head_dim, ratio, block_size, num_splits, dtype) -> None:
+    cases = [(n - 1, 1) for n in DECODE_LENS]
+    batch = _batch(cases, ratio, head_dim, block_size, dtype, seed=ratio + block_size)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    scale = head_dim**-0.5
+    # block_n 16 with 3 splits: partitions of 32 tokens, several tiles, empty partitions.
+    block_n = 16 if num_splits else None
+    out = _run_decode(batch, scale, num_splits=num_splits, block_n=block_n)
+    meta = batch.meta
+    ref = decode_attention_reference(
+        batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
+    )
+    _assert_written_and_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_merge_partitions_skips_unwritten_partitions(head_dim: int) -> None:
+    gen = torch.Generator(device=DEVICE).manual_seed(head_dim)
+    batch, heads, splits, partition = 5, 4, 6, 32
+    seq_lens = torch.tensor([1, 32, 33, 100, 192], dtype=torch.int32, device=DEVICE)
+    part_acc = torch.randn(batch, heads, splits, head_dim, generator=gen, device=DEVICE)
+    part_m = 4 * torch.randn(batch, heads, splits, generator=gen, device=DEVICE)
+    part_l = torch.rand(batch, heads, splits, generator=gen, device=DEVICE) + 0.5
+    # Partitions past a sequence's length were never written: poison them.
+    active = torch.arange(splits, device=DEVICE)[None, :] < (seq_lens[:, None] + 31) // 32
+    for t in (part_m, part_l):
+        t.masked_fill_(~active[:, None, :], float("nan"))
+    part_acc.masked_fill_(~active[:, None, :, None], float("nan"))
+    out = torch.full((batch, heads, head_dim), float("nan"), device=DEVICE)
+    merge_partitions(part_acc, part_m, part_l, seq_lens, out, partition)
+    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, partition)
+    _assert_written_and_close(out, ref, torch.float32)
+
+
+def _run_prefill(batch: PagedBatch, scale: float, **kwargs) -> torch.Tensor:
+    meta = batch.meta
+    out = _nan_like(batch.q)
+    prefill_attention(
+        batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        meta.max_query_len, scale, out=out, **kwargs,
+    )  # fmt: skip
+    return out
+
+
+def _prefill_ref(batch: PagedBatch, scale: float) -> torch.Tensor:
+    meta = batch.meta
+    return prefill_attention_reference(
+        batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_attention(head_dim, ratio, block_size, dtype) -> None:
+    batch = _batch(MIXED_CASES, ratio, head_dim, block_size, dtype, seed=ratio * block_size)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    scale = head_dim**-0.5
+    # KV tiles smaller and larger than a pool block; query tiles shorter than some chunks.
+    tile = 32 if block_size == 16 else 16
+    out = _run_prefill(batch, scale, block_m=tile, block_n=tile)
+    _assert_written_and_close(out, _prefill_ref(batch, scale), dtype)
+
+
+def _backend_pair(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    ref_pool = batch.pool.clone()
+    ref = TorchPagedAttention().forward(
+        batch.q, batch.k, batch.v, ref_pool[:, 1], batch.meta, scale
+    )
+    out = TritonPagedAttention().forward(
+        batch.q, batch.k, batch.v, batch.kv_cache, batch.meta, scale
+    )
+    torch.testing.assert_close(batch.pool, ref_pool, rtol=0, atol=0, equal_nan=True)
+    rows = batch.num_seq_rows
+    # Padding rows (slot -1, no blocks) see no key: they come out as zeros, never NaN.
+    assert bool((out[rows:] == 0).all())
+    return out[:rows], ref[:rows]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_backend_matches_torch_backend(case: str, dtype: torch.dtype) -> None:
+    cases = MIXED_CASES if case == "mixed" else [(n - 1, 1) for n in DECODE_LENS]
+    batch = _batch(cases, 4, 64, 16, dtype, seed=11, pad_rows=2)
+    assert batch.meta.is_all_decode == (case == "decode")
+    out, ref = _backend_pair(batch, 64**-0.5)
+    _assert_written_and_close(out, ref, dtype)
+
+
+# Model-sized shapes, GPU only.
+GPU_DECODE_LENS = [1, 15, 16, 17, 32, 255, 1000, 2048, 4096, 4097]
+GPU_MIXED = [(0, 2048), (1024, 512), (4000, 1), (17, 300), (0, 1), (511, 1), (2047, 129)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [None, 7])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 4), (8, 8)])
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 32)])
+def test_decode_attention_full(head_dim, block_size, heads, num_splits, dtype) -> None:
+    cases = [(n - 1, 1) for n in GPU_DECODE_LENS] * 3
+    batch = make_paged_batch(cases, *heads, head_dim, block_size, dtype, DEVICE, seed=5)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    scale = head_dim**-0.5
+    out = _run_decode(batch, scale, num_splits=num_splits)
+    meta = batch.meta
+    ref = decode_attention_reference(
+        batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
+    )
+    _assert_written_and_close(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 4), (8, 8)])
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 32)])
+def test_prefill_attention_full(head_dim, block_size, heads, dtype) -> None:
+    batch = make_paged_batch(GPU_MIXED, *heads, head_dim, block_size, dtype, DEVICE, seed=6)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    scale = head_dim**-0.5
+    out = _run_prefill(batch, scale)
+    _assert_written_and_close(out, _prefill_ref(batch, scale), dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_backend_matches_torch_backend_full(case: str, dtype: torch.dtype) -> None:
+    cases = GPU_MIXED if case == "mixed" else [(n - 1, 1) for n in GPU_DECODE_LENS]
+    batch = make_paged_batch(cases, 32, 8, 128, 16, dtype, DEVICE, seed=8, pad_rows=3)
+    out, ref = _backend_pair(batch, 128**-0.5)
+    _assert_written_and_close(out, ref, dtype)
+
+
+def test_wrappers_reject_bad_arguments() -> None:
+    batch = _batch([(3, 1), (0, 5)], 1, 64, 16, torch.float32, seed=0)
+    meta, scale = batch.meta, 0.125
+    args = (batch.kv_cache, meta.block_tables, meta.seq_lens)
+    with pytest.raises(ValueError, match="int32"):
+        decode_attention(batch.q[:2], batch.kv_cache, meta.block_tables.long(), *args[2:], 8, scale)
+    strided_k = torch.cat([batch.k, batch.k], dim=-1)[..., ::2]
+    with pytest.raises(ValueError, match="unit stride"):
+        store_kv(strided_k, batch.v, batch.kv_cache, meta.slot_mapping)
+    with pytest.raises(ValueError, match="multiple"):
+        prefill_attention(batch.q[:, :1], *args, meta.query_start_loc, 5, scale)
+    with pytest.raises(ValueError, match="power of two"):
+        prefill_attention(batch.q, *args, meta.query_start_loc, 5, scale, block_m=24)
+    with pytest.raises(ValueError, match="dtype"):
+        store_kv(batch.k, batch.v, batch.kv_cache, meta.slot_mapping.int())
+    with pytest.raises(ValueError, match="fewer than max_seq_len"):
+        decode_attention(batch.q[:2], *args, 10_000, scale)

@@ -1,0 +1,34 @@
+"""Every kernel compiles for sm_90 (Hopper) at its default launch configuration, on a
+machine without a GPU: `python -m splitserve.kernels.compile_check` in a subprocess with
+TRITON_INTERPRET unset (the other kernel tests put the interpreter in this process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+
+def test_all_kernels_compile_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitserve.kernels.compile_check", "--arch", "90", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = {r["label"]: r for r in json.loads(proc.stdout)}
+    assert len(reports) == 10, sorted(reports)
+    # The bf16 attention kernels at their defaults: no register spills (when the shipped
+    # cuobjdump could read the cubin), and prefill on Hopper's warpgroup matrix instructions.
+    for label in ("decode split (bf16, split-K)", "decode split (bf16, single)", "prefill (bf16)"):
+        assert reports[label]["stack_bytes"] in (0, None), reports[label]
+    ops = reports["prefill (bf16)"]["ops"]
+    assert not ops or ops["HGMMA"] > 0, ops

@@ -1,0 +1,145 @@
+"""Fused RMSNorm (+ residual) and in-place rotary kernels against the model's own
+`RMSNorm` and `RotaryEmbedding` modules (engine/model/layers.py).
+
+CPU: Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), float32 and
+float16 (the interpreter rounds float32 to bfloat16 by truncation, so bfloat16 runs on
+the GPU only). GPU: all dtypes, plus model-sized shapes under the `gpu` marker.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+from splitserve.engine.model.arch import ModelArchConfig, RopeScaling
+from splitserve.engine.model.layers import RMSNorm, RotaryEmbedding
+from splitserve.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from splitserve.kernels.rotary import apply_rotary_, rotary_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, gpu]),
+]
+# One unit in the last place of each dtype (relative): the kernels may differ from torch
+# by a rounding of the fp32 statistics.
+NORM_TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=8e-3),
+}
+
+
+def _randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(*shape, generator=gen, device=DEVICE).to(dtype)
+
+
+def _norm_module(size: int, dtype: torch.dtype, seed: int) -> RMSNorm:
+    norm = RMSNorm(size, 1e-6, dtype).to(DEVICE)
+    norm.weight.data = 1.0 + 0.5 * _randn(size, dtype=dtype, seed=seed)
+    return norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [64, 96, 256])
+def test_rmsnorm_2d(hidden: int, with_residual: bool, dtype: torch.dtype) -> None:
+    norm = _norm_module(hidden, dtype, seed=hidden)
+    x = 3.0 * _randn(7, hidden, dtype=dtype, seed=1)
+    residual = _randn(7, hidden, dtype=dtype, seed=2) if with_residual else None
+    x_before = x.clone()
+    out, new_residual = rmsnorm(x, norm.weight, norm.eps, residual)
+    ref, ref_residual = rmsnorm_reference(norm, x, residual)
+    torch.testing.assert_close(out, ref, **NORM_TOL[dtype])
+    if with_residual:
+        assert new_residual is not None and ref_residual is not None
+        torch.testing.assert_close(new_residual, ref_residual, rtol=0, atol=0)
+    else:
+        assert new_residual is None
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rmsnorm_per_head_view(head_dim: int, dtype: torch.dtype) -> None:
+    """Qwen3's q_norm: heads of the q slice of a fused qkv output (strided rows)."""
+    tokens, heads, kv_heads = 5, 4, 2
+    qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=3)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    norm = _norm_module(head_dim, dtype, seed=4)
+    out, _ = rmsnorm(q, norm.weight, norm.eps)
+    torch.testing.assert_close(out, norm(q), **NORM_TOL[dtype])
+
+
+def _rope(head_dim: int, scaling: RopeScaling | None) -> RotaryEmbedding:
+    arch = ModelArchConfig(
+        architecture="llama", vocab_size=32, hidden_size=4 * head_dim, intermediate_size=64,
+        num_layers=1, num_heads=4, num_kv_heads=1, head_dim=head_dim, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return RotaryEmbedding(arch).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaling", [None, RopeScaling("llama3", 8.0)])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotary_in_place(head_dim, heads, scaling, dtype) -> None:
+    num_heads, num_kv = heads
+    rope = _rope(head_dim, scaling)
+    tokens = 6
+    # q and k as the model has them: strided views into one fused qkv output.
+    qkv = _randn(tokens, (num_heads + 2 * num_kv) * head_dim, dtype=dtype, seed=head_dim)
+    q = qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv) * head_dim].view(
+        tokens, num_kv, head_dim
+    )
+    positions = torch.tensor([0, 1, 17, 4095, -1, 8191], device=DEVICE)
+    before = qkv.clone()
+    ref_q, ref_k = rotary_reference(rope, positions.clamp(min=0), q.clone(), k.clone())
+    apply_rotary_(positions, q, k, rope.cos_sin)
+    live = positions >= 0
+    exact = dict(rtol=0, atol=0) if dtype != torch.float32 or not ON_GPU else {}
+    torch.testing.assert_close(q[live], ref_q[live], **exact)
+    torch.testing.assert_close(k[live], ref_k[live], **exact)
+    # The padding token and the v slice are untouched.
+    v_begin = (num_heads + num_kv) * head_dim
+    torch.testing.assert_close(qkv[~live], before[~live], rtol=0, atol=0)
+    torch.testing.assert_close(qkv[:, v_begin:], before[:, v_begin:], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norm_and_rope_llama8b_shapes(dtype: torch.dtype) -> None:
+    tokens, hidden, heads, kv_heads, head_dim = 1000, 4096, 32, 8, 128
+    norm = _norm_module(hidden, dtype, seed=9)
+    x = _randn(tokens, hidden, dtype=dtype, seed=10)
+    residual = _randn(tokens, hidden, dtype=dtype, seed=11)
+    out, new_residual = rmsnorm(x, norm.weight, norm.eps, residual)
+    ref, ref_residual = rmsnorm_reference(norm, x, residual)
+    torch.testing.assert_close(out, ref, **NORM_TOL[dtype])
+    torch.testing.assert_close(new_residual, ref_residual, rtol=0, atol=0)
+
+    rope = _rope(head_dim, RopeScaling("llama3", 8.0))
+    qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=12)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 8192, (tokens,), device=DEVICE)
+    ref_q, ref_k = rotary_reference(rope, positions, q.clone(), k.clone())
+    apply_rotary_(positions, q, k, rope.cos_sin)
+    exact = dict(rtol=0, atol=0) if dtype != torch.float32 else {}
+    torch.testing.assert_close(q, ref_q, **exact)
+    torch.testing.assert_close(k, ref_k, **exact)
