@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "write a tiny seeded test model in Hugging Face format",
     ),
     "bench": ("splitserve.benchmarks.cli", "SLO benchmark against an OpenAI-compatible server"),
+    "up": ("splitserve.launch.up_cmd", "start a whole cluster on this host"),
     "prefill": ("splitserve.launch.prefill_cmd", "run a prefill node"),
     "decode": ("splitserve.launch.decode_cmd", "run a decode node"),
     "router": ("splitserve.launch.router_cmd", "run the OpenAI-compatible router"),

@@ -23,6 +23,8 @@ NODE_READY = re.compile(r"node (\S+) listening on (\S+)")
 @dataclass(frozen=True)
 class ClusterConfig:
     model: str
+    # Name the API serves the model under (nodes' --served-model-name); None: `model`.
+    served_model_name: str | None = None
     num_prefill: int = 1
     num_decode: int = 1
     # Router port; None starts no router.
@@ -129,6 +131,8 @@ class LocalCluster:
             *(cfg.prefill_args if role == "prefill" else cfg.decode_args),
             *extra_args,
         ]
+        if cfg.served_model_name:
+            args += ["--served-model-name", cfg.served_model_name]
         if device is not None:
             args += ["--device", device]
         proc = ManagedProcess.splitserve(f"{role}-{index}", *args, ready_pattern=NODE_READY)
@@ -147,6 +151,8 @@ class LocalCluster:
             "--cluster",
             cfg.cluster,
             "--model",
+            cfg.served_model_name or cfg.model,
+            "--tokenizer",
             cfg.model,
             *cfg.router_args,
         ]
