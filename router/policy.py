@@ -16,7 +16,8 @@ call. Costs are in prompt-token equivalents (the work of computing one prompt to
 AND by a factor `herd_rel_margin` is skipped, whatever prefix it holds. Then conditional
 disaggregation: the decode node prefills itself when n > 1, when no prefill node is live and
 un-busy (waiting ≤ max_prefill_waiting), or when its own uncached part is shorter than
-`disagg_min_tokens`; otherwise the prefill node of least cost (same formula, same herding cap)
+`disagg_min_tokens` (unless more than `local_prefill_max_waiting` requests already wait for
+their first token on it and a prefill node has a shorter queue); otherwise the prefill node of least cost (same formula, same herding cap)
 computes the prompt. `least_load` ignores prefixes (load, then KV usage); `round_robin`
 rotates. Ties rotate with `RoutingInputs.rotation` so equal nodes share the traffic.
 """
@@ -52,6 +53,10 @@ class PolicyConfig:
     herd_rel_margin: float = 1.5
     # Prefill nodes with more queued requests than this are treated as busy.
     max_prefill_waiting: int = 32
+    # A short uncached prompt still goes to a prefill node when the decode node has more
+    # requests waiting for their first token than this and a prefill node has fewer: its
+    # own queue is then the bottleneck, and an idle prefill node takes the work off it.
+    local_prefill_max_waiting: int = 2
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -162,9 +167,12 @@ def choose_route(inputs: RoutingInputs, config: PolicyConfig) -> RouteDecision:
         return local("n>1")
     if not inputs.prefill_nodes:
         return local("no prefill node")
-    if uncached < config.disagg_min_tokens:
-        return local("short uncached prompt")
     ready = [p for p in inputs.prefill_nodes if p.load.num_waiting <= config.max_prefill_waiting]
+    if uncached < config.disagg_min_tokens:
+        backlog = decode.load.num_waiting
+        ready = [p for p in ready if p.load.num_waiting < backlog]
+        if backlog <= config.local_prefill_max_waiting or not ready:
+            return local("short uncached prompt")
     if not ready:
         return local("prefill nodes busy")
     prefill = _choose_node(ready, inputs, config)

@@ -178,3 +178,59 @@ def test_bad_input_is_a_4xx_and_the_cluster_keeps_serving(client, up) -> None:
     assert bad_json.status_code == 400 and "error" in bad_json.json()
     ok = client.completions.create(model=MODEL, prompt="Still here", max_tokens=3)
     assert ok.choices[0].text is not None
+
+
+def test_bench_tool_against_the_cluster(up, tmp_path) -> None:
+    """`splitserve bench run` end to end against our own cluster: every request completes,
+    output tokens come from the server's usage, and the files and plots are written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        "-m",
+        "splitserve.launch.cli",
+        "bench",
+        "run",
+        "--url",
+        up,
+        "--model",
+        MODEL,
+        "--workload",
+        "shared-prefix",
+        "--num-prefixes",
+        "2",
+        "--prefix-len",
+        "64",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--num-requests",
+        "16",
+        "--arrival",
+        "poisson",
+        "--rate",
+        "8",
+        "--seed",
+        "1",
+        "--ignore-eos",
+        "--slo",
+        "ttft=5s,tpot=1s",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    counts = summary["counts"]
+    assert counts["num_completed"] == 16 and counts["num_failed"] == 0
+    assert counts["output_token_sources"] == {"usage": 16}
+    assert summary["throughput"]["num_output_tokens"] == 16 * 8
+    assert summary["metrics"]["ttft_ms"]["p50"]["value"] > 0
+    assert summary["slo"]["attainment"] == 1.0
+    assert (out / "requests.jsonl").read_text().count("\n") == 16
+    assert (out / "latency_cdf.png").stat().st_size > 0

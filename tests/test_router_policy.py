@@ -150,3 +150,15 @@ def test_config_and_inputs_are_validated() -> None:
         PolicyConfig(disagg_min_tokens=-1)
     with pytest.raises(ValueError, match="no decode node"):
         choose_route(inputs([]), CACHE)
+
+
+def test_short_prefill_moves_off_a_backed_up_decode_node() -> None:
+    prefill = [node("p0", role="prefill")]
+    # 1024-token prompt, 60 blocks cached on d0: 64 uncached tokens, a short prefill.
+    calm = choose_route(inputs([node("d0", waiting=1)], prefill, cached={"d0": 60}), CACHE)
+    assert calm.prefill is None and calm.reason == "short uncached prompt"
+    busy = choose_route(inputs([node("d0", waiting=6)], prefill, cached={"d0": 60}), CACHE)
+    assert busy.prefill is not None and busy.prefill.node_id == "p0"
+    prefill_busier = [node("p0", role="prefill", waiting=9)]
+    stays = choose_route(inputs([node("d0", waiting=6)], prefill_busier, cached={"d0": 60}), CACHE)
+    assert stays.prefill is None
