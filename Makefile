@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-MODEL_DIR ?= .models/tiny-llama
+PACKAGES := engine kernels kv_transfer prefill decode router launch protocol benchmarks
 
 .PHONY: install run test lint typecheck unit clean proto
 
@@ -18,13 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(MODEL_DIR)/config.json: | install
-	$(VENV)/bin/splitserve make-tiny-model $(MODEL_DIR) --arch llama
-
-# The main job: offline generation on the built-in tiny model.
-run: install $(MODEL_DIR)/config.json
-	$(VENV)/bin/splitserve generate --model $(MODEL_DIR) --max-tokens 32 --temperature 0 \
-		--prompt "The quick brown fox" --prompt "Once upon a time"
+# The main job: a local cluster (Redis, router, one prefill and one decode node on the
+# built-in tiny model) that answers one chat request, then keeps serving until Ctrl-C.
+run: install
+	$(VENV)/bin/splitserve up --demo $(UP_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -37,7 +34,7 @@ proto: install
 
 typecheck: install
 	rm -rf build/mypy && mkdir -p build/mypy && ln -s "$(CURDIR)" build/mypy/splitserve
-	cd build/mypy && MYPYPATH=. ../../$(VENV)/bin/mypy -p splitserve.engine
+	cd build/mypy && MYPYPATH=. ../../$(VENV)/bin/mypy $(addprefix -p splitserve.,$(PACKAGES))
 
 unit: install
 	$(PY) -m pytest -q -m "not gpu" tests
@@ -45,4 +42,4 @@ unit: install
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) build .models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -52,8 +52,9 @@ PREFILL_CASES = [(8, 2048)]  # (sequences, prompt tokens)
 ELEMENTWISE_TOKENS = 8192
 DECODE_SWEEP = [  # (num_splits, block_n, num_warps, num_stages); None: the wrapper's default
     (None, None, None, None), (1, None, None, None), (2, None, None, None),
-    (4, None, None, None), (8, None, None, None), (None, 16, 4, 4), (None, 16, 4, 3),
-    (None, 32, 4, 2), (None, 64, 8, 2), (None, 32, 8, 4),
+    (4, None, None, None), (8, None, None, None), (16, None, None, None), (None, 16, 4, 4),
+    (None, 16, 4, 3), (None, 16, 2, 4), (None, 32, 4, 2), (None, 32, 4, 3), (None, 32, 8, 4),
+    (None, 64, 4, 3), (None, 64, 8, 2), (None, 64, 8, 3), (None, 128, 8, 2),
 ]  # fmt: skip
 PREFILL_SWEEP = [  # (block_m, block_n, num_warps, num_stages); None: the wrapper's default
     (None, None, None, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 128, 8, 2),

@@ -181,13 +181,14 @@ class DecodeService(node_pb2_grpc.DecodeServicer):
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
-        num = 0
-        for rid in request.request_ids:
-            known = await asyncio.wrap_future(
-                self.runtime.engine.call(lambda core, r=rid: core.is_unfinished(r))
-            )
+        ids = list(request.request_ids)
+
+        def known(core: EngineCore) -> int:
+            return sum(core.is_unfinished(rid) for rid in ids)
+
+        num = await asyncio.wrap_future(self.runtime.engine.call(known))
+        for rid in ids:
             await self.runtime.engine.abort(rid)
-            num += int(known)
         return pb.AbortResponse(num_aborted=num)
 
     async def Health(

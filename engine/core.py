@@ -46,7 +46,8 @@ class StepOutput(NamedTuple):
     """What one step produced for one sequence of a request."""
 
     request_id: str
-    index: int
+    # Which of the request's n completions this is.
+    completion_index: int
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob] | None
     text_delta: str

@@ -55,9 +55,20 @@ def hash_blocks(
     prev = seed if parent is None else parent
     if start > 0 and parent is None:
         raise ValueError("hash_blocks: pass parent=h[start-1] when start > 0")
+    end = len(tokens) // block_size
+    if end <= start:
+        return []
+    # Pack every token once; each block hashes a slice (same bytes as hash_block).
+    packed = struct.pack(
+        f"<{(end - start) * block_size}I", *tokens[start * block_size : end * block_size]
+    )
+    step = 4 * block_size
+    digest = xxhash.xxh3_128_intdigest
     out: list[BlockHash] = []
-    for i in range(start, len(tokens) // block_size):
-        prev = hash_block(prev, tokens[i * block_size : (i + 1) * block_size], extra)
+    for offset in range(0, len(packed), step):
+        prev = BlockHash(
+            digest(prev.to_bytes(16, "little") + packed[offset : offset + step] + extra)
+        )
         out.append(prev)
     return out
 

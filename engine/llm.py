@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -27,7 +28,9 @@ class LLM:
             SchedulerConfig: {},
         }
         for key, value in kwargs.items():
-            owner = next((cls for cls in groups if key in cls.__dataclass_fields__), None)
+            owner = next(
+                (c for c in groups if key in {f.name for f in dataclasses.fields(c)}), None
+            )
             if owner is None:
                 raise ValueError(f"LLM() got an unknown argument {key!r}")
             groups[owner][key] = value

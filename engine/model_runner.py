@@ -6,7 +6,7 @@ its request's last known token).
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -70,8 +70,9 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: torch.device
+        self, model: Any, kv_cache: torch.Tensor, block_size: int, device: torch.device
     ) -> None:
+        # `model` is a CausalLM: forward(ids, positions, kv_cache, meta) and compute_logits.
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size

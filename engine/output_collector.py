@@ -22,7 +22,7 @@ class OutputCollector:
 
     def add(self, out: StepOutput) -> CompletionOutput:
         """Fold one step into the cumulative completion; returns the delta."""
-        comp = self.completions[out.index]
+        comp = self.completions[out.completion_index]
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         comp.text += out.text_delta
         comp.token_ids.extend(out.new_token_ids)
@@ -31,7 +31,7 @@ class OutputCollector:
         comp.finish_reason = out.finish_reason
         comp.stop_reason = out.stop_reason
         return CompletionOutput(
-            out.index,
+            out.completion_index,
             out.text_delta,
             list(out.new_token_ids),
             out.finish_reason,

@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="info", choices=LOG_LEVELS)
@@ -44,12 +44,12 @@ def _build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argpars
         sub = subparsers.add_parser(name, help=help_text, parents=[common])
         if name == chosen:
             importlib.import_module(module_name).add_arguments(sub)
-    return parser, subparsers
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser, _ = _build_parser(args_list)
+    parser = _build_parser(args_list)
     args = parser.parse_args(args_list)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper()),

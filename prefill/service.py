@@ -60,8 +60,12 @@ class PrefillService(node_pb2_grpc.PrefillServicer):
         agent, pusher = self.runtime.require_agent(), self.pusher
         prompt = list(request.prompt_token_ids)
 
+        def resolve(outcome: PushOutcome) -> None:
+            if not done.done():
+                done.set_result(outcome)
+
         def on_done(outcome: PushOutcome) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(outcome))
+            loop.call_soon_threadsafe(resolve, outcome)
 
         def admit(core: EngineCore) -> None:
             if params.n != 1:

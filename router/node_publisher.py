@@ -30,6 +30,7 @@ from splitserve.engine.hashing import BlockHash
 from splitserve.router.node_registry import (
     DEFAULT_CLUSTER,
     DEFAULT_TTL_S,
+    NodeId,
     NodeLoad,
     NodeRecord,
     NodeRegistry,
@@ -241,5 +242,5 @@ class NodePublisher:
             raise RuntimeError("NodePublisher used before start()")
         return self._record
 
-    def _node(self) -> str:
-        return self._record.node_id if self._record is not None else "<unstarted node>"
+    def _node(self) -> NodeId:
+        return self._record.node_id if self._record is not None else NodeId("<unstarted node>")

@@ -11,15 +11,16 @@ call. Costs are in prompt-token equivalents (the work of computing one prompt to
                   with start = kv_pressure_start
     cost(x)     = (prompt_len − cached(x)) + queue(x) + kv(x)
 
-`cache_aware` picks the decode node of least cost among the un-herded ones: a node whose load
-(running + waiting) exceeds the least-loaded node's by more than `herd_abs_margin` requests
-AND by a factor `herd_rel_margin` is skipped, whatever prefix it holds. Then conditional
-disaggregation: the decode node prefills itself when n > 1, when no prefill node is live and
-un-busy (waiting ≤ max_prefill_waiting), or when its own uncached part is shorter than
-`disagg_min_tokens` (unless more than `local_prefill_max_waiting` requests already wait for
-their first token on it and a prefill node has a shorter queue); otherwise the prefill node of least cost (same formula, same herding cap)
-computes the prompt. `least_load` ignores prefixes (load, then KV usage); `round_robin`
-rotates. Ties rotate with `RoutingInputs.rotation` so equal nodes share the traffic.
+`cache_aware` picks the decode node of least cost among the un-herded ones: a node whose
+load (running + waiting) exceeds the least-loaded node's by more than `herd_abs_margin`
+requests AND by a factor `herd_rel_margin` is skipped, whatever prefix it holds. Then
+conditional disaggregation: the decode node prefills itself when n > 1, when no prefill node
+is live and un-busy (waiting ≤ max_prefill_waiting), or when its own uncached part is
+shorter than `disagg_min_tokens` (unless more than `local_prefill_max_waiting` requests
+already wait for their first token on it and a prefill node has a shorter queue);
+otherwise the prefill node of least cost (same formula, same herding cap) computes the
+prompt. `least_load` ignores prefixes (load, then KV usage); `round_robin` rotates. Ties
+rotate with `RoutingInputs.rotation` so equal nodes share the traffic.
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ class PrefixIndex(_IndexBase):
     def clear_node(self, node_id: NodeId) -> int:
         """Remove every entry of `node_id`; returns how many there were."""
         keys = [self.keys.node_blocks(node_id), self.keys.slots]
-        args = [self.keys.block_prefix, node_id, MAX_ENTRIES_PER_CALL]
+        args: list[str | int] = [self.keys.block_prefix, node_id, MAX_ENTRIES_PER_CALL]
         total = 0
         while True:
             removed = int(self._clear(keys=keys, args=args))

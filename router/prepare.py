@@ -125,9 +125,9 @@ def completion_prompts(req: CompletionRequest, tokenizer: RouterTokenizer) -> li
     if isinstance(prompt, str):
         batch: list[str] | list[list[int]] = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
-        batch = [prompt]  # type: ignore[list-item]
+        batch = [prompt]  # type: ignore[list-item,assignment]
     else:
-        batch = prompt  # type: ignore[assignment]
+        batch = prompt  # type: ignore[assignment,list-item]
     if not batch:
         raise bad_request("prompt must not be empty", "prompt")
     out = []
