@@ -30,7 +30,7 @@ from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
 from splitserve.kv_transfer.layout import PoolDescriptor
-from splitserve.launch import node_rpcs
+from splitserve.launch.node_rpcs import NodeRpcs
 from splitserve.launch.node_runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 _RECENT = 1000
 
 
-class DecodeService(node_pb2_grpc.DecodeServicer):
+class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
         agent = runtime.require_agent()
@@ -191,14 +191,7 @@ class DecodeService(node_pb2_grpc.DecodeServicer):
             await self.runtime.engine.abort(rid)
         return pb.AbortResponse(num_aborted=num)
 
-    async def Health(
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HealthResponse:
-        return node_rpcs.health(self.runtime)
-
-    async def Stats(
-        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatsResponse:
+    def role_stats(self) -> dict[str, Any]:
         remote = self.remote
         extra = {}
         for name, values in (
@@ -208,24 +201,16 @@ class DecodeService(node_pb2_grpc.DecodeServicer):
             if values:
                 extra[f"{name}_mean"] = statistics.fmean(values)
                 extra[f"{name}_max"] = max(values)
-        return await node_rpcs.stats(
-            self.runtime,
-            {
-                "num_transfers_in_flight": remote.num_in_flight,
-                "transfer_bytes_in_flight": remote.num_bytes_in_flight,
-                "transfer_bytes_total": remote.num_bytes_total,
-                "num_transfers_completed": remote.num_completed,
-                "num_transfers_failed": remote.num_failed,
-                "num_prefill_fallbacks": remote.num_fallbacks,
-                "prompt_tokens_received": remote.num_prompt_tokens_received,
-                "extra": extra,
-            },
-        )
-
-    async def TransferMetadata(
-        self, request: pb.TransferMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.TransferMetadataResponse:
-        return await node_rpcs.transfer_metadata(self.runtime)
+        return {
+            "num_transfers_in_flight": remote.num_in_flight,
+            "transfer_bytes_in_flight": remote.num_bytes_in_flight,
+            "transfer_bytes_total": remote.num_bytes_total,
+            "num_transfers_completed": remote.num_completed,
+            "num_transfers_failed": remote.num_failed,
+            "num_prefill_fallbacks": remote.num_fallbacks,
+            "prompt_tokens_received": remote.num_prompt_tokens_received,
+            "extra": extra,
+        }
 
     async def close(self) -> None:
         for channel in self._channels.values():

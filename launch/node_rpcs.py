@@ -1,7 +1,7 @@
 """The RPCs both node kinds answer the same way: Health, Stats, TransferMetadata.
 
-Each role's servicer delegates to these; `role_stats` adds what only that role knows
-(transfers in flight, prompt tokens received, fallbacks).
+Each role's servicer inherits `NodeRpcs` and implements `role_stats`, what only that role
+knows (transfers in flight, prompt tokens received, fallbacks).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+
+import grpc
 
 from splitserve.launch.node_runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
@@ -63,3 +65,27 @@ async def transfer_metadata(runtime: NodeRuntime) -> pb.TransferMetadataResponse
         agent_metadata=metadata,
         pool_descriptor=agent.pool_descriptor.to_json().encode(),
     )
+
+
+class NodeRpcs:
+    """Health, Stats and TransferMetadata for a servicer holding `self.runtime`."""
+
+    runtime: NodeRuntime
+
+    def role_stats(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        return health(self.runtime)
+
+    async def Stats(
+        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatsResponse:
+        return await stats(self.runtime, self.role_stats())
+
+    async def TransferMetadata(
+        self, request: pb.TransferMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TransferMetadataResponse:
+        return await transfer_metadata(self.runtime)

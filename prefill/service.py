@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import grpc
 
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer import PoolDescriptor
-from splitserve.launch import node_rpcs
+from splitserve.launch.node_rpcs import NodeRpcs
 from splitserve.launch.node_runtime import NodeRuntime
 from splitserve.prefill.pusher import PrefillPusher, PushOutcome
 from splitserve.protocol import node_pb2 as pb
@@ -31,7 +32,7 @@ from splitserve.protocol.messages import sampling_params_from_proto, token_logpr
 logger = logging.getLogger(__name__)
 
 
-class PrefillService(node_pb2_grpc.PrefillServicer):
+class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
         self.pusher = PrefillPusher(runtime.require_agent())
@@ -125,30 +126,15 @@ class PrefillService(node_pb2_grpc.PrefillServicer):
     ) -> pb.AbortResponse:
         return pb.AbortResponse(num_aborted=await self._abort(list(request.request_ids)))
 
-    async def Health(
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HealthResponse:
-        return node_rpcs.health(self.runtime)
-
-    async def Stats(
-        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatsResponse:
+    def role_stats(self) -> dict[str, Any]:
         pusher = self.pusher
-        return await node_rpcs.stats(
-            self.runtime,
-            {
-                "num_transfers_in_flight": pusher.num_in_flight,
-                "transfer_bytes_in_flight": pusher.num_bytes_in_flight,
-                "transfer_bytes_total": pusher.num_bytes_total,
-                "num_transfers_completed": pusher.num_pushes_completed,
-                "num_transfers_failed": pusher.num_pushes_failed,
-            },
-        )
-
-    async def TransferMetadata(
-        self, request: pb.TransferMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.TransferMetadataResponse:
-        return await node_rpcs.transfer_metadata(self.runtime)
+        return {
+            "num_transfers_in_flight": pusher.num_in_flight,
+            "transfer_bytes_in_flight": pusher.num_bytes_in_flight,
+            "transfer_bytes_total": pusher.num_bytes_total,
+            "num_transfers_completed": pusher.num_pushes_completed,
+            "num_transfers_failed": pusher.num_pushes_failed,
+        }
 
 
 def add_prefill_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:

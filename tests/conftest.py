@@ -37,6 +37,15 @@ def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
 
 
+@pytest.fixture(scope="module")
+def redis_server():
+    """A real redis-server on a free loopback port, for one test module."""
+    from splitserve.launch.redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def hf_greedy():
     """hf_greedy(model_dir, prompts, num_new) -> transformers `generate` greedy tokens,

@@ -36,12 +36,6 @@ from splitserve.router.prefix_index import MAX_ENTRIES_PER_CALL, AsyncPrefixInde
 BLOCK_SIZE = 16
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     c = redis_client(redis_server.url)

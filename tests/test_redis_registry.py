@@ -24,12 +24,6 @@ from splitserve.router.node_registry import (
 )
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     c = redis_client(redis_server.url)

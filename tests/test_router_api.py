@@ -25,12 +25,6 @@ API_KEY = "sekret"
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_llama: Path) -> RouterTokenizer:
     return RouterTokenizer.load(str(tiny_llama))
 
