@@ -12,8 +12,8 @@ over enough independent input sets to overflow L2 several times.
 
 Counted work: decode attention = KV bytes of every context token + q + out; prefill
 attention = 4 * heads * head_dim FLOPs per causally visible (query, key) pair;
-store_kv / rmsnorm / rotary = bytes read + written. The decode batch-64 x 4,096 case is
-also swept over split counts and tile shapes (`sweeps` in the JSON). `--smoke` runs tiny
+store_kv / rmsnorm / rotary = bytes read + written. Every decode case is also swept over
+split counts and tile shapes, prefill over tile shapes (`config` of each row). `--smoke` runs tiny
 shapes once each, timed by the host clock (for checking the script without a GPU).
 """
 
@@ -52,12 +52,13 @@ PREFILL_CASES = [(8, 2048)]  # (sequences, prompt tokens)
 ELEMENTWISE_TOKENS = 8192
 DECODE_SWEEP = [  # (num_splits, block_n, num_warps, num_stages); None: the wrapper's default
     (None, None, None, None), (1, None, None, None), (2, None, None, None),
-    (4, None, None, None), (8, None, None, None), (16, None, None, None), (None, 16, 4, 4),
-    (None, 16, 4, 3), (None, 16, 2, 4), (None, 32, 4, 2), (None, 32, 4, 3), (None, 32, 8, 4),
-    (None, 64, 4, 3), (None, 64, 8, 2), (None, 64, 8, 3), (None, 128, 8, 2),
+    (4, None, None, None), (8, None, None, None), (16, None, None, None), (None, 16, 2, 4),
+    (None, 16, 2, 5), (None, 16, 4, 3), (None, 32, 4, 3), (None, 32, 4, 4), (None, 32, 8, 3),
+    (None, 64, 4, 3), (None, 64, 8, 2), (None, 128, 8, 2),
 ]  # fmt: skip
 PREFILL_SWEEP = [  # (block_m, block_n, num_warps, num_stages); None: the wrapper's default
-    (None, None, None, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 128, 8, 2),
+    (None, None, None, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+    (64, 128, 4, 2), (128, 32, 8, 3), (128, 128, 8, 2),
 ]  # fmt: skip
 
 
@@ -291,8 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sweep = not args.no_sweep and not args.smoke
     ceilings = measure_ceilings(device, timer, args.smoke)
     rows: list[dict[str, Any]] = []
-    for i, (batch, ctx) in enumerate(decode_cases):
-        rows += bench_decode(batch, ctx, device, timer, sweep and i == 0)
+    for batch, ctx in decode_cases:
+        rows += bench_decode(batch, ctx, device, timer, sweep)
     for seqs, length in prefill_cases:
         rows += bench_prefill(seqs, length, device, timer, sweep)
     rows += bench_elementwise(device, timer, args.smoke)

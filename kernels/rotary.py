@@ -7,10 +7,11 @@ For each token t with position p = positions[t] and every head, with h = head_di
 
 cos/sin come from the model's float32 table `RotaryEmbedding.cos_sin`
 [max_position, 2, head_dim] and are cast to the activations' dtype first; every product
-and sum is rounded to that dtype as the model's torch code does, so 16-bit results are
-bit-for-bit the reference's (float32 may differ by an ulp where the compiler fuses a
-multiply-add). Tokens with position -1 (padding) are left untouched. One program per
-token rotates all of its q and k heads.
+and sum is rounded to that dtype as the model's torch code does, and the kernel is
+compiled without multiply-add fusion (which would fold a product's rounding into the sum,
+e.g. `fma.rn.bf16` on sm_90), so results are bit-for-bit the reference's in every dtype.
+Tokens with position -1 (padding) are left untouched. One program per token rotates all
+of its q and k heads.
 Reference: `splitserve.engine.model.layers.RotaryEmbedding` (via `rotary_reference`).
 """
 
@@ -139,7 +140,7 @@ def apply_rotary_(
         stride_cs_pos=cos_sin.stride(0), stride_cs_kind=cos_sin.stride(1),
         stride_cs_dim=cos_sin.stride(2), stride_pos=positions.stride(0),
         HALF_DIM=half, BLOCK_HALF=next_pow2(half), BLOCK_HQ=next_pow2(num_heads),
-        BLOCK_HK=next_pow2(k.shape[1]), num_warps=4,
+        BLOCK_HK=next_pow2(k.shape[1]), num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
 
 

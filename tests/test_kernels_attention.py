@@ -211,6 +211,36 @@ def test_decode_attention_full(head_dim, block_size, heads, num_splits, dtype) -
     _assert_written_and_close(out, ref, dtype)
 
 
+# Launch configs (block_n, num_warps, num_stages) the benchmark sweeps for 16-bit decode.
+DECODE_LAUNCHES = [(16, 2, 3), (16, 2, 4), (16, 2, 5), (32, 4, 3), (64, 8, 2), (128, 8, 2)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 7])  # the single-partition path and split-K
+@pytest.mark.parametrize("heads", [(32, 8), (8, 8)])
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 32)])
+@pytest.mark.parametrize("launch", DECODE_LAUNCHES)
+def test_decode_attention_launch_configs(
+    launch, head_dim, block_size, heads, num_splits, dtype
+) -> None:
+    cases = [(n - 1, 1) for n in GPU_DECODE_LENS]
+    batch = make_paged_batch(cases, *heads, head_dim, block_size, dtype, DEVICE, seed=7)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    scale = head_dim**-0.5
+    block_n, num_warps, num_stages = launch
+    out = _run_decode(
+        batch, scale, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    meta = batch.meta
+    ref = decode_attention_reference(
+        batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
+    )
+    _assert_written_and_close(out, ref, dtype)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
