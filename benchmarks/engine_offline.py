@@ -45,11 +45,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.warmup_prompts:
         llm.generate(random_prompts(args.warmup_prompts, 16, vocab, seed=-1), params)
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+    steps_before = llm.engine.stats().num_steps
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     num_in = sum(len(p) for p in prompts)
+    stats = llm.engine.stats()
     return {
         **provenance(args.device),
         "model": args.model,
@@ -60,7 +62,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "output_tokens_per_s": num_out / elapsed,
         "total_tokens_per_s": (num_out + num_in) / elapsed,
         "requests_per_s": len(outputs) / elapsed,
-        "engine_stats": llm.engine.stats().as_dict(),
+        # Wall time per engine step over the timed run (batch 1: the per-token latency).
+        "ms_per_step": elapsed * 1e3 / max(1, stats.num_steps - steps_before),
+        "engine_stats": stats.as_dict(),
     }
 
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{result['num_prompts']} prompts x ({result['input_len']} in, {result['output_len']} out) "
         f"in {result['elapsed_s']:.2f} s: {result['output_tokens_per_s']:.1f} output tok/s, "
-        f"{result['total_tokens_per_s']:.1f} total tok/s"
+        f"{result['total_tokens_per_s']:.1f} total tok/s, {result['ms_per_step']:.2f} ms/step"
     )
     write_result(args.out, result)
 

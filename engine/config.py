@@ -10,9 +10,11 @@ from typing import Literal, get_args
 
 Role = Literal["prefill", "decode", "both"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
 
 ROLES: tuple[str, ...] = get_args(Role)
 DTYPES: tuple[str, ...] = get_args(DType)
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,17 @@ class ModelConfig:
     max_model_len: int | None = None
     # Name the API reports and the block-hash chain is seeded with; None: `model` itself.
     served_model_name: str | None = None
+    # "auto": Triton kernels on CUDA devices, plain torch elsewhere.
+    attention_backend: AttentionBackendName = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -42,6 +42,17 @@ from splitserve.engine.stats import EngineStats
 logger = logging.getLogger(__name__)
 
 
+def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA ("auto" or "triton"), the plain-torch reference otherwise."""
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from splitserve.kernels.backend import TritonPagedAttention
+
+        return TritonPagedAttention()
+    from splitserve.engine.attention_torch import TorchPagedAttention
+
+    return TorchPagedAttention()
+
+
 class StepOutput(NamedTuple):
     """What one step produced for one sequence of a request."""
 
@@ -97,9 +108,7 @@ class EngineCore:
         self.role = config.scheduler.role
         self.device = torch.device(config.model.device)
         if attention_backend is None:
-            from splitserve.engine.attention_torch import TorchPagedAttention
-
-            attention_backend = TorchPagedAttention()
+            attention_backend = make_attention_backend(config.model.attention_backend, self.device)
         loaded = load_model(config.model, attention_backend)
         self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids

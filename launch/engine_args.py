@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from splitserve.engine.config import (
+    ATTENTION_BACKENDS,
     DTYPES,
     CacheConfig,
     EngineConfig,
@@ -21,6 +22,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPES)
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="auto: Triton kernels on CUDA, plain torch on CPU",
+    )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--served-model-name", default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -41,6 +48,7 @@ def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> En
             seed=args.seed,
             max_model_len=args.max_model_len,
             served_model_name=args.served_model_name,
+            attention_backend=args.attention_backend,
         ),
         cache=CacheConfig(
             block_size=args.block_size,
