@@ -41,7 +41,9 @@ def test_fp32_greedy_on_gpu_matches_transformers_and_cpu(
 ) -> None:
     model_dir = tiny_model_factory(arch)
     gpu = LLM(str(model_dir), dtype="float32", device="cuda", **MODES[mode])
-    assert type(gpu.engine.model.layers[0].self_attn.backend).__name__ == "TritonPagedAttention"
+    assert (
+        type(gpu.engine.model.model.layers[0].self_attn.backend).__name__ == "TritonPagedAttention"
+    )
     batch = prompts(gpu.engine.arch.vocab_size)
     got = [o.outputs[0].token_ids for o in gpu.generate(batch, GREEDY)]
     if mode == "prefix_cache":
