@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from splitserve.benchmarks.results_io import git_commit
+from splitserve.benchmarks.results_io import device_name, git_commit
 from splitserve.engine.block_pool import BlockPool
 from splitserve.kv_transfer import PushResult, TransferAgent, TransferConfig, encode_tag
 from splitserve.kv_transfer.layout import coalesce_runs, split_runs
@@ -164,13 +164,11 @@ def measure_ceiling(num_bytes: int, device: str, reps: int) -> tuple[float, str]
     return num_bytes / best / 1e9, what
 
 
-def device_name(device: str) -> str:
+def pair_device_name(device: str) -> str:
+    """Sender and receiver devices."""
     if device == "cuda":
         return " -> ".join(torch.cuda.get_device_name(i) for i in (0, 1))
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if sys.platform == "linux" else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return device_name("cpu")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_name(args.device),
+        "device": pair_device_name(args.device),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
