@@ -4,6 +4,7 @@ separate processes, real gRPC and real NIXL transfers, the tiny llama model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 
@@ -153,18 +154,30 @@ def test_local_prefill_when_no_prefill_node_is_named(cluster, reference) -> None
 
 
 def test_aborting_half_the_requests_frees_every_block(cluster) -> None:
+    """Half the requests are cancelled: some while their KV is still being prefilled and
+    pushed (a timer), others after a few tokens. Afterwards neither node owns a block."""
     rng = random.Random(1)
     decode, prefill = cluster.decode[0], cluster.prefill[1]
     long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     prompts = shared_prefix_prompts(20, 500, seed=7)
 
+    async def cancelled_early(rid: str, prompt: list[int], delay_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(generate(decode, rid, prompt, prefill, long), delay_s)
+
     async def run() -> list[pb.StatsResponse]:
         jobs = []
         for i, prompt in enumerate(prompts):
-            cancel = rng.choice([0, 1, 5, 30]) if i % 2 == 0 else None
-            jobs.append(generate(decode, f"ab{i}", prompt, prefill, long, cancel_after=cancel))
+            if i % 4 == 0:
+                jobs.append(cancelled_early(f"ab{i}", prompt, rng.uniform(0.002, 0.05)))
+            elif i % 4 == 2:
+                cancel = rng.choice([1, 5, 30])
+                jobs.append(generate(decode, f"ab{i}", prompt, prefill, long, cancel_after=cancel))
+            else:
+                jobs.append(generate(decode, f"ab{i}", prompt, prefill, long))
         results = await asyncio.gather(*jobs)
-        assert all(len(tokens) == 60 for tokens, final in results if final is not None)
+        finished = [r for r in results if r is not None and r[1] is not None]
+        assert len(finished) == 10 and all(len(tokens) == 60 for tokens, _ in finished)
         return await wait_idle([decode, prefill])
 
     for stats in asyncio.run(run()):
