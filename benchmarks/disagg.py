@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         str(max(lengths) + 16),
     )
     devices = ("cuda:0", "cuda:1") if args.device == "cuda" else ()
-    config = ClusterConfig(model=args.model, router_port=None, node_args=node_args, devices=devices)
+    # The benchmark talks to the nodes directly: no router, no Redis.
+    config = ClusterConfig(
+        model=args.model, router_port=None, use_redis=False, node_args=node_args, devices=devices
+    )
     rng = random.Random(args.seed)
     rows: dict[int, dict[str, float]] = {}
     with LocalCluster(config) as cluster:

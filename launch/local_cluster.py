@@ -31,6 +31,8 @@ class ClusterConfig:
     router_port: int | None = 8000
     # Use this Redis instead of starting one.
     redis_url: str | None = None
+    # False: no Redis at all (nodes unregistered; only direct gRPC use, no router).
+    use_redis: bool = True
     cluster: str = "default"
     # Extra flags for every node / each role / the router.
     node_args: tuple[str, ...] = ()
@@ -44,6 +46,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.num_decode < 1:
             raise ValueError(f"a cluster needs at least one decode node, got {self.num_decode}")
+        if not self.use_redis and self.router_port is not None:
+            raise ValueError("a router needs Redis: drop router_port or keep use_redis")
         if self.num_prefill < 0:
             raise ValueError(f"num_prefill must be >= 0, got {self.num_prefill}")
         num_nodes = self.num_prefill + self.num_decode
@@ -96,7 +100,7 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         try:
-            if not self.redis_url:
+            if not self.redis_url and self.config.use_redis:
                 self.redis = RedisServer().start()
                 self.redis_url = self.redis.url
             devices = list(self.config.devices)
@@ -123,8 +127,7 @@ class LocalCluster:
             role,
             "--model",
             cfg.model,
-            "--redis",
-            self.redis_url,
+            *(["--redis", self.redis_url] if self.redis_url else []),
             "--cluster",
             cfg.cluster,
             *cfg.node_args,
