@@ -190,7 +190,9 @@ def test_chat_stream_recovers_known_latencies(server_url: str, tmp_path: Path) -
             "--rate",
             "20",
             "--slo",
-            "ttft=400ms,tpot=50ms,e2e:p90=1s",
+            # Generous against the injected 200 ms / 20 ms, so that a loaded CI machine
+            # still meets them; the tight cases are in test_bench_metrics.py.
+            "ttft=2s,tpot=250ms,e2e:p90=5s",
             "--label",
             "chat",
         ),
