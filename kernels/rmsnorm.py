@@ -113,8 +113,8 @@ def rmsnorm(
 def rmsnorm_reference(
     norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's RMSNorm module, with the residual add the decoder layer does."""
+    """The model's plain-torch RMSNorm, with the residual add the decoder layer does."""
     if residual is None:
-        return norm(x), None
+        return norm.reference(x), None
     summed = x + residual
-    return norm(summed), summed
+    return norm.reference(summed), summed

@@ -147,5 +147,5 @@ def apply_rotary_(
 def rotary_reference(
     rope: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's rotary module (out of place)."""
-    return rope(positions, q, k)
+    """The model's plain-torch rotary embedding (out of place)."""
+    return rope.reference(positions, q, k)

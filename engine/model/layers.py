@@ -69,6 +69,14 @@ class RMSNorm(nn.Module):
         self.weight = empty_param(size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype != torch.float64:
+            # One fused Triton kernel instead of six elementwise launches (same rounding).
+            from splitserve.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)[0]
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.dtype != torch.float64 else x
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -116,6 +124,17 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H, D], k: [T, KVH, D], positions: [T]
+        if q.is_cuda and q.dtype != torch.float64:
+            # One fused Triton kernel, in place (bit-exact with the torch path below).
+            from splitserve.kernels.rotary import apply_rotary_
+
+            apply_rotary_(positions, q, k, self.cos_sin)
+            return q, k
+        return self.reference(positions, q, k)
+
+    def reference(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos_sin = self.cos_sin[positions].to(q.dtype)
         cos, sin = cos_sin[:, 0, None, :], cos_sin[:, 1, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
