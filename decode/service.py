@@ -213,9 +213,12 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         }
 
     async def close(self) -> None:
+        """Close the channels to prefill nodes (after the gRPC server stopped)."""
         for channel in self._channels.values():
             await channel.close()
 
 
 def add_decode_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
-    node_pb2_grpc.add_DecodeServicer_to_server(DecodeService(runtime), server)
+    service = DecodeService(runtime)
+    runtime.on_stop.append(service.close)
+    node_pb2_grpc.add_DecodeServicer_to_server(service, server)

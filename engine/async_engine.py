@@ -71,9 +71,6 @@ class AsyncEngine:
         returns True while it has work in flight, so that the idle loop polls it often."""
         self.call(lambda core: self._step_hooks.append(hook))
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()

@@ -123,13 +123,6 @@ class BlockPool:
         """Every hash the pool holds (a node republishes these after a Redis restart)."""
         return list(self._block_of)
 
-    def reset_prefix_cache(self) -> int:
-        """Evict every cached-free block; returns how many were evicted."""
-        num = len(self._lru)
-        while self._lru:
-            heapq.heappush(self._clean, self._evict_lru())
-        return num
-
     def take_events(self) -> KVEvents:
         events = KVEvents(self._stored, self._removed)
         self._stored, self._removed = [], []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,6 +93,8 @@ class NodeRuntime:
         self.agent: TransferAgent | None = None
         self.publisher: NodePublisher | None = None
         self._server: grpc.aio.Server | None = None
+        # Coroutines the role's servicer registers to run once the gRPC server stopped.
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
 
     @property
@@ -179,6 +181,8 @@ class NodeRuntime:
         await self._drain()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        for hook in self.on_stop:
+            await hook()
         if self.agent is not None:
             agent = self.agent
             await asyncio.wrap_future(self.engine.call(lambda core: agent.close()))
