@@ -33,6 +33,12 @@ class ModelConfig:
     served_model_name: str | None = None
     # "auto": Triton kernels on CUDA devices, plain torch elsewhere.
     attention_backend: AttentionBackendName = "auto"
+    # CUDA only: run every step eagerly instead of replaying captured CUDA graphs.
+    enforce_eager: bool = False
+    # Decode-only batches of at most this many sequences replay a CUDA graph (larger run eagerly).
+    cuda_graph_max_batch: int = 256
+    # ... and only while every sequence's context fits in this many tokens.
+    cuda_graph_max_seq_len: int = 8192
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -44,6 +50,12 @@ class ModelConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
+        if self.cuda_graph_max_seq_len < 1:
+            raise ValueError(
+                f"cuda_graph_max_seq_len must be >= 1, got {self.cuda_graph_max_seq_len}"
+            )
 
     @property
     def model_id(self) -> str:

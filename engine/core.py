@@ -27,6 +27,7 @@ from splitserve.engine.attention import AttentionBackend
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.hashing import seed_hash
 from splitserve.engine.kv_pool import KVShape, allocate_kv_pool, num_blocks_for
@@ -125,7 +126,9 @@ class EngineCore:
             self.pool, self.block_size, seed_hash(config.model.model_id, self.block_size)
         )
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.block_size, self.device)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.block_size, self.device, self._capture_graphs()
+        )
         self.sampler = Sampler(self.arch.vocab_size, self.device, config.model.seed)
         self.on_prefill_chunk: Callable[[PrefillChunk], None] | None = None
         self._sequences: dict[RequestId, _Sequence] = {}
@@ -143,6 +146,17 @@ class EngineCore:
             self.max_model_len,
             self.role,
         )
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """Decode CUDA graphs on CUDA devices, unless `enforce_eager`."""
+        model_config = self.config.model
+        if self.device.type != "cuda" or model_config.enforce_eager:
+            return None
+        max_batch = min(model_config.cuda_graph_max_batch, self.config.scheduler.max_num_seqs)
+        max_seq_len = min(model_config.cuda_graph_max_seq_len, self.max_model_len)
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_batch, max_seq_len)
+        graphs.capture()
+        return graphs
 
     # Intake and validation.
 
@@ -422,6 +436,7 @@ class EngineCore:
             generation_tokens=self._num_generation_tokens,
             num_requests_finished=self._num_finished,
             num_steps=self._num_steps,
+            num_graph_steps=self.runner.num_graph_steps,
         )
 
     def check_invariants(self) -> None:

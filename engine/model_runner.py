@@ -1,6 +1,11 @@
 """Model runner: turns a step's scheduled chunks into one flattened batch, runs the model,
 and returns logits for the rows that sample (the last token of each chunk that reaches
 its request's last known token).
+
+The engine core calls `execute(chunks)` once per step. On CUDA a batch of one-token
+chunks replays a captured graph (`engine/cuda_graphs.py`); every other batch is built by
+`build_batch` and runs eagerly. Host-built index tensors go to the device through pinned
+memory with asynchronous copies, so the forward pass never waits on the host.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.scheduler import ScheduledChunk
 
 
@@ -47,14 +53,17 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
     block_tables = [t + [-1] * (max_blocks - len(t)) for t in tables]
     query_lens = [b - a for a, b in itertools.pairwise(query_start)]
 
-    def as_tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    pin = device.type == "cuda"
+
+    def as_tensor(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        return (host.pin_memory() if pin else host).to(device, non_blocking=True)
 
     meta = AttentionMetadata(
         slot_mapping=as_tensor(slots, torch.int64),
         query_start_loc=as_tensor(query_start, torch.int32),
         seq_lens=as_tensor(seq_lens, torch.int32),
-        block_tables=torch.tensor(block_tables, dtype=torch.int32).to(device),
+        block_tables=as_tensor(block_tables, torch.int32),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
@@ -70,17 +79,32 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
 
 class ModelRunner:
     def __init__(
-        self, model: Any, kv_cache: torch.Tensor, block_size: int, device: torch.device
+        self,
+        model: Any,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        device: torch.device,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
-        # `model` is a CausalLM: forward(ids, positions, kv_cache, meta) and compute_logits.
+        """`model` is a CausalLM: forward(ids, positions, kv_cache, meta) and
+        compute_logits. `graphs`, when given, must be captured over the same model and pool."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
+        self.graphs = graphs
+        self.num_graph_steps = 0
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_chunks, vocab]."""
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            hidden = self.graphs.run(chunks)
+            self.num_graph_steps += 1
+            if not all(c.samples for c in chunks):
+                rows = [i for i, c in enumerate(chunks) if c.samples]
+                hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(self.device)]
+            return self.model.compute_logits(hidden)
         batch = build_batch(chunks, self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
         return self.model.compute_logits(hidden[batch.logits_indices])

@@ -25,6 +25,8 @@ class EngineStats:
     generation_tokens: int
     num_requests_finished: int
     num_steps: int
+    # Steps that replayed a captured CUDA graph instead of launching kernels one by one.
+    num_graph_steps: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -28,6 +28,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ATTENTION_BACKENDS,
         help="auto: Triton kernels on CUDA, plain torch on CPU",
     )
+    g.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: never replay captured CUDA graphs"
+    )
+    g.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=256,
+        help="CUDA: largest decode batch that replays a captured graph",
+    )
+    g.add_argument(
+        "--cuda-graph-max-seq-len",
+        type=int,
+        default=8192,
+        help="CUDA: longest context a graph-replayed decode batch may hold",
+    )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--served-model-name", default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -49,6 +64,9 @@ def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> En
             max_model_len=args.max_model_len,
             served_model_name=args.served_model_name,
             attention_backend=args.attention_backend,
+            enforce_eager=args.enforce_eager,
+            cuda_graph_max_batch=args.cuda_graph_max_batch,
+            cuda_graph_max_seq_len=args.cuda_graph_max_seq_len,
         ),
         cache=CacheConfig(
             block_size=args.block_size,
