@@ -1,10 +1,13 @@
 """Offline engine throughput: N random-token prompts submitted at once, ignore_eos.
 
     python -m splitserve.benchmarks.engine_offline --model dummy:tiny \
-        --num-prompts 64 --input-len 128 --output-len 32 [--out result.json]
+        --num-prompts 64 --input-len 128 --output-len 32 [--out result.json] [--roofline]
 
 Prints and (with --out) writes output tokens/s, total tokens/s, elapsed time, and the
-engine's stats (steps, preemptions, prefix-cache hits).
+engine's stats (steps, preemptions, prefix-cache hits). With --roofline it then measures the
+device's copy and matmul ceilings (`benchmarks.kernels.measure_ceilings`, host-timed on the
+CPU) and adds the workload's roofline time (`engine_steps.roofline_seconds`) and
+fraction_of_roofline = roofline_s / elapsed_s.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import argparse
 import logging
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
+
+if TYPE_CHECKING:
+    from splitserve.engine.core import EngineCore
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--warmup-prompts", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the result JSON here")
+    parser.add_argument(
+        "--roofline", action="store_true", help="also measure the ceilings and the roofline time"
+    )
     return parser.parse_args(argv)
 
 
@@ -52,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     num_in = sum(len(p) for p in prompts)
     stats = llm.engine.stats()
-    return {
+    result: dict[str, Any] = {
         **provenance(args.device),
         "model": args.model,
         "num_prompts": args.num_prompts,
@@ -66,6 +75,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ms_per_step": elapsed * 1e3 / max(1, stats.num_steps - steps_before),
         "engine_stats": stats.as_dict(),
     }
+    if args.roofline:
+        result.update(roofline(llm.engine, args, elapsed, num_out))
+    return result
+
+
+def roofline(
+    engine: EngineCore, args: argparse.Namespace, elapsed_s: float, num_out: int
+) -> dict[str, Any]:
+    """The device's ceilings, and the workload's roofline time against the measured one."""
+    import torch
+
+    from splitserve.benchmarks.engine_steps import roofline_seconds, weight_bytes
+    from splitserve.benchmarks.kernels import Timer, measure_ceilings
+
+    device = torch.device(args.device)
+    smoke = device.type == "cpu"
+    ceilings = measure_ceilings(device, Timer(smoke), smoke)
+    wbytes = weight_bytes(engine.model)
+    seconds = roofline_seconds(
+        engine.arch,
+        wbytes,
+        engine.dtype.itemsize,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.max_num_seqs,
+        ceilings["copy_gbps"],
+        ceilings["matmul_tflops"],
+    )
+    return {
+        "ceilings": ceilings,
+        "weight_bytes": wbytes,
+        "roofline_s": seconds,
+        "roofline_output_tokens_per_s": num_out / seconds,
+        "fraction_of_roofline": seconds / elapsed_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,6 +122,12 @@ def main(argv: list[str] | None = None) -> None:
         f"in {result['elapsed_s']:.2f} s: {result['output_tokens_per_s']:.1f} output tok/s, "
         f"{result['total_tokens_per_s']:.1f} total tok/s, {result['ms_per_step']:.2f} ms/step"
     )
+    if args.roofline:
+        print(
+            f"roofline {result['roofline_s']:.4g} s "
+            f"({result['roofline_output_tokens_per_s']:.1f} output tok/s): this run reached "
+            f"{result['fraction_of_roofline']:.1%} of it"
+        )
     write_result(args.out, result)
 
 

@@ -1,8 +1,10 @@
-"""Where a decode step's time goes: torch.profiler over batch-1 decode steps.
+"""Where a decode step's time goes: torch.profiler over decode steps of a fixed batch.
 
-    python -m splitserve.benchmarks.profile_decode --model dummy:llama-3.1-8b --device cuda
+    python -m splitserve.benchmarks.profile_decode --model dummy:llama-3.1-8b --device cuda \
+        [--batch 1] [--context 512] [--enforce-eager]
 
-Prints the wall time per step and the top operators by self CPU and by CUDA time.
+Prints the wall time per step unprofiled and profiled, and the top operators by self CPU
+and by CUDA time (kernels replayed from a CUDA graph are listed too).
 """
 
 from __future__ import annotations
@@ -21,28 +23,40 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     from splitserve.engine.core import EngineCore
     from splitserve.engine.sampling_params import SamplingParams
 
     core = EngineCore(engine_config_from_args(args))
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
-    core.add_request("p", list(range(1, args.context + 1)), params)
-    for _ in range(5):  # prefill and warm-up decode steps
+    for i in range(args.batch):
+        core.add_request(f"p{i}", [1 + (i * 7919 + t) % 1000 for t in range(args.context)], params)
+    while core.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running
+    ):
+        core.step()  # prefill
+    for _ in range(5):  # warm-up decode steps
         core.step()
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
         torch.cuda.synchronize()
     start = time.perf_counter()
+    for _ in range(args.steps):
+        core.step()
+    plain = time.perf_counter() - start
+    print(f"{plain * 1e3 / args.steps:.2f} ms per decode step (batch {args.batch}, unprofiled)")
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             core.step()
     elapsed = time.perf_counter() - start
-    print(f"{elapsed * 1e3 / args.steps:.2f} ms per decode step (batch 1, profiled)")
+    print(f"{elapsed * 1e3 / args.steps:.2f} ms per decode step (batch {args.batch}, profiled)")
+    print(f"graph steps: {core.stats().num_graph_steps} of {core.stats().num_steps}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     if torch.cuda.is_available():
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

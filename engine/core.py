@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.profiler import record_function
 
 from splitserve.engine.attention import AttentionBackend
 from splitserve.engine.block_manager import BlockManager
@@ -247,10 +248,13 @@ class EngineCore:
         return list(self._children)
 
     def step(self) -> list[StepOutput]:
-        sched = self.scheduler.schedule()
+        # The named ranges show in torch.profiler traces (benchmarks/profile_decode.py).
+        with record_function("step.schedule"):
+            sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        logits = self.runner.execute(sched.chunks)
+        with record_function("step.model"):
+            logits = self.runner.execute(sched.chunks)
         self.scheduler.advance(sched)
         self._num_steps += 1
         sampling = [c for c in sched.chunks if c.samples]
@@ -258,8 +262,9 @@ class EngineCore:
             if self.role == "prefill":
                 self._report_prefill_chunks(sched.chunks, {})
             return []
-        rows = [self._sampling_row(self._sequences[c.request.request_id]) for c in sampling]
-        result = self.sampler(logits, rows)
+        with record_function("step.sample"):
+            rows = [self._sampling_row(self._sequences[c.request.request_id]) for c in sampling]
+            result = self.sampler(logits, rows)
         sampled = list(zip(sampling, result.token_ids, result.logprobs, strict=True))
         if self.role == "prefill":
             firsts = {
@@ -268,10 +273,11 @@ class EngineCore:
                 if not c.request.output_token_ids
             }
             self._report_prefill_chunks(sched.chunks, firsts)
-        return [
-            self._append_token(self._sequences[c.request.request_id], token, logprob)
-            for c, token, logprob in sampled
-        ]
+        with record_function("step.outputs"):
+            return [
+                self._append_token(self._sequences[c.request.request_id], token, logprob)
+                for c, token, logprob in sampled
+            ]
 
     def _sampling_row(self, seq: _Sequence) -> SamplingRow:
         req = seq.request
