@@ -78,12 +78,14 @@ class LLM:
                     "pass one, or one per prompt"
                 )
         collectors = [self._add(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)]
-        by_id = {c.request_id: c for c in collectors}
-        while any(not c.finished for c in collectors):
+        pending = {c.request_id: c for c in collectors if not c.finished}
+        while pending:
             for out in self.engine.step():
-                collector = by_id.get(out.request_id)
+                collector = pending.get(out.request_id)
                 if collector is not None:
                     collector.add(out)
+                    if collector.finished:
+                        del pending[out.request_id]
         return [c.result() for c in collectors]
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> OutputCollector:

@@ -1,7 +1,7 @@
 """Paged decode attention: one query token per sequence, split-K (flash-decoding).
 
 Stage 1 (`_decode_split_kernel`, grid (batch, num_kv_heads, num_splits)): each program
-takes one sequence, one KV head and one partition of `partition_size` context tokens,
+takes one sequence, one KV head and one partition of that sequence's context,
 gathers the partition's K/V through the block table tile by tile, and scores all
 `group_size` query heads that share the KV head in one `tl.dot` (the group is padded to 16
 rows), so each KV byte is read once per KV head. It writes the partition's running max
@@ -13,10 +13,15 @@ hold tokens: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_
 With a single partition stage 1 normalises and writes the output itself and stage 2 is
 skipped.
 
-The number of partitions is picked on the host from `max_seq_len` and the batch shape so
-that batch x kv_heads x splits fills the multiprocessors a few times over; nothing is
-read back from the device. Reference: `splitserve.engine.attention_torch._decode_batched`
-(via `decode_attention_reference`).
+Each sequence splits its own context evenly: its partitions hold
+`partition_tokens(seq_len, num_splits, block_n)` tokens (seq_len / num_splits rounded up
+to whole KV tiles), so a short sequence in a batch of long ones still spreads over the
+splits. The number of splits is picked on the host from `max_seq_len` and the batch shape
+so that batch x kv_heads x splits fills the multiprocessors a few times over; nothing is
+read back from the device, and the grid depends only on host ints (a CUDA graph captures
+it once for contexts up to its `max_seq_len`).
+Reference: `splitserve.engine.attention_torch._decode_batched` (via
+`decode_attention_reference`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from splitserve.kernels.checks import (
     next_pow2,
     num_sms,
 )
-from splitserve.kernels.decode_reduce import merge_partitions
+from splitserve.kernels.decode_reduce import merge_partitions, partition_tokens
 from splitserve.kernels.paged import attend_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -63,7 +68,6 @@ def _decode_split_kernel(
     part_m_ptr,  # [B, num_heads, num_splits] fp32
     part_l_ptr,  # [B, num_heads, num_splits] fp32
     qk_scale_log2,
-    partition_size,
     stride_q_seq,
     stride_q_head,
     stride_q_dim,
@@ -98,10 +102,11 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
-    start = split * partition_size
+    partition = partition_tokens(seq_len, tl.num_programs(2), BLOCK_N)
+    start = split * partition
     if start >= seq_len:
         return
-    end = tl.minimum(start + partition_size, seq_len)
+    end = tl.minimum(start + partition, seq_len)
 
     groups = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -151,7 +156,8 @@ def _decode_split_kernel(
 
 class SplitPlan(NamedTuple):
     num_splits: int
-    partition_size: int  # context tokens per split, a multiple of the KV tile
+    # Context tokens per split of the longest sequence, a multiple of the KV tile.
+    partition_size: int
 
 
 def plan_splits(
@@ -169,8 +175,7 @@ def plan_splits(
         num_splits = max(1, min(wanted, by_length, MAX_SPLITS))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    partition = math.ceil(max(1, max_seq_len) / num_splits)
-    partition = math.ceil(partition / block_n) * block_n
+    partition = math.ceil(math.ceil(max(1, max_seq_len) / num_splits) / block_n) * block_n
     return SplitPlan(math.ceil(max(1, max_seq_len) / partition), partition)
 
 
@@ -249,7 +254,7 @@ def decode_attention(
     _decode_split_kernel[(batch, num_kv_heads, plan.num_splits)](
         q_ptr=q, kv_ptr=kv_cache, table_ptr=block_tables, seq_lens_ptr=seq_lens, out_ptr=out,
         part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
-        qk_scale_log2=scale * LOG2E, partition_size=plan.partition_size,
+        qk_scale_log2=scale * LOG2E,
         stride_q_seq=q.stride(0), stride_q_head=q.stride(1), stride_q_dim=q.stride(2),
         stride_kv_block=kv_cache.stride(0), stride_kv_kv=kv_cache.stride(1),
         stride_kv_tok=kv_cache.stride(2), stride_kv_head=kv_cache.stride(3),
@@ -267,7 +272,7 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not single:
-        merge_partitions(part_acc, part_m, part_l, seq_lens, out, plan.partition_size)
+        merge_partitions(part_acc, part_m, part_l, seq_lens, out, block_n)
     return out
 
 

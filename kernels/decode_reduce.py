@@ -3,7 +3,8 @@
 Stage 1 left, per (sequence, query head, partition s), the partition's running max `m_s`
 (log2 domain), sum `l_s` and unnormalised output `acc_s`, all fp32; partitions at or past
 the sequence's length were never written. One program per (sequence, head) merges the
-partitions that hold tokens, `cdiv(seq_len, partition_size)` of them:
+partitions that hold tokens (a sequence of L tokens split S ways has partitions of
+`partition_tokens(L, S, tile)` tokens, L / S rounded up to whole KV tiles):
 
     out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,   M = max_s m_s
 
@@ -21,13 +22,21 @@ from splitserve.kernels.checks import check_launchable, check_shape, check_tenso
 
 
 @triton.jit
+def partition_tokens(seq_len, num_splits, tile):
+    """Tokens in each partition of a sequence's context: seq_len / num_splits rounded up
+    to whole tiles (at least one tile)."""
+    tiles = tl.cdiv(tl.cdiv(seq_len, num_splits), tile)
+    return tl.maximum(tiles, 1) * tile
+
+
+@triton.jit
 def _decode_reduce_kernel(
     part_acc_ptr,  # [B, num_heads, num_splits, HEAD_DIM] fp32
     part_m_ptr,  # [B, num_heads, num_splits] fp32
     part_l_ptr,  # [B, num_heads, num_splits] fp32
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, num_heads, HEAD_DIM]
-    partition_size,
+    partition_tile,
     num_splits,
     stride_seq_lens,
     stride_pacc_seq,
@@ -47,7 +56,8 @@ def _decode_reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
-    num_active = tl.minimum(tl.cdiv(seq_len, partition_size), num_splits)
+    partition = partition_tokens(seq_len, num_splits, partition_tile)
+    num_active = tl.minimum(tl.cdiv(seq_len, partition), num_splits)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
     active = splits < num_active
@@ -81,7 +91,7 @@ def merge_partitions(
     part_l: torch.Tensor,  # [B, num_heads, num_splits] fp32
     seq_lens: torch.Tensor,  # [B] int32
     out: torch.Tensor,  # [B, num_heads, head_dim], written
-    partition_size: int,  # context tokens per partition
+    partition_tile: int,  # partitions are whole multiples of this many tokens
 ) -> None:
     device = out.device
     check_launchable(device)
@@ -94,14 +104,14 @@ def merge_partitions(
     check_shape("seq_lens", seq_lens, (batch,))
     check_tensor("out", out, 3, (torch.float32, torch.float16, torch.bfloat16), device)
     check_shape("out", out, (batch, num_heads, head_dim))
-    if partition_size < 1:
-        raise ValueError(f"partition_size must be >= 1, got {partition_size}")
+    if partition_tile < 1:
+        raise ValueError(f"partition_tile must be >= 1, got {partition_tile}")
     if batch == 0:
         return
     _decode_reduce_kernel[(batch, num_heads)](
         part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
         seq_lens_ptr=seq_lens, out_ptr=out,
-        partition_size=partition_size, num_splits=num_splits,
+        partition_tile=partition_tile, num_splits=num_splits,
         stride_seq_lens=seq_lens.stride(0),
         stride_pacc_seq=part_acc.stride(0), stride_pacc_head=part_acc.stride(1),
         stride_pacc_split=part_acc.stride(2), stride_pacc_dim=part_acc.stride(3),
@@ -119,10 +129,14 @@ def merge_partitions_reference(
     part_m: torch.Tensor,  # [B, num_heads, num_splits] fp32
     part_l: torch.Tensor,  # [B, num_heads, num_splits] fp32
     seq_lens: torch.Tensor,  # [B] int32
-    partition_size: int,
+    partition_tile: int,
 ) -> torch.Tensor:  # [B, num_heads, head_dim] fp32
-    splits = torch.arange(part_m.shape[2], device=part_m.device)
-    active = splits[None, :] < (seq_lens.long()[:, None] + partition_size - 1) // partition_size
+    num_splits = part_m.shape[2]
+    splits = torch.arange(num_splits, device=part_m.device)
+    lens = seq_lens.long()[:, None]
+    tiles = ((lens + num_splits - 1) // num_splits + partition_tile - 1) // partition_tile
+    partition = tiles.clamp_min(1) * partition_tile
+    active = splits[None, :] < (lens + partition - 1) // partition
     active = active[:, None, :]  # [B, 1, S]
     m = torch.where(active, part_m, float("-inf"))
     m_max = m.amax(-1, keepdim=True)

@@ -102,7 +102,8 @@ def test_decode_attention(head_dim, ratio, block_size, num_splits, dtype) -> Non
     batch = _batch(cases, ratio, head_dim, block_size, dtype, seed=ratio + block_size)
     store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
     scale = head_dim**-0.5
-    # block_n 16 with 3 splits: partitions of 32 tokens, several tiles, empty partitions.
+    # block_n 16 with 3 splits: partitions of one or more tiles, some sequences with empty
+    # partitions.
     block_n = 16 if num_splits else None
     out = _run_decode(batch, scale, num_splits=num_splits, block_n=block_n)
     meta = batch.meta
@@ -115,19 +116,22 @@ def test_decode_attention(head_dim, ratio, block_size, num_splits, dtype) -> Non
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_merge_partitions_skips_unwritten_partitions(head_dim: int) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(head_dim)
-    batch, heads, splits, partition = 5, 4, 6, 32
+    # Tiles of 16 tokens over 6 splits: partitions of 16, 16, 16, 32 and 32 tokens, with
+    # 1, 2, 3, 4 and 6 of the 6 partitions written.
+    batch, heads, splits, tile = 5, 4, 6, 16
     seq_lens = torch.tensor([1, 32, 33, 100, 192], dtype=torch.int32, device=DEVICE)
     part_acc = torch.randn(batch, heads, splits, head_dim, generator=gen, device=DEVICE)
     part_m = 4 * torch.randn(batch, heads, splits, generator=gen, device=DEVICE)
     part_l = torch.rand(batch, heads, splits, generator=gen, device=DEVICE) + 0.5
     # Partitions past a sequence's length were never written: poison them.
-    active = torch.arange(splits, device=DEVICE)[None, :] < (seq_lens[:, None] + 31) // 32
+    num_active = torch.tensor([1, 2, 3, 4, 6], device=DEVICE)
+    active = torch.arange(splits, device=DEVICE)[None, :] < num_active[:, None]
     for t in (part_m, part_l):
         t.masked_fill_(~active[:, None, :], float("nan"))
     part_acc.masked_fill_(~active[:, None, :, None], float("nan"))
     out = torch.full((batch, heads, head_dim), float("nan"), device=DEVICE)
-    merge_partitions(part_acc, part_m, part_l, seq_lens, out, partition)
-    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, partition)
+    merge_partitions(part_acc, part_m, part_l, seq_lens, out, tile)
+    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, tile)
     _assert_written_and_close(out, ref, torch.float32)
 
 

@@ -1,5 +1,5 @@
-"""Fused RMSNorm (+ residual) and in-place rotary kernels against the model's own
-`RMSNorm` and `RotaryEmbedding` modules (engine/model/layers.py).
+"""Fused RMSNorm (+ residual), in-place rotary and SiLU-and-multiply kernels against the
+model's own `RMSNorm`, `RotaryEmbedding` and MLP torch code (engine/model/layers.py).
 
 CPU: Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), float32 and
 float16 (the interpreter rounds float32 to bfloat16 by truncation, so bfloat16 runs on
@@ -22,6 +22,7 @@ from splitserve.engine.model.arch import ModelArchConfig, RopeScaling
 from splitserve.engine.model.layers import RMSNorm, RotaryEmbedding
 from splitserve.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from splitserve.kernels.rotary import apply_rotary_, rotary_reference
+from splitserve.kernels.silu_mul import silu_mul, silu_mul_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -142,3 +143,24 @@ def test_norm_and_rope_llama8b_shapes(dtype: torch.dtype) -> None:
     apply_rotary_(positions, q, k, rope.cos_sin)
     torch.testing.assert_close(q, ref_q, rtol=0, atol=0)
     torch.testing.assert_close(k, ref_k, rtol=0, atol=0)
+
+    gate_up = 4 * _randn(tokens, 2 * 14336, dtype=dtype, seed=13)
+    # Same rounding steps as torch; exp may differ from torch's by an ulp in float32.
+    torch.testing.assert_close(silu_mul(gate_up), silu_mul_reference(gate_up), **NORM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,inter", [(1, 64), (5, 1000), (3, 2100)])
+def test_silu_mul(tokens: int, inter: int, dtype: torch.dtype) -> None:
+    """Ragged widths (not a multiple of the block) and a strided input view."""
+    wide = 4 * _randn(tokens, 2 * inter + 8, dtype=dtype, seed=inter)
+    gate_up = wide[:, : 2 * inter]
+    out = silu_mul(gate_up)
+    ref = silu_mul_reference(gate_up)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **NORM_TOL[dtype])
+
+
+def test_silu_mul_rejects_odd_width() -> None:
+    with pytest.raises(ValueError, match="even number of columns"):
+        silu_mul(torch.zeros(2, 7, device=DEVICE))

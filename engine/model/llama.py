@@ -59,9 +59,12 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.rotary_emb
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, positions, rotary, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, rotary, kv_cache, meta)
+        if residual is None:
+            return self.model.norm(x)
+        return self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
