@@ -34,6 +34,9 @@ class AttentionMetadata:
     # Host copies, so CPU paths need no device-to-host sync.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Leading sequences with one query row each (decode rows): a backend may run them with
+    # its decode kernel and the rest with its prefill kernel. 0 when unknown.
+    num_decodes: int = 0
 
     @property
     def num_seqs(self) -> int:

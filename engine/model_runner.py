@@ -29,13 +29,20 @@ class BatchInputs(NamedTuple):
 
 
 def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.device) -> BatchInputs:
+    """The flattened batch, one-token chunks first (`meta.num_decodes` of them) so that a
+    backend can give them its decode kernel; `logits_indices` stays in chunk order."""
+    decodes = [c for c in chunks if c.num_new_tokens == 1]
+    if len(decodes) not in (0, len(chunks)):
+        chunks_in_rows = decodes + [c for c in chunks if c.num_new_tokens != 1]
+    else:
+        chunks_in_rows = chunks
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     query_start = [0]
     seq_lens: list[int] = []
-    sample_rows: list[int] = []
-    for chunk in chunks:
+    last_row: dict[int, int] = {}
+    for chunk in chunks_in_rows:
         request, start, num_new = chunk
         end = start + num_new
         token_ids.extend(request.token_ids_slice(start, end))
@@ -46,10 +53,10 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         )
         query_start.append(query_start[-1] + num_new)
         seq_lens.append(end)
-        if chunk.samples:
-            sample_rows.append(query_start[-1] - 1)
+        last_row[id(chunk)] = query_start[-1] - 1
+    sample_rows = [last_row[id(c)] for c in chunks if c.samples]
     max_blocks = max(-(-n // block_size) for n in seq_lens)
-    tables = [c.request.block_ids[:max_blocks] for c in chunks]
+    tables = [c.request.block_ids[:max_blocks] for c in chunks_in_rows]
     block_tables = [t + [-1] * (max_blocks - len(t)) for t in tables]
     query_lens = [b - a for a, b in itertools.pairwise(query_start)]
 
@@ -68,6 +75,7 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
+        num_decodes=len(decodes),
     )
     return BatchInputs(
         input_ids=as_tensor(token_ids, torch.int64),

@@ -4,8 +4,9 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
 
 1. stores the step's K/V rows at `meta.slot_mapping` (`store_kv`; slot -1 skipped);
 2. attends: an all-decode batch (one query per sequence, one row per sequence) runs the
-   split-K decode kernel; any batch with a prefill chunk runs the varlen prefill kernel,
-   which also serves the decode rows mixed into it.
+   split-K decode kernel; a batch with prefill chunks runs its leading `meta.num_decodes`
+   decode rows with the decode kernel (which reads each KV head once for its whole query
+   group) and the other sequences with the varlen prefill kernel.
 
 Nothing in `forward` reads device memory on the host: grid sizes come from the host ints
 `meta.max_query_len` and `meta.max_seq_len`, everything else from meta's device tensors.
@@ -55,12 +56,36 @@ class TritonPagedAttention:
                 scale,
                 num_splits=self.decode_num_splits,
             )
-        return prefill_attention(
-            q,
+        decodes = meta.num_decodes
+        if not 0 < decodes < meta.num_seqs:
+            return prefill_attention(
+                q,
+                kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                meta.max_query_len,
+                scale,
+            )
+        out = torch.empty_like(q)
+        decode_attention(
+            q[:decodes],
             kv_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
+            meta.block_tables[:decodes],
+            meta.seq_lens[:decodes],
+            max(meta.seq_lens_cpu[:decodes]),
+            scale,
+            out=out[:decodes],
+            num_splits=self.decode_num_splits,
+        )
+        prefill_attention(
+            q[decodes:],
+            kv_cache,
+            meta.block_tables[decodes:],
+            meta.seq_lens[decodes:],
+            meta.query_start_loc[decodes:] - decodes,
             meta.max_query_len,
             scale,
+            out=out[decodes:],
         )
+        return out

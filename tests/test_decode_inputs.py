@@ -97,3 +97,23 @@ def test_graph_batch_sizes() -> None:
     assert graph_batch_sizes(256)[-3:] == [240, 248, 256]
     with pytest.raises(ValueError):
         graph_batch_sizes(0)
+
+
+def test_mixed_batch_lays_decode_rows_first_and_keeps_logits_in_chunk_order() -> None:
+    rng = random.Random(2)
+    requests = [make_request(rng, i, n) for i, n in enumerate([9, 5, 13, 7])]
+    requests[1].output_token_ids.append(3)  # request 1 decodes; 0, 2 prefill; 3 decodes
+    requests[3].output_token_ids.append(4)
+    chunks = [
+        ScheduledChunk(requests[0], 0, 9),
+        decode_chunk(requests[1]),
+        ScheduledChunk(requests[2], 4, 6),  # a middle chunk: does not sample
+        decode_chunk(requests[3]),
+    ]
+    batch = build_batch(chunks, BLOCK, torch.device("cpu"))
+    assert batch.meta.num_decodes == 2
+    assert batch.meta.query_lens_cpu == [1, 1, 9, 6]
+    assert batch.positions[:2].tolist() == [5, 7]
+    # Sampling chunks in chunk order: request 0 (rows 2..10), 1 (row 0), 3 (row 1).
+    assert batch.logits_indices.tolist() == [10, 0, 1]
+    assert batch.input_ids[10].item() == requests[0].prompt_token_ids[8]

@@ -8,6 +8,7 @@ triton is imported) at small shapes in float32; with CUDA the same tests run on 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -182,10 +183,18 @@ def _backend_pair(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, torch.
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["decode", "mixed"])
+@pytest.mark.parametrize("case", ["decode", "mixed", "mixed_decodes_first"])
 def test_backend_matches_torch_backend(case: str, dtype: torch.dtype) -> None:
-    cases = MIXED_CASES if case == "mixed" else [(n - 1, 1) for n in DECODE_LENS]
+    """mixed_decodes_first: the leading decode rows take the decode kernel, the rest the
+    prefill kernel (meta.num_decodes, as the model runner lays batches out)."""
+    cases = MIXED_CASES if case != "decode" else [(n - 1, 1) for n in DECODE_LENS]
+    if case == "mixed_decodes_first":
+        cases = sorted(cases, key=lambda c: c[1] != 1)
     batch = _batch(cases, 4, 64, 16, dtype, seed=11, pad_rows=2)
+    if case == "mixed_decodes_first":
+        num_decodes = next(i for i, c in enumerate(cases) if c[1] != 1)
+        assert num_decodes == 4
+        batch.meta = dataclasses.replace(batch.meta, num_decodes=num_decodes)
     assert batch.meta.is_all_decode == (case == "decode")
     out, ref = _backend_pair(batch, 64**-0.5)
     _assert_written_and_close(out, ref, dtype)
