@@ -90,6 +90,9 @@ class SchedulerConfig:
     # Split long prompts into chunks of the remaining step budget (else whole prompts only).
     enable_chunked_prefill: bool = True
     role: Role = "both"
+    # Launch the next step's forward pass before detokenizing this step's tokens, so the
+    # host's output work overlaps the GPU. None: on for CUDA devices outside prefill role.
+    overlap_output_processing: bool | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -6,6 +6,15 @@ Callers (the offline `LLM`, the `AsyncEngine` thread, the nodes through it) driv
     step() -> [StepOutput]      schedule, run the model, sample, detokenize, stop checks
     abort(request_id)           finish every sequence of a request, free its blocks
 
+Overlap (`SchedulerConfig.overlap_output_processing`, on by default on CUDA outside
+prefill role): once a step's tokens are sampled and appended, the next step is scheduled
+and its forward pass launched before this step's tokens are detokenized, so the host's
+output work runs while the GPU computes. The launched step is consumed by the next
+`step()` call. What differs for callers: a request added or admitted between two calls
+joins one step later; a request that a stop string ends (found after the launch) has one
+more token computed and dropped; blocks of a request finished while a launched step may
+still write them are freed only after that step has run on the device.
+
 Role hooks. Prefill role: each step reports the blocks a chunk finalised and, with the
 last chunk, the first sampled token (`on_prefill_chunk`); finished requests keep their
 blocks until `release(request_id)`, since a transfer may still read them. Decode role:
@@ -38,7 +47,7 @@ from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.request import Request, RequestId, RequestStatus
 from splitserve.engine.sampler import Sampler, SamplingRow
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.scheduler import RemotePlan, ScheduledChunk, Scheduler
+from splitserve.engine.scheduler import RemotePlan, ScheduledChunk, Scheduler, SchedulerOutput
 from splitserve.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -102,6 +111,22 @@ class _Sequence:
     num_blocks_reported: int = 0
 
 
+@dataclass(eq=False)
+class _Launched:
+    """A step whose forward pass was launched and not yet consumed by `step()`."""
+
+    sched: SchedulerOutput
+    logits: torch.Tensor
+    # Requests in it that are still unfinished.
+    request_ids: set[RequestId]
+    done: torch.cuda.Event | None
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+
+
 class EngineCore:
     def __init__(
         self, config: EngineConfig, attention_backend: AttentionBackend | None = None
@@ -137,6 +162,16 @@ class EngineCore:
         self._num_generation_tokens = 0
         self._num_finished = 0
         self._num_steps = 0
+        overlap = config.scheduler.overlap_output_processing
+        if overlap is None:
+            overlap = self.device.type == "cuda" and self.role != "prefill"
+        if overlap and self.role == "prefill":
+            raise ValueError(
+                "overlap_output_processing does not apply to prefill role (its blocks are "
+                "reported as each step ends); leave it unset or false"
+            )
+        self.overlap = overlap
+        self._launched: _Launched | None = None
         logger.info(
             "engine ready: %s (%s, %s), %d KV blocks of %d tokens, context %d, role %s",
             config.model.model_id,
@@ -234,7 +269,7 @@ class EngineCore:
 
     def has_runnable(self) -> bool:
         """Whether a step would compute anything (requests waiting for remote KV do not)."""
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self._launched)
 
     def request_status(self, request_id: str) -> RequestStatus | None:
         """Status of an unfinished n=1 request (None when unknown or finished)."""
@@ -249,18 +284,22 @@ class EngineCore:
 
     def step(self) -> list[StepOutput]:
         # The named ranges show in torch.profiler traces (benchmarks/profile_decode.py).
-        with record_function("step.schedule"):
-            sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        with record_function("step.model"):
-            logits = self.runner.execute(sched.chunks)
+        if self._launched is not None:
+            sched, logits = self._take_launched()
+        else:
+            with record_function("step.schedule"):
+                sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            with record_function("step.model"):
+                logits = self.runner.execute(sched.chunks)
         self.scheduler.advance(sched)
         self._num_steps += 1
         sampling = [c for c in sched.chunks if c.samples]
         if not sampling:
             if self.role == "prefill":
                 self._report_prefill_chunks(sched.chunks, {})
+            self._launch_next()
             return []
         with record_function("step.sample"):
             rows = [self._sampling_row(self._sequences[c.request.request_id]) for c in sampling]
@@ -274,10 +313,52 @@ class EngineCore:
             }
             self._report_prefill_chunks(sched.chunks, firsts)
         with record_function("step.outputs"):
-            return [
-                self._append_token(self._sequences[c.request.request_id], token, logprob)
-                for c, token, logprob in sampled
-            ]
+            seqs = [self._sequences[c.request.request_id] for c in sampling]
+            tokens = result.token_ids
+            statuses = [self._add_token(seq, t) for seq, t in zip(seqs, tokens, strict=True)]
+            outputs: list[StepOutput | None] = [None] * len(sampled)
+            # Sequences that end on this token (eos, stop id, length) end before the next
+            # step is scheduled; the others are detokenized while it runs.
+            ending = [i for i, status in enumerate(statuses) if status is not None]
+            going = [i for i, status in enumerate(statuses) if status is None]
+            for i in ending:
+                outputs[i] = self._emit(seqs[i], sampled[i][1], sampled[i][2], statuses[i])
+            self._launch_next()
+            for i in going:
+                outputs[i] = self._emit(seqs[i], sampled[i][1], sampled[i][2], None)
+        return outputs  # type: ignore[return-value]
+
+    def _launch_next(self) -> None:
+        """Overlap: schedule the next step and launch its forward pass now."""
+        if not self.overlap or self._launched is not None:
+            return
+        with record_function("step.schedule"):
+            sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return
+        with record_function("step.model"):
+            logits = self.runner.execute(sched.chunks)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        ids = {c.request.request_id for c in sched.chunks}
+        self._launched = _Launched(sched, logits, ids, done)
+
+    def _take_launched(self) -> tuple[SchedulerOutput, torch.Tensor]:
+        """The launched step, less the chunks of requests that finished since its launch
+        (aborted, or ended by a stop string): their KV and tokens are dropped."""
+        launched = self._launched
+        assert launched is not None
+        self._launched = None
+        sched, logits = launched.sched, launched.logits
+        if all(not c.request.is_finished for c in sched.chunks):
+            return sched, logits
+        keep = [c for c in sched.chunks if not c.request.is_finished]
+        sampling = [c for c in sched.chunks if c.samples]
+        rows = [i for i, c in enumerate(sampling) if not c.request.is_finished]
+        index = torch.tensor(rows, dtype=torch.int64).to(logits.device)
+        return SchedulerOutput(keep, sched.preempted), logits[index]
 
     def _sampling_row(self, seq: _Sequence) -> SamplingRow:
         req = seq.request
@@ -290,12 +371,32 @@ class EngineCore:
         )
 
     def _append_token(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        return self._emit(seq, token, logprob, self._add_token(seq, token))
+
+    def _add_token(self, seq: _Sequence, token: int) -> RequestStatus | None:
+        """Append a sampled token; the status it ends the request with, if it does (a
+        stop string can still end it in `_emit`)."""
         req = seq.request
         req.output_token_ids.append(token)
         self._num_generation_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         status = self._token_stop_status(req, token)
+        if status is None and req.num_output_tokens >= req.max_new_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return status
+
+    def _emit(
+        self,
+        seq: _Sequence,
+        token: int,
+        logprob: TokenLogprob | None,
+        status: RequestStatus | None,
+    ) -> StepOutput:
+        """Detokenize the token, check stop strings, finish the request if it ended."""
+        req = seq.request
+        if status == RequestStatus.FINISHED_LENGTH:
+            status = None  # checked again below, after stop strings (which outrank it)
         if status is None or req.sampling_params.include_stop_str_in_output:
             delta = seq.detokenizer.step([token])
             text, stop_str = delta.text_delta, delta.stop_str
@@ -334,6 +435,12 @@ class EngineCore:
         return None
 
     def _finish(self, seq: _Sequence, status: RequestStatus) -> None:
+        launched = self._launched
+        if launched is not None and seq.request.request_id in launched.request_ids:
+            launched.wait()  # the launched step may still write this request's blocks
+            launched.request_ids.discard(seq.request.request_id)
+            if not launched.request_ids:
+                self._launched = None  # nothing left in it to consume
         # Blocks a transfer may still touch are held until `release`: in prefill role the
         # push may still read them; a request aborted while waiting for remote KV may
         # still be written by its prefill node.

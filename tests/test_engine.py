@@ -174,12 +174,18 @@ def test_soak_500_random_requests_with_aborts(tiny_llama) -> None:
     _soak(tiny_llama, num_requests=500)
 
 
-def _soak(model_dir, num_requests: int) -> None:
+def test_soak_with_overlapped_output_processing(tiny_llama) -> None:
+    _soak(tiny_llama, num_requests=200, overlap=True)
+
+
+def _soak(model_dir, num_requests: int, overlap: bool = False) -> None:
     rng = random.Random(0)
     config = EngineConfig(
         ModelConfig(str(model_dir), dtype="float32"),
         CacheConfig(block_size=16, num_blocks=40),
-        SchedulerConfig(max_num_batched_tokens=128, max_num_seqs=16),
+        SchedulerConfig(
+            max_num_batched_tokens=128, max_num_seqs=16, overlap_output_processing=overlap
+        ),
     )
     eng = EngineCore(config)
     vocab = eng.arch.vocab_size
@@ -217,10 +223,14 @@ def _soak(model_dir, num_requests: int) -> None:
     assert eng.stats().num_preemptions > 0
 
 
-def test_async_engine_streams_and_aborts(tiny_llama) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_async_engine_streams_and_aborts(tiny_llama, overlap: bool) -> None:
     from splitserve.engine.async_engine import AsyncEngine
 
-    config = EngineConfig(ModelConfig(str(tiny_llama), dtype="float32"))
+    config = EngineConfig(
+        ModelConfig(str(tiny_llama), dtype="float32"),
+        scheduler=SchedulerConfig(overlap_output_processing=overlap),
+    )
     engine = AsyncEngine(config)
 
     async def main() -> None:

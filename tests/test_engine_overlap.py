@@ -1,0 +1,143 @@
+"""Overlapped output processing (the next step launched before this step's tokens are
+detokenized) gives exactly what the plain step gives: tokens, text, finish and stop
+reasons, logprobs, with stop strings, stop ids, n > 1, seeds, preemption and aborts, and
+no block is leaked or freed under a launched step. On CUDA it is on by default; here it is
+forced on over the CPU engine."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.engine.core import EngineCore
+from splitserve.engine.llm import LLM
+from splitserve.engine.sampling_params import SamplingParams
+
+
+def rand_tokens(n: int, vocab: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def summary(outputs) -> list:
+    """Everything but logprob values: a dropped extra row changes a step's batch shape, and
+    with it the last bits of the matmuls."""
+    return [
+        [
+            (
+                c.token_ids,
+                c.text,
+                c.finish_reason,
+                c.stop_reason,
+                None if c.logprobs is None else [(lp.token_id, lp.rank) for lp in c.logprobs],
+            )
+            for c in o.outputs
+        ]
+        for o in outputs
+    ]
+
+
+def assert_logprobs_close(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        for gc, wc in zip(g.outputs, w.outputs, strict=True):
+            for glp, wlp in zip(gc.logprobs or [], wc.logprobs or [], strict=True):
+                assert abs(glp.logprob - wlp.logprob) < 1e-4
+
+
+def workload(vocab: int, plain: LLM) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Mixed params, with stop strings carved from the plain engine's own greedy text."""
+    prompts = [rand_tokens(n, vocab, seed=n) for n in (3, 17, 40, 64, 90, 130, 15, 33)]
+    probe = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    params = []
+    for i, out in enumerate(probe):
+        text = out.outputs[0].text
+        stop = [text[len(text) // 2 : len(text) // 2 + 2]] if len(text) > 6 and i % 2 else []
+        params.append(
+            SamplingParams(
+                temperature=0 if i % 3 else 0.9,
+                seed=100 + i,
+                n=2 if i == 4 else 1,
+                max_tokens=5 + 3 * i,
+                ignore_eos=i % 4 != 0,
+                stop=[s for s in stop if s.strip()],
+                stop_token_ids=[probe[i].outputs[0].token_ids[6]] if i == 2 else [],
+                logprobs=2 if i % 2 else None,
+            )
+        )
+    return prompts, params
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(max_num_batched_tokens=256),
+        dict(max_num_batched_tokens=64),  # chunked prefill mixed with decode rows
+        dict(max_num_batched_tokens=256, num_blocks=24, max_num_seqs=6),  # preemption
+    ],
+)
+def test_overlap_matches_plain_step(tiny_llama, settings: dict) -> None:
+    plain = LLM(str(tiny_llama), dtype="float32", overlap_output_processing=False, **settings)
+    overlap = LLM(str(tiny_llama), dtype="float32", overlap_output_processing=True, **settings)
+    assert overlap.engine.overlap and not plain.engine.overlap
+    prompts, params = workload(plain.engine.arch.vocab_size, plain)
+    got, want = overlap.generate(prompts, params), plain.generate(prompts, params)
+    assert summary(got) == summary(want)
+    assert_logprobs_close(got, want)
+    for engine in (plain.engine, overlap.engine):
+        engine.check_invariants()
+        assert engine.pool.usage == 0.0
+        assert not engine.has_runnable()
+
+
+def test_aborts_under_a_launched_step_free_everything(tiny_llama) -> None:
+    config = EngineConfig(
+        ModelConfig(str(tiny_llama), dtype="float32"),
+        CacheConfig(block_size=16, num_blocks=64),
+        SchedulerConfig(max_num_batched_tokens=128, overlap_output_processing=True),
+    )
+    core = EngineCore(config)
+    vocab = core.arch.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for i in range(6):
+        core.add_request(f"r{i}", rand_tokens(20 + 9 * i, vocab, i), params)
+    tokens: dict[str, list[int]] = {}
+    aborted = {"r1", "r4"}
+    for step in range(200):
+        if step == 3:
+            assert core._launched is not None  # a step is in flight while we abort
+            for rid in sorted(aborted):
+                core.abort(rid)
+            core.check_invariants()
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        core.check_invariants()
+        if not core.has_runnable():
+            break
+    assert core.pool.usage == 0.0 and not core.has_unfinished()
+    # Aborting everything under a launched step leaves nothing to consume.
+    core.add_request("last", rand_tokens(40, vocab, 99), params)
+    core.step()
+    core.step()
+    assert core._launched is not None
+    core.abort("last")
+    assert core._launched is None and not core.has_runnable()
+    assert core.step() == [] and core.pool.usage == 0.0
+    plain = LLM(str(tiny_llama), dtype="float32", overlap_output_processing=False)
+    want = plain.generate([rand_tokens(20 + 9 * i, vocab, i) for i in range(6)], params)
+    for i, out in enumerate(want):
+        rid = f"r{i}"
+        if rid in aborted:
+            assert len(tokens.get(rid, [])) < 30
+        else:
+            assert tokens[rid] == out.outputs[0].token_ids
+
+
+def test_prefill_role_refuses_overlap(tiny_llama) -> None:
+    config = EngineConfig(
+        ModelConfig(str(tiny_llama), dtype="float32"),
+        scheduler=SchedulerConfig(role="prefill", overlap_output_processing=True),
+    )
+    with pytest.raises(ValueError, match="prefill role"):
+        EngineCore(config)
