@@ -52,6 +52,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument(
+        "--no-overlap-output-processing",
+        action="store_true",
+        help="CUDA: detokenize each step's tokens before launching the next step",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> EngineConfig:
@@ -79,5 +84,6 @@ def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> En
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
             role=role,
+            overlap_output_processing=False if args.no_overlap_output_processing else None,
         ),
     )
