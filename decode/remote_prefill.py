@@ -8,6 +8,8 @@ step hook; network I/O stays in decode/service.py):
                             and the request is then queued for local prefill instead
     rpc_succeeded(...)      the prefill node answered: first token, its cache hits
     rpc_failed(...)         the Prefill RPC failed (node died, error, deadline)
+    abandon(rid)            the client went away before the Prefill RPC was sent: no
+                            prefill node will write the blocks, so they can go
     poll(core)              step hook: chunk arrivals from the ArrivalTracker; a request
                             whose blocks all landed AND whose RPC answered joins the batch
                             with the first token; a failure or timeout makes it prefill
@@ -143,6 +145,12 @@ class RemotePrefills:
             return
         pending.is_rpc_done = True
         self._fail(core, request_id, pending, f"Prefill RPC failed: {error}")
+
+    def abandon(self, request_id: str) -> None:
+        pending = self._pending.get(request_id)
+        if pending is not None:
+            pending.is_rpc_done = True  # none was sent; poll frees the held blocks
+            self.tracker.forget(request_id)
 
     def poll(self, core: EngineCore) -> bool:
         """Step hook; True while remote prefills are pending."""

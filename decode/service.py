@@ -72,7 +72,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         node = request.prefill_node if request.HasField("prefill_node") else None
         if params.n != 1:
             node = None  # n > 1 samples several first tokens: prefill here
-        admit, on_admitted = None, None
+        admit, on_admitted, on_abandoned = None, None, None
         if node is not None:
             timeout = self.runtime.config.prefill_timeout_s
             remote_node = node
@@ -84,11 +84,17 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                 if plan is not None:
                     self._spawn(self._call_prefill(rid, request, plan, remote_node))
 
+            def on_abandoned(core: EngineCore, plan: RemotePlan | None) -> None:
+                if plan is not None:
+                    self.remote.abandon(rid)
+
         finish: str | None = None
         first_token_time: float | None = None
         num_completion_tokens = 0
         try:
-            stream = self.runtime.engine.generate(rid, prompt, params, admit, on_admitted)
+            stream = self.runtime.engine.generate(
+                rid, prompt, params, admit, on_admitted, on_abandoned
+            )
             async for out in stream:
                 if first_token_time is None and any(c.token_ids for c in out.outputs):
                     first_token_time = time.monotonic()

@@ -85,16 +85,24 @@ class AsyncEngine:
         params: SamplingParams,
         admit: Callable[[EngineCore], Any] | None = None,
         on_admitted: Callable[[Any], None] | None = None,
+        on_abandoned: Callable[[EngineCore, Any], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs as deltas until it finishes. `admit`
         replaces the plain `add_request` (the decode node's remote-KV admission); its
-        result goes to `on_admitted` before any output is awaited."""
+        result goes to `on_admitted` before any output is awaited. If the caller goes away
+        while the admission runs, the request is aborted once admitted, after
+        `on_abandoned(core, result)` (on the engine thread) has undone what `on_admitted`
+        would have started."""
         stream = self._open(request_id, prompt_token_ids, params)
         add = admit or (lambda core: core.add_request(request_id, prompt_token_ids, params))
+        admission = self.call(add)
         try:
-            admitted = await asyncio.wrap_future(self.call(add))
+            admitted = await asyncio.wrap_future(admission)
         except BaseException:
             self._streams.pop(request_id, None)
+            admission.add_done_callback(
+                lambda f: self._abandon(f, request_id, on_abandoned)  # any thread
+            )
             raise
         if on_admitted is not None:
             on_admitted(admitted)
@@ -108,6 +116,24 @@ class AsyncEngine:
             if not finished:
                 await self.abort(request_id)
             self._streams.pop(request_id, None)
+
+    def _abandon(
+        self,
+        admission: concurrent.futures.Future,
+        request_id: str,
+        on_abandoned: Callable[[EngineCore, Any], None] | None,
+    ) -> None:
+        """The admission ran but nobody awaits the request: abort it on the engine thread."""
+        if admission.cancelled() or admission.exception() is not None:
+            return  # never admitted
+        admitted = admission.result()
+
+        def undo(core: EngineCore) -> None:
+            if on_abandoned is not None:
+                on_abandoned(core, admitted)
+            core.abort(request_id)
+
+        self.call(undo)
 
     def _open(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

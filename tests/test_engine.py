@@ -252,3 +252,46 @@ def test_async_engine_streams_and_aborts(tiny_llama, overlap: bool) -> None:
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_async_engine_aborts_a_request_whose_caller_left_during_admission(tiny_llama) -> None:
+    """The caller is cancelled while the admission still runs on the engine thread: once
+    admitted, the request is handed to `on_abandoned` and aborted, so nothing stays."""
+    import time
+
+    from splitserve.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineConfig(ModelConfig(str(tiny_llama), dtype="float32")))
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    abandoned: list[str] = []
+
+    def slow_admit(core: EngineCore) -> str:
+        time.sleep(0.3)
+        core.add_request("slow", [5, 6, 7, 8], params)
+        return "plan"
+
+    async def consume() -> None:
+        stream = engine.generate(
+            "slow", [5, 6, 7, 8], params, slow_admit, None, lambda core, r: abandoned.append(r)
+        )
+        async for _ in stream:
+            pass
+
+    async def main() -> None:
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            stats = await engine.stats()
+            if abandoned and stats.num_running + stats.num_waiting == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert abandoned == ["plan"]
+        assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_usage == 0.0
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
