@@ -164,19 +164,27 @@ class RemotePrefills:
             else:
                 self._fail(core, arrival.request_id, pending, arrival.error or "KV did not arrive")
         for request_id, pending in list(self._pending.items()):
-            if not pending.is_aborted and not core.is_unfinished(request_id):
-                pending.is_aborted = True  # the client went away; blocks stay held
-                self.tracker.forget(request_id)
-            if pending.is_aborted and pending.is_rpc_done:
-                core.release(request_id)
-                del self._pending[request_id]
+            self._settle_if_aborted(core, request_id, pending)
         return bool(self._pending)
+
+    def _settle_if_aborted(self, core: EngineCore, request_id: str, pending: _Pending) -> bool:
+        """Whether the request was aborted (the client went away). Its blocks stay held
+        until its Prefill RPC is done, then are released and the request forgotten."""
+        if not pending.is_aborted and not core.is_unfinished(request_id):
+            pending.is_aborted = True
+            self.tracker.forget(request_id)
+        if pending.is_aborted and pending.is_rpc_done:
+            core.release(request_id)
+            del self._pending[request_id]
+        return pending.is_aborted
 
     def pop_metrics(self, request_id: str) -> TransferMetrics | None:
         return self._metrics.pop(request_id, None)
 
     def _advance(self, core: EngineCore, request_id: str, pending: _Pending) -> None:
-        if pending.is_aborted or not pending.has_arrived or pending.first is None:
+        if self._settle_if_aborted(core, request_id, pending):
+            return
+        if not pending.has_arrived or pending.first is None:
             return
         del self._pending[request_id]
         self.num_completed += 1
@@ -188,8 +196,8 @@ class RemotePrefills:
 
     def _fail(self, core: EngineCore, request_id: str, pending: _Pending, error: str) -> None:
         self.tracker.forget(request_id)
-        if pending.is_aborted:
-            return  # released in poll once the RPC is done
+        if self._settle_if_aborted(core, request_id, pending):
+            return  # released here or in poll once the RPC is done
         del self._pending[request_id]
         self.num_failed += 1
         if core.request_status(request_id) == RequestStatus.WAITING_FOR_REMOTE_KV:
