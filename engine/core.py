@@ -13,7 +13,8 @@ output work runs while the GPU computes. The launched step is consumed by the ne
 `step()` call. What differs for callers: a request added or admitted between two calls
 joins one step later; a request that a stop string ends (found after the launch) has one
 more token computed and dropped; blocks of a request finished while a launched step may
-still write them are freed only after that step has run on the device.
+still write them are freed only after that step has run on the device, and
+`admit_remote` (whose blocks another node writes) waits for the launched step first.
 
 Role hooks. Prefill role: each step reports the blocks a chunk finalised and, with the
 last chunk, the first sampled token (`on_prefill_chunk`); finished requests keep their
@@ -510,6 +511,10 @@ class EngineCore:
         short right now (the caller retries or prefills locally). n must be 1."""
         if params.n != 1:
             raise ValueError("remote prefill serves n=1 requests; prefill n > 1 locally")
+        if self._launched is not None:
+            # A block freed under the launched step (a preemption) may still be written by
+            # the device; another node must not write it before that.
+            self._launched.wait()
         (seq,) = self._make_sequences(request_id, prompt_token_ids, params)
         plan = self.scheduler.admit_remote(seq.request)
         if plan is None:
