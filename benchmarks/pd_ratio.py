@@ -75,7 +75,8 @@ def parse_rates(text: str) -> str:
     try:
         rates = [float(r) for r in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"rates must be numbers like 1,2,4, got {text!r}") from None
+        message = f"rates must be numbers like 1,2,4, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
     if not rates or any(r <= 0 for r in rates):
         raise argparse.ArgumentTypeError(f"rates must be positive, got {text!r}")
     return ",".join(f"{r:g}" for r in rates)
