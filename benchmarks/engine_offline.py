@@ -123,12 +123,31 @@ def main(argv: list[str] | None = None) -> None:
         f"{result['total_tokens_per_s']:.1f} total tok/s, {result['ms_per_step']:.2f} ms/step"
     )
     if args.roofline:
-        print(
-            f"roofline {result['roofline_s']:.4g} s "
-            f"({result['roofline_output_tokens_per_s']:.1f} output tok/s): this run reached "
-            f"{result['fraction_of_roofline']:.1%} of it"
-        )
+        print(format_roofline_table(result))
     write_result(args.out, result)
+
+
+def format_roofline_table(result: dict[str, Any]) -> str:
+    """The run against the roofline built from the ceilings measured after it."""
+    ceil = result["ceilings"]
+    rows = [
+        (
+            "ceilings",
+            f"copy {ceil['copy_gbps']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s",
+        ),
+        ("", "this run    roofline    fraction"),
+        (
+            "seconds",
+            f"{result['elapsed_s']:>8.4g}  {result['roofline_s']:>10.4g}"
+            f"  {result['fraction_of_roofline']:>9.1%}",
+        ),
+        (
+            "output tok/s",
+            f"{result['output_tokens_per_s']:>8.1f}"
+            f"  {result['roofline_output_tokens_per_s']:>10.1f}",
+        ),
+    ]
+    return "\n".join(f"{name:<14}{value}" for name, value in rows)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="run every node on the CPU")
     parser.add_argument("--node-arg", action="append", default=[], help="extra flag for every node")
+    parser.add_argument(
+        "--bench-arg", action="append", default=[], help="extra flag for every bench sweep"
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=600.0)
     parser.add_argument("--out-dir", required=True)
     return parser
@@ -131,6 +134,7 @@ def sweep_command(args: argparse.Namespace, url: str, workload: str, out_dir: Pa
         "--output-len", str(output), "--ignore-eos", "--arrival", "poisson",
         "--rates", rates, "--num-requests", str(args.num_requests), "--slo", args.slo,
         "--seed", str(args.seed), "--no-progress", "--output-dir", str(out_dir),
+        *args.bench_arg,
     ]  # fmt: skip
 
 

@@ -159,7 +159,7 @@ def test_roofline_seconds_matches_a_hand_calculation() -> None:
     assert one_token == pytest.approx(12960e-9)
 
 
-def test_engine_offline_roofline_adds_the_fraction(tmp_path: Path) -> None:
+def test_engine_offline_roofline_adds_the_fraction(tmp_path: Path, capsys) -> None:
     out = tmp_path / "offline.json"
     engine_offline.main(
         [
@@ -178,3 +178,5 @@ def test_engine_offline_roofline_adds_the_fraction(tmp_path: Path) -> None:
     assert result["roofline_s"] == pytest.approx(expected)
     assert result["roofline_output_tokens_per_s"] == pytest.approx(12 / expected)
     assert result["fraction_of_roofline"] == pytest.approx(expected / result["elapsed_s"])
+    printed = capsys.readouterr().out
+    assert "ceilings" in printed and f"{result['fraction_of_roofline']:.1%}" in printed
