@@ -138,6 +138,19 @@ def sweep_command(args: argparse.Namespace, url: str, workload: str, out_dir: Pa
     ]  # fmt: skip
 
 
+def check_requests_served(config: Config, workload: str, sweep: dict[str, Any]) -> None:
+    """A rate at which every request failed measures an error, not a capacity."""
+    for point in sweep["points"]:
+        summary = json.loads(Path(point["summary"]).read_text())
+        counts = summary["counts"]
+        if counts["num_requests"] and counts["num_failed"] == counts["num_requests"]:
+            raise RuntimeError(
+                f"{config.name} {workload} at rate {point['load']:g}: every request failed "
+                f"({counts['errors']}); a prompt longer than the model's context fails with "
+                "HTTP 400: lower --scale"
+            )
+
+
 def run_config(args: argparse.Namespace, config: Config, out_dir: Path) -> dict[str, Any]:
     """Start the cluster, sweep every workload against it, stop it."""
     from splitserve.launch.local_cluster import ClusterConfig, LocalCluster
@@ -171,6 +184,7 @@ def run_config(args: argparse.Namespace, config: Config, out_dir: Path) -> dict[
             logger.info("%s %s: %s", config.name, workload, shlex.join(command))
             subprocess.run(command, check=True)
             sweep = json.loads((sweep_dir / "sweep.json").read_text())
+            check_requests_served(config, workload, sweep)
             results[workload] = {
                 "command": shlex.join(command),
                 "sweep": str(sweep_dir / "sweep.json"),

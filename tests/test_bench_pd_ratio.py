@@ -9,7 +9,13 @@ import json
 
 import pytest
 
-from splitserve.benchmarks.pd_ratio import Config, main, parse_configs, summarize
+from splitserve.benchmarks.pd_ratio import (
+    Config,
+    check_requests_served,
+    main,
+    parse_configs,
+    summarize,
+)
 
 
 def test_parse_configs() -> None:
@@ -60,3 +66,15 @@ def test_small_cpu_run(tiny_llama, tmp_path) -> None:
     verdict = summary["verdicts"]["decode-heavy"]
     assert verdict["disaggregated_over_aggregated"] == pytest.approx(1.0)
     assert "| 1P1D | 2.00 |" in (out / "summary.md").read_text()
+
+
+def test_a_rate_where_every_request_failed_is_an_error(tmp_path) -> None:
+    summary = tmp_path / "summary.json"
+    summary.write_text(
+        json.dumps({"counts": {"num_requests": 5, "num_failed": 5, "errors": {"HTTP 400": 5}}})
+    )
+    sweep = {"points": [{"load": 2.0, "summary": str(summary)}]}
+    with pytest.raises(RuntimeError, match=r"every request failed.*lower --scale"):
+        check_requests_served(Config(1, 1), "prompt-heavy", sweep)
+    summary.write_text(json.dumps({"counts": {"num_requests": 5, "num_failed": 4, "errors": {}}}))
+    check_requests_served(Config(1, 1), "prompt-heavy", sweep)
