@@ -208,9 +208,11 @@ def summarize(configs: list[Config], results: dict[str, dict[str, Any]], workloa
             return float(value) if value is not None else 0.0
 
         best = max(configs, key=goodput)
+        ties = [c.name for c in configs if goodput(c) == goodput(best)]
         disagg = [c for c in configs if not c.is_aggregated]
         agg = [c for c in configs if c.is_aggregated]
-        verdict: dict[str, Any] = {"best": best.name, "best_goodput_rps": goodput(best)}
+        # Several names (joined by " = ") when configurations tie at the rates swept.
+        verdict: dict[str, Any] = {"best": " = ".join(ties), "best_goodput_rps": goodput(best)}
         if disagg and agg:
             best_disagg = max(disagg, key=goodput)
             base = goodput(agg[0])

@@ -39,6 +39,8 @@ def test_summarize_picks_best_and_compares_with_aggregated() -> None:
     results["2P2D"]["w"]["goodput_rps"] = None  # no rate passed
     verdict = summarize(configs, results, ["w"])["w"]
     assert verdict["best"] == "0P4D" and verdict["disaggregated_over_aggregated"] == 0.75
+    results["1P3D"]["w"]["goodput_rps"] = 4.0
+    assert summarize(configs, results, ["w"])["w"]["best"] == "1P3D = 0P4D"
 
 
 def test_rejects_more_gpus_than_the_host_has(capsys) -> None:
