@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rates-prompt-heavy", type=parse_rates, default="0.5,1,2,4,8")
     parser.add_argument("--rates-decode-heavy", type=parse_rates, default="2,4,8,16,32")
     parser.add_argument("--num-requests", type=int, default=200, help="per rate")
+    parser.add_argument(
+        "--num-warmup", type=int, default=10, help="uncounted requests before each rate"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies token lengths")
     parser.add_argument("--slo", default="ttft:p90=1s,tpot:p90=50ms")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,8 +110,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in args.workloads.split(","):
         if name not in WORKLOADS:
             parser.error(f"unknown workload {name!r}; pick from {', '.join(WORKLOADS)}")
-    if args.num_requests < 1:
-        parser.error("--num-requests must be >= 1")
+    if args.num_requests < 1 or args.num_warmup < 0:
+        parser.error("--num-requests must be >= 1 and --num-warmup >= 0")
     if not 0 < args.scale <= 1:
         parser.error("--scale must be in (0, 1]")
     if not args.cpu:
@@ -132,7 +135,8 @@ def sweep_command(args: argparse.Namespace, url: str, workload: str, out_dir: Pa
         sys.executable, "-m", "splitserve.launch.cli", "bench", "sweep",
         "--url", url, "--workload", "random", "--input-len", str(prompt),
         "--output-len", str(output), "--ignore-eos", "--arrival", "poisson",
-        "--rates", rates, "--num-requests", str(args.num_requests), "--slo", args.slo,
+        "--rates", rates, "--num-requests", str(args.num_requests),
+        "--num-warmup", str(args.num_warmup), "--slo", args.slo,
         "--seed", str(args.seed), "--no-progress", "--output-dir", str(out_dir),
         *args.bench_arg,
     ]  # fmt: skip
