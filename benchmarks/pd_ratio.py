@@ -9,9 +9,10 @@ workload best, against the same GPUs as aggregated replicas.
 
 For each configuration (`xPyD`: x prefill and y decode nodes, one per GPU; `0PyD` is y
 aggregated replicas, decode nodes that prefill locally) a local cluster is started
-(Redis, router, nodes: `launch/local_cluster.py`), and for each workload
-`splitserve bench sweep` runs Poisson arrivals at each rate against the router's OpenAI
-API with the SLOs (default TTFT p90 <= 1 s and TPOT p90 <= 50 ms, on the distribution).
+(Redis, router, nodes: `launch/local_cluster.py`), and for each workload a discarded
+warm-up run, then `splitserve bench sweep`, sends Poisson arrivals at each rate to the
+router's OpenAI API with the SLOs (default TTFT p90 <= 1 s and TPOT p90 <= 50 ms, on the
+distribution).
 The goodput of a (configuration, workload) is the sweep's capacity: the highest rate whose
 attainment reaches the target (0.9), interpolated between the last passing and the first
 failing rate. Workloads (lengths times `--scale`, random tokens, ignore_eos):
@@ -34,6 +35,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-warmup", type=int, default=10, help="uncounted requests before each rate"
     )
+    parser.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=100,
+        help="a discarded run of this many requests per workload before its sweep",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies token lengths")
     parser.add_argument("--slo", default="ttft:p90=1s,tpot:p90=50ms")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,8 +118,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in args.workloads.split(","):
         if name not in WORKLOADS:
             parser.error(f"unknown workload {name!r}; pick from {', '.join(WORKLOADS)}")
-    if args.num_requests < 1 or args.num_warmup < 0:
-        parser.error("--num-requests must be >= 1 and --num-warmup >= 0")
+    if args.num_requests < 1 or args.num_warmup < 0 or args.warmup_requests < 0:
+        parser.error("--num-requests must be >= 1, --num-warmup and --warmup-requests >= 0")
     if not 0 < args.scale <= 1:
         parser.error("--scale must be in (0, 1]")
     if not args.cpu:
@@ -129,16 +137,32 @@ def workload_lengths(name: str, scale: float) -> tuple[int, int]:
 
 
 def sweep_command(args: argparse.Namespace, url: str, workload: str, out_dir: Path) -> list[str]:
-    prompt, output = workload_lengths(workload, args.scale)
     rates = getattr(args, f"rates_{workload.replace('-', '_')}")
     return [
-        sys.executable, "-m", "splitserve.launch.cli", "bench", "sweep",
+        *_bench(args, url, workload, "sweep"), "--rates", rates,
+        "--num-requests", str(args.num_requests), "--num-warmup", str(args.num_warmup),
+        "--slo", args.slo, "--output-dir", str(out_dir), *args.bench_arg,
+    ]  # fmt: skip
+
+
+def warmup_command(args: argparse.Namespace, url: str, workload: str, out_dir: Path) -> list[str]:
+    """A run at the workload's lowest rate whose results are thrown away: a fresh cluster
+    serves its first requests of a shape slowly (on the CPU, for the first few dozen)."""
+    rates = getattr(args, f"rates_{workload.replace('-', '_')}")
+    return [
+        *_bench(args, url, workload, "run"), "--rate", rates.split(",")[0],
+        "--num-requests", str(args.warmup_requests), "--no-plots",
+        "--output-dir", str(out_dir),
+    ]  # fmt: skip
+
+
+def _bench(args: argparse.Namespace, url: str, workload: str, verb: str) -> list[str]:
+    prompt, output = workload_lengths(workload, args.scale)
+    return [
+        sys.executable, "-m", "splitserve.launch.cli", "bench", verb,
         "--url", url, "--workload", "random", "--input-len", str(prompt),
         "--output-len", str(output), "--ignore-eos", "--arrival", "poisson",
-        "--rates", rates, "--num-requests", str(args.num_requests),
-        "--num-warmup", str(args.num_warmup), "--slo", args.slo,
-        "--seed", str(args.seed), "--no-progress", "--output-dir", str(out_dir),
-        *args.bench_arg,
+        "--seed", str(args.seed), "--no-progress",
     ]  # fmt: skip
 
 
@@ -183,6 +207,11 @@ def run_config(args: argparse.Namespace, config: Config, out_dir: Path) -> dict[
         url = cluster.router_url
         wait_until_ready(url, config.num_prefill, config.num_decode, args.ready_timeout_s)
         for workload in args.workloads.split(","):
+            if args.warmup_requests:
+                with tempfile.TemporaryDirectory() as scratch:
+                    warmup = warmup_command(args, url, workload, Path(scratch))
+                    logger.info("%s %s warm-up: %s", config.name, workload, shlex.join(warmup))
+                    subprocess.run(warmup, check=True, stdout=subprocess.DEVNULL)
             sweep_dir = out_dir / f"{config.name}_{workload}"
             command = sweep_command(args, url, workload, sweep_dir)
             logger.info("%s %s: %s", config.name, workload, shlex.join(command))

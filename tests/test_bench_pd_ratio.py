@@ -54,7 +54,8 @@ def test_small_cpu_run(tiny_llama, tmp_path) -> None:
     argv = [
         "--model", str(tiny_llama), "--cpu", "--configs", "1P1D,0P1D",
         "--workloads", "decode-heavy", "--scale", "0.03", "--rates-decode-heavy", "2",
-        "--num-requests", "6", "--slo", "ttft:p90=30s,tpot:p90=5s",
+        "--num-requests", "6", "--warmup-requests", "3", "--num-warmup", "0",
+        "--slo", "ttft:p90=30s,tpot:p90=5s",
         "--node-arg=--dtype=float32", "--out-dir", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
