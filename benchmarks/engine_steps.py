@@ -98,15 +98,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def non_embedding_params(model: torch.nn.Module) -> int:
     """Parameters other than the token embedding and the LM head (tied or not)."""
     skip = {"embed_tokens", "lm_head"}
-    seen: set[int] = set()
-    total = 0
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if skip & set(name.split(".")) or param.data_ptr() in seen:
-            seen.add(param.data_ptr())
-            continue
-        seen.add(param.data_ptr())
-        total += param.numel()
-    return total
+    embeddings = {
+        param.data_ptr()
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if skip & set(name.split("."))
+    }
+    return sum(p.numel() for p in model.parameters() if p.data_ptr() not in embeddings)
 
 
 def kv_bytes_per_token(arch: ModelArchConfig, dtype_bytes: int) -> int:

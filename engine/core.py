@@ -315,18 +315,20 @@ class EngineCore:
             self._report_prefill_chunks(sched.chunks, firsts)
         with record_function("step.outputs"):
             seqs = [self._sequences[c.request.request_id] for c in sampling]
-            tokens = result.token_ids
+            tokens, logprobs = result.token_ids, result.logprobs
             statuses = [self._add_token(seq, t) for seq, t in zip(seqs, tokens, strict=True)]
             outputs: list[StepOutput | None] = [None] * len(sampled)
             # Sequences that end on this token (eos, stop id, length) end before the next
             # step is scheduled; the others are detokenized while it runs.
-            ending = [i for i, status in enumerate(statuses) if status is not None]
-            going = [i for i, status in enumerate(statuses) if status is None]
-            for i in ending:
-                outputs[i] = self._emit(seqs[i], sampled[i][1], sampled[i][2], statuses[i])
+            ends = [
+                status is not None or seq.request.num_output_tokens >= seq.request.max_new_tokens
+                for seq, status in zip(seqs, statuses, strict=True)
+            ]
+            for i in [i for i, end in enumerate(ends) if end]:
+                outputs[i] = self._emit(seqs[i], tokens[i], logprobs[i], statuses[i])
             self._launch_next()
-            for i in going:
-                outputs[i] = self._emit(seqs[i], sampled[i][1], sampled[i][2], None)
+            for i in [i for i, end in enumerate(ends) if not end]:
+                outputs[i] = self._emit(seqs[i], tokens[i], logprobs[i], statuses[i])
         return outputs  # type: ignore[return-value]
 
     def _launch_next(self) -> None:
@@ -375,17 +377,14 @@ class EngineCore:
         return self._emit(seq, token, logprob, self._add_token(seq, token))
 
     def _add_token(self, seq: _Sequence, token: int) -> RequestStatus | None:
-        """Append a sampled token; the status it ends the request with, if it does (a
-        stop string can still end it in `_emit`)."""
+        """Append a sampled token; the status it ends the request with by its id alone
+        (eos, stop token); stop strings and length are checked in `_emit`."""
         req = seq.request
         req.output_token_ids.append(token)
         self._num_generation_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        status = self._token_stop_status(req, token)
-        if status is None and req.num_output_tokens >= req.max_new_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return status
+        return self._token_stop_status(req, token)
 
     def _emit(
         self,
@@ -394,10 +393,9 @@ class EngineCore:
         logprob: TokenLogprob | None,
         status: RequestStatus | None,
     ) -> StepOutput:
-        """Detokenize the token, check stop strings, finish the request if it ended."""
+        """Detokenize the token, check stop strings and length, finish the request if it
+        ended. `status` is what `_add_token` returned for the token."""
         req = seq.request
-        if status == RequestStatus.FINISHED_LENGTH:
-            status = None  # checked again below, after stop strings (which outrank it)
         if status is None or req.sampling_params.include_stop_str_in_output:
             delta = seq.detokenizer.step([token])
             text, stop_str = delta.text_delta, delta.stop_str
