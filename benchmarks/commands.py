@@ -1,4 +1,11 @@
-"""The `splitserve bench` actions: build configs from the CLI, run, write, plot, print."""
+"""The `splitserve bench` actions: build configs from the CLI, run, write, plot, print.
+
+Exit codes: 0 when every run's failed requests stay within --max-error-rate; 1 when a run
+exceeded it, or the first requests all failed and the run stopped early (the first error,
+the server's own message, is printed); 2 for a usage error (bad flags, no server to ask
+for its model name). A sweep runs every point before exiting 1 for an error rate, but stops
+at once when a point's first requests all fail.
+"""
 
 from __future__ import annotations
 
@@ -14,23 +21,34 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from splitserve.benchmarks import plots, report, server_metrics
 from splitserve.benchmarks.arrivals import ArrivalConfig
 from splitserve.benchmarks.client import TargetConfig
-from splitserve.benchmarks.metrics import fill_output_counts
-from splitserve.benchmarks.runner import RunConfig, run_benchmark
-from splitserve.benchmarks.slo import parse_slos
+from splitserve.benchmarks.metrics import RequestMetrics, fill_output_counts, request_metrics
+from splitserve.benchmarks.runner import BenchAborted, RunConfig, run_benchmark
+from splitserve.benchmarks.slo import bootstrap_meets, evaluate, parse_slos
 from splitserve.benchmarks.summary import SummaryOptions, build_summary
 from splitserve.benchmarks.sweep import (
+    DEFAULT_NUM_BOOT,
     SWEEP_SCHEMA,
-    interpolate_capacity,
-    point_from_summary,
+    capacity_section,
+    point_from_summaries,
     search_max_rate,
 )
 from splitserve.benchmarks.tokenizer import BenchTokenizer, load_tokenizer
-from splitserve.benchmarks.workload_factory import build_sessions, workload_section
+from splitserve.benchmarks.workload_factory import (
+    MEASURED_STREAM,
+    WARMUP_STREAM,
+    build_sessions,
+    draw_seed,
+    workload_section,
+)
+from splitserve.benchmarks.workloads import Session
+
+ARRIVAL_STREAM = 2  # draw_seed stream of the arrival schedules
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +114,9 @@ def _arrival_kind(args: argparse.Namespace, rate: float, is_rate_sweep: bool) ->
     return "closed" if args.max_concurrency and math.isinf(rate) else "poisson"
 
 
-def build_run_config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    """The run's load from the flags; `rate=` or `concurrency=` overrides for sweep points."""
+def build_run_config(args: argparse.Namespace, index: int = 0, **overrides: Any) -> RunConfig:
+    """The run's load from the flags; `rate=` or `concurrency=` overrides for sweep points;
+    `index` (the run's number in a sweep) picks a fresh arrival seed."""
     rate = float(overrides.get("rate", args.rate))
     kind = _arrival_kind(args, rate, "rate" in overrides)
     max_concurrency = args.max_concurrency
@@ -110,9 +129,31 @@ def build_run_config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
         ramp_up_s=args.ramp_up_s,
         ramp_start_rate=args.ramp_start_rate,
         time_scale=args.time_scale,
-        seed=args.seed,
+        seed=draw_seed(args.seed, ARRIVAL_STREAM, index),
     )
-    return RunConfig(arrival, max_concurrency, args.num_warmup, args.progress)
+    return RunConfig(
+        arrival,
+        max_concurrency,
+        args.num_warmup,
+        args.progress,
+        duration_s=args.duration_s,
+        abort_after_failures=args.abort_after_failures,
+    )
+
+
+def num_sessions(args: argparse.Namespace, cfg: RunConfig) -> int | None:
+    """Sessions to prepare: --num-requests, else enough for --duration-s at the rate."""
+    if args.num_requests is not None or cfg.duration_s is None:
+        return int(args.num_requests) if args.num_requests is not None else None
+    arrival = cfg.arrival
+    if arrival.kind in ("poisson", "gamma", "constant") and not math.isinf(arrival.rate):
+        return max(1, math.ceil(arrival.rate * cfg.duration_s))
+    if arrival.kind == "trace":
+        return None
+    raise ValueError(
+        "--duration-s with a closed loop or --rate inf needs --num-requests N, the most "
+        "sessions to prepare (the run stops at whichever comes first)"
+    )
 
 
 def summary_options(args: argparse.Namespace) -> SummaryOptions:
@@ -153,97 +194,222 @@ class _Bench:
         self.args = args
         self.target = build_target(args)
         self.opts = summary_options(args)
+        if not 0 <= args.max_error_rate <= 1:
+            raise ValueError(f"--max-error-rate must be in [0, 1], got {args.max_error_rate}")
+        if getattr(args, "repeats", 1) < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         self.tokenizer: BenchTokenizer = load_tokenizer(
             args.tokenizer, self.target.base_url, self.target.model
         )
-        self.sessions = build_sessions(args, self.tokenizer)
         self.console = make_console()
+        self.num_runs = 0  # runs so far: the index of the next run's seeds
+        self.num_file_sessions = 0  # ShareGPT conversations sent so far
+        self.over_error_rate: list[str] = []  # runs whose error rate passed the limit
+        self._reused: list[Session] | None = None
+
+    def _draw(self, seed: int, num: int | None) -> list[Session]:
+        sessions = build_sessions(self.args, self.tokenizer, seed, num, self.num_file_sessions)
+        self.num_file_sessions += len(sessions)
+        return sessions
+
+    def workload(self, cfg: RunConfig, index: int) -> tuple[list[Session], list[Session]]:
+        """(measured sessions, warm-up sessions) of run `index`: fresh prompts for both,
+        unless --reuse-prompts (one workload; warm-ups send its first prompts)."""
+        num = num_sessions(self.args, cfg)
+        if self.args.reuse_prompts:
+            if self._reused is None:
+                self._reused = self._draw(self.args.seed, num)
+            return self._reused, self._reused[: cfg.num_warmup]
+        warmup = []
+        if cfg.num_warmup:
+            warmup = self._draw(draw_seed(self.args.seed, WARMUP_STREAM, index), cfg.num_warmup)
+        return self._draw(draw_seed(self.args.seed, MEASURED_STREAM, index), num), warmup
 
     def run_once(
-        self, cfg: RunConfig, directory: Path, label: str, with_plots: bool
-    ) -> dict[str, Any]:
+        self, load: dict[str, float], directory: Path, label: str, with_plots: bool
+    ) -> tuple[dict[str, Any], list[RequestMetrics | None]]:
+        """One run at `load` (a `rate=` or `concurrency=` override, or none): its summary,
+        written with the records, and the per-request metrics."""
+        index = self.num_runs
+        self.num_runs += 1
+        cfg = build_run_config(self.args, index, **load)
+        sessions, warmup = self.workload(cfg, index)
         scrape = self.args.server_metrics
         before = server_metrics.scrape(self.target.base_url) if scrape else None
-        result = run_benchmark(self.target, cfg, self.sessions)
+        result = run_benchmark(self.target, cfg, sessions, warmup)
         after = (
             server_metrics.scrape(self.target.base_url) if scrape and before is not None else None
         )
         fill_output_counts(result.records, self.tokenizer)
         extra = {
             "cli": _recorded_flags(self.args),
-            "workload": workload_section(self.args, self.sessions),
+            "workload": workload_section(self.args, sessions),
             "tokenizer": {"name": self.tokenizer.name, "is_exact": self.tokenizer.is_exact},
             "server_metrics": server_metrics.diff(before, after),
         }
-        opts = replace(self.opts, label=label)
-        summary = build_summary(result, self.target, cfg, opts, extra)
+        summary = build_summary(result, self.target, cfg, replace(self.opts, label=label), extra)
         out = report.write_run(directory, result.records, summary)
         if with_plots:
             rows = report.read_requests(out.requests)
             summary["files"] = [str(p) for p in plots.plot_run(directory, rows, summary)]
             report.write_json(out.summary, summary)
-        return summary
+        self._check_error_rate(summary, label or str(directory))
+        return summary, [request_metrics(r) for r in result.records]
+
+    def _check_error_rate(self, summary: dict[str, Any], name: str) -> None:
+        counts = summary["counts"]
+        if counts["error_rate"] > self.args.max_error_rate:
+            self.over_error_rate.append(
+                f"{name}: {counts['num_failed']} of {counts['num_requests']} requests failed "
+                f"({counts['error_rate']:.0%} > --max-error-rate {self.args.max_error_rate:.0%}); "
+                f"the first error: {counts['first_error']}"
+            )
+
+    def exit_code(self) -> int:
+        for line in self.over_error_rate:
+            print(f"splitserve bench: error: {line}", file=sys.stderr)
+        return 1 if self.over_error_rate else 0
+
+
+def _aborted(exc: BenchAborted) -> int:
+    print(f"splitserve bench: error: {exc}", file=sys.stderr)
+    return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     bench = _Bench(args)
     directory = output_dir(args, "run")
-    summary = bench.run_once(build_run_config(args), directory, args.label, args.plots)
+    try:
+        summary, _ = bench.run_once({}, directory, args.label, args.plots)
+    except BenchAborted as exc:
+        return _aborted(exc)
     report.print_summary(summary, bench.console)
     bench.console.print(f"results in {directory}")
-    return 0
+    return bench.exit_code()
+
+
+class _Points:
+    """The points of a sweep or search: each load run --repeats times, with fresh prompts."""
+
+    def __init__(self, bench: _Bench, directory: Path, key: str) -> None:
+        self.bench = bench
+        self.directory = directory
+        self.key = key  # rate | concurrency
+        self.boots: dict[float, tuple[Any, Any]] = {}
+        self.rng = np.random.default_rng(bench.args.seed)
+
+    def run_at(self, load: float) -> dict[str, Any]:
+        args, bench = self.bench.args, self.bench
+        base = self.directory / f"{self.key}-{load:g}"
+        summaries, paths, metrics = [], [], []
+        for r in range(args.repeats):
+            sub = base if args.repeats == 1 else base / f"repeat-{r + 1}"
+            label = f"{args.label or self.key}@{load:g}" + (f"#{r + 1}" if args.repeats > 1 else "")
+            summary, per_request = bench.run_once({self.key: load}, sub, label, with_plots=False)
+            summaries.append(summary)
+            paths.append(str(sub / report.SUMMARY_FILE))
+            metrics += per_request
+        point = point_from_summaries(load, summaries, paths, self._verdict(summaries, metrics))
+        target = bench.opts.target_attainment if bench.opts.slos else 1.0
+        self.boots[load] = bootstrap_meets(
+            metrics, bench.opts.slos, target, self.rng, DEFAULT_NUM_BOOT
+        )
+        low, high = point["attainment_ci95"]
+        bench.console.print(
+            f"{self.key} {load:g}: attainment {point['attainment']:.1%} [{low:.1%}, {high:.1%}], "
+            f"{point['request_per_s']:.2f} req/s (sent {_num(point['achieved_rate'])}/s), "
+            f"prompt cached {_pct(point['cached_fraction'])}, meets={point['meets']}"
+        )
+        return point
+
+    def _verdict(
+        self, summaries: list[dict[str, Any]], metrics: list[RequestMetrics | None]
+    ) -> dict[str, Any]:
+        """The SLO verdict over the requests of every repeat (no SLOs: all must complete)."""
+        opts = self.bench.opts
+        duration = sum(float(s["duration_s"]) for s in summaries)
+        if opts.slos:
+            return evaluate(metrics, opts.slos, duration, opts.target_attainment, ())
+        return evaluate(metrics, (), duration, 1.0, ())
+
+    def boots_of(self, points: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+        return [self.boots[p["load"]] for p in sorted(points, key=lambda p: p["load"])]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.0%}"
 
 
 def _sweep_result(
-    args: argparse.Namespace, axis: str, points: list[dict[str, Any]]
+    args: argparse.Namespace, axis: str, points: list[dict[str, Any]], runner: _Points
 ) -> dict[str, Any]:
-    target = args.target_attainment
+    target = args.target_attainment if args.slo else 1.0
+    ordered = sorted(points, key=lambda p: p["load"])
     return {
         "schema": SWEEP_SCHEMA,
         "label": args.label,
         "load_axis": axis,
         "slo_spec": [s.label for s in parse_slos(args.slo)],
         "target_attainment": target,
+        "num_repeats": args.repeats,
+        "reuse_prompts": args.reuse_prompts,
         "points": points,
-        "capacity": interpolate_capacity(points, target),
+        "capacity": capacity_section(
+            ordered, runner.boots_of(points), target, axis.startswith("rate")
+        ),
     }
+
+
+def _print_capacity(console: Console, sweep: dict[str, Any], directory: Path) -> None:
+    cap = sweep["capacity"]
+    ci = cap.get("ci95")
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}] ({cap['ci95_method']})" if ci else ""
+    line = (
+        f"capacity at {sweep['target_attainment']:.0%} attainment: {cap['status']}, "
+        f"interpolated {_num(cap['interpolated_rate'])}{interval}, highest passing "
+        f"{cap['highest_passing']}, lowest failing {cap['lowest_failing']}"
+    )
+    achieved = cap.get("achieved")
+    if achieved:
+        line += f"; on the achieved-rate axis {_num(achieved['interpolated_rate'])}"
+    console.print(line)
+    search = sweep.get("search")
+    if search and not search["is_converged"]:
+        console.print(f"[bold yellow]search {search['reason']}[/]")
+    console.print(f"results in {directory}")
 
 
 def _run_points(args: argparse.Namespace, axis: str, loads: list[float] | None) -> int:
     bench = _Bench(args)
     directory = output_dir(args, "sweep" if loads else "search")
-    key = "concurrency" if axis.startswith("concurrency") else "rate"
-
-    def run_at(load: float) -> dict[str, Any]:
-        cfg = build_run_config(args, **{key: load})
-        sub = directory / f"{key}-{load:g}"
-        summary = bench.run_once(cfg, sub, f"{args.label or key}@{load:g}", with_plots=False)
-        point = point_from_summary(load, summary, str(sub / report.SUMMARY_FILE))
-        bench.console.print(
-            f"{key} {load:g}: attainment {point['attainment']:.1%}, "
-            f"{point['request_per_s']:.2f} req/s, meets={point['meets']}"
-        )
-        return point
-
-    if loads is not None:
-        points = [run_at(x) for x in loads]
-    else:
-        if not args.slo:
-            raise ValueError("search needs SLOs to meet; pass e.g. --slo ttft=500ms,tpot=50ms")
-        points = search_max_rate(
-            run_at, args.start_rate, args.max_rate, args.tolerance, args.max_probes
-        )
-    sweep = _sweep_result(args, axis, points)
+    runner = _Points(bench, directory, "concurrency" if axis.startswith("concurrency") else "rate")
+    search = None
+    try:
+        if loads is not None:
+            points = [runner.run_at(x) for x in loads]
+        else:
+            if not args.slo:
+                raise ValueError("search needs SLOs to meet; pass e.g. --slo ttft=500ms,tpot=50ms")
+            search = search_max_rate(
+                runner.run_at, args.start_rate, args.max_rate, args.tolerance, args.max_probes
+            )
+            points = search.points
+    except BenchAborted as exc:
+        return _aborted(exc)
+    sweep = _sweep_result(args, axis, points, runner)
+    if search is not None:
+        sweep["search"] = {"is_converged": search.is_converged, "reason": search.reason}
+        if not search.is_converged:
+            sweep["capacity"]["status"] = "not_converged"
     report.write_json(directory / "sweep.json", sweep)
     if args.plots:
         plots.plot_sweep(sweep, directory / "attainment_vs_load.png")
-    cap = sweep["capacity"]
-    bench.console.print(
-        f"capacity at {args.target_attainment:.0%} attainment: {cap['status']}, "
-        f"interpolated {cap['interpolated_rate']}, highest passing {cap['highest_passing']}, "
-        f"lowest failing {cap['lowest_failing']}; results in {directory}"
-    )
-    return 0
+    _print_capacity(bench.console, sweep, directory)
+    return bench.exit_code()
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
