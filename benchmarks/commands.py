@@ -306,6 +306,8 @@ class _Points:
             sub = base if args.repeats == 1 else base / f"repeat-{r + 1}"
             label = f"{args.label or self.key}@{load:g}" + (f"#{r + 1}" if args.repeats > 1 else "")
             summary, per_request = bench.run_once({self.key: load}, sub, label, with_plots=False)
+            if summary["prefix_cache"].get("is_above_workload"):
+                report.print_prefix_cache(summary, bench.console)
             summaries.append(summary)
             paths.append(str(sub / report.SUMMARY_FILE))
             metrics += per_request

@@ -114,6 +114,7 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         f"duration {summary['duration_s']:.2f} s; "
         f"{thr['request_per_s']:.2f} req/s, {thr['output_tokens_per_s']:.1f} out tok/s"
     )
+    print_prefix_cache(summary, console)
     pcts = summary["config"]["percentiles"]
     table = Table(title="latency (ms): value [95% CI], * = too few samples for this tail")
     for col in ("metric", "n", "mean", *[f"p{q:g}" for q in pcts]):
@@ -131,7 +132,23 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
             f"{'yes' if slo['meets'] else 'no'}"
         )
     for warning in summary.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {warning}")
+        if "prefix cache" not in warning:  # printed loudly above
+            console.print(f"[yellow]warning:[/] {warning}")
+
+
+def print_prefix_cache(summary: dict[str, Any], console: Console) -> None:
+    """The cached-prompt fraction, and a loud warning when it exceeds the workload's."""
+    cache = summary.get("prefix_cache") or {}
+    if cache.get("cached_fraction") is None:
+        console.print("prefix cache: unknown (no cached_tokens in usage, no server counters)")
+        return
+    console.print(
+        f"prefix cache: {cache['cached_fraction']:.1%} of prompt tokens served from cache "
+        f"(the workload shares {cache['workload_fraction']:.1%}; from {cache['source']})"
+    )
+    for warning in summary.get("warnings", []):
+        if "prefix cache" in warning:
+            console.print(f"[bold red]WARNING:[/] {warning}", soft_wrap=True)
 
 
 def print_comparison(results: list[dict[str, Any]], console: Console | None = None) -> None:
