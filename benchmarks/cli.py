@@ -141,6 +141,16 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="multi-turn: pause after an answer before the next turn (default: 1.0)",
     )
+    g.add_argument(
+        "--reuse-prompts",
+        action="store_true",
+        help="send the same prompts at every point and in the warm-up; a prefix-caching server "
+        "then serves them from cache (default: off, fresh prompts per run)",
+    )
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("file workloads")
     g.add_argument("--dataset", help="ShareGPT JSON or Mooncake JSONL file (default: none)")
     g.add_argument(
         "--sharegpt-turns",
@@ -161,12 +171,6 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
         choices=("ms", "s"),
         default="ms",
         help="unit of the trace's timestamps (default: ms)",
-    )
-    g.add_argument(
-        "--reuse-prompts",
-        action="store_true",
-        help="send the same prompts at every point and in the warm-up; a prefix-caching server "
-        "then serves them from cache (default: off, fresh prompts per run)",
     )
 
 
@@ -296,7 +300,7 @@ def _points_args(p: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
     runs = argparse.ArgumentParser(add_help=False)
-    for adder in (_target_args, _workload_args, _load_args, _output_args):
+    for adder in (_target_args, _workload_args, _dataset_args, _load_args, _output_args):
         adder(runs)
     sub.add_parser("run", parents=[runs], help="one benchmark run")
     sweep = sub.add_parser("sweep", parents=[runs], help="runs over rates or concurrencies")
@@ -332,12 +336,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.benchmarks import commands
+    from splitserve.benchmarks import commands, points
 
     handlers = {
         "run": commands.cmd_run,
-        "sweep": commands.cmd_sweep,
-        "search": commands.cmd_search,
+        "sweep": points.cmd_sweep,
+        "search": points.cmd_search,
         "compare": commands.cmd_compare,
         "plot": commands.cmd_plot,
     }

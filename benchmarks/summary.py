@@ -8,6 +8,7 @@ from typing import Any
 from splitserve.benchmarks.client import RequestRecord, TargetConfig
 from splitserve.benchmarks.fidelity import DEFAULT_MAX_LAG_S, load_summary
 from splitserve.benchmarks.metrics import (
+    RequestMetrics,
     error_counts,
     latency_summary,
     metric_samples,
@@ -34,6 +35,23 @@ class SummaryOptions:
     def __post_init__(self) -> None:
         if not 0 < self.target_attainment <= 1:
             raise ValueError(f"--target-attainment must be in (0, 1], got {self.target_attainment}")
+
+
+def _counts(
+    records: list[RequestRecord], result: RunResult, metrics: list[RequestMetrics | None]
+) -> dict[str, Any]:
+    num_ok = sum(m is not None for m in metrics)
+    return {
+        "num_requests": len(records),
+        "num_completed": num_ok,
+        "num_failed": len(records) - num_ok,
+        "error_rate": (len(records) - num_ok) / len(records) if records else 0.0,
+        "errors": error_counts(records),
+        "first_error": next((r.error for r in records if r.error), None),
+        "num_textless": sum(r.is_textless and r.is_success for r in records),
+        "num_sessions_not_started": result.num_sessions_not_started,
+        "output_token_sources": token_count_sources(records),
+    }
 
 
 def _notes(records: list[RequestRecord], result: RunResult, run_cfg: RunConfig) -> list[str]:
@@ -88,18 +106,15 @@ def build_summary(
         records, run_cfg.arrival, run_cfg.max_concurrency, opts.max_lag_s
     )
     warnings = load_warnings + warnings
-    errors = error_counts(records)
-    num_ok = sum(m is not None for m in metrics)
-    first_error = next((r.error for r in records if r.error), None)
-    if errors:
+    counts = _counts(records, result, metrics)
+    if counts["errors"]:
         warnings.insert(
             0,
-            f"{len(records) - num_ok} of {len(records)} requests failed: {errors}; "
-            f"the first error: {first_error}",
+            f"{counts['num_failed']} of {len(records)} requests failed: {counts['errors']}; "
+            f"the first error: {counts['first_error']}",
         )
     prefix_cache, cache_warnings = prefix_cache_summary(records, extra.get("server_metrics", {}))
-    warnings = cache_warnings + warnings
-    warnings += _notes(records, result, run_cfg)
+    warnings = cache_warnings + warnings + _notes(records, result, run_cfg)
     summary: dict[str, Any] = {
         "schema": SUMMARY_SCHEMA,
         "label": opts.label,
@@ -112,17 +127,7 @@ def build_summary(
             "arrival": asdict(run_cfg.arrival),
         },
         "load": load,
-        "counts": {
-            "num_requests": len(records),
-            "num_completed": num_ok,
-            "num_failed": len(records) - num_ok,
-            "error_rate": (len(records) - num_ok) / len(records) if records else 0.0,
-            "errors": errors,
-            "first_error": first_error,
-            "num_textless": sum(r.is_textless and r.is_success for r in records),
-            "num_sessions_not_started": result.num_sessions_not_started,
-            "output_token_sources": token_count_sources(records),
-        },
+        "counts": counts,
         "prefix_cache": prefix_cache,
         "duration_s": result.duration_s,
         "throughput": throughput_summary(records, metrics, result.duration_s),
