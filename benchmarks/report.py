@@ -100,6 +100,14 @@ def _cell(stat: Any) -> str:
     return "-" if stat is None else f"{stat:.1f}"
 
 
+def _capacity_cell(capacity: dict[str, Any] | None) -> str:
+    if not capacity or capacity.get("interpolated_rate") is None:
+        return "-"
+    ci = capacity.get("ci95")
+    interval = f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
+    return f"{capacity['interpolated_rate']:.1f}{interval}"
+
+
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     counts, thr, load = summary["counts"], summary["throughput"], summary["load"]
@@ -170,11 +178,9 @@ def print_comparison(results: list[dict[str, Any]], console: Console | None = No
         "attainment %",
         *[_cell(100 * r["slo"]["attainment"]) if r.get("slo") else "-" for r in results],
     )
+    table.add_row("capacity req/s", *[_capacity_cell(r.get("capacity")) for r in results])
     table.add_row(
-        "capacity req/s",
-        *[
-            _cell(r.get("capacity", {}).get("interpolated_rate")) if "capacity" in r else "-"
-            for r in results
-        ],
+        "capacity, achieved req/s",
+        *[_capacity_cell((r.get("capacity") or {}).get("achieved")) for r in results],
     )
     console.print(table)
