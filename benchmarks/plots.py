@@ -113,8 +113,8 @@ def _attainment_curves(ax: Any, sweep: dict[str, Any], label: str, with_objectiv
     ys = [100 * p["attainment"] for p in points]
     cis = [p.get("attainment_ci95") or [p["attainment"]] * 2 for p in points]
     errs = [
-        [y - 100 * ci[0] for y, ci in zip(ys, cis, strict=True)],
-        [100 * ci[1] - y for y, ci in zip(ys, cis, strict=True)],
+        [max(0.0, y - 100 * ci[0]) for y, ci in zip(ys, cis, strict=True)],
+        [max(0.0, 100 * ci[1] - y) for y, ci in zip(ys, cis, strict=True)],
     ]
     line = ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3, label=label or "all SLOs")
     if with_objectives:

@@ -63,7 +63,9 @@ def wilson_interval(num_good: int, num: int) -> tuple[float, float]:
     z2 = Z95 * Z95
     centre = (p + z2 / (2 * num)) / (1 + z2 / num)
     half = Z95 * math.sqrt(p * (1 - p) / num + z2 / (4 * num * num)) / (1 + z2 / num)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if num_good <= 0 else max(0.0, centre - half)
+    high = 1.0 if num_good >= num else min(1.0, centre + half)
+    return low, high
 
 
 def t_interval(values: list[float]) -> tuple[float, float] | None:

@@ -278,6 +278,7 @@ def test_wilson_and_t_intervals() -> None:
     low, high = wilson_interval(9, 10)
     assert low == pytest.approx(0.5958, abs=1e-3) and high == pytest.approx(0.9821, abs=1e-3)
     assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(10, 10)[1] == 1.0  # exactly, not 1 - 1e-16 (plots take the gap)
     low, high = t_interval([10.0, 12.0, 14.0])  # type: ignore[misc]
     assert (low + high) / 2 == pytest.approx(12.0)
     assert high - low == pytest.approx(2 * 4.303 * 2.0 / math.sqrt(3), rel=1e-3)
