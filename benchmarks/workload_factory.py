@@ -41,12 +41,13 @@ def draw_seed(seed: int, stream: int, index: int) -> int:
 def build_sessions(
     args: argparse.Namespace,
     tokenizer: BenchTokenizer,
-    seed: int,
+    seed: int | None = None,
     num: int | None = None,
     skip: int = 0,
 ) -> list[Session]:
-    """The workload's sessions drawn with `seed`: `num` of them (default --num-requests),
-    after the first `skip` of a file's shuffled conversations (ShareGPT)."""
+    """The workload's sessions drawn with `seed` (default --seed): `num` of them (default
+    --num-requests), after the first `skip` of a file's shuffled conversations (ShareGPT)."""
+    seed = args.seed if seed is None else seed
     synth = PromptSynth(tokenizer, args.prompt_format)
     num = args.num_requests if num is None else num
     if num is not None and num < 1:
@@ -85,7 +86,7 @@ def workload_section(args: argparse.Namespace, sessions: list[Session]) -> dict[
         "dataset": args.dataset,
         "prompt_format": args.prompt_format,
         "seed": args.seed,
-        "reuse_prompts": args.reuse_prompts,
+        "reuse_prompts": getattr(args, "reuse_prompts", False),
         "num_sessions": len(sessions),
         "num_turns": len(turns),
         "turns_per_session": dict(Counter(len(s.turns) for s in sessions)),
