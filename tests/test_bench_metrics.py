@@ -16,8 +16,8 @@ from splitserve.benchmarks.metrics import (
     request_metrics,
     throughput_summary,
 )
-from splitserve.benchmarks.server_metrics import diff, parse_prometheus
 from splitserve.benchmarks.prefix_cache import prefix_cache_summary
+from splitserve.benchmarks.server_metrics import diff, parse_prometheus
 from splitserve.benchmarks.slo import (
     Slo,
     bootstrap_meets,
