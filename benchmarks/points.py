@@ -111,14 +111,15 @@ def _sweep_result(
 def _print_capacity(console: Console, sweep: dict[str, Any], directory: Path) -> None:
     cap = sweep["capacity"]
     ci = cap.get("ci95")
-    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}] ({cap['ci95_method']})" if ci else ""
+    has_value = cap["interpolated_rate"] is not None
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}] ({cap['ci95_method']})" if ci and has_value else ""
     line = (
         f"capacity at {sweep['target_attainment']:.0%} attainment: {cap['status']}, "
         f"interpolated {_num(cap['interpolated_rate'])}{interval}, highest passing "
         f"{cap['highest_passing']}, lowest failing {cap['lowest_failing']}"
     )
     achieved = cap.get("achieved")
-    if achieved:
+    if achieved and achieved["interpolated_rate"] is not None:
         line += f"; on the achieved-rate axis {_num(achieved['interpolated_rate'])}"
     console.print(line)
     search = sweep.get("search")

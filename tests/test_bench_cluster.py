@@ -82,3 +82,15 @@ def test_reused_prompts_are_served_from_cache_and_warned_about(up: str, tmp_path
     assert summary["prefix_cache"]["is_above_workload"] is True
     assert any("cache" in w for w in summary["warnings"])
     assert "WARNING" in done.stdout and "from the server's prefix cache" in done.stdout
+
+
+def test_wrong_model_stops_at_once_with_the_routers_404(up: str, tmp_path: Path) -> None:
+    done = bench(
+        "run", "--url", up, "--model", "nosuch", "--num-requests", "200", "--rate", "10",
+        "--input-len", "16", "--output-len", "4", "--output-dir", str(tmp_path),
+        "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the first 10 requests all failed; the first error: HTTP 404" in done.stderr
+    assert "nosuch" in done.stderr  # the router's own message names the model
+    assert not (tmp_path / "summary.json").exists()  # stopped long before 200 requests
