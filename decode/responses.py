@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from splitserve.decode.remote_prefill import TransferMetrics
 from splitserve.engine.outputs import CompletionOutput, RequestOutput
 from splitserve.protocol import node_pb2 as pb
@@ -63,3 +65,10 @@ def generate_response(
                 metrics.admission_time_s = max(0.0, first_token_time - transfer.landed_at)
         msg.metrics.CopyFrom(metrics)
     return msg
+
+
+def stamp_timing(msg: pb.GenerateResponse, out: RequestOutput) -> None:
+    """Set `msg.timing` from the engine's stamps on `out`; sent_s is now."""
+    msg.timing.step_end_s = out.metrics.get("step_end_s", 0.0)
+    msg.timing.step_time_s = out.metrics.get("step_time_s", 0.0)
+    msg.timing.sent_s = time.monotonic()

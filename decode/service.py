@@ -7,8 +7,11 @@
   request joins the batch once every chunk landed and the RPC answered. If the pool is
   short, the RPC fails or the KV does not arrive in time, the prompt is prefilled here.
 - otherwise: prefill locally (aggregated mode, or conditional disaggregation).
-Token deltas stream back as they are generated; the last message carries usage and
-metrics. A cancelled stream (client gone) aborts the request here and on the prefill node.
+Token deltas stream back as they are generated, coalesced: one message carries every
+token the request got since the previous one (one per engine step while the stream keeps
+up). The last message carries usage and metrics; with `trace_timing`, every message
+carries its StreamTiming (engine step end, step time, hand-off to gRPC). A cancelled
+stream (client gone) aborts the request here and on the prefill node.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import grpc
 
 from splitserve.decode.remote_prefill import RemotePrefillInfo, RemotePrefills, TransferMetrics
-from splitserve.decode.responses import generate_response
+from splitserve.decode.responses import generate_response, stamp_timing
 from splitserve.engine.core import EngineCore
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import RemotePlan
@@ -103,9 +106,12 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                 if out.finished:
                     finish = "done"
                     extras = await self._final(rid, out, started, first_token_time)
-                yield generate_response(
+                msg = generate_response(
                     out, request.stream_options, len(prompt), num_completion_tokens, **extras
                 )
+                if request.trace_timing:
+                    stamp_timing(msg, out)
+                yield msg
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob, merge_deltas
 from splitserve.engine.sampling_params import SamplingParams
@@ -90,3 +92,69 @@ def test_one_event_loop_wake_up_per_engine_step(tiny_llama) -> None:
     # One wake-up per step that produced tokens, plus the admissions and stats calls (the
     # futures of `call` resolve through the loop too); per-request wake-ups would be 8x.
     assert num_wakeups <= num_steps + 8 + 4, (num_wakeups, num_steps)
+
+
+def _message(ids: list[int], text: str, finish: str | None = None) -> object:
+    from splitserve.protocol import node_pb2 as pb
+
+    delta = pb.CompletionDelta(index=0, token_ids=ids, text=text)
+    delta.logprobs.extend(pb.TokenLogprob(token_id=i, logprob=-0.5, rank=1) for i in ids)
+    if finish is not None:
+        delta.finish_reason = finish
+        delta.stop_token_id = 2
+    msg = pb.GenerateResponse(request_id="r", deltas=[delta], finished=finish is not None)
+    if finish is not None:
+        msg.usage.completion_tokens = 3
+    return msg
+
+
+def test_merge_responses_reads_as_one_node_message() -> None:
+    from splitserve.router.coalesce import merge_responses
+
+    merged = merge_responses(_message([1], "a"), _message([2, 3], "bc", finish="stop"))
+    (delta,) = merged.deltas
+    assert list(delta.token_ids) == [1, 2, 3] and delta.text == "abc"
+    assert [lp.token_id for lp in delta.logprobs] == [1, 2, 3]
+    assert delta.finish_reason == "stop" and delta.WhichOneof("stop_reason") == "stop_token_id"
+    assert merged.finished and merged.usage.completion_tokens == 3
+
+
+def test_router_yields_what_queued_up_of_a_prompt_as_one_item() -> None:
+    """Messages waiting in the router's queue come out as one item (one SSE frame), with
+    another prompt's messages kept apart; an error after them still reaches the caller."""
+    from types import SimpleNamespace
+
+    from splitserve.router.coalesce import StreamItem
+    from splitserve.router.errors import APIError
+    from splitserve.router.generation import PromptStreams
+    from splitserve.router.metrics import RouterMetrics
+
+    service = SimpleNamespace(metrics=RouterMetrics())
+    prepared = SimpleNamespace(prompts=[[1], [2]], arrival_s=time.perf_counter())
+
+    async def main() -> list[StreamItem]:
+        streams = PromptStreams(service, prepared)  # type: ignore[arg-type]
+        for i in range(5):
+            await streams._queue.put(StreamItem(0, _message([i], str(i)), None))
+            await streams._queue.put(StreamItem(1, _message([10 + i], "x"), None))
+        await streams._queue.put(StreamItem(0, _message([5], "5", finish="length"), None))
+        await streams._queue.put(StreamItem(1, _message([9], "y", finish="stop"), None))
+        return [item async for item in streams]
+
+    items = asyncio.run(main())
+    assert [item.prompt_index for item in items] == [0, 1]
+    first = items[0].message
+    assert first is not None and list(first.deltas[0].token_ids) == [0, 1, 2, 3, 4, 5]
+    assert first.deltas[0].text == "012345" and first.finished
+
+    async def failing() -> list[StreamItem]:
+        streams = PromptStreams(service, SimpleNamespace(prompts=[[1]], arrival_s=0.0))  # type: ignore[arg-type]
+        await streams._queue.put(StreamItem(0, _message([1], "a"), None))
+        await streams._queue.put(StreamItem(0, None, APIError(502, "node failed")))
+        got = []
+        with pytest.raises(APIError, match="node failed"):
+            async for item in streams:
+                got.append(item)
+        return got
+
+    assert len(asyncio.run(failing())) == 1
