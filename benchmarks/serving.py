@@ -15,10 +15,12 @@ serve the same prompts. Without `--url` the splitserve cluster is started with p
 caching off (`--node-arg=--no-prefix-caching`) and `--trace-stream-timing`, so the bench's
 server-metrics section shows where streaming time went (docs/performance.md).
 
-A device call has a time limit: `--deadline-s` stops before a rate that would not finish
-in time (estimated as requests / rate plus `--drain-s`); the rates left out are printed and
-can be run by a later call with the same --out-dir, whose rows are merged in
-(benchmarks/serving_report.py writes summary.json, summary.md and runs/).
+A device call has a time limit: `--seconds-per-rate` sizes each rate's run by time rather
+than count, and `--deadline-s` stops before a rate that would not finish in time
+(estimated as requests / rate plus `--drain-s`); the rates left out are printed and can be
+run by a later call with the same --out-dir, whose rows are merged in (the summary is
+rewritten after every rate; benchmarks/serving_report.py writes summary.json, summary.md
+and runs/).
 """
 
 from __future__ import annotations
@@ -90,12 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=parse_workloads, default="1024x256,4096x256")
     p.add_argument("--rates", type=parse_rates, default="2,4,8,16,24,32")
     p.add_argument("--num-requests", type=int, default=1000, help="measured requests per rate")
+    p.add_argument(
+        "--seconds-per-rate",
+        type=float,
+        default=None,
+        help="instead of a fixed count: rate x this many requests (at least --num-requests)",
+    )
     p.add_argument("--num-warmup", type=int, default=0, help="uncounted requests before each")
     p.add_argument("--seed", type=int, default=0, help="base of the per-rate seeds")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
     p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget")
-    p.add_argument("--drain-s", type=float, default=30.0, help="per-rate allowance past arrivals")
+    p.add_argument("--drain-s", type=float, default=45.0, help="per-rate allowance past arrivals")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
     p.add_argument("--bench-arg", action="append", default=[], help="extra flag for bench run")
     p.add_argument("--out-dir", required=True)
@@ -109,6 +117,12 @@ def rate_seed(base: int, workload: Workload, rate: float) -> int:
     )
 
 
+def num_requests(args: argparse.Namespace, rate: float) -> int:
+    if args.seconds_per_rate is None:
+        return int(args.num_requests)
+    return max(int(args.num_requests), round(rate * args.seconds_per_rate))
+
+
 def bench_command(
     args: argparse.Namespace, url: str, workload: Workload, rate: float, out: Path
 ) -> list[str]:
@@ -117,7 +131,7 @@ def bench_command(
         "--workload", "random", "--prompt-format", "token-ids",
         "--input-len", str(workload.input_len), "--output-len", str(workload.output_len),
         "--ignore-eos", "--arrival", "poisson", "--rate", f"{rate:g}",
-        "--num-requests", str(args.num_requests), "--num-warmup", str(args.num_warmup),
+        "--num-requests", str(num_requests(args, rate)), "--num-warmup", str(args.num_warmup),
         "--seed", str(rate_seed(args.seed, workload, rate)),
         "--label", f"{args.system}@{rate:g}", "--no-progress", "--no-plots",
         "--output-dir", str(out), *args.bench_arg,
@@ -199,7 +213,7 @@ def run_rate(
 def fits(args: argparse.Namespace, started: float, rate: float) -> bool:
     if args.deadline_s is None:
         return True
-    needed = (args.num_requests + args.num_warmup) / rate + args.drain_s
+    needed = (num_requests(args, rate) + args.num_warmup) / rate + args.drain_s
     return time.monotonic() - started + needed <= args.deadline_s
 
 
@@ -224,6 +238,10 @@ def run_all(args: argparse.Namespace, started: float) -> tuple[list[dict[str, An
                     "is_first_after_start": not rows,
                 }
                 rows.append(run_rate(args, url, workload, rate, extra))
+                # After every rate: a call cut short keeps what it measured.
+                serving_report.write_summary(
+                    Path(args.out_dir), rows, args.slo_ttft_ms, args.slo_tpot_ms
+                )
     return rows, skipped
 
 
@@ -239,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, skipped = run_all(args, started)
-    serving_report.write_summary(out_dir, rows, args.slo_ttft_ms, args.slo_tpot_ms)
+    _, skipped = run_all(args, started)
+    serving_report.write_summary(out_dir, [], args.slo_ttft_ms, args.slo_tpot_ms)
     print((out_dir / serving_report.TABLE_FILE).read_text(), end="")
     if skipped:
         print(f"left out for --deadline-s {args.deadline_s:g}: {', '.join(skipped)}")
