@@ -13,7 +13,10 @@
 #   SECONDS_PER_RATE (30: requests = rate x this, at least MIN_REQUESTS=50),
 #   CALL_S (560: the whole command's budget; rates that would not fit are left out and
 #   printed), NODE_ARGS (extra splitserve node flags), SPLITSERVE_GIT_COMMIT (the commit
-#   recorded in the rows: the device copy has no .git), RESULTS.
+#   recorded in the rows: the device copy has no .git), RESULTS, PYTHON (python3).
+# A dry run of the splitserve call on a CPU machine (tests/test_bench_serving.py does this):
+#   CPU_DRY_RUN=1 NO_WHEELS=1 PYTHON=.venv/bin/python WORKLOADS=32x4 RATES=4 \
+#     RESULTS=/tmp/serving bash scripts/gpu_serving.sh splitserve
 set -uo pipefail
 system=${1:?usage: bash scripts/gpu_serving.sh splitserve|vllm}
 started=$(date +%s)
@@ -23,7 +26,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 bench() {  # the remaining budget, less a minute for stopping the server and packing up
   local left=$(( ${CALL_S:-560} - ($(date +%s) - started) - 60 ))
-  timeout $(( left + 45 )) python3 -m splitserve.benchmarks.serving \
+  timeout $(( left + 45 )) "${PYTHON:-python3}" -m splitserve.benchmarks.serving \
     --workloads "${WORKLOADS:-1024x256,4096x256}" --rates "${RATES:-2,4,8,16,24,32}" \
     --seconds-per-rate "${SECONDS_PER_RATE:-30}" --num-requests "${MIN_REQUESTS:-50}" \
     --deadline-s "$left" --out-dir "$results" "$@"
@@ -33,10 +36,11 @@ case $system in
   splitserve)
     SITE=/tmp/site_splitserve source scripts/device_env.sh
     # vLLM's serving defaults on this GPU: 8,192 batched tokens per step; KV in ~100 GiB.
+    engine=(--model dummy:llama-3.1-8b --node-arg=--dtype=bfloat16
+      --node-arg=--kv-cache-memory-gib=100 --node-arg=--max-num-batched-tokens=8192)
+    [ -n "${CPU_DRY_RUN:-}" ] && engine=(--cpu --node-arg=--dtype=float32)
     # shellcheck disable=SC2086
-    bench --system splitserve --model dummy:llama-3.1-8b \
-      --node-arg=--dtype=bfloat16 --node-arg=--kv-cache-memory-gib=100 \
-      --node-arg=--max-num-batched-tokens=8192 ${NODE_ARGS:-}
+    bench --system splitserve "${engine[@]}" ${NODE_ARGS:-}
     status=$?
     ;;
   vllm)

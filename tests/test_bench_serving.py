@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,37 @@ def test_bad_workloads_and_rates_are_one_line_errors() -> None:
         serving.parse_workloads("1024-256")
     with pytest.raises(argparse.ArgumentTypeError, match="positive"):
         serving.parse_rates("2,0")
+
+
+def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_serving.sh's splitserve call end to end, on the CPU with the tiny model:
+    what a device call runs, up to the archive it brings back."""
+    root = Path(serving.__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "CPU_DRY_RUN": "1",
+        "NO_WHEELS": "1",
+        "PKG": str(tmp_path / "pkg"),
+        "PYTHON": sys.executable,
+        "WORKLOADS": "32x4",
+        "RATES": "4",
+        "MIN_REQUESTS": "6",
+        "SECONDS_PER_RATE": "1",
+        "RESULTS": str(tmp_path / "serving_cpu"),
+        "OUT": str(out),
+        "SPLITSERVE_GIT_COMMIT": "0123abc",
+    }
+    done = subprocess.run(
+        ["bash", "scripts/gpu_serving.sh", "splitserve"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "serving_cpu" / "summary.json").read_text())
+    assert [(r["system"], r["workload"], r["rate"]) for r in rows] == [("splitserve", "32x4", 4)]
+    assert rows[0]["commit"] == "0123abc" and rows[0]["is_first_after_start"]
+    assert "--no-prefix-caching" in rows[0]["server"]
+    with tarfile.open(out / "serving_h200.tgz") as tar:
+        names = tar.getnames()
+    assert "serving_cpu/summary.json" in names and (out / "summary.md").exists()
