@@ -158,3 +158,44 @@ def test_router_yields_what_queued_up_of_a_prompt_as_one_item() -> None:
         return got
 
     assert len(asyncio.run(failing())) == 1
+
+
+def test_delta_buffer_sends_first_tokens_at_once_then_every_interval() -> None:
+    from splitserve.decode.responses import DeltaBuffer
+
+    buffer = DeltaBuffer(stream_interval=4)
+    sent = [buffer.add(_delta(0, str(i), [i])) for i in range(9)]
+    sent.append(buffer.add(_delta(0, "9", [9], finish="length")))
+    messages = [m for m in sent if m is not None]
+    assert [m.outputs[0].token_ids for m in messages] == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert messages[-1].finished and not messages[-2].finished
+
+
+def test_stream_interval_sends_fewer_messages_with_the_same_text(tiny_llama) -> None:
+    """`--stream-interval 4` on a real node: the SSE stream carries the first token alone,
+    then at most one chunk per 4 tokens, and the text of a non-streamed request."""
+    import re
+
+    import openai
+
+    from splitserve.launch.processes import ManagedProcess
+
+    proc = ManagedProcess.splitserve(
+        "up", "up", "--model", str(tiny_llama), "--served-model-name", "tiny",
+        "--num-prefill", "0", "--num-decode", "1", "--port", "0", "--cpu",
+        "--node-arg=--dtype=float32", "--node-arg=--stream-interval=4",
+        ready_pattern=re.compile(r"OpenAI API: (\S+)/v1"),
+    ).start(timeout_s=240)  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=f"{proc.address}/v1", api_key="x", max_retries=0)
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 17, "temperature": 0}
+        whole = client.completions.create(**body, extra_body={"ignore_eos": True})
+        chunks = list(
+            client.completions.create(**body, stream=True, extra_body={"ignore_eos": True})
+        )
+    finally:
+        assert proc.stop(timeout_s=60) == 0
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == whole.choices[0].text
+    assert whole.usage is not None and whole.usage.completion_tokens == 17
+    assert len(texts) <= 1 + 4  # 1 first token, then 16 tokens in messages of 4
