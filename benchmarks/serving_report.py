@@ -6,16 +6,22 @@ keeps the others, so one system or one workload per device call still ends in on
 Each row's per-request file is `runs/<name>/requests.jsonl.gz` beside it, with the bench
 tool's own summary of the run (`runs/<name>/summary.json`).
 
+Results of calls unpacked apart merge into one directory:
+
+    python -m splitserve.benchmarks.serving_report merge OUT_DIR IN_DIR [IN_DIR ...]
+
 Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
 (default 1 s and 50 ms), read off the rates measured; the issue's definition.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +178,40 @@ def write_summary(
     (out_dir / SUMMARY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
     (out_dir / TABLE_FILE).write_text(markdown(rows, slo_ttft_ms, slo_tpot_ms))
     return rows
+
+
+def merge_dirs(out_dir: Path, in_dirs: list[Path], slo_ttft_ms: float, slo_tpot_ms: float) -> int:
+    """Merge the rows and runs/ of `in_dirs` (later ones win) into `out_dir`; row count."""
+    rows = read_rows(out_dir)
+    for in_dir in in_dirs:
+        if not (in_dir / SUMMARY_FILE).exists():
+            raise ValueError(f"{in_dir} has no {SUMMARY_FILE}: pass the unpacked results folder")
+        rows = merge_rows(rows, read_rows(in_dir))
+        if (in_dir / "runs").is_dir():
+            shutil.copytree(in_dir / "runs", out_dir / "runs", dirs_exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    (out_dir / TABLE_FILE).write_text(markdown(rows, slo_ttft_ms, slo_tpot_ms))
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="merge serving benchmark results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge result folders into OUT_DIR")
+    merge.add_argument("out_dir", type=Path)
+    merge.add_argument("in_dirs", type=Path, nargs="+")
+    merge.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    merge.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    args = parser.parse_args(argv)
+    try:
+        num = merge_dirs(args.out_dir, args.in_dirs, args.slo_ttft_ms, args.slo_tpot_ms)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"{num} rows in {args.out_dir / SUMMARY_FILE}")
+    print((args.out_dir / TABLE_FILE).read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,13 +7,16 @@
 # Both serve dummy Llama-3.1-8B in bf16 with prefix caching off, and are loaded by
 # benchmarks/serving.py with the same prompts (one bench run per workload and rate, fresh
 # prompts per rate). Results merge into $RESULTS (summary.json, summary.md, runs/), which
-# comes back as $OUT/serving_h200.tgz: unpack it over the checkout (tar xzf ... -C
-# benchmarks/results) before the next call so that its rows merge with these.
+# comes back as $OUT/serving_h200.tgz. Either unpack it over the checkout (tar xzf ... -C
+# benchmarks/results) before the next call, so that the next call's rows merge with these,
+# or unpack each call's archive apart and merge them after:
+#   python -m splitserve.benchmarks.serving_report merge benchmarks/results/serving_h200 A B
 # Env (defaults): WORKLOADS (1024x256,4096x256), RATES (2,4,8,16,24,32),
 #   SECONDS_PER_RATE (30: requests = rate x this, at least MIN_REQUESTS=50),
-#   CALL_S (560: the whole command's budget; rates that would not fit are left out and
-#   printed), NODE_ARGS (extra splitserve node flags), SPLITSERVE_GIT_COMMIT (the commit
-#   recorded in the rows: the device copy has no .git), RESULTS, PYTHON (python3).
+#   CALL_S (560: the whole command's budget; rates that would not fit, reckoned as
+#   requests / rate + DRAIN_S (45) seconds, are left out and printed), NODE_ARGS (extra
+#   splitserve node flags, e.g. --node-arg=--stream-interval=4), SPLITSERVE_GIT_COMMIT
+#   (the commit recorded in the rows: the device copy has no .git), RESULTS, PYTHON.
 # A dry run of the splitserve call on a CPU machine (tests/test_bench_serving.py does this):
 #   CPU_DRY_RUN=1 NO_WHEELS=1 PYTHON=.venv/bin/python WORKLOADS=32x4 RATES=4 \
 #     RESULTS=/tmp/serving bash scripts/gpu_serving.sh splitserve
@@ -29,7 +32,7 @@ bench() {  # the remaining budget, less a minute for stopping the server and pac
   timeout $(( left + 45 )) "${PYTHON:-python3}" -m splitserve.benchmarks.serving \
     --workloads "${WORKLOADS:-1024x256,4096x256}" --rates "${RATES:-2,4,8,16,24,32}" \
     --seconds-per-rate "${SECONDS_PER_RATE:-30}" --num-requests "${MIN_REQUESTS:-50}" \
-    --deadline-s "$left" --out-dir "$results" "$@"
+    --deadline-s "$left" --drain-s "${DRAIN_S:-45}" --out-dir "$results" "$@"
 }
 
 case $system in

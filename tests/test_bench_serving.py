@@ -142,3 +142,21 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     with tarfile.open(out / "serving_h200.tgz") as tar:
         names = tar.getnames()
     assert "serving_cpu/summary.json" in names and (out / "summary.md").exists()
+
+
+def test_merge_command_joins_calls_unpacked_apart(tmp_path: Path) -> None:
+    def row(system: str, rate: float, ttft: float) -> dict[str, object]:
+        keys = dict.fromkeys(serving_report.ROW_KEYS, 1.0)
+        return {**keys, "system": system, "workload": "1024x256", "rate": rate, "ttft_p90_ms": ttft}
+
+    for name, rows in (("a", [row("splitserve", 2, 10.0)]), ("b", [row("vllm", 2, 20.0)])):
+        (tmp_path / name / "runs" / name).mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps(rows))
+    out = tmp_path / "merged"
+    assert serving_report.main(["merge", str(out), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    merged = json.loads((out / "summary.json").read_text())
+    assert [r["system"] for r in merged] == ["splitserve", "vllm"]
+    assert (out / "runs" / "a").is_dir() and (out / "runs" / "b").is_dir()
+    assert "vllm TTFT p50 / p90 / p99 ms" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        serving_report.main(["merge", str(out), str(tmp_path / "missing")])
