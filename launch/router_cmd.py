@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=PolicyConfig.disagg_min_tokens,
         help="uncached prompt tokens below which the decode node prefills itself",
     )
+    g.add_argument(
+        "--trace-stream-timing",
+        action="store_true",
+        help="export per-message streaming stage times in /metrics (nodes on this host only)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -52,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         port=args.port,
         api_key=args.api_key,
         policy=PolicyConfig(name=args.routing_policy, disagg_min_tokens=args.disagg_min_tokens),
+        trace_stream_timing=args.trace_stream_timing,
     )
 
 

@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="extra flag for every node, e.g. --node-arg=--num-blocks=512",
     )
+    parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        help="extra flag for the router, e.g. --router-arg=--trace-stream-timing",
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
 
 
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         redis_url=args.redis,
         cluster=args.cluster,
         node_args=tuple(args.node_arg),
-        router_args=("--routing-policy", args.routing_policy),
+        router_args=("--routing-policy", args.routing_policy, *args.router_arg),
         devices=devices[: args.num_prefill + args.num_decode],
     )
     stop = threading.Event()

@@ -29,6 +29,9 @@ class RouterConfig:
     gc_interval_s: float = 30.0
     # Timeout of Stats/Abort calls to nodes (s).
     node_rpc_timeout_s: float = 0.5
+    # Ask nodes for per-message timestamps and export where streaming time goes
+    # (splitserve_router_stream_stage_seconds); only for nodes on the router's host.
+    trace_stream_timing: bool = False
 
     def __post_init__(self) -> None:
         if not self.redis_url:
