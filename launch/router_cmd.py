@@ -33,12 +33,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local tokenizer directory or dummy:<preset> (default: --model)",
     )
     g.add_argument("--api-key", default="", help="require 'Authorization: Bearer <key>'")
-    g.add_argument("--routing-policy", default="cache_aware", choices=POLICIES)
+    g.add_argument(
+        "--routing-policy",
+        default="cache_aware",
+        choices=POLICIES,
+        help="how a decode (and prefill) node is chosen per prompt",
+    )
     g.add_argument(
         "--disagg-min-tokens",
         type=int,
         default=PolicyConfig.disagg_min_tokens,
         help="uncached prompt tokens below which the decode node prefills itself",
+    )
+    _add_liveness_arguments(parser)
+
+
+def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("router liveness (docs/reliability.md)")
+    defaults = RouterConfig(redis_url="redis://unused", model="unused")
+    g.add_argument(
+        "--keepalive-interval-s",
+        type=float,
+        default=defaults.keepalive_interval_s,
+        help="gRPC ping interval towards nodes",
+    )
+    g.add_argument(
+        "--keepalive-timeout-s",
+        type=float,
+        default=defaults.keepalive_timeout_s,
+        help="a node that does not answer a ping within this is dead to its streams",
+    )
+    g.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        default=defaults.stream_idle_timeout_s,
+        help="longest silence of a decode stream after its first token",
+    )
+    g.add_argument(
+        "--first-message-timeout-s",
+        type=float,
+        default=defaults.first_message_timeout_s,
+        help="longest wait for a decode stream's first token (prefill included)",
     )
 
 
@@ -52,6 +87,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         port=args.port,
         api_key=args.api_key,
         policy=PolicyConfig(name=args.routing_policy, disagg_min_tokens=args.disagg_min_tokens),
+        keepalive_interval_s=args.keepalive_interval_s,
+        keepalive_timeout_s=args.keepalive_timeout_s,
+        stream_idle_timeout_s=args.stream_idle_timeout_s,
+        first_message_timeout_s=args.first_message_timeout_s,
     )
 
 

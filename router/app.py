@@ -109,7 +109,9 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        clients = NodeClients(config.node_rpc_timeout_s)
+        clients = NodeClients(
+            config.node_rpc_timeout_s, config.keepalive_interval_s, config.keepalive_timeout_s
+        )
         cluster = ClusterView(config, clients)
         app.state.service = RouterService(config, tokenizer, clients, cluster, metrics)
         snap = await cluster.refresh()
@@ -194,16 +196,18 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         service = _service(request)
-        snap = await service.cluster.nodes()
-        is_redis_up = service.cluster.is_redis_up
+        snap = await service.cluster.refresh()  # fresh: never the previous poll's state
+        suspects = service.suspects()
+        decode = [d for d in snap.decode if d.node_id not in suspects]
         body = {
-            "status": "ok" if snap.decode else "unavailable",
-            "redis": "up" if is_redis_up else "down",
-            "routing_policy": service.config.policy.name if is_redis_up else "least_load",
-            "num_decode_nodes": len(snap.decode),
+            "status": "ok" if decode else "unavailable",
+            "redis": "up" if snap.is_redis_up else "down",
+            "routing_policy": service.config.policy.name if snap.is_redis_up else "least_load",
+            "num_decode_nodes": len(decode),
             "num_prefill_nodes": len(snap.prefill),
+            "num_unresponsive_decode_nodes": len(snap.decode) - len(decode),
         }
-        return JSONResponse(body, status_code=200 if snap.decode else 503)
+        return JSONResponse(body, status_code=200 if decode else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -7,6 +7,18 @@ from dataclasses import dataclass, field
 from splitserve.router.node_registry import DEFAULT_CLUSTER
 from splitserve.router.policy import PolicyConfig
 
+_POSITIVE_FIELDS = (
+    "redis_timeout_s",
+    "node_cache_s",
+    "gc_interval_s",
+    "node_rpc_timeout_s",
+    "keepalive_interval_s",
+    "keepalive_timeout_s",
+    "stream_idle_timeout_s",
+    "first_message_timeout_s",
+    "suspect_s",
+)
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -29,6 +41,19 @@ class RouterConfig:
     gc_interval_s: float = 30.0
     # Timeout of Stats/Abort calls to nodes (s).
     node_rpc_timeout_s: float = 0.5
+    # gRPC keepalive towards nodes: a ping every interval, the connection (and every stream
+    # on it) fails when one is not answered within the timeout. A frozen node is noticed
+    # within the sum (s).
+    keepalive_interval_s: float = 1.0
+    keepalive_timeout_s: float = 2.0
+    # Longest silence of a decode stream after its first message (s): a decode step takes
+    # milliseconds to a second, so this is a stalled engine, not a slow one.
+    stream_idle_timeout_s: float = 10.0
+    # Longest wait for a stream's first message (s): prefill of a long prompt, remote or
+    # local (the decode node falls back to local prefill within its --prefill-timeout-s).
+    first_message_timeout_s: float = 120.0
+    # How long a decode node that failed a liveness check is left out of routing (s).
+    suspect_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -37,7 +62,7 @@ class RouterConfig:
             raise ValueError("pass --tokenizer (a local directory or dummy:<preset>) or --model")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("redis_timeout_s", "node_cache_s", "gc_interval_s", "node_rpc_timeout_s"):
+        for name in _POSITIVE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")
 

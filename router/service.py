@@ -6,6 +6,8 @@ Redis once for every live node's cached prefix, and applies the policy (router/p
 Load reported by nodes is up to a heartbeat old, so the router adds the requests it has
 itself sent and not yet seen answered (`track`/`untrack`), which keeps a burst from herding
 onto the node that looked best a second ago. With Redis down, routing is by load only.
+A decode node whose stream went silent or whose connection failed is `suspect()`: left out
+of routing (and of /health) for `suspect_s`, since Redis lists it until its TTL runs out.
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ class RouterService:
         self._load_only = replace(config.policy, name="least_load")
         self._rotation = itertools.count()
         self._inflight: Counter[NodeId] = Counter()
+        self._suspect_until: dict[NodeId, float] = {}
+
+    def suspect(self, node_id: NodeId) -> None:
+        """Leave `node_id` out of routing for `suspect_s` (it failed a liveness check)."""
+        if node_id not in self.suspects():
+            logger.warning(
+                "decode node %s failed a liveness check: not routed to for %.0f s",
+                node_id,
+                self.config.suspect_s,
+            )
+        self._suspect_until[node_id] = time.monotonic() + self.config.suspect_s
+
+    def suspects(self) -> frozenset[NodeId]:
+        now = time.monotonic()
+        for node_id in [n for n, until in self._suspect_until.items() if until <= now]:
+            del self._suspect_until[node_id]
+        return frozenset(self._suspect_until)
 
     async def models(self) -> list[ModelInfo]:
         """Models served by live decode nodes (only the expected one when --model is set)."""
@@ -99,6 +118,7 @@ class RouterService:
     ) -> RouteDecision:
         start = time.perf_counter()
         snap = await self.cluster.nodes()
+        exclude = exclude | self.suspects()
         decode = [d for d in snap.decode if d.model == model and d.node_id not in exclude]
         if not decode:
             raise _no_decode_node(model)

@@ -22,6 +22,7 @@ from splitserve.router.tokenizer import RouterTokenizer
 
 MODEL = "tiny"
 API_KEY = "sekret"
+SUSPECT_S = 0.5  # a node that answered UNAVAILABLE is left out of routing this long
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def start_router(
         port=0,
         api_key=api_key,
         node_cache_s=0.1,
+        suspect_s=SUSPECT_S,
     )
     return RouterServer(config, tokenizer=tokenizer, log_level="warning").start_in_thread()
 
@@ -429,6 +431,7 @@ def test_node_failures(router: str, nodes) -> None:
         assert s.status_code == 503
     for node in nodes:
         node.fail_before_first, node.fail_after_tokens = False, 2
+    time.sleep(SUSPECT_S + 0.2)
     r = httpx.post(router + "/v1/completions", json=body)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     with httpx.stream("POST", router + "/v1/completions", json={**body, "stream": True}) as s:
