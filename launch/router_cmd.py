@@ -45,6 +45,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=PolicyConfig.disagg_min_tokens,
         help="uncached prompt tokens below which the decode node prefills itself",
     )
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=0,
+        help="largest request body; larger is a 413 (default 0: from the model's context)",
+    )
+    g.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=0,
+        help="threads that parse and tokenize requests off the event loop (0: one per core)",
+    )
+    g.add_argument(
+        "--strict-fields",
+        action="store_true",
+        help="reject unknown request fields with a 400 (default: ignore and log them, as vLLM)",
+    )
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser requests from this origin ('*' for any); repeat for several",
+    )
     _add_liveness_arguments(parser)
 
 
@@ -91,6 +114,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         keepalive_timeout_s=args.keepalive_timeout_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
         first_message_timeout_s=args.first_message_timeout_s,
+        max_body_bytes=args.max_body_bytes,
+        num_tokenizer_threads=args.tokenizer_threads,
+        strict_fields=args.strict_fields,
+        cors_origins=tuple(args.cors_origin),
     )
 
 

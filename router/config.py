@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 from splitserve.router.node_registry import DEFAULT_CLUSTER
 from splitserve.router.policy import PolicyConfig
 
+# Body limit derived from the context: room for a full context of the most verbose encoding
+# (a token id list, or text escaped as \uXXXX: about 6-12 bytes a token) four times over,
+# plus the rest of the request. 128k tokens: about 7 MiB.
+BODY_BASE_BYTES = 1 << 20
+BODY_BYTES_PER_TOKEN = 48
+UNKNOWN_CONTEXT_BODY_BYTES = 8 << 20
+
 _POSITIVE_FIELDS = (
     "redis_timeout_s",
     "node_cache_s",
@@ -54,6 +61,15 @@ class RouterConfig:
     first_message_timeout_s: float = 120.0
     # How long a decode node that failed a liveness check is left out of routing (s).
     suspect_s: float = 5.0
+    # Largest request body (bytes); 0: derived from the model's context length
+    # (body_limit_for). A larger one is a 413 before it is parsed.
+    max_body_bytes: int = 0
+    # Threads that parse, template and tokenize requests off the event loop; 0: one per core.
+    num_tokenizer_threads: int = 0
+    # Reject unknown request fields with a 400 (vLLM and the default: ignore and log them).
+    strict_fields: bool = False
+    # Origins allowed by CORS ("*" for any); empty: no CORS headers, no preflight answers.
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -62,6 +78,8 @@ class RouterConfig:
             raise ValueError("pass --tokenizer (a local directory or dummy:<preset>) or --model")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes < 0 or self.num_tokenizer_threads < 0:
+            raise ValueError("max_body_bytes and num_tokenizer_threads must be >= 0 (0: auto)")
         for name in _POSITIVE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -69,3 +87,11 @@ class RouterConfig:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+    def body_limit_for(self, max_model_len: int) -> int:
+        """The request body limit (bytes) for a model of `max_model_len` tokens (0: unknown)."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        if max_model_len <= 0:
+            return UNKNOWN_CONTEXT_BODY_BYTES
+        return BODY_BASE_BYTES + BODY_BYTES_PER_TOKEN * max_model_len

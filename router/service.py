@@ -12,13 +12,17 @@ of routing (and of /health) for `suspect_s`, since Redis lists it until its TTL 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import logging
+import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from splitserve.engine.hashing import hash_blocks, seed_hash
 from splitserve.router.cluster import ClusterView
@@ -31,6 +35,8 @@ from splitserve.router.policy import RouteDecision, RoutingInputs, choose_route
 from splitserve.router.tokenizer import RouterTokenizer
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ModelInfo(NamedTuple):
@@ -62,6 +68,23 @@ class RouterService:
         self._rotation = itertools.count()
         self._inflight: Counter[NodeId] = Counter()
         self._suspect_until: dict[NodeId, float] = {}
+        num_threads = config.num_tokenizer_threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="router-tokenize")
+
+    async def offload(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the tokenizer threads: parsing, chat templates and tokenization of a
+        large request never hold the event loop (the Rust tokenizer releases the GIL)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def body_limit(self) -> int:
+        """The request body limit now: configured, or from the smallest context served."""
+        snap = self.cluster.last_snapshot
+        lens = [d.max_model_len for d in snap.decode if d.max_model_len > 0] if snap else []
+        return self.config.body_limit_for(min(lens, default=0))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def suspect(self, node_id: NodeId) -> None:
         """Leave `node_id` out of routing for `suspect_s` (it failed a liveness check)."""

@@ -199,3 +199,60 @@ def test_only_decode_node_frozen_gives_a_clean_503(
         os.kill(proc.pid, signal.SIGCONT)
         router.stop_thread()
         proc.stop()
+
+
+def small_request_latencies(url: str, stop_after_s: float, gap_s: float = 0.05) -> list[float]:
+    body = {"model": MODEL, "prompt": "small", "max_tokens": 2}
+    out = []
+    with httpx.Client(timeout=30) as http:
+        end = time.monotonic() + stop_after_s
+        while time.monotonic() < end:
+            start = time.monotonic()
+            assert http.post(url + "/v1/completions", json=body).status_code == 200
+            out.append(time.monotonic() - start)
+            time.sleep(gap_s)
+    return out
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def test_huge_prompts_do_not_stall_the_router(redis_server: RedisServer, tokenizer, tiny_llama):
+    """Repro 2: a 10 MB prompt (413 before parsing) and a 3 MB /tokenize (tokenized on the
+    tokenizer threads) leave other requests' latency nearly untouched."""
+    cluster = f"f{uuid.uuid4().hex[:10]}"
+    node = ScriptedDecodeNode(tokenizer, MODEL).start(redis_server.url, cluster)
+    router = ManagedProcess.splitserve(
+        "router",
+        *("router", "--port", "0", "--redis", redis_server.url, "--cluster", cluster),
+        *("--model", MODEL, "--tokenizer", str(tiny_llama), "--max-body-bytes", str(4 << 20)),
+    ).start(120)
+    url = f"http://{router.address}"
+    huge = "lorem ipsum dolor sit amet " * (10_000_000 // 27)
+    try:
+        small_request_latencies(url, 1.0)  # warm
+        baseline = small_request_latencies(url, 3.0)
+
+        def flood() -> list[int]:
+            codes = []
+            with httpx.Client(timeout=60) as http:
+                for _ in range(3):
+                    big = {"model": MODEL, "prompt": huge}
+                    codes.append(http.post(url + "/v1/completions", json=big).status_code)
+                    text = {"model": MODEL, "prompt": huge[:3_000_000]}
+                    codes.append(http.post(url + "/tokenize", json=text).status_code)
+            return codes
+
+        with ThreadPoolExecutor(1) as pool:
+            flooding = pool.submit(flood)
+            during = small_request_latencies(url, 3.0)
+            codes = flooding.result()
+        assert codes == [413, 200] * 3, codes
+        rise = p99(during) - p99(baseline)
+        print(f"small requests p99: {p99(baseline) * 1e3:.1f} ms -> {p99(during) * 1e3:.1f} ms")
+        assert rise < 0.25, (p99(baseline), p99(during))  # 100 ms on a quiet machine
+    finally:
+        router.stop()
+        node.stop()
