@@ -3,11 +3,18 @@
 `splitserve up` and the end-to-end tests start every node and the router as
 `python -m splitserve.launch.cli ...` subprocesses and wait for the line each prints when
 it serves; output goes on being read (and logged) by a thread, so a child never blocks
-on a full pipe.
+on a full pipe, and its last lines are kept for the report when it dies.
+
+Every child runs in its own session and process group (a terminal's SIGHUP or Ctrl-C
+reaches the parent only, which stops the children in order) and gets SIGTERM from the
+kernel when the thread that started it dies (Linux parent-death signal), so a parent killed
+with SIGKILL orphans nothing. Start children from a thread that lives as long as they do
+(the main thread): a child started from a short-lived worker thread dies with the thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -23,6 +30,15 @@ logger = logging.getLogger(__name__)
 
 # The line every splitserve server prints once it serves; group 1 is its address.
 READY_PATTERN = re.compile(r"listening on (?:https?://)?(\S+)")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when its parent thread dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 class ManagedProcess:
@@ -64,6 +80,18 @@ class ManagedProcess:
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def tail(self, num_lines: int = 20) -> str:
+        """Its last output lines, for the report when it dies."""
+        return "\n".join(list(self.lines)[-num_lines:])
+
+    def fresh_copy(self) -> ManagedProcess:
+        """An unstarted process with the same command (to restart a dead one)."""
+        return ManagedProcess(self.name, self.args, self.ready_pattern, self.env)
+
     def start(self, timeout_s: float = 120.0) -> ManagedProcess:
         self._proc = subprocess.Popen(
             self.args,
@@ -72,6 +100,7 @@ class ManagedProcess:
             text=True,
             env=self.env,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, name=f"{self.name}-out", daemon=True)
         self._reader.start()

@@ -32,6 +32,8 @@ def client_options(interval_s: float, timeout_s: float) -> list[tuple[str, int]]
     return [
         ("grpc.keepalive_time_ms", int(interval_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        # Newer gRPC cores time a ping out by this one (default 60 s), not the above.
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         # Keep pinging while a stream waits for its first message (no data either way).
         ("grpc.http2.max_pings_without_data", 0),

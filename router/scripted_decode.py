@@ -253,7 +253,8 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"node {node.node_id} listening on {node.record.grpc_address}", flush=True)  # type: ignore[union-attr]
-    stop.wait()
+    while not stop.wait(0.5):
+        pass
     node.stop()
 
 

@@ -40,7 +40,12 @@ def tokenizer(tiny_llama: Path) -> RouterTokenizer:
     return RouterTokenizer.load(str(tiny_llama))
 
 
-def start_router(redis_url: str, tokenizer: RouterTokenizer, cluster: str) -> RouterServer:
+def start_router(
+    redis_url: str, tokenizer: RouterTokenizer, cluster: str, is_keepalive_only: bool = False
+) -> RouterServer:
+    """A router with short liveness bounds; `is_keepalive_only`: stream deadlines so long
+    that only gRPC keepalive can notice a frozen node in time."""
+    deadline_s = 120.0 if is_keepalive_only else 0.0
     config = RouterConfig(
         redis_url=redis_url,
         tokenizer="unused",
@@ -50,8 +55,8 @@ def start_router(redis_url: str, tokenizer: RouterTokenizer, cluster: str) -> Ro
         node_cache_s=0.1,
         keepalive_interval_s=0.5,
         keepalive_timeout_s=1.0,
-        stream_idle_timeout_s=1.5,
-        first_message_timeout_s=3.0,
+        stream_idle_timeout_s=deadline_s or 1.5,
+        first_message_timeout_s=deadline_s or 3.0,
         suspect_s=3.0,
     )
     return RouterServer(config, tokenizer=tokenizer, log_level="warning").start_in_thread()
@@ -141,11 +146,9 @@ def test_sigstopped_decode_node_costs_seconds_not_a_hang(
 ) -> None:
     """Repro 1 of the fault campaign: a frozen decode node must not hold requests."""
     cluster = f"f{uuid.uuid4().hex[:10]}"
-    with ThreadPoolExecutor(2) as starter:
-        procs = list(
-            starter.map(lambda _: scripted_process(redis_server.url, cluster, tiny_llama), range(2))
-        )
-    router = start_router(redis_server.url, tokenizer, cluster)
+    # Started from this thread: a child dies with the thread that started it.
+    procs = [scripted_process(redis_server.url, cluster, tiny_llama) for _ in range(2)]
+    router = start_router(redis_server.url, tokenizer, cluster, is_keepalive_only=True)
     body = {"model": MODEL, "prompt": "frozen", "max_tokens": 40}
     try:
         for _ in range(4):  # channels to both nodes are open
@@ -179,7 +182,7 @@ def test_only_decode_node_frozen_gives_a_clean_503(
     and /health says so at once."""
     cluster = f"f{uuid.uuid4().hex[:10]}"
     proc = scripted_process(redis_server.url, cluster, tiny_llama)
-    router = start_router(redis_server.url, tokenizer, cluster)
+    router = start_router(redis_server.url, tokenizer, cluster, is_keepalive_only=True)
     body = {"model": MODEL, "prompt": "frozen", "max_tokens": 4}
     try:
         assert httpx.post(router.url + "/v1/completions", json=body).status_code == 200
