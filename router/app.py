@@ -85,7 +85,7 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
     app.add_middleware(RequestIdMiddleware)  # outermost: errors of the others carry the id
     _install_error_handlers(app)
     add_routes(app)
-    install_openapi(app)
+    install_openapi(app, has_api_key=bool(config.api_key))
     return app
 
 
@@ -105,7 +105,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         if exc.status_code == 405 and exc.headers:
             message += f" (allowed: {exc.headers.get('Allow', '')})"
-        return error_response(APIError(exc.status_code, message, code=code, headers=exc.headers))
+        return error_response(
+            APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -68,9 +68,14 @@ async def parse_request(request: Request, model: type[M]) -> tuple[M, list[str]]
     return parsed, ignored
 
 
+def _header_safe(name: str) -> str:
+    """A field name as printable ASCII without spaces (Python escapes; "" when empty)."""
+    return ascii(name)[1:-1].replace(" ", "\\x20") or '""'
+
+
 def with_ignored_header(response: Response, ignored: list[str]) -> Response:
     if ignored:
-        response.headers[IGNORED_FIELDS_HEADER] = ", ".join(ignored)[:1024]
+        response.headers[IGNORED_FIELDS_HEADER] = ", ".join(map(_header_safe, ignored))[:1024]
     return response
 
 

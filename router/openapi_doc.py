@@ -99,8 +99,7 @@ def build_openapi(app: FastAPI, has_api_key: bool) -> dict[str, Any]:
     return doc
 
 
-def install_openapi(app: FastAPI) -> None:
-    has_api_key = any(m.cls.__name__ == "ApiKeyMiddleware" for m in app.user_middleware)
+def install_openapi(app: FastAPI, has_api_key: bool) -> None:
     cached: dict[str, Any] = {}
 
     def openapi() -> dict[str, Any]:

@@ -146,11 +146,26 @@ def test_killed_decode_node_is_reported_and_restarted(up: ManagedProcess) -> Non
     assert recovery < 180 and child_pid(up, "decode") != decode
 
 
+def test_killed_prefill_node_costs_nothing_but_a_local_prefill(up: ManagedProcess) -> None:
+    url = up.address
+    prefill = child_pid(up, "prefill")
+    os.kill(prefill, signal.SIGKILL)
+    results = [complete(url, long_prompt(), timeout_s=30) for _ in range(3)]
+    print(f"killed prefill: {results}")
+    assert all(status == 200 and seconds < 15 for status, seconds in results), results
+    deadline = time.monotonic() + 180
+    while httpx.get(f"{url}/health", timeout=5).json()["num_prefill_nodes"] != 1:
+        assert time.monotonic() < deadline, "the prefill node did not come back"
+        time.sleep(0.5)
+    assert child_pid(up, "prefill") != prefill
+
+
 def test_killed_redis_is_restarted_and_serving_goes_on(up: ManagedProcess) -> None:
     url = up.address
     redis_pid = child_pid(up, "redis-server")
     os.kill(redis_pid, signal.SIGKILL)
     results = [complete(url, f"redis gone {i}", timeout_s=30) for i in range(5)]
+    print(f"killed redis: {results}")
     assert all(seconds < 30 for _, seconds in results)
     deadline = time.monotonic() + 60
     while httpx.get(f"{url}/health", timeout=5).json()["redis"] != "up":

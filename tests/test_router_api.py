@@ -594,3 +594,13 @@ def test_health_is_fresh(redis_server, tokenizer) -> None:
         assert httpx.get(server.url + "/health").status_code == 503
     finally:
         server.stop_thread()
+
+
+def test_unknown_fields_with_odd_names_are_escaped_in_the_header(router: str) -> None:
+    body = '{"model": "tiny", "prompt": "x", "max_tokens": 1, "\\u00e9\\u0007\\ud835\\udd7f": 1'
+    body += ', "": 2, " a ": 3}'
+    r = httpx.post(router + "/v1/completions", content=body.encode())
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ignored-fields"] == '\\xe9\\x07\\U0001d57f, "", \\x20a\\x20'
+    r = httpx.post(router + "/tokenize", content=b'{"0": null, "": null, "prompt": ""}')
+    assert r.status_code == 200 and r.headers["x-ignored-fields"] == '0, ""', r.text
