@@ -7,14 +7,14 @@ on a full pipe, and its last lines are kept for the report when it dies.
 
 Every child runs in its own session and process group (a terminal's SIGHUP or Ctrl-C
 reaches the parent only, which stops the children in order) and gets SIGTERM from the
-kernel when the thread that started it dies (Linux parent-death signal), so a parent killed
-with SIGKILL orphans nothing. Start children from a thread that lives as long as they do
-(the main thread): a child started from a short-lived worker thread dies with the thread.
+kernel when the thread that started it dies (Linux parent-death signal, set by the
+launch/die_with_parent.py wrapper), so a parent killed with SIGKILL orphans nothing. Start
+children from a thread that lives as long as they do (the main thread): a child started
+from a short-lived worker thread dies with the thread.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -26,19 +26,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from splitserve.launch import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 # The line every splitserve server prints once it serves; group 1 is its address.
 READY_PATTERN = re.compile(r"listening on (?:https?://)?(\S+)")
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when its parent thread dies (Linux; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 class ManagedProcess:
@@ -94,13 +87,12 @@ class ManagedProcess:
 
     def start(self, timeout_s: float = 120.0) -> ManagedProcess:
         self._proc = subprocess.Popen(
-            self.args,
+            die_with_parent.wrap(self.args),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
             start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, name=f"{self.name}-out", daemon=True)
         self._reader.start()

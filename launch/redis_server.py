@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from splitserve.launch.processes import die_with_parent
+from splitserve.launch import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +150,10 @@ class RedisServer:
             "--logfile", str(self._log_path),
         ]  # fmt: skip
         self._proc = subprocess.Popen(
-            argv,
+            die_with_parent.wrap(argv),  # never outlives the process that started it
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # never outlives the process that started it
         )
         client = redis.Redis(
             host=self.host, port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
