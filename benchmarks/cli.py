@@ -12,137 +12,64 @@ Metric definitions: docs/benchmarking.md (and metrics.py / slo.py docstrings).
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 
-from splitserve.benchmarks.arrivals import ARRIVAL_KINDS
-from splitserve.benchmarks.workloads import LENGTH_DISTS, PROMPT_FORMATS
-
-WORKLOADS = ("random", "shared-prefix", "multi-turn", "sharegpt", "mooncake")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers"
-        ) from exc
-
-
-def _rate(text: str) -> float:
-    return math.inf if text.lower() == "inf" else float(text)
-
-
-def _target_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("target")
-    g.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    g.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    g.add_argument("--model", help="model name (default: the first of GET /v1/models)")
-    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token")
-    g.add_argument("--header", action="append", default=[], metavar="K=V", help="extra header")
-    g.add_argument("--extra-body", default="{}", help="JSON object merged into every request")
-    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--temperature", type=float, help="sampling temperature (default: server's)")
-    g.add_argument(
-        "--max-tokens-field", choices=("max_tokens", "max_completion_tokens"), default="max_tokens"
-    )
-    g.add_argument("--request-timeout-s", type=float, default=600.0)
-    g.add_argument(
-        "--tokenizer", help="local Hugging Face tokenizer dir (default: server /tokenize)"
-    )
-
-
-def _workload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=WORKLOADS, default="random")
-    g.add_argument("--num-requests", type=int, help="sessions (default 100; files: all)")
-    g.add_argument("--input-len", type=int, default=256, help="prompt tokens (per turn)")
-    g.add_argument("--output-len", type=int, default=64, help="output tokens (per turn)")
-    g.add_argument("--length-dist", choices=LENGTH_DISTS, default="fixed")
-    g.add_argument(
-        "--length-spread",
-        type=float,
-        default=0.0,
-        help="uniform: +-fraction of the mean; normal: std as a fraction of the mean",
-    )
-    g.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="text")
-    g.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: system prompts")
-    g.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens each")
-    g.add_argument("--num-turns", type=int, default=3, help="multi-turn: user turns")
-    g.add_argument("--think-time-s", type=float, default=1.0, help="multi-turn: pause per turn")
-    g.add_argument("--dataset", help="sharegpt JSON / mooncake JSONL file")
-    g.add_argument("--sharegpt-turns", choices=("first", "all"), default="first")
-    g.add_argument("--sharegpt-output-len", type=int, help="override answer lengths")
-    g.add_argument("--block-size", type=int, default=512, help="mooncake: tokens per hash id")
-    g.add_argument("--trace-timestamp-unit", choices=("ms", "s"), default="ms")
-
-
-def _load_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("load")
-    g.add_argument(
-        "--arrival",
-        choices=ARRIVAL_KINDS,
-        help="default: trace for mooncake, closed with only --max-concurrency, else poisson",
-    )
-    g.add_argument("--rate", type=_rate, default=math.inf, help="sessions/s (inf: all at once)")
-    g.add_argument("--cv", type=float, default=1.0, help="gamma: coefficient of variation")
-    g.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
-    g.add_argument("--ramp-up-s", type=float, default=0.0)
-    g.add_argument("--ramp-start-rate", type=float, default=0.0)
-    g.add_argument("--time-scale", type=float, default=1.0, help="trace: x timestamps")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-warmup", type=int, default=0)
-    g.add_argument("--max-lag-ms", type=float, default=50.0, help="warn above this p99 send lag")
-
-
-def _output_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("metrics and output")
-    g.add_argument("--slo", help="e.g. ttft=500ms,tpot=50ms,e2e:p99=10s")
-    g.add_argument("--target-attainment", type=float, default=0.9)
-    g.add_argument("--percentiles", type=_floats, default=(50.0, 90.0, 95.0, 99.0))
-    g.add_argument("--slo-scales", type=_floats, default=(0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6))
-    g.add_argument("--output-dir", help="default: bench-results/<label>-<time>")
-    g.add_argument("--label", default="", help="name of this run in tables and plots")
-    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--server-metrics", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument(
-        "--log-level", default=argparse.SUPPRESS, choices=("debug", "info", "warning", "error")
-    )
+from splitserve.benchmarks.flags import (
+    dataset_args,
+    floats,
+    load_args,
+    output_args,
+    points_args,
+    target_args,
+    workload_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
     runs = argparse.ArgumentParser(add_help=False)
-    for adder in (_target_args, _workload_args, _load_args, _output_args):
+    for adder in (target_args, workload_args, dataset_args, load_args, output_args):
         adder(runs)
     sub.add_parser("run", parents=[runs], help="one benchmark run")
     sweep = sub.add_parser("sweep", parents=[runs], help="runs over rates or concurrencies")
+    points_args(sweep)
     axis = sweep.add_mutually_exclusive_group(required=True)
-    axis.add_argument("--rates", type=_floats, help="open-loop rates, e.g. 1,2,4,8")
-    axis.add_argument("--concurrencies", type=_floats, help="closed-loop users, e.g. 1,4,16")
+    axis.add_argument("--rates", type=floats, help="open-loop rates, e.g. 1,2,4,8 (default: none)")
+    axis.add_argument(
+        "--concurrencies", type=floats, help="closed-loop users, e.g. 1,4,16 (default: none)"
+    )
     search = sub.add_parser("search", parents=[runs], help="highest rate meeting the SLOs")
-    search.add_argument("--start-rate", type=float, default=1.0)
-    search.add_argument("--max-rate", type=float)
-    search.add_argument("--tolerance", type=float, default=0.1, help="relative gap to stop at")
-    search.add_argument("--max-probes", type=int, default=8)
+    points_args(search)
+    search.add_argument("--start-rate", type=float, default=1.0, help="first rate (default: 1.0)")
+    search.add_argument("--max-rate", type=float, help="highest rate to try (default: none)")
+    search.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        help="stop when passing and failing rates are this close, relative (default: 0.1)",
+    )
+    search.add_argument(
+        "--max-probes",
+        type=int,
+        default=8,
+        help="most runs; stopping on it is reported as not converged (default: 8)",
+    )
     compare = sub.add_parser("compare", help="compare result files side by side")
     compare.add_argument("results", nargs="+", help="summary.json / sweep.json / run dirs")
-    compare.add_argument("--output", default="compare.png", help="PNG to write")
+    compare.add_argument(
+        "--output", default="compare.png", help="PNG to write (default: compare.png)"
+    )
     plot = sub.add_parser("plot", help="redraw the plots of a result")
     plot.add_argument("result", help="run or sweep directory (or its summary/sweep JSON)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.benchmarks import commands
+    from splitserve.benchmarks import commands, points
 
     handlers = {
         "run": commands.cmd_run,
-        "sweep": commands.cmd_sweep,
-        "search": commands.cmd_search,
+        "sweep": points.cmd_sweep,
+        "search": points.cmd_search,
         "compare": commands.cmd_compare,
         "plot": commands.cmd_plot,
     }

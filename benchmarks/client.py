@@ -10,7 +10,11 @@ choice carries non-empty ``delta.content`` (or ``reasoning_content``/``reasoning
 chat, or non-empty ``text`` for completions; a chat chunk that only sets the role, empty
 chunks, the usage chunk and ``data: [DONE]`` are not content chunks. The request id goes
 out in the ``X-Request-Id`` header. Errors (HTTP status, timeout, connection, an
-``{"error": ...}`` event, a stream without content) are recorded, never dropped.
+``{"error": ...}`` event, a response with neither text nor output tokens) are recorded,
+never dropped; an HTTP error keeps the server's own message (an OpenAI error object's
+``message``). A response whose text is empty but whose usage counts output tokens (a model
+whose tokens decode to nothing) is a success, marked `is_textless`; its times come from the
+chunks that carry choices.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class RequestRecord:
     send_s: float = 0.0  # just before the HTTP request was written
     queue_wait_s: float = 0.0  # of send - intended: time spent waiting for a concurrency slot
     first_event_s: float | None = None  # first chunk with choices (a role-only chunk counts)
+    last_event_s: float | None = None  # last chunk with choices
     chunk_times_s: list[float] = field(default_factory=list)  # arrival of each content chunk
     response_end_s: float | None = None  # stream closed / body read
     is_streamed: bool = True
@@ -80,10 +85,12 @@ class RequestRecord:
     num_output_tokens: int | None = None  # usage.completion_tokens, else counted by tokenizer
     output_tokens_source: str | None = None  # usage | tokenizer | approx
     generated_text: str = ""
+    is_textless: bool = False  # no text, but usage counted output tokens (a success)
+    num_shared_prefix_tokens: int = 0  # prompt tokens the workload shares with earlier ones
 
     @property
     def is_success(self) -> bool:
-        return self.error is None and bool(self.chunk_times_s)
+        return self.error is None and (bool(self.chunk_times_s) or self.is_textless)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +158,7 @@ def apply_event(record: RequestRecord, payload: dict[str, Any], t: float, is_cha
     for choice in payload.get("choices") or []:
         if record.first_event_s is None:
             record.first_event_s = t
+        record.last_event_s = t
         text = choice_text(choice, is_chat)
         if text:
             record.chunk_times_s.append(t)
@@ -221,8 +229,7 @@ async def send_request(
         async with http.post(target.url, json=body, headers=headers, timeout=timeout) as resp:
             record.status = resp.status
             if resp.status != 200:
-                text = (await resp.text())[:200]
-                record.error = f"HTTP {resp.status}: {text}"
+                record.error = f"HTTP {resp.status}: {error_message(await resp.text())}"
             elif target.stream:
                 await _read_stream(resp, record, clock, is_chat)
             else:
@@ -234,4 +241,23 @@ async def send_request(
         record.error = f"connection: {type(exc).__name__}: {exc}"
     record.response_end_s = clock()
     if record.error is None and not record.chunk_times_s:
-        record.error = "no content: the response carried no generated text"
+        if record.num_output_tokens and record.first_event_s is not None:
+            record.is_textless = True
+        else:
+            record.error = "no content: the response carried no generated text"
+
+
+def error_message(body: str) -> str:
+    """The message of an OpenAI error object (`{"error": {"message": ...}}`), else the body."""
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError:
+        return body[:300]
+    err = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(err, dict) and err.get("message"):
+        return str(err["message"])[:300]
+    if isinstance(err, str):
+        return err[:300]
+    if isinstance(payload, dict) and isinstance(payload.get("detail"), str):
+        return str(payload["detail"])[:300]
+    return body[:300]

@@ -1,4 +1,12 @@
-"""The `splitserve bench` actions: build configs from the CLI, run, write, plot, print."""
+"""The `splitserve bench` actions: build configs from the CLI, run, write, plot, print
+(`run`, `compare`, `plot` here; `sweep` and `search` in `points.py`).
+
+Exit codes: 0 when every run's failed requests stay within --max-error-rate; 1 when a run
+exceeded it, or the first requests all failed and the run stopped early (the first error,
+the server's own message, is printed); 2 for a usage error (bad flags, no server to ask
+for its model name). A sweep runs every point before exiting 1 for an error rate, but stops
+at once when a point's first requests all fail.
+"""
 
 from __future__ import annotations
 
@@ -19,18 +27,21 @@ from rich.console import Console
 from splitserve.benchmarks import plots, report, server_metrics
 from splitserve.benchmarks.arrivals import ArrivalConfig
 from splitserve.benchmarks.client import TargetConfig
-from splitserve.benchmarks.metrics import fill_output_counts
-from splitserve.benchmarks.runner import RunConfig, run_benchmark
+from splitserve.benchmarks.metrics import RequestMetrics, fill_output_counts, request_metrics
+from splitserve.benchmarks.runner import BenchAborted, RunConfig, run_benchmark
 from splitserve.benchmarks.slo import parse_slos
 from splitserve.benchmarks.summary import SummaryOptions, build_summary
-from splitserve.benchmarks.sweep import (
-    SWEEP_SCHEMA,
-    interpolate_capacity,
-    point_from_summary,
-    search_max_rate,
-)
 from splitserve.benchmarks.tokenizer import BenchTokenizer, load_tokenizer
-from splitserve.benchmarks.workload_factory import build_sessions, workload_section
+from splitserve.benchmarks.workload_factory import (
+    MEASURED_STREAM,
+    WARMUP_STREAM,
+    build_sessions,
+    draw_seed,
+    workload_section,
+)
+from splitserve.benchmarks.workloads import Session
+
+ARRIVAL_STREAM = 2  # draw_seed stream of the arrival schedules
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +107,9 @@ def _arrival_kind(args: argparse.Namespace, rate: float, is_rate_sweep: bool) ->
     return "closed" if args.max_concurrency and math.isinf(rate) else "poisson"
 
 
-def build_run_config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    """The run's load from the flags; `rate=` or `concurrency=` overrides for sweep points."""
+def build_run_config(args: argparse.Namespace, index: int = 0, **overrides: Any) -> RunConfig:
+    """The run's load from the flags; `rate=` or `concurrency=` overrides for sweep points;
+    `index` (the run's number in a sweep) picks a fresh arrival seed."""
     rate = float(overrides.get("rate", args.rate))
     kind = _arrival_kind(args, rate, "rate" in overrides)
     max_concurrency = args.max_concurrency
@@ -110,9 +122,31 @@ def build_run_config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
         ramp_up_s=args.ramp_up_s,
         ramp_start_rate=args.ramp_start_rate,
         time_scale=args.time_scale,
-        seed=args.seed,
+        seed=draw_seed(args.seed, ARRIVAL_STREAM, index),
     )
-    return RunConfig(arrival, max_concurrency, args.num_warmup, args.progress)
+    return RunConfig(
+        arrival,
+        max_concurrency,
+        args.num_warmup,
+        args.progress,
+        duration_s=args.duration_s,
+        abort_after_failures=args.abort_after_failures,
+    )
+
+
+def num_sessions(args: argparse.Namespace, cfg: RunConfig) -> int | None:
+    """Sessions to prepare: --num-requests, else enough for --duration-s at the rate."""
+    if args.num_requests is not None or cfg.duration_s is None:
+        return int(args.num_requests) if args.num_requests is not None else None
+    arrival = cfg.arrival
+    if arrival.kind in ("poisson", "gamma", "constant") and not math.isinf(arrival.rate):
+        return max(1, math.ceil(arrival.rate * cfg.duration_s))
+    if arrival.kind == "trace":
+        return None
+    raise ValueError(
+        "--duration-s with a closed loop or --rate inf needs --num-requests N, the most "
+        "sessions to prepare (the run stops at whichever comes first)"
+    )
 
 
 def summary_options(args: argparse.Namespace) -> SummaryOptions:
@@ -146,114 +180,105 @@ def make_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-class _Bench:
+class Bench:
     """Everything one command needs to run the workload once or many times."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.target = build_target(args)
         self.opts = summary_options(args)
+        if not 0 <= args.max_error_rate <= 1:
+            raise ValueError(f"--max-error-rate must be in [0, 1], got {args.max_error_rate}")
+        if getattr(args, "repeats", 1) < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         self.tokenizer: BenchTokenizer = load_tokenizer(
             args.tokenizer, self.target.base_url, self.target.model
         )
-        self.sessions = build_sessions(args, self.tokenizer)
         self.console = make_console()
+        self.num_runs = 0  # runs so far: the index of the next run's seeds
+        self.num_file_sessions = 0  # ShareGPT conversations sent so far
+        self.over_error_rate: list[str] = []  # runs whose error rate passed the limit
+        self._reused: list[Session] | None = None
+
+    def _draw(self, seed: int, num: int | None) -> list[Session]:
+        sessions = build_sessions(self.args, self.tokenizer, seed, num, self.num_file_sessions)
+        self.num_file_sessions += len(sessions)
+        return sessions
+
+    def workload(self, cfg: RunConfig, index: int) -> tuple[list[Session], list[Session]]:
+        """(measured sessions, warm-up sessions) of run `index`: fresh prompts for both,
+        unless --reuse-prompts (one workload; warm-ups send its first prompts)."""
+        num = num_sessions(self.args, cfg)
+        if self.args.reuse_prompts:
+            if self._reused is None:
+                self._reused = self._draw(self.args.seed, num)
+            return self._reused, self._reused[: cfg.num_warmup]
+        warmup = []
+        if cfg.num_warmup:
+            warmup = self._draw(draw_seed(self.args.seed, WARMUP_STREAM, index), cfg.num_warmup)
+        return self._draw(draw_seed(self.args.seed, MEASURED_STREAM, index), num), warmup
 
     def run_once(
-        self, cfg: RunConfig, directory: Path, label: str, with_plots: bool
-    ) -> dict[str, Any]:
+        self, load: dict[str, float], directory: Path, label: str, with_plots: bool
+    ) -> tuple[dict[str, Any], list[RequestMetrics | None]]:
+        """One run at `load` (a `rate=` or `concurrency=` override, or none): its summary,
+        written with the records, and the per-request metrics."""
+        index = self.num_runs
+        self.num_runs += 1
+        cfg = build_run_config(self.args, index, **load)
+        sessions, warmup = self.workload(cfg, index)
         scrape = self.args.server_metrics
         before = server_metrics.scrape(self.target.base_url) if scrape else None
-        result = run_benchmark(self.target, cfg, self.sessions)
+        result = run_benchmark(self.target, cfg, sessions, warmup)
         after = (
             server_metrics.scrape(self.target.base_url) if scrape and before is not None else None
         )
         fill_output_counts(result.records, self.tokenizer)
         extra = {
             "cli": _recorded_flags(self.args),
-            "workload": workload_section(self.args, self.sessions),
+            "workload": workload_section(self.args, sessions),
             "tokenizer": {"name": self.tokenizer.name, "is_exact": self.tokenizer.is_exact},
             "server_metrics": server_metrics.diff(before, after),
         }
-        opts = replace(self.opts, label=label)
-        summary = build_summary(result, self.target, cfg, opts, extra)
+        summary = build_summary(result, self.target, cfg, replace(self.opts, label=label), extra)
         out = report.write_run(directory, result.records, summary)
         if with_plots:
             rows = report.read_requests(out.requests)
             summary["files"] = [str(p) for p in plots.plot_run(directory, rows, summary)]
             report.write_json(out.summary, summary)
-        return summary
+        self._check_error_rate(summary, label or str(directory))
+        return summary, [request_metrics(r) for r in result.records]
+
+    def _check_error_rate(self, summary: dict[str, Any], name: str) -> None:
+        counts = summary["counts"]
+        if counts["error_rate"] > self.args.max_error_rate:
+            self.over_error_rate.append(
+                f"{name}: {counts['num_failed']} of {counts['num_requests']} requests failed "
+                f"({counts['error_rate']:.0%} > --max-error-rate {self.args.max_error_rate:.0%}); "
+                f"the first error: {counts['first_error']}"
+            )
+
+    def exit_code(self) -> int:
+        for line in self.over_error_rate:
+            print(f"splitserve bench: error: {line}", file=sys.stderr)
+        return 1 if self.over_error_rate else 0
+
+
+def report_aborted(exc: BenchAborted) -> int:
+    print(f"splitserve bench: error: {exc}", file=sys.stderr)
+    return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    bench = _Bench(args)
+    bench = Bench(args)
     directory = output_dir(args, "run")
-    summary = bench.run_once(build_run_config(args), directory, args.label, args.plots)
+    try:
+        summary, _ = bench.run_once({}, directory, args.label, args.plots)
+    except BenchAborted as exc:
+        return report_aborted(exc)
     report.print_summary(summary, bench.console)
     bench.console.print(f"results in {directory}")
-    return 0
-
-
-def _sweep_result(
-    args: argparse.Namespace, axis: str, points: list[dict[str, Any]]
-) -> dict[str, Any]:
-    target = args.target_attainment
-    return {
-        "schema": SWEEP_SCHEMA,
-        "label": args.label,
-        "load_axis": axis,
-        "slo_spec": [s.label for s in parse_slos(args.slo)],
-        "target_attainment": target,
-        "points": points,
-        "capacity": interpolate_capacity(points, target),
-    }
-
-
-def _run_points(args: argparse.Namespace, axis: str, loads: list[float] | None) -> int:
-    bench = _Bench(args)
-    directory = output_dir(args, "sweep" if loads else "search")
-    key = "concurrency" if axis.startswith("concurrency") else "rate"
-
-    def run_at(load: float) -> dict[str, Any]:
-        cfg = build_run_config(args, **{key: load})
-        sub = directory / f"{key}-{load:g}"
-        summary = bench.run_once(cfg, sub, f"{args.label or key}@{load:g}", with_plots=False)
-        point = point_from_summary(load, summary, str(sub / report.SUMMARY_FILE))
-        bench.console.print(
-            f"{key} {load:g}: attainment {point['attainment']:.1%}, "
-            f"{point['request_per_s']:.2f} req/s, meets={point['meets']}"
-        )
-        return point
-
-    if loads is not None:
-        points = [run_at(x) for x in loads]
-    else:
-        if not args.slo:
-            raise ValueError("search needs SLOs to meet; pass e.g. --slo ttft=500ms,tpot=50ms")
-        points = search_max_rate(
-            run_at, args.start_rate, args.max_rate, args.tolerance, args.max_probes
-        )
-    sweep = _sweep_result(args, axis, points)
-    report.write_json(directory / "sweep.json", sweep)
-    if args.plots:
-        plots.plot_sweep(sweep, directory / "attainment_vs_load.png")
-    cap = sweep["capacity"]
-    bench.console.print(
-        f"capacity at {args.target_attainment:.0%} attainment: {cap['status']}, "
-        f"interpolated {cap['interpolated_rate']}, highest passing {cap['highest_passing']}, "
-        f"lowest failing {cap['lowest_failing']}; results in {directory}"
-    )
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    if args.rates:
-        return _run_points(args, "rate (req/s)", list(args.rates))
-    return _run_points(args, "concurrency (users)", list(args.concurrencies))
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    return _run_points(args, "rate (req/s)", None)
+    return bench.exit_code()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

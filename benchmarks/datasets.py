@@ -48,9 +48,17 @@ def _pairs(conversation: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def sharegpt_sessions(
-    path: str, synth: PromptSynth, num: int | None, turns: str, output_len: int | None, seed: int
+    path: str,
+    synth: PromptSynth,
+    num: int | None,
+    turns: str,
+    output_len: int | None,
+    seed: int,
+    skip: int = 0,
 ) -> list[Session]:
-    """Sessions from a ShareGPT JSON file, shuffled with `seed`, at most `num` of them."""
+    """Sessions from a ShareGPT JSON file shuffled with `seed`: at most `num` of them, after
+    the first `skip` (earlier load points and warm-ups take disjoint slices; when the file
+    runs out it starts over, with a warning, and prompts repeat)."""
     if turns not in ("first", "all"):
         raise ValueError(f"--sharegpt-turns {turns!r}: choose first or all")
     if synth.prompt_format != "text":
@@ -59,23 +67,29 @@ def sharegpt_sessions(
     if not isinstance(data, list):
         raise ValueError(f"{path} is not a ShareGPT JSON list of {{'conversations': [...]}}")
     rng = np.random.default_rng(seed)
-    sessions: list[Session] = []
+    usable = []
     for i in rng.permutation(len(data)):
         pairs = _pairs(data[int(i)].get("conversations") or data[int(i)].get("conversation") or [])
-        if not pairs:
-            continue
-        if turns == "first":
-            pairs = pairs[:1]
-        tok = synth.tokenizer
+        if pairs:
+            usable.append((int(i), pairs[:1] if turns == "first" else pairs))
+    if not usable:
+        raise ValueError(f"{path} has no conversation with a human turn followed by a gpt turn")
+    want = len(usable) if num is None else num
+    if skip + want > len(usable):
+        logger.warning(
+            "%s: %d conversations, %d already sent by earlier points or warm-ups; prompts "
+            "repeat from here and a prefix-caching server will serve them from its cache",
+            path, len(usable), skip,
+        )  # fmt: skip
+    tok = synth.tokenizer
+    sessions: list[Session] = []
+    for k in range(skip, skip + want):
+        i, pairs = usable[k % len(usable)]
         session_turns = tuple(
             Turn(user, None, output_len or max(1, len(tok.encode(answer))), len(tok.encode(user)))
             for user, answer in pairs
         )
-        sessions.append(Session(f"g{int(i)}", session_turns))
-        if num is not None and len(sessions) >= num:
-            break
-    if not sessions:
-        raise ValueError(f"{path} has no conversation with a human turn followed by a gpt turn")
+        sessions.append(Session(f"g{i}", session_turns))
     return sessions
 
 
@@ -126,6 +140,18 @@ def read_mooncake(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _num_seen_blocks(hash_ids: list[int], seen: set[tuple[int, ...]]) -> int:
+    """Leading blocks of this request that an earlier one had as its own prefix; records
+    this request's prefixes in `seen`."""
+    num_seen = 0
+    for j in range(1, len(hash_ids) + 1):
+        prefix = tuple(hash_ids[:j])
+        if prefix in seen and num_seen == j - 1:
+            num_seen = j
+        seen.add(prefix)
+    return num_seen
+
+
 def mooncake_sessions(
     path: str,
     synth: PromptSynth,
@@ -143,13 +169,17 @@ def mooncake_sessions(
     expander = MooncakeExpander(synth, block_size, seed)
     t0 = min(float(r["timestamp"]) for r in rows)
     sessions = []
+    seen: set[tuple[int, ...]] = set()
     for i, row in enumerate(rows):
-        ids = expander.expand([int(h) for h in row["hash_ids"]], int(row["input_length"]), i)
+        hash_ids = [int(h) for h in row["hash_ids"]]
+        ids = expander.expand(hash_ids, int(row["input_length"]), i)
+        shared = min(len(ids), _num_seen_blocks(hash_ids, seen) * block_size)
         if synth.prompt_format == "token-ids":
-            turn = Turn(None, tuple(ids), int(row["output_length"]), len(ids))
+            turn = Turn(None, tuple(ids), int(row["output_length"]), len(ids), 0.0, shared)
         else:
             text = synth.tokenizer.decode(ids)
-            turn = Turn(text, None, int(row["output_length"]), len(synth.tokenizer.encode(text)))
+            count = len(synth.tokenizer.encode(text))
+            turn = Turn(text, None, int(row["output_length"]), count, 0.0, shared)
         arrival = (float(row["timestamp"]) - t0) * timestamp_unit_s
         sessions.append(Session(f"m{i}", (turn,), arrival_s=arrival))
     if expander.num_padded or expander.num_truncated:

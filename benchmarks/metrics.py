@@ -13,6 +13,8 @@ All times are client-side, from one monotonic clock. For one request:
   gaps of all requests (a request with many chunks weighs more).
 * output tokens = the server's ``usage.completion_tokens`` when given, else the generated
   text counted with the benchmark's tokenizer.
+* A textless success (usage counts output tokens, the text is empty) takes its times from
+  the chunks carrying choices: TTFT = first such chunk, E2E = last; it has no ITL.
 
 Over a run (duration = benchmark start to the end of the last response):
 * request throughput = successful requests / duration.
@@ -55,6 +57,11 @@ def request_metrics(rec: RequestRecord) -> RequestMetrics | None:
     if not rec.is_success:
         return None
     times = rec.chunk_times_s
+    if not times:  # textless: usage counted tokens that decoded to no text
+        first, last = rec.first_event_s or rec.send_s, rec.last_event_s or rec.send_s
+        num_out = rec.num_output_tokens or 0
+        tpot = (last - first) / (num_out - 1) if rec.is_streamed and num_out > 1 else None
+        return RequestMetrics(first - rec.send_s, last - rec.send_s, tpot, (), num_out)
     first, last = times[0], times[-1]
     num_out = rec.num_output_tokens if rec.num_output_tokens is not None else len(times)
     tpot = (last - first) / (num_out - 1) if rec.is_streamed and num_out > 1 else None

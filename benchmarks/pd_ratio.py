@@ -12,7 +12,8 @@ aggregated replicas, decode nodes that prefill locally) a local cluster is start
 (Redis, router, nodes: `launch/local_cluster.py`), and for each workload a discarded
 warm-up run, then `splitserve bench sweep`, sends Poisson arrivals at each rate to the
 router's OpenAI API with the SLOs (default TTFT p90 <= 1 s and TPOT p90 <= 50 ms, on the
-distribution).
+distribution). Every rate, every workload and the warm-up send prompts of their own, so
+the prefix cache serves none of the measured ones (each point's `cached_fraction` shows it).
 The goodput of a (configuration, workload) is the sweep's capacity: the highest rate whose
 attainment reaches the target (0.9), interpolated between the last passing and the first
 failing rate. Workloads (lengths times `--scale`, random tokens, ignore_eos):
@@ -41,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from splitserve.benchmarks.results_io import provenance
+from splitserve.benchmarks.workload_factory import draw_seed
 
 logger = logging.getLogger(__name__)
 
 WORKLOADS = {"prompt-heavy": (4096, 256), "decode-heavy": (512, 1024)}
+PD_RATIO_STREAM = 3  # draw_seed stream of the per-workload bench seeds
 
 
 @dataclass(frozen=True)
@@ -136,10 +139,19 @@ def workload_lengths(name: str, scale: float) -> tuple[int, int]:
     return max(1, round(prompt * scale)), max(2, round(output * scale))
 
 
+def workload_seed(args: argparse.Namespace, workload: str, is_warmup: bool) -> int:
+    """A --seed per (workload, warm-up or sweep): the workloads of one cluster and the
+    warm-up run draw prompts no other run of the cluster sends (the sweep itself draws
+    fresh prompts per rate), so the prefix cache serves none of the measured prompts."""
+    index = 2 * list(WORKLOADS).index(workload) + int(is_warmup)
+    return draw_seed(args.seed, PD_RATIO_STREAM, index)
+
+
 def sweep_command(args: argparse.Namespace, url: str, workload: str, out_dir: Path) -> list[str]:
     rates = getattr(args, f"rates_{workload.replace('-', '_')}")
     return [
-        *_bench(args, url, workload, "sweep"), "--rates", rates,
+        *_bench(args, url, workload, "sweep", workload_seed(args, workload, False)),
+        "--rates", rates,
         "--num-requests", str(args.num_requests), "--num-warmup", str(args.num_warmup),
         "--slo", args.slo, "--output-dir", str(out_dir), *args.bench_arg,
     ]  # fmt: skip
@@ -150,19 +162,20 @@ def warmup_command(args: argparse.Namespace, url: str, workload: str, out_dir: P
     serves its first requests of a shape slowly (on the CPU, for the first few dozen)."""
     rates = getattr(args, f"rates_{workload.replace('-', '_')}")
     return [
-        *_bench(args, url, workload, "run"), "--rate", rates.split(",")[0],
+        *_bench(args, url, workload, "run", workload_seed(args, workload, True)),
+        "--rate", rates.split(",")[0],
         "--num-requests", str(args.warmup_requests), "--no-plots",
         "--output-dir", str(out_dir),
     ]  # fmt: skip
 
 
-def _bench(args: argparse.Namespace, url: str, workload: str, verb: str) -> list[str]:
+def _bench(args: argparse.Namespace, url: str, workload: str, verb: str, seed: int) -> list[str]:
     prompt, output = workload_lengths(workload, args.scale)
     return [
         sys.executable, "-m", "splitserve.launch.cli", "bench", verb,
         "--url", url, "--workload", "random", "--input-len", str(prompt),
         "--output-len", str(output), "--ignore-eos", "--arrival", "poisson",
-        "--seed", str(args.seed), "--no-progress",
+        "--seed", str(seed), "--no-progress",
     ]  # fmt: skip
 
 
@@ -177,6 +190,36 @@ def check_requests_served(config: Config, workload: str, sweep: dict[str, Any]) 
                 f"({counts['errors']}); a prompt longer than the model's context fails with "
                 "HTTP 400: lower --scale"
             )
+
+
+POINT_KEYS = ("load", "attainment", "attainment_ci95", "meets", "achieved_rate", "cached_fraction")
+
+
+def run_sweep(
+    args: argparse.Namespace, config: Config, url: str, workload: str, sweep_dir: Path
+) -> dict[str, Any]:
+    """One bench sweep; exit code 1 (a rate's error rate above the bench tool's limit)
+    still gives a sweep, whose failed requests count against the SLOs."""
+    command = sweep_command(args, url, workload, sweep_dir)
+    logger.info("%s %s: %s", config.name, workload, shlex.join(command))
+    done = subprocess.run(command, check=False)
+    if done.returncode not in (0, 1) or not (sweep_dir / "sweep.json").exists():
+        raise RuntimeError(
+            f"{config.name} {workload}: the bench sweep exited {done.returncode} without "
+            f"results; its command: {shlex.join(command)}"
+        )
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    check_requests_served(config, workload, sweep)
+    return {
+        "command": shlex.join(command),
+        "exit_code": done.returncode,
+        "sweep": str(sweep_dir / "sweep.json"),
+        "goodput_rps": sweep["capacity"]["interpolated_rate"],
+        "goodput_ci95": sweep["capacity"].get("ci95"),
+        "goodput_achieved_rps": (sweep["capacity"].get("achieved") or {}).get("interpolated_rate"),
+        "capacity": sweep["capacity"],
+        "points": [{k: p.get(k) for k in POINT_KEYS} for p in sweep["points"]],
+    }
 
 
 def run_config(args: argparse.Namespace, config: Config, out_dir: Path) -> dict[str, Any]:
@@ -213,21 +256,7 @@ def run_config(args: argparse.Namespace, config: Config, out_dir: Path) -> dict[
                     logger.info("%s %s warm-up: %s", config.name, workload, shlex.join(warmup))
                     subprocess.run(warmup, check=True, stdout=subprocess.DEVNULL)
             sweep_dir = out_dir / f"{config.name}_{workload}"
-            command = sweep_command(args, url, workload, sweep_dir)
-            logger.info("%s %s: %s", config.name, workload, shlex.join(command))
-            subprocess.run(command, check=True)
-            sweep = json.loads((sweep_dir / "sweep.json").read_text())
-            check_requests_served(config, workload, sweep)
-            results[workload] = {
-                "command": shlex.join(command),
-                "sweep": str(sweep_dir / "sweep.json"),
-                "goodput_rps": sweep["capacity"]["interpolated_rate"],
-                "capacity": sweep["capacity"],
-                "points": [
-                    {k: p[k] for k in ("load", "attainment", "meets", "achieved_rate")}
-                    for p in sweep["points"]
-                ],
-            }
+            results[workload] = run_sweep(args, config, url, workload, sweep_dir)
     return results
 
 
@@ -259,13 +288,16 @@ def summarize(configs: list[Config], results: dict[str, dict[str, Any]], workloa
 
 
 def markdown(configs: list[Config], results: dict, verdicts: dict, workloads: list[str]) -> str:
-    lines = ["| configuration | " + " | ".join(f"{w} goodput (req/s)" for w in workloads) + " |"]
+    lines = [
+        "| configuration | " + " | ".join(f"{w} goodput (req/s) [95% CI]" for w in workloads) + " |"
+    ]
     lines.append("| --- |" + " --- |" * len(workloads))
     for c in configs:
         cells = []
         for w in workloads:
-            value = results[c.name][w]["goodput_rps"]
-            cells.append("none passed" if value is None else f"{value:.2f}")
+            value, ci = results[c.name][w]["goodput_rps"], results[c.name][w].get("goodput_ci95")
+            interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            cells.append("none passed" if value is None else f"{value:.2f}{interval}")
         lines.append(f"| {c.name} | " + " | ".join(cells) + " |")
     lines.append("")
     for w in workloads:

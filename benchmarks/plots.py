@@ -3,8 +3,9 @@
 * latency_cdf.png: empirical CDFs of TTFT, TPOT, ITL (pooled gaps) and E2E latency.
 * over_time.png: TTFT and TPOT of each request against its send time (failures marked).
 * slo_scale.png: SLO attainment as every per-request limit is scaled (tighter to the right).
-* attainment_vs_load.png (sweeps and searches): attainment, per objective too, against offered load,
-  with the target line and the interpolated capacity.
+* attainment_vs_load.png (sweeps and searches): attainment with its 95 % intervals, per
+  objective too, against offered load, with the target line and the interpolated capacity
+  in its 95 % band.
 * compare.png: several results side by side (attainment curves for sweeps, else bars of
   p50/p90/p99 per metric with 95 % intervals).
 """
@@ -106,16 +107,26 @@ def plot_slo_scale(summary: dict[str, Any], path: Path) -> Path | None:
 
 
 def _attainment_curves(ax: Any, sweep: dict[str, Any], label: str, with_objectives: bool) -> None:
-    points = sweep["points"]
+    """Attainment against load with its 95 % intervals; capacity as a line in its band."""
+    points = sorted(sweep["points"], key=lambda p: p["load"])
     xs = [p["load"] for p in points]
-    ax.plot(xs, [100 * p["attainment"] for p in points], "o-", label=label or "all SLOs")
+    ys = [100 * p["attainment"] for p in points]
+    cis = [p.get("attainment_ci95") or [p["attainment"]] * 2 for p in points]
+    errs = [
+        [max(0.0, y - 100 * ci[0]) for y, ci in zip(ys, cis, strict=True)],
+        [max(0.0, 100 * ci[1] - y) for y, ci in zip(ys, cis, strict=True)],
+    ]
+    line = ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3, label=label or "all SLOs")
     if with_objectives:
         for name in points[0].get("per_objective_attainment", {}):
-            ys = [100 * p["per_objective_attainment"][name] for p in points]
-            ax.plot(xs, ys, ":", label=name)
-    cap = (sweep.get("capacity") or {}).get("interpolated_rate")
-    if cap is not None:
-        ax.axvline(cap, ls="-.", c="gray", alpha=0.6)
+            obj = [100 * p["per_objective_attainment"][name] for p in points]
+            ax.plot(xs, obj, ":", label=name)
+    capacity = sweep.get("capacity") or {}
+    if capacity.get("interpolated_rate") is not None:
+        color = line[0].get_color()
+        ax.axvline(capacity["interpolated_rate"], ls="-.", c=color, alpha=0.6)
+        if capacity.get("ci95"):
+            ax.axvspan(*capacity["ci95"], color=color, alpha=0.12)
 
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:

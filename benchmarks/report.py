@@ -100,6 +100,14 @@ def _cell(stat: Any) -> str:
     return "-" if stat is None else f"{stat:.1f}"
 
 
+def _capacity_cell(capacity: dict[str, Any] | None) -> str:
+    if not capacity or capacity.get("interpolated_rate") is None:
+        return "-"
+    ci = capacity.get("ci95")
+    interval = f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
+    return f"{capacity['interpolated_rate']:.1f}{interval}"
+
+
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     counts, thr, load = summary["counts"], summary["throughput"], summary["load"]
@@ -114,6 +122,7 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         f"duration {summary['duration_s']:.2f} s; "
         f"{thr['request_per_s']:.2f} req/s, {thr['output_tokens_per_s']:.1f} out tok/s"
     )
+    print_prefix_cache(summary, console)
     pcts = summary["config"]["percentiles"]
     table = Table(title="latency (ms): value [95% CI], * = too few samples for this tail")
     for col in ("metric", "n", "mean", *[f"p{q:g}" for q in pcts]):
@@ -131,7 +140,23 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
             f"{'yes' if slo['meets'] else 'no'}"
         )
     for warning in summary.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {warning}")
+        if "prefix cache" not in warning:  # printed loudly above
+            console.print(f"[yellow]warning:[/] {warning}")
+
+
+def print_prefix_cache(summary: dict[str, Any], console: Console) -> None:
+    """The cached-prompt fraction, and a loud warning when it exceeds the workload's."""
+    cache = summary.get("prefix_cache") or {}
+    if cache.get("cached_fraction") is None:
+        console.print("prefix cache: unknown (no cached_tokens in usage, no server counters)")
+        return
+    console.print(
+        f"prefix cache: {cache['cached_fraction']:.1%} of prompt tokens served from cache "
+        f"(the workload shares {cache['workload_fraction']:.1%}; from {cache['source']})"
+    )
+    for warning in summary.get("warnings", []):
+        if "prefix cache" in warning:
+            console.print(f"[bold red]WARNING:[/] {warning}", soft_wrap=True)
 
 
 def print_comparison(results: list[dict[str, Any]], console: Console | None = None) -> None:
@@ -153,11 +178,9 @@ def print_comparison(results: list[dict[str, Any]], console: Console | None = No
         "attainment %",
         *[_cell(100 * r["slo"]["attainment"]) if r.get("slo") else "-" for r in results],
     )
+    table.add_row("capacity req/s", *[_capacity_cell(r.get("capacity")) for r in results])
     table.add_row(
-        "capacity req/s",
-        *[
-            _cell(r.get("capacity", {}).get("interpolated_rate")) if "capacity" in r else "-"
-            for r in results
-        ],
+        "capacity, achieved req/s",
+        *[_capacity_cell((r.get("capacity") or {}).get("achieved")) for r in results],
     )
     console.print(table)

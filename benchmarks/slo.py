@@ -11,12 +11,16 @@ milliseconds). Example: ``--slo ttft=500ms,tpot=50ms,e2e:p99=10s``.
   requests count as infinitely slow for ttft, tpot and e2e; itl uses the pooled gaps.
 
 Definitions (DistServe's):
-* SLO attainment = requests meeting every per-request objective / all requests sent.
+* SLO attainment = requests meeting every per-request objective / all requests sent, with
+  its 95 % Wilson interval (`attainment_ci95`).
 * goodput = requests meeting every per-request objective / duration (requests per second).
 * A run *meets* the SLOs when attainment >= the target (0.9 by default) and every
   percentile objective holds; the goodput search looks for the highest rate that does.
 * SLO-scale curve: attainment when every per-request limit is multiplied by s (s < 1 is
   tighter), DistServe's second figure.
+
+`bootstrap_meets` redoes the verdict on resamples of the requests (attainment and every
+percentile check recomputed), the input of the capacity interval in `sweep.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitserve.benchmarks.metrics import RequestMetrics
+from splitserve.benchmarks.stats import bootstrap_percentiles, wilson_interval
 
 SLO_METRICS = ("ttft", "tpot", "itl", "e2e")
 DEFAULT_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
@@ -136,6 +141,8 @@ def evaluate(
         "target_attainment": target,
         "num_good": num_good,
         "attainment": att,
+        "attainment_ci95": list(wilson_interval(num_good, len(metrics))),
+        "num_requests": len(metrics),
         "goodput_rps": num_good / duration_s if duration_s > 0 else 0.0,
         "per_objective_attainment": {s.label: attainment(metrics, (s,)) for s in per_request},
         "percentile_checks": checks,
@@ -144,3 +151,42 @@ def evaluate(
         if per_request
         else [],
     }
+
+
+def _request_values_s(metric: str, metrics: list[RequestMetrics | None]) -> np.ndarray:
+    """Per request: its value (failed: never; undefined: nan, left out of percentiles)."""
+    out = []
+    for m in metrics:
+        v = _FAILED_S if m is None else request_value_s(metric, m)
+        out.append(np.nan if v is None else v)
+    return np.array(out, dtype=np.float64)
+
+
+def bootstrap_meets(
+    metrics: list[RequestMetrics | None],
+    slos: tuple[Slo, ...],
+    target: float,
+    rng: np.random.Generator,
+    num_boot: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(attainment, meets) of `num_boot` resamples of the requests, with replacement."""
+    n = len(metrics)
+    if n == 0:
+        return np.zeros(num_boot), np.zeros(num_boot, dtype=bool)
+    idx = rng.integers(0, n, size=(num_boot, n))
+    good = np.array([meets(m, slos) for m in metrics])
+    att = good[idx].mean(axis=1)
+    ok = att >= target
+    for slo in (s for s in slos if s.percentile is not None):
+        if slo.metric == "itl":
+            gaps = np.sort([g for m in metrics if m is not None for g in m.itls_s])
+            if len(gaps) == 0:
+                continue
+            values = bootstrap_percentiles(gaps, slo.percentile or 100.0, rng, num_boot)
+        else:
+            x = _request_values_s(slo.metric, metrics)[idx]
+            with np.errstate(all="ignore"):
+                values = np.nanpercentile(x, slo.percentile or 100.0, axis=1)
+            values = np.where(np.isnan(values), np.inf, values)  # as in `evaluate`
+        ok &= values <= slo.limit_s
+    return att, ok

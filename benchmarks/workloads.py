@@ -33,6 +33,9 @@ class Turn:
     max_tokens: int  # output tokens asked for
     num_prompt_tokens: int  # client-side token count of this turn's new content
     think_time_s: float = 0.0  # pause after the previous turn's answer before sending this one
+    # Prompt tokens this turn shares by design with an earlier request of the same run (a
+    # shared system prompt, a trace's repeated hash ids); what a prefix cache may serve.
+    num_shared_prefix_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,16 @@ def shared_prefix_sessions(
     prefixes = [synth.make(prefix_len, rng) for _ in range(num_prefixes)]
     order = rng.permutation(num)
     sessions = []
+    seen: set[int] = set()
     for i in range(num):
-        p_text, p_ids, p_count = prefixes[int(order[i]) % num_prefixes]
+        which = int(order[i]) % num_prefixes
+        p_text, p_ids, p_count = prefixes[which]
         text, ids, count = synth.make(int(input_lens[i]), rng)
-        turn = Turn(text, ids, int(output_lens[i]), p_count + count)
+        shared = p_count if which in seen else 0
+        seen.add(which)
+        turn = Turn(
+            text, ids, int(output_lens[i]), p_count + count, num_shared_prefix_tokens=shared
+        )
         sessions.append(Session(f"s{i}", (turn,), system=p_text, system_ids=p_ids))
     return sessions
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from splitserve.decode.remote_prefill import TransferMetrics
-from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.engine.outputs import CompletionOutput, RequestOutput, merge_deltas
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol.messages import token_logprob_to_proto
 
@@ -63,3 +65,33 @@ def generate_response(
                 metrics.admission_time_s = max(0.0, first_token_time - transfer.landed_at)
         msg.metrics.CopyFrom(metrics)
     return msg
+
+
+def stamp_timing(msg: pb.GenerateResponse, out: RequestOutput) -> None:
+    """Set `msg.timing` from the engine's stamps on `out`; sent_s is now."""
+    msg.timing.step_end_s = out.metrics.get("step_end_s", 0.0)
+    msg.timing.step_time_s = out.metrics.get("step_time_s", 0.0)
+    msg.timing.sent_s = time.monotonic()
+
+
+class DeltaBuffer:
+    """Holds one request's deltas until `stream_interval` tokens have gathered, so that a
+    node sends one message per that many tokens (SGLang's --stream-interval): the first
+    tokens and the last message go at once, so TTFT and the end are unchanged."""
+
+    def __init__(self, stream_interval: int) -> None:
+        self.stream_interval = stream_interval
+        self._pending: RequestOutput | None = None
+        self._has_sent_tokens = False
+
+    def add(self, out: RequestOutput) -> RequestOutput | None:
+        """The delta to send now (everything held, merged), or None to wait."""
+        pending = out if self._pending is None else merge_deltas(self._pending, out)
+        num_tokens = sum(len(c.token_ids) for c in pending.outputs)
+        is_due = num_tokens >= self.stream_interval or (num_tokens and not self._has_sent_tokens)
+        if not (pending.finished or is_due):
+            self._pending = pending
+            return None
+        self._pending = None
+        self._has_sent_tokens = self._has_sent_tokens or num_tokens > 0
+        return pending

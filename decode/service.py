@@ -7,8 +7,12 @@
   request joins the batch once every chunk landed and the RPC answered. If the pool is
   short, the RPC fails or the KV does not arrive in time, the prompt is prefilled here.
 - otherwise: prefill locally (aggregated mode, or conditional disaggregation).
-Token deltas stream back as they are generated; the last message carries usage and
-metrics. A cancelled stream (client gone) aborts the request here and on the prefill node.
+Token deltas stream back as they are generated, coalesced: one message carries every
+token the request got since the previous one (one per engine step while the stream keeps
+up, or per `--stream-interval` tokens). The last message carries usage and metrics; with
+`trace_timing`, every message carries its StreamTiming (engine step end, step time,
+hand-off to gRPC). A cancelled stream (client gone) aborts the request here and on the
+prefill node.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from typing import Any
 import grpc
 
 from splitserve.decode.remote_prefill import RemotePrefillInfo, RemotePrefills, TransferMetrics
-from splitserve.decode.responses import generate_response
+from splitserve.decode.responses import DeltaBuffer, generate_response, stamp_timing
 from splitserve.engine.core import EngineCore
 from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
 from splitserve.kv_transfer.layout import PoolDescriptor
@@ -72,30 +77,17 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         node = request.prefill_node if request.HasField("prefill_node") else None
         if params.n != 1:
             node = None  # n > 1 samples several first tokens: prefill here
-        admit, on_admitted, on_abandoned = None, None, None
-        if node is not None:
-            timeout = self.runtime.config.prefill_timeout_s
-            remote_node = node
-
-            def admit(core: EngineCore) -> RemotePlan | None:
-                return self.remote.admit(core, rid, prompt, params, remote_node.node_id, timeout)
-
-            def on_admitted(plan: RemotePlan | None) -> None:
-                if plan is not None:
-                    self._spawn(self._call_prefill(rid, request, plan, remote_node))
-
-            def on_abandoned(core: EngineCore, plan: RemotePlan | None) -> None:
-                if plan is not None:
-                    self.remote.abandon(rid)
-
+        hooks = self._remote_hooks(request, params, node) if node is not None else (None,) * 3
         finish: str | None = None
         first_token_time: float | None = None
         num_completion_tokens = 0
         try:
-            stream = self.runtime.engine.generate(
-                rid, prompt, params, admit, on_admitted, on_abandoned
-            )
-            async for out in stream:
+            stream = self.runtime.engine.generate(rid, prompt, params, *hooks)
+            buffer = DeltaBuffer(self.runtime.config.stream_interval)
+            async for step_out in stream:
+                out = buffer.add(step_out)
+                if out is None:
+                    continue
                 if first_token_time is None and any(c.token_ids for c in out.outputs):
                     first_token_time = time.monotonic()
                 num_completion_tokens += sum(len(c.token_ids) for c in out.outputs)
@@ -103,14 +95,38 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                 if out.finished:
                     finish = "done"
                     extras = await self._final(rid, out, started, first_token_time)
-                yield generate_response(
+                msg = generate_response(
                     out, request.stream_options, len(prompt), num_completion_tokens, **extras
                 )
+                if request.trace_timing:
+                    stamp_timing(msg, out)
+                yield msg
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             if node is not None and finish is None:
                 self._spawn(self._abort_on(node.grpc_address, rid))
+
+    def _remote_hooks(
+        self, request: pb.GenerateRequest, params: SamplingParams, node: pb.NodeEndpoint
+    ) -> tuple[Any, Any, Any]:
+        """`AsyncEngine.generate`'s admit, on_admitted and on_abandoned for a remote prefill
+        on `node`: allocate for remote KV, call Prefill once admitted, undo if abandoned."""
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        timeout = self.runtime.config.prefill_timeout_s
+
+        def admit(core: EngineCore) -> RemotePlan | None:
+            return self.remote.admit(core, rid, prompt, params, node.node_id, timeout)
+
+        def on_admitted(plan: RemotePlan | None) -> None:
+            if plan is not None:
+                self._spawn(self._call_prefill(rid, request, plan, node))
+
+        def on_abandoned(core: EngineCore, plan: RemotePlan | None) -> None:
+            if plan is not None:
+                self.remote.abandon(rid)
+
+        return admit, on_admitted, on_abandoned
 
     async def _final(
         self, rid: str, out: RequestOutput, started: float, first_token_time: float | None

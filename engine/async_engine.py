@@ -2,9 +2,19 @@
 servers).
 
 The thread runs: drain submitted commands -> run step hooks (e.g. NIXL polling) ->
-`EngineCore.step()` -> hand each output to its request's asyncio queue. Every touch of
-the EngineCore happens on that thread; other threads go through `call` (a function run
-there between steps, its result returned as an awaitable) or `generate`/`abort`.
+`EngineCore.step()` -> hand the step's outputs to their requests' asyncio queues, with one
+`call_soon_threadsafe` per event loop and step (not one per request: each one is a
+self-pipe write and a wake-up of the loop, taken under the GIL). Every touch of the
+EngineCore happens on that thread; other threads go through `call` (a function run there
+between steps, its result returned as an awaitable) or `generate`/`abort`.
+
+Streaming is coalesced: when a request's consumer wakes up to several queued outputs (the
+event loop or the client fell behind the engine), `generate` yields them as one delta, so a
+slow consumer catches up with one message instead of falling further behind.
+Each output's `metrics["step_end_s"]` is the `time.monotonic()` at which the engine step
+that produced it ended (the oldest one's, for a coalesced delta), and
+`metrics["step_time_s"]` that step's duration: the start of the per-token latency trace
+(docs/performance.md).
 
 If a step raises, the error is logged, every unfinished request ends with finish_reason
 "error", and the loop goes on serving.
@@ -16,6 +26,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -23,7 +34,7 @@ from typing import Any, TypeVar
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore, StepOutput
 from splitserve.engine.output_collector import OutputCollector
-from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.outputs import RequestOutput, merge_deltas
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.stats import EngineStats
 
@@ -110,6 +121,8 @@ class AsyncEngine:
         try:
             while not finished:
                 out = await stream.queue.get()
+                while not out.finished and not stream.queue.empty():
+                    out = merge_deltas(out, stream.queue.get_nowait())
                 finished = out.finished
                 yield out
         finally:
@@ -168,12 +181,13 @@ class AsyncEngine:
                 self._wake.wait(_BUSY_WAIT_S if is_busy else _IDLE_WAIT_S)
                 self._wake.clear()
                 continue
+            started = time.monotonic()
             try:
                 outputs = self.core.step()
             except Exception:
                 logger.exception("engine step failed; ending every unfinished request")
                 outputs = self._fail_all()
-            self._deliver(outputs)
+            self._deliver(outputs, started)
 
     def _guarded(self, hook: Callable[[EngineCore], bool]) -> bool:
         try:
@@ -199,11 +213,24 @@ class AsyncEngine:
                 outputs.append(out._replace(finish_reason="error"))
         return outputs
 
-    def _deliver(self, outputs: list[StepOutput]) -> None:
+    def _deliver(self, outputs: list[StepOutput], step_started: float | None = None) -> None:
+        """Fold outputs into their streams; wake each event loop once for all of them."""
+        now = time.monotonic()
+        step_time = 0.0 if step_started is None else now - step_started
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            delta = stream.collector.add(out)
-            result = stream.collector.make([delta])
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, result)
+            result = stream.collector.make([stream.collector.add(out)])
+            result.metrics["step_end_s"] = now
+            result.metrics["step_time_s"] = step_time
+            batches.setdefault(stream.loop, []).append((stream, result))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+    """On the event loop: queue one step's outputs for their consumers."""
+    for stream, result in batch:
+        stream.queue.put_nowait(result)

@@ -48,3 +48,39 @@ class RequestOutput:
     # Prompt tokens served from the prefix cache (or received from a prefill node).
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _merge_completion(a: CompletionOutput, b: CompletionOutput) -> CompletionOutput:
+    logprobs = None
+    if a.logprobs is not None or b.logprobs is not None:
+        logprobs = (a.logprobs or []) + (b.logprobs or [])
+    return CompletionOutput(
+        a.index,
+        a.text + b.text,
+        a.token_ids + b.token_ids,
+        b.finish_reason,
+        b.stop_reason,
+        logprobs,
+    )
+
+
+def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One delta holding what `a` then `b` (two consecutive deltas of one request) hold.
+    Completions keep the order they first appear in; the state (finished, cached tokens,
+    metrics) is `b`'s, except `metrics["step_end_s"]`, which stays the oldest."""
+    merged = {c.index: c for c in a.outputs}
+    for comp in b.outputs:
+        prev = merged.get(comp.index)
+        merged[comp.index] = comp if prev is None else _merge_completion(prev, comp)
+    metrics = dict(b.metrics)
+    if "step_end_s" in a.metrics:
+        metrics["step_end_s"] = a.metrics["step_end_s"]
+    return RequestOutput(
+        b.request_id,
+        b.prompt,
+        b.prompt_token_ids,
+        list(merged.values()),
+        b.finished,
+        b.num_cached_tokens,
+        metrics,
+    )

@@ -46,6 +46,12 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="prefill: longest a KV push to a decode node may take",
     )
+    g.add_argument(
+        "--stream-interval",
+        type=int,
+        default=NodeConfig.stream_interval,
+        help="decode: tokens per stream message after the first (fewer messages at high load)",
+    )
 
 
 def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfig:
@@ -59,6 +65,7 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         prefill_timeout_s=args.prefill_timeout_s,
         drain_timeout_s=args.drain_timeout_s,
         push_timeout_s=args.push_timeout_s,
+        stream_interval=args.stream_interval,
     )
 
 

@@ -57,6 +57,9 @@ class NodeConfig:
     heartbeat_interval_s: float = 1.0
     # Seconds a push may stay unfinished before it is failed.
     push_timeout_s: float = 30.0
+    # Decode: tokens a request gathers before its next stream message (the first tokens
+    # and the last message go at once); 1 streams every engine step.
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -65,6 +68,8 @@ class NodeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.prefill_timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("prefill_timeout_s must be > 0 and drain_timeout_s >= 0")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
 
     @property
     def public_host(self) -> str:

@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="allow browser requests from this origin ('*' for any); repeat for several",
     )
+    g.add_argument(
+        "--trace-stream-timing",
+        action="store_true",
+        help="export per-message streaming stage times in /metrics (nodes on this host only)",
+    )
     _add_liveness_arguments(parser)
 
 
@@ -118,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         num_tokenizer_threads=args.tokenizer_threads,
         strict_fields=args.strict_fields,
         cors_origins=tuple(args.cors_origin),
+        trace_stream_timing=args.trace_stream_timing,
     )
 
 

@@ -84,18 +84,20 @@ class StreamOptions(_message.Message):
     def __init__(self, include_usage: _Optional[bool] = ..., continuous_usage_stats: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_node", "stream_options")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_node", "stream_options", "trace_timing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODE_FIELD_NUMBER: _ClassVar[int]
     STREAM_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_TIMING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: SamplingParams
     prefill_node: NodeEndpoint
     stream_options: StreamOptions
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill_node: _Optional[_Union[NodeEndpoint, _Mapping]] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ...) -> None: ...
+    trace_timing: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill_node: _Optional[_Union[NodeEndpoint, _Mapping]] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ..., trace_timing: _Optional[bool] = ...) -> None: ...
 
 class CompletionDelta(_message.Message):
     __slots__ = ("index", "token_ids", "text", "logprobs", "finish_reason", "stop_str", "stop_token_id")
@@ -151,19 +153,31 @@ class RequestMetrics(_message.Message):
     admission_time_s: float
     def __init__(self, ttft_s: _Optional[float] = ..., transfer_time_s: _Optional[float] = ..., is_prefill_remote: _Optional[bool] = ..., prefill_node_id: _Optional[str] = ..., queue_time_s: _Optional[float] = ..., num_remote_cached_tokens: _Optional[int] = ..., is_prefill_fallback: _Optional[bool] = ..., prefill_queue_time_s: _Optional[float] = ..., prefill_compute_time_s: _Optional[float] = ..., push_tail_time_s: _Optional[float] = ..., admission_time_s: _Optional[float] = ...) -> None: ...
 
+class StreamTiming(_message.Message):
+    __slots__ = ("step_end_s", "step_time_s", "sent_s")
+    STEP_END_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    SENT_S_FIELD_NUMBER: _ClassVar[int]
+    step_end_s: float
+    step_time_s: float
+    sent_s: float
+    def __init__(self, step_end_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., sent_s: _Optional[float] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "deltas", "finished", "usage", "metrics")
+    __slots__ = ("request_id", "deltas", "finished", "usage", "metrics", "timing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DELTAS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     deltas: _containers.RepeatedCompositeFieldContainer[CompletionDelta]
     finished: bool
     usage: Usage
     metrics: RequestMetrics
-    def __init__(self, request_id: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[CompletionDelta, _Mapping]]] = ..., finished: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., metrics: _Optional[_Union[RequestMetrics, _Mapping]] = ...) -> None: ...
+    timing: StreamTiming
+    def __init__(self, request_id: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[CompletionDelta, _Mapping]]] = ..., finished: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., metrics: _Optional[_Union[RequestMetrics, _Mapping]] = ..., timing: _Optional[_Union[StreamTiming, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "decode_node_id", "decode_agent_name", "decode_agent_metadata", "decode_pool_descriptor", "dst_block_ids", "num_skip_blocks", "timeout_s")

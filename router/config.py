@@ -70,6 +70,9 @@ class RouterConfig:
     strict_fields: bool = False
     # Origins allowed by CORS ("*" for any); empty: no CORS headers, no preflight answers.
     cors_origins: tuple[str, ...] = ()
+    # Ask nodes for per-message timestamps and export where streaming time goes
+    # (splitserve_router_stream_stage_seconds); only for nodes on the router's host.
+    trace_stream_timing: bool = False
 
     def __post_init__(self) -> None:
         if not self.redis_url:

@@ -28,12 +28,12 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import NamedTuple
 
 import grpc
 
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol.messages import sampling_params_to_proto
+from splitserve.router.coalesce import StreamItem, coalesce
 from splitserve.router.errors import APIError, from_grpc_error
 from splitserve.router.node_registry import NodeId
 from splitserve.router.policy import RouteDecision
@@ -70,12 +70,6 @@ def _stalled_error(node: NodeId, stalled: _StreamStalled) -> APIError:
     )
 
 
-class StreamItem(NamedTuple):
-    prompt_index: int
-    message: pb.GenerateResponse | None
-    error: APIError | None
-
-
 class PromptStreams:
     def __init__(self, service: RouterService, prepared: PreparedRequest) -> None:
         self.service = service
@@ -100,20 +94,22 @@ class PromptStreams:
             waiting.discard(item.prompt_index)
 
     async def __aiter__(self) -> AsyncIterator[StreamItem]:
+        """Items until every prompt finished; what queued up meanwhile comes coalesced, one
+        item per prompt (router/coalesce.py)."""
         num_finished = 0
-        num_prompts = len(self.prepared.prompts)
-        buffered, self._buffer = self._buffer, []
-        for item in buffered:
-            self._observe(item)
-            yield item
-            num_finished += bool(item.message is not None and item.message.finished)
-        while num_finished < num_prompts:
-            item = await self._queue.get()
-            if item.error is not None:
-                raise item.error
-            self._observe(item)
-            yield item
-            num_finished += bool(item.message is not None and item.message.finished)
+        pending, self._buffer = self._buffer, []
+        while True:
+            for item in coalesce(pending):
+                if item.error is not None:
+                    raise item.error
+                self._observe(item)
+                yield item
+                num_finished += bool(item.message is not None and item.message.finished)
+            if num_finished >= len(self.prepared.prompts):
+                return
+            pending = [await self._queue.get()]
+            while not self._queue.empty():
+                pending.append(self._queue.get_nowait())
 
     async def aclose(self) -> None:
         running = [t for t in self._tasks if not t.done()]
@@ -199,6 +195,7 @@ class PromptStreams:
             stream_options=pb.StreamOptions(
                 include_usage=True, continuous_usage_stats=self.prepared.continuous_usage
             ),
+            trace_timing=self.service.config.trace_stream_timing,
         )
         if decision.prefill is not None:
             request.prefill_node.CopyFrom(
@@ -237,7 +234,11 @@ class PromptStreams:
                 if not received_any and prefill is not None:
                     service.untrack(prefill)
                 received_any = True
-                await self._queue.put(StreamItem(index, msg, None))
+                received = 0.0
+                if msg.HasField("timing"):
+                    received = time.monotonic()
+                    service.metrics.observe_node_timing(msg.timing, received)
+                await self._queue.put(StreamItem(index, msg, None, received))
                 if msg.finished:
                     is_finished = True
                     return

@@ -209,7 +209,11 @@ class _SSEStream:
                     continue
                 choices = builder.add(item.prompt_index, item.message)
                 if choices:
-                    yield sse(builder.chunk(choices, with_usage=prepared.continuous_usage))
+                    frame = sse(builder.chunk(choices, with_usage=prepared.continuous_usage))
+                    if item.received_s:
+                        stage = self.service.metrics.stream_stage.labels("router")
+                        stage.observe(time.monotonic() - item.received_s)
+                    yield frame
             if prepared.include_usage:
                 yield sse(builder.usage_chunk())
             self.status = 200

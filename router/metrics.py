@@ -24,7 +24,13 @@ _ITL_BUCKETS_S = (
 _ROUTING_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
+_STAGE_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
 _NODE_LABELS = ("node_id", "role")
+# Stages of a streamed message, in order (docs/performance.md); observed only with
+# --trace-stream-timing.
+STREAM_STAGES = ("engine_step", "node", "grpc", "router")
 
 
 class RouterMetrics:
@@ -88,7 +94,23 @@ class RouterMetrics:
             _NODE_LABELS,
             registry=r,
         )
+        self.stream_stage = Histogram(
+            p + "stream_stage_seconds",
+            "Per streamed message: engine_step = the step that made its tokens, node = step "
+            "end to the node's gRPC hand-off, grpc = hand-off to the router's receipt, "
+            "router = receipt to its SSE frame handed to the HTTP server "
+            "(--trace-stream-timing, one-host clusters)",
+            ["stage"],
+            buckets=_STAGE_BUCKETS_S,
+            registry=r,
+        )
         self.redis_up = Gauge(p + "redis_up", "1 when Redis answered the last call", registry=r)
+
+    def observe_node_timing(self, timing: pb.StreamTiming, received_s: float) -> None:
+        """The node's stages of one message; `received_s` is the router's monotonic clock."""
+        self.stream_stage.labels("engine_step").observe(timing.step_time_s)
+        self.stream_stage.labels("node").observe(max(0.0, timing.sent_s - timing.step_end_s))
+        self.stream_stage.labels("grpc").observe(max(0.0, received_s - timing.sent_s))
 
     def set_nodes(
         self, nodes: Sequence[NodeRecord], stats: Sequence[pb.StatsResponse | None]

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Source on a GPU machine whose image lacks some packages: installs the wheels carried in
-# .whl/ into /tmp/site and makes the checkout importable as `splitserve`.
+# .whl/ into ${SITE:-/tmp/site} (not with NO_WHEELS=1) and makes the checkout importable
+# as `splitserve`.
 set -e
-if ls .whl/*.whl >/dev/null 2>&1; then
+SITE=${SITE:-/tmp/site}
+if [ -z "${NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target "$SITE" .whl/*.whl
 fi
-mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/splitserve
-export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+PKG=${PKG:-/tmp/pkg}  # holds the link `splitserve` -> this checkout
+mkdir -p "$PKG" && ln -sfn "$PWD" "$PKG/splitserve"
+export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 NIXL_LOG_LEVEL=WARN
 set +e

@@ -42,6 +42,17 @@ def test_mean_rate_and_cv_within_tolerance(
         assert times[0] == 0.0 and np.all(np.diff(times) >= 0)
 
 
+@pytest.mark.parametrize("kind", ["poisson", "gamma"])
+def test_scheduled_rate_equals_the_label(kind: str) -> None:
+    # unscaled, 100 Poisson draws with seed 0 ran at 0.84 x the label
+    for seed in range(20):
+        cfg = ArrivalConfig(kind=kind, rate=8.0, cv=2.0, seed=seed)  # type: ignore[arg-type]
+        times = arrival_times(cfg, 100)
+        assert 99 / times[-1] == pytest.approx(8.0, rel=0.02)
+        gaps = np.diff(times)
+        assert gaps.min() >= 0 and gaps.std() > 0.5 / 8.0  # still random gaps
+
+
 def test_poisson_counts_have_unit_dispersion() -> None:
     times = arrival_times(ArrivalConfig(kind="poisson", rate=10.0, seed=3), N)
     counts = np.bincount(times.astype(int))[:-1]  # arrivals per 1-s window

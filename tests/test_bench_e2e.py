@@ -6,6 +6,10 @@ delays read from the request body: ``fake_ttft_ms`` before the first content chu
 once and carry an empty chunk mid-stream, and the usage chunk comes ``USAGE_DELAY_S`` after
 the last content chunk, so a tool that counted any of those would be visibly off.
 ``fake_pool`` makes requests share a server of limited capacity (queueing raises TTFT).
+A model other than ``fake-model`` gets vLLM's 404 error object; ``fake_fail_every: k`` fails
+every k-th request with a 500; ``fake_textless`` streams tokens whose text is empty (usage
+still counts them). The server also runs as its own process (`served_app` below) for a test
+that stops it mid-run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,7 +81,7 @@ def make_app() -> FastAPI:
             for i in range(n):
                 if i:
                     await asyncio.sleep(itl)
-                text = chr(ord("a") + i % 26)
+                text = "" if body.get("fake_textless") else chr(ord("a") + i % 26)
                 choice = (
                     {"index": 0, "delta": {"content": text}}
                     if is_chat
@@ -105,6 +110,13 @@ def make_app() -> FastAPI:
         body = await request.json()
         state["requests"] += 1
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        if body["model"] != "fake-model":
+            message = f"The model `{body['model']}` does not exist."
+            error = {"message": message, "type": "NotFoundError", "param": None, "code": 404}
+            return JSONResponse({"error": error}, status_code=404)
+        every = body.get("fake_fail_every")
+        if every and state["requests"] % every == 0:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
         if body.get("fake_status"):
             return JSONResponse({"error": {"message": "nope"}}, status_code=body["fake_status"])
         if body.get("stream"):
@@ -271,14 +283,141 @@ def test_completions_without_usage_counts_tokens_and_compare(
     assert png.stat().st_size > 1000
 
 
-def test_http_errors_are_counted(server_url: str, tmp_path: Path) -> None:
+def test_http_errors_are_counted_and_fail_the_run(server_url: str, tmp_path: Path) -> None:
     extra = {"fake_ttft_ms": 10, "fake_itl_ms": 1, "fake_status": 503}
-    assert (
-        bench("run", *run_args(server_url, tmp_path, extra, "--no-plots", "--slo", "ttft=1s")) == 0
-    )
+    args = run_args(server_url, tmp_path, extra, "--no-plots", "--slo", "ttft=1s")
+    assert bench("run", *args, "--abort-after-failures", "0") == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["counts"]["errors"] == {"HTTP 503": 20}
+    assert summary["counts"]["first_error"] == "HTTP 503: nope"  # the error object's message
     assert summary["slo"]["attainment"] == 0.0 and "failed" in summary["warnings"][0]
+
+
+def test_error_rate_above_the_limit_exits_1(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = {"fake_ttft_ms": 10, "fake_itl_ms": 1, "fake_fail_every": 4}  # 5 of 20 fail
+    assert bench("run", *run_args(server_url, tmp_path / "a", extra, "--no-plots")) == 1
+    err = capsys.readouterr().err
+    assert "5 of 20 requests failed (25% > --max-error-rate 5%)" in err and "overloaded" in err
+    args = run_args(server_url, tmp_path / "b", extra, "--no-plots", "--max-error-rate", "0.3")
+    assert bench("run", *args) == 0
+
+
+def test_wrong_model_stops_early_with_the_servers_404(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = {"fake_ttft_ms": 10, "fake_itl_ms": 1}
+    args = run_args(server_url, tmp_path, extra, "--model", "nosuch", "--rate", "20")
+    args[args.index("--num-requests") + 1] = "400"  # 20 s of schedule
+    started = time.monotonic()
+    assert bench("run", *args) == 1
+    assert time.monotonic() - started < 10  # stopped after the first 10 failures
+    err = capsys.readouterr().err
+    assert "the first 10 requests all failed" in err
+    assert "HTTP 404: The model `nosuch` does not exist." in err
+
+
+def test_all_failing_warmup_stops_the_run(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = {"fake_ttft_ms": 10, "fake_itl_ms": 1, "fake_status": 500}
+    args = run_args(server_url, tmp_path, extra, "--num-warmup", "3")
+    assert bench("run", *args) == 1
+    assert "all 3 warm-up requests failed; the first error: HTTP 500: nope" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_textless_responses_with_usage_are_successes(server_url: str, tmp_path: Path) -> None:
+    extra = {"fake_ttft_ms": 50, "fake_itl_ms": 5, "fake_textless": True}
+    assert bench("run", *run_args(server_url, tmp_path, extra, "--no-plots")) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    counts = summary["counts"]
+    assert counts["num_completed"] == 20 and counts["num_textless"] == 20
+    assert 45 <= value(summary, "ttft") <= 150  # from the chunks that carry choices
+    assert summary["metrics"]["itl_ms"]["n"] == 0
+    assert any("no text" in w for w in summary["warnings"])
+
+
+def test_poisson_schedule_runs_at_its_label_and_duration_bounds_runs(
+    server_url: str, tmp_path: Path
+) -> None:
+    extra = {"fake_ttft_ms": 10, "fake_itl_ms": 1}
+    args = run_args(server_url, tmp_path / "p", extra, "--no-plots", "--rate", "50")
+    args[args.index("--num-requests") + 1] = "100"
+    assert bench("run", *args) == 0
+    load = json.loads((tmp_path / "p" / "summary.json").read_text())["load"]
+    assert load["scheduled_rate"] == pytest.approx(50, rel=0.02)
+    assert load["achieved_rate"] == pytest.approx(50, rel=0.2)
+    args = run_args(server_url, tmp_path / "d", extra, "--no-plots", "--rate", "20")
+    del args[args.index("--num-requests") : args.index("--num-requests") + 2]
+    assert bench("run", *args, "--duration-s", "1.5") == 0  # 30 sessions in 1.5 s
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["counts"]["num_requests"] == 30
+    args = run_args(server_url, tmp_path / "c", extra, "--no-plots", "--max-concurrency", "2")
+    args[args.index("--num-requests") + 1] = "400"
+    assert bench("run", *args, "--duration-s", "1") == 0  # closed loop: stops at 1 s
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert 5 <= summary["counts"]["num_requests"] < 200
+    assert summary["counts"]["num_sessions_not_started"] > 200
+    assert summary["duration_s"] < 3
+
+
+@pytest.fixture()
+def served_app() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The fake server in its own process (on a socket bound here), to be stopped mid-run."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    code = (
+        f"import sys, uvicorn; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from test_bench_e2e import make_app; "
+        f"uvicorn.Server(uvicorn.Config(make_app(), fd={sock.fileno()}, "
+        "log_level='warning', lifespan='off')).run()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[sock.fileno()])
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and num_served(url) is None:
+        time.sleep(0.1)
+    yield url, proc
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def num_served(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    return int(float(text.split("\nfake_requests_total ")[1].split()[0]))
+
+
+def test_server_dying_mid_run_fails_the_run(
+    served_app: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    url, server = served_app
+    extra = {"fake_ttft_ms": 20, "fake_itl_ms": 2}
+    args = run_args(url, tmp_path, extra, "--no-plots", "--rate", "20")
+    args[args.index("--num-requests") + 1] = "120"  # 6 s of schedule
+    cmd = [sys.executable, "-m", "splitserve.launch.cli", "bench", "run", *args]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (num_served(url) or 0) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.kill()  # the server dies with about 100 requests still to come
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, out + err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    counts = summary["counts"]
+    assert counts["num_requests"] == 120 and 10 <= counts["num_completed"] <= 60
+    assert counts["error_rate"] > 0.5 and "connection" in counts["first_error"]
+    assert "requests failed" in err and "--max-error-rate 5%" in err
 
 
 def test_sweep_over_concurrency(server_url: str, tmp_path: Path) -> None:
@@ -286,7 +425,17 @@ def test_sweep_over_concurrency(server_url: str, tmp_path: Path) -> None:
     assert (
         bench(
             "sweep",
-            *run_args(server_url, tmp_path, extra, "--concurrencies", "1,4", "--slo", "ttft=200ms"),
+            *run_args(
+                server_url,
+                tmp_path,
+                extra,
+                "--concurrencies",
+                "1,4",
+                "--slo",
+                "ttft=200ms",
+                "--repeats",
+                "2",
+            ),
         )
         == 0
     )
@@ -294,8 +443,13 @@ def test_sweep_over_concurrency(server_url: str, tmp_path: Path) -> None:
     assert [p["load"] for p in sweep["points"]] == [1, 4]
     one, four = sweep["points"]
     assert four["request_per_s"] > 2.5 * one["request_per_s"]  # 4 users, no server limit
+    assert one["num_repeats"] == 2 and one["num_requests"] == 40
+    assert one["attainment_ci95"][0] <= one["attainment"] <= one["attainment_ci95"][1]
+    assert sweep["capacity"]["status"] == "all_pass"
+    assert sweep["capacity"]["per_repeat"] == [4.0, 4.0]
+    assert sweep["capacity"]["ci95_method"] == "repeats"
     assert (tmp_path / "attainment_vs_load.png").exists()
-    assert (tmp_path / "concurrency-4" / "requests.jsonl").exists()
+    assert (tmp_path / "concurrency-4" / "repeat-2" / "requests.jsonl").exists()
 
 
 def test_search_finds_capacity_of_a_limited_server(server_url: str, tmp_path: Path) -> None:
@@ -320,8 +474,11 @@ def test_search_finds_capacity_of_a_limited_server(server_url: str, tmp_path: Pa
     loads = [p["load"] for p in sweep["points"]]
     assert len(loads) == 4 and loads[0] == 5
     cap = sweep["capacity"]
-    assert cap["status"] == "found"
+    assert cap["status"] == "not_converged"  # 4 probes leave 10-15 req/s, wider than 10 %
+    assert not sweep["search"]["is_converged"] and "raise --max-probes" in sweep["search"]["reason"]
     assert 5 <= cap["interpolated_rate"] <= 20
+    low, high = cap["ci95"]
+    assert low <= cap["interpolated_rate"] <= high and cap["ci95_method"] == "bootstrap"
     assert sweep["points"][0]["meets"]  # 5 req/s: 40 % busy
     assert not any(p["meets"] for p in sweep["points"] if p["load"] >= 15)  # over capacity
 

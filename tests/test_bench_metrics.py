@@ -16,10 +16,22 @@ from splitserve.benchmarks.metrics import (
     request_metrics,
     throughput_summary,
 )
+from splitserve.benchmarks.prefix_cache import prefix_cache_summary
 from splitserve.benchmarks.server_metrics import diff, parse_prometheus
-from splitserve.benchmarks.slo import Slo, evaluate, parse_duration_s, parse_slos
-from splitserve.benchmarks.stats import estimate_percentile, is_tail_supported
-from splitserve.benchmarks.sweep import interpolate_capacity, search_max_rate
+from splitserve.benchmarks.slo import (
+    Slo,
+    bootstrap_meets,
+    evaluate,
+    parse_duration_s,
+    parse_slos,
+)
+from splitserve.benchmarks.stats import (
+    estimate_percentile,
+    is_tail_supported,
+    t_interval,
+    wilson_interval,
+)
+from splitserve.benchmarks.sweep import capacity_section, interpolate_capacity, search_max_rate
 from splitserve.benchmarks.tokenizer import WhitespaceTokenizer
 
 
@@ -243,15 +255,106 @@ def test_search_brackets_and_bisects_the_capacity() -> None:
         probed.append(rate)
         return fake_point(rate, capacity=10.0)
 
-    points = search_max_rate(run_at, start_rate=1.0, max_rate=None, tolerance=0.05, max_probes=12)
+    search = search_max_rate(run_at, start_rate=1.0, max_rate=None, tolerance=0.05, max_probes=12)
+    assert search.is_converged
+    points = search.points
     assert probed[:5] == [1, 2, 4, 8, 16]
     cap = interpolate_capacity(points, target=0.9)
     assert cap["status"] == "found"
     assert 10.0 <= cap["highest_passing"] <= 11.0 < cap["lowest_failing"] <= 11.6
     assert cap["interpolated_rate"] == pytest.approx(11.0, abs=0.6)
     down = search_max_rate(lambda r: fake_point(r, 0.3), 4.0, None, 0.1, 4)
-    assert [p["load"] for p in down] == [4.0, 2.0, 1.0, 0.5]
-    assert interpolate_capacity(down, 0.9)["status"] == "none_pass"
+    assert [p["load"] for p in down.points] == [4.0, 2.0, 1.0, 0.5]
+    assert not down.is_converged and "no rate met the SLOs" in down.reason
+    assert interpolate_capacity(down.points, 0.9)["status"] == "none_pass"
     capped = search_max_rate(lambda r: fake_point(r, 100.0), 1.0, 3.0, 0.1, 10)
-    assert [p["load"] for p in capped] == [1.0, 2.0, 3.0]
-    assert interpolate_capacity(capped, 0.9)["status"] == "all_pass"
+    assert [p["load"] for p in capped.points] == [1.0, 2.0, 3.0] and capped.is_converged
+    assert interpolate_capacity(capped.points, 0.9)["status"] == "all_pass"
+    short = search_max_rate(lambda r: fake_point(r, 10.0), 1.0, None, 0.01, 6)
+    assert not short.is_converged and "raise --max-probes" in short.reason
+
+
+def test_wilson_and_t_intervals() -> None:
+    low, high = wilson_interval(9, 10)
+    assert low == pytest.approx(0.5958, abs=1e-3) and high == pytest.approx(0.9821, abs=1e-3)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(10, 10)[1] == 1.0  # exactly, not 1 - 1e-16 (plots take the gap)
+    low, high = t_interval([10.0, 12.0, 14.0])  # type: ignore[misc]
+    assert (low + high) / 2 == pytest.approx(12.0)
+    assert high - low == pytest.approx(2 * 4.303 * 2.0 / math.sqrt(3), rel=1e-3)
+    assert t_interval([5.0]) is None
+
+
+def test_bootstrap_meets_redoes_attainment_and_percentile_checks() -> None:
+    fast = [make_record(i, 0.0, [0.1, 0.2], 2) for i in range(90)]
+    slow = [make_record(90 + i, 0.0, [2.0, 2.1], 2) for i in range(10)]
+    metrics = [request_metrics(r) for r in fast + slow]
+    rng = np.random.default_rng(0)
+    att, ok = bootstrap_meets(metrics, parse_slos("ttft=1s"), 0.85, rng, 2000)
+    assert att.mean() == pytest.approx(0.9, abs=0.01)
+    assert ok.mean() == pytest.approx(0.95, abs=0.03)  # P(Binomial(100, 0.9) >= 85)
+    _, ok = bootstrap_meets(metrics, parse_slos("ttft:p95=1s"), 0.5, rng, 2000)
+    assert 0.0 < ok.mean() < 0.1  # p95 lands in the slow tenth in nearly every resample
+
+
+def sweep_point(load: float, achieved: float, att: float, target: float = 0.9) -> dict:
+    return {
+        "load": load,
+        "achieved_rate": achieved,
+        "attainment": att,
+        "meets": att >= target,
+        "repeats": [{"attainment": att, "meets": att >= target, "achieved_rate": achieved}],
+    }
+
+
+def test_capacity_section_intervals_and_achieved_axis() -> None:
+    points = [sweep_point(2, 1.8, 1.0), sweep_point(4, 3.6, 0.95), sweep_point(8, 7.2, 0.5)]
+    rng = np.random.default_rng(0)
+    n = 200
+    boots = [
+        (rng.binomial(n, p["attainment"], 1000) / n, rng.binomial(n, p["attainment"], 1000) / n)
+        for p in points
+    ]
+    boots = [(att, att >= 0.9) for att, _ in boots]
+    cap = capacity_section(points, boots, 0.9, is_rate_axis=True)
+    assert cap["status"] == "found"
+    assert cap["interpolated_rate"] == pytest.approx(4 + 4 * 0.05 / 0.45)
+    low, high = cap["ci95"]
+    assert cap["ci95_method"] == "bootstrap" and 2 <= low < cap["interpolated_rate"] < high <= 8
+    assert cap["achieved"]["interpolated_rate"] == pytest.approx(0.9 * cap["interpolated_rate"])
+    for p in points:  # repeat 1 passes up to 2 req/s, repeat 2 up to 4
+        p["repeats"] = [
+            {"attainment": a, "meets": a >= 0.9, "achieved_rate": p["achieved_rate"]}
+            for a in (1.0 if p["load"] <= top else 0.5 for top in (2, 4))
+        ]
+    cap = capacity_section(points, boots, 0.9, is_rate_axis=True)
+    assert cap["ci95_method"] == "repeats"
+    assert cap["per_repeat"] == pytest.approx([2.4, 4.8])  # 0.2 of the way to the failing load
+    low, high = cap["ci95"]
+    assert (low + high) / 2 == pytest.approx(3.6)
+    assert high - low == pytest.approx(2 * 12.706 * 1.2, rel=1e-3)  # std 1.2 x sqrt 2
+
+
+def test_prefix_cache_fraction_against_the_workload() -> None:
+    recs = [make_record(i, 0.0, [0.1, 0.2], 2) for i in range(4)]
+    for r in recs:
+        r.num_prompt_tokens, r.num_cached_tokens = 100, 90
+    section, warnings = prefix_cache_summary(recs, {})
+    assert section["source"] == "usage" and section["cached_fraction"] == pytest.approx(0.9)
+    assert section["is_above_workload"] and "prefix cache" in warnings[0]
+    for r in recs[1:]:
+        r.num_shared_prefix_tokens = 96  # a shared system prompt, sent first by recs[0]
+        r.num_cached_tokens = 80  # whole 16-token blocks of it
+    recs[0].num_cached_tokens = 0
+    section, warnings = prefix_cache_summary(recs, {})
+    assert section["workload_fraction"] == pytest.approx(0.72) and not warnings
+    for r in recs:
+        r.num_cached_tokens = None
+    deltas = {
+        "vllm:prefix_cache_hits_total": 30.0,
+        'vllm:prefix_cache_queries_total{model_name="m"}': 400.0,
+    }
+    section, _ = prefix_cache_summary(recs, {"available": True, "deltas": deltas})
+    assert section["source"] == "server_metrics" and section["cached_fraction"] == 0.075
+    section, warnings = prefix_cache_summary(recs, {"available": False})
+    assert section["cached_fraction"] is None and not warnings

@@ -68,7 +68,7 @@ def test_small_cpu_run(tiny_llama, tmp_path) -> None:
         assert (out / f"{config}_decode-heavy" / "sweep.json").exists()
     verdict = summary["verdicts"]["decode-heavy"]
     assert verdict["disaggregated_over_aggregated"] == pytest.approx(1.0)
-    assert "| 1P1D | 2.00 |" in (out / "summary.md").read_text()
+    assert "| 1P1D | 2.00 [" in (out / "summary.md").read_text()  # with its interval
 
 
 def test_a_rate_where_every_request_failed_is_an_error(tmp_path) -> None:

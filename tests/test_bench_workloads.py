@@ -13,7 +13,12 @@ from splitserve.benchmarks.cli import add_arguments
 from splitserve.benchmarks.client import TargetConfig, build_body
 from splitserve.benchmarks.datasets import MooncakeExpander, mooncake_sessions, sharegpt_sessions
 from splitserve.benchmarks.tokenizer import WORDS, HFTokenizer, WhitespaceTokenizer
-from splitserve.benchmarks.workload_factory import build_sessions
+from splitserve.benchmarks.workload_factory import (
+    MEASURED_STREAM,
+    WARMUP_STREAM,
+    build_sessions,
+    draw_seed,
+)
 from splitserve.benchmarks.workloads import (
     PromptSynth,
     Session,
@@ -105,6 +110,11 @@ def test_mooncake_equal_hash_ids_give_equal_blocks(tmp_path: Path, bpe_dir: Path
     assert [s.arrival_s for s in sessions] == pytest.approx([0.0, 0.5, 3.0, 3.0])
     again = mooncake_sessions(path, synth, 2, block_size=4, timestamp_unit_s=1e-3, seed=0)
     assert [s.turns[0].prompt_ids for s in again] == [tuple(x) for x in ids[:2]]
+    # what a prefix cache may serve: leading blocks an earlier request had as its prefix
+    assert [s.turns[0].num_shared_prefix_tokens for s in sessions] == [0, 8, 4, 0]
+    fresh = mooncake_sessions(path, synth, None, block_size=4, timestamp_unit_s=1e-3, seed=5)
+    fresh_ids = [list(s.turns[0].prompt_ids or ()) for s in fresh]
+    assert fresh_ids[0][:8] == fresh_ids[1][:8] and fresh_ids[0][:4] != ids[0][:4]
 
 
 def test_mooncake_short_and_long_hash_lists(bpe_dir: Path) -> None:
@@ -155,6 +165,9 @@ def test_sharegpt_first_and_all_turns(tmp_path: Path) -> None:
         ("hello there friend", 5),
         ("why", 1),
     ]
+    one = sharegpt_sessions(str(path), synth, 1, "first", None, seed=0)
+    two = sharegpt_sessions(str(path), synth, 1, "first", None, seed=0, skip=1)
+    assert {one[0].turns[0].text, two[0].turns[0].text} == {"hello there friend", "why"}
     full = sharegpt_sessions(str(path), synth, None, "all", 7, seed=0)
     longest = max(full, key=lambda s: len(s.turns))
     assert [t.text for t in longest.turns] == ["hello there friend", "and again"]
@@ -211,11 +224,15 @@ def test_multi_turn_and_shared_prefix_from_cli_flags() -> None:
             "5",
         ]
     )
-    sessions = build_sessions(args, tok)
+    sessions = build_sessions(args, tok, seed=0)
     systems = [s.system for s in sessions]
     assert len(set(systems)) == 3 and all(systems.count(x) == 4 for x in set(systems))
     assert all(len(tok.encode(x or "")) == 20 for x in systems)
     assert all(s.turns[0].num_prompt_tokens == 25 for s in sessions)
+    shared = [s.turns[0].num_shared_prefix_tokens for s in sessions]
+    assert sorted(shared) == [0] * 3 + [20] * 9  # each prefix's first use shares nothing
+    other = build_sessions(args, tok, seed=draw_seed(0, MEASURED_STREAM, 1))
+    assert not {s.system for s in other} & set(systems)  # a new point: new prefixes
     args = parser.parse_args(
         [
             "run",
@@ -231,7 +248,7 @@ def test_multi_turn_and_shared_prefix_from_cli_flags() -> None:
             "0.2",
         ]
     )
-    conv = build_sessions(args, tok)
+    conv = build_sessions(args, tok, seed=0)
     assert len(conv) == 4 and all(len(s.turns) == 3 for s in conv)
     assert [t.think_time_s for t in conv[0].turns] == [0.0, 0.2, 0.2]
     with pytest.raises(ValueError, match="prompt-format text"):
@@ -246,4 +263,28 @@ def test_multi_turn_and_shared_prefix_from_cli_flags() -> None:
         )
     args = parser.parse_args(["run", "--url", "http://x:1", "--workload", "mooncake"])
     with pytest.raises(ValueError, match="--dataset"):
-        build_sessions(args, tok)
+        build_sessions(args, tok, seed=0)
+
+
+def test_every_run_and_warmup_draws_fresh_prompts() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["run", "--url", "http://x:1", "--num-requests", "50"])
+    tok = WhitespaceTokenizer()
+    seeds = [draw_seed(0, stream, i) for stream in (MEASURED_STREAM, WARMUP_STREAM) for i in (0, 1)]
+    prompts = [{s.turns[0].text for s in build_sessions(args, tok, seed)} for seed in seeds]
+    assert all(len(p) == 50 for p in prompts)
+    assert len(set().union(*prompts)) == 200  # no prompt sent twice in a two-point sweep
+    assert prompts[0] == {s.turns[0].text for s in build_sessions(args, tok, seeds[0])}
+
+
+def test_every_flag_has_a_description_and_a_default() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, action_parser in sub.choices.items():
+        for action in action_parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = action.help or ""
+            assert len(text) > 12 and "default: " in text, f"{name} {action.option_strings[0]}"

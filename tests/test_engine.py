@@ -237,7 +237,8 @@ def test_async_engine_streams_and_aborts(tiny_llama, overlap: bool) -> None:
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
         deltas = [o async for o in engine.generate("a", [5, 6, 7, 8], params)]
         assert sum(len(d.outputs[0].token_ids) for d in deltas) == 6
-        assert deltas[-1].finished and not deltas[0].finished
+        # Deltas queued while the consumer was away are coalesced, so count only the end.
+        assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
         with pytest.raises(ValueError, match="prompt is empty"):
             async for _ in engine.generate("bad", [], params):
                 pass

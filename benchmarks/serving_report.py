@@ -1,0 +1,217 @@
+"""Rows, merging and the markdown table of the serving benchmark (benchmarks/serving.py).
+
+`summary.json` is a list of rows, one per (system, workload, rate), each with where it came
+from (command, commit, device, date): a later call replaces the rows it re-measures and
+keeps the others, so one system or one workload per device call still ends in one file.
+Each row's per-request file is `runs/<name>/requests.jsonl.gz` beside it, with the bench
+tool's own summary of the run (`runs/<name>/summary.json`).
+
+Results of calls unpacked apart merge into one directory:
+
+    python -m splitserve.benchmarks.serving_report merge OUT_DIR IN_DIR [IN_DIR ...]
+
+Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
+(default 1 s and 50 ms), read off the rates measured; the issue's definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "summary.md"
+ROW_KEYS = (
+    "system", "workload", "rate", "num_requests", "cached_prompt_fraction",
+    "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "output_tok_s",
+)  # fmt: skip
+
+
+def run_name(system: str, workload: str, rate: float) -> str:
+    return f"{system}_{workload}_rate{rate:g}"
+
+
+def _pct(summary: dict[str, Any], metric: str, q: str) -> float | None:
+    stat = summary["metrics"].get(f"{metric}_ms", {}).get(q)
+    return None if stat is None else stat["value"]
+
+
+def cached_fraction(requests: list[dict[str, Any]]) -> float:
+    """Prompt tokens the server reported cached over prompt tokens, over the requests
+    that reported usage (0 when none did)."""
+    prompt = sum(r.get("num_prompt_tokens") or 0 for r in requests)
+    cached = sum(r.get("num_cached_tokens") or 0 for r in requests)
+    return cached / prompt if prompt else 0.0
+
+
+def make_row(
+    system: str, workload: str, rate: float, run_dir: Path, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The row of one bench run, from its summary.json and requests.jsonl."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = (run_dir / "requests.jsonl").read_text().splitlines()
+    requests = [json.loads(line) for line in lines if line.strip()]
+    counts = summary["counts"]
+    row: dict[str, Any] = {
+        "system": system,
+        "workload": workload,
+        "rate": rate,
+        "num_requests": counts["num_completed"],
+        "cached_prompt_fraction": cached_fraction(requests),
+        **{f"ttft_{q}_ms": _pct(summary, "ttft", q) for q in ("p50", "p90", "p99")},
+        **{f"tpot_{q}_ms": _pct(summary, "tpot", q) for q in ("p50", "p90")},
+        "output_tok_s": summary["throughput"]["output_tokens_per_s"],
+        "num_failed": counts["num_failed"],
+        "achieved_rate": summary["load"].get("achieved_rate"),
+    }
+    stages = stream_stages_ms(summary)
+    if stages:
+        row["stream_stage_mean_ms"] = stages
+    row.update(extra)
+    return row
+
+
+def stream_stages_ms(summary: dict[str, Any]) -> dict[str, float]:
+    """Mean per-message time of each streaming stage (splitserve's router with
+    --trace-stream-timing), from the bench's scrape of the server's /metrics."""
+    means = (summary.get("server_metrics") or {}).get("histogram_means") or {}
+    out = {}
+    for key, value in means.items():
+        match = re.fullmatch(r'splitserve_router_stream_stage_seconds\{stage="(\w+)"\}', key)
+        if match and value is not None:
+            out[match[1]] = value * 1000.0
+    return out
+
+
+def keep_run(run_dir: Path, out_dir: Path, name: str) -> None:
+    """Copy a run's summary and its compressed per-request file under out_dir/runs/."""
+    dest = out_dir / "runs" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "summary.json", dest / "summary.json")
+    with (
+        (run_dir / "requests.jsonl").open("rb") as src,
+        gzip.open(dest / "requests.jsonl.gz", "wb") as dst,
+    ):
+        shutil.copyfileobj(src, dst)
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`old` with every row `new` re-measures replaced; sorted by system, workload, rate."""
+    key = lambda r: (r["system"], r["workload"], float(r["rate"]))  # noqa: E731
+    merged = {key(r): r for r in old}
+    merged.update({key(r): r for r in new})
+    return [merged[k] for k in sorted(merged)]
+
+
+def read_rows(out_dir: Path) -> list[dict[str, Any]]:
+    path = out_dir / SUMMARY_FILE
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} is not a list of rows; move it away or pick another --out-dir")
+    return rows
+
+
+def capacity(rows: list[dict[str, Any]], ttft_ms: float, tpot_ms: float) -> float | None:
+    """Highest rate of `rows` (one system and workload) whose p90s meet the SLO."""
+    passing = [
+        r["rate"]
+        for r in rows
+        if r["ttft_p90_ms"] is not None
+        and r["tpot_p90_ms"] is not None
+        and r["ttft_p90_ms"] <= ttft_ms
+        and r["tpot_p90_ms"] <= tpot_ms
+    ]
+    return max(passing, default=None)
+
+
+def _cell(*values: float | None) -> str:
+    return " / ".join("-" if v is None else f"{v:,.1f}" for v in values)
+
+
+def markdown(rows: list[dict[str, Any]], slo_ttft_ms: float, slo_tpot_ms: float) -> str:
+    """One table per workload: a line per rate, each system's TTFT and TPOT side by side."""
+    systems = sorted({r["system"] for r in rows})
+    out = []
+    for workload in sorted({r["workload"] for r in rows}):
+        mine = [r for r in rows if r["workload"] == workload]
+        by = {(r["system"], r["rate"]): r for r in mine}
+        head = ["rate (req/s)"]
+        for s in systems:
+            head += [f"{s} TTFT p50 / p90 / p99 ms", f"{s} TPOT p50 / p90 ms", f"{s} out tok/s"]
+        out += [f"### {workload} (prompt x output tokens)", "", "| " + " | ".join(head) + " |"]
+        out.append("|" + " --- |" * len(head))
+        for rate in sorted({r["rate"] for r in mine}):
+            cells = [f"{rate:g}"]
+            for s in systems:
+                r = by.get((s, rate))
+                if r is None:
+                    cells += ["not run"] * 3
+                    continue
+                ttft = _cell(r["ttft_p50_ms"], r["ttft_p90_ms"], r["ttft_p99_ms"])
+                cells += [ttft, _cell(r["tpot_p50_ms"], r["tpot_p90_ms"]), _cell(r["output_tok_s"])]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        for s in systems:
+            cap = capacity([r for r in mine if r["system"] == s], slo_ttft_ms, slo_tpot_ms)
+            text = "no rate measured met it" if cap is None else f"{cap:g} req/s"
+            out.append(
+                f"- {s}: capacity at TTFT p90 <= {slo_ttft_ms:g} ms and TPOT p90 <= "
+                f"{slo_tpot_ms:g} ms: {text}"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def write_summary(
+    out_dir: Path, new_rows: list[dict[str, Any]], slo_ttft_ms: float, slo_tpot_ms: float
+) -> list[dict[str, Any]]:
+    """Merge `new_rows` into out_dir/summary.json and rewrite the markdown table."""
+    rows = merge_rows(read_rows(out_dir), new_rows)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    (out_dir / TABLE_FILE).write_text(markdown(rows, slo_ttft_ms, slo_tpot_ms))
+    return rows
+
+
+def merge_dirs(out_dir: Path, in_dirs: list[Path], slo_ttft_ms: float, slo_tpot_ms: float) -> int:
+    """Merge the rows and runs/ of `in_dirs` (later ones win) into `out_dir`; row count."""
+    rows = read_rows(out_dir)
+    for in_dir in in_dirs:
+        if not (in_dir / SUMMARY_FILE).exists():
+            raise ValueError(f"{in_dir} has no {SUMMARY_FILE}: pass the unpacked results folder")
+        rows = merge_rows(rows, read_rows(in_dir))
+        if (in_dir / "runs").is_dir():
+            shutil.copytree(in_dir / "runs", out_dir / "runs", dirs_exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    (out_dir / TABLE_FILE).write_text(markdown(rows, slo_ttft_ms, slo_tpot_ms))
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="merge serving benchmark results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge result folders into OUT_DIR")
+    merge.add_argument("out_dir", type=Path)
+    merge.add_argument("in_dirs", type=Path, nargs="+")
+    merge.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    merge.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    args = parser.parse_args(argv)
+    try:
+        num = merge_dirs(args.out_dir, args.in_dirs, args.slo_ttft_ms, args.slo_tpot_ms)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"{num} rows in {args.out_dir / SUMMARY_FILE}")
+    print((args.out_dir / TABLE_FILE).read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

