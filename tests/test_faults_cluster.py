@@ -160,6 +160,23 @@ def test_killed_prefill_node_costs_nothing_but_a_local_prefill(up: ManagedProces
     assert child_pid(up, "prefill") != prefill
 
 
+def test_frozen_redis_costs_no_request(up: ManagedProcess) -> None:
+    url = up.address
+    redis_pid = child_pid(up, "redis-server")
+    os.kill(redis_pid, signal.SIGSTOP)
+    try:
+        results = [complete(url, f"redis frozen {i}", timeout_s=30) for i in range(5)]
+        print(f"frozen redis: {results}")
+        assert all(status == 200 and seconds < 5 for status, seconds in results), results
+        assert httpx.get(f"{url}/health", timeout=5).json()["redis"] == "down"
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health", timeout=5).json()["redis"] != "up":
+        assert time.monotonic() < deadline, "Redis not back after SIGCONT"
+        time.sleep(0.3)
+
+
 def test_killed_redis_is_restarted_and_serving_goes_on(up: ManagedProcess) -> None:
     url = up.address
     redis_pid = child_pid(up, "redis-server")
