@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 PACKAGES := engine kernels kv_transfer prefill decode router launch protocol benchmarks
 
-.PHONY: install run test lint typecheck unit clean proto
+.PHONY: install run test lint typecheck unit faults fuzz-api clean proto
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ typecheck: install
 
 unit: install
 	$(PY) -m pytest -q -m "not gpu" tests
+
+# The fault suite alone (frozen, killed and flooded parts; `unit` runs it too).
+faults: install
+	$(PY) -m pytest -q -m faults tests
+
+# Schemathesis against the router's own openapi.json (docs/reliability.md); its output is
+# committed as docs/results/schemathesis.txt.
+fuzz-api: install
+	$(PIP) install -q -e ".[fuzz]"
+	$(PY) scripts/fuzz_api.py --schemathesis $(VENV)/bin/schemathesis --out docs/results/schemathesis.txt
 
 test: lint typecheck unit
 

@@ -12,8 +12,9 @@ step hook; network I/O stays in decode/service.py):
                             prefill node will write the blocks, so they can go
     poll(core)              step hook: chunk arrivals from the ArrivalTracker; a request
                             whose blocks all landed AND whose RPC answered joins the batch
-                            with the first token; a failure or timeout makes it prefill
-                            locally into the same blocks
+                            with the first token; a failure, a timeout or a stall (no chunk
+                            within `stall_timeout_s(prompt size)`) makes it prefill locally
+                            into the same blocks
     pop_metrics(rid)        per-request transfer metrics, for the final Generate message
 
 A request aborted while its KV is in flight keeps its blocks (EngineCore holds them) until
@@ -36,6 +37,19 @@ from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
 
 logger = logging.getLogger(__name__)
+
+# No-progress bound of a remote prefill: a chunk must land within this base plus a budget
+# per prompt token still to receive, so a frozen prefill node costs seconds, not the whole
+# --prefill-timeout-s. The budget (1 ms/token: 10 s more for 10k tokens) covers a slow
+# chunk of a long prompt and some queueing on a busy prefill node.
+STALL_BASE_S = 5.0
+STALL_PER_TOKEN_S = 0.001
+
+
+def stall_timeout_s(num_tokens: int, timeout_s: float) -> float:
+    """The no-progress deadline for a prompt of `num_tokens` to receive (at most half the
+    overall timeout, so the fallback always comes well before it)."""
+    return min(STALL_BASE_S + STALL_PER_TOKEN_S * num_tokens, timeout_s / 2)
 
 
 class RemotePrefillInfo(NamedTuple):
@@ -113,12 +127,15 @@ class RemotePrefills:
             logger.info("KV pool short for %s: prefilling it locally", request_id)
             core.add_request(request_id, prompt, params)
             return None
-        self.tracker.expect(request_id, timeout_s)
         num_blocks = len(plan.block_ids) - plan.num_cached_blocks
+        num_tokens = len(prompt) - plan.num_cached_blocks * core.block_size
+        self.tracker.expect(
+            request_id, timeout_s, stall_timeout_s=stall_timeout_s(num_tokens, timeout_s)
+        )
         self._pending[request_id] = _Pending(
             started=time.monotonic(),
             prefill_node_id=prefill_node_id,
-            num_tokens_to_receive=len(prompt) - plan.num_cached_blocks * core.block_size,
+            num_tokens_to_receive=num_tokens,
             num_bytes=num_blocks * self.block_bytes,
         )
         return plan

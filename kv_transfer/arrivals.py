@@ -10,6 +10,8 @@ Who calls what, in order (decode node):
    from `tags.encode_tag`, sent once a chunk's bytes have landed) and returns a
    `RequestArrival` per request that completed (ok) or ran past its deadline (failed).
    A request is complete once its final chunk AND every chunk before it have arrived.
+   With `stall_timeout_s`, it also fails when no chunk arrives for that long (a frozen
+   or wedged prefill node), however far its overall deadline is.
 4. ``tracker.forget(request_id)`` on abort; late notifications of a forgotten, finished or
    timed-out request are dropped (DEBUG log); tags of requests never expected are logged
    as warnings and ignored.
@@ -54,6 +56,14 @@ class _Expected:
     peer: str | None = None
     chunks: set[int] = field(default_factory=set)
     last_idx: int | None = None
+    # No-progress bound: a chunk must arrive within stall_s of the last one (or of expect).
+    stall_s: float | None = None
+    last_progress: float = 0.0
+
+    def stalled_for(self, now: float) -> float | None:
+        """Seconds without progress when past the stall bound, else None."""
+        silent = now - self.last_progress
+        return silent if self.stall_s is not None and silent > self.stall_s else None
 
 
 class ArrivalTracker:
@@ -80,13 +90,20 @@ class ArrivalTracker:
         return request_id in self._expected
 
     def expect(
-        self, request_id: str, timeout_s: float | None = None, peer: str | None = None
+        self,
+        request_id: str,
+        timeout_s: float | None = None,
+        peer: str | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
-        """Start waiting for `request_id`'s chunks; reported failed after the timeout.
+        """Start waiting for `request_id`'s chunks; reported failed after the timeout, or
+        after `stall_timeout_s` without a new chunk.
 
         With `peer` (the prefill node's agent name), chunks from other agents are ignored:
         a late push of an earlier, abandoned attempt cannot complete a retry.
         """
+        if stall_timeout_s is not None and stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
         rid = validate_request_id(request_id)
         if rid in self._expected:
             raise ValueError(f"request {rid!r} is already expected; forget() it first")
@@ -95,7 +112,13 @@ class ArrivalTracker:
             raise ValueError(f"timeout_s must be > 0, got {timeout}")
         now = self._clock()
         self._retired.pop(rid, None)
-        self._expected[rid] = _Expected(started=now, deadline=now + timeout, peer=peer)
+        self._expected[rid] = _Expected(
+            started=now,
+            deadline=now + timeout,
+            peer=peer,
+            stall_s=stall_timeout_s,
+            last_progress=now,
+        )
 
     def forget(self, request_id: str) -> bool:
         """Stop waiting (abort); False if the request was not expected."""
@@ -113,6 +136,8 @@ class ArrivalTracker:
         for rid, exp in list(self._expected.items()):
             if now > exp.deadline:
                 self._report(rid, exp, _timeout_error(exp, now), now)
+            elif (silent := exp.stalled_for(now)) is not None:
+                self._report(rid, exp, f"stalled: no KV chunk for {silent:.3g} s", now)
         ready, self._ready = self._ready, []
         return ready
 
@@ -161,6 +186,7 @@ class ArrivalTracker:
             error = f"chunk {idx} after final chunk {exp.last_idx}"
         exp.chunks.add(idx)
         now = self._clock()
+        exp.last_progress = now
         if error is not None:
             self._report(rid, exp, f"bad chunk sequence: {error}", now)
         elif exp.last_idx is not None and len(exp.chunks) == exp.last_idx + 1:

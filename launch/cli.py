@@ -37,7 +37,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    common.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging verbosity")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -19,9 +19,16 @@ from splitserve.engine.config import (
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", required=True, help="HF model directory or dummy:<preset>")
-    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="weights and KV dtype; auto: bfloat16 on CUDA, float32 on CPU",
+    )
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of random sampling (and of dummy weights)"
+    )
     g.add_argument(
         "--attention-backend",
         default="auto",
@@ -43,15 +50,40 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=8192,
         help="CUDA: longest context a graph-replayed decode batch may hold",
     )
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--served-model-name", default=None)
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length in tokens (default: the model config's)",
+    )
+    g.add_argument(
+        "--served-model-name", default=None, help="name the API serves it as (default: --model)"
+    )
+    g.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (one value per cluster)"
+    )
     g.add_argument("--num-blocks", type=int, default=None, help="exact KV pool size in blocks")
-    g.add_argument("--kv-cache-memory-gib", type=float, default=0.5)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument(
+        "--kv-cache-memory-gib",
+        type=float,
+        default=0.5,
+        help="KV pool size in GiB (when --num-blocks is not given)",
+    )
+    g.add_argument(
+        "--no-prefix-caching", action="store_true", help="never reuse cached prompt blocks"
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one engine step (decode tokens plus prefill chunks)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    g.add_argument(
+        "--no-chunked-prefill",
+        action="store_true",
+        help="prefill each prompt in one step instead of budget-sized chunks",
+    )
     g.add_argument(
         "--no-overlap-output-processing",
         action="store_true",

@@ -4,12 +4,20 @@ each its own process. `splitserve up` runs one; the end-to-end tests use it too.
 Start order: Redis (unless a URL is given) -> prefill nodes -> decode nodes -> router;
 each start waits for the child's ready line. Stop runs in reverse. On GPUs, nodes are
 placed one per device in the order prefill, decode.
+
+Supervision (`splitserve up` calls it every half second, from the thread that started the
+cluster): `restart_dead()` reports every child that exited (its exit code and last log
+lines) and starts it again with the same command; Redis comes back on its port (the nodes
+re-register and republish), the router on its port. A child that dies more than
+`max_restarts` times within `restart_window_s` is not restarted again: ChildFailed.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.launch.processes import ManagedProcess
@@ -42,6 +50,9 @@ class ClusterConfig:
     # torch devices, one per node in the order prefill..., decode...; empty: all on CPU.
     devices: tuple[str, ...] = field(default_factory=tuple)
     start_timeout_s: float = 180.0
+    # Supervision: at most this many restarts of one child within the window (s).
+    max_restarts: int = 5
+    restart_window_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.num_decode < 1:
@@ -77,6 +88,17 @@ class NodeProcess:
         return self.process.match
 
 
+class ChildFailed(RuntimeError):
+    """A child keeps dying: restarting it again would not help."""
+
+
+@dataclass(frozen=True)
+class ChildDeath:
+    name: str
+    returncode: int | None
+    tail: str  # its last log lines
+
+
 class LocalCluster:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
@@ -85,6 +107,61 @@ class LocalCluster:
         self.prefill: list[NodeProcess] = []
         self.decode: list[NodeProcess] = []
         self.router: ManagedProcess | None = None
+        self._restarts: dict[str, deque[float]] = {}
+
+    def dead_children(self) -> list[ChildDeath]:
+        dead = [
+            ChildDeath(p.name, p.returncode, p.tail())
+            for p in self._processes()
+            if p.returncode is not None
+        ]
+        if self.redis is not None and not self.redis.is_running:
+            dead.append(ChildDeath("redis", None, self.redis.log_tail()))
+        return dead
+
+    def restart_dead(self) -> list[ChildDeath]:
+        """Restart every child that exited; the deaths, for the caller to report."""
+        dead = self.dead_children()
+        for death in dead:
+            self._count_restart(death)
+            logger.error(
+                "%s exited (code %s); restarting it. Its last lines:\n%s",
+                death.name,
+                death.returncode,
+                death.tail or "(no output)",
+            )
+            self._restart(death.name)
+        return dead
+
+    def _count_restart(self, death: ChildDeath) -> None:
+        now = time.monotonic()
+        times = self._restarts.setdefault(death.name, deque())
+        while times and now - times[0] > self.config.restart_window_s:
+            times.popleft()
+        if len(times) >= self.config.max_restarts:
+            raise ChildFailed(
+                f"{death.name} died {len(times) + 1} times within "
+                f"{self.config.restart_window_s:.0f} s (last exit code {death.returncode}); "
+                f"its last lines:\n{death.tail}"
+            )
+        times.append(now)
+
+    def _restart(self, name: str) -> None:
+        if name == "redis" and self.redis is not None:
+            self.redis.stop()
+            self.redis.start()
+            return
+        if self.router is not None and name == self.router.name:
+            self.router = self.router.fresh_copy().start(self.config.start_timeout_s)
+            return
+        for node in [*self.prefill, *self.decode]:
+            if node.process.name == name:
+                node.process = node.process.fresh_copy().start(self.config.start_timeout_s)
+                logger.info("%s is back as %s on %s", name, node.node_id, node.address)
+
+    def _processes(self) -> list[ManagedProcess]:
+        nodes = [n.process for n in [*self.prefill, *self.decode]]
+        return [*nodes, *([self.router] if self.router is not None else [])]
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -27,9 +27,25 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--advertise-host", default=None, help="host others reach this node at")
     g.add_argument("--redis", default=None, help="redis://host:port/db of the cluster")
     g.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
-    g.add_argument("--prefill-timeout-s", type=float, default=30.0)
-    g.add_argument("--drain-timeout-s", type=float, default=5.0)
-    g.add_argument("--push-timeout-s", type=float, default=30.0)
+    g.add_argument(
+        "--prefill-timeout-s",
+        type=float,
+        default=30.0,
+        help="decode: longest wait for a remote prefill before prefilling locally (a stalled "
+        "push falls back sooner, docs/reliability.md)",
+    )
+    g.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=5.0,
+        help="on SIGTERM: time running requests get to finish",
+    )
+    g.add_argument(
+        "--push-timeout-s",
+        type=float,
+        default=30.0,
+        help="prefill: longest a KV push to a decode node may take",
+    )
     g.add_argument(
         "--stream-interval",
         type=int,

@@ -28,6 +28,7 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer import TransferAgent, TransferConfig
+from splitserve.protocol import keepalive
 from splitserve.router.node_publisher import NodePublisher
 from splitserve.router.node_registry import NodeCapacity, NodeLoad, NodeRecord, make_node_id
 
@@ -120,7 +121,7 @@ class NodeRuntime:
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=[*options, *keepalive.SERVER_OPTIONS])
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise ValueError(f"cannot bind {self.config.host}:{self.config.port}; pick a free port")

@@ -3,7 +3,14 @@
 `splitserve up` and the end-to-end tests start every node and the router as
 `python -m splitserve.launch.cli ...` subprocesses and wait for the line each prints when
 it serves; output goes on being read (and logged) by a thread, so a child never blocks
-on a full pipe.
+on a full pipe, and its last lines are kept for the report when it dies.
+
+Every child runs in its own session and process group (a terminal's SIGHUP or Ctrl-C
+reaches the parent only, which stops the children in order) and gets SIGTERM from the
+kernel when the thread that started it dies (Linux parent-death signal, set by the
+launch/die_with_parent.py wrapper), so a parent killed with SIGKILL orphans nothing. Start
+children from a thread that lives as long as they do (the main thread): a child started
+from a short-lived worker thread dies with the thread.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+
+from splitserve.launch import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +73,21 @@ class ManagedProcess:
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def tail(self, num_lines: int = 20) -> str:
+        """Its last output lines, for the report when it dies."""
+        return "\n".join(list(self.lines)[-num_lines:])
+
+    def fresh_copy(self) -> ManagedProcess:
+        """An unstarted process with the same command (to restart a dead one)."""
+        return ManagedProcess(self.name, self.args, self.ready_pattern, self.env)
+
     def start(self, timeout_s: float = 120.0) -> ManagedProcess:
         self._proc = subprocess.Popen(
-            self.args,
+            die_with_parent.wrap(self.args),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -23,6 +23,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from splitserve.launch import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = (
@@ -93,7 +95,7 @@ class RedisServer:
                 return self
             logger.warning("redis-server failed to start on port %d (try %d)", self.port, attempt)
         raise RuntimeError(
-            f"redis-server did not start on {self.host}:{self.port}: {self._log_tail()}"
+            f"redis-server did not start on {self.host}:{self.port}: {self.log_tail()}"
         )
 
     def stop(self) -> None:
@@ -147,7 +149,12 @@ class RedisServer:
             "--dir", str(self._workdir),
             "--logfile", str(self._log_path),
         ]  # fmt: skip
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            die_with_parent.wrap(argv),  # never outlives the process that started it
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         client = redis.Redis(
             host=self.host, port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
         )
@@ -170,7 +177,7 @@ class RedisServer:
     def _log_path(self) -> Path:
         return self._workdir / "redis.log"
 
-    def _log_tail(self, num_lines: int = 5) -> str:
+    def log_tail(self, num_lines: int = 5) -> str:
         if not self._log_path.is_file():
             return "no log written"
         return " | ".join(self._log_path.read_text(errors="replace").splitlines()[-num_lines:])

@@ -33,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local tokenizer directory or dummy:<preset> (default: --model)",
     )
     g.add_argument("--api-key", default="", help="require 'Authorization: Bearer <key>'")
-    g.add_argument("--routing-policy", default="cache_aware", choices=POLICIES)
+    g.add_argument(
+        "--routing-policy",
+        default="cache_aware",
+        choices=POLICIES,
+        help="how a decode (and prefill) node is chosen per prompt",
+    )
     g.add_argument(
         "--disagg-min-tokens",
         type=int,
@@ -41,9 +46,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="uncached prompt tokens below which the decode node prefills itself",
     )
     g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=0,
+        help="largest request body; larger is a 413 (default 0: from the model's context)",
+    )
+    g.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=0,
+        help="threads that parse and tokenize requests off the event loop (0: one per core)",
+    )
+    g.add_argument(
+        "--strict-fields",
+        action="store_true",
+        help="reject unknown request fields with a 400 (default: ignore and log them, as vLLM)",
+    )
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser requests from this origin ('*' for any); repeat for several",
+    )
+    g.add_argument(
         "--trace-stream-timing",
         action="store_true",
         help="export per-message streaming stage times in /metrics (nodes on this host only)",
+    )
+    _add_liveness_arguments(parser)
+
+
+def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("router liveness (docs/reliability.md)")
+    defaults = RouterConfig(redis_url="redis://unused", model="unused")
+    g.add_argument(
+        "--keepalive-interval-s",
+        type=float,
+        default=defaults.keepalive_interval_s,
+        help="gRPC ping interval towards nodes",
+    )
+    g.add_argument(
+        "--keepalive-timeout-s",
+        type=float,
+        default=defaults.keepalive_timeout_s,
+        help="a node that does not answer a ping within this is dead to its streams",
+    )
+    g.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        default=defaults.stream_idle_timeout_s,
+        help="longest silence of a decode stream after its first token",
+    )
+    g.add_argument(
+        "--first-message-timeout-s",
+        type=float,
+        default=defaults.first_message_timeout_s,
+        help="longest wait for a decode stream's first token (prefill included)",
     )
 
 
@@ -57,6 +115,14 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         port=args.port,
         api_key=args.api_key,
         policy=PolicyConfig(name=args.routing_policy, disagg_min_tokens=args.disagg_min_tokens),
+        keepalive_interval_s=args.keepalive_interval_s,
+        keepalive_timeout_s=args.keepalive_timeout_s,
+        stream_idle_timeout_s=args.stream_idle_timeout_s,
+        first_message_timeout_s=args.first_message_timeout_s,
+        max_body_bytes=args.max_body_bytes,
+        num_tokenizer_threads=args.tokenizer_threads,
+        strict_fields=args.strict_fields,
+        cors_origins=tuple(args.cors_origin),
         trace_stream_timing=args.trace_stream_timing,
     )
 

@@ -3,8 +3,11 @@
 Starts a redis-server on a free loopback port (unless --redis is given), N prefill and M
 decode nodes (one per GPU when there are GPUs; on CPU the built-in tiny model unless
 --model is given), and the router on --port; waits until the router sees every node,
-prints the URL and a ready-to-paste curl, optionally sends a demo request, and stops
-everything on Ctrl-C.
+prints the URL and a ready-to-paste curl, optionally sends a demo request, then supervises:
+a child that dies is reported with its last log lines and restarted (--no-restart: the
+cluster stops). SIGINT, SIGTERM and SIGHUP (the terminal closing) stop every child in order;
+the children run in their own process groups with a parent-death signal, so even a SIGKILL
+of `up` leaves nothing behind (launch/processes.py).
 """
 
 from __future__ import annotations
@@ -13,19 +16,24 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from splitserve.launch.local_cluster import ClusterConfig, LocalCluster
+from splitserve.launch.local_cluster import ChildFailed, ClusterConfig, LocalCluster
 
 logger = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny-llama"
 DEMO_PROMPT = "Tell me about the weather by the sea."
+EXAMPLE_MAX_TOKENS = 64
+SUPERVISE_INTERVAL_S = 0.5
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,16 +42,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="HF directory or dummy:<preset> (default: the built-in tiny model, made on first use)",
     )
-    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument(
+        "--served-model-name", default=None, help="name the API serves the model as"
+    )
     parser.add_argument("--port", type=int, default=8000, help="router HTTP port")
-    parser.add_argument("--num-prefill", type=int, default=1)
-    parser.add_argument("--num-decode", type=int, default=1)
+    parser.add_argument("--num-prefill", type=int, default=1, help="prefill nodes to start")
+    parser.add_argument("--num-decode", type=int, default=1, help="decode nodes to start")
     parser.add_argument("--redis", default=None, help="use this Redis instead of starting one")
-    parser.add_argument("--cluster", default="default")
+    parser.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
     parser.add_argument(
         "--routing-policy",
         default="cache_aware",
         choices=("cache_aware", "least_load", "round_robin"),
+        help="router: how nodes are chosen per prompt",
+    )
+    parser.add_argument(
+        "--api-key", default="", help="router: require 'Authorization: Bearer <key>'"
+    )
+    parser.add_argument(
+        "--disagg-min-tokens",
+        type=int,
+        default=None,
+        help="router: uncached prompt tokens below which the decode node prefills itself",
+    )
+    parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        help="extra flag for the router, e.g. --router-arg=--strict-fields",
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even with GPUs")
     parser.add_argument("--demo", action="store_true", help="send one chat request when ready")
@@ -55,12 +81,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra flag for every node, e.g. --node-arg=--num-blocks=512",
     )
     parser.add_argument(
-        "--router-arg",
-        action="append",
-        default=[],
-        help="extra flag for the router, e.g. --router-arg=--trace-stream-timing",
+        "--ready-timeout-s",
+        type=float,
+        default=300.0,
+        help="how long the router may take to see every node",
     )
-    parser.add_argument("--ready-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="stop the whole cluster when a child dies instead of restarting it",
+    )
+
+
+def router_args(args: argparse.Namespace) -> tuple[str, ...]:
+    out = ["--routing-policy", args.routing_policy]
+    if args.api_key:
+        out += ["--api-key", args.api_key]
+    if args.disagg_min_tokens is not None:
+        out += ["--disagg-min-tokens", str(args.disagg_min_tokens)]
+    return (*out, *args.router_arg)
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """ValueError (a one-line message) when the router's port is taken."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"port {port} on {host} is in use ({exc.strerror}): pass --port with a free "
+                "one, or stop what listens there"
+            ) from None
 
 
 def tiny_model_dir() -> Path:
@@ -84,10 +138,12 @@ def gpu_devices(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(f"cuda:{i}" for i in range(count))
 
 
-def wait_until_ready(url: str, num_prefill: int, num_decode: int, timeout_s: float) -> dict:
+def wait_until_ready(
+    url: str, num_prefill: int, num_decode: int, timeout_s: float, stop: threading.Event
+) -> dict:
     deadline = time.monotonic() + timeout_s
     body: dict = {}
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         try:
             body = httpx.get(f"{url}/health", timeout=2).json()
         except (httpx.HTTPError, json.JSONDecodeError):
@@ -98,24 +154,61 @@ def wait_until_ready(url: str, num_prefill: int, num_decode: int, timeout_s: flo
         ):
             return body
         time.sleep(0.3)
+    if stop.is_set():
+        return body
     raise RuntimeError(f"the router did not see every node within {timeout_s:.0f} s: {body}")
 
 
-def demo_request(url: str, model: str) -> str:
+def demo_request(url: str, model: str, api_key: str) -> str:
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": DEMO_PROMPT}],
         "max_tokens": 32,
         "temperature": 0,
     }
-    reply = httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=120)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=120)
     reply.raise_for_status()
     body = reply.json()
     return body["choices"][0]["message"]["content"]
 
 
+def example_curl(url: str, model: str, api_key: str) -> str:
+    """The ready-to-paste request `up` prints (bounded: max_tokens)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": EXAMPLE_MAX_TOKENS,
+    }
+    auth = f" -H {shlex.quote('Authorization: Bearer ' + api_key)}" if api_key else ""
+    return (
+        f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+        f"-d {shlex.quote(json.dumps(body))}"
+    )
+
+
+def supervise(cluster: LocalCluster, stop: threading.Event, restart: bool) -> int:
+    """Until a stop signal: report dead children and restart them (or stop: exit code 1)."""
+    while not stop.wait(SUPERVISE_INTERVAL_S):
+        if restart:
+            for death in cluster.restart_dead():
+                print(f"{death.name} died (exit code {death.returncode}): restarted", flush=True)
+            continue
+        dead = cluster.dead_children()
+        if dead:
+            for death in dead:
+                print(
+                    f"{death.name} died (exit code {death.returncode}); its last lines:\n"
+                    f"{death.tail}",
+                    flush=True,
+                )
+            return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    check_port_free(args.port)
     model = args.model or str(tiny_model_dir())
     served = args.served_model_name or (TINY_MODEL_NAME if args.model is None else None)
     devices = gpu_devices(args)
@@ -128,31 +221,34 @@ def run(args: argparse.Namespace) -> int:
         redis_url=args.redis,
         cluster=args.cluster,
         node_args=tuple(args.node_arg),
-        router_args=("--routing-policy", args.routing_policy, *args.router_arg),
+        router_args=router_args(args),
         devices=devices[: args.num_prefill + args.num_decode],
     )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
     with LocalCluster(config) as cluster:
         url = cluster.router_url
-        wait_until_ready(url, args.num_prefill, args.num_decode, args.ready_timeout_s)
+        wait_until_ready(url, args.num_prefill, args.num_decode, args.ready_timeout_s, stop)
         name = served or model
         where = ", ".join(devices[: args.num_prefill + args.num_decode]) or "CPU"
-        example = {"model": name, "messages": [{"role": "user", "content": "Hello!"}]}
         print(
             f"splitserve cluster ready: {args.num_prefill} prefill + {args.num_decode} decode "
             f"node(s) on {where}, model {name!r}, Redis {cluster.redis_url}\n"
             f"  OpenAI API: {url}/v1\n"
-            f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-            f"-d '{json.dumps(example)}'",
+            f"  try: {example_curl(url, name, args.api_key)}",
             flush=True,
         )
         if args.demo:
-            print(f"demo request: {DEMO_PROMPT!r}\nreply: {demo_request(url, name)!r}", flush=True)
+            reply = demo_request(url, name, args.api_key)
+            print(f"demo request: {DEMO_PROMPT!r}\nreply: {reply!r}", flush=True)
             if args.once:
                 return 0
         print("Press Ctrl-C to stop.", flush=True)
-        stop.wait()
+        try:
+            code = supervise(cluster, stop, restart=not args.no_restart)
+        except ChildFailed as exc:
+            print(f"splitserve up: {exc}", flush=True)
+            code = 1
         print("stopping the cluster", flush=True)
-    return 0
+    return code

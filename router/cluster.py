@@ -89,6 +89,11 @@ class ClusterView:
             raise RuntimeError("ClusterView: the node list refresh finished without a snapshot")
         return snap
 
+    @property
+    def last_snapshot(self) -> NodeSnapshot | None:
+        """The node list as last read (no Redis call)."""
+        return self._snapshot
+
     async def refresh(self) -> NodeSnapshot:
         """Read the node list now (start-up, tests)."""
         await self._refresh()

@@ -7,6 +7,25 @@ from dataclasses import dataclass, field
 from splitserve.router.node_registry import DEFAULT_CLUSTER
 from splitserve.router.policy import PolicyConfig
 
+# Body limit derived from the context: room for a full context of the most verbose encoding
+# (a token id list, or text escaped as \uXXXX: about 6-12 bytes a token) four times over,
+# plus the rest of the request. 128k tokens: about 7 MiB.
+BODY_BASE_BYTES = 1 << 20
+BODY_BYTES_PER_TOKEN = 48
+UNKNOWN_CONTEXT_BODY_BYTES = 8 << 20
+
+_POSITIVE_FIELDS = (
+    "redis_timeout_s",
+    "node_cache_s",
+    "gc_interval_s",
+    "node_rpc_timeout_s",
+    "keepalive_interval_s",
+    "keepalive_timeout_s",
+    "stream_idle_timeout_s",
+    "first_message_timeout_s",
+    "suspect_s",
+)
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -29,6 +48,28 @@ class RouterConfig:
     gc_interval_s: float = 30.0
     # Timeout of Stats/Abort calls to nodes (s).
     node_rpc_timeout_s: float = 0.5
+    # gRPC keepalive towards nodes: a ping every interval, the connection (and every stream
+    # on it) fails when one is not answered within the timeout. A frozen node is noticed
+    # within the sum (s).
+    keepalive_interval_s: float = 1.0
+    keepalive_timeout_s: float = 2.0
+    # Longest silence of a decode stream after its first message (s): a decode step takes
+    # milliseconds to a second, so this is a stalled engine, not a slow one.
+    stream_idle_timeout_s: float = 10.0
+    # Longest wait for a stream's first message (s): prefill of a long prompt, remote or
+    # local (the decode node falls back to local prefill within its --prefill-timeout-s).
+    first_message_timeout_s: float = 120.0
+    # How long a decode node that failed a liveness check is left out of routing (s).
+    suspect_s: float = 5.0
+    # Largest request body (bytes); 0: derived from the model's context length
+    # (body_limit_for). A larger one is a 413 before it is parsed.
+    max_body_bytes: int = 0
+    # Threads that parse, template and tokenize requests off the event loop; 0: one per core.
+    num_tokenizer_threads: int = 0
+    # Reject unknown request fields with a 400 (vLLM and the default: ignore and log them).
+    strict_fields: bool = False
+    # Origins allowed by CORS ("*" for any); empty: no CORS headers, no preflight answers.
+    cors_origins: tuple[str, ...] = ()
     # Ask nodes for per-message timestamps and export where streaming time goes
     # (splitserve_router_stream_stage_seconds); only for nodes on the router's host.
     trace_stream_timing: bool = False
@@ -40,10 +81,20 @@ class RouterConfig:
             raise ValueError("pass --tokenizer (a local directory or dummy:<preset>) or --model")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("redis_timeout_s", "node_cache_s", "gc_interval_s", "node_rpc_timeout_s"):
+        if self.max_body_bytes < 0 or self.num_tokenizer_threads < 0:
+            raise ValueError("max_body_bytes and num_tokenizer_threads must be >= 0 (0: auto)")
+        for name in _POSITIVE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+    def body_limit_for(self, max_model_len: int) -> int:
+        """The request body limit (bytes) for a model of `max_model_len` tokens (0: unknown)."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        if max_model_len <= 0:
+            return UNKNOWN_CONTEXT_BODY_BYTES
+        return BODY_BASE_BYTES + BODY_BYTES_PER_TOKEN * max_model_len

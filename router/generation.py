@@ -12,8 +12,13 @@ Who calls what, in what order (a handler of /v1/completions or /v1/chat/completi
 
 A prompt whose stream ends without its `finished` message (client gone, error, cancel) has
 its gRPC call cancelled and `Decode.Abort` sent for its request id; the decode node passes
-the abort on to the prefill node. A node that is unreachable before the first message is
-excluded and the prompt re-routed once.
+the abort on to the prefill node.
+
+Liveness: a stream silent for `first_message_timeout_s` before its first message, or for
+`stream_idle_timeout_s` after it, is stalled; gRPC keepalive fails a frozen node's streams
+with UNAVAILABLE sooner. An unreachable or stalled node is left out of routing for
+`suspect_s`; before the first message the prompt is re-routed once to another node, after
+it the request ends with an error (an SSE error event when streaming).
 """
 
 from __future__ import annotations
@@ -46,6 +51,23 @@ class _StreamFailed(Exception):
         super().__init__(str(error))
         self.error = error
         self.received_any = received_any
+
+
+class _StreamStalled(Exception):
+    def __init__(self, silent_s: float, received_any: bool) -> None:
+        super().__init__(f"no message for {silent_s:.1f} s")
+        self.silent_s = silent_s
+        self.received_any = received_any
+
+
+def _stalled_error(node: NodeId, stalled: _StreamStalled) -> APIError:
+    when = "after its first token" if stalled.received_any else "before its first token"
+    return APIError(
+        503,
+        f"decode node {node} stopped answering {when} (silent for {stalled.silent_s:.1f} s); "
+        "retry the request",
+        code="node_unresponsive",
+    )
 
 
 class PromptStreams:
@@ -123,20 +145,47 @@ class PromptStreams:
     async def _run(self, index: int) -> None:
         excluded: set[NodeId] = set()
         prompt = self.prepared.prompts[index]
+        retry_error: APIError | None = None
         for attempt in range(MAX_ATTEMPTS):
-            decision = await self.service.route(
-                self.prepared.model, prompt, self.prepared.n, frozenset(excluded)
-            )
             try:
-                await self._stream(index, decision)
+                decision = await self.service.route(
+                    self.prepared.model, prompt, self.prepared.n, frozenset(excluded)
+                )
+            except APIError:
+                if retry_error is not None:
+                    raise retry_error from None  # no other node: the first node's error
+                raise
+            retry_error = await self._attempt(index, decision, attempt + 1 < MAX_ATTEMPTS)
+            if retry_error is None:
                 return
-            except _StreamFailed as failed:
-                node, exc = decision.decode.node_id, failed.error
-                can_retry = not failed.received_any and attempt + 1 < MAX_ATTEMPTS
-                if not can_retry or exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_grpc_error(exc, node) from exc
-                logger.warning("decode node %s unavailable (%s); re-routing", node, exc.details())
-                excluded.add(node)
+            excluded.add(decision.decode.node_id)
+        if retry_error is not None:
+            raise retry_error
+
+    async def _attempt(
+        self, index: int, decision: RouteDecision, can_retry: bool
+    ) -> APIError | None:
+        """Stream one prompt from one node: None when done, the error to re-route on, or
+        raises the error the client gets."""
+        node = decision.decode.node_id
+        try:
+            await self._stream(index, decision)
+            return None
+        except _StreamStalled as stalled:
+            self.service.suspect(node)
+            if stalled.received_any or not can_retry:
+                raise _stalled_error(node, stalled) from stalled
+            logger.warning("decode node %s is silent (%s); re-routing", node, stalled)
+            return _stalled_error(node, stalled)
+        except _StreamFailed as failed:
+            exc = failed.error
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise from_grpc_error(exc, node) from exc
+            self.service.suspect(node)
+            if failed.received_any or not can_retry:
+                raise from_grpc_error(exc, node) from exc
+            logger.warning("decode node %s unavailable (%s); re-routing", node, exc.details())
+            return from_grpc_error(exc, node)
 
     def _generate_request(self, index: int, decision: RouteDecision) -> pb.GenerateRequest:
         request = pb.GenerateRequest(
@@ -156,6 +205,21 @@ class PromptStreams:
             )
         return request
 
+    async def _next_message(
+        self, call: grpc.aio.UnaryStreamCall, received_any: bool
+    ) -> pb.GenerateResponse | None:
+        """The stream's next message (None at its end); _StreamStalled past the deadline."""
+        config = self.service.config
+        timeout_s = config.stream_idle_timeout_s if received_any else config.first_message_timeout_s
+        try:
+            msg = await asyncio.wait_for(call.read(), timeout_s)
+        except TimeoutError as exc:
+            raise _StreamStalled(timeout_s, received_any) from exc
+        if msg is grpc.aio.EOF:
+            return None
+        response: pb.GenerateResponse = msg
+        return response
+
     async def _stream(self, index: int, decision: RouteDecision) -> None:
         """Forward one node stream to the queue; abort on the node unless it finished."""
         request = self._generate_request(index, decision)
@@ -166,7 +230,7 @@ class PromptStreams:
             service.track(prefill)
         received_any = is_finished = is_unreachable = False
         try:
-            async for msg in call:
+            while (msg := await self._next_message(call, received_any)) is not None:
                 if not received_any and prefill is not None:
                     service.untrack(prefill)
                 received_any = True

@@ -1,7 +1,9 @@
 """/v1/completions and /v1/chat/completions: validate, prepare, stream from decode nodes.
 
-Order per request: parse the body strictly (400), resolve the model against the live decode
-nodes (404 unknown, 503 none live), tokenize and check the context budget (400), then route
+Order per request: parse the body (400; unknown fields logged and listed in the
+X-Ignored-Fields header, or a 400 with --strict-fields), resolve the model against the live
+decode nodes (404 unknown, 503 none live), tokenize and check the context budget (400) on
+the tokenizer threads (RouterService.offload: never on the event loop), then route
 and open one stream per prompt and wait for each stream's first message (503 when no node
 can serve) while watching for the client going away. Streaming responses start only then,
 so their status is a real one; a failure after that is an error chunk, then `[DONE]`.
@@ -21,8 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from splitserve.router.errors import APIError, from_validation_error
+from splitserve.router.errors import APIError, bad_request, from_validation_error
 from splitserve.router.generation import PromptStreams
+from splitserve.router.openai_schema import unknown_fields
 from splitserve.router.prepare import PreparedRequest
 from splitserve.router.responses import ResponseBuilder, sse
 from splitserve.router.service import RouterService
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request": only ever seen in metrics
+IGNORED_FIELDS_HEADER = "x-ignored-fields"
 _DONE = "data: [DONE]\n\n"
 Prepare = Callable[[Any, RouterTokenizer, str, int], PreparedRequest]
 
@@ -46,6 +50,33 @@ def parse_body(body: bytes, model: type[M]) -> M:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
+
+
+async def parse_request(request: Request, model: type[M]) -> tuple[M, list[str]]:
+    """The validated body (parsed on the tokenizer threads) and the unknown fields it had;
+    400 for those with --strict-fields, else a log line."""
+    service: RouterService = request.app.state.service
+    parsed = await service.offload(parse_body, await request.body(), model)
+    ignored = unknown_fields(parsed)
+    if ignored and service.config.strict_fields:
+        raise bad_request(
+            f"unknown field {ignored[0]!r}: this server runs with --strict-fields; drop it",
+            ignored[0],
+        )
+    if ignored:
+        logger.info("%s %s: ignoring unknown fields %s", request.method, request.url.path, ignored)
+    return parsed, ignored
+
+
+def _header_safe(name: str) -> str:
+    """A field name as printable ASCII without spaces (Python escapes; "" when empty)."""
+    return ascii(name)[1:-1].replace(" ", "\\x20") or '""'
+
+
+def with_ignored_header(response: Response, ignored: list[str]) -> Response:
+    if ignored:
+        response.headers[IGNORED_FIELDS_HEADER] = ", ".join(map(_header_safe, ignored))[:1024]
+    return response
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -87,23 +118,27 @@ async def handle_generation(
 ) -> Response:
     service: RouterService = request.app.state.service
     streams: PromptStreams | None = None
+    ignored: list[str] = []
     try:
-        req = parse_body(await request.body(), model)
+        req, ignored = await parse_request(request, model)
         info = await service.resolve_model(req.model)  # type: ignore[attr-defined]
-        prepared = prepare(req, service.tokenizer, request_id, info.max_model_len)
+        prepared = await service.offload(
+            prepare, req, service.tokenizer, request_id, info.max_model_len
+        )
         streams = PromptStreams(service, prepared)
         await until_disconnect(request, streams.start())
         builder = ResponseBuilder(prepared, service.tokenizer)
         if prepared.stream:
             response = _SSEResponse(_SSEStream(service, endpoint, streams, builder))
             streams = None  # the response owns it now
-            return response
+            return with_ignored_header(response, ignored)
         result = await until_disconnect(request, _collect(streams, builder))
         _finish_metrics(service, endpoint, 200, builder)
-        return JSONResponse(result)
+        return with_ignored_header(JSONResponse(result), ignored)
     except APIError as exc:
         _finish_metrics(service, endpoint, exc.status, None)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        error = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return with_ignored_header(error, ignored)
     except ClientGone:
         logger.info("client of %s went away before the response", request_id)
         _finish_metrics(service, endpoint, CLIENT_GONE_STATUS, None)

@@ -3,7 +3,9 @@
 The router opens `Decode.Generate` streams on decode nodes, sends `Decode.Abort` when a
 client goes away, and calls `Stats` on decode and prefill nodes (for /metrics, and for fresh
 load while Redis is down). Channels reconnect quickly (200 ms to 2 s backoff), so a node that
-restarts on the same address is reachable again within a heartbeat or two.
+restarts on the same address is reachable again within a heartbeat or two. Every channel
+pings its node (protocol/keepalive.py): a frozen node fails its streams with UNAVAILABLE
+within keepalive interval + timeout instead of holding them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from splitserve.protocol import keepalive
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
 from splitserve.router.node_registry import NodeRecord
@@ -31,15 +34,21 @@ _CHANNEL_OPTIONS = [
 class NodeClients:
     """Channel pool and the small RPCs (Stats, Abort); Generate goes through `decode_stub`."""
 
-    def __init__(self, rpc_timeout_s: float) -> None:
+    def __init__(
+        self, rpc_timeout_s: float, keepalive_interval_s: float, keepalive_timeout_s: float
+    ) -> None:
         self.rpc_timeout_s = rpc_timeout_s
+        self._options = [
+            *_CHANNEL_OPTIONS,
+            *keepalive.client_options(keepalive_interval_s, keepalive_timeout_s),
+        ]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[address] = channel
         return channel
 

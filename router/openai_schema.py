@@ -1,21 +1,50 @@
-"""Request bodies of the OpenAI-compatible API, validated strictly.
+"""Request and error bodies of the OpenAI-compatible API (also its openapi.json schemas).
 
-Unknown fields are a 400 (`extra="forbid"`), and types are strict (no "0.5" for a float, no
-1.0 for an int, no 0 for a bool). Accepted but ignored: `user`, `metadata`, `store`,
+Unknown fields are ignored, as vLLM does: `unknown_fields()` lists them, the handler logs
+them and names them in the `X-Ignored-Fields` response header (the router's
+--strict-fields makes them a 400 instead). Types are strict (no "0.5" for a float, no 1.0
+for an int, no 0 for a bool); every number is range-checked (no NaN or infinity, bounds in
+the Field declarations). Accepted but ignored: `user`, `metadata`, `store`,
 `parallel_tool_calls`, `service_tier`. Accepted only in their neutral form (anything else is
 a 400 saying so): `response_format` {"type": "text"}, `tools` empty, `tool_choice` "none",
-`logit_bias` empty, `suffix` null, `echo` false, `best_of` null or 1.
+`logit_bias` empty, `suffix` null, `echo` false, `best_of` null or 1. Role `developer` is
+`system`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from splitserve.engine.sampling_params import MAX_LOGPROBS, MAX_N
+
+# Bound on max_tokens and min_tokens (the wire field is uint32; the context bounds it first).
+MAX_TOKENS_LIMIT = 1 << 24
+_UINT32_MAX = (1 << 32) - 1
+_INT32_MAX = (1 << 31) - 1
+# Sampling at a higher temperature (or penalty) is indistinguishable from uniform noise.
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+
+TokenId = Annotated[int, Field(ge=0, le=_UINT32_MAX)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields a client sent that no model declares (nested ones too)."""
+    found = [f"{prefix}{name}" for name in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                at = f"{prefix}{name}.{i}." if isinstance(value, list) else f"{prefix}{name}."
+                found += unknown_fields(item, at)
+    return found
 
 
 class StreamOptions(_Strict):
@@ -33,21 +62,21 @@ class _SamplingFields(_Strict):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, le=_INT32_MAX)
+    min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
-    max_tokens: int | None = None
-    min_tokens: int = 0
+    max_tokens: int | None = None  # range-checked against the context in prepare.py
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
     ignore_eos: bool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY)
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
     echo: bool = False
@@ -58,8 +87,8 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
@@ -71,7 +100,7 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
@@ -82,7 +111,8 @@ class ChatMessage(_Strict):
         content = self.content
         if isinstance(content, list):
             content = "\n".join(part.text for part in content)
-        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": content or ""}
         for key in ("name", "tool_call_id", "tool_calls"):
             value = getattr(self, key)
             if value is not None:
@@ -93,7 +123,7 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
@@ -124,4 +154,17 @@ class TokenizeChatRequest(_Strict):
 
 class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx body (router/errors.py)."""
+
+    error: ErrorDetail

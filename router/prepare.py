@@ -14,6 +14,7 @@ from typing import Literal
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.errors import bad_request, param_of_value_error
 from splitserve.router.openai_schema import (
+    MAX_TOKENS_LIMIT,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -22,8 +23,6 @@ from splitserve.router.openai_schema import (
 from splitserve.router.tokenizer import ChatTemplateError, RouterTokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
-# Bound on max_tokens when no node reports its context length (the wire field is uint32).
-MAX_TOKENS_LIMIT = 1 << 24
 _PARAM_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
 

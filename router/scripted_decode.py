@@ -11,7 +11,12 @@ It registers through `NodePublisher` like a real node (heartbeat, re-register an
 after a Redis restart). Completion `i` of a request replays `reply` (tokenized) rotated by `i`
 tokens, one token per message, `token_delay_s` apart; it honours max_tokens, stop strings,
 stop_token_ids, n and logprobs (logprob -0.5 × (rank), top alternatives the next token ids).
-`fail_before_first` / `fail_after_tokens` make it fail with UNAVAILABLE / INTERNAL.
+`fail_before_first` / `fail_after_tokens` make it fail with UNAVAILABLE / INTERNAL;
+`stall_after_tokens` (0: before the first) makes it go silent for `stall_s` at that point.
+
+`python -m splitserve.router.scripted_decode --redis URL --cluster NAME --tokenizer DIR`
+runs one as its own process (to freeze it with SIGSTOP in fault tests); it prints
+`node <id> listening on <address>` once registered.
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ import grpc
 
 from splitserve.engine.hashing import hash_blocks, seed_hash
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.protocol import keepalive
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
 from splitserve.protocol.messages import sampling_params_from_proto
 from splitserve.router.node_publisher import NodePublisher
 from splitserve.router.node_registry import NodeCapacity, NodeRecord, make_node_id
 from splitserve.router.tokenizer import RouterTokenizer
+
+
+def _sleep_while_active(context: grpc.ServicerContext, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while context.is_active() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
 
 DEFAULT_REPLY = " the quick brown fox jumps over the lazy dog and runs far away into the woods"
 
@@ -63,6 +76,8 @@ class ScriptedDecodeNode(pb_grpc.DecodeServicer):
         self.token_delay_s = 0.0
         self.fail_before_first = False
         self.fail_after_tokens: int | None = None
+        self.stall_after_tokens: int | None = None
+        self.stall_s = 0.0
         self.requests: list[pb.GenerateRequest] = []
         self.aborted: list[str] = []
         self.num_active = 0
@@ -72,7 +87,9 @@ class ScriptedDecodeNode(pb_grpc.DecodeServicer):
         self.record: NodeRecord | None = None
 
     def start(self, redis_url: str, cluster: str) -> ScriptedDecodeNode:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16), options=keepalive.SERVER_OPTIONS
+        )
         pb_grpc.add_DecodeServicer_to_server(self, self._server)
         port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
@@ -141,6 +158,8 @@ class ScriptedDecodeNode(pb_grpc.DecodeServicer):
         max_tokens = params.max_tokens or 64
         num_tokens = 0
         while any(c.finish_reason is None for c in completions):
+            if self.stall_after_tokens == num_tokens:
+                _sleep_while_active(context, self.stall_s)
             if self.fail_after_tokens is not None and num_tokens >= self.fail_after_tokens:
                 context.abort(grpc.StatusCode.INTERNAL, "scripted failure mid-stream")
             deltas = [
@@ -214,3 +233,30 @@ class ScriptedDecodeNode(pb_grpc.DecodeServicer):
             prefix_cache_queries=100,
             prefix_cache_hits=25,
         )
+
+
+def main() -> None:
+    import argparse
+    import signal
+    import threading
+
+    parser = argparse.ArgumentParser(description="a scripted decode node (for fault tests)")
+    parser.add_argument("--redis", required=True, help="redis://host:port/db of the cluster")
+    parser.add_argument("--cluster", required=True, help="cluster name (Redis key prefix)")
+    parser.add_argument("--tokenizer", required=True, help="local tokenizer directory")
+    parser.add_argument("--model", default="tiny", help="served model name")
+    parser.add_argument("--token-delay-s", type=float, default=0.0, help="pause between tokens")
+    args = parser.parse_args()
+    node = ScriptedDecodeNode(RouterTokenizer.load(args.tokenizer), args.model)
+    node.token_delay_s = args.token_delay_s
+    node.start(args.redis, args.cluster)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"node {node.node_id} listening on {node.record.grpc_address}", flush=True)  # type: ignore[union-attr]
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,17 +6,23 @@ Redis once for every live node's cached prefix, and applies the policy (router/p
 Load reported by nodes is up to a heartbeat old, so the router adds the requests it has
 itself sent and not yet seen answered (`track`/`untrack`), which keeps a burst from herding
 onto the node that looked best a second ago. With Redis down, routing is by load only.
+A decode node whose stream went silent or whose connection failed is `suspect()`: left out
+of routing (and of /health) for `suspect_s`, since Redis lists it until its TTL runs out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import logging
+import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from splitserve.engine.hashing import hash_blocks, seed_hash
 from splitserve.router.cluster import ClusterView
@@ -29,6 +35,8 @@ from splitserve.router.policy import RouteDecision, RoutingInputs, choose_route
 from splitserve.router.tokenizer import RouterTokenizer
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ModelInfo(NamedTuple):
@@ -59,6 +67,40 @@ class RouterService:
         self._load_only = replace(config.policy, name="least_load")
         self._rotation = itertools.count()
         self._inflight: Counter[NodeId] = Counter()
+        self._suspect_until: dict[NodeId, float] = {}
+        num_threads = config.num_tokenizer_threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="router-tokenize")
+
+    async def offload(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the tokenizer threads: parsing, chat templates and tokenization of a
+        large request never hold the event loop (the Rust tokenizer releases the GIL)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def body_limit(self) -> int:
+        """The request body limit now: configured, or from the smallest context served."""
+        snap = self.cluster.last_snapshot
+        lens = [d.max_model_len for d in snap.decode if d.max_model_len > 0] if snap else []
+        return self.config.body_limit_for(min(lens, default=0))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def suspect(self, node_id: NodeId) -> None:
+        """Leave `node_id` out of routing for `suspect_s` (it failed a liveness check)."""
+        if node_id not in self.suspects():
+            logger.warning(
+                "decode node %s failed a liveness check: not routed to for %.0f s",
+                node_id,
+                self.config.suspect_s,
+            )
+        self._suspect_until[node_id] = time.monotonic() + self.config.suspect_s
+
+    def suspects(self) -> frozenset[NodeId]:
+        now = time.monotonic()
+        for node_id in [n for n, until in self._suspect_until.items() if until <= now]:
+            del self._suspect_until[node_id]
+        return frozenset(self._suspect_until)
 
     async def models(self) -> list[ModelInfo]:
         """Models served by live decode nodes (only the expected one when --model is set)."""
@@ -99,6 +141,7 @@ class RouterService:
     ) -> RouteDecision:
         start = time.perf_counter()
         snap = await self.cluster.nodes()
+        exclude = exclude | self.suspects()
         decode = [d for d in snap.decode if d.model == model and d.node_id not in exclude]
         if not decode:
             raise _no_decode_node(model)

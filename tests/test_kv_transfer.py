@@ -413,3 +413,21 @@ def test_split_runs_caps_descriptor_length() -> None:
     assert split_runs(runs, 0) == runs
     assert split_runs(runs, 2) == [Run(0, 10, 2), Run(2, 12, 2), Run(4, 14, 1), Run(20, 3, 2)]
     assert sum(r.length for r in split_runs(runs, 3)) == 7
+
+
+def test_tracker_reports_a_stall_long_before_the_timeout(tracked) -> None:
+    tracker, source, clock = tracked  # overall timeout 5 s
+    tracker.expect("stuck", stall_timeout_s=1.0)
+    tracker.expect("moving", stall_timeout_s=1.0)
+    clock.now += 0.8
+    source.send(encode_tag("moving", 0, False))
+    assert tracker.poll() == []
+    clock.now += 0.8  # "stuck": 1.6 s without a chunk; "moving": 0.8 s since its last
+    source.send(encode_tag("moving", 1, False))
+    [stuck] = tracker.poll()
+    assert (stuck.request_id, stuck.ok) == ("stuck", False) and "stalled" in (stuck.error or "")
+    clock.now += 1.1
+    [late] = tracker.poll()
+    assert (late.request_id, late.ok, late.num_chunks) == ("moving", False, 2)
+    with pytest.raises(ValueError, match="stall_timeout_s"):
+        tracker.expect("bad", stall_timeout_s=0)

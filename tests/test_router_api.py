@@ -22,6 +22,7 @@ from splitserve.router.tokenizer import RouterTokenizer
 
 MODEL = "tiny"
 API_KEY = "sekret"
+SUSPECT_S = 0.5  # a node that answered UNAVAILABLE is left out of routing this long
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def nodes(
 
 
 def start_router(
-    redis_url: str, tokenizer: RouterTokenizer, cluster: str, api_key: str = ""
+    redis_url: str, tokenizer: RouterTokenizer, cluster: str, api_key: str = "", **kwargs: Any
 ) -> RouterServer:
     config = RouterConfig(
         redis_url=redis_url,
@@ -57,6 +58,8 @@ def start_router(
         port=0,
         api_key=api_key,
         node_cache_s=0.1,
+        suspect_s=SUSPECT_S,
+        **kwargs,
     )
     return RouterServer(config, tokenizer=tokenizer, log_level="warning").start_in_thread()
 
@@ -323,7 +326,22 @@ ERROR_CASES = [
     ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "bogus": 1}, 400, "bogus"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop_token_ids": [2**32]}, 400, "stop"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, "temp"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "top_p": Infinity}', 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 1e308}, 400, "temp"),
+    (
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "x", "repetition_penalty": NaN}',
+        400,
+        "repetition_penalty",
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 2**40}, 400, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "min_tokens": 2**40}, 400, "min_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 10**20}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": [2**33]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"1": 1e999}}, 400, None),
+    ("/detokenize", {"tokens": [2**40]}, 400, "tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
@@ -355,7 +373,6 @@ ERROR_CASES = [
         None,
     ),
     ("/v1/chat/completions", b"[1, 2]", 400, None),
-    ("/v1/nothing", {}, 404, None),
 ]
 
 
@@ -367,6 +384,7 @@ def test_error_matrix(router: str, path: str, body: Any, status: int, param: str
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["type"] == "invalid_request_error"
+    assert "internal" not in error["message"]
     if param is not None:
         assert error["param"] is not None and error["param"].startswith(param), error
 
@@ -429,6 +447,7 @@ def test_node_failures(router: str, nodes) -> None:
         assert s.status_code == 503
     for node in nodes:
         node.fail_before_first, node.fail_after_tokens = False, 2
+    time.sleep(SUSPECT_S + 0.2)
     r = httpx.post(router + "/v1/completions", json=body)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     with httpx.stream("POST", router + "/v1/completions", json={**body, "stream": True}) as s:
@@ -466,3 +485,122 @@ def test_client_disconnect_aborts_on_the_decode_node(router: str, nodes) -> None
             router + "/v1/completions", json=body, headers={"X-Request-Id": "gone2"}, timeout=0.5
         )
     wait_for_abort(nodes, "gone2-")
+
+
+def test_unknown_fields_are_ignored_logged_and_named(router: str, caplog) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "x"},
+        ],
+        "max_tokens": 2,
+        "reasoning_effort": "low",
+        "prompt_cache_key": "k1",
+    }
+    r = httpx.post(router + "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ignored-fields"] == "reasoning_effort, prompt_cache_key"
+    nested = {"model": MODEL, "messages": [{"role": "user", "content": "x", "extra": 1}]}
+    r = httpx.post(router + "/tokenize", json=nested)
+    assert r.status_code == 200 and r.headers["x-ignored-fields"] == "messages.0.extra"
+
+
+def test_openai_client_with_mainstream_extras(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}],
+        max_tokens=2,
+        reasoning_effort="low",
+        extra_body={"prompt_cache_key": "abc"},
+    )
+    assert reply.choices[0].message.content
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+
+def test_strict_fields_keep_the_400(redis_server, tokenizer, cluster, nodes) -> None:
+    server = start_router(redis_server.url, tokenizer, cluster, strict_fields=True)
+    try:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "bogus": 1}
+        r = httpx.post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bogus"
+    finally:
+        server.stop_thread()
+
+
+def test_http_methods_head_allow_and_unknown_paths(router: str) -> None:
+    for path in ("/health", "/v1/models", f"/v1/models/{MODEL}", "/metrics"):
+        head = httpx.head(router + path)
+        assert head.status_code == 200 and head.content == b"", path
+    r = httpx.delete(router + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.post(router + "/health")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    r = httpx.post(router + "/v1/nothing", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert httpx.options(router + "/v1/completions").status_code == 405  # no CORS configured
+    metrics = httpx.get(router + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def test_cors_when_configured(redis_server, tokenizer, cluster, nodes) -> None:
+    server = start_router(redis_server.url, tokenizer, cluster, cors_origins=("https://a.example",))
+    try:
+        headers = {
+            "Origin": "https://a.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+        }
+        pre = httpx.options(server.url + "/v1/chat/completions", headers=headers)
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://a.example"
+        r = httpx.get(server.url + "/v1/models", headers={"Origin": "https://a.example"})
+        assert r.headers["access-control-allow-origin"] == "https://a.example"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        other = httpx.get(server.url + "/v1/models", headers={"Origin": "https://b.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        server.stop_thread()
+
+
+def test_openapi_describes_request_and_error_bodies(router: str) -> None:
+    doc = httpx.get(router + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ErrorResponse"):
+        assert name in schemas, name
+    post = doc["paths"]["/v1/chat/completions"]["post"]
+    ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref.endswith("/ChatCompletionRequest")
+    assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse"
+    )
+    temperature = schemas["CompletionRequest"]["properties"]["temperature"]["anyOf"][0]
+    assert temperature["minimum"] == 0 and temperature["maximum"] == 100
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_health_is_fresh(redis_server, tokenizer) -> None:
+    """/health reads the node list at each call: a node gone from Redis is gone at once."""
+    cluster = f"h{uuid.uuid4().hex[:8]}"
+    node = ScriptedDecodeNode(tokenizer, MODEL).start(redis_server.url, cluster)
+    server = start_router(redis_server.url, tokenizer, cluster)
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200
+        node.stop()  # deregisters from Redis
+        time.sleep(0.05)
+        assert httpx.get(server.url + "/health").status_code == 503
+    finally:
+        server.stop_thread()
+
+
+def test_unknown_fields_with_odd_names_are_escaped_in_the_header(router: str) -> None:
+    body = '{"model": "tiny", "prompt": "x", "max_tokens": 1, "\\u00e9\\u0007\\ud835\\udd7f": 1'
+    body += ', "": 2, " a ": 3}'
+    r = httpx.post(router + "/v1/completions", content=body.encode())
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ignored-fields"] == '\\xe9\\x07\\U0001d57f, "", \\x20a\\x20'
+    r = httpx.post(router + "/tokenize", content=b'{"0": null, "": null, "prompt": ""}')
+    assert r.status_code == 200 and r.headers["x-ignored-fields"] == '0, ""', r.text
