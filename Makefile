@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-PACKAGES := engine kernels kv_transfer prefill decode router launch protocol benchmarks
+PACKAGES := engine kernels kv_transfer node prefill decode router launch protocol benchmarks
 
 .PHONY: install run test lint typecheck unit clean proto
 

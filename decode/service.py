@@ -30,8 +30,8 @@ from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
 from splitserve.kv_transfer.layout import PoolDescriptor
-from splitserve.launch.node_rpcs import NodeRpcs
-from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.node.rpcs import NodeRpcs
+from splitserve.node.runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import (

@@ -10,11 +10,14 @@ from typing import Literal, get_args
 
 Role = Literal["prefill", "decode", "both"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+# Kernel backends (kernels/registry.py): "auto" is Triton on CUDA, plain torch elsewhere.
 AttentionBackendName = Literal["auto", "torch", "triton"]
+KernelBackendName = Literal["auto", "torch", "triton"]
 
 ROLES: tuple[str, ...] = get_args(Role)
 DTYPES: tuple[str, ...] = get_args(DType)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
+KERNEL_BACKENDS: tuple[str, ...] = get_args(KernelBackendName)
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,10 @@ class ModelConfig:
     max_model_len: int | None = None
     # Name the API reports and the block-hash chain is seeded with; None: `model` itself.
     served_model_name: str | None = None
-    # "auto": Triton kernels on CUDA devices, plain torch elsewhere.
+    # Paged attention. "auto": Triton kernels on CUDA devices, plain torch elsewhere.
     attention_backend: AttentionBackendName = "auto"
+    # Norm, rotary and activation. "auto": the same backend attention resolves to.
+    kernel_backend: KernelBackendName = "auto"
     # CUDA only: run every step eagerly instead of replaying captured CUDA graphs.
     enforce_eager: bool = False
     # Decode-only batches of at most this many sequences replay a CUDA graph (larger run eagerly).
@@ -47,6 +52,10 @@ class ModelConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
+            )
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(
+                f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")

@@ -34,7 +34,6 @@ from typing import NamedTuple
 import torch
 from torch.profiler import record_function
 
-from splitserve.engine.attention import AttentionBackend
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.config import EngineConfig
@@ -50,19 +49,9 @@ from splitserve.engine.sampler import Sampler, SamplingRow
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import RemotePlan, ScheduledChunk, Scheduler, SchedulerOutput
 from splitserve.engine.stats import EngineStats
+from splitserve.kernels.registry import ModelKernels, select_kernels
 
 logger = logging.getLogger(__name__)
-
-
-def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Triton kernels on CUDA ("auto" or "triton"), the plain-torch reference otherwise."""
-    if name == "triton" or (name == "auto" and device.type == "cuda"):
-        from splitserve.kernels.backend import TritonPagedAttention
-
-        return TritonPagedAttention()
-    from splitserve.engine.attention_torch import TorchPagedAttention
-
-    return TorchPagedAttention()
 
 
 class StepOutput(NamedTuple):
@@ -129,15 +118,16 @@ class _Launched:
 
 
 class EngineCore:
-    def __init__(
-        self, config: EngineConfig, attention_backend: AttentionBackend | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, kernels: ModelKernels | None = None) -> None:
         self.config = config
         self.role = config.scheduler.role
         self.device = torch.device(config.model.device)
-        if attention_backend is None:
-            attention_backend = make_attention_backend(config.model.attention_backend, self.device)
-        loaded = load_model(config.model, attention_backend)
+        if kernels is None:
+            model_config = config.model
+            kernels = select_kernels(
+                self.device.type, model_config.kernel_backend, model_config.attention_backend
+            )
+        loaded = load_model(config.model, kernels)
         self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = loaded.max_model_len

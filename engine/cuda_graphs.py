@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.decode_inputs import StaticDecodeInputs
 from splitserve.engine.scheduler import ScheduledChunk
+from splitserve.kernels.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

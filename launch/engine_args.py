@@ -1,13 +1,16 @@
 """Engine flags shared by every command that runs an engine (generate, prefill, decode,
-benchmarks), and the EngineConfig they build."""
+benchmarks), and the EngineConfig they build. Defaults are read from the config dataclasses."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from splitserve.engine.config import (
     ATTENTION_BACKENDS,
     DTYPES,
+    KERNEL_BACKENDS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -16,17 +19,37 @@ from splitserve.engine.config import (
 )
 
 
+def default_of(cls: type, name: str) -> Any:
+    """The default a config dataclass gives `name`: the CLI's defaults are read from the
+    configs, so each is defined once."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"{cls.__name__}.{name} has no plain default")
+            return f.default
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    model, cache, sched = ModelConfig, CacheConfig, SchedulerConfig
     g = parser.add_argument_group("engine")
     g.add_argument("--model", required=True, help="HF model directory or dummy:<preset>")
-    g.add_argument("--dtype", default="auto", choices=DTYPES)
-    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default=default_of(model, "dtype"), choices=DTYPES)
+    g.add_argument(
+        "--device", default=default_of(model, "device"), help="torch device: cpu, cuda, cuda:1"
+    )
+    g.add_argument("--seed", type=int, default=default_of(model, "seed"))
     g.add_argument(
         "--attention-backend",
-        default="auto",
+        default=default_of(model, "attention_backend"),
         choices=ATTENTION_BACKENDS,
-        help="auto: Triton kernels on CUDA, plain torch on CPU",
+        help="paged attention; auto: Triton kernels on CUDA, plain torch on CPU",
+    )
+    g.add_argument(
+        "--kernel-backend",
+        default=default_of(model, "kernel_backend"),
+        choices=KERNEL_BACKENDS,
+        help="norm, rotary and activation kernels; auto: whatever attention resolves to",
     )
     g.add_argument(
         "--enforce-eager", action="store_true", help="CUDA: never replay captured CUDA graphs"
@@ -34,23 +57,32 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cuda-graph-max-batch",
         type=int,
-        default=256,
+        default=default_of(model, "cuda_graph_max_batch"),
         help="CUDA: largest decode batch that replays a captured graph",
     )
     g.add_argument(
         "--cuda-graph-max-seq-len",
         type=int,
-        default=8192,
+        default=default_of(model, "cuda_graph_max_seq_len"),
         help="CUDA: longest context a graph-replayed decode batch may hold",
     )
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--served-model-name", default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-blocks", type=int, default=None, help="exact KV pool size in blocks")
-    g.add_argument("--kv-cache-memory-gib", type=float, default=0.5)
+    g.add_argument("--max-model-len", type=int, default=default_of(model, "max_model_len"))
+    g.add_argument("--served-model-name", default=default_of(model, "served_model_name"))
+    g.add_argument("--block-size", type=int, default=default_of(cache, "block_size"))
+    g.add_argument(
+        "--num-blocks",
+        type=int,
+        default=default_of(cache, "num_blocks"),
+        help="exact KV pool size in blocks",
+    )
+    g.add_argument(
+        "--kv-cache-memory-gib", type=float, default=default_of(cache, "kv_cache_memory_gib")
+    )
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=default_of(sched, "max_num_batched_tokens")
+    )
+    g.add_argument("--max-num-seqs", type=int, default=default_of(sched, "max_num_seqs"))
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument(
         "--no-overlap-output-processing",
@@ -69,6 +101,7 @@ def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> En
             max_model_len=args.max_model_len,
             served_model_name=args.served_model_name,
             attention_backend=args.attention_backend,
+            kernel_backend=args.kernel_backend,
             enforce_eager=args.enforce_eager,
             cuda_graph_max_batch=args.cuda_graph_max_batch,
             cuda_graph_max_seq_len=args.cuda_graph_max_seq_len,

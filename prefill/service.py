@@ -22,8 +22,8 @@ import grpc
 
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer import PoolDescriptor
-from splitserve.launch.node_rpcs import NodeRpcs
-from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.node.rpcs import NodeRpcs
+from splitserve.node.runtime import NodeRuntime
 from splitserve.prefill.pusher import PrefillPusher, PushOutcome
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc

@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import grpc
 
+from splitserve.node.registry import NodeId
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol.messages import sampling_params_to_proto
 from splitserve.router.errors import APIError, from_grpc_error
-from splitserve.router.node_registry import NodeId
 from splitserve.router.policy import RouteDecision
 from splitserve.router.prepare import PreparedRequest
 from splitserve.router.service import RouterService

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from splitserve.engine.attention_torch import TorchPagedAttention
+from splitserve.kernels.attention_torch import TorchPagedAttention
 from splitserve.kernels.backend import TritonPagedAttention
 from splitserve.kernels.decode_attention import (
     decode_attention,

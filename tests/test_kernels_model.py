@@ -17,10 +17,10 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.attention_torch import TorchPagedAttention
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.layers import RMSNorm, RotaryEmbedding
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.attention_torch import TorchPagedAttention
 from splitserve.kernels.backend import TritonPagedAttention
 from splitserve.kernels.rmsnorm import rmsnorm
 from splitserve.kernels.rotary import apply_rotary_

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from scripted_decode import ScriptedDecodeNode
 
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
 from splitserve.router.config import RouterConfig
-from splitserve.router.scripted_decode import ScriptedDecodeNode
 from splitserve.router.server import RouterServer
 from splitserve.router.tokenizer import RouterTokenizer
 

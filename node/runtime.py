@@ -28,8 +28,14 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer import TransferAgent, TransferConfig
-from splitserve.router.node_publisher import NodePublisher
-from splitserve.router.node_registry import NodeCapacity, NodeLoad, NodeRecord, make_node_id
+from splitserve.node.publisher import NodePublisher
+from splitserve.node.registry import (
+    DEFAULT_CLUSTER,
+    NodeCapacity,
+    NodeLoad,
+    NodeRecord,
+    make_node_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ class NodeConfig:
     advertise_host: str | None = None
     # Redis URL of the cluster; None runs the node unregistered (tests, direct use).
     redis_url: str | None = None
-    cluster: str = "default"
+    cluster: str = DEFAULT_CLUSTER
     # Decode: seconds to wait for a prefill node's KV before prefilling locally.
     prefill_timeout_s: float = 30.0
     # Seconds in-flight requests may run on after a stop signal before they are aborted.

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.node.runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
 
 
