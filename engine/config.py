@@ -8,13 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-Role = Literal["prefill", "decode", "both"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 # Kernel backends (kernels/registry.py): "auto" is Triton on CUDA, plain torch elsewhere.
 AttentionBackendName = Literal["auto", "torch", "triton"]
 KernelBackendName = Literal["auto", "torch", "triton"]
 
-ROLES: tuple[str, ...] = get_args(Role)
 DTYPES: tuple[str, ...] = get_args(DType)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
 KERNEL_BACKENDS: tuple[str, ...] = get_args(KernelBackendName)
@@ -98,14 +96,12 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     # Split long prompts into chunks of the remaining step budget (else whole prompts only).
     enable_chunked_prefill: bool = True
-    role: Role = "both"
     # Launch the next step's forward pass before detokenizing this step's tokens, so the
-    # host's output work overlaps the GPU. None: on for CUDA devices outside prefill role.
+    # host's output work overlaps the GPU. None: on for CUDA devices, unless the node's KV
+    # connector needs each step's blocks as it ends (a prefill node's).
     overlap_output_processing: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -47,4 +47,3 @@ class RequestOutput:
     finished: bool
     # Prompt tokens served from the prefix cache (or received from a prefill node).
     num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)

@@ -14,7 +14,6 @@ from splitserve.engine.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
-    Role,
     SchedulerConfig,
 )
 
@@ -91,7 +90,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
             model=args.model,
@@ -116,7 +115,6 @@ def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> En
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
-            role=role,
             overlap_output_processing=False if args.no_overlap_output_processing else None,
         ),
     )

@@ -80,7 +80,7 @@ async def serve(runtime: NodeRuntime) -> None:
 
 
 def run_node(args: argparse.Namespace, role: NodeRole) -> int:
-    engine_config = engine_config_from_args(args, role=role)
+    engine_config = engine_config_from_args(args)
     runtime = NodeRuntime(engine_config, node_config_from_args(args, role))
     asyncio.run(serve(runtime))
     return 0

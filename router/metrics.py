@@ -61,6 +61,9 @@ class RouterMetrics:
             p + "cached_prompt_tokens", "Prompt tokens found cached (node usage)", registry=r
         )
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
+        self._add_request_and_node_metrics(p, r)
+
+    def _add_request_and_node_metrics(self, p: str, r: CollectorRegistry) -> None:
         self.requests = Counter(
             p + "requests",
             "Finished HTTP requests by endpoint and status (499: client went away)",

@@ -1,15 +1,20 @@
 """The decode node's remote-prefill bookkeeping frees a request's held blocks however its
-abort interleaves with the Prefill RPC's answer and the step hook's polling (engine
-thread commands can run before the hook notices the abort)."""
+abort interleaves with the Prefill RPC's answer and the engine's connector polling (engine
+thread commands can run before the poll notices the abort)."""
 
 from __future__ import annotations
 
 import pytest
 
-from splitserve.decode.remote_prefill import RemotePrefillInfo, RemotePrefills
-from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.decode.remote_prefill import (
+    RemotePrefillInfo,
+    RemotePrefillParams,
+    RemotePrefills,
+)
+from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
 
 
@@ -24,16 +29,19 @@ def core(tiny_llama) -> EngineCore:
         EngineConfig(
             ModelConfig(str(tiny_llama), dtype="float32"),
             CacheConfig(block_size=16, num_blocks=64),
-            SchedulerConfig(role="decode"),
         )
     )
 
 
 def admitted(core: EngineCore, rid: str) -> RemotePrefills:
-    remote = RemotePrefills(ArrivalTracker(NoNotifications()), lambda outs: None, 1024)
-    params = SamplingParams(temperature=0, max_tokens=8)
-    plan = remote.admit(core, rid, list(range(1, 100)), params, "prefill-0", timeout_s=30)
-    assert plan is not None and core.pool.usage > 0
+    """A request admitted for remote KV under a fresh connector."""
+    remote = RemotePrefills(ArrivalTracker(NoNotifications()), 1024, core.block_size)
+    core.connector = remote  # a fresh connector per test, on the shared engine
+    plans: list[RemotePlan] = []
+    prompt = list(range(1, 100))
+    kv_params = RemotePrefillParams("prefill-0", 30, len(prompt), plans.append)
+    core.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=8), kv_params)
+    assert len(plans) == 1 and core.pool.usage > 0
     return remote
 
 
@@ -44,12 +52,12 @@ def test_abort_before_the_hook_polls_still_frees_the_blocks(core, answer: str) -
     core.abort(rid)  # the client went away; the blocks stay held for the prefill node
     assert core.pool.usage > 0
     if answer == "failed":
-        remote.rpc_failed(core, rid, "CANCELLED: aborted on the prefill node")
+        remote.rpc_failed(rid, "CANCELLED: aborted on the prefill node")
     elif answer == "succeeded":
-        remote.rpc_succeeded(core, rid, 7, None, RemotePrefillInfo())
+        remote.rpc_succeeded(rid, 7, None, RemotePrefillInfo())
     else:
         remote.abandon(rid)
-    remote.poll(core)
+    core.poll_connector()
     assert core.pool.usage == 0.0 and remote.num_in_flight == 0
     core.check_invariants()
 
@@ -57,7 +65,8 @@ def test_abort_before_the_hook_polls_still_frees_the_blocks(core, answer: str) -
 def test_blocks_stay_held_until_the_rpc_answers(core) -> None:
     remote = admitted(core, "r-late")
     core.abort("r-late")
-    remote.poll(core)
+    core.poll_connector()
     assert core.pool.usage > 0 and remote.num_in_flight == 1
-    remote.rpc_failed(core, "r-late", "DEADLINE_EXCEEDED")
+    remote.rpc_failed("r-late", "DEADLINE_EXCEEDED")
+    core.poll_connector()
     assert core.pool.usage == 0.0 and remote.num_in_flight == 0
