@@ -25,9 +25,14 @@ from splitserve.kernels.registry import select_kernels, torch_kernels
     ],
 )
 def test_backends_follow_configuration_not_tensors(
-    device: str, kernel: str, attention: str, want_kernel: str, want_attention: str
+    triton_interpreter,
+    device: str,
+    kernel: str,
+    attention: str,
+    want_kernel: str,
+    want_attention: str,
 ) -> None:
-    pytest.importorskip("triton")
+    # Choosing Triton imports its kernel modules (the interpreter is chosen then).
     kernels = select_kernels(device, kernel, attention)
     assert (kernels.backend, kernels.attention_backend) == (want_kernel, want_attention)
     is_torch_attention = isinstance(kernels.attention, TorchPagedAttention)

@@ -20,6 +20,9 @@ from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_to_proto
 
+# Real node processes (or two NIXL processes): run serially, see the Makefile.
+pytestmark = pytest.mark.slow
+
 NUM_NEW = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
 NODE_ARGS = ("--dtype", "float32", "--num-blocks", "400", "--prefill-timeout-s", "20")
