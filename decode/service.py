@@ -94,6 +94,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         finish: str | None = None
         first_token_time: float | None = None
         num_completion_tokens = 0
+        is_first = rid not in self._open  # a duplicate id is refused by the engine below
         self._open.add(rid)
         try:
             stream = self.runtime.engine.generate(rid, prompt, params, kv_params)
@@ -111,7 +112,8 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
-            self._open.discard(rid)
+            if is_first:
+                self._open.discard(rid)
             if node is not None and finish is None:
                 self._spawn(self._abort_on(node.grpc_address, rid))
 

@@ -13,9 +13,10 @@ from splitserve.decode.remote_prefill import (
 )
 from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from splitserve.engine.core import EngineCore
+from splitserve.engine.request import RequestStatus
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import RemotePlan
-from splitserve.kv_transfer import ArrivalTracker
+from splitserve.kv_transfer import ArrivalTracker, Notification, PeerName, encode_tag
 
 
 class NoNotifications:
@@ -70,3 +71,40 @@ def test_blocks_stay_held_until_the_rpc_answers(core) -> None:
     remote.rpc_failed("r-late", "DEADLINE_EXCEEDED")
     core.poll_connector()
     assert core.pool.usage == 0.0 and remote.num_in_flight == 0
+
+
+class QueuedNotifications:
+    """A notification source whose notifications the test hands in."""
+
+    def __init__(self) -> None:
+        self.queued: list[Notification] = []
+
+    def get_notifs(self) -> list[Notification]:
+        notes, self.queued = self.queued, []
+        return notes
+
+
+def test_kv_arrival_and_rpc_answer_join_the_batch_with_the_first_token(core) -> None:
+    """Both halves needed, in either order: the request waits for remote KV until its last
+    chunk landed and the RPC answered, then generates from the prefill node's token."""
+    source = QueuedNotifications()
+    remote = RemotePrefills(ArrivalTracker(source), 1024, core.block_size)
+    core.connector = remote
+    plans: list[RemotePlan] = []
+    prompt = list(range(1, 100))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    kv_params = RemotePrefillParams("prefill-0", 30, len(prompt), plans.append)
+    core.add_request("r-ok", prompt, params, kv_params)
+    assert core.request_status("r-ok") == RequestStatus.WAITING_FOR_REMOTE_KV
+    remote.rpc_succeeded("r-ok", 7, None, RemotePrefillInfo(num_cached_tokens=16))
+    assert core.poll_connector() == ([], True)  # the RPC answered, the KV has not landed
+    source.queued.append(Notification(PeerName("prefill-0"), encode_tag("r-ok", 0, True).encode()))
+    outputs, is_busy = core.poll_connector()
+    assert [o.new_token_ids for o in outputs] == [[7]] and not is_busy
+    assert core.request_status("r-ok") == RequestStatus.WAITING
+    tokens = [7]
+    while core.has_unfinished():
+        tokens += [t for o in core.step() for t in o.new_token_ids]
+    assert len(tokens) == 3 and remote.num_completed == 1
+    assert remote.pop_metrics("r-ok").is_prefill_remote
+    core.check_invariants()
