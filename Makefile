@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-PACKAGES := engine kernels kv_transfer prefill decode router launch protocol benchmarks
+PACKAGES := engine kernels kv_transfer node prefill decode router launch protocol benchmarks
 
 .PHONY: install run test lint typecheck unit faults fuzz-api clean proto
 
@@ -36,8 +36,12 @@ typecheck: install
 	rm -rf build/mypy && mkdir -p build/mypy && ln -s "$(CURDIR)" build/mypy/splitserve
 	cd build/mypy && MYPYPATH=. ../../$(VENV)/bin/mypy $(addprefix -p splitserve.,$(PACKAGES))
 
+# Fast tests in parallel over every core (pytest-xdist, one file per worker at a time);
+# the slow multi-process ones (node clusters, two-process NIXL: timing-sensitive on few
+# cores) after them, one at a time.
 unit: install
-	$(PY) -m pytest -q -m "not gpu" tests
+	$(PY) -m pytest -q -m "not gpu and not slow" -n auto --dist loadfile tests
+	$(PY) -m pytest -q -m "slow and not gpu" tests
 
 # The fault suite alone (frozen, killed and flooded parts; `unit` runs it too).
 faults: install

@@ -188,9 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         TransferConfig("bench-recv", enable_progress_thread=thread, arrival_timeout_s=120),
         PoolSpec(shape, preset.dtype, recv_dev),
     )
-    pool = torch.empty(shape, dtype=getattr(torch, preset.dtype), device=send_dev)
-    gen = torch.Generator(device=send_dev).manual_seed(args.seed)
-    pool.view(torch.uint8).random_(generator=gen)
+    pool = _random_pool(shape, preset.dtype, send_dev, args.seed)
     config = TransferConfig(
         "bench-send",
         enable_progress_thread=thread,
@@ -198,33 +196,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_descriptor_bytes=int(args.max_desc_mib * (1 << 20)),
     )
     try:
-        with TransferAgent(config, pool) as agent:
-            agent.connect(receiver.metadata, receiver.descriptor)
-            bench = Bench(agent, receiver)
-            receiver.call("poison", POISON, pump=bench.pump)
-            bench.one_request("warmup", src_chunks, dst_chunks)
-            times = [bench.one_request(f"rep{i}", src_chunks, dst_chunks) for i in range(args.reps)]
-            sender_times = bench.sender_seconds[1:]
-            verified = receiver.call("digest", dst, pump=bench.pump) == pool_digest(pool, src)
-            untouched = receiver.call("untouched", dst, POISON, pump=bench.pump)
-            block_bytes = agent.pool_descriptor.block_bytes
+        times, sender_times, verified, block_bytes = _measure(
+            config, pool, receiver, (src, dst), (src_chunks, dst_chunks), args.reps
+        )
     finally:
         receiver.close()
     num_bytes = n * block_bytes
-    ceiling_gbps, ceiling_what = measure_ceiling(num_bytes, args.device, args.reps)
-    best_gbps = num_bytes / min(times) / 1e9
     return {
-        "command": " ".join(
-            [sys.executable, "-m", "splitserve.benchmarks.kv_transfer", *sys.argv[1:]]
-        ),
+        "command": _command(),
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": pair_device_name(args.device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "nixl": metadata.version("nixl"),
-        },
+        "versions": _versions(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "pool": {
             "shape": list(shape),
@@ -236,11 +219,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tokens": args.tokens,
             "blocks": n,
             "bytes": num_bytes,
-            "descriptors": sum(
-                len(split_runs(coalesce_runs(s, d), config.max_descriptor_blocks(block_bytes)))
-                for s, d in zip(src_chunks, dst_chunks, strict=True)
-            ),
+            "descriptors": _num_descriptors(config, block_bytes, src_chunks, dst_chunks),
         },
+        **_rates(
+            num_bytes, times, sender_times, measure_ceiling(num_bytes, args.device, args.reps)
+        ),
+        "verified": verified,
+    }
+
+
+def _rates(
+    num_bytes: int, times: list[float], sender_times: list[float], ceiling: tuple[float, str]
+) -> dict[str, Any]:
+    ceiling_gbps, ceiling_what = ceiling
+    best_gbps = num_bytes / min(times) / 1e9
+    return {
         "seconds": times,
         # First push posted -> every push reported done on the sender (no notification leg).
         "sender_seconds": sender_times,
@@ -249,8 +242,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "median_gbps": num_bytes / statistics.median(times) / 1e9,
         "ceiling": {"what": ceiling_what, "gbps": ceiling_gbps},
         "achieved_over_ceiling": best_gbps / ceiling_gbps,
-        "verified": bool(verified and untouched),
     }
+
+
+def _random_pool(shape: tuple[int, ...], dtype: str, device: str, seed: int) -> torch.Tensor:
+    pool = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pool.view(torch.uint8).random_(generator=gen)
+    return pool
+
+
+def _command() -> str:
+    return " ".join([sys.executable, "-m", "splitserve.benchmarks.kv_transfer", *sys.argv[1:]])
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "nixl": metadata.version("nixl"),
+    }
+
+
+def _num_descriptors(
+    config: TransferConfig,
+    block_bytes: int,
+    src_chunks: list[list[int]],
+    dst_chunks: list[list[int]],
+) -> int:
+    max_blocks = config.max_descriptor_blocks(block_bytes)
+    return sum(
+        len(split_runs(coalesce_runs(s, d), max_blocks))
+        for s, d in zip(src_chunks, dst_chunks, strict=True)
+    )
+
+
+def _measure(
+    config: TransferConfig,
+    pool: torch.Tensor,
+    receiver: PeerProcess,
+    ids: tuple[list[int], list[int]],
+    chunks: tuple[list[list[int]], list[list[int]]],
+    reps: int,
+) -> tuple[list[float], list[float], bool, int]:
+    """(seconds per request, sender seconds, verified, block bytes) of `reps` requests."""
+    (src, dst), (src_chunks, dst_chunks) = ids, chunks
+    with TransferAgent(config, pool) as agent:
+        agent.connect(receiver.metadata, receiver.descriptor)
+        bench = Bench(agent, receiver)
+        receiver.call("poison", POISON, pump=bench.pump)
+        bench.one_request("warmup", src_chunks, dst_chunks)
+        times = [bench.one_request(f"rep{i}", src_chunks, dst_chunks) for i in range(reps)]
+        verified = receiver.call("digest", dst, pump=bench.pump) == pool_digest(pool, src)
+        untouched = receiver.call("untouched", dst, POISON, pump=bench.pump)
+        return (
+            times,
+            bench.sender_seconds[1:],
+            bool(verified and untouched),
+            (agent.pool_descriptor.block_bytes),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

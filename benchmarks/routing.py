@@ -30,7 +30,8 @@ import redis
 
 from splitserve.engine.hashing import BlockHash, hash_blocks, seed_hash
 from splitserve.launch.redis_server import RedisServer
-from splitserve.router.node_registry import (
+from splitserve.node.prefix_index import AsyncPrefixIndex, PrefixIndex
+from splitserve.node.registry import (
     NodeCapacity,
     NodeRecord,
     NodeRegistry,
@@ -38,7 +39,6 @@ from splitserve.router.node_registry import (
     make_node_id,
     redis_client,
 )
-from splitserve.router.prefix_index import AsyncPrefixIndex, PrefixIndex
 
 BLOCK_SIZE = 16
 SYSTEM_TOKENS = 512

@@ -1,24 +1,30 @@
-"""RemotePrefills: the decode node's side of disaggregated prefill, on the engine thread.
+"""RemotePrefills: the decode node's KV connector (engine/kv_connector.py), on the engine
+thread. Network I/O stays in decode/service.py.
 
-Who calls what, in order (all on the engine thread, through `AsyncEngine.call` or as a
-step hook; network I/O stays in decode/service.py):
+The engine calls its hooks:
 
-    admit(core, ...)        allocate the prompt's blocks (reusing this node's cached prefix)
-                            and expect the request's KV chunks; None when the pool is short,
-                            and the request is then queued for local prefill instead
+    on_admission(rid, RemotePrefillParams)  a request whose prompt a prefill node computes
+    on_remote_plan(rid, plan)   the prompt's blocks are allocated (reusing this node's
+                                cached prefix): expect the request's KV chunks and hand the
+                                plan to `params.on_plan` (the service sends the Prefill
+                                RPC); None when the pool is short: the engine prefills it
+    on_finish(rid)              a request that ends while its KV is in flight keeps its
+                                blocks until its Prefill RPC has returned (the prefill node
+                                may still be writing them)
+    poll()                      chunk arrivals from the ArrivalTracker; a request whose
+                                blocks all landed AND whose RPC answered arrives with the
+                                first token; a failure, a timeout or a stall (no chunk
+                                within `stall_timeout_s(prompt size)`) makes the engine
+                                prefill it locally into the same blocks; held blocks are
+                                released
+
+and the service calls, through `AsyncEngine.run`:
+
     rpc_succeeded(...)      the prefill node answered: first token, its cache hits
     rpc_failed(...)         the Prefill RPC failed (node died, error, deadline)
     abandon(rid)            the client went away before the Prefill RPC was sent: no
                             prefill node will write the blocks, so they can go
-    poll(core)              step hook: chunk arrivals from the ArrivalTracker; a request
-                            whose blocks all landed AND whose RPC answered joins the batch
-                            with the first token; a failure, a timeout or a stall (no chunk
-                            within `stall_timeout_s(prompt size)`) makes it prefill locally
-                            into the same blocks
     pop_metrics(rid)        per-request transfer metrics, for the final Generate message
-
-A request aborted while its KV is in flight keeps its blocks (EngineCore holds them) until
-its Prefill RPC has returned, since the prefill node may still be writing them.
 """
 
 from __future__ import annotations
@@ -29,10 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from splitserve.engine.core import EngineCore, StepOutput
+from splitserve.engine.kv_connector import FinalBlocks, KVEvents, RemoteKV
 from splitserve.engine.outputs import TokenLogprob
-from splitserve.engine.request import RequestStatus
-from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
 
@@ -61,6 +65,17 @@ class RemotePrefillInfo(NamedTuple):
     push_tail_time_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class RemotePrefillParams:
+    """`kv_params` of a request whose prompt a prefill node computes."""
+
+    prefill_node_id: str
+    timeout_s: float
+    num_prompt_tokens: int
+    # Called on the engine thread with the allocated blocks (never with None).
+    on_plan: Callable[[RemotePlan], None]
+
+
 @dataclass
 class _Pending:
     started: float
@@ -87,17 +102,18 @@ class TransferMetrics:
 
 
 class RemotePrefills:
-    def __init__(
-        self,
-        tracker: ArrivalTracker,
-        deliver: Callable[[list[StepOutput]], None],
-        block_bytes: int,
-    ) -> None:
+    max_new_tokens: int | None = None
+    reserves_prompt = False
+    supports_overlap = True
+
+    def __init__(self, tracker: ArrivalTracker, block_bytes: int, block_size: int) -> None:
         self.tracker = tracker
-        self.deliver = deliver
         self.block_bytes = block_bytes
+        self.block_size = block_size
+        self._admitting: dict[str, RemotePrefillParams] = {}
         self._pending: dict[str, _Pending] = {}
         self._metrics: dict[str, TransferMetrics] = {}
+        self._events = KVEvents()
         # Statistics for the Stats RPC.
         self.num_completed = 0
         self.num_failed = 0
@@ -113,36 +129,64 @@ class RemotePrefills:
     def num_bytes_in_flight(self) -> int:
         return sum(p.num_bytes for p in self._pending.values())
 
-    def admit(
-        self,
-        core: EngineCore,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        prefill_node_id: str,
-        timeout_s: float,
-    ) -> RemotePlan | None:
-        plan = core.admit_remote(request_id, prompt, params)
+    # Engine hooks.
+
+    def on_admission(self, request_id: str, kv_params: object | None) -> bool:
+        if not isinstance(kv_params, RemotePrefillParams):
+            return False
+        self._admitting[request_id] = kv_params
+        return True
+
+    def on_remote_plan(self, request_id: str, plan: RemotePlan | None) -> None:
+        params = self._admitting.pop(request_id)
         if plan is None:
             logger.info("KV pool short for %s: prefilling it locally", request_id)
-            core.add_request(request_id, prompt, params)
-            return None
+            return
         num_blocks = len(plan.block_ids) - plan.num_cached_blocks
-        num_tokens = len(prompt) - plan.num_cached_blocks * core.block_size
-        self.tracker.expect(
-            request_id, timeout_s, stall_timeout_s=stall_timeout_s(num_tokens, timeout_s)
-        )
+        num_tokens = params.num_prompt_tokens - plan.num_cached_blocks * self.block_size
+        stall_s = stall_timeout_s(num_tokens, params.timeout_s)
+        self.tracker.expect(request_id, params.timeout_s, stall_timeout_s=stall_s)
         self._pending[request_id] = _Pending(
             started=time.monotonic(),
-            prefill_node_id=prefill_node_id,
+            prefill_node_id=params.prefill_node_id,
             num_tokens_to_receive=num_tokens,
             num_bytes=num_blocks * self.block_bytes,
         )
-        return plan
+        params.on_plan(plan)
+
+    def on_blocks_final(self, blocks: FinalBlocks) -> None:
+        """Prompts computed here stay here."""
+
+    def on_finish(self, request_id: str) -> bool:
+        """A request ended while its KV was in flight (the client went away): its blocks
+        stay held until its Prefill RPC is done, then `poll` releases them."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return False
+        pending.is_aborted = True
+        self.tracker.forget(request_id)
+        return True
+
+    def poll(self) -> KVEvents:
+        for arrival in self.tracker.poll():
+            pending = self._pending.get(arrival.request_id)
+            if pending is None:
+                continue
+            if arrival.ok:
+                pending.has_arrived = True
+                self._advance(arrival.request_id, pending)
+            else:
+                self._fail(arrival.request_id, pending, arrival.error or "KV did not arrive")
+        for request_id, pending in list(self._pending.items()):
+            self._release_if_aborted(request_id, pending)
+        events, self._events = self._events, KVEvents()
+        events.is_busy = bool(self._pending)
+        return events
+
+    # The service's calls.
 
     def rpc_succeeded(
         self,
-        core: EngineCore,
         request_id: str,
         first_token_id: int,
         first_logprob: TokenLogprob | None,
@@ -154,14 +198,14 @@ class RemotePrefills:
         pending.is_rpc_done = True
         pending.first = (first_token_id, first_logprob)
         pending.info = info
-        self._advance(core, request_id, pending)
+        self._advance(request_id, pending)
 
-    def rpc_failed(self, core: EngineCore, request_id: str, error: str) -> None:
+    def rpc_failed(self, request_id: str, error: str) -> None:
         pending = self._pending.get(request_id)
         if pending is None:
             return
         pending.is_rpc_done = True
-        self._fail(core, request_id, pending, f"Prefill RPC failed: {error}")
+        self._fail(request_id, pending, f"Prefill RPC failed: {error}")
 
     def abandon(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
@@ -169,37 +213,21 @@ class RemotePrefills:
             pending.is_rpc_done = True  # none was sent; poll frees the held blocks
             self.tracker.forget(request_id)
 
-    def poll(self, core: EngineCore) -> bool:
-        """Step hook; True while remote prefills are pending."""
-        for arrival in self.tracker.poll():
-            pending = self._pending.get(arrival.request_id)
-            if pending is None:
-                continue
-            if arrival.ok:
-                pending.has_arrived = True
-                self._advance(core, arrival.request_id, pending)
-            else:
-                self._fail(core, arrival.request_id, pending, arrival.error or "KV did not arrive")
-        for request_id, pending in list(self._pending.items()):
-            self._settle_if_aborted(core, request_id, pending)
-        return bool(self._pending)
-
-    def _settle_if_aborted(self, core: EngineCore, request_id: str, pending: _Pending) -> bool:
-        """Whether the request was aborted (the client went away). Its blocks stay held
-        until its Prefill RPC is done, then are released and the request forgotten."""
-        if not pending.is_aborted and not core.is_unfinished(request_id):
-            pending.is_aborted = True
-            self.tracker.forget(request_id)
-        if pending.is_aborted and pending.is_rpc_done:
-            core.release(request_id)
-            del self._pending[request_id]
-        return pending.is_aborted
-
     def pop_metrics(self, request_id: str) -> TransferMetrics | None:
         return self._metrics.pop(request_id, None)
 
-    def _advance(self, core: EngineCore, request_id: str, pending: _Pending) -> None:
-        if self._settle_if_aborted(core, request_id, pending):
+    # Internals.
+
+    def _release_if_aborted(self, request_id: str, pending: _Pending) -> bool:
+        """Whether the request was aborted; once its RPC is done too, its held blocks go
+        and it is forgotten."""
+        if pending.is_aborted and pending.is_rpc_done:
+            self._events.released.append(request_id)
+            del self._pending[request_id]
+        return pending.is_aborted
+
+    def _advance(self, request_id: str, pending: _Pending) -> None:
+        if self._release_if_aborted(request_id, pending):
             return
         if not pending.has_arrived or pending.first is None:
             return
@@ -209,21 +237,18 @@ class RemotePrefills:
         self.num_prompt_tokens_received += pending.num_tokens_to_receive
         self._record(request_id, pending, is_fallback=False)
         token, logprob = pending.first
-        self.deliver([core.remote_kv_arrived(request_id, token, logprob)])
+        self._events.arrived.append(RemoteKV(request_id, token, logprob))
 
-    def _fail(self, core: EngineCore, request_id: str, pending: _Pending, error: str) -> None:
+    def _fail(self, request_id: str, pending: _Pending, error: str) -> None:
         self.tracker.forget(request_id)
-        if self._settle_if_aborted(core, request_id, pending):
+        if self._release_if_aborted(request_id, pending):
             return  # released here or in poll once the RPC is done
         del self._pending[request_id]
         self.num_failed += 1
-        if core.request_status(request_id) == RequestStatus.WAITING_FOR_REMOTE_KV:
-            logger.warning(
-                "remote prefill of %s failed (%s): prefilling locally", request_id, error
-            )
-            core.remote_kv_failed(request_id)
-            self.num_fallbacks += 1
-            self._record(request_id, pending, is_fallback=True)
+        logger.warning("remote prefill of %s failed (%s): prefilling locally", request_id, error)
+        self._events.failed.append(request_id)
+        self.num_fallbacks += 1
+        self._record(request_id, pending, is_fallback=True)
 
     def _record(self, request_id: str, pending: _Pending, is_fallback: bool) -> None:
         now = time.monotonic()

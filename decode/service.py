@@ -1,8 +1,9 @@
 """The decode node's gRPC service (`Decode` in protocol/node.proto).
 
 `Generate` (server stream), from the router:
-- with `prefill_node` set and n == 1: admit the request for remote KV on the engine thread
-  (RemotePrefills.admit allocates the prompt's blocks and expects its chunks), then call
+- with `prefill_node` set and n == 1: add the request with `RemotePrefillParams`; the
+  engine allocates the prompt's blocks and its KV connector (RemotePrefills) expects the
+  chunks and hands the plan back (`on_plan`, engine thread -> event loop); then call
   `Prefill` on that node with this node's NIXL metadata and the destination blocks; the
   request joins the batch once every chunk landed and the RPC answered. If the pool is
   short, the RPC fails or the KV does not arrive in time, the prompt is prefilled here.
@@ -27,16 +28,20 @@ from typing import Any
 
 import grpc
 
-from splitserve.decode.remote_prefill import RemotePrefillInfo, RemotePrefills, TransferMetrics
+from splitserve.decode.remote_prefill import (
+    RemotePrefillInfo,
+    RemotePrefillParams,
+    RemotePrefills,
+    TransferMetrics,
+)
 from splitserve.decode.responses import DeltaBuffer, generate_response, stamp_timing
 from splitserve.engine.core import EngineCore
 from splitserve.engine.outputs import RequestOutput
-from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
 from splitserve.kv_transfer.layout import PoolDescriptor
-from splitserve.launch.node_rpcs import NodeRpcs
-from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.node.rpcs import NodeRpcs, RoleStats
+from splitserve.node.runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import (
@@ -49,18 +54,30 @@ _RECENT = 1000
 
 
 class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
-    def __init__(self, runtime: NodeRuntime) -> None:
+    def __init__(self, runtime: NodeRuntime, remote: RemotePrefills, agent_metadata: bytes):
         self.runtime = runtime
-        agent = runtime.require_agent()
-        self.pool: PoolDescriptor = agent.pool_descriptor
-        tracker = ArrivalTracker(agent, runtime.config.prefill_timeout_s)
-        self.remote = RemotePrefills(tracker, runtime.engine.deliver, self.pool.block_bytes)
-        runtime.engine.add_step_hook(self.remote.poll)
-        self._agent_metadata = runtime.engine.call(lambda core: agent.metadata()).result()
+        self.pool: PoolDescriptor = runtime.require_agent().pool_descriptor
+        self.remote = remote
+        self._agent_metadata = agent_metadata
+        # Requests whose Generate stream is open (a plan for any other is abandoned).
+        self._open: set[str] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recent_ttft_s: deque[float] = deque(maxlen=_RECENT)
         self._recent_transfer_s: deque[float] = deque(maxlen=_RECENT)
+
+    @classmethod
+    async def create(cls, runtime: NodeRuntime) -> DecodeService:
+        """The service, with its RemotePrefills installed as the engine's KV connector."""
+        agent = runtime.require_agent()
+        tracker = ArrivalTracker(agent, runtime.config.prefill_timeout_s)
+        remote = RemotePrefills(tracker, agent.pool_descriptor.block_bytes, runtime.core.block_size)
+
+        def install(core: EngineCore) -> bytes:
+            core.set_connector(remote)
+            return agent.metadata()
+
+        return cls(runtime, remote, await runtime.engine.run(install))
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -77,12 +94,14 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         node = request.prefill_node if request.HasField("prefill_node") else None
         if params.n != 1:
             node = None  # n > 1 samples several first tokens: prefill here
-        hooks = self._remote_hooks(request, params, node) if node is not None else (None,) * 3
+        kv_params = None if node is None else self._remote_params(rid, request, node)
         finish: str | None = None
         first_token_time: float | None = None
         num_completion_tokens = 0
+        is_first = rid not in self._open  # a duplicate id is refused by the engine below
+        self._open.add(rid)
         try:
-            stream = self.runtime.engine.generate(rid, prompt, params, *hooks)
+            stream = self.runtime.engine.generate(rid, prompt, params, kv_params)
             buffer = DeltaBuffer(self.runtime.config.stream_interval)
             async for step_out in stream:
                 out = buffer.add(step_out)
@@ -104,35 +123,34 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
+            if is_first:
+                self._open.discard(rid)
             if node is not None and finish is None:
                 self._spawn(self._abort_on(node.grpc_address, rid))
 
-    def _remote_hooks(
-        self, request: pb.GenerateRequest, params: SamplingParams, node: pb.NodeEndpoint
-    ) -> tuple[Any, Any, Any]:
-        """`AsyncEngine.generate`'s admit, on_admitted and on_abandoned for a remote prefill
-        on `node`: allocate for remote KV, call Prefill once admitted, undo if abandoned."""
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
-        timeout = self.runtime.config.prefill_timeout_s
+    def _remote_params(
+        self, rid: str, request: pb.GenerateRequest, node: pb.NodeEndpoint
+    ) -> RemotePrefillParams:
+        loop = asyncio.get_running_loop()
 
-        def admit(core: EngineCore) -> RemotePlan | None:
-            return self.remote.admit(core, rid, prompt, params, node.node_id, timeout)
-
-        def on_admitted(plan: RemotePlan | None) -> None:
-            if plan is not None:
+        def start_prefill(plan: RemotePlan) -> None:  # on the event loop
+            if rid in self._open:
                 self._spawn(self._call_prefill(rid, request, plan, node))
+            else:  # the client went away while the request was being added
+                self._spawn(self.runtime.engine.run(lambda core: self.remote.abandon(rid)))
 
-        def on_abandoned(core: EngineCore, plan: RemotePlan | None) -> None:
-            if plan is not None:
-                self.remote.abandon(rid)
+        def on_plan(plan: RemotePlan) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(start_prefill, plan)
 
-        return admit, on_admitted, on_abandoned
+        timeout = self.runtime.config.prefill_timeout_s
+        num_prompt = len(request.prompt_token_ids)
+        return RemotePrefillParams(node.node_id, timeout, num_prompt, on_plan)
 
     async def _final(
         self, rid: str, out: RequestOutput, started: float, first_token_time: float | None
     ) -> dict[str, Any]:
-        metrics: TransferMetrics | None = await asyncio.wrap_future(
-            self.runtime.engine.call(lambda core: self.remote.pop_metrics(rid))
+        metrics: TransferMetrics | None = await self.runtime.engine.run(
+            lambda core: self.remote.pop_metrics(rid)
         )
         ttft = (first_token_time or time.monotonic()) - started
         self._recent_ttft_s.append(ttft)
@@ -162,7 +180,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             resp = await stub.Prefill(message, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
-            await asyncio.wrap_future(engine.call(lambda c: self.remote.rpc_failed(c, rid, error)))
+            await engine.run(lambda c: self.remote.rpc_failed(rid, error))
             return
         logprob = (
             token_logprob_from_proto(resp.first_token_logprob)
@@ -175,10 +193,8 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             compute_time_s=resp.compute_time_s,
             push_tail_time_s=resp.push_tail_time_s,
         )
-        await asyncio.wrap_future(
-            engine.call(
-                lambda c: self.remote.rpc_succeeded(c, rid, resp.first_token_id, logprob, info)
-            )
+        await engine.run(
+            lambda c: self.remote.rpc_succeeded(rid, resp.first_token_id, logprob, info)
         )
 
     async def _abort_on(self, address: str, rid: str) -> None:
@@ -208,12 +224,12 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         def known(core: EngineCore) -> int:
             return sum(core.is_unfinished(rid) for rid in ids)
 
-        num = await asyncio.wrap_future(self.runtime.engine.call(known))
+        num = await self.runtime.engine.run(known)
         for rid in ids:
             await self.runtime.engine.abort(rid)
         return pb.AbortResponse(num_aborted=num)
 
-    def role_stats(self) -> dict[str, Any]:
+    def role_stats(self) -> RoleStats:
         remote = self.remote
         extra = {}
         for name, values in (
@@ -223,16 +239,16 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             if values:
                 extra[f"{name}_mean"] = statistics.fmean(values)
                 extra[f"{name}_max"] = max(values)
-        return {
-            "num_transfers_in_flight": remote.num_in_flight,
-            "transfer_bytes_in_flight": remote.num_bytes_in_flight,
-            "transfer_bytes_total": remote.num_bytes_total,
-            "num_transfers_completed": remote.num_completed,
-            "num_transfers_failed": remote.num_failed,
-            "num_prefill_fallbacks": remote.num_fallbacks,
-            "prompt_tokens_received": remote.num_prompt_tokens_received,
-            "extra": extra,
-        }
+        return RoleStats(
+            num_transfers_in_flight=remote.num_in_flight,
+            transfer_bytes_in_flight=remote.num_bytes_in_flight,
+            transfer_bytes_total=remote.num_bytes_total,
+            num_transfers_completed=remote.num_completed,
+            num_transfers_failed=remote.num_failed,
+            num_prefill_fallbacks=remote.num_fallbacks,
+            prompt_tokens_received=remote.num_prompt_tokens_received,
+            extra=extra,
+        )
 
     async def close(self) -> None:
         """Close the channels to prefill nodes (after the gRPC server stopped)."""
@@ -240,7 +256,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             await channel.close()
 
 
-def add_decode_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
-    service = DecodeService(runtime)
+async def add_decode_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
+    service = await DecodeService.create(runtime)
     runtime.on_stop.append(service.close)
     node_pb2_grpc.add_DecodeServicer_to_server(service, server)

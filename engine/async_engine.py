@@ -1,12 +1,13 @@
 """AsyncEngine: the engine loop on its own thread, driven from asyncio (the nodes' gRPC
 servers).
 
-The thread runs: drain submitted commands -> run step hooks (e.g. NIXL polling) ->
+The thread runs: drain submitted commands -> run step hooks (e.g. KV-event publishing) ->
+poll the KV connector (`EngineCore.poll_connector`: remote KV arrivals and failures) ->
 `EngineCore.step()` -> hand the step's outputs to their requests' asyncio queues, with one
 `call_soon_threadsafe` per event loop and step (not one per request: each one is a
 self-pipe write and a wake-up of the loop, taken under the GIL). Every touch of the
 EngineCore happens on that thread; other threads go through `call` (a function run there
-between steps, its result returned as an awaitable) or `generate`/`abort`.
+between steps; `run` is its awaitable form on the asyncio side) or `generate`/`abort`.
 
 Streaming is coalesced: when a request's consumer wakes up to several queued outputs (the
 event loop or the client fell behind the engine), `generate` yields them as one delta, so a
@@ -77,6 +78,10 @@ class AsyncEngine:
         self._wake.set()
         return future
 
+    async def run(self, fn: Callable[[EngineCore], T]) -> T:
+        """`call` from the asyncio side: await `fn(core)`'s result."""
+        return await asyncio.wrap_future(self.call(fn))
+
     def add_step_hook(self, hook: Callable[[EngineCore], bool]) -> None:
         """`hook(core)` runs on the engine thread before every step (and while idle); it
         returns True while it has work in flight, so that the idle loop polls it often."""
@@ -94,29 +99,21 @@ class AsyncEngine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        admit: Callable[[EngineCore], Any] | None = None,
-        on_admitted: Callable[[Any], None] | None = None,
-        on_abandoned: Callable[[EngineCore, Any], None] | None = None,
+        kv_params: object | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs as deltas until it finishes. `admit`
-        replaces the plain `add_request` (the decode node's remote-KV admission); its
-        result goes to `on_admitted` before any output is awaited. If the caller goes away
-        while the admission runs, the request is aborted once admitted, after
-        `on_abandoned(core, result)` (on the engine thread) has undone what `on_admitted`
-        would have started."""
+        """Add a request and yield its outputs as deltas until it finishes; `kv_params`
+        goes to the KV connector (`EngineCore.add_request`). If the caller goes away while
+        the request is being added, it is aborted once added."""
         stream = self._open(request_id, prompt_token_ids, params)
-        add = admit or (lambda core: core.add_request(request_id, prompt_token_ids, params))
-        admission = self.call(add)
+        admission = self.call(
+            lambda core: core.add_request(request_id, prompt_token_ids, params, kv_params)
+        )
         try:
-            admitted = await asyncio.wrap_future(admission)
+            await asyncio.wrap_future(admission)
         except BaseException:
             self._streams.pop(request_id, None)
-            admission.add_done_callback(
-                lambda f: self._abandon(f, request_id, on_abandoned)  # any thread
-            )
+            admission.add_done_callback(lambda f: self._abandon(f, request_id))  # any thread
             raise
-        if on_admitted is not None:
-            on_admitted(admitted)
         finished = False
         try:
             while not finished:
@@ -130,23 +127,11 @@ class AsyncEngine:
                 await self.abort(request_id)
             self._streams.pop(request_id, None)
 
-    def _abandon(
-        self,
-        admission: concurrent.futures.Future,
-        request_id: str,
-        on_abandoned: Callable[[EngineCore, Any], None] | None,
-    ) -> None:
-        """The admission ran but nobody awaits the request: abort it on the engine thread."""
+    def _abandon(self, admission: concurrent.futures.Future, request_id: str) -> None:
+        """The request was added but nobody awaits it: abort it on the engine thread."""
         if admission.cancelled() or admission.exception() is not None:
-            return  # never admitted
-        admitted = admission.result()
-
-        def undo(core: EngineCore) -> None:
-            if on_abandoned is not None:
-                on_abandoned(core, admitted)
-            core.abort(request_id)
-
-        self.call(undo)
+            return  # never added
+        self.call(lambda core: core.abort(request_id))
 
     def _open(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -159,22 +144,17 @@ class AsyncEngine:
         return stream
 
     async def abort(self, request_id: str) -> None:
-        outputs = await asyncio.wrap_future(self.call(lambda core: core.abort(request_id)))
-        self._deliver(outputs)
+        self._deliver(await self.run(lambda core: core.abort(request_id)))
 
     async def stats(self) -> EngineStats:
-        return await asyncio.wrap_future(self.call(lambda core: core.stats()))
-
-    def deliver(self, outputs: list[StepOutput]) -> None:
-        """Route outputs produced outside `step` (e.g. remote KV arrival) to streams."""
-        self._deliver(outputs)
+        return await self.run(lambda core: core.stats())
 
     # Engine thread.
 
     def _loop(self) -> None:
         while not self._stopping:
             self._run_commands()
-            is_busy = False
+            is_busy = self._poll_connector()
             for hook in self._step_hooks:
                 is_busy |= self._guarded(hook)
             if not self.core.has_runnable():
@@ -188,6 +168,15 @@ class AsyncEngine:
                 logger.exception("engine step failed; ending every unfinished request")
                 outputs = self._fail_all()
             self._deliver(outputs, started)
+
+    def _poll_connector(self) -> bool:
+        try:
+            outputs, is_busy = self.core.poll_connector()
+        except Exception:
+            logger.exception("KV connector poll failed")
+            return False
+        self._deliver(outputs)
+        return is_busy
 
     def _guarded(self, hook: Callable[[EngineCore], bool]) -> bool:
         try:

@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-Role = Literal["prefill", "decode", "both"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+# Kernel backends (kernels/registry.py): "auto" is Triton on CUDA, plain torch elsewhere.
 AttentionBackendName = Literal["auto", "torch", "triton"]
+KernelBackendName = Literal["auto", "torch", "triton"]
 
-ROLES: tuple[str, ...] = get_args(Role)
 DTYPES: tuple[str, ...] = get_args(DType)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
+KERNEL_BACKENDS: tuple[str, ...] = get_args(KernelBackendName)
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class ModelConfig:
     max_model_len: int | None = None
     # Name the API reports and the block-hash chain is seeded with; None: `model` itself.
     served_model_name: str | None = None
-    # "auto": Triton kernels on CUDA devices, plain torch elsewhere.
+    # Paged attention. "auto": Triton kernels on CUDA devices, plain torch elsewhere.
     attention_backend: AttentionBackendName = "auto"
+    # Norm, rotary and activation. "auto": the same backend attention resolves to.
+    kernel_backend: KernelBackendName = "auto"
     # CUDA only: run every step eagerly instead of replaying captured CUDA graphs.
     enforce_eager: bool = False
     # Decode-only batches of at most this many sequences replay a CUDA graph (larger run eagerly).
@@ -47,6 +50,10 @@ class ModelConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
+            )
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(
+                f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -89,14 +96,12 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     # Split long prompts into chunks of the remaining step budget (else whole prompts only).
     enable_chunked_prefill: bool = True
-    role: Role = "both"
     # Launch the next step's forward pass before detokenizing this step's tokens, so the
-    # host's output work overlaps the GPU. None: on for CUDA devices outside prefill role.
+    # host's output work overlaps the GPU. None: on for CUDA devices, unless the node's KV
+    # connector needs each step's blocks as it ends (a prefill node's).
     overlap_output_processing: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"

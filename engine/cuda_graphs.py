@@ -5,8 +5,9 @@ cost far more host time than the GPU spends on them. `DecodeGraphs` captures the
 forward once per batch size in `graph_batch_sizes(max_batch)` and replays it, so a step
 costs one graph launch.
 
-Who calls what: `ModelRunner.__init__` builds `DecodeGraphs` on CUDA (unless
-`enforce_eager`) and calls `capture()` once, before serving; every step the runner asks
+Who calls what: `EngineCore.__init__` builds them with `capture_decode_graphs` (on CUDA,
+unless `enforce_eager`), which calls `capture()` once, before serving, and hands them to
+the `ModelRunner`; every step the runner asks
 `can_run(chunks)` and, when it holds, calls `run(chunks)` for the final hidden states of
 the real rows, else runs the batch eagerly. A graph applies when every chunk adds one
 token (decode rows, or one-token prompt tails), the batch has at most `max_batch` rows and
@@ -28,9 +29,10 @@ from typing import Any
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.decode_inputs import StaticDecodeInputs
 from splitserve.engine.scheduler import ScheduledChunk
+from splitserve.kernels.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +126,17 @@ class DecodeGraphs:
         self.inputs.fill(chunks, batch)
         self._graphs[batch].replay()
         return self._hidden[batch][: len(chunks)]
+
+
+def capture_decode_graphs(
+    model: Any, kv_cache: torch.Tensor, config: EngineConfig, block_size: int, max_model_len: int
+) -> DecodeGraphs | None:
+    """Decode CUDA graphs, captured, for a model on a CUDA device (None: eager only)."""
+    model_config = config.model
+    if kv_cache.device.type != "cuda" or model_config.enforce_eager:
+        return None
+    max_batch = min(model_config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
+    max_seq_len = min(model_config.cuda_graph_max_seq_len, max_model_len)
+    graphs = DecodeGraphs(model, kv_cache, block_size, max_batch, max_seq_len)
+    graphs.capture()
+    return graphs

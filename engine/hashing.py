@@ -2,7 +2,7 @@
 
 Torch-free on purpose: the router imports it to hash prompts the same way the nodes do.
 
-Spec (ARCHITECTURE.md, "Block hashing"):
+Spec (docs/architecture.md, "Block hashing"):
 
     h[-1] = H(b"splitserve-kv-v1" ‖ model identity (UTF-8) ‖ 0x00 ‖ block_size as LE uint32)
     h[i]  = H(h[i-1] as 16 LE bytes ‖ tokens of block i as LE uint32 ‖ extra)

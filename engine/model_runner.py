@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.scheduler import ScheduledChunk
+from splitserve.kernels.attention import AttentionMetadata
 
 
 class BatchInputs(NamedTuple):

@@ -14,7 +14,6 @@ class OutputCollector:
         self.prompt_token_ids = prompt_token_ids
         self.completions = [CompletionOutput(i, "", []) for i in range(n)]
         self.num_cached_tokens = 0
-        self.metrics: dict[str, float] = {}
 
     @property
     def finished(self) -> bool:
@@ -50,5 +49,4 @@ class OutputCollector:
             completions,
             self.finished,
             self.num_cached_tokens,
-            dict(self.metrics),
         )

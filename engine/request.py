@@ -1,8 +1,8 @@
 """Request and its lifecycle status, as the scheduler and block manager see them.
 
-The lifecycle (docs/architecture.md): WAITING -> RUNNING -> FINISHED_*; in decode role a
-request whose prompt KV comes from a prefill node sits in WAITING_FOR_REMOTE_KV until it
-lands; recompute preemption sends a RUNNING request back to PREEMPTED (waiting again).
+The lifecycle (docs/architecture.md): WAITING -> RUNNING -> FINISHED_*; a request whose
+prompt KV comes from another node (engine/kv_connector.py) sits in WAITING_FOR_REMOTE_KV
+until it lands; recompute preemption sends a RUNNING request back to PREEMPTED (waiting again).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class Request:
     num_preemptions: int = 0
     # Whether the first admission was counted in the prefix-cache statistics.
     is_prefix_recorded: bool = False
+    # Take blocks for the whole prompt at admission (a transfer reads them as they fill).
+    reserves_prompt: bool = False
     stop_reason: int | str | None = None
     # time.monotonic() of the first admission to the running batch, and of the first token.
     first_scheduled_time: float | None = None

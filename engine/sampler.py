@@ -1,6 +1,6 @@
 """Sampler: turns one step's logits into one token per sequence.
 
-Who calls what: the engine's model runner, once per step after the forward pass, calls
+Who calls what: EngineCore, once per step after the model runner's forward pass, calls
 `Sampler(logits, rows)` with the float32 logits of every sequence that samples this step
 (decode rows and the last chunk of each prefill), one `SamplingRow` per logits row in the
 same order. A request with a seed gets its generator once, from `Sampler.make_generator`,

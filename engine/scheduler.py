@@ -6,15 +6,16 @@ One step (`schedule`):
    budget. When the pool has no blocks left, the most recently admitted running request is
    preempted (recompute: its blocks are freed and it goes back to the head of the queue).
 2. If nothing was preempted, waiting requests are admitted FCFS while budget and
-   `max_num_seqs` allow: each reuses its cached prefix and gets a first chunk. In prefill
-   role a request reserves blocks for its whole prompt at admission, so running prefill
-   requests never preempt one another (their blocks may be under transfer).
+   `max_num_seqs` allow: each reuses its cached prefix and gets a first chunk. A request
+   marked `reserves_prompt` (a prefill node's) takes blocks for its whole prompt at
+   admission, so such requests never preempt one another (their blocks may be under
+   transfer).
 
 The engine runs the model on the chunks, then calls `advance` (KV now computed, full blocks
-enter the prefix cache) and `finish` for requests that ended. In decode role,
-`admit_remote` allocates blocks for a prompt whose KV a prefill node will write; the node
-later calls `remote_kv_arrived` or `remote_kv_failed`. In prefill role finished requests
-keep their blocks until `release_held` (the KV may still be in flight to a decode node).
+enter the prefix cache) and `finish` for requests that ended. For KV from another node
+(engine/kv_connector.py), `admit_remote` allocates blocks for a prompt that node will
+write, then `remote_kv_arrived` or `remote_kv_failed`; `finish(hold=True)` keeps a
+request's blocks until `release_held` (a transfer may still read or write them).
 
 No sockets or tensors here: the scheduler is tested with plain objects.
 """
@@ -132,11 +133,10 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            # In prefill role a request reserves its whole prompt at admission, so it never
-            # needs a block later and is never preempted while a push reads its blocks.
-            num_reserved = (
-                request.num_tokens - num_computed if self.config.role == "prefill" else num_new
-            )
+            # A request whose blocks a transfer reads as they fill (a prefill node's) reserves
+            # its whole prompt at admission: it never needs a block later, so it is never
+            # preempted while a push reads its blocks.
+            num_reserved = request.num_tokens - num_computed if request.reserves_prompt else num_new
             if not self.blocks.allocate_slots(request, num_reserved, prefix):
                 break
             self.waiting.popleft()
@@ -215,10 +215,22 @@ class Scheduler:
         self.waiting.appendleft(request)
         return request
 
-    def remote_kv_failed(self, request_id: RequestId) -> Request:
+    def remote_kv_failed(self, request_id: RequestId) -> Request | None:
         """The transfer failed: prefill locally into the same blocks (late writes from the
-        peer can then only land in this request's own blocks)."""
-        request = self.remote.pop(request_id)
+        peer can then only land in this request's own blocks). None when the request no
+        longer waits for remote KV (it finished meanwhile)."""
+        request = self.remote.pop(request_id, None)
+        if request is None:
+            return None
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         return request
+
+    def check_invariants(self) -> None:
+        """Every block free, cached-free or owned, with refcounts matching the requests."""
+        expected: dict[int, int] = {}
+        live = [*self.running, *self.waiting, *self.remote.values(), *self.held.values()]
+        for request in live:
+            for block_id in request.block_ids:
+                expected[block_id] = expected.get(block_id, 0) + 1
+        self.blocks.pool.check_invariants(expected)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.scheduler import Scheduler
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -38,3 +41,33 @@ class EngineStats:
         out: dict[str, float] = {k: float(v) for k, v in asdict(self).items()}
         out["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
         return out
+
+
+def collect_stats(
+    scheduler: Scheduler,
+    blocks: BlockManager,
+    *,
+    generation_tokens: int,
+    num_finished: int,
+    num_steps: int,
+    num_graph_steps: int,
+) -> EngineStats:
+    pool = blocks.pool
+    return EngineStats(
+        num_running=len(scheduler.running),
+        num_waiting=len(scheduler.waiting),
+        num_waiting_for_remote_kv=len(scheduler.remote),
+        num_held=len(scheduler.held),
+        num_blocks=pool.num_blocks,
+        num_free_blocks=pool.num_free_blocks,
+        num_cached_blocks=pool.num_cached_blocks,
+        kv_usage=pool.usage,
+        prefix_cache_queries=blocks.num_query_tokens,
+        prefix_cache_hits=blocks.num_hit_tokens,
+        num_preemptions=scheduler.num_preemptions,
+        prompt_tokens_computed=scheduler.num_prompt_tokens_computed,
+        generation_tokens=generation_tokens,
+        num_requests_finished=num_finished,
+        num_steps=num_steps,
+        num_graph_steps=num_graph_steps,
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
+from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.decode_attention import decode_attention
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.store_kv import store_kv

@@ -20,7 +20,7 @@ splits. The number of splits is picked on the host from `max_seq_len` and the ba
 so that batch x kv_heads x splits fills the multiprocessors a few times over; nothing is
 read back from the device, and the grid depends only on host ints (a CUDA graph captures
 it once for contexts up to its `max_seq_len`).
-Reference: `splitserve.engine.attention_torch._decode_batched` (via
+Reference: `splitserve.kernels.attention_torch.decode_batched` (via
 `decode_attention_reference`).
 """
 
@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.attention_torch import _decode_batched
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.attention_torch import decode_batched
 from splitserve.kernels.checks import (
     FLOAT_DTYPES,
     check_launchable,
@@ -297,4 +297,4 @@ def decode_attention_reference(
         query_lens_cpu=[1] * batch,
         seq_lens_cpu=lens,
     )
-    return _decode_batched(q, kv_cache, meta, scale)
+    return decode_batched(q, kv_cache, meta, scale)

@@ -9,7 +9,7 @@ once. Each program runs an online softmax in fp32 over KV tiles gathered through
 block table: first the tiles every row of the query tile sees in full, then the tiles on
 the causal diagonal with the mask. float32 inputs use full-precision dots.
 
-Reference: `splitserve.engine.attention_torch.TorchPagedAttention` (via
+Reference: `splitserve.kernels.attention_torch.TorchPagedAttention` (via
 `prefill_attention_reference`).
 """
 
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.attention_torch import TorchPagedAttention
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.attention_torch import TorchPagedAttention
 from splitserve.kernels.checks import (
     FLOAT_DTYPES,
     check_launchable,

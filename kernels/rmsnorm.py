@@ -6,17 +6,26 @@
 One program per row of the last dim. Rounding follows the model's `RMSNorm` exactly:
 the normalised row is cast to x's dtype before the weight multiply. Inputs are 2-D or 3-D
 with a contiguous last dim and any row strides (e.g. q/k head views of a fused qkv
-output). Reference: `splitserve.engine.model.layers.RMSNorm` (via `rmsnorm_reference`).
+output). Reference: `kernels/torch_ops.py` (`rms_norm`, `add_rms_norm`), via `rmsnorm_reference`.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import triton
 import triton.language as tl
 
-from splitserve.engine.model.layers import RMSNorm
+from splitserve.kernels import torch_ops
 from splitserve.kernels.checks import FLOAT_DTYPES, check_launchable, check_shape, check_tensor
+
+
+class NormParams(Protocol):
+    """What the reference reads of a norm module (the model's `RMSNorm`)."""
+
+    weight: torch.Tensor
+    eps: float
 
 
 @triton.jit
@@ -111,10 +120,9 @@ def rmsnorm(
 
 
 def rmsnorm_reference(
-    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None = None
+    norm: NormParams, x: torch.Tensor, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's plain-torch RMSNorm, with the residual add the decoder layer does."""
     if residual is None:
-        return norm.reference(x), None
-    summed = x + residual
-    return norm.reference(summed), summed
+        return torch_ops.rms_norm(x, norm.weight, norm.eps), None
+    return torch_ops.add_rms_norm(x, residual, norm.weight, norm.eps)

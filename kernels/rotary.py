@@ -5,23 +5,25 @@ For each token t with position p = positions[t] and every head, with h = head_di
     out[:h] = x[:h] * cos[p, :h] - x[h:] * sin[p, :h]
     out[h:] = x[h:] * cos[p, h:] + x[:h] * sin[p, h:]
 
-cos/sin come from the model's float32 table `RotaryEmbedding.cos_sin`
+cos/sin come from the model's float32 table (`RotaryEmbedding.cos_sin`)
 [max_position, 2, head_dim] and are cast to the activations' dtype first; every product
 and sum is rounded to that dtype as the model's torch code does, and the kernel is
 compiled without multiply-add fusion (which would fold a product's rounding into the sum,
 e.g. `fma.rn.bf16` on sm_90), so results are bit-for-bit the reference's in every dtype.
 Tokens with position -1 (padding) are left untouched. One program per token rotates all
 of its q and k heads.
-Reference: `splitserve.engine.model.layers.RotaryEmbedding` (via `rotary_reference`).
+Reference: `kernels/torch_ops.py` (`rotary`), via `rotary_reference`.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import triton
 import triton.language as tl
 
-from splitserve.engine.model.layers import RotaryEmbedding
+from splitserve.kernels import torch_ops
 from splitserve.kernels.checks import (
     FLOAT_DTYPES,
     check_launchable,
@@ -29,6 +31,12 @@ from splitserve.kernels.checks import (
     check_tensor,
     next_pow2,
 )
+
+
+class RopeTable(Protocol):
+    """What the reference reads of a rope module (the model's `RotaryEmbedding`)."""
+
+    cos_sin: torch.Tensor
 
 
 @triton.jit
@@ -145,7 +153,7 @@ def apply_rotary_(
 
 
 def rotary_reference(
-    rope: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    rope: RopeTable, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's plain-torch rotary embedding (out of place)."""
-    return rope.reference(positions, q, k)
+    return torch_ops.rotary(positions, q, k, rope.cos_sin)

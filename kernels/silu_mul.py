@@ -12,11 +12,11 @@ Grid: (T, cdiv(I, BLOCK)). Reference: `silu_mul_reference`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from splitserve.kernels import torch_ops
 from splitserve.kernels.checks import FLOAT_DTYPES, INTERPRET, check_launchable, check_tensor
 
 BLOCK = 1024
@@ -67,5 +67,4 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return torch_ops.silu_mul(gate_up)

@@ -3,7 +3,7 @@
 Token t goes to pool slot `slot_mapping[t]` (block `slot // block_size`, offset
 `slot % block_size`); slot -1 is a padding row and writes nothing. One program per token
 copies all of its KV heads (K and V). The plain-torch reference is
-`splitserve.engine.attention_torch.store_kv`.
+`splitserve.kernels.attention_torch.store_kv`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.engine.attention_torch import store_kv as store_kv_reference
+from splitserve.kernels.attention_torch import store_kv as store_kv_reference
 from splitserve.kernels.checks import (
     FLOAT_DTYPES,
     check_launchable,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
+from splitserve.kernels.attention import AttentionMetadata
 
 
 @dataclass

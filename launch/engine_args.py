@@ -1,39 +1,69 @@
 """Engine flags shared by every command that runs an engine (generate, prefill, decode,
-benchmarks), and the EngineConfig they build."""
+benchmarks), and the EngineConfig they build. Defaults are read from the config dataclasses."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from splitserve.engine.config import (
     ATTENTION_BACKENDS,
     DTYPES,
+    KERNEL_BACKENDS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
-    Role,
     SchedulerConfig,
 )
 
 
+def default_of(cls: type, name: str) -> Any:
+    """The default a config dataclass gives `name`: the CLI's defaults are read from the
+    configs, so each is defined once."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"{cls.__name__}.{name} has no plain default")
+            return f.default
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
+    _add_model_arguments(g)
+    _add_cache_and_scheduler_arguments(g)
+
+
+def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
+    model = ModelConfig
     g.add_argument("--model", required=True, help="HF model directory or dummy:<preset>")
     g.add_argument(
         "--dtype",
-        default="auto",
+        default=default_of(model, "dtype"),
         choices=DTYPES,
         help="weights and KV dtype; auto: bfloat16 on CUDA, float32 on CPU",
     )
-    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     g.add_argument(
-        "--seed", type=int, default=0, help="seed of random sampling (and of dummy weights)"
+        "--device", default=default_of(model, "device"), help="torch device: cpu, cuda, cuda:1"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(model, "seed"),
+        help="seed of random sampling (and of dummy weights)",
     )
     g.add_argument(
         "--attention-backend",
-        default="auto",
+        default=default_of(model, "attention_backend"),
         choices=ATTENTION_BACKENDS,
-        help="auto: Triton kernels on CUDA, plain torch on CPU",
+        help="paged attention; auto: Triton kernels on CUDA, plain torch on CPU",
+    )
+    g.add_argument(
+        "--kernel-backend",
+        default=default_of(model, "kernel_backend"),
+        choices=KERNEL_BACKENDS,
+        help="norm, rotary and activation kernels; auto: whatever attention resolves to",
     )
     g.add_argument(
         "--enforce-eager", action="store_true", help="CUDA: never replay captured CUDA graphs"
@@ -41,32 +71,46 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cuda-graph-max-batch",
         type=int,
-        default=256,
+        default=default_of(model, "cuda_graph_max_batch"),
         help="CUDA: largest decode batch that replays a captured graph",
     )
     g.add_argument(
         "--cuda-graph-max-seq-len",
         type=int,
-        default=8192,
+        default=default_of(model, "cuda_graph_max_seq_len"),
         help="CUDA: longest context a graph-replayed decode batch may hold",
     )
     g.add_argument(
         "--max-model-len",
         type=int,
-        default=None,
+        default=default_of(model, "max_model_len"),
         help="context length in tokens (default: the model config's)",
     )
     g.add_argument(
-        "--served-model-name", default=None, help="name the API serves it as (default: --model)"
+        "--served-model-name",
+        default=default_of(model, "served_model_name"),
+        help="name the API serves it as (default: --model)",
+    )
+
+
+def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
+    cache, sched = CacheConfig, SchedulerConfig
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=default_of(cache, "block_size"),
+        help="tokens per KV block (one value per cluster)",
     )
     g.add_argument(
-        "--block-size", type=int, default=16, help="tokens per KV block (one value per cluster)"
+        "--num-blocks",
+        type=int,
+        default=default_of(cache, "num_blocks"),
+        help="exact KV pool size in blocks",
     )
-    g.add_argument("--num-blocks", type=int, default=None, help="exact KV pool size in blocks")
     g.add_argument(
         "--kv-cache-memory-gib",
         type=float,
-        default=0.5,
+        default=default_of(cache, "kv_cache_memory_gib"),
         help="KV pool size in GiB (when --num-blocks is not given)",
     )
     g.add_argument(
@@ -75,10 +119,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=2048,
+        default=default_of(sched, "max_num_batched_tokens"),
         help="token budget of one engine step (decode tokens plus prefill chunks)",
     )
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=default_of(sched, "max_num_seqs"),
+        help="most requests running at once",
+    )
     g.add_argument(
         "--no-chunked-prefill",
         action="store_true",
@@ -91,7 +140,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
             model=args.model,
@@ -101,6 +150,7 @@ def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> En
             max_model_len=args.max_model_len,
             served_model_name=args.served_model_name,
             attention_backend=args.attention_backend,
+            kernel_backend=args.kernel_backend,
             enforce_eager=args.enforce_eager,
             cuda_graph_max_batch=args.cuda_graph_max_batch,
             cuda_graph_max_seq_len=args.cuda_graph_max_seq_len,
@@ -115,7 +165,6 @@ def engine_config_from_args(args: argparse.Namespace, role: Role = "both") -> En
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
-            role=role,
             overlap_output_processing=False if args.no_overlap_output_processing else None,
         ),
     )

@@ -13,43 +13,48 @@ import asyncio
 import logging
 import signal
 
-from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
-from splitserve.launch.node_runtime import NodeConfig, NodeRole, NodeRuntime
+from splitserve.launch.engine_args import (
+    add_engine_arguments,
+    default_of,
+    engine_config_from_args,
+)
+from splitserve.node.runtime import NodeConfig, NodeRole, NodeRuntime
 
 logger = logging.getLogger(__name__)
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
+    node = NodeConfig
     g = parser.add_argument_group("node")
-    g.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds")
-    g.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
-    g.add_argument("--advertise-host", default=None, help="host others reach this node at")
-    g.add_argument("--redis", default=None, help="redis://host:port/db of the cluster")
-    g.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
+    g.add_argument("--host", default=default_of(node, "host"), help="address the gRPC server binds")
     g.add_argument(
-        "--prefill-timeout-s",
-        type=float,
-        default=30.0,
-        help="decode: longest wait for a remote prefill before prefilling locally (a stalled "
-        "push falls back sooner, docs/reliability.md)",
+        "--port", type=int, default=default_of(node, "port"), help="gRPC port; 0 picks a free one"
     )
     g.add_argument(
-        "--drain-timeout-s",
-        type=float,
-        default=5.0,
-        help="on SIGTERM: time running requests get to finish",
+        "--advertise-host",
+        default=default_of(node, "advertise_host"),
+        help="host others reach this node at",
     )
     g.add_argument(
-        "--push-timeout-s",
-        type=float,
-        default=30.0,
-        help="prefill: longest a KV push to a decode node may take",
+        "--redis", default=default_of(node, "redis_url"), help="redis://host:port/db of the cluster"
     )
+    g.add_argument(
+        "--cluster", default=default_of(node, "cluster"), help="cluster name (Redis key prefix)"
+    )
+    timeouts = {
+        "prefill_timeout_s": "decode: longest wait for a remote prefill before prefilling "
+        "locally (a stalled push falls back sooner, docs/reliability.md)",
+        "drain_timeout_s": "on SIGTERM: time running requests get to finish",
+        "push_timeout_s": "prefill: longest a KV push to a decode node may take",
+    }
+    for name, help_text in timeouts.items():
+        flag = "--" + name.replace("_", "-")
+        g.add_argument(flag, type=float, default=default_of(node, name), help=help_text)
     g.add_argument(
         "--stream-interval",
         type=int,
-        default=NodeConfig.stream_interval,
+        default=default_of(node, "stream_interval"),
         help="decode: tokens per stream message after the first (fewer messages at high load)",
     )
 
@@ -88,7 +93,7 @@ async def serve(runtime: NodeRuntime) -> None:
 
 
 def run_node(args: argparse.Namespace, role: NodeRole) -> int:
-    engine_config = engine_config_from_args(args, role=role)
+    engine_config = engine_config_from_args(args)
     runtime = NodeRuntime(engine_config, node_config_from_args(args, role))
     asyncio.run(serve(runtime))
     return 0

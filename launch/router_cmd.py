@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from splitserve.node.registry import DEFAULT_CLUSTER
 from splitserve.router.config import RouterConfig
-from splitserve.router.node_registry import DEFAULT_CLUSTER
 from splitserve.router.policy import POLICIES, PolicyConfig
 
 

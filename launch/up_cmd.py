@@ -139,8 +139,14 @@ def gpu_devices(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def wait_until_ready(
-    url: str, num_prefill: int, num_decode: int, timeout_s: float, stop: threading.Event
+    url: str,
+    num_prefill: int,
+    num_decode: int,
+    timeout_s: float,
+    stop: threading.Event | None = None,
 ) -> dict:
+    """The router's /health once it sees every node; early (as it is) when `stop` is set."""
+    stop = stop or threading.Event()
     deadline = time.monotonic() + timeout_s
     body: dict = {}
     while time.monotonic() < deadline and not stop.is_set():

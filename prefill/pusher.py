@@ -1,16 +1,23 @@
-"""PrefillPusher: turns the engine's chunk reports into NIXL pushes, per request.
+"""PrefillPusher: the prefill node's KV connector (engine/kv_connector.py): it turns the
+engine's reports of final blocks into NIXL pushes, per request.
 
 Runs on the engine thread only (the AsyncEngine's thread), where every TransferAgent and
-EngineCore call of the prefill node happens:
+EngineCore call of the prefill node happens. The engine calls its hooks:
 
-    begin(request_id, peer, dst_block_ids, num_skip_blocks, on_done)   before add_request
-    cancel(request_id)       when add_request refused the request
-    on_chunk(chunk)          installed as EngineCore.on_prefill_chunk: one push per chunk
-                             of blocks past the decode node's cached prefix
-    poll(core)               step hook: collects push results; once the last chunk went
-                             out and nothing is in flight, releases the request's held
-                             blocks and calls on_done(PushOutcome)
-    abort(request_id)        no further pushes; finishes once in-flight pushes drained
+    on_admission(request_id, PushTarget)   in add_request: where the KV goes, and the
+                             on_done(PushOutcome) callback; the prompt is computed here
+    on_blocks_final(blocks)  one push per report of blocks past the decode node's cached
+                             prefix (the engine reports as each step ends: no overlap)
+    on_finish(request_id)    the engine ended the request: its blocks are held while
+                             pushes may still read them
+    poll()                   collects push results; once the last chunk went out (or the
+                             request failed) and nothing is in flight, the request's
+                             blocks are released (or it is aborted first, when a push
+                             failed mid-prompt) and on_done(PushOutcome) is called
+and the service calls `abort(request_id)` (no further pushes; it finishes once in-flight
+pushes drained). The engine generates one token per request here (`max_new_tokens`) and
+reserves a prompt's blocks at admission (`reserves_prompt`), so a push never reads a block
+that was preempted.
 
 Chunk indices are contiguous from 0 over the pushes actually sent, and the last push
 carries the final flag (a last chunk with nothing left to send carries the tag alone), so
@@ -25,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from splitserve.engine.core import EngineCore, PrefillChunk
+from splitserve.engine.kv_connector import FinalBlocks, KVEvents
 from splitserve.engine.outputs import TokenLogprob
+from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import PeerName, TransferAgent, encode_tag
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,17 @@ class PushOutcome(NamedTuple):
     push_tail_time_s: float
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a request's KV goes: the decode node's agent and the blocks it allocated."""
+
+    peer: PeerName
+    dst_block_ids: list[int]
+    # Leading blocks the decode node holds already (not pushed).
+    num_skip_blocks: int
+    on_done: Callable[[PushOutcome], None]
+
+
 @dataclass
 class _Pushing:
     peer: PeerName
@@ -67,9 +86,15 @@ class _Pushing:
     begun_at: float = field(default_factory=time.monotonic)
     queue_time_s: float = 0.0
     last_chunk_at: float = 0.0
+    # The engine finished the request (its blocks are held until the pushes drained).
+    is_engine_done: bool = False
 
 
 class PrefillPusher:
+    max_new_tokens: int | None = 1
+    reserves_prompt = True
+    supports_overlap = False
+
     def __init__(self, agent: TransferAgent) -> None:
         self.agent = agent
         self._requests: dict[str, _Pushing] = {}
@@ -84,22 +109,33 @@ class PrefillPusher:
     def num_in_flight(self) -> int:
         return len(self._by_push)
 
-    def begin(
-        self,
-        request_id: str,
-        peer: PeerName,
-        dst_block_ids: list[int],
-        num_skip_blocks: int,
-        on_done: Callable[[PushOutcome], None],
-    ) -> None:
-        if not 0 <= num_skip_blocks <= len(dst_block_ids):
+    def on_admission(self, request_id: str, kv_params: object | None) -> bool:
+        if not isinstance(kv_params, PushTarget):
+            raise ValueError("a prefill node serves Prefill RPCs only (no push target given)")
+        target = kv_params
+        num_skip, num_dst = target.num_skip_blocks, len(target.dst_block_ids)
+        if not 0 <= num_skip <= num_dst:
             raise ValueError(
-                f"num_skip_blocks={num_skip_blocks} is outside [0, {len(dst_block_ids)}] "
-                "destination blocks"
+                f"num_skip_blocks={num_skip} is outside [0, {num_dst}] destination blocks"
             )
-        self._requests[request_id] = _Pushing(peer, dst_block_ids, num_skip_blocks, on_done)
+        self._requests[request_id] = _Pushing(
+            target.peer, target.dst_block_ids, num_skip, target.on_done
+        )
+        return False  # the prompt is computed here
 
-    def on_chunk(self, chunk: PrefillChunk) -> None:
+    def on_remote_plan(self, request_id: str, plan: RemotePlan | None) -> None:
+        raise RuntimeError("a prefill node admits no remote KV")
+
+    def on_finish(self, request_id: str) -> bool:
+        state = self._requests.get(request_id)
+        if state is None:
+            return False
+        state.is_engine_done = True
+        if not state.sent_last:
+            state.aborted = True  # ended (abort, error) before its last chunk went out
+        return True
+
+    def on_blocks_final(self, chunk: FinalBlocks) -> None:
         state = self._requests.get(chunk.request_id)
         if state is None or state.aborted or state.error is not None:
             return
@@ -134,10 +170,6 @@ class PrefillPusher:
         self._by_push[handle.push_id] = chunk.request_id
         self.num_bytes_in_flight += handle.num_bytes
 
-    def cancel(self, request_id: str) -> None:
-        """Forget a request that never reached the engine (its admission failed)."""
-        self._requests.pop(request_id, None)
-
     def abort(self, request_id: str) -> bool:
         state = self._requests.get(request_id)
         if state is None:
@@ -145,8 +177,21 @@ class PrefillPusher:
         state.aborted = True
         return True
 
-    def poll(self, core: EngineCore) -> bool:
-        """Step hook: returns True while pushes are in flight."""
+    def poll(self) -> KVEvents:
+        events = KVEvents()
+        self._collect_results()
+        for request_id, state in list(self._requests.items()):
+            is_over = state.sent_last or state.aborted or state.error is not None
+            if is_over and not state.push_ids:
+                del self._requests[request_id]
+                if not state.is_engine_done:
+                    events.to_abort.append(request_id)  # a push failed mid-prompt
+                events.released.append(request_id)
+                self._report(request_id, state)
+        events.is_busy = bool(self._by_push)
+        return events
+
+    def _collect_results(self) -> None:
         for result in self.agent.poll():
             request_id = self._by_push.pop(result.push_id, None)
             self.num_bytes_in_flight -= result.num_bytes
@@ -161,19 +206,8 @@ class PrefillPusher:
             state.push_ids.discard(result.push_id)
             if not result.ok and state.error is None:
                 state.error = f"KV push failed: {result.error}"
-        for request_id, state in list(self._requests.items()):
-            if not state.sent_last and not core.is_unfinished(request_id):
-                state.aborted = True  # the engine ended it (abort, error) before the last chunk
-            is_over = state.sent_last or state.aborted or state.error is not None
-            if is_over and not state.push_ids:
-                self._finish(core, request_id, state)
-        return bool(self._by_push)
 
-    def _finish(self, core: EngineCore, request_id: str, state: _Pushing) -> None:
-        del self._requests[request_id]
-        if core.is_unfinished(request_id):
-            core.abort(request_id)  # a push failed mid-prompt: stop computing it
-        core.release(request_id)
+    def _report(self, request_id: str, state: _Pushing) -> None:
         error = state.error or ("aborted" if state.aborted else None)
         first_token, first_logprob = state.first if state.first is not None else (None, None)
         last_chunk = state.last_chunk_at or time.monotonic()

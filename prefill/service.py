@@ -3,12 +3,12 @@
 A decode node calls `Prefill` with the prompt, its NIXL agent metadata and pool
 descriptor, the destination block ids it allocated, and how many leading blocks it
 already holds. On the engine thread this node connects to the decode node's agent (once;
-cached), queues the prompt in the engine (prefill role: prefix-cache reuse, chunked
-prefill, one sampled token) and registers the request with the PrefillPusher, which
-pushes each chunk's finished blocks as the engine reports them. The RPC answers once
-the last chunk's push completed: first token, final notification tag, cache and push
-statistics. A failed push, an engine error or an abort ends the RPC with an error status;
-the decode node then prefills the prompt itself.
+cached) and queues the prompt in the engine with its `PushTarget`; the engine's KV
+connector here, the PrefillPusher, pushes each chunk's finished blocks as the engine
+reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled token).
+The RPC answers once the last chunk's push completed: first token, final notification
+tag, cache and push statistics. A failed push, an engine error or an abort ends the RPC
+with an error status; the decode node then prefills the prompt itself.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import grpc
 
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer import PoolDescriptor
-from splitserve.launch.node_rpcs import NodeRpcs
-from splitserve.launch.node_runtime import NodeRuntime
-from splitserve.prefill.pusher import PrefillPusher, PushOutcome
+from splitserve.node.rpcs import NodeRpcs, RoleStats
+from splitserve.node.runtime import NodeRuntime
+from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_from_proto, token_logprob_to_proto
@@ -33,16 +32,16 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
-    def __init__(self, runtime: NodeRuntime) -> None:
+    def __init__(self, runtime: NodeRuntime, pusher: PrefillPusher) -> None:
         self.runtime = runtime
-        self.pusher = PrefillPusher(runtime.require_agent())
-        pusher = self.pusher
+        self.pusher = pusher
 
-        def install(core: EngineCore) -> None:
-            core.on_prefill_chunk = pusher.on_chunk
-
-        runtime.engine.call(install).result()
-        runtime.engine.add_step_hook(pusher.poll)
+    @classmethod
+    async def create(cls, runtime: NodeRuntime) -> PrefillService:
+        """The service, with its PrefillPusher installed as the engine's KV connector."""
+        pusher = PrefillPusher(runtime.require_agent())
+        await runtime.engine.run(lambda core: core.set_connector(pusher))
+        return cls(runtime, pusher)
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
@@ -58,7 +57,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         loop = asyncio.get_running_loop()
         done: asyncio.Future[PushOutcome] = loop.create_future()
-        agent, pusher = self.runtime.require_agent(), self.pusher
+        agent = self.runtime.require_agent()
         prompt = list(request.prompt_token_ids)
 
         def resolve(outcome: PushOutcome) -> None:
@@ -72,15 +71,12 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             if params.n != 1:
                 raise ValueError("remote prefill serves n=1 requests")
             peer = agent.connect(request.decode_agent_metadata, descriptor)
-            pusher.begin(rid, peer, list(request.dst_block_ids), request.num_skip_blocks, on_done)
-            try:
-                core.add_request(rid, prompt, params)
-            except ValueError:
-                pusher.cancel(rid)
-                raise
+            dst = list(request.dst_block_ids)
+            core.add_request(rid, prompt, params, PushTarget(peer, dst, num_skip, on_done))
 
+        num_skip = request.num_skip_blocks
         try:
-            await asyncio.wrap_future(self.runtime.engine.call(admit))
+            await self.runtime.engine.run(admit)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         timeout = request.timeout_s or None
@@ -119,23 +115,23 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
                 num += int(pusher.abort(rid) or known)
             return num
 
-        return await asyncio.wrap_future(self.runtime.engine.call(abort))
+        return await self.runtime.engine.run(abort)
 
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
         return pb.AbortResponse(num_aborted=await self._abort(list(request.request_ids)))
 
-    def role_stats(self) -> dict[str, Any]:
+    def role_stats(self) -> RoleStats:
         pusher = self.pusher
-        return {
-            "num_transfers_in_flight": pusher.num_in_flight,
-            "transfer_bytes_in_flight": pusher.num_bytes_in_flight,
-            "transfer_bytes_total": pusher.num_bytes_total,
-            "num_transfers_completed": pusher.num_pushes_completed,
-            "num_transfers_failed": pusher.num_pushes_failed,
-        }
+        return RoleStats(
+            num_transfers_in_flight=pusher.num_in_flight,
+            transfer_bytes_in_flight=pusher.num_bytes_in_flight,
+            transfer_bytes_total=pusher.num_bytes_total,
+            num_transfers_completed=pusher.num_pushes_completed,
+            num_transfers_failed=pusher.num_pushes_failed,
+        )
 
 
-def add_prefill_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
-    node_pb2_grpc.add_PrefillServicer_to_server(PrefillService(runtime), server)
+async def add_prefill_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
+    node_pb2_grpc.add_PrefillServicer_to_server(await PrefillService.create(runtime), server)

@@ -26,10 +26,8 @@ import redis
 import redis.asyncio
 
 from splitserve.engine.hashing import BlockHash
-from splitserve.protocol import node_pb2 as pb
-from splitserve.router.config import RouterConfig
-from splitserve.router.node_clients import NodeClients
-from splitserve.router.node_registry import (
+from splitserve.node.prefix_index import AsyncPrefixIndex
+from splitserve.node.registry import (
     DEFAULT_TTL_S,
     AsyncNodeRegistry,
     NodeId,
@@ -37,7 +35,9 @@ from splitserve.router.node_registry import (
     NodeRecord,
     async_redis_client,
 )
-from splitserve.router.prefix_index import AsyncPrefixIndex
+from splitserve.protocol import node_pb2 as pb
+from splitserve.router.config import RouterConfig
+from splitserve.router.node_clients import NodeClients
 
 logger = logging.getLogger(__name__)
 

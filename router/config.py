@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitserve.router.node_registry import DEFAULT_CLUSTER
+from splitserve.node.registry import DEFAULT_CLUSTER
 from splitserve.router.policy import PolicyConfig
 
 # Body limit derived from the context: room for a full context of the most verbose encoding

@@ -31,11 +31,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from splitserve.node.registry import NodeId
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol.messages import sampling_params_to_proto
 from splitserve.router.coalesce import StreamItem, coalesce
 from splitserve.router.errors import APIError, from_grpc_error
-from splitserve.router.node_registry import NodeId
 from splitserve.router.policy import RouteDecision
 from splitserve.router.prepare import PreparedRequest
 from splitserve.router.service import RouterService

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from splitserve.node.registry import NodeRecord
 from splitserve.protocol import node_pb2 as pb
-from splitserve.router.node_registry import NodeRecord
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -67,6 +67,9 @@ class RouterMetrics:
             p + "cached_prompt_tokens", "Prompt tokens found cached (node usage)", registry=r
         )
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
+        self._add_request_and_node_metrics(p, r)
+
+    def _add_request_and_node_metrics(self, p: str, r: CollectorRegistry) -> None:
         self.requests = Counter(
             p + "requests",
             "Finished HTTP requests by endpoint and status (499: client went away)",

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import grpc
 
+from splitserve.node.registry import NodeRecord
 from splitserve.protocol import keepalive
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
-from splitserve.router.node_registry import NodeRecord
 
 logger = logging.getLogger(__name__)
 

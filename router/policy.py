@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
-from splitserve.router.node_registry import NodeId, NodeRecord
+from splitserve.node.registry import NodeId, NodeRecord
 
 PolicyName = Literal["cache_aware", "least_load", "round_robin"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)

@@ -25,12 +25,12 @@ from dataclasses import replace
 from typing import NamedTuple, TypeVar
 
 from splitserve.engine.hashing import hash_blocks, seed_hash
+from splitserve.node.registry import NodeId, NodeLoad, NodeRecord
 from splitserve.router.cluster import ClusterView
 from splitserve.router.config import RouterConfig
 from splitserve.router.errors import APIError
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.node_clients import NodeClients
-from splitserve.router.node_registry import NodeId, NodeLoad, NodeRecord
 from splitserve.router.policy import RouteDecision, RoutingInputs, choose_route
 from splitserve.router.tokenizer import RouterTokenizer
 

@@ -2,27 +2,26 @@
 
 Loaded once at start from a local directory with transformers' AutoTokenizer (local files
 only, never the network), or, for `dummy:<preset>` models, built in memory by the engine's
-own dummy tokenizer builder so that router and nodes agree on every id.
+torch-free dummy tokenizer builder (engine/model/dummy_presets.py), so that router and nodes
+agree on every id.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from splitserve.engine.model.dummy_presets import DUMMY_PREFIX, build_dummy_tokenizer, dummy_arch
 
-DUMMY_PREFIX = "dummy:"
+logger = logging.getLogger(__name__)
 
 
 def load_hf_tokenizer(name_or_path: str) -> Any:
     """A PreTrainedTokenizer(Fast) for a local directory or a `dummy:<preset>` model."""
     if name_or_path.startswith(DUMMY_PREFIX):
-        dummy = importlib.import_module("splitserve.engine.model.dummy")
-        return dummy.build_dummy_tokenizer(dummy.dummy_arch(name_or_path))
+        return build_dummy_tokenizer(dummy_arch(name_or_path))
     if not Path(name_or_path).is_dir():
         raise ValueError(
             f"tokenizer {name_or_path!r} is not a local directory: pass --tokenizer with the "

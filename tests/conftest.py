@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -35,6 +36,59 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+def _needs_interpreter() -> bool:
+    """Triton is installed and there is no GPU: its kernels run in the CPU interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _triton_library_interpreted():
+    """Triton decides for its own library (tl.cdiv, ...) when it is first imported, and
+    transformers' model classes import it, so it is imported here first, under
+    TRITON_INTERPRET=1, which leaves the environment again at once (no child process
+    inherits it). Kernel modules decide when they are imported: `triton_interpreter`."""
+    if _needs_interpreter():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TRITON_INTERPRET", "1")
+            import triton  # noqa: F401
+    yield
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Triton kernels runnable here. Without CUDA they run in Triton's CPU interpreter,
+    which Triton chooses as each kernel module is imported (TRITON_INTERPRET=1): the
+    variable is set for the requesting module's tests only, so no later child process
+    inherits it. Import kernel modules in a fixture that depends on this one, never at
+    module level (nor `importorskip` triton there: see `_triton_library_interpreted`)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    if not _needs_interpreter():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        _check_interpreter()
+        yield
+
+
+def _check_interpreter() -> None:
+    """Fail clearly when triton was imported before the interpreter was asked for."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(tl.cdiv, JITFunction):
+        pytest.fail(
+            "triton was imported without TRITON_INTERPRET=1 earlier in this process, so its "
+            "kernels cannot run on the CPU; import triton only after the triton_interpreter "
+            "fixture (see tests/conftest.py)"
+        )
 
 
 @pytest.fixture(scope="module")

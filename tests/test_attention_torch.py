@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.attention_torch import TorchPagedAttention
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.attention_torch import TorchPagedAttention
 
 HEAD_DIM = 16
 # (cached tokens, new tokens) per sequence.

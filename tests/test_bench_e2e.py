@@ -33,6 +33,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from splitserve.launch.cli import main
 
+# Real node processes (or two NIXL processes): run serially, see the Makefile.
+pytestmark = pytest.mark.slow
+
 USAGE_DELAY_S = 0.1
 POOL_SIZES = {"one": 1}
 

@@ -16,7 +16,7 @@ import pytest
 
 from splitserve.benchmarks import engine_offline, engine_steps
 from splitserve.engine.model.arch import ModelArchConfig
-from splitserve.engine.model.dummy import DUMMY_PRESETS
+from splitserve.engine.model.dummy_presets import DUMMY_PRESETS
 
 TINY = DUMMY_PRESETS["tiny"]
 FP32 = 4

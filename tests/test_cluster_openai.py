@@ -14,6 +14,9 @@ from splitserve.engine.llm import LLM
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.launch.processes import ManagedProcess
 
+# Real node processes (or two NIXL processes): run serially, see the Makefile.
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny"
 LONG_PROMPT = " ".join(
     f"The harbour lights were counted one by one, number {i}." for i in range(30)

@@ -19,6 +19,9 @@ from splitserve.launch.processes import ManagedProcess
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 
+# Real node processes (or two NIXL processes): run serially, see the Makefile.
+pytestmark = pytest.mark.slow
+
 BLOCK = 16
 MODEL = "tiny"
 

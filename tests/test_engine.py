@@ -9,7 +9,8 @@ import random
 import pytest
 
 from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from splitserve.engine.core import EngineCore, PrefillChunk
+from splitserve.engine.core import EngineCore
+from splitserve.engine.kv_connector import FinalBlocks, KVEvents
 from splitserve.engine.llm import LLM
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -143,15 +144,47 @@ def test_abort_frees_blocks(llm: LLM) -> None:
     assert eng.pool.usage == 0.0
 
 
+class RecordingConnector:
+    """A prefill-like KV connector: one token per request, blocks reported as they become
+    final, freeing delayed until `poll` after `release`."""
+
+    max_new_tokens = 1
+    reserves_prompt = True
+    supports_overlap = False
+
+    def __init__(self) -> None:
+        self.reports: list[FinalBlocks] = []
+        self.held: set[str] = set()
+        self.to_release: list[str] = []
+
+    def on_admission(self, request_id: str, kv_params: object | None) -> bool:
+        return False
+
+    def on_remote_plan(self, request_id: str, plan: object) -> None:
+        raise AssertionError("no remote admission here")
+
+    def on_blocks_final(self, blocks: FinalBlocks) -> None:
+        self.reports.append(blocks)
+
+    def on_finish(self, request_id: str) -> bool:
+        self.held.add(request_id)
+        return True
+
+    def poll(self) -> KVEvents:
+        released, self.to_release = self.to_release, []
+        return KVEvents(released=released)
+
+
 def test_prefill_role_reports_chunks_and_holds_blocks(tiny_llama) -> None:
     config = EngineConfig(
         ModelConfig(str(tiny_llama), dtype="float32"),
         CacheConfig(block_size=16, num_blocks=64),
-        SchedulerConfig(max_num_batched_tokens=40, role="prefill"),
+        SchedulerConfig(max_num_batched_tokens=40),
     )
     eng = EngineCore(config)
-    chunks: list[PrefillChunk] = []
-    eng.on_prefill_chunk = chunks.append
+    connector = RecordingConnector()
+    eng.set_connector(connector)
+    chunks = connector.reports
     prompt = rand_tokens(100, eng.arch.vocab_size, 4)
     eng.add_request("p", prompt, SamplingParams(temperature=0, max_tokens=20))
     outs = []
@@ -165,7 +198,9 @@ def test_prefill_role_reports_chunks_and_holds_blocks(tiny_llama) -> None:
     ]
     assert chunks[-1].first_token_id == outs[0].new_token_ids[0]
     assert eng.stats().num_held == 1 and eng.pool.usage > 0
-    assert eng.release("p")
+    assert connector.held == {"p"}
+    connector.to_release.append("p")
+    assert eng.poll_connector() == ([], False)
     eng.check_invariants()
     assert eng.pool.usage == 0.0
 
@@ -256,25 +291,42 @@ def test_async_engine_streams_and_aborts(tiny_llama, overlap: bool) -> None:
 
 
 def test_async_engine_aborts_a_request_whose_caller_left_during_admission(tiny_llama) -> None:
-    """The caller is cancelled while the admission still runs on the engine thread: once
-    admitted, the request is handed to `on_abandoned` and aborted, so nothing stays."""
+    """The caller is cancelled while the admission still runs on the engine thread (a slow
+    connector): once admitted, the request is aborted (the connector hears of its end), so
+    nothing stays."""
     import time
 
     from splitserve.engine.async_engine import AsyncEngine
 
+    class SlowAdmission:
+        max_new_tokens = None
+        reserves_prompt = False
+        supports_overlap = True
+
+        def on_admission(self, request_id: str, kv_params: object | None) -> bool:
+            time.sleep(0.3)
+            return False
+
+        def on_remote_plan(self, request_id: str, plan: object) -> None:
+            raise AssertionError("no remote admission here")
+
+        def on_blocks_final(self, blocks: FinalBlocks) -> None:
+            pass
+
+        def on_finish(self, request_id: str) -> bool:
+            abandoned.append(request_id)
+            return False
+
+        def poll(self) -> KVEvents:
+            return KVEvents()
+
     engine = AsyncEngine(EngineConfig(ModelConfig(str(tiny_llama), dtype="float32")))
+    engine.call(lambda core: core.set_connector(SlowAdmission())).result()
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     abandoned: list[str] = []
 
-    def slow_admit(core: EngineCore) -> str:
-        time.sleep(0.3)
-        core.add_request("slow", [5, 6, 7, 8], params)
-        return "plan"
-
     async def consume() -> None:
-        stream = engine.generate(
-            "slow", [5, 6, 7, 8], params, slow_admit, None, lambda core, r: abandoned.append(r)
-        )
+        stream = engine.generate("slow", [5, 6, 7, 8], params)
         async for _ in stream:
             pass
 
@@ -289,7 +341,7 @@ def test_async_engine_aborts_a_request_whose_caller_left_during_admission(tiny_l
             if abandoned and stats.num_running + stats.num_waiting == 0:
                 break
             await asyncio.sleep(0.02)
-        assert abandoned == ["plan"]
+        assert abandoned == ["slow"]
         assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_usage == 0.0
 
     try:

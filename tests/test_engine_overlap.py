@@ -14,6 +14,7 @@ from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, Sch
 from splitserve.engine.core import EngineCore
 from splitserve.engine.llm import LLM
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.prefill.pusher import PrefillPusher
 
 
 def rand_tokens(n: int, vocab: int, seed: int) -> list[int]:
@@ -137,7 +138,8 @@ def test_aborts_under_a_launched_step_free_everything(tiny_llama) -> None:
 def test_prefill_role_refuses_overlap(tiny_llama) -> None:
     config = EngineConfig(
         ModelConfig(str(tiny_llama), dtype="float32"),
-        scheduler=SchedulerConfig(role="prefill", overlap_output_processing=True),
+        scheduler=SchedulerConfig(overlap_output_processing=True),
     )
-    with pytest.raises(ValueError, match="prefill role"):
-        EngineCore(config)
+    core = EngineCore(config)
+    with pytest.raises(ValueError, match="PrefillPusher"):
+        core.set_connector(PrefillPusher(agent=None))  # type: ignore[arg-type]

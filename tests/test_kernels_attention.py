@@ -9,31 +9,38 @@ triton is imported) at small shapes in float32; with CUDA the same tests run on 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-
-from splitserve.engine.attention_torch import TorchPagedAttention
-from splitserve.kernels.backend import TritonPagedAttention
-from splitserve.kernels.decode_attention import (
-    decode_attention,
-    decode_attention_reference,
-)
-from splitserve.kernels.decode_reduce import merge_partitions, merge_partitions_reference
-from splitserve.kernels.prefill_attention import (
-    prefill_attention,
-    prefill_attention_reference,
-)
-from splitserve.kernels.store_kv import store_kv, store_kv_reference
-from splitserve.kernels.testing import PagedBatch, make_paged_batch
+from splitserve.kernels.attention_torch import TorchPagedAttention
+from splitserve.kernels.testing import PagedBatch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels(triton_interpreter) -> None:
+    """Kernel modules, imported once the interpreter is chosen (see conftest)."""
+    global \
+        TritonPagedAttention, \
+        decode_attention, \
+        decode_attention_reference, \
+        merge_partitions, \
+        merge_partitions_reference, \
+        prefill_attention, \
+        prefill_attention_reference, \
+        store_kv, \
+        store_kv_reference, \
+        make_paged_batch
+    from splitserve.kernels.backend import TritonPagedAttention
+    from splitserve.kernels.decode_attention import decode_attention, decode_attention_reference
+    from splitserve.kernels.decode_reduce import merge_partitions, merge_partitions_reference
+    from splitserve.kernels.prefill_attention import prefill_attention, prefill_attention_reference
+    from splitserve.kernels.store_kv import store_kv, store_kv_reference
+    from splitserve.kernels.testing import make_paged_batch
+
+
 ON_GPU = DEVICE.type == "cuda"
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 TOL = {

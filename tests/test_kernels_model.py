@@ -7,25 +7,26 @@ RMSNorm, in-place rotary) must give the outputs and the pool of the torch path
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-
-from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.attention_torch import TorchPagedAttention
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.layers import RMSNorm, RotaryEmbedding
-from splitserve.kernels.backend import TritonPagedAttention
-from splitserve.kernels.rmsnorm import rmsnorm
-from splitserve.kernels.rotary import apply_rotary_
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.attention_torch import TorchPagedAttention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels(triton_interpreter) -> None:
+    """Kernel modules, imported once the interpreter is chosen (see conftest)."""
+    global TritonPagedAttention, rmsnorm, apply_rotary_
+    from splitserve.kernels.backend import TritonPagedAttention
+    from splitserve.kernels.rmsnorm import rmsnorm
+    from splitserve.kernels.rotary import apply_rotary_
+
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 64, 4, 2, 32, 2, 16
 PROMPTS = [20, 37, 5]
 # Tokens each sequence runs per step: chunked prefill, prefill rest + decodes, decodes.

@@ -8,23 +8,24 @@ the GPU only). GPU: all dtypes, plus model-sized shapes under the `gpu` marker.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-
 from splitserve.engine.model.arch import ModelArchConfig, RopeScaling
 from splitserve.engine.model.layers import RMSNorm, RotaryEmbedding
-from splitserve.kernels.rmsnorm import rmsnorm, rmsnorm_reference
-from splitserve.kernels.rotary import apply_rotary_, rotary_reference
-from splitserve.kernels.silu_mul import silu_mul, silu_mul_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels(triton_interpreter) -> None:
+    """Kernel modules, imported once the interpreter is chosen (see conftest)."""
+    global rmsnorm, rmsnorm_reference, apply_rotary_, rotary_reference, silu_mul, silu_mul_reference
+    from splitserve.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+    from splitserve.kernels.rotary import apply_rotary_, rotary_reference
+    from splitserve.kernels.silu_mul import silu_mul, silu_mul_reference
+
+
 ON_GPU = DEVICE.type == "cuda"
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 DTYPES = [

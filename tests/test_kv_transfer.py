@@ -29,6 +29,9 @@ from splitserve.kv_transfer import (
 from splitserve.kv_transfer.layout import describe_pool
 from splitserve.kv_transfer.peer_process import PeerProcess, PoolSpec, fill_pool
 
+# Real node processes (or two NIXL processes): run serially, see the Makefile.
+pytestmark = pytest.mark.slow
+
 # A tiny model's pool: 64 blocks x 2 layers x (K, V) x 16 tokens x 2 kv heads x 16 dims, fp32.
 SHAPE = (64, 2, 2, 16, 2, 16)
 POISON = -1234.5

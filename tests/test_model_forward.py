@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.attention_torch import TorchPagedAttention
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.model.loader import LoadedModel, load_model
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.registry import torch_kernels
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 BLOCK_SIZE = 16
@@ -73,7 +73,7 @@ def case(request, tiny_model_factory):
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_factory(request.param)
-    ours = load_model(ModelConfig(str(model_dir), dtype="float32"), TorchPagedAttention())
+    ours = load_model(ModelConfig(str(model_dir), dtype="float32"), torch_kernels())
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rng = random.Random(0)
     vocab = ours.arch.vocab_size
@@ -130,7 +130,7 @@ def test_mixed_batch_of_prefill_chunks_and_decodes(case) -> None:
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16", "float16"])
 def test_other_dtypes(case, dtype: str) -> None:
     model_dir, _, seqs, ref = case
-    loaded = load_model(ModelConfig(str(model_dir), dtype=dtype), TorchPagedAttention())
+    loaded = load_model(ModelConfig(str(model_dir), dtype=dtype), torch_kernels())
     assert next(loaded.model.parameters()).dtype == loaded.dtype == getattr(torch, dtype)
     logits = run(loaded, new_pool(loaded, 5), [(seqs[77], 0, [0, 1, 2, 3, 4])])
     if dtype == "float64":
@@ -150,7 +150,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_tiny_on_gpu_matches_transformers(case) -> None:
     model_dir, _, seqs, ref = case
     config = ModelConfig(str(model_dir), dtype="float32", device="cuda")
-    loaded = load_model(config, TorchPagedAttention())
+    loaded = load_model(config, torch_kernels())
     pool = new_pool(loaded, 8, "cuda")
     first = run(loaded, pool, [(seqs[77], 0, [5, 1, 2, 7, 0])])
     decode = run(loaded, pool, [(seqs[77][:1], 0, [3]), (seqs[77], 76, [5, 1, 2, 7, 0])])
@@ -164,7 +164,7 @@ def test_tiny_on_gpu_matches_transformers(case) -> None:
 @pytest.mark.parametrize("preset", ["dummy:llama-3.1-8b", "dummy:qwen3-0.6b"])
 def test_dummy_preset_runs_on_gpu(preset: str, dtype: str) -> None:
     config = ModelConfig(preset, dtype=dtype, device="cuda", max_model_len=4096)  # type: ignore[arg-type]
-    loaded = load_model(config, TorchPagedAttention())
+    loaded = load_model(config, torch_kernels())
     assert loaded.dtype == (torch.bfloat16 if dtype == "auto" else torch.float32)
     assert loaded.max_model_len == 4096
     vocab = loaded.arch.vocab_size

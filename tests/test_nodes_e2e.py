@@ -14,11 +14,14 @@ import pytest
 from splitserve.engine.llm import LLM
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.launch.local_cluster import ClusterConfig, LocalCluster, NodeProcess
+from splitserve.node.prefix_index import PrefixIndex
+from splitserve.node.registry import NodeRegistry, redis_client
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_to_proto
-from splitserve.router.node_registry import NodeRegistry, redis_client
-from splitserve.router.prefix_index import PrefixIndex
+
+# Real node processes (or two NIXL processes): run serially, see the Makefile.
+pytestmark = pytest.mark.slow
 
 NUM_NEW = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from splitserve.engine.hashing import BlockHash, hash_blocks, seed_hash
 from splitserve.launch.redis_server import RedisServer
-from splitserve.router.node_publisher import NodePublisher
-from splitserve.router.node_registry import (
+from splitserve.node.prefix_index import MAX_ENTRIES_PER_CALL, AsyncPrefixIndex, PrefixIndex
+from splitserve.node.publisher import NodePublisher
+from splitserve.node.registry import (
     NodeCapacity,
     NodeId,
     NodeLoad,
@@ -31,7 +32,6 @@ from splitserve.router.node_registry import (
     make_node_id,
     redis_client,
 )
-from splitserve.router.prefix_index import MAX_ENTRIES_PER_CALL, AsyncPrefixIndex, PrefixIndex
 
 BLOCK_SIZE = 16
 
@@ -252,7 +252,7 @@ def test_async_lookup_matches_sync(redis_server: RedisServer, client: redis.Redi
         index.publish(r.node_id, hashes[:n], [])
 
     async def lookup() -> dict[NodeId, int]:
-        from splitserve.router.node_registry import async_redis_client
+        from splitserve.node.registry import async_redis_client
 
         aclient = async_redis_client(redis_server.url)
         try:
@@ -333,7 +333,7 @@ def test_publisher_never_raises_while_redis_is_down(
     hashes = chain(random.Random(8), 12)
     record = make_record(1)
     private_redis.stop()
-    caplog.set_level(logging.WARNING, logger="splitserve.router.node_publisher")
+    caplog.set_level(logging.WARNING, logger="splitserve.node.publisher")
     url = f"redis://127.0.0.1:{private_redis.port}/0"
     publisher = start_publisher(url, cluster, record, hashes[:3])
     client = redis_client(url)

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from splitserve.launch.redis_server import RedisServer
-from splitserve.router.node_registry import (
+from splitserve.node.registry import (
     AsyncNodeRegistry,
     NodeCapacity,
     NodeLoad,

@@ -1,17 +1,23 @@
 """The decode node's remote-prefill bookkeeping frees a request's held blocks however its
-abort interleaves with the Prefill RPC's answer and the step hook's polling (engine
-thread commands can run before the hook notices the abort)."""
+abort interleaves with the Prefill RPC's answer and the engine's connector polling (engine
+thread commands can run before the poll notices the abort)."""
 
 from __future__ import annotations
 
 import pytest
 
-from splitserve.decode.remote_prefill import RemotePrefillInfo, RemotePrefills, stall_timeout_s
-from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.decode.remote_prefill import (
+    RemotePrefillInfo,
+    RemotePrefillParams,
+    RemotePrefills,
+    stall_timeout_s,
+)
+from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.request import RequestStatus
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.kv_transfer import ArrivalTracker
+from splitserve.engine.scheduler import RemotePlan
+from splitserve.kv_transfer import ArrivalTracker, Notification, PeerName, encode_tag
 
 
 class NoNotifications:
@@ -25,16 +31,19 @@ def core(tiny_llama) -> EngineCore:
         EngineConfig(
             ModelConfig(str(tiny_llama), dtype="float32"),
             CacheConfig(block_size=16, num_blocks=64),
-            SchedulerConfig(role="decode"),
         )
     )
 
 
 def admitted(core: EngineCore, rid: str) -> RemotePrefills:
-    remote = RemotePrefills(ArrivalTracker(NoNotifications()), lambda outs: None, 1024)
-    params = SamplingParams(temperature=0, max_tokens=8)
-    plan = remote.admit(core, rid, list(range(1, 100)), params, "prefill-0", timeout_s=30)
-    assert plan is not None and core.pool.usage > 0
+    """A request admitted for remote KV under a fresh connector."""
+    remote = RemotePrefills(ArrivalTracker(NoNotifications()), 1024, core.block_size)
+    core.connector = remote  # a fresh connector per test, on the shared engine
+    plans: list[RemotePlan] = []
+    prompt = list(range(1, 100))
+    kv_params = RemotePrefillParams("prefill-0", 30, len(prompt), plans.append)
+    core.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=8), kv_params)
+    assert len(plans) == 1 and core.pool.usage > 0
     return remote
 
 
@@ -45,12 +54,12 @@ def test_abort_before_the_hook_polls_still_frees_the_blocks(core, answer: str) -
     core.abort(rid)  # the client went away; the blocks stay held for the prefill node
     assert core.pool.usage > 0
     if answer == "failed":
-        remote.rpc_failed(core, rid, "CANCELLED: aborted on the prefill node")
+        remote.rpc_failed(rid, "CANCELLED: aborted on the prefill node")
     elif answer == "succeeded":
-        remote.rpc_succeeded(core, rid, 7, None, RemotePrefillInfo())
+        remote.rpc_succeeded(rid, 7, None, RemotePrefillInfo())
     else:
         remote.abandon(rid)
-    remote.poll(core)
+    core.poll_connector()
     assert core.pool.usage == 0.0 and remote.num_in_flight == 0
     core.check_invariants()
 
@@ -58,9 +67,10 @@ def test_abort_before_the_hook_polls_still_frees_the_blocks(core, answer: str) -
 def test_blocks_stay_held_until_the_rpc_answers(core) -> None:
     remote = admitted(core, "r-late")
     core.abort("r-late")
-    remote.poll(core)
+    core.poll_connector()
     assert core.pool.usage > 0 and remote.num_in_flight == 1
-    remote.rpc_failed(core, "r-late", "DEADLINE_EXCEEDED")
+    remote.rpc_failed("r-late", "DEADLINE_EXCEEDED")
+    core.poll_connector()
     assert core.pool.usage == 0.0 and remote.num_in_flight == 0
 
 
@@ -72,23 +82,72 @@ class Clock:
         return self.now
 
 
-def test_stalled_prefill_falls_back_to_local_well_before_the_timeout(core) -> None:
-    """A prefill node that stops pushing (frozen) costs the no-progress deadline derived from
-    the prompt's size, not the whole prefill timeout."""
+def stalled(core: EngineCore, rid: str) -> RemotePrefills:
+    """A request whose prefill node stopped pushing, past its no-progress deadline: it fell
+    back to local prefill while its Prefill RPC is still outstanding."""
     clock = Clock()
-    remote = RemotePrefills(ArrivalTracker(NoNotifications(), clock=clock), lambda outs: None, 1024)
-    params = SamplingParams(temperature=0, max_tokens=8)
+    remote = RemotePrefills(ArrivalTracker(NoNotifications(), clock=clock), 1024, core.block_size)
+    core.connector = remote
     prompt = list(range(1, 100))
-    assert remote.admit(core, "r-stall", prompt, params, "prefill-0", timeout_s=30) is not None
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    kv_params = RemotePrefillParams("prefill-0", 30, len(prompt), lambda plan: None)
+    core.add_request(rid, prompt, params, kv_params)
     stall_s = stall_timeout_s(len(prompt), 30)
     assert 5 <= stall_s < 6 and stall_timeout_s(10**6, 30) == 15  # at most half the timeout
     clock.now = stall_s - 0.1
-    remote.poll(core)
+    core.poll_connector()
     assert remote.num_fallbacks == 0
-    assert core.request_status("r-stall") == RequestStatus.WAITING_FOR_REMOTE_KV
+    assert core.request_status(rid) == RequestStatus.WAITING_FOR_REMOTE_KV
     clock.now = stall_s + 0.1
-    remote.poll(core)
+    core.poll_connector()
     assert remote.num_fallbacks == 1 and remote.num_in_flight == 0
-    assert core.request_status("r-stall") == RequestStatus.WAITING  # queued for local prefill
+    assert core.request_status(rid) == RequestStatus.WAITING  # queued for local prefill
+    return remote
+
+
+def test_stalled_prefill_falls_back_to_local_well_before_the_timeout(core) -> None:
+    """A prefill node that stops pushing (frozen) costs the no-progress deadline derived from
+    the prompt's size, not the whole prefill timeout."""
+    remote = stalled(core, "r-stall")
+    remote.rpc_failed("r-stall", "DEADLINE_EXCEEDED")
     core.abort("r-stall")
+    core.poll_connector()
+    assert core.pool.usage == 0.0
+    core.check_invariants()
+
+
+class QueuedNotifications:
+    """A notification source whose notifications the test hands in."""
+
+    def __init__(self) -> None:
+        self.queued: list[Notification] = []
+
+    def get_notifs(self) -> list[Notification]:
+        notes, self.queued = self.queued, []
+        return notes
+
+
+def test_kv_arrival_and_rpc_answer_join_the_batch_with_the_first_token(core) -> None:
+    """Both halves needed, in either order: the request waits for remote KV until its last
+    chunk landed and the RPC answered, then generates from the prefill node's token."""
+    source = QueuedNotifications()
+    remote = RemotePrefills(ArrivalTracker(source), 1024, core.block_size)
+    core.connector = remote
+    plans: list[RemotePlan] = []
+    prompt = list(range(1, 100))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    kv_params = RemotePrefillParams("prefill-0", 30, len(prompt), plans.append)
+    core.add_request("r-ok", prompt, params, kv_params)
+    assert core.request_status("r-ok") == RequestStatus.WAITING_FOR_REMOTE_KV
+    remote.rpc_succeeded("r-ok", 7, None, RemotePrefillInfo(num_cached_tokens=16))
+    assert core.poll_connector() == ([], True)  # the RPC answered, the KV has not landed
+    source.queued.append(Notification(PeerName("prefill-0"), encode_tag("r-ok", 0, True).encode()))
+    outputs, is_busy = core.poll_connector()
+    assert [o.new_token_ids for o in outputs] == [[7]] and not is_busy
+    assert core.request_status("r-ok") == RequestStatus.WAITING
+    tokens = [7]
+    while core.has_unfinished():
+        tokens += [t for o in core.step() for t in o.new_token_ids]
+    assert len(tokens) == 3 and remote.num_completed == 1
+    assert remote.pop_metrics("r-ok").is_prefill_remote
     core.check_invariants()

@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from scripted_decode import ScriptedDecodeNode
 
 from splitserve.launch.redis_server import RedisServer
 from splitserve.router.config import RouterConfig
-from splitserve.router.scripted_decode import ScriptedDecodeNode
 from splitserve.router.server import RouterServer
 from splitserve.router.tokenizer import RouterTokenizer
 

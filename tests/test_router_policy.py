@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.router.node_registry import NodeCapacity, NodeId, NodeLoad, NodeRecord
+from splitserve.node.registry import NodeCapacity, NodeId, NodeLoad, NodeRecord
 from splitserve.router.policy import (
     PolicyConfig,
     RoutingInputs,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from scripted_decode import ScriptedDecodeNode
 
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
 from splitserve.router.config import RouterConfig
-from splitserve.router.scripted_decode import ScriptedDecodeNode
 from splitserve.router.server import RouterServer
 from splitserve.router.tokenizer import RouterTokenizer
 
@@ -78,7 +78,11 @@ def test_redis_down_keeps_serving_and_cache_awareness_returns(
         health = httpx.get(router + "/health").json()
         assert health["redis"] == "down" and health["routing_policy"] == "least_load"
         assert health["num_decode_nodes"] == 2
-        downs = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+        downs = [
+            r
+            for r in caplog.records
+            if r.name == "splitserve.router.cluster" and "Redis unreachable" in r.getMessage()
+        ]
         assert len(downs) == 1  # logged once per transition
 
         redis_server.start()  # same port, empty: the nodes re-register and republish

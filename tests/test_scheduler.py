@@ -142,8 +142,9 @@ def test_prefill_role_holds_blocks_until_released() -> None:
 
 
 def test_prefill_role_reserves_the_whole_prompt_and_never_preempts() -> None:
-    sched = make(6, max_num_batched_tokens=4, role="prefill")
+    sched = make(6, max_num_batched_tokens=4)
     a, b = req("a", 12), req("b", 12, base=50)
+    a.reserves_prompt = b.reserves_prompt = True  # what a prefill node's connector asks
     sched.add_request(a)
     sched.add_request(b)
     assert run_step(sched) == [("a", 0, 4)]

@@ -15,21 +15,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.attention_torch import TorchPagedAttention
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.model.arch import ModelArchConfig
-from splitserve.engine.model.dummy import DUMMY_PRESETS, build_dummy_tokenizer, dummy_arch
+from splitserve.engine.model.dummy_presets import DUMMY_PRESETS, build_dummy_tokenizer, dummy_arch
 from splitserve.engine.model.llama import CausalLM
 from splitserve.engine.model.loader import load_model
 from splitserve.engine.model.tiny import make_tiny_model
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.registry import torch_kernels
 from splitserve.launch.cli import main as cli_main
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _load(path: str | Path, **kwargs):
-    return load_model(ModelConfig(str(path), **kwargs), TorchPagedAttention())
+    return load_model(ModelConfig(str(path), **kwargs), torch_kernels())
 
 
 @torch.inference_mode()
@@ -299,7 +299,7 @@ def test_dummy_tiny_loads_runs_and_decodes_every_id() -> None:
 def test_dummy_preset_shapes(preset: str, num_params: int, kv_bytes_per_token: int) -> None:
     arch = dummy_arch(f"dummy:{preset}")
     with torch.device("meta"):
-        model = CausalLM(arch, TorchPagedAttention(), torch.bfloat16)
+        model = CausalLM(arch, torch_kernels(), torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == num_params
     assert arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2 == kv_bytes_per_token
     assert DUMMY_PRESETS[preset] is arch

@@ -1,9 +1,12 @@
 """Building blocks of the Llama-family forward over a flattened batch of T tokens.
 
-Parameters are created with `torch.empty` (no init) on the current default device in the
-dtype given at construction; the loader (or the dummy initialiser) fills them. q/k/v and
-gate/up are fused into one matmul each (`qkv_proj`, `gate_up_proj`); the loader writes
-the HF checkpoint's separate tensors into their row slices.
+Every op with more than one implementation (norm, rotary, activation, attention) comes
+from the `ModelKernels` the model is built with (kernels/registry.py), chosen once by
+configuration; layers never look at the device. Parameters are created with `torch.empty`
+(no init) on the current default device in the dtype given at construction; the loader
+(or the dummy initialiser) fills them. q/k/v and gate/up are fused into one matmul each
+(`qkv_proj`, `gate_up_proj`); the loader writes the HF checkpoint's separate tensors into
+their row slices.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.engine.attention import AttentionBackend, AttentionMetadata
 from splitserve.engine.model.arch import ModelArchConfig, RopeScaling
+from splitserve.kernels import torch_ops
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.registry import ModelKernels, torch_kernels
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -63,37 +68,26 @@ class LMHead(nn.Module):
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dim; the statistics are taken in float32."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+    def __init__(
+        self, size: int, eps: float, dtype: torch.dtype, kernels: ModelKernels | None = None
+    ):
         super().__init__()
         self.eps = eps
         self.weight = empty_param(size, dtype=dtype)
+        self.kernels = kernels if kernels is not None else torch_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype != torch.float64:
-            # One fused Triton kernel instead of six elementwise launches (same rounding).
-            from splitserve.kernels.rmsnorm import rmsnorm
-
-            return rmsnorm(x, self.weight, self.eps)[0]
-        return self.reference(x)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if x.dtype != torch.float64 else x
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return torch_ops.rms_norm(x, self.weight, self.eps)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): the decoder's residual add and the next norm,
-        one fused kernel on CUDA."""
-        if x.is_cuda and x.dtype != torch.float64:
-            from splitserve.kernels.rmsnorm import rmsnorm
-
-            out, summed = rmsnorm(x, self.weight, self.eps, residual)
-            assert summed is not None
-            return out, summed
-        summed = x + residual
-        return self.reference(summed), summed
+        """(norm(x + residual), x + residual): the decoder's residual add and the next norm
+        (one fused kernel with the Triton backend)."""
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -120,10 +114,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 class RotaryEmbedding(nn.Module):
     """Neox-style rope (rotate halves). cos/sin are tabulated in float32 for every position
-    and cast to the activations' dtype when applied."""
+    and cast to the activations' dtype when applied. q and k are rotated in place."""
 
-    def __init__(self, arch: ModelArchConfig):
+    def __init__(self, arch: ModelArchConfig, kernels: ModelKernels | None = None):
         super().__init__()
+        self.kernels = kernels if kernels is not None else torch_kernels()
         inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
         positions = torch.arange(arch.max_position_embeddings, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
@@ -137,36 +132,24 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H, D], k: [T, KVH, D], positions: [T]
-        if q.is_cuda and q.dtype != torch.float64:
-            # One fused Triton kernel, in place (bit-exact with the torch path below).
-            from splitserve.kernels.rotary import apply_rotary_
-
-            apply_rotary_(positions, q, k, self.cos_sin)
-            return q, k
-        return self.reference(positions, q, k)
+        # q: [T, H, D], k: [T, KVH, D], positions: [T]; both rotated in place and returned.
+        self.kernels.rotary_(positions, q, k, self.cos_sin)
+        return q, k
 
     def reference(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos_sin = self.cos_sin[positions].to(q.dtype)
-        cos, sin = cos_sin[:, 0, None, :], cos_sin[:, 1, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        """Out of place, plain torch (what tests compare against)."""
+        return torch_ops.rotary(positions, q, k, self.cos_sin)
 
 
 class Attention(nn.Module):
     def __init__(
-        self, arch: ModelArchConfig, layer_idx: int, backend: AttentionBackend, dtype: torch.dtype
+        self, arch: ModelArchConfig, layer_idx: int, kernels: ModelKernels, dtype: torch.dtype
     ):
         super().__init__()
         self.layer_idx = layer_idx
-        self.backend = backend
+        self.backend = kernels.attention
         self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
         self.head_dim = arch.head_dim
         self.q_size, self.kv_size = arch.q_size, arch.kv_size
@@ -174,8 +157,10 @@ class Attention(nn.Module):
         qkv_out = arch.q_size + 2 * arch.kv_size
         self.qkv_proj = Linear(arch.hidden_size, qkv_out, arch.attention_bias, dtype)
         self.o_proj = Linear(arch.q_size, arch.hidden_size, arch.o_proj_bias, dtype)
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
+        self.q_norm, self.k_norm = None, None
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, kernels)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, kernels)
 
     def forward(
         self,
@@ -200,34 +185,28 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused."""
 
-    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype):
+    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype, kernels: ModelKernels):
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
+        self.activation = kernels.silu_mul
         self.gate_up_proj = Linear(
             arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, dtype
         )
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if gate_up.is_cuda and gate_up.dtype != torch.float64:
-            # One fused Triton kernel instead of two elementwise passes.
-            from splitserve.kernels.silu_mul import silu_mul
-
-            return self.down_proj(silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, arch: ModelArchConfig, layer_idx: int, backend: AttentionBackend, dtype: torch.dtype
+        self, arch: ModelArchConfig, layer_idx: int, kernels: ModelKernels, dtype: torch.dtype
     ):
         super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.self_attn = Attention(arch, layer_idx, backend, dtype)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.mlp = MLP(arch, dtype)
+        eps = arch.rms_norm_eps
+        self.input_layernorm = RMSNorm(arch.hidden_size, eps, dtype, kernels)
+        self.self_attn = Attention(arch, layer_idx, kernels, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, dtype, kernels)
+        self.mlp = MLP(arch, dtype, kernels)
 
     def forward(
         self,

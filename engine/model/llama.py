@@ -5,7 +5,8 @@ The model runner calls, once per step:
     hidden = model(input_ids, positions, kv_cache, meta)   # [T, hidden], stores K/V too
     logits = model.compute_logits(hidden[sample_rows])     # [N, vocab] float32
 
-Layer i hands the view `kv_cache[:, i]` to the attention backend, which stores the step's
+Layer i hands the view `kv_cache[:, i]` to the attention backend of its `ModelKernels`,
+which stores the step's
 K/V rows at `meta.slot_mapping` before attending. Build the model in the dtype it will
 run in (the rope table stays float32); do not `.to(dtype)` it afterwards.
 """
@@ -15,27 +16,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from splitserve.engine.attention import AttentionBackend, AttentionMetadata
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.layers import DecoderLayer, Embedding, LMHead, RMSNorm, RotaryEmbedding
+from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.registry import ModelKernels
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArchConfig, backend: AttentionBackend, dtype: torch.dtype):
+    def __init__(self, arch: ModelArchConfig, kernels: ModelKernels, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(arch, i, backend, dtype) for i in range(arch.num_layers)
+            DecoderLayer(arch, i, kernels, dtype) for i in range(arch.num_layers)
         )
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.rotary_emb = RotaryEmbedding(arch)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, kernels)
+        self.rotary_emb = RotaryEmbedding(arch, kernels)
 
 
 class CausalLM(nn.Module):
     def __init__(
         self,
         arch: ModelArchConfig,
-        attn_backend: AttentionBackend,
+        kernels: ModelKernels,
         dtype: torch.dtype = torch.float32,
         tie_word_embeddings: bool | None = None,
     ):
@@ -44,7 +46,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.dtype = dtype
-        self.model = LlamaModel(arch, attn_backend, dtype)
+        self.model = LlamaModel(arch, kernels, dtype)
         tie = arch.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
         self.is_tied = tie
         tied = self.model.embed_tokens.weight if tie else None

@@ -1,6 +1,6 @@
 """Model loading: an HF directory (config.json + safetensors + tokenizer) or `dummy:<preset>`.
 
-`load_model(ModelConfig, attn_backend) -> LoadedModel` is what the engine calls once at
+`load_model(ModelConfig, kernels) -> LoadedModel` is what the engine calls once at
 start-up. HF checkpoints come as one `model.safetensors` or shards listed in
 `model.safetensors.index.json`; the separate q/k/v and gate/up tensors are written into
 the model's fused projections. Embeddings are tied when the config says so or the
@@ -17,14 +17,14 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 
-from splitserve.engine.attention import AttentionBackend
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.model.arch import ModelArchConfig
+from splitserve.engine.model.dummy_presets import DUMMY_PREFIX
 from splitserve.engine.model.llama import CausalLM
+from splitserve.kernels.registry import ModelKernels
 
 logger = logging.getLogger(__name__)
 
-DUMMY_PREFIX = "dummy:"
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -62,11 +62,11 @@ class LoadedModel(NamedTuple):
     dtype: torch.dtype
 
 
-def load_model(config: ModelConfig, attn_backend: AttentionBackend) -> LoadedModel:
+def load_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
     if config.model.startswith(DUMMY_PREFIX):
         from splitserve.engine.model.dummy import load_dummy_model
 
-        return load_dummy_model(config, attn_backend)
+        return load_dummy_model(config, kernels)
     model_dir = resolve_model_dir(config.model)
     hf_config = read_json(model_dir / "config.json")
     arch = ModelArchConfig.from_hf_config(hf_config)
@@ -76,7 +76,7 @@ def load_model(config: ModelConfig, attn_backend: AttentionBackend) -> LoadedMod
     names = _tensor_names(weight_files)
     tie = arch.tie_word_embeddings or "lm_head.weight" not in names
     with torch.device(config.device):
-        model = CausalLM(arch, attn_backend, dtype, tie_word_embeddings=tie)
+        model = CausalLM(arch, kernels, dtype, tie_word_embeddings=tie)
     load_weights(model, weight_files)
     model.eval()
     tokenizer = load_tokenizer(model_dir)

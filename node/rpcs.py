@@ -1,19 +1,35 @@
 """The RPCs both node kinds answer the same way: Health, Stats, TransferMetadata.
 
-Each role's servicer inherits `NodeRpcs` and implements `role_stats`, what only that role
-knows (transfers in flight, prompt tokens received, fallbacks).
+Each role's servicer inherits `NodeRpcs` and implements `role_stats` -> `RoleStats`, what
+only that role knows (transfers in flight, prompt tokens received, fallbacks); `stats`
+is the one conversion of the engine's and the role's statistics to the proto.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any
+from dataclasses import dataclass, field
 
 import grpc
 
-from splitserve.launch.node_runtime import NodeRuntime
+from splitserve.node.runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
+
+
+@dataclass(frozen=True)
+class RoleStats:
+    """A node kind's own statistics (KV transfer), as the Stats RPC reports them."""
+
+    num_transfers_in_flight: int = 0
+    transfer_bytes_in_flight: int = 0
+    transfer_bytes_total: int = 0
+    num_transfers_completed: int = 0
+    num_transfers_failed: int = 0
+    # Decode: remote prefills replaced by local ones, prompt tokens received over NIXL.
+    num_prefill_fallbacks: int = 0
+    prompt_tokens_received: int = 0
+    # Named values without a field of their own (recent means and maxima).
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def health(runtime: NodeRuntime) -> pb.HealthResponse:
@@ -29,10 +45,9 @@ def health(runtime: NodeRuntime) -> pb.HealthResponse:
     )
 
 
-async def stats(runtime: NodeRuntime, role_stats: dict[str, Any]) -> pb.StatsResponse:
+async def stats(runtime: NodeRuntime, role: RoleStats) -> pb.StatsResponse:
     engine_stats = await runtime.engine.stats()
-    extra = {"prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate}
-    extra.update(role_stats.pop("extra", {}))
+    extra = {"prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate, **role.extra}
     return pb.StatsResponse(
         node_id=runtime.node_id,
         role=runtime.config.role,
@@ -51,14 +66,20 @@ async def stats(runtime: NodeRuntime, role_stats: dict[str, Any]) -> pb.StatsRes
         num_requests_finished=engine_stats.num_requests_finished,
         num_steps=engine_stats.num_steps,
         uptime_s=time.monotonic() - runtime.started_at,
+        num_transfers_in_flight=role.num_transfers_in_flight,
+        transfer_bytes_in_flight=role.transfer_bytes_in_flight,
+        transfer_bytes_total=role.transfer_bytes_total,
+        num_transfers_completed=role.num_transfers_completed,
+        num_transfers_failed=role.num_transfers_failed,
+        num_prefill_fallbacks=role.num_prefill_fallbacks,
+        prompt_tokens_received=role.prompt_tokens_received,
         extra=extra,
-        **role_stats,
     )
 
 
 async def transfer_metadata(runtime: NodeRuntime) -> pb.TransferMetadataResponse:
     agent = runtime.require_agent()
-    metadata = await asyncio.wrap_future(runtime.engine.call(lambda core: agent.metadata()))
+    metadata = await runtime.engine.run(lambda core: agent.metadata())
     return pb.TransferMetadataResponse(
         node_id=runtime.node_id,
         agent_name=agent.name,
@@ -72,7 +93,7 @@ class NodeRpcs:
 
     runtime: NodeRuntime
 
-    def role_stats(self) -> dict[str, Any]:
+    def role_stats(self) -> RoleStats:
         raise NotImplementedError
 
     async def Health(

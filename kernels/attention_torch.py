@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
+from splitserve.kernels.attention import AttentionMetadata
 
 
 def store_kv(
@@ -71,7 +71,7 @@ def _prefill_one(
     return out.reshape(query_len, num_heads, head_dim).to(q.dtype)
 
 
-def _decode_batched(
+def decode_batched(
     q: torch.Tensor,  # [B, heads, head_dim]
     kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, kv_heads, head_dim]
     meta: AttentionMetadata,
@@ -116,7 +116,7 @@ class TorchPagedAttention:
             raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
         store_kv(k, v, kv_cache, meta.slot_mapping)
         if meta.is_all_decode and q.shape[0] == meta.num_seqs:
-            return _decode_batched(q, kv_cache, meta, scale)
+            return decode_batched(q, kv_cache, meta, scale)
         out = torch.empty_like(q)
         start = 0
         for b, (query_len, seq_len) in enumerate(

@@ -31,12 +31,12 @@ import grpc
 
 from splitserve.engine.hashing import hash_blocks, seed_hash
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.node.publisher import NodePublisher
+from splitserve.node.registry import NodeCapacity, NodeRecord, make_node_id
 from splitserve.protocol import keepalive
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
 from splitserve.protocol.messages import sampling_params_from_proto
-from splitserve.router.node_publisher import NodePublisher
-from splitserve.router.node_registry import NodeCapacity, NodeRecord, make_node_id
 from splitserve.router.tokenizer import RouterTokenizer
 
 

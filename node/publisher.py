@@ -27,7 +27,8 @@ from dataclasses import replace
 import redis
 
 from splitserve.engine.hashing import BlockHash
-from splitserve.router.node_registry import (
+from splitserve.node.prefix_index import PrefixIndex
+from splitserve.node.registry import (
     DEFAULT_CLUSTER,
     DEFAULT_TTL_S,
     NodeId,
@@ -36,7 +37,6 @@ from splitserve.router.node_registry import (
     NodeRegistry,
     redis_client,
 )
-from splitserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ attention of each sequence's queries over its whole context: the blocks in its b
 table up to seq_lens[b] tokens, causally (query row i of sequence b sits at position
 seq_lens[b] - query_len_b + i).
 
-Implementations: `engine/attention_torch.py` (plain torch, what the CPU runs) and the
+Implementations: `kernels/attention_torch.py` (plain torch, what the CPU runs) and the
 Triton backend of `kernels/`.
 """
 

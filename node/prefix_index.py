@@ -2,7 +2,7 @@
 
 Who calls what (key schema: docs/redis_schema.md):
 
-- Nodes publish through `NodePublisher` (router/node_publisher.py): the full snapshot of their
+- Nodes publish through `NodePublisher` (node/publisher.py): the full snapshot of their
   cached block hashes at start and after any Redis restart, then batches of stored/removed
   hashes; `clear_node` at start and stop.
 - The router calls `longest_prefixes(block_hashes)` once per routing decision: one EVALSHA
@@ -27,7 +27,7 @@ import redis
 import redis.asyncio
 
 from splitserve.engine.hashing import BlockHash
-from splitserve.router.node_registry import DEFAULT_CLUSTER, SLOT_OF_LUA, NodeId, RedisKeys
+from splitserve.node.registry import DEFAULT_CLUSTER, SLOT_OF_LUA, NodeId, RedisKeys
 
 # Entries one script call adds, removes or collects at most, so Redis never stalls on one call.
 MAX_ENTRIES_PER_CALL = 2048

@@ -3,8 +3,9 @@ TransferAgent over the engine's KV pool, the grpc.aio server, and the Redis publ
 
 Start-up order (`start`): bind the gRPC port (so the node id, which names the NIXL agent,
 carries the real port) -> create the TransferAgent on the engine thread -> let the role
-add its servicer -> start serving -> register in Redis and publish the cached-block
-snapshot -> heartbeat the load every second, and publish KV events after every step.
+add its servicer (which installs its KV connector on the engine) -> start serving ->
+register in Redis and publish the cached-block snapshot -> heartbeat the load every
+second, and publish KV events after every step.
 
 Stop order (`stop`): report DRAINING -> deregister from Redis (the router stops sending)
 -> let in-flight requests finish for `drain_timeout_s`, then abort the rest -> stop the
@@ -28,9 +29,15 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer import TransferAgent, TransferConfig
+from splitserve.node.publisher import NodePublisher
+from splitserve.node.registry import (
+    DEFAULT_CLUSTER,
+    NodeCapacity,
+    NodeLoad,
+    NodeRecord,
+    make_node_id,
+)
 from splitserve.protocol import keepalive
-from splitserve.router.node_publisher import NodePublisher
-from splitserve.router.node_registry import NodeCapacity, NodeLoad, NodeRecord, make_node_id
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ class NodeConfig:
     advertise_host: str | None = None
     # Redis URL of the cluster; None runs the node unregistered (tests, direct use).
     redis_url: str | None = None
-    cluster: str = "default"
+    cluster: str = DEFAULT_CLUSTER
     # Decode: seconds to wait for a prefill node's KV before prefilling locally.
     prefill_timeout_s: float = 30.0
     # Seconds in-flight requests may run on after a stop signal before they are aborted.
@@ -78,16 +85,12 @@ class NodeConfig:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
-ServicerFactory = Callable[["NodeRuntime", grpc.aio.Server], None]
+# Adds the role's servicer (and installs its KV connector on the engine).
+ServicerFactory = Callable[["NodeRuntime", grpc.aio.Server], Awaitable[None]]
 
 
 class NodeRuntime:
     def __init__(self, engine_config: EngineConfig, config: NodeConfig) -> None:
-        if engine_config.scheduler.role != config.role:
-            raise ValueError(
-                f"engine role {engine_config.scheduler.role!r} does not match node role "
-                f"{config.role!r}"
-            )
         self.config = config
         self.engine_config = engine_config
         self.engine = AsyncEngine(engine_config)
@@ -129,10 +132,8 @@ class NodeRuntime:
         transfer = TransferConfig(
             agent_name=self.node_id, push_timeout_s=self.config.push_timeout_s
         )
-        self.agent = await asyncio.wrap_future(
-            self.engine.call(lambda core: TransferAgent(transfer, core.kv_cache))
-        )
-        add_servicer(self, server)
+        self.agent = await self.engine.run(lambda core: TransferAgent(transfer, core.kv_cache))
+        await add_servicer(self, server)
         await server.start()
         self._server = server
         if self.config.redis_url:
@@ -143,7 +144,7 @@ class NodeRuntime:
         publisher = NodePublisher(
             redis_url, self.config.cluster, heartbeat_interval_s=self.config.heartbeat_interval_s
         )
-        snapshot = await asyncio.wrap_future(self.engine.call(lambda c: c.pool.cached_hashes()))
+        snapshot = await self.engine.run(lambda c: c.pool.cached_hashes())
         publisher.start(self._record(), lambda: snapshot)
         self.publisher = publisher
         self.engine.add_step_hook(self._publish_kv_events)
@@ -191,18 +192,16 @@ class NodeRuntime:
             await hook()
         if self.agent is not None:
             agent = self.agent
-            await asyncio.wrap_future(self.engine.call(lambda core: agent.close()))
+            await self.engine.run(lambda core: agent.close())
         self.engine.shutdown()
         logger.info("%s node %s stopped", self.config.role, self.node_id)
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.config.drain_timeout_s
         while time.monotonic() < deadline:
-            ids = await asyncio.wrap_future(self.engine.call(lambda c: c.unfinished_request_ids()))
+            ids = await self.engine.run(lambda c: c.unfinished_request_ids())
             if not ids:
                 return
             await asyncio.sleep(0.05)
-        for request_id in await asyncio.wrap_future(
-            self.engine.call(lambda c: c.unfinished_request_ids())
-        ):
+        for request_id in await self.engine.run(lambda c: c.unfinished_request_ids()):
             await self.engine.abort(request_id)

@@ -2,7 +2,7 @@
 
 Who calls what (key schema: docs/redis_schema.md):
 
-- A node, through `NodePublisher` (router/node_publisher.py), calls `register(record)` at
+- A node, through `NodePublisher` (node/publisher.py), calls `register(record)` at
   start, `heartbeat(node_id, load)` every second, `deregister(node_id)` at stop. The record
   key expires `ttl_s` after the last heartbeat, so a node that stops heartbeating drops out of
   `list_live_nodes` (and out of prefix routing) within `ttl_s`.
@@ -11,7 +11,7 @@ Who calls what (key schema: docs/redis_schema.md):
 
 A node id is unique per process start (`make_node_id`), so a restarted node never inherits
 the index entries of its previous life. Registration also gives the node a small integer
-slot, its position in the prefix index's per-block holder strings (router/prefix_index.py).
+slot, its position in the prefix index's per-block holder strings (node/prefix_index.py).
 """
 
 from __future__ import annotations

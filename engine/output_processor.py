@@ -1,0 +1,110 @@
+"""Output processing: append sampled tokens, detokenize, check stops, make StepOutputs.
+
+EngineCore calls, per sampled token: `add_token` (appends it; returns the status its id
+alone ends the request with: eos or a stop token id), then `emit` (detokenizes, checks stop
+strings and length, finishes the request through the `finish` callback it was built with,
+and returns the StepOutput). With overlap the two calls straddle the next step's launch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from splitserve.engine.intake import Sequence
+from splitserve.engine.outputs import TokenLogprob
+from splitserve.engine.request import Request, RequestStatus
+
+
+class StepOutput(NamedTuple):
+    """What one step produced for one sequence of a request."""
+
+    request_id: str
+    # Which of the request's n completions this is.
+    completion_index: int
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None
+    text_delta: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    # Prompt tokens of this sequence served from the prefix cache (or received).
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class OutputProcessor:
+    def __init__(self, finish: Callable[[Sequence, RequestStatus], None]) -> None:
+        self.finish = finish
+        self.num_generation_tokens = 0
+
+    def append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        return self.emit(seq, token, logprob, self.add_token(seq, token))
+
+    def add_token(self, seq: Sequence, token: int) -> RequestStatus | None:
+        """Append a sampled token; the status it ends the request with by its id alone
+        (eos, stop token); stop strings and length are checked in `emit`."""
+        req = seq.request
+        req.output_token_ids.append(token)
+        self.num_generation_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        return _token_stop_status(req, token)
+
+    def emit(
+        self,
+        seq: Sequence,
+        token: int,
+        logprob: TokenLogprob | None,
+        status: RequestStatus | None,
+    ) -> StepOutput:
+        """Detokenize the token, check stop strings and length, finish the request if it
+        ended. `status` is what `add_token` returned for the token."""
+        req = seq.request
+        if status is None or req.sampling_params.include_stop_str_in_output:
+            delta = seq.detokenizer.step([token])
+            text, stop_str = delta.text_delta, delta.stop_str
+        else:
+            text, stop_str = "", None  # a stop token's text is not part of the output
+        if status is None and stop_str is not None:
+            req.stop_reason = stop_str
+            status = RequestStatus.FINISHED_STOPPED
+        if status is None and req.num_output_tokens >= req.max_new_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            if stop_str is None:
+                text += seq.detokenizer.flush()
+            self.finish(seq, status)
+        return StepOutput(
+            seq.parent_id,
+            seq.index,
+            [token],
+            None if logprob is None else [logprob],
+            text,
+            req.status.finish_reason,
+            req.stop_reason,
+            req.num_cached_tokens,
+        )
+
+
+def ends_on_token(seq: Sequence, status: RequestStatus | None) -> bool:
+    """Whether the sequence ends on its newest token (eos, stop id, length): known before
+    detokenizing, so it can end before the next step is scheduled."""
+    req = seq.request
+    return status is not None or req.num_output_tokens >= req.max_new_tokens
+
+
+def _token_stop_status(req: Request, token: int) -> RequestStatus | None:
+    """EOS (unless ignore_eos) and stop token ids end a request once min_tokens is met."""
+    params = req.sampling_params
+    if req.num_output_tokens < params.min_tokens:
+        return None
+    if token in req.eos_token_ids and not params.ignore_eos:
+        return RequestStatus.FINISHED_STOPPED
+    if token in params.stop_token_ids:
+        req.stop_reason = token
+        return RequestStatus.FINISHED_STOPPED
+    return None

@@ -1,0 +1,71 @@
+"""The engine's long-lived parts, built once at start-up: the model (with the kernels the
+registry picks from configuration), the KV pool, the block pool and block manager, and
+the decode CUDA graphs. `EngineCore.__init__` calls `build_parts(config, kernels)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import torch
+
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.cuda_graphs import capture_decode_graphs
+from splitserve.engine.hashing import seed_hash
+from splitserve.engine.kv_pool import KVShape, allocate_kv_pool, num_blocks_for
+from splitserve.engine.model.arch import ModelArchConfig
+from splitserve.engine.model.loader import LoadedModel, load_model
+from splitserve.engine.model_runner import ModelRunner
+from splitserve.kernels.registry import ModelKernels, select_kernels
+
+logger = logging.getLogger(__name__)
+
+
+class EngineParts(NamedTuple):
+    loaded: LoadedModel
+    kv_shape: KVShape
+    kv_cache: torch.Tensor
+    pool: BlockPool
+    blocks: BlockManager
+    runner: ModelRunner
+
+    @property
+    def arch(self) -> ModelArchConfig:
+        return self.loaded.arch
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+
+def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EngineParts:
+    device = torch.device(config.model.device)
+    if kernels is None:
+        model_config = config.model
+        kernels = select_kernels(
+            device.type, model_config.kernel_backend, model_config.attention_backend
+        )
+    loaded = load_model(config.model, kernels)
+    arch, block_size = loaded.arch, config.cache.block_size
+    kv_shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size)
+    num_blocks = num_blocks_for(config.cache, kv_shape, loaded.dtype)
+    kv_cache = allocate_kv_pool(num_blocks, kv_shape, loaded.dtype, device)
+    pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
+    blocks = BlockManager(pool, block_size, seed_hash(config.model.model_id, block_size))
+    graphs = capture_decode_graphs(loaded.model, kv_cache, config, block_size, loaded.max_model_len)
+    runner = ModelRunner(loaded.model, kv_cache, block_size, device, graphs)
+    logger.info(
+        "engine ready: %s (%s, %s), %d KV blocks of %d tokens, context %d, kernels %s/%s",
+        config.model.model_id,
+        arch.architecture,
+        loaded.dtype,
+        num_blocks,
+        block_size,
+        loaded.max_model_len,
+        kernels.backend,
+        kernels.attention_backend,
+    )
+    return EngineParts(loaded, kv_shape, kv_cache, pool, blocks, runner)

@@ -1,0 +1,125 @@
+"""The kernel registry: which implementation of each model op a node runs, chosen once
+from configuration (never from `x.is_cuda` inside a layer).
+
+The engine calls `select_kernels(device_type, kernel_backend, attention_backend)` once at
+start-up and hands the `ModelKernels` to the model, whose layers call its ops:
+
+    rms_norm, add_rms_norm, rotary_ (in place, on both backends), silu_mul, attention
+
+Backends: "torch" (kernels/torch_ops.py, kernels/attention_torch.py: any device) and
+"triton" (the fused kernels of this package: CUDA, or CPU under TRITON_INTERPRET=1).
+"auto" resolves to "triton" on CUDA and "torch" elsewhere; a `kernel_backend` of "auto"
+follows the attention backend, so `--attention-backend torch` runs plain torch throughout.
+The Triton elementwise kernels cover fp32/bf16/fp16; float64 activations (tests) run the
+torch ops whatever the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.kernels import torch_ops
+from splitserve.kernels.attention import AttentionBackend
+
+# The names `ModelConfig.attention_backend` and `kernel_backend` take (engine/config.py).
+BACKENDS = ("auto", "torch", "triton")
+
+NormOp = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+AddNormOp = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+]
+RotaryOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+ActivationOp = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelKernels:
+    """One implementation per op; `backend` and `attention_backend` name the choice."""
+
+    backend: str
+    attention_backend: str
+    rms_norm: NormOp
+    add_rms_norm: AddNormOp
+    rotary_: RotaryOp
+    silu_mul: ActivationOp
+    attention: AttentionBackend
+
+
+def resolve_backend(name: str, device_type: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "triton" if device_type == "cuda" else "torch"
+    return name
+
+
+def torch_kernels() -> ModelKernels:
+    """Plain torch for every op (any device)."""
+    return select_kernels("cpu", "torch", "torch")
+
+
+def _attention(name: str) -> AttentionBackend:
+    if name == "triton":
+        from splitserve.kernels.backend import TritonPagedAttention
+
+        return TritonPagedAttention()
+    from splitserve.kernels.attention_torch import TorchPagedAttention
+
+    return TorchPagedAttention()
+
+
+def _triton_elementwise() -> tuple[NormOp, AddNormOp, RotaryOp, ActivationOp]:
+    from splitserve.kernels.rmsnorm import rmsnorm
+    from splitserve.kernels.rotary import apply_rotary_
+    from splitserve.kernels.silu_mul import silu_mul
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dtype == torch.float64:
+            return torch_ops.rms_norm(x, weight, eps)
+        return rmsnorm(x, weight, eps)[0]
+
+    def add_norm(
+        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype == torch.float64:
+            return torch_ops.add_rms_norm(x, residual, weight, eps)
+        out, summed = rmsnorm(x, weight, eps, residual)
+        if summed is None:
+            raise RuntimeError("rmsnorm with a residual returned no sum")
+        return out, summed
+
+    def rotary(
+        positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+    ) -> None:
+        if q.dtype == torch.float64:
+            torch_ops.rotary_(positions, q, k, cos_sin)
+        else:
+            apply_rotary_(positions, q, k, cos_sin)
+
+    def activation(gate_up: torch.Tensor) -> torch.Tensor:
+        if gate_up.dtype == torch.float64:
+            return torch_ops.silu_mul(gate_up)
+        return silu_mul(gate_up)
+
+    return norm, add_norm, rotary, activation
+
+
+def select_kernels(
+    device_type: str, kernel_backend: str = "auto", attention_backend: str = "auto"
+) -> ModelKernels:
+    """The kernels a model on `device_type` ("cpu", "cuda") runs under this configuration."""
+    attention = resolve_backend(attention_backend, device_type)
+    backend = attention if kernel_backend == "auto" else resolve_backend(kernel_backend, "")
+    if backend == "torch":
+        ops: tuple[NormOp, AddNormOp, RotaryOp, ActivationOp] = (
+            torch_ops.rms_norm,
+            torch_ops.add_rms_norm,
+            torch_ops.rotary_,
+            torch_ops.silu_mul,
+        )
+    else:
+        ops = _triton_elementwise()
+    return ModelKernels(backend, attention, *ops, _attention(attention))
