@@ -112,6 +112,10 @@ class RemotePrefills:
         self.block_size = block_size
         self._admitting: dict[str, RemotePrefillParams] = {}
         self._pending: dict[str, _Pending] = {}
+        # Requests that fell back to local prefill while their Prefill RPC was still out
+        # (a stall or timeout): the prefill node may resume and write their blocks until the
+        # RPC ends. Value: whether the request finished meanwhile (its blocks are held).
+        self._late_writers: dict[str, bool] = {}
         self._metrics: dict[str, TransferMetrics] = {}
         self._events = KVEvents()
         # Statistics for the Stats RPC.
@@ -158,8 +162,12 @@ class RemotePrefills:
         """Prompts computed here stay here."""
 
     def on_finish(self, request_id: str) -> bool:
-        """A request ended while its KV was in flight (the client went away): its blocks
-        stay held until its Prefill RPC is done, then `poll` releases them."""
+        """A request ended while its KV was in flight (the client went away), or after a
+        fallback while its Prefill RPC is still out: its blocks stay held until the RPC is
+        done, then `poll` releases them."""
+        if request_id in self._late_writers:
+            self._late_writers[request_id] = True
+            return True
         pending = self._pending.get(request_id)
         if pending is None:
             return False
@@ -194,6 +202,7 @@ class RemotePrefills:
     ) -> None:
         pending = self._pending.get(request_id)
         if pending is None:
+            self._end_late_writer(request_id)
             return
         pending.is_rpc_done = True
         pending.first = (first_token_id, first_logprob)
@@ -203,6 +212,7 @@ class RemotePrefills:
     def rpc_failed(self, request_id: str, error: str) -> None:
         pending = self._pending.get(request_id)
         if pending is None:
+            self._end_late_writer(request_id)
             return
         pending.is_rpc_done = True
         self._fail(request_id, pending, f"Prefill RPC failed: {error}")
@@ -226,6 +236,12 @@ class RemotePrefills:
             del self._pending[request_id]
         return pending.is_aborted
 
+    def _end_late_writer(self, request_id: str) -> None:
+        """The Prefill RPC of a request that fell back ended: no prefill node writes its
+        blocks any more, so if it finished meanwhile they may go."""
+        if self._late_writers.pop(request_id, False):
+            self._events.released.append(request_id)
+
     def _advance(self, request_id: str, pending: _Pending) -> None:
         if self._release_if_aborted(request_id, pending):
             return
@@ -244,6 +260,8 @@ class RemotePrefills:
         if self._release_if_aborted(request_id, pending):
             return  # released here or in poll once the RPC is done
         del self._pending[request_id]
+        if not pending.is_rpc_done:
+            self._late_writers[request_id] = False
         self.num_failed += 1
         logger.warning("remote prefill of %s failed (%s): prefilling locally", request_id, error)
         self._events.failed.append(request_id)

@@ -116,6 +116,25 @@ def test_stalled_prefill_falls_back_to_local_well_before_the_timeout(core) -> No
     core.check_invariants()
 
 
+@pytest.mark.parametrize("answer", ["failed", "succeeded"])
+def test_after_a_stall_fallback_blocks_stay_held_until_the_rpc_answers(core, answer) -> None:
+    """The stalled prefill node may resume and still write the request's blocks until its
+    Prefill RPC ends: a request that finished locally meanwhile keeps them held (no other
+    request can be given them) until then."""
+    remote = stalled(core, "r-resume")
+    while core.has_unfinished():
+        core.step()
+    core.poll_connector()
+    assert core.pool.usage > 0  # finished, but the prefill node may still write
+    if answer == "failed":
+        remote.rpc_failed("r-resume", "DEADLINE_EXCEEDED")
+    else:
+        remote.rpc_succeeded("r-resume", 7, None, RemotePrefillInfo())
+    core.poll_connector()
+    assert core.pool.usage == 0.0 and remote.num_in_flight == 0
+    core.check_invariants()
+
+
 class QueuedNotifications:
     """A notification source whose notifications the test hands in."""
 
