@@ -14,6 +14,8 @@ import pytest
 
 from splitserve.launch.processes import ManagedProcess
 
+pytestmark = pytest.mark.slow  # starts `splitserve up` clusters
+
 MODEL = "tiny"
 
 

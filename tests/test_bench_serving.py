@@ -19,6 +19,8 @@ import pytest
 from splitserve.benchmarks import serving, serving_report
 from splitserve.launch.processes import ManagedProcess
 
+pytestmark = pytest.mark.slow  # starts `splitserve up` and the serving benchmark
+
 
 @pytest.fixture(scope="module")
 def up(tiny_llama):

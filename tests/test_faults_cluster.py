@@ -23,7 +23,7 @@ import pytest
 
 from splitserve.launch.processes import ManagedProcess
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 MODEL = "tiny"
 WORDS = ("harbour", "tide", "lantern", "gull", "rope", "anchor", "sail", "keel", "mast", "deck")

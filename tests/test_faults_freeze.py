@@ -21,7 +21,7 @@ import pytest
 
 from splitserve.launch.processes import ManagedProcess
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 MODEL = "tiny"
 FREEZE_S = float(os.environ.get("SPLITSERVE_FREEZE_S", "8"))

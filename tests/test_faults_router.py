@@ -29,7 +29,7 @@ from splitserve.router.scripted_decode import ScriptedDecodeNode
 from splitserve.router.server import RouterServer
 from splitserve.router.tokenizer import RouterTokenizer
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 MODEL = "tiny"
 NODE_READY = re.compile(r"node (\S+) listening on (\S+)")

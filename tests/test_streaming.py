@@ -171,6 +171,7 @@ def test_delta_buffer_sends_first_tokens_at_once_then_every_interval() -> None:
     assert messages[-1].finished and not messages[-2].finished
 
 
+@pytest.mark.slow  # a router and a node as processes
 def test_stream_interval_sends_fewer_messages_with_the_same_text(tiny_llama) -> None:
     """`--stream-interval 4` on a real node: the SSE stream carries the first token alone,
     then at most one chunk per 4 tokens, and the text of a non-streamed request."""
