@@ -18,7 +18,12 @@ from splitserve.engine.config import (
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", required=True, help="HF model directory or dummy:<preset>")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="HF model directory, .gguf file, ORG/NAME repo id in the local HF cache, "
+        "built-in name (smollm2-135m-instruct) or dummy:<preset>",
+    )
     g.add_argument("--dtype", default="auto", choices=DTYPES)
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     g.add_argument("--seed", type=int, default=0)
