@@ -176,7 +176,7 @@ def test_one_batch_tokens_and_logprobs(smollm2, case, hf_model) -> None:
 
 def test_chunked_prefill_then_warm_prefix_cache(smollm2, case) -> None:
     prompts, expected = case
-    llm = make_llm(smollm2, max_num_batched_tokens=128)
+    llm = make_llm(smollm2, max_num_batched_tokens=512)
     assert [o.token_ids for o in generate_tokens(llm, prompts)] == expected
     before = llm.engine.stats()
     assert [o.token_ids for o in generate_tokens(llm, prompts)] == expected
