@@ -66,7 +66,7 @@ def test_uncached_repo_id(tmp_path: Path, capsys, monkeypatch) -> None:
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     line = one_line_error(capsys, generate_argv("splitserve-tests/not-cached"))
-    assert "is not in the local Hugging Face cache" in line
+    assert "not found in the local Hugging Face cache" in line
     assert "hf download splitserve-tests/not-cached" in line
 
 

@@ -49,7 +49,7 @@ MODEL_EXTRA_HINT = (
 _FORMS_HINT = (
     "--model takes an HF model directory, a .gguf file, an ORG/NAME repo id in the local "
     f"Hugging Face cache, a built-in name ({', '.join([*BUILTIN_MODELS, TINY_MODEL])}) or "
-    "dummy:<preset>"
+    "dummy:<preset> (write a test model with `splitserve make-tiny-model DIR`)"
 )
 _DIGEST_CHUNK_BYTES = 16 << 20
 
@@ -164,7 +164,7 @@ def _from_hf_cache(repo_id: str, cache: Path) -> Path:
         raise ModelSourceError(message) from exc
     except LocalEntryNotFoundError:
         raise ModelSourceError(
-            f"model {repo_id!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
+            f"model {repo_id!r} not found in the local Hugging Face cache ({HF_HUB_CACHE}); "
             f"splitserve never downloads; fetch it once with `hf download {repo_id}` "
             "(or pass a local directory or .gguf file)"
         ) from None
