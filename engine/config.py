@@ -20,7 +20,8 @@ KERNEL_BACKENDS: tuple[str, ...] = get_args(KernelBackendName)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # HF model directory, or `dummy:<preset>` for random weights of a real shape.
+    # HF model directory, .gguf file, cached ORG/NAME repo id or built-in name (resolved by
+    # engine/model/source.py), or `dummy:<preset>` for random weights of a real shape.
     model: str
     # "auto" takes the checkpoint's torch_dtype (fp32 when it has none).
     dtype: DType = "auto"

@@ -32,12 +32,18 @@ def default_of(cls: type, name: str) -> Any:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     _add_model_arguments(g)
+    _add_kernel_arguments(g)
     _add_cache_and_scheduler_arguments(g)
 
 
 def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
     model = ModelConfig
-    g.add_argument("--model", required=True, help="HF model directory or dummy:<preset>")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="HF model directory, .gguf file, ORG/NAME repo id in the local HF cache, "
+        "built-in name (smollm2-135m-instruct) or dummy:<preset>",
+    )
     g.add_argument(
         "--dtype",
         default=default_of(model, "dtype"),
@@ -53,6 +59,21 @@ def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
         default=default_of(model, "seed"),
         help="seed of random sampling (and of dummy weights)",
     )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=default_of(model, "max_model_len"),
+        help="context length in tokens (default: the model config's)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=default_of(model, "served_model_name"),
+        help="name the API serves it as (default: --model)",
+    )
+
+
+def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
+    model = ModelConfig
     g.add_argument(
         "--attention-backend",
         default=default_of(model, "attention_backend"),
@@ -79,17 +100,6 @@ def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
         type=int,
         default=default_of(model, "cuda_graph_max_seq_len"),
         help="CUDA: longest context a graph-replayed decode batch may hold",
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        default=default_of(model, "max_model_len"),
-        help="context length in tokens (default: the model config's)",
-    )
-    g.add_argument(
-        "--served-model-name",
-        default=default_of(model, "served_model_name"),
-        help="name the API serves it as (default: --model)",
     )
 
 

@@ -1,13 +1,15 @@
 """`splitserve up`: a whole cluster on this host with one command.
 
 Starts a redis-server on a free loopback port (unless --redis is given), N prefill and M
-decode nodes (one per GPU when there are GPUs; on CPU the built-in tiny model unless
---model is given), and the router on --port; waits until the router sees every node,
-prints the URL and a ready-to-paste curl, optionally sends a demo request, then supervises:
-a child that dies is reported with its last log lines and restarted (--no-restart: the
-cluster stops). SIGINT, SIGTERM and SIGHUP (the terminal closing) stop every child in order;
-the children run in their own process groups with a parent-death signal, so even a SIGKILL
-of `up` leaves nothing behind (launch/processes.py).
+decode nodes (one per GPU when there are GPUs) serving --model (default: the built-in
+SmolLM2-135M-Instruct, converted from its GGUF once before any node starts, so that every
+process loads the same converted directory), and the router on --port; waits until the
+router sees every node, prints the URL and a ready-to-paste curl, optionally sends a demo
+request (a question with a known answer), then supervises: a child that dies is reported
+with its last log lines and restarted (--no-restart: the cluster stops). SIGINT, SIGTERM
+and SIGHUP (the terminal closing) stop every child in order; the children run in their own
+process groups with a parent-death signal, so even a SIGKILL of `up` leaves nothing behind
+(launch/processes.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import signal
 import socket
@@ -25,12 +26,20 @@ from pathlib import Path
 
 import httpx
 
+from splitserve.engine.model.source import (
+    DEFAULT_MODEL,
+    DUMMY_PREFIX,
+    TINY_MODEL,
+    default_cache_dir,
+    resolve_model_source,
+)
+from splitserve.engine.model.writers import model_writers
 from splitserve.launch.local_cluster import ChildFailed, ClusterConfig, LocalCluster
 
 logger = logging.getLogger(__name__)
 
-TINY_MODEL_NAME = "tiny-llama"
-DEMO_PROMPT = "Tell me about the weather by the sea."
+TINY_MODEL_NAME = TINY_MODEL
+DEMO_PROMPT = "What is the capital of France?"
 EXAMPLE_MAX_TOKENS = 64
 SUPERVISE_INTERVAL_S = 0.5
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -39,8 +48,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default=None,
-        help="HF directory or dummy:<preset> (default: the built-in tiny model, made on first use)",
+        default=DEFAULT_MODEL,
+        help="HF directory, .gguf file, cached ORG/NAME repo id, built-in name or dummy:<preset> "
+        f"(default: {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--served-model-name", default=None, help="name the API serves the model as"
@@ -118,15 +128,8 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
 
 
 def tiny_model_dir() -> Path:
-    """The built-in tiny model, written once into the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "splitserve"
-    path = cache / TINY_MODEL_NAME
-    if not (path / "config.json").exists():
-        from splitserve.engine.model.tiny import make_tiny_model
-
-        print(f"writing the built-in tiny model to {path}", flush=True)
-        make_tiny_model(path, arch="llama", seed=0)
-    return path
+    """The built-in tiny model (`--model tiny-llama`), written once into the user's cache."""
+    return resolve_model_source(TINY_MODEL, default_cache_dir(), model_writers())
 
 
 def gpu_devices(args: argparse.Namespace) -> tuple[str, ...]:
@@ -169,7 +172,7 @@ def demo_request(url: str, model: str, api_key: str) -> str:
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": DEMO_PROMPT}],
-        "max_tokens": 32,
+        "max_tokens": 64,
         "temperature": 0,
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -212,11 +215,23 @@ def supervise(cluster: LocalCluster, stop: threading.Event, restart: bool) -> in
     return 0
 
 
+def resolve_model(model: str) -> str:
+    """`model` as a directory every node and the router load; converts a GGUF source once."""
+    if model.startswith(DUMMY_PREFIX) or Path(model).expanduser().is_dir():
+        return model
+    start = time.monotonic()
+    print(f"resolving model {model!r}", flush=True)
+    model_dir = resolve_model_source(model, writers=model_writers())
+    print(f"model {model!r} ready in {time.monotonic() - start:.1f} s: {model_dir}", flush=True)
+    return str(model_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     check_port_free(args.port)
-    model = args.model or str(tiny_model_dir())
-    served = args.served_model_name or (TINY_MODEL_NAME if args.model is None else None)
+    model = resolve_model(args.model)
+    # A named model keeps its name in the API; a directory or file is served as given.
+    served = args.served_model_name or (args.model if model != args.model else None)
     devices = gpu_devices(args)
     config = ClusterConfig(
         model=model,

@@ -1,16 +1,17 @@
 """The router's tokenizer: prompts to token ids, chat templates, token strings for logprobs.
 
-Loaded once at start from a local directory with transformers' AutoTokenizer (local files
-only, never the network), or, for `dummy:<preset>` models, built in memory by the engine's
-torch-free dummy tokenizer builder (engine/model/dummy_presets.py), so that router and nodes
-agree on every id.
+Loaded once at start with transformers' AutoTokenizer (local files only, never the network)
+from whatever `--model` may name (an HF directory, a .gguf file or built-in model, whose
+converted directory holds the tokenizer and chat template from the GGUF metadata, or a
+cached ORG/NAME repo id: see `engine/model/source.py`), or, for `dummy:<preset>` models,
+built in memory by the engine's torch-free dummy tokenizer builder
+(engine/model/dummy_presets.py), so that router and nodes agree on every id.
 """
 
 from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from splitserve.engine.model.dummy_presets import DUMMY_PREFIX, build_dummy_tokenizer, dummy_arch
@@ -22,14 +23,17 @@ def load_hf_tokenizer(name_or_path: str) -> Any:
     """A PreTrainedTokenizer(Fast) for a local directory or a `dummy:<preset>` model."""
     if name_or_path.startswith(DUMMY_PREFIX):
         return build_dummy_tokenizer(dummy_arch(name_or_path))
-    if not Path(name_or_path).is_dir():
+    from splitserve.engine.model.source import ModelSourceError, resolve_model_source
+
+    try:
+        model_dir = resolve_model_source(name_or_path)
+    except ModelSourceError as exc:
         raise ValueError(
-            f"tokenizer {name_or_path!r} is not a local directory: pass --tokenizer with the "
-            "model's directory (tokenizer.json / tokenizer_config.json), or a dummy:<preset> model"
-        )
+            f"no tokenizer for {name_or_path!r}: pass --tokenizer with the nodes' --model ({exc})"
+        ) from exc
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
 class ChatTemplateError(ValueError):

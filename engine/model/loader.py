@@ -1,10 +1,11 @@
 """Model loading: an HF directory (config.json + safetensors + tokenizer) or `dummy:<preset>`.
 
 `load_model(ModelConfig, kernels) -> LoadedModel` is what the engine calls once at
-start-up. HF checkpoints come as one `model.safetensors` or shards listed in
-`model.safetensors.index.json`; the separate q/k/v and gate/up tensors are written into
-the model's fused projections. Embeddings are tied when the config says so or the
-checkpoint has no `lm_head.weight`.
+start-up. Other `--model` forms (a .gguf file, a cached ORG/NAME repo id, a built-in name)
+are resolved to an HF directory first by `source.resolve_model_source`. HF checkpoints
+come as one `model.safetensors` or shards listed in `model.safetensors.index.json`; the
+separate q/k/v and gate/up tensors are written into the model's fused projections.
+Embeddings are tied when the config says so or the checkpoint has no `lm_head.weight`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.dummy_presets import DUMMY_PREFIX
 from splitserve.engine.model.llama import CausalLM
+from splitserve.engine.model.source import resolve_model_source
+from splitserve.engine.model.writers import model_writers
 from splitserve.kernels.registry import ModelKernels
 
 logger = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ def load_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
         from splitserve.engine.model.dummy import load_dummy_model
 
         return load_dummy_model(config, kernels)
-    model_dir = resolve_model_dir(config.model)
+    model_dir = resolve_model_source(config.model, writers=model_writers())
     hf_config = read_json(model_dir / "config.json")
     arch = ModelArchConfig.from_hf_config(hf_config)
     dtype = resolve_dtype(config.dtype, arch.torch_dtype)
@@ -90,28 +93,6 @@ def load_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
         len(weight_files),
     )
     return LoadedModel(model, arch, tokenizer, eos, max_model_len, dtype)
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A local directory, else an `org/name` already in the Hugging Face cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if not path.exists() and model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        cached = _hub_snapshot(model)
-        if cached is not None:
-            return cached
-    raise ModelNotFoundError(f"model directory {model!r} not found; {_DIR_HINT}")
-
-
-def _hub_snapshot(repo_id: str) -> Path | None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (HFValidationError, LocalEntryNotFoundError):
-        return None
 
 
 def read_json(path: Path) -> dict[str, Any]:
