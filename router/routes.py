@@ -125,7 +125,7 @@ def _add_token_routes(app: FastAPI) -> None:
         if bad is not None:
             raise bad_request(f"token id {bad} is outside the vocabulary", "tokens")
         text = await service.offload(service.tokenizer.decode, req.tokens, False)
-        return with_ignored_header(JSONResponse({"prompt": text}), ignored)
+        return with_ignored_header(await _json_response(service, {"prompt": text}), ignored)
 
 
 async def _max_model_len(service: RouterService, model: str | None) -> int:
@@ -136,6 +136,9 @@ async def _max_model_len(service: RouterService, model: str | None) -> int:
     if not models:
         return 0
     return (await service.resolve_model(model)).max_model_len
+
+
+_JSON_SLICE = 16_384  # list items encoded per C call in _render_json
 
 
 def _is_chat(body: bytes) -> bool:
@@ -175,4 +178,31 @@ async def _tokenize(request: Request) -> Response:
     }
     if return_strs:
         out["token_strs"] = await service.offload(_token_strs, tokenizer, ids)
-    return with_ignored_header(JSONResponse(out), ignored)
+    return with_ignored_header(await _json_response(service, out), ignored)
+
+
+async def _json_response(service: RouterService, content: dict[str, Any]) -> Response:
+    """A JSON response rendered on the tokenizer threads: the token list of a 3 MB prompt
+    takes hundreds of milliseconds to encode, which would hold the event loop."""
+    body = await service.offload(_render_json, content)
+    return Response(body, media_type="application/json")
+
+
+def _render_json(content: dict[str, Any]) -> bytes:
+    """`content` as JSON, its long lists encoded a slice at a time: one C call over a
+    million token ids holds the GIL for about 100 ms, slices let the event loop in between."""
+    fields = []
+    for key, value in content.items():
+        if isinstance(value, list) and len(value) > _JSON_SLICE:
+            slices = (
+                _dumps(value[i : i + _JSON_SLICE])[1:-1] for i in range(0, len(value), _JSON_SLICE)
+            )
+            encoded = "[" + ",".join(slices) + "]"
+        else:
+            encoded = _dumps(value)
+        fields.append(f"{_dumps(key)}:{encoded}")
+    return ("{" + ",".join(fields) + "}").encode()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -56,6 +56,12 @@ class RouterTokenizer:
         return tokenizer
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`. A fast tokenizer encodes through its Rust batch call, which
+        releases the GIL while it works: a megabyte prompt takes seconds, and holding the
+        GIL that long would stall the router's event loop (docs/reliability.md)."""
+        if getattr(self.hf, "is_fast", False):
+            backend = self.hf.backend_tokenizer
+            return list(backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -1,6 +1,6 @@
 """Fuzz the router's HTTP API with schemathesis against its own openapi.json.
 
-Starts a redis-server, two scripted decode nodes (router/scripted_decode.py: real gRPC,
+Starts a redis-server, two scripted decode nodes (tests/scripted_decode.py: real gRPC,
 deterministic replies) and the router on the tiny model's tokenizer, then runs
 
     schemathesis run URL/openapi.json --checks not_a_server_error,status_code_conformance,
@@ -30,7 +30,6 @@ import httpx
 from splitserve.engine.model.tiny import make_tiny_model
 from splitserve.launch.redis_server import RedisServer
 from splitserve.router.config import RouterConfig
-from splitserve.router.scripted_decode import ScriptedDecodeNode
 from splitserve.router.server import RouterServer
 from splitserve.router.tokenizer import RouterTokenizer
 
@@ -63,6 +62,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="where its output goes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # The scripted decode node is a test double: it lives beside the tests.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from scripted_decode import ScriptedDecodeNode
+
     model_dir = Path(tempfile.mkdtemp(prefix="splitserve-fuzz-")) / "tiny"
     make_tiny_model(model_dir, arch="llama", seed=0)
     tokenizer = RouterTokenizer.load(str(model_dir))

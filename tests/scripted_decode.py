@@ -14,7 +14,7 @@ stop_token_ids, n and logprobs (logprob -0.5 × (rank), top alternatives the nex
 `fail_before_first` / `fail_after_tokens` make it fail with UNAVAILABLE / INTERNAL;
 `stall_after_tokens` (0: before the first) makes it go silent for `stall_s` at that point.
 
-`python -m splitserve.router.scripted_decode --redis URL --cluster NAME --tokenizer DIR`
+`python tests/scripted_decode.py --redis URL --cluster NAME --tokenizer DIR`
 runs one as its own process (to freeze it with SIGSTOP in fault tests); it prints
 `node <id> listening on <address>` once registered.
 """

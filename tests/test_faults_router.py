@@ -21,11 +21,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from scripted_decode import ScriptedDecodeNode
 
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
 from splitserve.router.config import RouterConfig
-from splitserve.router.scripted_decode import ScriptedDecodeNode
 from splitserve.router.server import RouterServer
 from splitserve.router.tokenizer import RouterTokenizer
 
@@ -127,8 +127,7 @@ def test_silent_after_first_token_ends_with_an_error_event(stalling_pair) -> Non
 def scripted_process(redis_url: str, cluster: str, tokenizer_dir: Path) -> ManagedProcess:
     args = [
         sys.executable,
-        "-m",
-        "splitserve.router.scripted_decode",
+        str(Path(__file__).with_name("scripted_decode.py")),
         "--redis",
         redis_url,
         "--cluster",
@@ -222,9 +221,25 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+def p99_while_posting(url: str, path: str, body: bytes, expect: int) -> float:
+    """Small requests' p99 latency while another client posts `body` to `path` 3 times."""
+
+    def flood() -> list[int]:
+        headers = {"content-type": "application/json"}
+        with httpx.Client(timeout=60) as http:
+            return [http.post(url + path, content=body, headers=headers).status_code for _ in "abc"]
+
+    with ThreadPoolExecutor(1) as pool:
+        flooding = pool.submit(flood)
+        during = small_request_latencies(url, 3.0)
+        assert flooding.result() == [expect] * 3
+    return p99(during)
+
+
 def test_huge_prompts_do_not_stall_the_router(redis_server: RedisServer, tokenizer, tiny_llama):
-    """Repro 2: a 10 MB prompt (413 before parsing) and a 3 MB /tokenize (tokenized on the
-    tokenizer threads) leave other requests' latency nearly untouched."""
+    """Repro 2: a 10 MB prompt (413 before parsing) leaves other requests' p99 within 100 ms
+    of what it was; a 3 MB /tokenize (1.4M tokens: seconds of tokenizer work, off the event
+    loop and outside the GIL) costs them a fraction of a second, not the 3.7 s it did."""
     cluster = f"f{uuid.uuid4().hex[:10]}"
     node = ScriptedDecodeNode(tokenizer, MODEL).start(redis_server.url, cluster)
     router = ManagedProcess.splitserve(
@@ -234,28 +249,21 @@ def test_huge_prompts_do_not_stall_the_router(redis_server: RedisServer, tokeniz
     ).start(120)
     url = f"http://{router.address}"
     huge = "lorem ipsum dolor sit amet " * (10_000_000 // 27)
+    # Encoded once, up front: encoding 10 MB of JSON in this process while it times the
+    # small requests would hold its GIL and show up as their latency.
+    big = json.dumps({"model": MODEL, "prompt": huge}).encode()
+    text = json.dumps({"model": MODEL, "prompt": huge[:3_000_000]}).encode()
     try:
         small_request_latencies(url, 1.0)  # warm
-        baseline = small_request_latencies(url, 3.0)
-
-        def flood() -> list[int]:
-            codes = []
-            with httpx.Client(timeout=60) as http:
-                for _ in range(3):
-                    big = {"model": MODEL, "prompt": huge}
-                    codes.append(http.post(url + "/v1/completions", json=big).status_code)
-                    text = {"model": MODEL, "prompt": huge[:3_000_000]}
-                    codes.append(http.post(url + "/tokenize", json=text).status_code)
-            return codes
-
-        with ThreadPoolExecutor(1) as pool:
-            flooding = pool.submit(flood)
-            during = small_request_latencies(url, 3.0)
-            codes = flooding.result()
-        assert codes == [413, 200] * 3, codes
-        rise = p99(during) - p99(baseline)
-        print(f"small requests p99: {p99(baseline) * 1e3:.1f} ms -> {p99(during) * 1e3:.1f} ms")
-        assert rise < 0.25, (p99(baseline), p99(during))  # 100 ms on a quiet machine
+        baseline = p99(small_request_latencies(url, 3.0))
+        during_big = p99_while_posting(url, "/v1/completions", big, expect=413)
+        during_tokenize = p99_while_posting(url, "/tokenize", text, expect=200)
+        print(
+            f"small requests p99: {baseline * 1e3:.1f} ms; with 10 MB prompts "
+            f"{during_big * 1e3:.1f} ms; with 3 MB /tokenize {during_tokenize * 1e3:.1f} ms"
+        )
+        assert during_big - baseline < 0.1
+        assert during_tokenize - baseline < 0.5
     finally:
         router.stop()
         node.stop()
