@@ -50,6 +50,11 @@ class ClusterConfig:
     # torch devices, one per node in the order prefill..., decode...; empty: all on CPU.
     devices: tuple[str, ...] = field(default_factory=tuple)
     start_timeout_s: float = 180.0
+    # The router's --stream-idle-timeout-s when every node is on the CPU (s), unless
+    # router_args set it: a CPU engine step of a full token budget takes seconds on a small
+    # machine, far past the GPU-sized default. Frozen processes are still caught in seconds
+    # by gRPC keepalive (docs/reliability.md).
+    cpu_stream_idle_timeout_s: float = 120.0
     # Supervision: at most this many restarts of one child within the window (s).
     max_restarts: int = 5
     restart_window_s: float = 300.0
@@ -234,9 +239,17 @@ class LocalCluster:
             cfg.served_model_name or cfg.model,
             "--tokenizer",
             cfg.model,
+            *self._cpu_router_args(),
             *cfg.router_args,
         ]
         return ManagedProcess.splitserve("router", *args).start(cfg.start_timeout_s)
+
+    def _cpu_router_args(self) -> tuple[str, ...]:
+        cfg = self.config
+        is_set = any(a.startswith("--stream-idle-timeout-s") for a in cfg.router_args)
+        if cfg.devices or is_set:
+            return ()
+        return ("--stream-idle-timeout-s", str(cfg.cpu_stream_idle_timeout_s))
 
     def stop(self) -> None:
         if self.router is not None:
