@@ -149,7 +149,11 @@ class RemotePrefills:
         num_blocks = len(plan.block_ids) - plan.num_cached_blocks
         num_tokens = params.num_prompt_tokens - plan.num_cached_blocks * self.block_size
         stall_s = stall_timeout_s(num_tokens, params.timeout_s)
-        self.tracker.expect(request_id, params.timeout_s, stall_timeout_s=stall_s)
+        # The prefill node's NIXL agent is named by its node id: only its chunks count, and
+        # any of them shows it is not stalled (kv_transfer/arrivals.py).
+        self.tracker.expect(
+            request_id, params.timeout_s, peer=params.prefill_node_id, stall_timeout_s=stall_s
+        )
         self._pending[request_id] = _Pending(
             started=time.monotonic(),
             prefill_node_id=params.prefill_node_id,

@@ -11,7 +11,10 @@ Who calls what, in order (decode node):
    `RequestArrival` per request that completed (ok) or ran past its deadline (failed).
    A request is complete once its final chunk AND every chunk before it have arrived.
    With `stall_timeout_s`, it also fails when no chunk arrives for that long (a frozen
-   or wedged prefill node), however far its overall deadline is.
+   or wedged prefill node), however far its overall deadline is. Progress is counted per
+   sender: with `peer`, a chunk of any request from that prefill node restarts the stall
+   clock of every request expected from it (a busy node computing other prompts first is
+   not stalled; a frozen one sends nothing at all).
 4. ``tracker.forget(request_id)`` on abort; late notifications of a forgotten, finished or
    timed-out request are dropped (DEBUG log); tags of requests never expected are logged
    as warnings and ignored.
@@ -169,6 +172,15 @@ class ArrivalTracker:
             )
             return
         self._add_chunk(tag, exp)
+        if exp.peer is not None:
+            self._note_progress(exp.peer)
+
+    def _note_progress(self, peer: str) -> None:
+        """A chunk from `peer` landed: every request expected from it is making progress."""
+        now = self._clock()
+        for other in self._expected.values():
+            if other.peer == peer:
+                other.last_progress = now
 
     def _add_chunk(self, tag: ChunkTag, exp: _Expected) -> None:
         rid, idx = tag.request_id, tag.chunk_idx

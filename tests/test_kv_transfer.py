@@ -434,3 +434,19 @@ def test_tracker_reports_a_stall_long_before_the_timeout(tracked) -> None:
     assert (late.request_id, late.ok, late.num_chunks) == ("moving", False, 2)
     with pytest.raises(ValueError, match="stall_timeout_s"):
         tracker.expect("bad", stall_timeout_s=0)
+
+
+def test_a_busy_prefill_node_is_not_stalled_while_its_chunks_land(tracked) -> None:
+    """Progress counts per prefill node: a node computing other prompts first keeps the
+    requests queued behind them alive; a node that sends nothing stalls all of its own."""
+    tracker, source, clock = tracked  # overall timeout 5 s
+    tracker.expect("first", peer="p0", stall_timeout_s=1.0)
+    tracker.expect("queued", peer="p0", stall_timeout_s=1.0)
+    tracker.expect("frozen", peer="p1", stall_timeout_s=1.0)
+    for idx in range(3):  # p0 pushes "first" only, a chunk every 0.8 s
+        clock.now += 0.8
+        source.send(encode_tag("first", idx, False), peer="p0")
+        failed = tracker.poll()
+        assert [r.request_id for r in failed] == (["frozen"] if idx == 1 else [])
+    clock.now += 1.1  # p0 silent too now
+    assert sorted(r.request_id for r in tracker.poll()) == ["first", "queued"]
