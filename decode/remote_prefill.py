@@ -15,8 +15,9 @@ The engine calls its hooks:
                                 blocks all landed AND whose RPC answered arrives with the
                                 first token; a failure, a timeout or a stall (no chunk
                                 within `stall_timeout_s(prompt size)`) makes the engine
-                                prefill it locally into the same blocks; held blocks are
-                                released
+                                prefill it locally into fresh blocks (the ones given to the
+                                prefill node are set aside until its RPC ended); held and
+                                set-aside blocks are released
 
 and the service calls, through `AsyncEngine.run`:
 
@@ -112,10 +113,14 @@ class RemotePrefills:
         self.block_size = block_size
         self._admitting: dict[str, RemotePrefillParams] = {}
         self._pending: dict[str, _Pending] = {}
-        # Requests that fell back to local prefill while their Prefill RPC was still out
-        # (a stall or timeout): the prefill node may resume and write their blocks until the
-        # RPC ends. Value: whether the request finished meanwhile (its blocks are held).
-        self._late_writers: dict[str, bool] = {}
+        # Requests that fell back to local prefill: the engine set the blocks the prefill
+        # node was given aside (held under the request's id). Those whose Prefill RPC is
+        # still out may get late writes; their blocks go once it ends (`_release_next`).
+        self._late_writers: set[str] = set()
+        # Set-aside blocks that may go, and the requests whose failure (so whose set-aside)
+        # an earlier poll reported.
+        self._release_next: list[str] = []
+        self._set_aside: set[str] = set()
         self._metrics: dict[str, TransferMetrics] = {}
         self._events = KVEvents()
         # Statistics for the Stats RPC.
@@ -166,12 +171,8 @@ class RemotePrefills:
         """Prompts computed here stay here."""
 
     def on_finish(self, request_id: str) -> bool:
-        """A request ended while its KV was in flight (the client went away), or after a
-        fallback while its Prefill RPC is still out: its blocks stay held until the RPC is
-        done, then `poll` releases them."""
-        if request_id in self._late_writers:
-            self._late_writers[request_id] = True
-            return True
+        """A request ended while its KV was in flight (the client went away): its blocks
+        stay held until its Prefill RPC is done, then `poll` releases them."""
         pending = self._pending.get(request_id)
         if pending is None:
             return False
@@ -192,7 +193,14 @@ class RemotePrefills:
         for request_id, pending in list(self._pending.items()):
             self._release_if_aborted(request_id, pending)
         events, self._events = self._events, KVEvents()
-        events.is_busy = bool(self._pending)
+        # The engine applies releases before failures: set-aside blocks go out only once
+        # the failure that set them aside was reported by an earlier poll.
+        ready = [rid for rid in self._release_next if rid in self._set_aside]
+        self._release_next = [rid for rid in self._release_next if rid not in self._set_aside]
+        self._set_aside.difference_update(ready)
+        events.released.extend(ready)
+        self._set_aside.update(events.failed)
+        events.is_busy = bool(self._pending or self._release_next)
         return events
 
     # The service's calls.
@@ -241,10 +249,11 @@ class RemotePrefills:
         return pending.is_aborted
 
     def _end_late_writer(self, request_id: str) -> None:
-        """The Prefill RPC of a request that fell back ended: no prefill node writes its
-        blocks any more, so if it finished meanwhile they may go."""
-        if self._late_writers.pop(request_id, False):
-            self._events.released.append(request_id)
+        """The Prefill RPC of a request that fell back ended: no prefill node writes the
+        blocks set aside for it any more, so they may go."""
+        if request_id in self._late_writers:
+            self._late_writers.discard(request_id)
+            self._release_next.append(request_id)
 
     def _advance(self, request_id: str, pending: _Pending) -> None:
         if self._release_if_aborted(request_id, pending):
@@ -264,8 +273,10 @@ class RemotePrefills:
         if self._release_if_aborted(request_id, pending):
             return  # released here or in poll once the RPC is done
         del self._pending[request_id]
-        if not pending.is_rpc_done:
-            self._late_writers[request_id] = False
+        if pending.is_rpc_done:
+            self._release_next.append(request_id)
+        else:
+            self._late_writers.add(request_id)
         self.num_failed += 1
         logger.warning("remote prefill of %s failed (%s): prefilling locally", request_id, error)
         self._events.failed.append(request_id)

@@ -25,8 +25,9 @@ What the engine calls, in order, for one request:
     poll() -> KVEvents
         before every step and while idle: remote KV that arrived (the request joins the
         batch with the first token the other node sampled), transfers that failed (the
-        engine computes the prompt itself, into the same blocks), requests to abort, and
-        held blocks that may go now.
+        engine computes the prompt itself, into fresh blocks, and holds the ones the other
+        node was given under the request's id until a later `released` names it), requests
+        to abort, and held blocks that may go now.
 
 Class attributes say what the node kind needs of the engine: `max_new_tokens` caps what a
 request generates here (a prefill node samples one token), `reserves_prompt` makes

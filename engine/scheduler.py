@@ -22,6 +22,7 @@ No sockets or tensors here: the scheduler is tested with plain objects.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -216,12 +217,20 @@ class Scheduler:
         return request
 
     def remote_kv_failed(self, request_id: RequestId) -> Request | None:
-        """The transfer failed: prefill locally into the same blocks (late writes from the
-        peer can then only land in this request's own blocks). None when the request no
-        longer waits for remote KV (it finished meanwhile)."""
+        """The transfer failed: prefill locally into fresh blocks. The blocks the prefill
+        node was given are set aside under the request's id (in `held`) until the connector
+        releases them: that node may resume and still write them, and a late write into a
+        block the request is decoding into would corrupt its output. None when the request
+        no longer waits for remote KV (it finished meanwhile)."""
         request = self.remote.pop(request_id, None)
         if request is None:
             return None
+        aside = copy.copy(request)
+        aside.block_ids = list(request.block_ids)
+        self.held[request_id] = aside
+        request.block_ids = []
+        request.num_blocks_offered = 0
+        request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         return request

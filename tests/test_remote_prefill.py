@@ -135,6 +135,21 @@ def test_after_a_stall_fallback_blocks_stay_held_until_the_rpc_answers(core, ans
     core.check_invariants()
 
 
+def test_a_failed_rpc_falls_back_and_its_set_aside_blocks_go(core) -> None:
+    """The Prefill RPC fails first (the prefill node died): the request is prefilled here
+    into fresh blocks and the ones the node was given go at the next poll, not before the
+    failure that set them aside was applied."""
+    remote = admitted(core, "r-died")
+    remote.rpc_failed("r-died", "UNAVAILABLE: connection reset")
+    core.poll_connector()  # the failure: prefill locally, the node's blocks set aside
+    assert core.request_status("r-died") == RequestStatus.WAITING
+    while core.has_unfinished():
+        core.step()
+    core.poll_connector()  # the release
+    assert core.pool.usage == 0.0 and remote.num_fallbacks == 1
+    core.check_invariants()
+
+
 class QueuedNotifications:
     """A notification source whose notifications the test hands in."""
 
