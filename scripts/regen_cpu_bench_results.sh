@@ -12,7 +12,10 @@
 # repository root, in the project's environment:
 #   scripts/regen_cpu_bench_results.sh            # the full runs, about 20 min on 2 cores
 #   SMOKE=1 OUT_ROOT=/tmp/regen scripts/regen_cpu_bench_results.sh   # a 2-minute check
-# SMOKE=1 keeps every flag but shrinks the counts and the rate lists.
+#   PART=example (or PART=pd_ratio) scripts/regen_cpu_bench_results.sh   # one of the two
+# SMOKE=1 keeps every flag but shrinks the counts and the rate lists. Each result folder gets a
+# run.json: the command, git commit (SPLITSERVE_GIT_COMMIT overrides it in a copy without .git),
+# the CPU, the cores this process may use, and the date.
 set -euo pipefail
 
 PY=${PYTHON:-python}
@@ -82,8 +85,27 @@ pd_ratio() {
   find "$out" -name requests.jsonl -delete
 }
 
+provenance() {  # $1: the result folder, $2: seconds the part took
+  "$PY" - "$1" "$2" <<'EOF2'
+import json, os, sys
+from splitserve.benchmarks.results_io import provenance
+run = provenance("cpu")
+run["command"] = "scripts/regen_cpu_bench_results.sh (PART=%s)" % os.environ.get("PART", "all")
+run["cores"] = len(os.sched_getaffinity(0))
+run["wall_s"] = int(sys.argv[2])
+open(os.path.join(sys.argv[1], "run.json"), "w").write(json.dumps(run, indent=2) + "\n")
+EOF2
+}
+
 start=$(date +%s)
-bench_example
-echo "bench_example_cpu done after $(($(date +%s) - start)) s"
-pd_ratio
-echo "pd_ratio_cpu_tiny done after $(($(date +%s) - start)) s"
+if [[ "${PART:-all}" != pd_ratio ]]; then
+  bench_example
+  provenance "$OUT_ROOT/bench_example_cpu" $(($(date +%s) - start))
+  echo "bench_example_cpu done after $(($(date +%s) - start)) s"
+fi
+if [[ "${PART:-all}" != example ]]; then
+  part_start=$(date +%s)
+  pd_ratio
+  provenance "$OUT_ROOT/pd_ratio_cpu_tiny" $(($(date +%s) - part_start))
+  echo "pd_ratio_cpu_tiny done after $(($(date +%s) - start)) s"
+fi
