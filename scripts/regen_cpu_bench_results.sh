@@ -13,6 +13,8 @@
 #   scripts/regen_cpu_bench_results.sh            # the full runs, about 20 min on 2 cores
 #   SMOKE=1 OUT_ROOT=/tmp/regen scripts/regen_cpu_bench_results.sh   # a 2-minute check
 #   PART=example (or PART=pd_ratio) scripts/regen_cpu_bench_results.sh   # one of the two
+# On a bigger host, pin it to two cores with the threads to match (what the committed results
+# used):  OMP_NUM_THREADS=2 taskset -c 0,1 scripts/regen_cpu_bench_results.sh
 # SMOKE=1 keeps every flag but shrinks the counts and the rate lists. Each result folder gets a
 # run.json: the command, git commit (SPLITSERVE_GIT_COMMIT overrides it in a copy without .git),
 # the CPU, the cores this process may use, and the date.
@@ -23,8 +25,8 @@ OUT_ROOT=${OUT_ROOT:-benchmarks/results}
 if [[ "${SMOKE:-0}" == 1 ]]; then
   EXAMPLE_RATES=4,8 EXAMPLE_REQUESTS=12 PD_RATES=6,10 PD_REQUESTS=10 PD_WARMUP=5
 else
-  EXAMPLE_RATES=4,8,16,24,32 EXAMPLE_REQUESTS=150 PD_RATES=6,8,10,12,14 PD_REQUESTS=150
-  PD_WARMUP=100
+  EXAMPLE_RATES=4,8,16,24,32 EXAMPLE_REQUESTS=150 PD_RATES=6,8,10,12,14
+  PD_REQUESTS=${PD_REQUESTS:-150} PD_WARMUP=${PD_WARMUP:-100}
 fi
 
 free_port() {
