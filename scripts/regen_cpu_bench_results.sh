@@ -94,6 +94,7 @@ from splitserve.benchmarks.results_io import provenance
 run = provenance("cpu")
 run["command"] = "scripts/regen_cpu_bench_results.sh (PART=%s)" % os.environ.get("PART", "all")
 run["cores"] = len(os.sched_getaffinity(0))
+run["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
 run["wall_s"] = int(sys.argv[2])
 open(os.path.join(sys.argv[1], "run.json"), "w").write(json.dumps(run, indent=2) + "\n")
 EOF2
