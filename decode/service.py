@@ -71,7 +71,12 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         """The service, with its RemotePrefills installed as the engine's KV connector."""
         agent = runtime.require_agent()
         tracker = ArrivalTracker(agent, runtime.config.prefill_timeout_s)
-        remote = RemotePrefills(tracker, agent.pool_descriptor.block_bytes, runtime.core.block_size)
+        remote = RemotePrefills(
+            tracker,
+            agent.pool_descriptor.block_bytes,
+            runtime.core.block_size,
+            runtime.require_metrics().require_receive(),
+        )
 
         def install(core: EngineCore) -> bytes:
             core.set_connector(remote)

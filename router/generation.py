@@ -239,6 +239,8 @@ class PromptStreams:
                     received = time.monotonic()
                     service.metrics.observe_node_timing(msg.timing, received)
                 await self._queue.put(StreamItem(index, msg, None, received))
+                if msg.finished and msg.HasField("metrics"):
+                    service.metrics.observe_request_metrics(msg.metrics)
                 if msg.finished:
                     is_finished = True
                     return
