@@ -12,7 +12,9 @@ between steps; `run` is its awaitable form on the asyncio side) or `generate`/`a
 Streaming is coalesced: when a request's consumer wakes up to several queued outputs (the
 event loop or the client fell behind the engine), `generate` yields them as one delta, so a
 slow consumer catches up with one message instead of falling further behind.
-Each output's `metrics["step_end_s"]` is the `time.monotonic()` at which the engine step
+Each output's `metrics["first_scheduled_s"]` is the `time.monotonic()` at which its
+request was first scheduled (absent before that: a first token that came with remote KV);
+`metrics["step_end_s"]` is the `time.monotonic()` at which the engine step
 that produced it ended (the oldest one's, for a coalesced delta), and
 `metrics["step_time_s"]` that step's duration: the start of the per-token latency trace
 (docs/performance.md). Step observers (`add_step_observer`, e.g. the node's step-time

@@ -2,10 +2,11 @@
 
 Request metrics are observed on the request path; per-node gauges are set when /metrics is
 scraped, from the node list (registry load) and one Stats call per node (prefix-cache hits).
-The TTFT breakdown of a remote prefill (where its time to first token went: prefill queue,
-prefill compute, push tail, admission, and the whole KV transfer) comes from the decode
-node's `RequestMetrics` on the final stream message (`observe_request_metrics`, called by
-router/generation.py). Every metric is listed in docs/metrics.md.
+The TTFT breakdown (every completion's wait in the decode node's queue; for a remote
+prefill, where its time to first token went: prefill queue, prefill compute, push tail,
+admission, and the whole KV transfer) comes from the decode node's `RequestMetrics` on
+the final stream message (`observe_request_metrics`, called by router/generation.py).
+Every metric is listed in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ TTFT_BREAKDOWN = (
         "kv_transfer_time_seconds",
         "Remote prefill: Prefill RPC sent to the last KV block landed (decode node's clock)",
     ),
+)
+_DECODE_QUEUE_HELP = (
+    "Waiting in the decode node's scheduler: arrival (local prefill) or KV landed (remote "
+    "prefill) to first scheduled"
 )
 # Stages of a streamed message, in order (docs/performance.md); observed only with
 # --trace-stream-timing.
@@ -152,6 +157,12 @@ class RouterMetrics:
             field: Histogram(p + name, doc, buckets=_BREAKDOWN_BUCKETS_S, registry=r)
             for field, name, doc in TTFT_BREAKDOWN
         }
+        self.decode_queue_time = Histogram(
+            p + "decode_queue_time_seconds",
+            _DECODE_QUEUE_HELP,
+            buckets=_BREAKDOWN_BUCKETS_S,
+            registry=r,
+        )
         self.remote_prefills = Counter(
             p + "remote_prefills",
             "Completions whose prompt was sent to a prefill node, by outcome (remote: its KV "
@@ -164,6 +175,7 @@ class RouterMetrics:
 
     def observe_request_metrics(self, metrics: pb.RequestMetrics) -> None:
         """The decode node's metrics of one finished completion (its final message)."""
+        self.decode_queue_time.observe(metrics.queue_time_s)
         if metrics.is_prefill_fallback:
             self.remote_prefills.labels("fallback").inc()
         if not metrics.is_prefill_remote:

@@ -107,6 +107,8 @@ def test_node_metrics_agree_with_the_router_after_50_requests(cluster) -> None:
         for part in ("prefill_queue", "prefill_compute", "push_tail", "admission", "kv_transfer"):
             assert total(router, f"{r}{part}_time_seconds_count") == remote, part
         assert total(router, r + "prefill_compute_time_seconds_sum") > 0
+        assert total(router, r + "decode_queue_time_seconds_count") == NUM_REQUESTS
+        assert total(router, r + "decode_queue_time_seconds_sum") > 0
         # Decode node: every remote prefill requested, received, none fell back.
         k = "splitserve_kv_transfer_"
         assert total(d, "splitserve_decode_remote_prefills_total") == remote

@@ -159,10 +159,11 @@ def test_router_exports_the_ttft_breakdown_of_remote_prefills() -> None:
             push_tail_time_s=0.0004,
             admission_time_s=0.01,
             transfer_time_s=0.25,
+            queue_time_s=0.002,
         )
     )
     router.observe_request_metrics(pb.RequestMetrics(is_prefill_fallback=True))
-    router.observe_request_metrics(pb.RequestMetrics())  # prefilled locally
+    router.observe_request_metrics(pb.RequestMetrics(queue_time_s=0.03))  # prefilled locally
     text = router.exposition()
     p = "splitserve_router_"
     assert value(text, p + "remote_prefills_total", outcome="remote") == 1
@@ -172,3 +173,5 @@ def test_router_exports_the_ttft_breakdown_of_remote_prefills() -> None:
     assert value(text, p + "push_tail_time_seconds_bucket", le="0.0005") == 1
     assert value(text, p + "admission_time_seconds_sum") == pytest.approx(0.01)
     assert value(text, p + "kv_transfer_time_seconds_sum") == pytest.approx(0.25)
+    assert value(text, p + "decode_queue_time_seconds_count") == 3
+    assert value(text, p + "decode_queue_time_seconds_sum") == pytest.approx(0.032)
