@@ -126,6 +126,7 @@ class PushMetrics:
     """Prefill node: KV pushes to decode nodes, and the remote prefills served."""
 
     def __init__(self, registry: CollectorRegistry, labels: tuple[str, str]) -> None:
+        self.registry = registry
         p = "splitserve_kv_transfer_"
         self._pushes = Counter(
             p + "pushes",
@@ -174,6 +175,7 @@ class ReceiveMetrics:
     """Decode node: remote prefills requested, KV received, fallbacks to local prefill."""
 
     def __init__(self, registry: CollectorRegistry, labels: tuple[str, str]) -> None:
+        self.registry = registry
         p = "splitserve_kv_transfer_"
         self._receives = Counter(
             p + "receives",

@@ -11,9 +11,13 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from splitserve.engine.kv_connector import FinalBlocks
+from splitserve.engine.request import RequestId
 from splitserve.engine.stats import EngineStats
+from splitserve.kv_transfer import PeerName, PushHandle, PushResult
 from splitserve.node.metrics import NodeMetrics
 from splitserve.node.metrics_http import MetricsServer
+from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
 from splitserve.protocol import node_pb2 as pb
 from splitserve.router.metrics import RouterMetrics
 
@@ -175,3 +179,56 @@ def test_router_exports_the_ttft_breakdown_of_remote_prefills() -> None:
     assert value(text, p + "kv_transfer_time_seconds_sum") == pytest.approx(0.25)
     assert value(text, p + "decode_queue_time_seconds_count") == 3
     assert value(text, p + "decode_queue_time_seconds_sum") == pytest.approx(0.032)
+
+
+class ScriptedAgent:
+    """A TransferAgent double: pushes are posted, and finish when the test says so."""
+
+    def __init__(self) -> None:
+        self.posted: list[PushHandle] = []
+        self.finished: list[PushResult] = []
+
+    def push(self, peer: PeerName, src: list[int], dst: list[int], tag: str) -> PushHandle:
+        handle = PushHandle(len(self.posted), peer, tag, RequestId(tag), 1000 * len(src), 1)
+        self.posted.append(handle)
+        return handle
+
+    def finish(self, push_id: int, ok: bool) -> None:
+        h = self.posted[push_id]
+        error = None if ok else "UCX error"
+        self.finished.append(
+            PushResult(h.push_id, h.peer, h.tag, h.request_id, ok, error, h.num_bytes, 0.003)
+        )
+
+    def poll(self) -> list[PushResult]:
+        out, self.finished = self.finished, []
+        return out
+
+
+def test_pusher_counts_pushes_and_requests_by_result() -> None:
+    metrics = NodeMetrics("prefill-a", "prefill", stats)
+    agent = ScriptedAgent()
+    pusher = PrefillPusher(agent, metrics.require_push())  # type: ignore[arg-type]
+    outcomes: list[PushOutcome] = []
+    for rid in ("good", "bad"):
+        target = PushTarget(PeerName("decode-b"), list(range(10, 14)), 0, outcomes.append)
+        pusher.on_admission(rid, target)
+        pusher.on_blocks_final(FinalBlocks(rid, [1, 2], 0, False, None, None))
+        pusher.on_blocks_final(FinalBlocks(rid, [3, 4], 2, True, 5, None))
+    text = generate_latest(metrics.registry)
+    assert value(text, "splitserve_kv_transfer_pushes_in_flight") == 4
+    assert value(text, "splitserve_kv_transfer_push_bytes_in_flight") == 8000
+    for push_id, ok in ((0, True), (1, True), (2, True), (3, False)):
+        agent.finish(push_id, ok)
+    pusher.poll()
+    assert [o.ok for o in outcomes] == [True, False]
+    text = generate_latest(metrics.registry)
+    k = "splitserve_kv_transfer_"
+    assert value(text, k + "pushes_total", status="ok") == 3
+    assert value(text, k + "pushes_total", status="failed") == 1
+    assert value(text, k + "push_bytes_sum") == 6000
+    assert value(text, k + "push_duration_seconds_sum") == pytest.approx(0.009)
+    assert value(text, k + "pushes_in_flight") == value(text, k + "push_bytes_in_flight") == 0
+    assert value(text, "splitserve_prefill_requests_total", status="ok") == 1
+    assert value(text, "splitserve_prefill_requests_total", status="failed") == 1
+    assert value(text, "splitserve_prefill_requests_total", status="aborted") == 0
