@@ -26,6 +26,9 @@ and the service calls, through `AsyncEngine.run`:
     abandon(rid)            the client went away before the Prefill RPC was sent: no
                             prefill node will write the blocks, so they can go
     pop_metrics(rid)        per-request transfer metrics, for the final Generate message
+
+Remote prefills requested, KV received (blocks, bytes, time) and fallbacks by reason are
+counted in the node's ReceiveMetrics (node/metrics.py) as they happen.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from splitserve.engine.kv_connector import FinalBlocks, KVEvents, RemoteKV
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker
+from splitserve.node.metrics import ReceiveMetrics, detached_receive_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class _Pending:
     started: float
     prefill_node_id: str
     num_tokens_to_receive: int
+    num_blocks: int
     num_bytes: int
     first: tuple[int, TokenLogprob | None] | None = None
     info: RemotePrefillInfo = field(default_factory=RemotePrefillInfo)
@@ -107,8 +112,15 @@ class RemotePrefills:
     reserves_prompt = False
     supports_overlap = True
 
-    def __init__(self, tracker: ArrivalTracker, block_bytes: int, block_size: int) -> None:
+    def __init__(
+        self,
+        tracker: ArrivalTracker,
+        block_bytes: int,
+        block_size: int,
+        metrics: ReceiveMetrics | None = None,
+    ) -> None:
         self.tracker = tracker
+        self.metrics = metrics if metrics is not None else detached_receive_metrics()
         self.block_bytes = block_bytes
         self.block_size = block_size
         self._admitting: dict[str, RemotePrefillParams] = {}
@@ -129,6 +141,7 @@ class RemotePrefills:
         self.num_fallbacks = 0
         self.num_bytes_total = 0
         self.num_prompt_tokens_received = 0
+        self.metrics.receives_in_flight.set_function(lambda: len(self._pending))
 
     @property
     def num_in_flight(self) -> int:
@@ -150,6 +163,7 @@ class RemotePrefills:
         params = self._admitting.pop(request_id)
         if plan is None:
             logger.info("KV pool short for %s: prefilling it locally", request_id)
+            self.metrics.observe_fallback("pool_short")
             return
         num_blocks = len(plan.block_ids) - plan.num_cached_blocks
         num_tokens = params.num_prompt_tokens - plan.num_cached_blocks * self.block_size
@@ -163,8 +177,10 @@ class RemotePrefills:
             started=time.monotonic(),
             prefill_node_id=params.prefill_node_id,
             num_tokens_to_receive=num_tokens,
+            num_blocks=num_blocks,
             num_bytes=num_blocks * self.block_bytes,
         )
+        self.metrics.remote_prefills.inc()
         params.on_plan(plan)
 
     def on_blocks_final(self, blocks: FinalBlocks) -> None:
@@ -189,7 +205,8 @@ class RemotePrefills:
                 pending.has_arrived = True
                 self._advance(arrival.request_id, pending)
             else:
-                self._fail(arrival.request_id, pending, arrival.error or "KV did not arrive")
+                error = arrival.error or "KV did not arrive"
+                self._fail(arrival.request_id, pending, error, "transfer_failed")
         for request_id, pending in list(self._pending.items()):
             self._release_if_aborted(request_id, pending)
         events, self._events = self._events, KVEvents()
@@ -227,7 +244,7 @@ class RemotePrefills:
             self._end_late_writer(request_id)
             return
         pending.is_rpc_done = True
-        self._fail(request_id, pending, f"Prefill RPC failed: {error}")
+        self._fail(request_id, pending, f"Prefill RPC failed: {error}", "rpc_failed")
 
     def abandon(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
@@ -264,11 +281,13 @@ class RemotePrefills:
         self.num_completed += 1
         self.num_bytes_total += pending.num_bytes
         self.num_prompt_tokens_received += pending.num_tokens_to_receive
+        elapsed_s = time.monotonic() - pending.started
+        self.metrics.observe_received(pending.num_blocks, pending.num_bytes, elapsed_s)
         self._record(request_id, pending, is_fallback=False)
         token, logprob = pending.first
         self._events.arrived.append(RemoteKV(request_id, token, logprob))
 
-    def _fail(self, request_id: str, pending: _Pending, error: str) -> None:
+    def _fail(self, request_id: str, pending: _Pending, error: str, reason: str) -> None:
         self.tracker.forget(request_id)
         if self._release_if_aborted(request_id, pending):
             return  # released here or in poll once the RPC is done
@@ -281,6 +300,7 @@ class RemotePrefills:
         logger.warning("remote prefill of %s failed (%s): prefilling locally", request_id, error)
         self._events.failed.append(request_id)
         self.num_fallbacks += 1
+        self.metrics.observe_fallback(reason)
         self._record(request_id, pending, is_fallback=True)
 
     def _record(self, request_id: str, pending: _Pending, is_fallback: bool) -> None:

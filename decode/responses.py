@@ -31,6 +31,7 @@ def generate_response(
     ttft_s: float | None = None,
     transfer: TransferMetrics | None = None,
     first_token_time: float | None = None,
+    queue_time_s: float = 0.0,
 ) -> pb.GenerateResponse:
     """One stream message; usage on the final one (always: the router needs the counts)
     or on every one with continuous_usage_stats; metrics on the final one."""
@@ -51,7 +52,7 @@ def generate_response(
             )
         )
     if out.finished:
-        metrics = pb.RequestMetrics(ttft_s=ttft_s or 0.0)
+        metrics = pb.RequestMetrics(ttft_s=ttft_s or 0.0, queue_time_s=queue_time_s)
         if transfer is not None:
             metrics.transfer_time_s = transfer.transfer_time_s
             metrics.is_prefill_remote = transfer.is_prefill_remote

@@ -71,7 +71,12 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         """The service, with its RemotePrefills installed as the engine's KV connector."""
         agent = runtime.require_agent()
         tracker = ArrivalTracker(agent, runtime.config.prefill_timeout_s)
-        remote = RemotePrefills(tracker, agent.pool_descriptor.block_bytes, runtime.core.block_size)
+        remote = RemotePrefills(
+            tracker,
+            agent.pool_descriptor.block_bytes,
+            runtime.core.block_size,
+            runtime.require_metrics().require_receive(),
+        )
 
         def install(core: EngineCore) -> bytes:
             core.set_connector(remote)
@@ -154,9 +159,22 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         )
         ttft = (first_token_time or time.monotonic()) - started
         self._recent_ttft_s.append(ttft)
-        if metrics is not None and metrics.is_prefill_remote:
+        is_remote = metrics is not None and metrics.is_prefill_remote
+        if metrics is not None and is_remote:
             self._recent_transfer_s.append(metrics.transfer_time_s)
-        return {"ttft_s": ttft, "transfer": metrics, "first_token_time": first_token_time}
+        # Waiting in this node's scheduler: from arrival (a local prefill) or from the KV
+        # landing (a remote one) to the first schedule; 0 if it never was (one token).
+        scheduled = out.metrics.get("first_scheduled_s")
+        queue_s = 0.0
+        if scheduled is not None:
+            since = metrics.landed_at if metrics is not None and is_remote else started
+            queue_s = max(0.0, scheduled - since)
+        return {
+            "ttft_s": ttft,
+            "transfer": metrics,
+            "first_token_time": first_token_time,
+            "queue_time_s": queue_s,
+        }
 
     async def _call_prefill(
         self, rid: str, request: pb.GenerateRequest, plan: RemotePlan, node: pb.NodeEndpoint

@@ -12,10 +12,13 @@ between steps; `run` is its awaitable form on the asyncio side) or `generate`/`a
 Streaming is coalesced: when a request's consumer wakes up to several queued outputs (the
 event loop or the client fell behind the engine), `generate` yields them as one delta, so a
 slow consumer catches up with one message instead of falling further behind.
-Each output's `metrics["step_end_s"]` is the `time.monotonic()` at which the engine step
+Each output's `metrics["first_scheduled_s"]` is the `time.monotonic()` at which its
+request was first scheduled (absent before that: a first token that came with remote KV);
+`metrics["step_end_s"]` is the `time.monotonic()` at which the engine step
 that produced it ended (the oldest one's, for a coalesced delta), and
 `metrics["step_time_s"]` that step's duration: the start of the per-token latency trace
-(docs/performance.md).
+(docs/performance.md). Step observers (`add_step_observer`, e.g. the node's step-time
+histogram) get every step's duration on the engine thread.
 
 If a step raises, the error is logged, every unfinished request ends with finish_reason
 "error", and the loop goes on serving.
@@ -64,6 +67,7 @@ class AsyncEngine:
         )
         self._streams: dict[str, _Stream] = {}
         self._step_hooks: list[Callable[[EngineCore], bool]] = []
+        self._step_observers: list[Callable[[float], None]] = []
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -86,6 +90,10 @@ class AsyncEngine:
         """`hook(core)` runs on the engine thread before every step (and while idle); it
         returns True while it has work in flight, so that the idle loop polls it often."""
         self.call(lambda core: self._step_hooks.append(hook))
+
+    def add_step_observer(self, observe: Callable[[float], None]) -> None:
+        """`observe(seconds)` runs on the engine thread after every step, with its duration."""
+        self.call(lambda core: self._step_observers.append(observe))
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -167,7 +175,15 @@ class AsyncEngine:
             except Exception:
                 logger.exception("engine step failed; ending every unfinished request")
                 outputs = self._fail_all()
+            self._observe_step(time.monotonic() - started)
             self._deliver(outputs, started)
+
+    def _observe_step(self, seconds: float) -> None:
+        for observe in self._step_observers:
+            try:
+                observe(seconds)
+            except Exception:
+                logger.exception("engine step observer %r failed", observe)
 
     def _poll_connector(self) -> bool:
         try:

@@ -14,6 +14,7 @@ class OutputCollector:
         self.prompt_token_ids = prompt_token_ids
         self.completions = [CompletionOutput(i, "", []) for i in range(n)]
         self.num_cached_tokens = 0
+        self.first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -23,6 +24,8 @@ class OutputCollector:
         """Fold one step into the cumulative completion; returns the delta."""
         comp = self.completions[out.completion_index]
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        if out.first_scheduled_time is not None:
+            self.first_scheduled_time = out.first_scheduled_time
         comp.text += out.text_delta
         comp.token_ids.extend(out.new_token_ids)
         if out.new_logprobs is not None:
@@ -42,6 +45,10 @@ class OutputCollector:
         return self.make(self.completions)
 
     def make(self, completions: list[CompletionOutput]) -> RequestOutput:
+        """`metrics["first_scheduled_s"]`: when the request was first scheduled, once it was."""
+        metrics = {}
+        if self.first_scheduled_time is not None:
+            metrics["first_scheduled_s"] = self.first_scheduled_time
         return RequestOutput(
             self.request_id,
             self.prompt,
@@ -49,4 +56,5 @@ class OutputCollector:
             completions,
             self.finished,
             self.num_cached_tokens,
+            metrics,
         )

@@ -30,6 +30,9 @@ class StepOutput(NamedTuple):
     stop_reason: int | str | None
     # Prompt tokens of this sequence served from the prefix cache (or received).
     num_cached_tokens: int = 0
+    # time.monotonic() when the request was first scheduled; None before that (a first
+    # token received with remote KV).
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -87,6 +90,7 @@ class OutputProcessor:
             req.status.finish_reason,
             req.stop_reason,
             req.num_cached_tokens,
+            req.first_scheduled_time,
         )
 
 

@@ -1,7 +1,8 @@
 """`splitserve prefill ...` and `splitserve decode ...`: run one node until SIGINT/SIGTERM.
 
 Prints `<role> node <id> listening on <host:port>` once it serves (launchers and tests
-wait for that line), then stops cleanly on a signal: deregisters from Redis, lets
+wait for that line) and `<role> node <id> metrics at <url>` (the URL is in its Redis
+record too), then stops cleanly on a signal: deregisters from Redis, lets
 in-flight requests finish for --drain-timeout-s (then aborts them), frees the NIXL
 registration.
 """
@@ -57,6 +58,17 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         default=default_of(node, "stream_interval"),
         help="decode: tokens per stream message after the first (fewer messages at high load)",
     )
+    g.add_argument(
+        "--metrics-host",
+        default=default_of(node, "metrics_host"),
+        help="address the HTTP /metrics server binds (docs/metrics.md)",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=default_of(node, "metrics_port"),
+        help="port of the HTTP /metrics server; 0 picks a free one",
+    )
 
 
 def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfig:
@@ -71,6 +83,8 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         drain_timeout_s=args.drain_timeout_s,
         push_timeout_s=args.push_timeout_s,
         stream_interval=args.stream_interval,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -81,7 +95,9 @@ async def serve(runtime: NodeRuntime) -> None:
         from splitserve.decode.service import add_decode_service as add
     await runtime.start(add)
     print(
-        f"{runtime.config.role} node {runtime.node_id} listening on {runtime.address}", flush=True
+        f"{runtime.config.role} node {runtime.node_id} listening on {runtime.address}\n"
+        f"{runtime.config.role} node {runtime.node_id} metrics at {runtime.metrics_url}",
+        flush=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

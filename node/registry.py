@@ -63,6 +63,7 @@ class NodeRecord:
     load: NodeLoad = field(default_factory=NodeLoad)
     started_at: float = field(default_factory=time.time)  # unix seconds
     max_model_len: int = 0  # context length in tokens; 0 = unknown
+    metrics_url: str = ""  # the node's Prometheus endpoint (http://host:port/metrics)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

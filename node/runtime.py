@@ -2,14 +2,17 @@
 TransferAgent over the engine's KV pool, the grpc.aio server, and the Redis publisher.
 
 Start-up order (`start`): bind the gRPC port (so the node id, which names the NIXL agent,
-carries the real port) -> create the TransferAgent on the engine thread -> let the role
-add its servicer (which installs its KV connector on the engine) -> start serving ->
-register in Redis and publish the cached-block snapshot -> heartbeat the load every
-second, and publish KV events after every step.
+carries the real port) -> create the TransferAgent on the engine thread -> create the
+node's metrics (node/metrics.py) -> let the role add its servicer (which installs its KV
+connector on the engine, handing it its metrics) -> start serving gRPC, then `/metrics`
+over HTTP (node/metrics_http.py) -> register in Redis (the record carries the metrics
+URL) and publish the cached-block snapshot -> heartbeat the load every second, and publish
+KV events after every step.
 
 Stop order (`stop`): report DRAINING -> deregister from Redis (the router stops sending)
 -> let in-flight requests finish for `drain_timeout_s`, then abort the rest -> stop the
-gRPC server -> close the TransferAgent (deregisters the pool) -> stop the engine thread.
+gRPC server, then the metrics server -> close the TransferAgent (deregisters the pool) ->
+stop the engine thread.
 
 Every TransferAgent call happens on the engine thread (via `engine.call` or step hooks).
 """
@@ -28,7 +31,10 @@ import grpc
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
+from splitserve.engine.stats import EngineStats
 from splitserve.kv_transfer import TransferAgent, TransferConfig
+from splitserve.node.metrics import NodeMetrics
+from splitserve.node.metrics_http import MetricsServer
 from splitserve.node.publisher import NodePublisher
 from splitserve.node.registry import (
     DEFAULT_CLUSTER,
@@ -44,6 +50,9 @@ logger = logging.getLogger(__name__)
 NodeRole = Literal["prefill", "decode"]
 # gRPC message cap: a 128k-token prompt is 512 KiB of token ids.
 _MAX_MESSAGE_BYTES = 64 << 20
+# Longest a metrics scrape waits for the engine thread (it answers between steps; a CPU
+# step of a full token budget takes seconds). Prometheus' default scrape timeout is 10 s.
+_SCRAPE_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -67,12 +76,17 @@ class NodeConfig:
     # Decode: tokens a request gathers before its next stream message (the first tokens
     # and the last message go at once); 1 streams every engine step.
     stream_interval: int = 1
+    # Address and port of the HTTP `/metrics` server; port 0 picks a free one.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.prefill_timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("prefill_timeout_s must be > 0 and drain_timeout_s >= 0")
         if self.stream_interval < 1:
@@ -101,6 +115,9 @@ class NodeRuntime:
         self.port = 0
         self.agent: TransferAgent | None = None
         self.publisher: NodePublisher | None = None
+        self.metrics: NodeMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_url = ""
         self._server: grpc.aio.Server | None = None
         # Coroutines the role's servicer registers to run once the gRPC server stopped.
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -119,6 +136,11 @@ class NodeRuntime:
             raise RuntimeError("the node's transfer agent is not started")
         return self.agent
 
+    def require_metrics(self) -> NodeMetrics:
+        if self.metrics is None:
+            raise RuntimeError("the node's metrics are made in start(), before its servicer")
+        return self.metrics
+
     async def start(self, add_servicer: ServicerFactory) -> None:
         options = [
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
@@ -133,12 +155,26 @@ class NodeRuntime:
             agent_name=self.node_id, push_timeout_s=self.config.push_timeout_s
         )
         self.agent = await self.engine.run(lambda core: TransferAgent(transfer, core.kv_cache))
+        self.metrics = NodeMetrics(self.node_id, self.config.role, self._stats_for_scrape)
+        self.engine.add_step_observer(self.metrics.engine.observe_step)
         await add_servicer(self, server)
         await server.start()
         self._server = server
+        self._start_metrics_server(self.metrics)
         if self.config.redis_url:
             await self._start_publisher(self.config.redis_url)
         logger.info("%s node %s serving on %s", self.config.role, self.node_id, self.address)
+
+    def _start_metrics_server(self, metrics: NodeMetrics) -> None:
+        server = MetricsServer(metrics.registry, self.config.metrics_host, self.config.metrics_port)
+        server.start()
+        self.metrics_server = server
+        self.metrics_url = server.url(self.config.public_host)
+        logger.info("%s node %s metrics at %s", self.config.role, self.node_id, self.metrics_url)
+
+    def _stats_for_scrape(self) -> EngineStats:
+        """On the metrics server's thread: the engine's stats, taken on the engine thread."""
+        return self.engine.call(lambda core: core.stats()).result(timeout=_SCRAPE_WAIT_S)
 
     async def _start_publisher(self, redis_url: str) -> None:
         publisher = NodePublisher(
@@ -162,6 +198,7 @@ class NodeRuntime:
             block_size=core.block_size,
             capacity=NodeCapacity(core.pool.num_blocks, sched.max_num_seqs),
             max_model_len=core.max_model_len,
+            metrics_url=self.metrics_url,
         )
 
     def _publish_kv_events(self, core: EngineCore) -> bool:
@@ -188,6 +225,8 @@ class NodeRuntime:
         await self._drain()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         for hook in self.on_stop:
             await hook()
         if self.agent is not None:

@@ -22,6 +22,9 @@ that was preempted.
 Chunk indices are contiguous from 0 over the pushes actually sent, and the last push
 carries the final flag (a last chunk with nothing left to send carries the tag alone), so
 the decode node's ArrivalTracker knows when every chunk has landed.
+
+Every finished push and every finished request is counted in the node's PushMetrics
+(node/metrics.py): pushes by result with their bytes and durations, requests by outcome.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from splitserve.engine.kv_connector import FinalBlocks, KVEvents
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import PeerName, TransferAgent, encode_tag
+from splitserve.node.metrics import PushMetrics, detached_push_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +99,11 @@ class PrefillPusher:
     reserves_prompt = True
     supports_overlap = False
 
-    def __init__(self, agent: TransferAgent) -> None:
+    def __init__(self, agent: TransferAgent, metrics: PushMetrics | None = None) -> None:
         self.agent = agent
+        self.metrics = metrics if metrics is not None else detached_push_metrics()
+        self.metrics.pushes_in_flight.set_function(lambda: self.num_in_flight)
+        self.metrics.push_bytes_in_flight.set_function(lambda: self.num_bytes_in_flight)
         self._requests: dict[str, _Pushing] = {}
         self._by_push: dict[int, str] = {}
         # Statistics for the Stats RPC.
@@ -195,6 +202,7 @@ class PrefillPusher:
         for result in self.agent.poll():
             request_id = self._by_push.pop(result.push_id, None)
             self.num_bytes_in_flight -= result.num_bytes
+            self.metrics.observe_push(result.ok, result.num_bytes, result.elapsed_s)
             if result.ok:
                 self.num_pushes_completed += 1
                 self.num_bytes_total += result.num_bytes
@@ -225,6 +233,8 @@ class PrefillPusher:
             compute_time_s=max(0.0, last_chunk - state.begun_at - state.queue_time_s),
             push_tail_time_s=time.monotonic() - last_chunk,
         )
+        status = "ok" if outcome.ok else ("failed" if state.error else "aborted")
+        self.metrics.observe_request(status)
         try:
             state.on_done(outcome)
         except Exception:

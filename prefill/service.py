@@ -39,7 +39,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
     @classmethod
     async def create(cls, runtime: NodeRuntime) -> PrefillService:
         """The service, with its PrefillPusher installed as the engine's KV connector."""
-        pusher = PrefillPusher(runtime.require_agent())
+        pusher = PrefillPusher(runtime.require_agent(), runtime.require_metrics().require_push())
         await runtime.engine.run(lambda core: core.set_connector(pusher))
         return cls(runtime, pusher)
 

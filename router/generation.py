@@ -238,6 +238,8 @@ class PromptStreams:
                 if msg.HasField("timing"):
                     received = time.monotonic()
                     service.metrics.observe_node_timing(msg.timing, received)
+                if msg.finished and msg.HasField("metrics"):
+                    service.metrics.observe_request_metrics(msg.metrics)
                 await self._queue.put(StreamItem(index, msg, None, received))
                 if msg.finished:
                     is_finished = True

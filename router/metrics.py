@@ -2,6 +2,11 @@
 
 Request metrics are observed on the request path; per-node gauges are set when /metrics is
 scraped, from the node list (registry load) and one Stats call per node (prefix-cache hits).
+The TTFT breakdown (every completion's wait in the decode node's queue; for a remote
+prefill, where its time to first token went: prefill queue, prefill compute, push tail,
+admission, and the whole KV transfer) comes from the decode node's `RequestMetrics` on
+the final stream message (`observe_request_metrics`, called by router/generation.py).
+Every metric is listed in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -27,7 +32,44 @@ _ROUTING_BUCKETS_S = (
 _STAGE_BUCKETS_S = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+# Parts of a time to first token: a queue wait or a push tail can be under a millisecond.
+_BREAKDOWN_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
 _NODE_LABELS = ("node_id", "role")
+# The TTFT breakdown of remote prefills: (RequestMetrics field, histogram name, help).
+TTFT_BREAKDOWN = (
+    (
+        "prefill_queue_time_s",
+        "prefill_queue_time_seconds",
+        "Remote prefill: waiting in the prefill node's scheduler",
+    ),
+    (
+        "prefill_compute_time_s",
+        "prefill_compute_time_seconds",
+        "Remote prefill: first chunk scheduled to last chunk computed",
+    ),
+    (
+        "push_tail_time_s",
+        "push_tail_time_seconds",
+        "Remote prefill: last chunk computed to its KV push completed",
+    ),
+    (
+        "admission_time_s",
+        "admission_time_seconds",
+        "Remote prefill: KV landed and Prefill RPC answered to the first token streamed",
+    ),
+    (
+        "transfer_time_s",
+        "kv_transfer_time_seconds",
+        "Remote prefill: Prefill RPC sent to the last KV block landed (decode node's clock)",
+    ),
+)
+_DECODE_QUEUE_HELP = (
+    "Waiting in the decode node's scheduler: arrival (local prefill) or KV landed (remote "
+    "prefill) to first scheduled"
+)
 # Stages of a streamed message, in order (docs/performance.md); observed only with
 # --trace-stream-timing.
 STREAM_STAGES = ("engine_step", "node", "grpc", "router")
@@ -108,6 +150,39 @@ class RouterMetrics:
             registry=r,
         )
         self.redis_up = Gauge(p + "redis_up", "1 when Redis answered the last call", registry=r)
+        self._add_ttft_breakdown(p, r)
+
+    def _add_ttft_breakdown(self, p: str, r: CollectorRegistry) -> None:
+        self.ttft_breakdown = {
+            field: Histogram(p + name, doc, buckets=_BREAKDOWN_BUCKETS_S, registry=r)
+            for field, name, doc in TTFT_BREAKDOWN
+        }
+        self.decode_queue_time = Histogram(
+            p + "decode_queue_time_seconds",
+            _DECODE_QUEUE_HELP,
+            buckets=_BREAKDOWN_BUCKETS_S,
+            registry=r,
+        )
+        self.remote_prefills = Counter(
+            p + "remote_prefills",
+            "Completions whose prompt was sent to a prefill node, by outcome (remote: its KV "
+            "arrived; fallback: the decode node prefilled it itself)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("remote", "fallback"):
+            self.remote_prefills.labels(outcome)
+
+    def observe_request_metrics(self, metrics: pb.RequestMetrics) -> None:
+        """The decode node's metrics of one finished completion (its final message)."""
+        self.decode_queue_time.observe(metrics.queue_time_s)
+        if metrics.is_prefill_fallback:
+            self.remote_prefills.labels("fallback").inc()
+        if not metrics.is_prefill_remote:
+            return
+        self.remote_prefills.labels("remote").inc()
+        for field, histogram in self.ttft_breakdown.items():
+            histogram.observe(getattr(metrics, field))
 
     def observe_node_timing(self, timing: pb.StreamTiming, received_s: float) -> None:
         """The node's stages of one message; `received_s` is the router's monotonic clock."""

@@ -20,6 +20,13 @@ from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import ArrivalTracker, Notification, PeerName, encode_tag
 
 
+def sample(remote: RemotePrefills, name: str, **labels: str) -> float | None:
+    """A sample of the connector's ReceiveMetrics (node_id "" and role decode: detached)."""
+    return remote.metrics.registry.get_sample_value(
+        name, {"node_id": "", "role": "decode", **labels}
+    )
+
+
 class NoNotifications:
     def get_notifs(self) -> list:
         return []
@@ -102,6 +109,10 @@ def stalled(core: EngineCore, rid: str) -> RemotePrefills:
     core.poll_connector()
     assert remote.num_fallbacks == 1 and remote.num_in_flight == 0
     assert core.request_status(rid) == RequestStatus.WAITING  # queued for local prefill
+    fallbacks = "splitserve_decode_prefill_fallbacks_total"
+    assert sample(remote, fallbacks, reason="transfer_failed") == 1
+    assert sample(remote, fallbacks, reason="rpc_failed") == 0
+    assert sample(remote, "splitserve_kv_transfer_receives_total", status="failed") == 1
     return remote
 
 
@@ -147,6 +158,9 @@ def test_a_failed_rpc_falls_back_and_its_set_aside_blocks_go(core) -> None:
         core.step()
     core.poll_connector()  # the release
     assert core.pool.usage == 0.0 and remote.num_fallbacks == 1
+    fallbacks = "splitserve_decode_prefill_fallbacks_total"
+    assert sample(remote, fallbacks, reason="rpc_failed") == 1
+    assert sample(remote, "splitserve_decode_remote_prefills_total") == 1
     core.check_invariants()
 
 
@@ -173,6 +187,7 @@ def test_kv_arrival_and_rpc_answer_join_the_batch_with_the_first_token(core) -> 
     kv_params = RemotePrefillParams("prefill-0", 30, len(prompt), plans.append)
     core.add_request("r-ok", prompt, params, kv_params)
     assert core.request_status("r-ok") == RequestStatus.WAITING_FOR_REMOTE_KV
+    assert sample(remote, "splitserve_kv_transfer_receives_in_flight") == 1
     remote.rpc_succeeded("r-ok", 7, None, RemotePrefillInfo(num_cached_tokens=16))
     assert core.poll_connector() == ([], True)  # the RPC answered, the KV has not landed
     source.queued.append(Notification(PeerName("prefill-0"), encode_tag("r-ok", 0, True).encode()))
@@ -184,4 +199,11 @@ def test_kv_arrival_and_rpc_answer_join_the_batch_with_the_first_token(core) -> 
         tokens += [t for o in core.step() for t in o.new_token_ids]
     assert len(tokens) == 3 and remote.num_completed == 1
     assert remote.pop_metrics("r-ok").is_prefill_remote
+    num_received = len(plans[0].block_ids) - plans[0].num_cached_blocks
+    k = "splitserve_kv_transfer_"
+    assert sample(remote, k + "receives_total", status="ok") == 1
+    assert sample(remote, k + "received_blocks_total") == num_received > 0
+    assert sample(remote, k + "receive_bytes_sum") == num_received * 1024
+    assert sample(remote, k + "receive_duration_seconds_count") == 1
+    assert sample(remote, k + "receives_in_flight") == 0
     core.check_invariants()
