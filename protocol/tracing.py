@@ -11,8 +11,8 @@ Each process makes one Tracer when it starts (`--otlp-traces-endpoint URL`):
 
 With an endpoint, protocol/otel_tracing.py builds the tracer on the OpenTelemetry SDK (the
 `otel` extra): spans go to an OTLP/gRPC collector through a BatchSpanProcessor. Without one,
-`start_tracing` returns NO_TRACER: OpenTelemetry is never imported and every span is one
-shared object whose methods do nothing, so the hooks on the hot path cost a method call.
+`start_tracing` returns NO_TRACER: splitserve imports no OpenTelemetry module and every
+span is one shared object whose methods do nothing, so a hook on the hot path costs a call.
 
 The span tree of one request and the attribute names are in docs/operations.md (Tracing).
 """
