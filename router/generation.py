@@ -280,14 +280,14 @@ class PromptStreams:
         if prefill is not None:
             service.track(prefill)
         received_any = is_finished = is_unreachable = False
-        stream_span = NO_SPAN
+        stream_span, num_messages = NO_SPAN, 0
         try:
             while (msg := await self._next_message(call, received_any)) is not None:
                 if not received_any:
                     stream_span = service.tracer.start_span("stream", span)
                     if prefill is not None:
                         service.untrack(prefill)
-                received_any = True
+                received_any, num_messages = True, num_messages + 1
                 received = 0.0
                 if msg.HasField("timing"):
                     received = time.monotonic()
@@ -306,6 +306,9 @@ class PromptStreams:
             is_unreachable = not received_any and exc.code() == grpc.StatusCode.UNAVAILABLE
             raise _StreamFailed(exc, received_any) from exc
         finally:
+            stream_span.set("splitserve.num_messages", num_messages)
+            if not is_finished:
+                stream_span.fail("the stream ended before its final message")
             stream_span.end()
             service.untrack(decision.decode)
             if prefill is not None and not received_any:

@@ -39,6 +39,7 @@ from splitserve.protocol.tracing import (
 MODEL = "tiny"
 PROMPT = " ".join(f"Lantern {i} glowed over the quiet harbour wall." for i in range(12))
 CHUNK_TOKENS = 32
+CLIENT_TRACE, CLIENT_SPAN = "5e1f" * 8, "c1" * 8
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ def test_one_request_is_one_trace_over_three_processes(tiny_llama, collector) ->
             max_tokens=4,
             temperature=0,
             stream=True,
+            # The client's own trace goes on through the cluster.
+            extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert store.spans == []  # still queued in each process
@@ -149,19 +152,21 @@ def _check_trace(spans: list[ExportedSpan]) -> None:
         "splitserve-decode",
         "splitserve-prefill",
     }
-    assert len({s.trace_id for s in spans}) == 1, "one request, one trace"
+    assert {s.trace_id.hex() for s in spans} == {CLIENT_TRACE}, "one request, one trace"
     by_name: dict[str, list[ExportedSpan]] = defaultdict(list)
     for span in spans:
         by_name[span.name].append(span)
     one = {name: group[0] for name, group in by_name.items() if len(group) == 1}
     request = one["POST /v1/chat/completions"]
-    assert request.parent_id == b"" and request.service == "splitserve-router"
+    assert request.parent_id.hex() == CLIENT_SPAN and request.service == "splitserve-router"
+    assert request.attributes["http.response.status_code"] == 200
     route, generate = one["route"], by_name["generate"]
     assert route.parent_id == request.span_id
     assert route.attributes["splitserve.prefill.remote"] is True
     assert len(generate) == 1 and generate[0].parent_id == request.span_id
     router_stream = _only(by_name["stream"], "splitserve-router")
     assert router_stream.parent_id == generate[0].span_id
+    assert router_stream.attributes["splitserve.num_messages"] >= 1 and not router_stream.is_error
     decode = one["Decode.Generate"]
     assert decode.service == "splitserve-decode" and decode.parent_id == generate[0].span_id
     assert (
