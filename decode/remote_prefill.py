@@ -17,7 +17,8 @@ The engine calls its hooks:
                                 within `stall_timeout_s(prompt size)`) makes the engine
                                 prefill it locally into fresh blocks (the ones given to the
                                 prefill node are set aside until its RPC ended); held and
-                                set-aside blocks are released
+                                set-aside blocks are released; `params.on_outcome` (when
+                                given) hears of the arrival or the fallback
 
 and the service calls, through `AsyncEngine.run`:
 
@@ -79,6 +80,9 @@ class RemotePrefillParams:
     num_prompt_tokens: int
     # Called on the engine thread with the allocated blocks (never with None).
     on_plan: Callable[[RemotePlan], None]
+    # Called on the engine thread when the KV landed or the request fell back to local
+    # prefill (tracing); None: not called.
+    on_outcome: Callable[[TransferMetrics], None] | None = None
 
 
 @dataclass
@@ -93,6 +97,7 @@ class _Pending:
     has_arrived: bool = False
     is_rpc_done: bool = False
     is_aborted: bool = False
+    on_outcome: Callable[[TransferMetrics], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class RemotePrefills:
             num_tokens_to_receive=num_tokens,
             num_blocks=num_blocks,
             num_bytes=num_blocks * self.block_bytes,
+            on_outcome=params.on_outcome,
         )
         self.metrics.remote_prefills.inc()
         params.on_plan(plan)
@@ -305,7 +311,7 @@ class RemotePrefills:
 
     def _record(self, request_id: str, pending: _Pending, is_fallback: bool) -> None:
         now = time.monotonic()
-        self._metrics[request_id] = TransferMetrics(
+        metrics = TransferMetrics(
             is_prefill_remote=not is_fallback,
             is_prefill_fallback=is_fallback,
             prefill_node_id=pending.prefill_node_id,
@@ -313,3 +319,6 @@ class RemotePrefills:
             info=pending.info,
             landed_at=now,
         )
+        self._metrics[request_id] = metrics
+        if pending.on_outcome is not None:
+            pending.on_outcome(metrics)

@@ -14,6 +14,11 @@ up, or per `--stream-interval` tokens). The last message carries usage and metri
 `trace_timing`, every message carries its StreamTiming (engine step end, step time,
 hand-off to gRPC). A cancelled stream (client gone) aborts the request here and on the
 prefill node.
+
+Tracing (decode/generate_spans.py): the call is a "Decode.Generate" span, child of the
+router's span named in the call's metadata; under it "prefill rpc" (whose context goes to
+the prefill node in the Prefill call's metadata), "admission" (blocks allocated to KV
+landed or fallback) and "stream" (first token to the end).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from splitserve.decode.generate_spans import GenerateSpans
 from splitserve.decode.remote_prefill import (
     RemotePrefillInfo,
     RemotePrefillParams,
@@ -47,6 +53,15 @@ from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import (
     sampling_params_from_proto,
     token_logprob_from_proto,
+)
+from splitserve.protocol.tracing import (
+    NODE_ID,
+    PREFILL_NODE_ID,
+    PREFILL_REMOTE,
+    PROMPT_TOKENS,
+    REQUEST_ID,
+    ROLE,
+    AttributeValue,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,7 +114,8 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         node = request.prefill_node if request.HasField("prefill_node") else None
         if params.n != 1:
             node = None  # n > 1 samples several first tokens: prefill here
-        kv_params = None if node is None else self._remote_params(rid, request, node)
+        spans = self._generate_spans(request, context, node)
+        kv_params = None if node is None else self._remote_params(rid, request, node, spans)
         finish: str | None = None
         first_token_time: float | None = None
         num_completion_tokens = 0
@@ -114,6 +130,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                     continue
                 if first_token_time is None and any(c.token_ids for c in out.outputs):
                     first_token_time = time.monotonic()
+                    spans.on_first_token()
                 num_completion_tokens += sum(len(c.token_ids) for c in out.outputs)
                 extras: dict[str, Any] = {}
                 if out.finished:
@@ -126,30 +143,56 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                     stamp_timing(msg, out)
                 yield msg
         except ValueError as exc:
+            spans.rpc.fail(str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             if is_first:
                 self._open.discard(rid)
             if node is not None and finish is None:
                 self._spawn(self._abort_on(node.grpc_address, rid))
+            spans.finish(num_completion_tokens, None if finish else "ended before its last token")
+
+    def _generate_spans(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        node: pb.NodeEndpoint | None,
+    ) -> GenerateSpans:
+        tracer = self.runtime.tracer
+        attributes: dict[str, AttributeValue] = {
+            REQUEST_ID: request.request_id,
+            NODE_ID: self.runtime.node_id,
+            ROLE: "decode",
+            PROMPT_TOKENS: len(request.prompt_token_ids),
+            PREFILL_REMOTE: node is not None,
+        }
+        if node is not None:
+            attributes[PREFILL_NODE_ID] = node.node_id
+        parent = tracer.parent_from(context.invocation_metadata())
+        return GenerateSpans(tracer, parent, attributes)
 
     def _remote_params(
-        self, rid: str, request: pb.GenerateRequest, node: pb.NodeEndpoint
+        self, rid: str, request: pb.GenerateRequest, node: pb.NodeEndpoint, spans: GenerateSpans
     ) -> RemotePrefillParams:
         loop = asyncio.get_running_loop()
 
         def start_prefill(plan: RemotePlan) -> None:  # on the event loop
             if rid in self._open:
-                self._spawn(self._call_prefill(rid, request, plan, node))
+                spans.on_plan()
+                self._spawn(self._call_prefill(rid, request, plan, node, spans))
             else:  # the client went away while the request was being added
                 self._spawn(self.runtime.engine.run(lambda core: self.remote.abandon(rid)))
 
         def on_plan(plan: RemotePlan) -> None:  # on the engine thread
             loop.call_soon_threadsafe(start_prefill, plan)
 
+        def on_outcome(metrics: TransferMetrics) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(spans.on_admitted, metrics)
+
         timeout = self.runtime.config.prefill_timeout_s
         num_prompt = len(request.prompt_token_ids)
-        return RemotePrefillParams(node.node_id, timeout, num_prompt, on_plan)
+        traced = on_outcome if self.runtime.tracer.is_enabled else None
+        return RemotePrefillParams(node.node_id, timeout, num_prompt, on_plan, traced)
 
     async def _final(
         self, rid: str, out: RequestOutput, started: float, first_token_time: float | None
@@ -177,7 +220,12 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         }
 
     async def _call_prefill(
-        self, rid: str, request: pb.GenerateRequest, plan: RemotePlan, node: pb.NodeEndpoint
+        self,
+        rid: str,
+        request: pb.GenerateRequest,
+        plan: RemotePlan,
+        node: pb.NodeEndpoint,
+        spans: GenerateSpans,
     ) -> None:
         timeout = self.runtime.config.prefill_timeout_s
         message = pb.PrefillRequest(
@@ -193,13 +241,16 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             timeout_s=timeout,
         )
         engine = self.runtime.engine
-        try:
-            stub = node_pb2_grpc.PrefillStub(self._channel(node.grpc_address))
-            resp = await stub.Prefill(message, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            error = f"{exc.code().name}: {exc.details()}"
-            await engine.run(lambda c: self.remote.rpc_failed(rid, error))
-            return
+        with spans.prefill_call(node.node_id) as span:
+            try:
+                stub = node_pb2_grpc.PrefillStub(self._channel(node.grpc_address))
+                resp = await stub.Prefill(message, timeout=timeout, metadata=span.metadata())
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+                span.fail(error)
+                await engine.run(lambda c: self.remote.rpc_failed(rid, error))
+                return
+            span.set("splitserve.cached_tokens", resp.num_cached_tokens)
         logprob = (
             token_logprob_from_proto(resp.first_token_logprob)
             if resp.HasField("first_token_logprob")

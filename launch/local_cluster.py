@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
+from splitserve.launch.tracing_args import FLAG as TRACING_FLAG
+from splitserve.protocol.tracing import check_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class ClusterConfig:
     # machine, far past the GPU-sized default. Frozen processes are still caught in seconds
     # by gRPC keepalive (docs/reliability.md).
     cpu_stream_idle_timeout_s: float = 120.0
+    # OTLP/gRPC collector every node and the router send spans to; empty: tracing off.
+    otlp_traces_endpoint: str = ""
     # Supervision: at most this many restarts of one child within the window (s).
     max_restarts: int = 5
     restart_window_s: float = 300.0
@@ -66,6 +70,8 @@ class ClusterConfig:
             raise ValueError("a router needs Redis: drop router_port or keep use_redis")
         if self.num_prefill < 0:
             raise ValueError(f"num_prefill must be >= 0, got {self.num_prefill}")
+        if self.otlp_traces_endpoint:
+            check_endpoint(self.otlp_traces_endpoint)
         num_nodes = self.num_prefill + self.num_decode
         if self.devices and len(self.devices) < num_nodes:
             raise ValueError(
@@ -212,6 +218,7 @@ class LocalCluster:
             *(["--redis", self.redis_url] if self.redis_url else []),
             "--cluster",
             cfg.cluster,
+            *self._tracing_args(),
             *cfg.node_args,
             *(cfg.prefill_args if role == "prefill" else cfg.decode_args),
             *extra_args,
@@ -240,9 +247,14 @@ class LocalCluster:
             "--tokenizer",
             cfg.model,
             *self._cpu_router_args(),
+            *self._tracing_args(),
             *cfg.router_args,
         ]
         return ManagedProcess.splitserve("router", *args).start(cfg.start_timeout_s)
+
+    def _tracing_args(self) -> tuple[str, ...]:
+        endpoint = self.config.otlp_traces_endpoint
+        return (TRACING_FLAG, endpoint) if endpoint else ()
 
     def _cpu_router_args(self) -> tuple[str, ...]:
         cfg = self.config

@@ -19,6 +19,7 @@ from splitserve.launch.engine_args import (
     default_of,
     engine_config_from_args,
 )
+from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.runtime import NodeConfig, NodeRole, NodeRuntime
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         default=default_of(node, "metrics_port"),
         help="port of the HTTP /metrics server; 0 picks a free one",
     )
+    add_tracing_argument(g)
 
 
 def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfig:
@@ -85,6 +87,7 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         stream_interval=args.stream_interval,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.registry import DEFAULT_CLUSTER
 from splitserve.router.config import RouterConfig
 from splitserve.router.policy import POLICIES, PolicyConfig
@@ -73,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="export per-message streaming stage times in /metrics (nodes on this host only)",
     )
+    add_tracing_argument(g)
     _add_liveness_arguments(parser)
 
 
@@ -124,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         strict_fields=args.strict_fields,
         cors_origins=tuple(args.cors_origin),
         trace_stream_timing=args.trace_stream_timing,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 

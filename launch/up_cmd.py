@@ -35,6 +35,7 @@ from splitserve.engine.model.source import (
 )
 from splitserve.engine.model.writers import model_writers
 from splitserve.launch.local_cluster import ChildFailed, ClusterConfig, LocalCluster
+from splitserve.launch.tracing_args import add_tracing_argument
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="extra flag for the router, e.g. --router-arg=--strict-fields",
     )
+    add_tracing_argument(parser)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even with GPUs")
     parser.add_argument("--demo", action="store_true", help="send one chat request when ready")
     parser.add_argument("--once", action="store_true", help="with --demo: stop after it")
@@ -244,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         node_args=tuple(args.node_arg),
         router_args=router_args(args),
         devices=devices[: args.num_prefill + args.num_decode],
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
     stop = threading.Event()
     for sig in STOP_SIGNALS:

@@ -2,8 +2,9 @@
 TransferAgent over the engine's KV pool, the grpc.aio server, and the Redis publisher.
 
 Start-up order (`start`): bind the gRPC port (so the node id, which names the NIXL agent,
-carries the real port) -> create the TransferAgent on the engine thread -> create the
-node's metrics (node/metrics.py) -> let the role add its servicer (which installs its KV
+carries the real port) -> start tracing (`tracer`; a no-op without --otlp-traces-endpoint)
+-> create the TransferAgent on the engine thread -> create the node's metrics
+(node/metrics.py) -> let the role add its servicer (which installs its KV
 connector on the engine, handing it its metrics) -> start serving gRPC, then `/metrics`
 over HTTP (node/metrics_http.py) -> register in Redis (the record carries the metrics
 URL) and publish the cached-block snapshot -> heartbeat the load every second, and publish
@@ -12,7 +13,7 @@ KV events after every step.
 Stop order (`stop`): report DRAINING -> deregister from Redis (the router stops sending)
 -> let in-flight requests finish for `drain_timeout_s`, then abort the rest -> stop the
 gRPC server, then the metrics server -> close the TransferAgent (deregisters the pool) ->
-stop the engine thread.
+stop the engine thread -> flush the spans still queued for export.
 
 Every TransferAgent call happens on the engine thread (via `engine.call` or step hooks).
 """
@@ -44,6 +45,13 @@ from splitserve.node.registry import (
     make_node_id,
 )
 from splitserve.protocol import keepalive
+from splitserve.protocol.tracing import (
+    NO_TRACER,
+    Tracer,
+    TracingConfig,
+    check_endpoint,
+    start_tracing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,8 @@ class NodeConfig:
     # Address and port of the HTTP `/metrics` server; port 0 picks a free one.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    # OTLP/gRPC collector for this node's spans (protocol/tracing.py); empty: tracing off.
+    otlp_traces_endpoint: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -91,6 +101,8 @@ class NodeConfig:
             raise ValueError("prefill_timeout_s must be > 0 and drain_timeout_s >= 0")
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
+        if self.otlp_traces_endpoint:
+            check_endpoint(self.otlp_traces_endpoint)
 
     @property
     def public_host(self) -> str:
@@ -122,6 +134,8 @@ class NodeRuntime:
         # Coroutines the role's servicer registers to run once the gRPC server stopped.
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # Spans of this node's RPCs; started once the node id is known (`start`).
+        self.tracer: Tracer = NO_TRACER
 
     @property
     def address(self) -> str:
@@ -151,6 +165,7 @@ class NodeRuntime:
         if self.port == 0:
             raise ValueError(f"cannot bind {self.config.host}:{self.config.port}; pick a free port")
         self.node_id = make_node_id(self.config.role, self.config.public_host, self.port)
+        self.tracer = start_tracing(self._tracing_config())
         transfer = TransferConfig(
             agent_name=self.node_id, push_timeout_s=self.config.push_timeout_s
         )
@@ -175,6 +190,14 @@ class NodeRuntime:
     def _stats_for_scrape(self) -> EngineStats:
         """On the metrics server's thread: the engine's stats, taken on the engine thread."""
         return self.engine.call(lambda core: core.stats()).result(timeout=_SCRAPE_WAIT_S)
+    def _tracing_config(self) -> TracingConfig:
+        return TracingConfig(
+            endpoint=self.config.otlp_traces_endpoint,
+            service_name=f"splitserve-{self.config.role}",
+            instance_id=self.node_id,
+            role=self.config.role,
+            extra_resource={"splitserve.cluster": self.config.cluster},
+        )
 
     async def _start_publisher(self, redis_url: str) -> None:
         publisher = NodePublisher(
@@ -233,6 +256,7 @@ class NodeRuntime:
             agent = self.agent
             await self.engine.run(lambda core: agent.close())
         self.engine.shutdown()
+        self.tracer.shutdown()  # after the last span ended: exports what is queued
         logger.info("%s node %s stopped", self.config.role, self.node_id)
 
     async def _drain(self) -> None:

@@ -7,7 +7,9 @@ EngineCore call of the prefill node happens. The engine calls its hooks:
     on_admission(request_id, PushTarget)   in add_request: where the KV goes, and the
                              on_done(PushOutcome) callback; the prompt is computed here
     on_blocks_final(blocks)  one push per report of blocks past the decode node's cached
-                             prefix (the engine reports as each step ends: no overlap)
+                             prefix (the engine reports as each step ends: no overlap),
+                             each with a "kv push" span under the Prefill RPC's span,
+                             ended when its result is polled
     on_finish(request_id)    the engine ended the request: its blocks are held while
                              pushes may still read them
     poll()                   collects push results; once the last chunk went out (or the
@@ -40,6 +42,16 @@ from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.scheduler import RemotePlan
 from splitserve.kv_transfer import PeerName, TransferAgent, encode_tag
 from splitserve.node.metrics import PushMetrics, detached_push_metrics
+from splitserve.protocol.tracing import (
+    CHUNK_BYTES,
+    CHUNK_INDEX,
+    NO_SPAN,
+    NO_TRACER,
+    REQUEST_ID,
+    AttributeValue,
+    Span,
+    Tracer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +81,8 @@ class PushTarget:
     # Leading blocks the decode node holds already (not pushed).
     num_skip_blocks: int
     on_done: Callable[[PushOutcome], None]
+    # The Prefill RPC's span: parent of one span per chunk push (issued to completed).
+    span: Span = NO_SPAN
 
 
 @dataclass
@@ -77,6 +91,9 @@ class _Pushing:
     dst_block_ids: list[int]
     num_skip_blocks: int
     on_done: Callable[[PushOutcome], None]
+    span: Span = NO_SPAN
+    # The span of each push in flight, by push id.
+    push_spans: dict[int, Span] = field(default_factory=dict)
     num_chunks: int = 0
     num_blocks: int = 0
     num_bytes: int = 0
@@ -99,8 +116,11 @@ class PrefillPusher:
     reserves_prompt = True
     supports_overlap = False
 
-    def __init__(self, agent: TransferAgent, metrics: PushMetrics | None = None) -> None:
+    def __init__(
+        self, agent: TransferAgent, metrics: PushMetrics | None = None, tracer: Tracer = NO_TRACER
+    ) -> None:
         self.agent = agent
+        self.tracer = tracer
         self.metrics = metrics if metrics is not None else detached_push_metrics()
         self.metrics.pushes_in_flight.set_function(lambda: self.num_in_flight)
         self.metrics.push_bytes_in_flight.set_function(lambda: self.num_bytes_in_flight)
@@ -126,7 +146,7 @@ class PrefillPusher:
                 f"num_skip_blocks={num_skip} is outside [0, {num_dst}] destination blocks"
             )
         self._requests[request_id] = _Pushing(
-            target.peer, target.dst_block_ids, num_skip, target.on_done
+            target.peer, target.dst_block_ids, num_skip, target.on_done, target.span
         )
         return False  # the prompt is computed here
 
@@ -163,11 +183,16 @@ class PrefillPusher:
         if not src and not chunk.is_last:
             return
         tag = encode_tag(chunk.request_id, state.num_chunks, chunk.is_last)
+        span = self._chunk_span(chunk, state, len(src))
         try:
             handle = self.agent.push(state.peer, src, state.dst_block_ids[start:end], tag)
         except ValueError as exc:
             state.error = str(exc)
+            span.fail(state.error)
+            span.end()
             return
+        span.set(CHUNK_BYTES, handle.num_bytes)
+        state.push_spans[handle.push_id] = span
         state.num_chunks += 1
         state.num_blocks += len(src)
         state.num_bytes += handle.num_bytes
@@ -176,6 +201,15 @@ class PrefillPusher:
         state.push_ids.add(handle.push_id)
         self._by_push[handle.push_id] = chunk.request_id
         self.num_bytes_in_flight += handle.num_bytes
+
+    def _chunk_span(self, chunk: FinalBlocks, state: _Pushing, num_blocks: int) -> Span:
+        attributes: dict[str, AttributeValue] = {
+            REQUEST_ID: chunk.request_id,
+            CHUNK_INDEX: state.num_chunks,
+            "splitserve.chunk.blocks": num_blocks,
+            "splitserve.chunk.is_last": chunk.is_last,
+        }
+        return self.tracer.start_span("kv push", state.span, attributes=attributes)
 
     def abort(self, request_id: str) -> bool:
         state = self._requests.get(request_id)
@@ -212,6 +246,10 @@ class PrefillPusher:
             if state is None:
                 continue
             state.push_ids.discard(result.push_id)
+            span = state.push_spans.pop(result.push_id, NO_SPAN)
+            if not result.ok:
+                span.fail(f"KV push failed: {result.error}")
+            span.end()
             if not result.ok and state.error is None:
                 state.error = f"KV push failed: {result.error}"
 

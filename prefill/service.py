@@ -9,6 +9,9 @@ reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled to
 The RPC answers once the last chunk's push completed: first token, final notification
 tag, cache and push statistics. A failed push, an engine error or an abort ends the RPC
 with an error status; the decode node then prefills the prompt itself.
+
+Tracing: the RPC is a "Prefill.Prefill" span, child of the decode node's "prefill rpc" span
+(W3C traceparent in the call's metadata); each chunk push is a "kv push" span under it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_from_proto, token_logprob_to_proto
+from splitserve.protocol.tracing import (
+    DECODE_NODE_ID,
+    NODE_ID,
+    PROMPT_TOKENS,
+    REQUEST_ID,
+    ROLE,
+    AttributeValue,
+    Span,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +51,37 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
     @classmethod
     async def create(cls, runtime: NodeRuntime) -> PrefillService:
         """The service, with its PrefillPusher installed as the engine's KV connector."""
-        pusher = PrefillPusher(runtime.require_agent(), runtime.require_metrics().require_push())
+        pusher = PrefillPusher(
+            runtime.require_agent(), runtime.require_metrics().require_push(), runtime.tracer
+        )
         await runtime.engine.run(lambda core: core.set_connector(pusher))
         return cls(runtime, pusher)
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        tracer = self.runtime.tracer
+        parent = tracer.parent_from(context.invocation_metadata())
+        attributes: dict[str, AttributeValue] = {
+            REQUEST_ID: request.request_id,
+            NODE_ID: self.runtime.node_id,
+            ROLE: "prefill",
+            PROMPT_TOKENS: len(request.prompt_token_ids),
+            DECODE_NODE_ID: request.decode_node_id,
+        }
+        with tracer.start_span("Prefill.Prefill", parent, "server", attributes) as span:
+            response = await self._prefill(request, context, span)
+            span.set_many(
+                {
+                    "splitserve.cached_tokens": response.num_cached_tokens,
+                    "splitserve.num_chunks": response.num_chunks,
+                    "splitserve.bytes_pushed": response.num_bytes_pushed,
+                }
+            )
+            return response
+
+    async def _prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, span: Span
     ) -> pb.PrefillResponse:
         if self.runtime.is_draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill node is draining")
@@ -72,7 +109,8 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
                 raise ValueError("remote prefill serves n=1 requests")
             peer = agent.connect(request.decode_agent_metadata, descriptor)
             dst = list(request.dst_block_ids)
-            core.add_request(rid, prompt, params, PushTarget(peer, dst, num_skip, on_done))
+            target = PushTarget(peer, dst, num_skip, on_done, span)
+            core.add_request(rid, prompt, params, target)
 
         num_skip = request.num_skip_blocks
         try:
@@ -87,22 +125,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             raise
         if not outcome.ok:
             await context.abort(grpc.StatusCode.ABORTED, outcome.error or "prefill failed")
-        return pb.PrefillResponse(
-            request_id=rid,
-            first_token_id=outcome.first_token_id or 0,
-            first_token_logprob=(
-                token_logprob_to_proto(outcome.first_logprob) if outcome.first_logprob else None
-            ),
-            final_notif_tag=outcome.final_tag.encode(),
-            num_cached_tokens=outcome.num_cached_tokens,
-            prefill_time_s=time.monotonic() - started,
-            num_bytes_pushed=outcome.num_bytes,
-            num_chunks=outcome.num_chunks,
-            num_blocks_pushed=outcome.num_blocks,
-            queue_time_s=outcome.queue_time_s,
-            compute_time_s=outcome.compute_time_s,
-            push_tail_time_s=outcome.push_tail_time_s,
-        )
+        return _response(rid, outcome, time.monotonic() - started)
 
     async def _abort(self, request_ids: list[str]) -> int:
         pusher = self.pusher
@@ -131,6 +154,25 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             num_transfers_completed=pusher.num_pushes_completed,
             num_transfers_failed=pusher.num_pushes_failed,
         )
+
+
+def _response(rid: str, outcome: PushOutcome, prefill_time_s: float) -> pb.PrefillResponse:
+    return pb.PrefillResponse(
+        request_id=rid,
+        first_token_id=outcome.first_token_id or 0,
+        first_token_logprob=(
+            token_logprob_to_proto(outcome.first_logprob) if outcome.first_logprob else None
+        ),
+        final_notif_tag=outcome.final_tag.encode(),
+        num_cached_tokens=outcome.num_cached_tokens,
+        prefill_time_s=prefill_time_s,
+        num_bytes_pushed=outcome.num_bytes,
+        num_chunks=outcome.num_chunks,
+        num_blocks_pushed=outcome.num_blocks,
+        queue_time_s=outcome.queue_time_s,
+        compute_time_s=outcome.compute_time_s,
+        push_tail_time_s=outcome.push_tail_time_s,
+    )
 
 
 async def add_prefill_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:

@@ -2,9 +2,10 @@
 
 `build_app(config)` loads the tokenizer (so a bad path fails before anything listens) and
 returns the app; its lifespan connects to Redis, reads the node list once, starts the
-prefix-index janitor and the tokenizer threads, and closes everything on shutdown. The
-endpoints are in router/routes.py, the middleware in router/middleware.py, the served
-openapi.json in router/openapi_doc.py. Every error is an OpenAI error object; a 405 names
+prefix-index janitor, the tokenizer threads and tracing (--otlp-traces-endpoint), and closes
+everything on shutdown (flushing the spans not yet exported). The endpoints are in
+router/routes.py, the middleware in router/middleware.py, the served openapi.json in
+router/openapi_doc.py. Every error is an OpenAI error object; a 405 names
 the allowed methods in `Allow`.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,6 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from splitserve.protocol.tracing import TracingConfig, start_tracing
 from splitserve.router.cluster import ClusterView
 from splitserve.router.config import RouterConfig
 from splitserve.router.errors import APIError
@@ -51,7 +55,8 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
             config.node_rpc_timeout_s, config.keepalive_interval_s, config.keepalive_timeout_s
         )
         cluster = ClusterView(config, clients)
-        service = RouterService(config, tokenizer, clients, cluster, metrics)
+        tracer = start_tracing(_tracing_config(config))
+        service = RouterService(config, tokenizer, clients, cluster, metrics, tracer)
         app.state.service = service
         snap = await cluster.refresh()
         logger.info(
@@ -69,6 +74,7 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
             await cluster.close()
             await clients.close()
             service.close()
+            tracer.shutdown()
 
     app = FastAPI(title="splitserve router", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimitMiddleware, limit=lambda: _body_limit(app, config))
@@ -87,6 +93,17 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
     add_routes(app)
     install_openapi(app, has_api_key=bool(config.api_key))
     return app
+
+
+def _tracing_config(config: RouterConfig) -> TracingConfig:
+    return TracingConfig(
+        endpoint=config.otlp_traces_endpoint,
+        service_name="splitserve-router",
+        # A router has no node id: it is one process on one host.
+        instance_id=f"router-{socket.gethostname()}-{os.getpid()}",
+        role="router",
+        extra_resource={"splitserve.cluster": config.cluster},
+    )
 
 
 def _body_limit(app: FastAPI, config: RouterConfig) -> int:

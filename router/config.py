@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splitserve.node.registry import DEFAULT_CLUSTER
+from splitserve.protocol.tracing import check_endpoint
 from splitserve.router.policy import PolicyConfig
 
 # Body limit derived from the context: room for a full context of the most verbose encoding
@@ -73,6 +74,8 @@ class RouterConfig:
     # Ask nodes for per-message timestamps and export where streaming time goes
     # (splitserve_router_stream_stage_seconds); only for nodes on the router's host.
     trace_stream_timing: bool = False
+    # OTLP/gRPC collector for the router's spans (protocol/tracing.py); empty: tracing off.
+    otlp_traces_endpoint: str = ""
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -83,6 +86,8 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 0 or self.num_tokenizer_threads < 0:
             raise ValueError("max_body_bytes and num_tokenizer_threads must be >= 0 (0: auto)")
+        if self.otlp_traces_endpoint:
+            check_endpoint(self.otlp_traces_endpoint)
         for name in _POSITIVE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")

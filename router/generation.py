@@ -19,6 +19,11 @@ Liveness: a stream silent for `first_message_timeout_s` before its first message
 with UNAVAILABLE sooner. An unreachable or stalled node is left out of routing for
 `suspect_s`; before the first message the prompt is re-routed once to another node, after
 it the request ends with an error (an SSE error event when streaming).
+
+Tracing: under the HTTP request's span, each attempt of a prompt is a "route" span (the
+decision) and a "generate" (client) span around its Decode.Generate call, whose context
+goes to the decode node in the call's metadata; "stream" under it runs from the first
+message to the last.
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ import grpc
 from splitserve.node.registry import NodeId
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol.messages import sampling_params_to_proto
+from splitserve.protocol.tracing import (
+    DECODE_NODE_ID,
+    NO_SPAN,
+    PREFILL_NODE_ID,
+    PREFILL_REMOTE,
+    PROMPT_TOKENS,
+    REQUEST_ID,
+    AttributeValue,
+    Span,
+)
 from splitserve.router.coalesce import StreamItem, coalesce
 from splitserve.router.errors import APIError, from_grpc_error
 from splitserve.router.policy import RouteDecision
@@ -71,9 +86,13 @@ def _stalled_error(node: NodeId, stalled: _StreamStalled) -> APIError:
 
 
 class PromptStreams:
-    def __init__(self, service: RouterService, prepared: PreparedRequest) -> None:
+    def __init__(
+        self, service: RouterService, prepared: PreparedRequest, span: Span = NO_SPAN
+    ) -> None:
         self.service = service
         self.prepared = prepared
+        # The HTTP request's span: parent of each attempt's "route" and "generate" spans.
+        self.span = span
         self._queue: asyncio.Queue[StreamItem] = asyncio.Queue(maxsize=_QUEUE_SIZE)
         self._buffer: list[StreamItem] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,13 +163,10 @@ class PromptStreams:
 
     async def _run(self, index: int) -> None:
         excluded: set[NodeId] = set()
-        prompt = self.prepared.prompts[index]
         retry_error: APIError | None = None
         for attempt in range(MAX_ATTEMPTS):
             try:
-                decision = await self.service.route(
-                    self.prepared.model, prompt, self.prepared.n, frozenset(excluded)
-                )
+                decision = await self._route(index, attempt, frozenset(excluded))
             except APIError:
                 if retry_error is not None:
                     raise retry_error from None  # no other node: the first node's error
@@ -161,6 +177,26 @@ class PromptStreams:
             excluded.add(decision.decode.node_id)
         if retry_error is not None:
             raise retry_error
+
+    async def _route(self, index: int, attempt: int, excluded: frozenset[NodeId]) -> RouteDecision:
+        prompt = self.prepared.prompts[index]
+        attributes = {"splitserve.prompt_index": index, "splitserve.attempt": attempt}
+        with self.service.tracer.start_span("route", self.span, attributes=attributes) as span:
+            span.set(PROMPT_TOKENS, len(prompt))
+            decision = await self.service.route(
+                self.prepared.model, prompt, self.prepared.n, excluded
+            )
+            span.set_many(
+                {
+                    DECODE_NODE_ID: decision.decode.node_id,
+                    PREFILL_REMOTE: decision.prefill is not None,
+                    PREFILL_NODE_ID: decision.prefill.node_id if decision.prefill else "",
+                    "splitserve.decode.cached_tokens": decision.decode_cached_tokens,
+                    "splitserve.prefill.cached_tokens": decision.prefill_cached_tokens,
+                    "splitserve.route.reason": decision.reason,
+                }
+            )
+            return decision
 
     async def _attempt(
         self, index: int, decision: RouteDecision, can_retry: bool
@@ -221,19 +257,37 @@ class PromptStreams:
         return response
 
     async def _stream(self, index: int, decision: RouteDecision) -> None:
-        """Forward one node stream to the queue; abort on the node unless it finished."""
+        """Forward one node stream to the queue, under a "generate" (client) span."""
         request = self._generate_request(index, decision)
-        call = self.service.clients.decode_stub(decision.decode).Generate(request)
+        attributes: dict[str, AttributeValue] = {
+            REQUEST_ID: request.request_id,
+            DECODE_NODE_ID: decision.decode.node_id,
+            PREFILL_REMOTE: decision.prefill is not None,
+        }
+        tracer = self.service.tracer
+        with tracer.start_span("generate", self.span, "client", attributes) as span:
+            await self._forward(index, decision, request, span)
+
+    async def _forward(
+        self, index: int, decision: RouteDecision, request: pb.GenerateRequest, span: Span
+    ) -> None:
+        """Forward one node stream to the queue; abort on the node unless it finished."""
+        call = self.service.clients.decode_stub(decision.decode).Generate(
+            request, metadata=span.metadata()
+        )
         service, prefill = self.service, decision.prefill
         service.track(decision.decode)
         if prefill is not None:
             service.track(prefill)
         received_any = is_finished = is_unreachable = False
+        stream_span, num_messages = NO_SPAN, 0
         try:
             while (msg := await self._next_message(call, received_any)) is not None:
-                if not received_any and prefill is not None:
-                    service.untrack(prefill)
-                received_any = True
+                if not received_any:
+                    stream_span = service.tracer.start_span("stream", span)
+                    if prefill is not None:
+                        service.untrack(prefill)
+                received_any, num_messages = True, num_messages + 1
                 received = 0.0
                 if msg.HasField("timing"):
                     received = time.monotonic()
@@ -254,6 +308,10 @@ class PromptStreams:
             is_unreachable = not received_any and exc.code() == grpc.StatusCode.UNAVAILABLE
             raise _StreamFailed(exc, received_any) from exc
         finally:
+            stream_span.set("splitserve.num_messages", num_messages)
+            if not is_finished:
+                stream_span.fail("the stream ended before its final message")
+            stream_span.end()
             service.untrack(decision.decode)
             if prefill is not None and not received_any:
                 service.untrack(prefill)

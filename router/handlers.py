@@ -8,6 +8,8 @@ and open one stream per prompt and wait for each stream's first message (503 whe
 can serve) while watching for the client going away. Streaming responses start only then,
 so their status is a real one; a failure after that is an error chunk, then `[DONE]`.
 A client that disconnects at any point cancels the node streams, which sends Decode.Abort.
+Each request is a "<METHOD> <path>" span (router/generation.py adds its children) that ends
+with the response (a streaming one: after `[DONE]` or the client leaving).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
+from splitserve.protocol.tracing import NO_SPAN, PROMPT_TOKENS, REQUEST_ID, ROLE, Span
 from splitserve.router.errors import APIError, bad_request, from_validation_error
 from splitserve.router.generation import PromptStreams
 from splitserve.router.openai_schema import unknown_fields
@@ -113,37 +116,64 @@ def _finish_metrics(
     metrics.generation_tokens.inc(sum(usage.completion_tokens))
 
 
+def _request_span(request: Request, service: RouterService, request_id: str) -> Span:
+    """The request's "POST <path>" (server) span; a W3C traceparent header, when the client
+    sends one, makes it part of the client's trace."""
+    tracer = service.tracer
+    attributes = {
+        REQUEST_ID: request_id,
+        ROLE: "router",
+        "http.request.method": request.method,
+        "url.path": request.url.path,
+    }
+    parent = tracer.parent_from(request.headers.items())
+    return tracer.start_span(f"{request.method} {request.url.path}", parent, "server", attributes)
+
+
+def end_request_span(span: Span, status: int) -> None:
+    span.set("http.response.status_code", status)
+    if status >= 500:
+        span.fail(f"HTTP {status}")
+    span.end()
+
+
 async def handle_generation(
     request: Request, endpoint: str, model: type[BaseModel], prepare: Prepare, request_id: str
 ) -> Response:
     service: RouterService = request.app.state.service
     streams: PromptStreams | None = None
     ignored: list[str] = []
+    span, status = _request_span(request, service, request_id), 500
     try:
         req, ignored = await parse_request(request, model)
         info = await service.resolve_model(req.model)  # type: ignore[attr-defined]
         prepared = await service.offload(
             prepare, req, service.tokenizer, request_id, info.max_model_len
         )
-        streams = PromptStreams(service, prepared)
+        span.set(PROMPT_TOKENS, sum(len(p) for p in prepared.prompts))
+        streams = PromptStreams(service, prepared, span)
         await until_disconnect(request, streams.start())
         builder = ResponseBuilder(prepared, service.tokenizer)
         if prepared.stream:
-            response = _SSEResponse(_SSEStream(service, endpoint, streams, builder))
-            streams = None  # the response owns it now
-            return with_ignored_header(response, ignored)
+            stream = _SSEStream(service, endpoint, streams, builder, span)
+            streams, span = None, NO_SPAN  # the response owns them now
+            return with_ignored_header(_SSEResponse(stream), ignored)
         result = await until_disconnect(request, _collect(streams, builder))
+        status = 200
         _finish_metrics(service, endpoint, 200, builder)
         return with_ignored_header(JSONResponse(result), ignored)
     except APIError as exc:
+        status = exc.status
         _finish_metrics(service, endpoint, exc.status, None)
         error = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         return with_ignored_header(error, ignored)
     except ClientGone:
         logger.info("client of %s went away before the response", request_id)
+        status = CLIENT_GONE_STATUS
         _finish_metrics(service, endpoint, CLIENT_GONE_STATUS, None)
         return Response(status_code=CLIENT_GONE_STATUS)
     finally:
+        end_request_span(span, status)
         if streams is not None:
             await streams.aclose()
 
@@ -185,8 +215,10 @@ class _SSEStream:
         endpoint: str,
         streams: PromptStreams,
         builder: ResponseBuilder,
+        span: Span,
     ) -> None:
         self.service = service
+        self.span = span  # the request's span: ends with the response
         self.endpoint = endpoint
         self.streams = streams
         self.builder = builder
@@ -197,6 +229,7 @@ class _SSEStream:
         if not self._is_closed:
             self._is_closed = True
             _finish_metrics(self.service, self.endpoint, self.status, self.builder)
+            end_request_span(self.span, self.status)
         await self.streams.aclose()
 
     async def events(self) -> AsyncIterator[str]:

@@ -26,6 +26,7 @@ from typing import NamedTuple, TypeVar
 
 from splitserve.engine.hashing import hash_blocks, seed_hash
 from splitserve.node.registry import NodeId, NodeLoad, NodeRecord
+from splitserve.protocol.tracing import NO_TRACER, Tracer
 from splitserve.router.cluster import ClusterView
 from splitserve.router.config import RouterConfig
 from splitserve.router.errors import APIError
@@ -58,8 +59,10 @@ class RouterService:
         clients: NodeClients,
         cluster: ClusterView,
         metrics: RouterMetrics,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.config = config
+        self.tracer = tracer
         self.tokenizer = tokenizer
         self.clients = clients
         self.cluster = cluster
