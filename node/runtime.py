@@ -190,6 +190,7 @@ class NodeRuntime:
     def _stats_for_scrape(self) -> EngineStats:
         """On the metrics server's thread: the engine's stats, taken on the engine thread."""
         return self.engine.call(lambda core: core.stats()).result(timeout=_SCRAPE_WAIT_S)
+
     def _tracing_config(self) -> TracingConfig:
         return TracingConfig(
             endpoint=self.config.otlp_traces_endpoint,
