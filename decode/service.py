@@ -48,6 +48,7 @@ from splitserve.protocol.messages import (
     sampling_params_from_proto,
     token_logprob_from_proto,
 )
+from splitserve.protocol.security import open_channel
 
 logger = logging.getLogger(__name__)
 _RECENT = 1000
@@ -207,7 +208,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = open_channel(address, (), self.runtime.config.security)
             self._channels[address] = channel
         return channel
 

@@ -2,7 +2,9 @@
 each its own process. `splitserve up` runs one; the end-to-end tests use it too.
 
 Start order: Redis (unless a URL is given) -> prefill nodes -> decode nodes -> router;
-each start waits for the child's ready line. Stop runs in reverse. On GPUs, nodes are
+each start waits for the child's ready line. Stop runs in reverse. Every child binds
+`host` (loopback by default); with `tls` credentials the router serves HTTPS and the nodes
+and router speak mTLS gRPC with the cluster token (protocol/security.py). On GPUs, nodes are
 placed one per device in the order prefill, decode.
 
 Supervision (`splitserve up` calls it every half second, from the thread that started the
@@ -20,11 +22,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from splitserve.launch.certs import ClusterCredentials
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
 
 logger = logging.getLogger(__name__)
 
+WILDCARD_PREFIXES = ("0.0.0.0:", "[::]:")
 NODE_READY = re.compile(r"node (\S+) listening on (\S+)")
 
 
@@ -42,6 +46,11 @@ class ClusterConfig:
     # False: no Redis at all (nodes unregistered; only direct gRPC use, no router).
     use_redis: bool = True
     cluster: str = "default"
+    # Address the router and the nodes bind (loopback: nothing outside this host reaches them).
+    host: str = "127.0.0.1"
+    # Credentials (launch/certs.py): the router serves HTTPS, gRPC runs over mTLS and every
+    # RPC carries the cluster token. None: plain HTTP and gRPC, as before.
+    tls: ClusterCredentials | None = None
     # Extra flags for every node / each role / the router.
     node_args: tuple[str, ...] = ()
     prefill_args: tuple[str, ...] = ()
@@ -178,7 +187,11 @@ class LocalCluster:
     def router_url(self) -> str:
         if self.router is None:
             raise RuntimeError("this cluster runs no router")
-        return f"http://{self.router.address}"
+        scheme = "https" if self.config.tls is not None else "http"
+        address = self.router.address
+        if address.startswith(WILDCARD_PREFIXES):  # bound to every interface: use loopback
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return f"{scheme}://{address}"
 
     def start(self) -> LocalCluster:
         try:
@@ -212,6 +225,9 @@ class LocalCluster:
             *(["--redis", self.redis_url] if self.redis_url else []),
             "--cluster",
             cfg.cluster,
+            "--host",
+            cfg.host,
+            *self._node_tls_args(),
             *cfg.node_args,
             *(cfg.prefill_args if role == "prefill" else cfg.decode_args),
             *extra_args,
@@ -239,10 +255,34 @@ class LocalCluster:
             cfg.served_model_name or cfg.model,
             "--tokenizer",
             cfg.model,
+            "--host",
+            cfg.host,
+            *self._router_tls_args(),
             *self._cpu_router_args(),
             *cfg.router_args,
         ]
         return ManagedProcess.splitserve("router", *args).start(cfg.start_timeout_s)
+
+    def _node_tls_args(self) -> tuple[str, ...]:
+        tls = self.config.tls
+        if tls is None:
+            return ()
+        return (
+            *("--grpc-ca-certs", str(tls.ca_certs), "--grpc-require-client-cert"),
+            *("--grpc-certfile", str(tls.server_cert), "--grpc-keyfile", str(tls.server_key)),
+            *("--cluster-token-file", str(tls.token_file)),
+        )
+
+    def _router_tls_args(self) -> tuple[str, ...]:
+        tls = self.config.tls
+        if tls is None:
+            return ()
+        return (
+            *("--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)),
+            *("--grpc-ca-certs", str(tls.ca_certs)),
+            *("--grpc-certfile", str(tls.client_cert), "--grpc-keyfile", str(tls.client_key)),
+            *("--cluster-token-file", str(tls.token_file)),
+        )
 
     def _cpu_router_args(self) -> tuple[str, ...]:
         cfg = self.config

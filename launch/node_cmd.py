@@ -18,6 +18,7 @@ from splitserve.launch.engine_args import (
     default_of,
     engine_config_from_args,
 )
+from splitserve.launch.security_args import add_security_arguments, security_from_args
 from splitserve.node.runtime import NodeConfig, NodeRole, NodeRuntime
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         default=default_of(node, "stream_interval"),
         help="decode: tokens per stream message after the first (fewer messages at high load)",
     )
+    add_security_arguments(parser)
 
 
 def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfig:
@@ -71,6 +73,7 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         drain_timeout_s=args.drain_timeout_s,
         push_timeout_s=args.push_timeout_s,
         stream_interval=args.stream_interval,
+        security=security_from_args(args),
     )
 
 

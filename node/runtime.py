@@ -1,8 +1,9 @@
 """NodeRuntime: what a prefill and a decode node share: the AsyncEngine, the NIXL
 TransferAgent over the engine's KV pool, the grpc.aio server, and the Redis publisher.
 
-Start-up order (`start`): bind the gRPC port (so the node id, which names the NIXL agent,
-carries the real port) -> create the TransferAgent on the engine thread -> let the role
+Start-up order (`start`): bind the gRPC port, with TLS and the cluster-token interceptor
+when configured (protocol/security.py), so the node id, which names the NIXL agent,
+carries the real port -> create the TransferAgent on the engine thread -> let the role
 add its servicer (which installs its KV connector on the engine) -> start serving ->
 register in Redis and publish the cached-block snapshot -> heartbeat the load every
 second, and publish KV events after every step.
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import grpc
@@ -28,7 +29,7 @@ import grpc
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
-from splitserve.kv_transfer import TransferAgent, TransferConfig
+from splitserve.kv_transfer import KvCompat, TransferAgent, TransferConfig
 from splitserve.node.publisher import NodePublisher
 from splitserve.node.registry import (
     DEFAULT_CLUSTER,
@@ -38,6 +39,7 @@ from splitserve.node.registry import (
     make_node_id,
 )
 from splitserve.protocol import keepalive
+from splitserve.protocol.security import TransportSecurity, add_port, server_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class NodeConfig:
     # Decode: tokens a request gathers before its next stream message (the first tokens
     # and the last message go at once); 1 streams every engine step.
     stream_interval: int = 1
+    # TLS/mTLS of the gRPC server and of this node's calls to others, and the cluster token
+    # every RPC must carry (protocol/security.py); default: plaintext, no token.
+    security: TransportSecurity = field(default_factory=TransportSecurity)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -124,21 +129,39 @@ class NodeRuntime:
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ]
-        server = grpc.aio.server(options=[*options, *keepalive.SERVER_OPTIONS])
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        security = self.config.security
+        server = grpc.aio.server(
+            options=[*options, *keepalive.SERVER_OPTIONS],
+            interceptors=server_interceptors(security),
+        )
+        self.port = add_port(server, f"{self.config.host}:{self.config.port}", security)
         if self.port == 0:
             raise ValueError(f"cannot bind {self.config.host}:{self.config.port}; pick a free port")
         self.node_id = make_node_id(self.config.role, self.config.public_host, self.port)
-        transfer = TransferConfig(
-            agent_name=self.node_id, push_timeout_s=self.config.push_timeout_s
-        )
-        self.agent = await self.engine.run(lambda core: TransferAgent(transfer, core.kv_cache))
+        self.agent = await self.engine.run(self._make_agent)
         await add_servicer(self, server)
         await server.start()
         self._server = server
         if self.config.redis_url:
             await self._start_publisher(self.config.redis_url)
-        logger.info("%s node %s serving on %s", self.config.role, self.node_id, self.address)
+        logger.info(
+            "%s node %s serving on %s (%s)",
+            self.config.role,
+            self.node_id,
+            self.address,
+            security.describe(),
+        )
+
+    def _make_agent(self, core: EngineCore) -> TransferAgent:
+        """The node's NIXL agent over the KV pool, with the pool's compatibility hash."""
+        compat = KvCompat.from_pool(self.model_id, core.kv_cache)
+        transfer = TransferConfig(
+            agent_name=self.node_id,
+            push_timeout_s=self.config.push_timeout_s,
+            compat_hash=compat.hash(),
+            compat_summary=compat.describe(),
+        )
+        return TransferAgent(transfer, core.kv_cache)
 
     async def _start_publisher(self, redis_url: str) -> None:
         publisher = NodePublisher(

@@ -2,10 +2,11 @@
 
 A decode node calls `Prefill` with the prompt, its NIXL agent metadata and pool
 descriptor, the destination block ids it allocated, and how many leading blocks it
-already holds. On the engine thread this node connects to the decode node's agent (once;
-cached) and queues the prompt in the engine with its `PushTarget`; the engine's KV
-connector here, the PrefillPusher, pushes each chunk's finished blocks as the engine
-reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled token).
+already holds. On the engine thread this node connects to the decode node's agent
+(once; cached; refused with FAILED_PRECONDITION when its KV compatibility hash differs,
+kv_transfer/compat.py) and queues the prompt in the engine with its `PushTarget`; the
+engine's KV connector here, the PrefillPusher, pushes each chunk's finished blocks as the
+engine reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled token).
 The RPC answers once the last chunk's push completed: first token, final notification
 tag, cache and push statistics. A failed push, an engine error or an abort ends the RPC
 with an error status; the decode node then prefills the prompt itself.
@@ -20,7 +21,7 @@ import time
 import grpc
 
 from splitserve.engine.core import EngineCore
-from splitserve.kv_transfer import PoolDescriptor
+from splitserve.kv_transfer import IncompatiblePeer, PoolDescriptor
 from splitserve.node.rpcs import NodeRpcs, RoleStats
 from splitserve.node.runtime import NodeRuntime
 from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
@@ -77,6 +78,8 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
         num_skip = request.num_skip_blocks
         try:
             await self.runtime.engine.run(admit)
+        except IncompatiblePeer as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         timeout = request.timeout_s or None
