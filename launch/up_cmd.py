@@ -26,6 +26,7 @@ import logging
 import shlex
 import signal
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -176,7 +177,7 @@ def wait_until_ready(
     num_decode: int,
     timeout_s: float,
     stop: threading.Event | None = None,
-    verify: str | bool = True,
+    verify: ssl.SSLContext | bool = True,
 ) -> dict:
     """The router's /health once it sees every node; early (as it is) when `stop` is set."""
     stop = stop or threading.Event()
@@ -198,7 +199,7 @@ def wait_until_ready(
     raise RuntimeError(f"the router did not see every node within {timeout_s:.0f} s: {body}")
 
 
-def demo_request(url: str, model: str, api_key: str, verify: str | bool = True) -> str:
+def demo_request(url: str, model: str, api_key: str, verify: ssl.SSLContext | bool = True) -> str:
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": DEMO_PROMPT}],
@@ -322,7 +323,7 @@ def serve(cluster: LocalCluster, args: argparse.Namespace, name: str, stop: thre
     cfg = cluster.config
     url = cluster.router_url
     ca = str(cfg.tls.ca_certs) if cfg.tls is not None else ""
-    verify: str | bool = ca or True
+    verify = ssl.create_default_context(cafile=ca) if ca else True
     wait_until_ready(url, args.num_prefill, args.num_decode, args.ready_timeout_s, stop, verify)
     where = ", ".join(cfg.devices) or "CPU"
     print(
