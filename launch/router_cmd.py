@@ -34,15 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local tokenizer directory or dummy:<preset> (default: --model)",
     )
     g.add_argument(
-        "--api-key",
-        default="",
-        help="require 'Authorization: Bearer <key>' on every path but /health, /live, /ready "
-        "(and /metrics, unless --protect-metrics)",
-    )
-    g.add_argument(
-        "--protect-metrics", action="store_true", help="/metrics requires --api-key as well"
-    )
-    g.add_argument(
         "--routing-policy",
         default="cache_aware",
         choices=POLICIES,
@@ -88,7 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_https_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("router HTTPS")
+    g = parser.add_argument_group("router access: API key and HTTPS")
+    g.add_argument(
+        "--api-key",
+        default="",
+        help="require 'Authorization: Bearer <key>' on every path but /health, /live, /ready "
+        "(and /metrics, unless --protect-metrics)",
+    )
+    g.add_argument(
+        "--protect-metrics", action="store_true", help="/metrics requires --api-key as well"
+    )
     g.add_argument("--ssl-certfile", default="", help="PEM certificate: serve HTTPS")
     g.add_argument("--ssl-keyfile", default="", help="PEM private key of --ssl-certfile")
     g.add_argument(

@@ -4,6 +4,7 @@ and `decode`, and the TransportSecurity they build (protocol/security.py)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from splitserve.protocol.security import TransportSecurity, read_token_file
 
@@ -42,7 +43,13 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def security_from_args(args: argparse.Namespace) -> TransportSecurity:
+    """The flags' TransportSecurity; ValueError (a one-line message) for a file that cannot be
+    read, before any model is loaded."""
     token = read_token_file(args.cluster_token_file) if args.cluster_token_file else ""
+    for flag in ("grpc_ca_certs", "grpc_certfile", "grpc_keyfile"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
     return TransportSecurity(
         ca_certs=args.grpc_ca_certs,
         certfile=args.grpc_certfile,

@@ -68,24 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="name the API serves the model as"
     )
     parser.add_argument("--port", type=int, default=8000, help="router HTTP port")
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address the router and the nodes bind (default loopback: this host only)",
-    )
-    parser.add_argument(
-        "--tls",
-        default="off",
-        choices=TLS_MODES,
-        help="self-signed: generate a local CA and certificates, serve HTTPS, run gRPC over "
-        "mTLS with a random cluster token; off: plain HTTP and gRPC",
-    )
-    parser.add_argument(
-        "--tls-dir",
-        default=None,
-        help="with --tls self-signed: write the credentials here (kept) instead of a "
-        "temporary directory (removed at exit)",
-    )
+
     parser.add_argument("--num-prefill", type=int, default=1, help="prefill nodes to start")
     parser.add_argument("--num-decode", type=int, default=1, help="decode nodes to start")
     parser.add_argument("--redis", default=None, help="use this Redis instead of starting one")
@@ -130,6 +113,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-restart",
         action="store_true",
         help="stop the whole cluster when a child dies instead of restarting it",
+    )
+    _add_security_arguments(parser)
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the router and the nodes bind (default loopback: this host only)",
+    )
+    parser.add_argument(
+        "--tls",
+        default="off",
+        choices=TLS_MODES,
+        help="self-signed: generate a local CA and certificates, serve HTTPS, run gRPC over "
+        "mTLS with a random cluster token; off: plain HTTP and gRPC",
+    )
+    parser.add_argument(
+        "--tls-dir",
+        default=None,
+        help="with --tls self-signed: write the credentials here (kept) instead of a "
+        "temporary directory (removed at exit)",
     )
 
 

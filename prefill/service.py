@@ -32,6 +32,14 @@ from splitserve.protocol.messages import sampling_params_from_proto, token_logpr
 logger = logging.getLogger(__name__)
 
 
+def _refusal_status(exc: ValueError) -> grpc.StatusCode:
+    """FAILED_PRECONDITION for a decode node whose KV pool is incompatible, else
+    INVALID_ARGUMENT."""
+    if isinstance(exc, IncompatiblePeer):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
 class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
     def __init__(self, runtime: NodeRuntime, pusher: PrefillPusher) -> None:
         self.runtime = runtime
@@ -78,10 +86,8 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
         num_skip = request.num_skip_blocks
         try:
             await self.runtime.engine.run(admit)
-        except IncompatiblePeer as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(_refusal_status(exc), str(exc))
         timeout = request.timeout_s or None
         try:
             outcome = await asyncio.wait_for(asyncio.shield(done), timeout)

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 TOKEN_METADATA_KEY = "x-splitserve-cluster-token"
 # RPCs of these services skip the token check (TLS still applies).
 TOKEN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+# Peers whose refusal was logged, remembered at most this many (then forgotten at once).
+MAX_LOGGED_PEERS = 1024
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -199,6 +201,8 @@ class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             peer = context.peer()
             if peer not in self._logged_peers:
+                if len(self._logged_peers) >= MAX_LOGGED_PEERS:
+                    self._logged_peers.clear()
                 self._logged_peers.add(peer)
                 logger.warning(
                     "refused %s from %s: missing or wrong cluster token (further refusals of "

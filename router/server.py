@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Generator
+from typing import Any
 
 import uvicorn
 
@@ -48,11 +49,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _ssl_options(config: RouterConfig) -> dict[str, object]:
+def _ssl_options(config: RouterConfig) -> dict[str, Any]:
     """uvicorn's HTTPS settings; client certificates required when a CA is given."""
     if not config.is_https:
         return {}
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "ssl_certfile": config.ssl_certfile,
         "ssl_keyfile": config.ssl_keyfile,
     }

@@ -1,6 +1,8 @@
 """Transport security end to end: one `splitserve up --tls self-signed` cluster (tiny model,
 CPU; real redis-server, gRPC over mTLS with a cluster token, NIXL, HTTPS with the official
-openai client), plus unit tests of the pieces (TransportSecurity, the KV compatibility hash)."""
+openai client; the tests marked slow share it), plus fast tests of the pieces
+(TransportSecurity, generated certificates, router HTTPS with client certificates, the KV
+compatibility hash)."""
 
 from __future__ import annotations
 
@@ -116,6 +118,7 @@ def grpc_error(record: NodeRecord, security: TransportSecurity, method: str, req
     return caught.value
 
 
+@pytest.mark.slow  # a whole cluster (shared by the module)
 def test_https_with_the_openai_client_and_mtls_disaggregation(cluster: Cluster) -> None:
     assert cluster.url.startswith("https://")
     with httpx.Client(verify=cluster.verify) as http:
@@ -139,6 +142,7 @@ def test_https_with_the_openai_client_and_mtls_disaggregation(cluster: Cluster) 
         httpx.get(cluster.url.replace("https://", "http://") + "/health", timeout=5)
 
 
+@pytest.mark.slow  # a whole cluster (shared by the module)
 def test_api_key_covers_every_protected_path(cluster: Cluster) -> None:
     with httpx.Client(base_url=cluster.url, verify=cluster.verify, timeout=30) as http:
         for method, path, body in PROTECTED:
@@ -156,6 +160,7 @@ def test_api_key_covers_every_protected_path(cluster: Cluster) -> None:
         assert http.post("/tokenize", json=body, headers=key).status_code == 200
 
 
+@pytest.mark.slow  # a whole cluster (shared by the module)
 def test_node_clients_without_the_credentials_are_refused(cluster: Cluster) -> None:
     prefill = cluster.nodes("prefill")[0]
     good = cluster.security()
@@ -178,6 +183,7 @@ def test_node_clients_without_the_credentials_are_refused(cluster: Cluster) -> N
     assert stats.num_running == 0 and stats.num_waiting == 0
 
 
+@pytest.mark.slow  # a whole cluster (shared by the module)
 def test_kv_compatibility_mismatch_is_refused_without_a_leak(cluster: Cluster) -> None:
     prefill, decode = cluster.nodes("prefill")[0], cluster.nodes("decode")[0]
     good = cluster.security()
@@ -206,6 +212,7 @@ def test_kv_compatibility_mismatch_is_refused_without_a_leak(cluster: Cluster) -
     assert stats.num_blocks_free == stats.num_blocks_total
 
 
+@pytest.mark.slow  # a whole cluster (shared by the module)
 def test_node_with_a_wrong_token_is_not_routed_to(cluster: Cluster, tiny_llama) -> None:
     tls = cluster.tls
     rogue = ManagedProcess.splitserve(
@@ -316,3 +323,36 @@ def test_agent_refuses_an_incompatible_peer_before_loading_it() -> None:
             a.connect(b.metadata(), b.pool_descriptor)
         assert a.peers == []
         assert a.connect(c.metadata(), c.pool_descriptor) == "compat-c"
+
+
+def test_router_https_requires_client_certs_with_ssl_ca_certs(tmp_path: Path, tiny_llama) -> None:
+    from splitserve.launch.redis_server import free_port
+    from splitserve.router.config import RouterConfig
+    from splitserve.router.server import RouterServer
+    from splitserve.router.tokenizer import RouterTokenizer
+
+    creds = write_self_signed(tmp_path)
+    with pytest.raises(ValueError, match="together"):
+        RouterConfig(redis_url="redis://x", model="m", ssl_certfile=str(creds.server_cert))
+    with pytest.raises(ValueError, match="--api-key"):
+        RouterConfig(redis_url="redis://x", model="m", protect_metrics=True)
+    config = RouterConfig(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing there: no nodes
+        model="m",
+        port=0,
+        ssl_certfile=str(creds.server_cert),
+        ssl_keyfile=str(creds.server_key),
+        ssl_ca_certs=str(creds.ca_certs),
+    )
+    tokenizer = RouterTokenizer.load(str(tiny_llama))
+    server = RouterServer(config, tokenizer=tokenizer, log_level="warning").start_in_thread()
+    try:
+        assert server.url.startswith("https://")
+        trust = ssl.create_default_context(cafile=str(creds.ca_certs))
+        with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+            httpx.get(f"{server.url}/health", verify=trust, timeout=10)
+        trust.load_cert_chain(str(creds.client_cert), str(creds.client_key))
+        reply = httpx.get(f"{server.url}/health", verify=trust, timeout=10)
+        assert reply.status_code == 503 and reply.json()["num_decode_nodes"] == 0
+    finally:
+        server.stop_thread()
