@@ -3,9 +3,10 @@ each its own process. `splitserve up` runs one; the end-to-end tests use it too.
 
 Start order: Redis (unless a URL is given) -> prefill nodes -> decode nodes -> router;
 each start waits for the child's ready line. Stop runs in reverse. Every child binds
-`host` (loopback by default); with `tls` credentials the router serves HTTPS and the nodes
-and router speak mTLS gRPC with the cluster token (protocol/security.py). On GPUs, nodes are
-placed one per device in the order prefill, decode.
+`host` (loopback by default; the nodes' UCX transports then use only `lo`); with `tls`
+credentials the router serves HTTPS and the nodes and router speak mTLS gRPC with the
+cluster token (protocol/security.py). On GPUs, nodes are placed one per device in the
+order prefill, decode.
 
 Supervision (`splitserve up` calls it every half second, from the thread that started the
 cluster): `restart_dead()` reports every child that exited (its exit code and last log
@@ -17,6 +18,7 @@ re-register and republish), the router on its port. A child that dies more than
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections import deque
@@ -29,6 +31,7 @@ from splitserve.launch.redis_server import RedisServer
 logger = logging.getLogger(__name__)
 
 WILDCARD_PREFIXES = ("0.0.0.0:", "[::]:")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 NODE_READY = re.compile(r"node (\S+) listening on (\S+)")
 
 
@@ -236,7 +239,9 @@ class LocalCluster:
             args += ["--served-model-name", cfg.served_model_name]
         if device is not None:
             args += ["--device", device]
-        proc = ManagedProcess.splitserve(f"{role}-{index}", *args, ready_pattern=NODE_READY)
+        proc = ManagedProcess.splitserve(
+            f"{role}-{index}", *args, ready_pattern=NODE_READY, env=self._node_env()
+        )
         node = NodeProcess(role, proc.start(cfg.start_timeout_s))
         logger.info("%s node %s on %s", role, node.node_id, node.address)
         return node
@@ -262,6 +267,14 @@ class LocalCluster:
             *cfg.router_args,
         ]
         return ManagedProcess.splitserve("router", *args).start(cfg.start_timeout_s)
+
+    def _node_env(self) -> dict[str, str]:
+        """UCX's TCP transport listens on every network device it uses: on a loopback
+        cluster, only on `lo` (shared memory, CMA and CUDA IPC are not network devices and
+        stay available). An explicit UCX_NET_DEVICES in the environment wins."""
+        if self.config.host in LOOPBACK_HOSTS and "UCX_NET_DEVICES" not in os.environ:
+            return {"UCX_NET_DEVICES": "lo"}
+        return {}
 
     def _node_tls_args(self) -> tuple[str, ...]:
         tls = self.config.tls
