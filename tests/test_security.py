@@ -32,10 +32,16 @@ from splitserve.node.registry import NodeRecord, NodeRegistry, redis_client
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_to_proto
-from splitserve.protocol.security import TransportSecurity, open_channel, read_token_file
+from splitserve.protocol.security import (
+    TransportSecurity,
+    add_port,
+    open_channel,
+    read_token_file,
+    server_interceptors,
+)
 
 API_KEY = "test-api-key"
-UP_READY = re.compile(r"OpenAI API: (\S+)/v1")
+UP_READY = re.compile(r"^reply: ")  # after --demo's answer: the demo works under TLS
 NODE_READY = re.compile(r"node (\S+) listening on (\S+)")
 NODE_ARGS = ("--num-blocks", "64", "--max-num-batched-tokens", "256")
 PROTECTED = (
@@ -56,11 +62,14 @@ class Cluster:
     def __init__(self, process: ManagedProcess, tls: ClusterCredentials) -> None:
         self.process = process
         self.tls = tls
-        self.url = process.address
-        found = re.search(r"Redis (redis://\S+)", "\n".join(process.lines))
-        if found is None:
-            raise RuntimeError(f"`up` printed no Redis URL:\n{process.tail()}")
-        self.redis_url = found.group(1)
+        printed = "\n".join(process.lines)
+        redis_url, url = (
+            re.search(r"Redis (redis://\S+)", printed),
+            re.search(r"API: (\S+)/v1", printed),
+        )
+        if redis_url is None or url is None:
+            raise RuntimeError(f"`up` printed no Redis URL or API address:\n{process.tail()}")
+        self.redis_url, self.url = redis_url.group(1), url.group(1)
 
     @property
     def verify(self) -> ssl.SSLContext:
@@ -85,7 +94,7 @@ class Cluster:
 def cluster(tiny_llama, tmp_path_factory):
     tls_dir = tmp_path_factory.mktemp("tls")
     args = ["up", "--model", str(tiny_llama), "--cpu", "--port", "0", "--tls", "self-signed"]
-    args += ["--tls-dir", str(tls_dir), "--api-key", API_KEY, "--no-restart"]
+    args += ["--tls-dir", str(tls_dir), "--api-key", API_KEY, "--no-restart", "--demo"]
     args += ["--disagg-min-tokens", "16", "--router-arg=--protect-metrics"]
     args += [f"--node-arg={a}" for a in NODE_ARGS]
     process = ManagedProcess.splitserve("up", *args, ready_pattern=UP_READY)
@@ -93,7 +102,7 @@ def cluster(tiny_llama, tmp_path_factory):
     try:
         yield Cluster(process, ClusterCredentials(tls_dir))
     finally:
-        process.stop()
+        process.stop(timeout_s=60)  # up stops router, nodes and Redis in turn
 
 
 def grpc_call(record: NodeRecord, security: TransportSecurity, method: str, request):
@@ -356,3 +365,37 @@ def test_router_https_requires_client_certs_with_ssl_ca_certs(tmp_path: Path, ti
         assert reply.status_code == 503 and reply.json()["num_decode_nodes"] == 0
     finally:
         server.stop_thread()
+
+
+def test_token_refusals_are_logged_once_per_peer(caplog: pytest.LogCaptureFixture) -> None:
+    class Prefill(node_pb2_grpc.PrefillServicer):
+        async def Health(self, request, context):
+            return pb.HealthResponse(node_id="n")
+
+    async def run() -> list[grpc.StatusCode]:
+        server_security = TransportSecurity(token="right")
+        server = grpc.aio.server(interceptors=server_interceptors(server_security))
+        node_pb2_grpc.add_PrefillServicer_to_server(Prefill(), server)
+        port = add_port(server, "127.0.0.1:0", server_security)
+        await server.start()
+        codes = []
+        try:
+            for token in ("wrong", "wrong", "", "right"):
+                channel = open_channel(f"127.0.0.1:{port}", (), TransportSecurity(token=token))
+                stub = node_pb2_grpc.PrefillStub(channel)
+                for _ in range(2):  # two calls on one connection: one peer
+                    try:
+                        await stub.Health(pb.HealthRequest(), timeout=10)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code())
+                await channel.close()
+        finally:
+            await server.stop(None)
+        return codes
+
+    with caplog.at_level("WARNING", logger="splitserve.protocol.security"):
+        codes = asyncio.run(run())
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 6 + [grpc.StatusCode.OK] * 2
+    refusals = [r for r in caplog.records if "cluster token" in r.getMessage()]
+    assert len(refusals) == 3  # three peer connections, each refused twice, logged once
