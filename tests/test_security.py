@@ -399,3 +399,25 @@ def test_token_refusals_are_logged_once_per_peer(caplog: pytest.LogCaptureFixtur
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 6 + [grpc.StatusCode.OK] * 2
     refusals = [r for r in caplog.records if "cluster token" in r.getMessage()]
     assert len(refusals) == 3  # three peer connections, each refused twice, logged once
+
+
+def test_up_tls_flags(tmp_path: Path) -> None:
+    import contextlib
+    import shlex
+
+    from splitserve.launch.cli import _build_parser
+    from splitserve.launch.up_cmd import example_curl, tls_credentials
+
+    def parse(*argv: str):
+        return _build_parser(["up"]).parse_args(["up", *argv])
+
+    assert parse().tls == "off" and parse().host == "127.0.0.1"
+    with contextlib.ExitStack() as stack:
+        assert tls_credentials(parse(), stack) is None
+        with pytest.raises(ValueError, match="--tls self-signed"):
+            tls_credentials(parse("--tls-dir", str(tmp_path)), stack)
+        creds = tls_credentials(parse("--tls", "self-signed", "--tls-dir", str(tmp_path)), stack)
+        assert creds is not None and creds.ca_certs == tmp_path / "ca.pem"
+    assert creds.ca_certs.is_file()  # --tls-dir is kept
+    words = shlex.split(example_curl("https://127.0.0.1:8000", "m", "k", str(creds.ca_certs)))
+    assert words[words.index("--cacert") + 1] == str(creds.ca_certs)
