@@ -54,6 +54,7 @@ from splitserve.protocol.messages import (
     sampling_params_from_proto,
     token_logprob_from_proto,
 )
+from splitserve.protocol.security import open_channel
 from splitserve.protocol.tracing import (
     NODE_ID,
     PREFILL_NODE_ID,
@@ -276,7 +277,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = open_channel(address, (), self.runtime.config.security)
             self._channels[address] = channel
         return channel
 

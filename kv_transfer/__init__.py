@@ -7,6 +7,7 @@ Start with `agent.TransferAgent` (both sides) and `arrivals.ArrivalTracker` (dec
 
 from splitserve.kv_transfer.agent import TransferAgent
 from splitserve.kv_transfer.arrivals import ArrivalTracker, RequestArrival
+from splitserve.kv_transfer.compat import IncompatiblePeer, KvCompat
 from splitserve.kv_transfer.config import TransferConfig
 from splitserve.kv_transfer.layout import PoolDescriptor, Run, coalesce_runs
 from splitserve.kv_transfer.tags import ChunkTag, decode_tag, encode_tag
@@ -15,6 +16,8 @@ from splitserve.kv_transfer.types import Notification, PeerName, PushHandle, Pus
 __all__ = [
     "ArrivalTracker",
     "ChunkTag",
+    "IncompatiblePeer",
+    "KvCompat",
     "Notification",
     "PeerName",
     "PoolDescriptor",

@@ -6,7 +6,9 @@ Who calls what, in order:
    by the tensor's device) and publishes ``agent.metadata()`` (bytes) and
    ``agent.pool_descriptor.to_json()`` to its peers (gRPC `TransferMetadata`).
 2. Prefill node, once per decode node: ``peer = agent.connect(metadata, descriptor)``
-   (cached; a peer that restarted with new metadata is reconnected).
+   (cached; a peer that restarted with new metadata is reconnected). A peer whose
+   descriptor carries another KV compatibility hash (kv_transfer/compat.py) is refused
+   with IncompatiblePeer before its metadata is loaded.
 3. Prefill node, after each prefill chunk: ``agent.push(peer, src_ids, dst_ids,
    encode_tag(request_id, chunk_idx, is_last))`` WRITEs the chunk's blocks into the blocks
    the decode node allocated, coalesced into runs, and NIXL notifies the decode node with
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from splitserve.kv_transfer.compat import IncompatiblePeer
 from splitserve.kv_transfer.config import TransferConfig, import_nixl
 from splitserve.kv_transfer.layout import (
     PoolDescriptor,
@@ -67,7 +70,7 @@ class TransferAgent:
         nixl_api, self._errors = import_nixl(config.debug)
         self.config = config
         self._pool = pool
-        self._desc = describe_pool(pool, config.agent_name)
+        self._desc = describe_pool(pool, config.agent_name, config.compat_hash)
         is_gpu = self._desc.mem_type == "VRAM"
         nixl_conf = nixl_api.nixl_agent_config(
             enable_prog_thread=config.use_progress_thread(is_gpu), backends=[]
@@ -124,6 +127,7 @@ class TransferAgent:
             self.disconnect(peer)
         if peer == self.name:
             raise ValueError(f"agent {peer!r} cannot connect to itself; give nodes unique names")
+        self._check_compatible(peer, peer_pool)
         if peer_pool.block_bytes != self._desc.block_bytes:
             raise ValueError(
                 f"peer {peer!r} has {peer_pool.block_bytes}-byte KV blocks, this node "
@@ -143,6 +147,23 @@ class TransferAgent:
             "connected KV peer %s (%s, %d blocks)", peer, peer_pool.mem_type, peer_pool.num_blocks
         )
         return peer
+
+    def _check_compatible(self, peer: PeerName, peer_pool: PoolDescriptor) -> None:
+        """IncompatiblePeer unless the peer's KV compatibility hash equals this node's."""
+        if peer_pool.compat_hash == self._desc.compat_hash:
+            return
+        theirs, ours = (
+            peer_pool.compat_hash[:16] or "(none)",
+            self._desc.compat_hash[:16] or "(none)",
+        )
+        logger.warning(
+            "refused KV peer %s: compatibility hash %s, this node %s", peer, theirs, ours
+        )
+        raise IncompatiblePeer(
+            f"KV peer {peer!r} is not compatible with this node (compatibility hash {theirs} "
+            f"vs {ours}; this node: {self.config.compat_summary or 'no hash'}): run both nodes "
+            "with the same model, --served-model-name, --dtype and --block-size"
+        )
 
     def disconnect(self, peer: PeerName) -> None:
         """Forget a peer; its in-flight pushes are reported failed by the next poll()."""

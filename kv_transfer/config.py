@@ -38,6 +38,12 @@ class TransferConfig:
     # Largest transfer descriptor in bytes: longer runs of adjacent blocks are split so
     # that UCX can spread one push over several copy streams. 0: one descriptor per run.
     max_descriptor_bytes: int = 0
+    # KV compatibility hash of this node's pool (kv_transfer/compat.py), sent in the pool
+    # descriptor; `connect` refuses peers with another. Nodes always set it; bare agents
+    # (transfer tests, benchmarks) leave it empty and so connect only to each other.
+    compat_hash: str = ""
+    # What the hash was made of, for the refusal message.
+    compat_summary: str = ""
 
     def __post_init__(self) -> None:
         if not self.agent_name:

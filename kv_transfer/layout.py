@@ -37,6 +37,8 @@ class PoolDescriptor:
     mem_type: MemType
     # CUDA device index of a VRAM pool; 0 for DRAM.
     device_id: int
+    # KV compatibility hash of the owning node (kv_transfer/compat.py); "" for bare agents.
+    compat_hash: str = ""
 
     def __post_init__(self) -> None:
         if self.mem_type not in MEM_TYPES:
@@ -63,7 +65,7 @@ class PoolDescriptor:
         return cls(**fields)
 
 
-def describe_pool(pool: torch.Tensor, agent_name: str) -> PoolDescriptor:
+def describe_pool(pool: torch.Tensor, agent_name: str, compat_hash: str = "") -> PoolDescriptor:
     """The descriptor of a block-major pool tensor (dim 0 indexes blocks)."""
     if pool.dim() < 1 or pool.shape[0] < 1:
         raise ValueError(f"KV pool must have a leading block dimension, got shape {pool.shape}")
@@ -80,6 +82,7 @@ def describe_pool(pool: torch.Tensor, agent_name: str) -> PoolDescriptor:
         num_blocks=pool.shape[0],
         mem_type="VRAM" if is_cuda else "DRAM",
         device_id=(pool.device.index or 0) if is_cuda else 0,
+        compat_hash=compat_hash,
     )
 
 

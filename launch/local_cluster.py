@@ -2,8 +2,11 @@
 each its own process. `splitserve up` runs one; the end-to-end tests use it too.
 
 Start order: Redis (unless a URL is given) -> prefill nodes -> decode nodes -> router;
-each start waits for the child's ready line. Stop runs in reverse. On GPUs, nodes are
-placed one per device in the order prefill, decode.
+each start waits for the child's ready line. Stop runs in reverse. Every child binds
+`host` (loopback by default; the nodes' UCX transports then use only `lo`); with `tls`
+credentials the router serves HTTPS and the nodes and router speak mTLS gRPC with the
+cluster token (protocol/security.py). On GPUs, nodes are placed one per device in the
+order prefill, decode.
 
 Supervision (`splitserve up` calls it every half second, from the thread that started the
 cluster): `restart_dead()` reports every child that exited (its exit code and last log
@@ -15,11 +18,13 @@ re-register and republish), the router on its port. A child that dies more than
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from splitserve.launch.certs import ClusterCredentials
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
 from splitserve.launch.tracing_args import FLAG as TRACING_FLAG
@@ -27,6 +32,8 @@ from splitserve.protocol.tracing import check_endpoint
 
 logger = logging.getLogger(__name__)
 
+WILDCARD_PREFIXES = ("0.0.0.0:", "[::]:")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 NODE_READY = re.compile(r"node (\S+) listening on (\S+)")
 
 
@@ -44,6 +51,11 @@ class ClusterConfig:
     # False: no Redis at all (nodes unregistered; only direct gRPC use, no router).
     use_redis: bool = True
     cluster: str = "default"
+    # Address the router and the nodes bind (loopback: nothing outside this host reaches them).
+    host: str = "127.0.0.1"
+    # Credentials (launch/certs.py): the router serves HTTPS, gRPC runs over mTLS and every
+    # RPC carries the cluster token. None: plain HTTP and gRPC, as before.
+    tls: ClusterCredentials | None = None
     # Extra flags for every node / each role / the router.
     node_args: tuple[str, ...] = ()
     prefill_args: tuple[str, ...] = ()
@@ -184,7 +196,11 @@ class LocalCluster:
     def router_url(self) -> str:
         if self.router is None:
             raise RuntimeError("this cluster runs no router")
-        return f"http://{self.router.address}"
+        scheme = "https" if self.config.tls is not None else "http"
+        address = self.router.address
+        if address.startswith(WILDCARD_PREFIXES):  # bound to every interface: use loopback
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return f"{scheme}://{address}"
 
     def start(self) -> LocalCluster:
         try:
@@ -219,6 +235,9 @@ class LocalCluster:
             "--cluster",
             cfg.cluster,
             *self._tracing_args(),
+            "--host",
+            cfg.host,
+            *self._node_tls_args(),
             *cfg.node_args,
             *(cfg.prefill_args if role == "prefill" else cfg.decode_args),
             *extra_args,
@@ -227,7 +246,9 @@ class LocalCluster:
             args += ["--served-model-name", cfg.served_model_name]
         if device is not None:
             args += ["--device", device]
-        proc = ManagedProcess.splitserve(f"{role}-{index}", *args, ready_pattern=NODE_READY)
+        proc = ManagedProcess.splitserve(
+            f"{role}-{index}", *args, ready_pattern=NODE_READY, env=self._node_env()
+        )
         node = NodeProcess(role, proc.start(cfg.start_timeout_s))
         logger.info("%s node %s on %s", role, node.node_id, node.address)
         return node
@@ -246,6 +267,9 @@ class LocalCluster:
             cfg.served_model_name or cfg.model,
             "--tokenizer",
             cfg.model,
+            "--host",
+            cfg.host,
+            *self._router_tls_args(),
             *self._cpu_router_args(),
             *self._tracing_args(),
             *cfg.router_args,
@@ -255,6 +279,35 @@ class LocalCluster:
     def _tracing_args(self) -> tuple[str, ...]:
         endpoint = self.config.otlp_traces_endpoint
         return (TRACING_FLAG, endpoint) if endpoint else ()
+
+    def _node_env(self) -> dict[str, str]:
+        """UCX's TCP transport listens on every network device it uses: on a loopback
+        cluster, only on `lo` (shared memory, CMA and CUDA IPC are not network devices and
+        stay available). An explicit UCX_NET_DEVICES in the environment wins."""
+        if self.config.host in LOOPBACK_HOSTS and "UCX_NET_DEVICES" not in os.environ:
+            return {"UCX_NET_DEVICES": "lo"}
+        return {}
+
+    def _node_tls_args(self) -> tuple[str, ...]:
+        tls = self.config.tls
+        if tls is None:
+            return ()
+        return (
+            *("--grpc-ca-certs", str(tls.ca_certs), "--grpc-require-client-cert"),
+            *("--grpc-certfile", str(tls.server_cert), "--grpc-keyfile", str(tls.server_key)),
+            *("--cluster-token-file", str(tls.token_file)),
+        )
+
+    def _router_tls_args(self) -> tuple[str, ...]:
+        tls = self.config.tls
+        if tls is None:
+            return ()
+        return (
+            *("--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)),
+            *("--grpc-ca-certs", str(tls.ca_certs)),
+            *("--grpc-certfile", str(tls.client_cert), "--grpc-keyfile", str(tls.client_key)),
+            *("--cluster-token-file", str(tls.token_file)),
+        )
 
     def _cpu_router_args(self) -> tuple[str, ...]:
         cfg = self.config

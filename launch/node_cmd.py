@@ -19,6 +19,7 @@ from splitserve.launch.engine_args import (
     default_of,
     engine_config_from_args,
 )
+from splitserve.launch.security_args import add_security_arguments, security_from_args
 from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.runtime import NodeConfig, NodeRole, NodeRuntime
 
@@ -71,6 +72,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of the HTTP /metrics server; 0 picks a free one",
     )
     add_tracing_argument(g)
+    add_security_arguments(parser)
 
 
 def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfig:
@@ -88,6 +90,7 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
+        security=security_from_args(args),
     )
 
 

@@ -1,6 +1,6 @@
 """`splitserve router`: the OpenAI-compatible HTTP front end of a cluster, until SIGINT/SIGTERM.
 
-Prints `router listening on http://<host>:<port>` once it serves (launchers and tests wait
+Prints `router listening on http(s)://<host>:<port>` once it serves (launchers and tests wait
 for that line), then stops cleanly on a signal (in-flight requests get a few seconds) and
 exits with code 0.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from splitserve.launch.security_args import add_security_arguments, security_from_args
 from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.registry import DEFAULT_CLUSTER
 from splitserve.router.config import RouterConfig
@@ -33,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="local tokenizer directory or dummy:<preset> (default: --model)",
     )
-    g.add_argument("--api-key", default="", help="require 'Authorization: Bearer <key>'")
     g.add_argument(
         "--routing-policy",
         default="cache_aware",
@@ -75,7 +75,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="export per-message streaming stage times in /metrics (nodes on this host only)",
     )
     add_tracing_argument(g)
+    _add_https_arguments(parser)
+    add_security_arguments(parser)
     _add_liveness_arguments(parser)
+
+
+def _add_https_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("router access: API key and HTTPS")
+    g.add_argument(
+        "--api-key",
+        default="",
+        help="require 'Authorization: Bearer <key>' on every path but /health, /live, /ready "
+        "(and /metrics, unless --protect-metrics)",
+    )
+    g.add_argument(
+        "--protect-metrics", action="store_true", help="/metrics requires --api-key as well"
+    )
+    g.add_argument("--ssl-certfile", default="", help="PEM certificate: serve HTTPS")
+    g.add_argument("--ssl-keyfile", default="", help="PEM private key of --ssl-certfile")
+    g.add_argument(
+        "--ssl-ca-certs",
+        default="",
+        help="PEM CA bundle: require HTTPS clients to present a certificate signed by it",
+    )
 
 
 def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +138,11 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        protect_metrics=args.protect_metrics,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        security=security_from_args(args),
         policy=PolicyConfig(name=args.routing_policy, disagg_min_tokens=args.disagg_min_tokens),
         keepalive_interval_s=args.keepalive_interval_s,
         keepalive_timeout_s=args.keepalive_timeout_s,

@@ -10,6 +10,12 @@ with its last log lines and restarted (--no-restart: the cluster stops). SIGINT,
 and SIGHUP (the terminal closing) stop every child in order; the children run in their own
 process groups with a parent-death signal, so even a SIGKILL of `up` leaves nothing behind
 (launch/processes.py).
+
+Every process binds --host (loopback by default). `--tls self-signed` writes a fresh CA,
+certificates and a random cluster token (launch/certs.py) into a temporary directory (or
+--tls-dir) before anything starts: the router then serves HTTPS, router and nodes speak
+mTLS gRPC with the token, and the readiness check, the printed curl and the demo trust
+that CA (docs/operations.md#security).
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import logging
 import shlex
 import signal
 import socket
+import ssl
+import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -34,6 +43,7 @@ from splitserve.engine.model.source import (
     resolve_model_source,
 )
 from splitserve.engine.model.writers import model_writers
+from splitserve.launch.certs import ClusterCredentials
 from splitserve.launch.local_cluster import ChildFailed, ClusterConfig, LocalCluster
 from splitserve.launch.tracing_args import add_tracing_argument
 
@@ -44,6 +54,8 @@ DEMO_PROMPT = "What is the capital of France?"
 EXAMPLE_MAX_TOKENS = 64
 SUPERVISE_INTERVAL_S = 0.5
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+TLS_MODES = ("off", "self-signed")
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="name the API serves the model as"
     )
     parser.add_argument("--port", type=int, default=8000, help="router HTTP port")
+
     parser.add_argument("--num-prefill", type=int, default=1, help="prefill nodes to start")
     parser.add_argument("--num-decode", type=int, default=1, help="decode nodes to start")
     parser.add_argument("--redis", default=None, help="use this Redis instead of starting one")
@@ -102,6 +115,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-restart",
         action="store_true",
         help="stop the whole cluster when a child dies instead of restarting it",
+    )
+    _add_security_arguments(parser)
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the router and the nodes bind (default loopback: this host only)",
+    )
+    parser.add_argument(
+        "--tls",
+        default="off",
+        choices=TLS_MODES,
+        help="self-signed: generate a local CA and certificates, serve HTTPS, run gRPC over "
+        "mTLS with a random cluster token; off: plain HTTP and gRPC",
+    )
+    parser.add_argument(
+        "--tls-dir",
+        default=None,
+        help="with --tls self-signed: write the credentials here (kept) instead of a "
+        "temporary directory (removed at exit)",
     )
 
 
@@ -149,6 +184,7 @@ def wait_until_ready(
     num_decode: int,
     timeout_s: float,
     stop: threading.Event | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> dict:
     """The router's /health once it sees every node; early (as it is) when `stop` is set."""
     stop = stop or threading.Event()
@@ -156,7 +192,7 @@ def wait_until_ready(
     body: dict = {}
     while time.monotonic() < deadline and not stop.is_set():
         try:
-            body = httpx.get(f"{url}/health", timeout=2).json()
+            body = httpx.get(f"{url}/health", timeout=2, verify=verify).json()
         except (httpx.HTTPError, json.JSONDecodeError):
             body = {}
         if (
@@ -170,7 +206,7 @@ def wait_until_ready(
     raise RuntimeError(f"the router did not see every node within {timeout_s:.0f} s: {body}")
 
 
-def demo_request(url: str, model: str, api_key: str) -> str:
+def demo_request(url: str, model: str, api_key: str, verify: ssl.SSLContext | bool = True) -> str:
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": DEMO_PROMPT}],
@@ -178,13 +214,15 @@ def demo_request(url: str, model: str, api_key: str) -> str:
         "temperature": 0,
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    reply = httpx.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=120)
+    reply = httpx.post(
+        f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=120, verify=verify
+    )
     reply.raise_for_status()
     body = reply.json()
     return body["choices"][0]["message"]["content"]
 
 
-def example_curl(url: str, model: str, api_key: str) -> str:
+def example_curl(url: str, model: str, api_key: str, ca_certs: str = "") -> str:
     """The ready-to-paste request `up` prints (bounded: max_tokens)."""
     body = {
         "model": model,
@@ -192,8 +230,9 @@ def example_curl(url: str, model: str, api_key: str) -> str:
         "max_tokens": EXAMPLE_MAX_TOKENS,
     }
     auth = f" -H {shlex.quote('Authorization: Bearer ' + api_key)}" if api_key else ""
+    cacert = f" --cacert {shlex.quote(ca_certs)}" if ca_certs else ""
     return (
-        f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+        f"curl{cacert} {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f"-d {shlex.quote(json.dumps(body))}"
     )
 
@@ -228,14 +267,32 @@ def resolve_model(model: str) -> str:
     return str(model_dir)
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    check_port_free(args.port)
-    model = resolve_model(args.model)
-    # A named model keeps its name in the API; a directory or file is served as given.
-    served = args.served_model_name or (args.model if model != args.model else None)
+def tls_credentials(args: argparse.Namespace, stack: ExitStack) -> ClusterCredentials | None:
+    """With --tls self-signed: fresh credentials in --tls-dir (or a temporary directory,
+    removed when `stack` closes); None with --tls off."""
+    if args.tls == "off":
+        if args.tls_dir:
+            raise ValueError("--tls-dir needs --tls self-signed")
+        return None
+    from splitserve.launch.certs import DEFAULT_HOSTS, write_self_signed
+
+    if args.tls_dir:
+        directory = Path(args.tls_dir).expanduser()
+    else:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="splitserve-")))
+    hosts = [*DEFAULT_HOSTS, *([] if args.host in (*DEFAULT_HOSTS, *WILDCARDS) else [args.host])]
+    if args.host in WILDCARDS:
+        hosts.append(socket.gethostname())
+    credentials = write_self_signed(directory, hosts)
+    print(f"TLS credentials (CA, certificates, cluster token) in {directory}", flush=True)
+    return credentials
+
+
+def cluster_config(
+    args: argparse.Namespace, model: str, served: str | None, tls: ClusterCredentials | None
+) -> ClusterConfig:
     devices = gpu_devices(args)
-    config = ClusterConfig(
+    return ClusterConfig(
         model=model,
         served_model_name=served,
         num_prefill=args.num_prefill,
@@ -243,36 +300,57 @@ def run(args: argparse.Namespace) -> int:
         router_port=args.port,
         redis_url=args.redis,
         cluster=args.cluster,
+        host=args.host,
+        tls=tls,
         node_args=tuple(args.node_arg),
         router_args=router_args(args),
         devices=devices[: args.num_prefill + args.num_decode],
         otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    check_port_free(args.port, args.host)
+    model = resolve_model(args.model)
+    # A named model keeps its name in the API; a directory or file is served as given.
+    served = args.served_model_name or (args.model if model != args.model else None)
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
-    with LocalCluster(config) as cluster:
-        url = cluster.router_url
-        wait_until_ready(url, args.num_prefill, args.num_decode, args.ready_timeout_s, stop)
-        name = served or model
-        where = ", ".join(devices[: args.num_prefill + args.num_decode]) or "CPU"
-        print(
-            f"splitserve cluster ready: {args.num_prefill} prefill + {args.num_decode} decode "
-            f"node(s) on {where}, model {name!r}, Redis {cluster.redis_url}\n"
-            f"  OpenAI API: {url}/v1\n"
-            f"  try: {example_curl(url, name, args.api_key)}",
-            flush=True,
-        )
-        if args.demo:
-            reply = demo_request(url, name, args.api_key)
-            print(f"demo request: {DEMO_PROMPT!r}\nreply: {reply!r}", flush=True)
-            if args.once:
-                return 0
-        print("Press Ctrl-C to stop.", flush=True)
-        try:
-            code = supervise(cluster, stop, restart=not args.no_restart)
-        except ChildFailed as exc:
-            print(f"splitserve up: {exc}", flush=True)
-            code = 1
-        print("stopping the cluster", flush=True)
+    with ExitStack() as stack:
+        tls = tls_credentials(args, stack)
+        config = cluster_config(args, model, served, tls)
+        cluster = stack.enter_context(LocalCluster(config))
+        return serve(cluster, args, served or model, stop)
+    raise RuntimeError("unreachable: the cluster's context returned")
+
+
+def serve(cluster: LocalCluster, args: argparse.Namespace, name: str, stop: threading.Event) -> int:
+    """Wait for every node, print how to reach the cluster, run the demo, supervise."""
+    cfg = cluster.config
+    url = cluster.router_url
+    ca = str(cfg.tls.ca_certs) if cfg.tls is not None else ""
+    verify = ssl.create_default_context(cafile=ca) if ca else True
+    wait_until_ready(url, args.num_prefill, args.num_decode, args.ready_timeout_s, stop, verify)
+    where = ", ".join(cfg.devices) or "CPU"
+    print(
+        f"splitserve cluster ready: {args.num_prefill} prefill + {args.num_decode} decode "
+        f"node(s) on {where}, model {name!r}, Redis {cluster.redis_url}\n"
+        f"  OpenAI API: {url}/v1\n"
+        f"  try: {example_curl(url, name, args.api_key, ca)}",
+        flush=True,
+    )
+    if args.demo:
+        reply = demo_request(url, name, args.api_key, verify)
+        print(f"demo request: {DEMO_PROMPT!r}\nreply: {reply!r}", flush=True)
+        if args.once:
+            return 0
+    print("Press Ctrl-C to stop.", flush=True)
+    try:
+        code = supervise(cluster, stop, restart=not args.no_restart)
+    except ChildFailed as exc:
+        print(f"splitserve up: {exc}", flush=True)
+        code = 1
+    print("stopping the cluster", flush=True)
     return code

@@ -1,8 +1,9 @@
 """NodeRuntime: what a prefill and a decode node share: the AsyncEngine, the NIXL
 TransferAgent over the engine's KV pool, the grpc.aio server, and the Redis publisher.
 
-Start-up order (`start`): bind the gRPC port (so the node id, which names the NIXL agent,
-carries the real port) -> start tracing (`tracer`; a no-op without --otlp-traces-endpoint)
+Start-up order (`start`): bind the gRPC port, with TLS and the cluster-token interceptor
+when configured (protocol/security.py), so the node id, which names the NIXL agent,
+carries the real port -> start tracing (`tracer`; a no-op without --otlp-traces-endpoint)
 -> create the TransferAgent on the engine thread -> create the node's metrics
 (node/metrics.py) -> let the role add its servicer (which installs its KV
 connector on the engine, handing it its metrics) -> start serving gRPC, then `/metrics`
@@ -24,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import grpc
@@ -33,7 +34,7 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.stats import EngineStats
-from splitserve.kv_transfer import TransferAgent, TransferConfig
+from splitserve.kv_transfer import KvCompat, TransferAgent, TransferConfig
 from splitserve.node.metrics import NodeMetrics
 from splitserve.node.metrics_http import MetricsServer
 from splitserve.node.publisher import NodePublisher
@@ -45,6 +46,7 @@ from splitserve.node.registry import (
     make_node_id,
 )
 from splitserve.protocol import keepalive
+from splitserve.protocol.security import TransportSecurity, add_port, server_interceptors
 from splitserve.protocol.tracing import (
     NO_TRACER,
     Tracer,
@@ -89,6 +91,9 @@ class NodeConfig:
     metrics_port: int = 0
     # OTLP/gRPC collector for this node's spans (protocol/tracing.py); empty: tracing off.
     otlp_traces_endpoint: str = ""
+    # TLS/mTLS of the gRPC server and of this node's calls to others, and the cluster token
+    # every RPC must carry (protocol/security.py); default: plaintext, no token.
+    security: TransportSecurity = field(default_factory=TransportSecurity)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -160,16 +165,17 @@ class NodeRuntime:
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ]
-        server = grpc.aio.server(options=[*options, *keepalive.SERVER_OPTIONS])
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        security = self.config.security
+        server = grpc.aio.server(
+            options=[*options, *keepalive.SERVER_OPTIONS],
+            interceptors=server_interceptors(security),
+        )
+        self.port = add_port(server, f"{self.config.host}:{self.config.port}", security)
         if self.port == 0:
             raise ValueError(f"cannot bind {self.config.host}:{self.config.port}; pick a free port")
         self.node_id = make_node_id(self.config.role, self.config.public_host, self.port)
         self.tracer = start_tracing(self._tracing_config())
-        transfer = TransferConfig(
-            agent_name=self.node_id, push_timeout_s=self.config.push_timeout_s
-        )
-        self.agent = await self.engine.run(lambda core: TransferAgent(transfer, core.kv_cache))
+        self.agent = await self.engine.run(self._make_agent)
         self.metrics = NodeMetrics(self.node_id, self.config.role, self._stats_for_scrape)
         self.engine.add_step_observer(self.metrics.engine.observe_step)
         await add_servicer(self, server)
@@ -178,7 +184,24 @@ class NodeRuntime:
         self._start_metrics_server(self.metrics)
         if self.config.redis_url:
             await self._start_publisher(self.config.redis_url)
-        logger.info("%s node %s serving on %s", self.config.role, self.node_id, self.address)
+        logger.info(
+            "%s node %s serving on %s (%s)",
+            self.config.role,
+            self.node_id,
+            self.address,
+            security.describe(),
+        )
+
+    def _make_agent(self, core: EngineCore) -> TransferAgent:
+        """The node's NIXL agent over the KV pool, with the pool's compatibility hash."""
+        compat = KvCompat.from_pool(self.model_id, core.kv_cache)
+        transfer = TransferConfig(
+            agent_name=self.node_id,
+            push_timeout_s=self.config.push_timeout_s,
+            compat_hash=compat.hash(),
+            compat_summary=compat.describe(),
+        )
+        return TransferAgent(transfer, core.kv_cache)
 
     def _start_metrics_server(self, metrics: NodeMetrics) -> None:
         server = MetricsServer(metrics.registry, self.config.metrics_host, self.config.metrics_port)

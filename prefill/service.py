@@ -2,10 +2,11 @@
 
 A decode node calls `Prefill` with the prompt, its NIXL agent metadata and pool
 descriptor, the destination block ids it allocated, and how many leading blocks it
-already holds. On the engine thread this node connects to the decode node's agent (once;
-cached) and queues the prompt in the engine with its `PushTarget`; the engine's KV
-connector here, the PrefillPusher, pushes each chunk's finished blocks as the engine
-reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled token).
+already holds. On the engine thread this node connects to the decode node's agent
+(once; cached; refused with FAILED_PRECONDITION when its KV compatibility hash differs,
+kv_transfer/compat.py) and queues the prompt in the engine with its `PushTarget`; the
+engine's KV connector here, the PrefillPusher, pushes each chunk's finished blocks as the
+engine reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled token).
 The RPC answers once the last chunk's push completed: first token, final notification
 tag, cache and push statistics. A failed push, an engine error or an abort ends the RPC
 with an error status; the decode node then prefills the prompt itself.
@@ -23,7 +24,7 @@ import time
 import grpc
 
 from splitserve.engine.core import EngineCore
-from splitserve.kv_transfer import PoolDescriptor
+from splitserve.kv_transfer import IncompatiblePeer, PoolDescriptor
 from splitserve.node.rpcs import NodeRpcs, RoleStats
 from splitserve.node.runtime import NodeRuntime
 from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
@@ -41,6 +42,14 @@ from splitserve.protocol.tracing import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _refusal_status(exc: ValueError) -> grpc.StatusCode:
+    """FAILED_PRECONDITION for a decode node whose KV pool is incompatible, else
+    INVALID_ARGUMENT."""
+    if isinstance(exc, IncompatiblePeer):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
@@ -116,7 +125,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
         try:
             await self.runtime.engine.run(admit)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(_refusal_status(exc), str(exc))
         timeout = request.timeout_s or None
         try:
             outcome = await asyncio.wait_for(asyncio.shield(done), timeout)

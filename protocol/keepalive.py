@@ -6,7 +6,7 @@ decode node towards prefill nodes) ping every `interval_s` and fail every call o
 connection with UNAVAILABLE when a ping is not answered within `timeout_s`; servers (every
 node) must accept pings that often, or they would close the connection as abusive.
 
-    channel = grpc.aio.insecure_channel(addr, options=[*other, *client_options(1.0, 2.0)])
+    channel = security.open_channel(addr, [*other, *client_options(1.0, 2.0)], transport)
     server = grpc.aio.server(options=[*other, *SERVER_OPTIONS])
 """
 

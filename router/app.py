@@ -52,7 +52,10 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clients = NodeClients(
-            config.node_rpc_timeout_s, config.keepalive_interval_s, config.keepalive_timeout_s
+            config.node_rpc_timeout_s,
+            config.keepalive_interval_s,
+            config.keepalive_timeout_s,
+            config.security,
         )
         cluster = ClusterView(config, clients)
         tracer = start_tracing(_tracing_config(config))
@@ -79,7 +82,9 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
     app = FastAPI(title="splitserve router", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimitMiddleware, limit=lambda: _body_limit(app, config))
     if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=config.api_key, protect_metrics=config.protect_metrics
+        )
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,

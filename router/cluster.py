@@ -10,7 +10,9 @@ outer asyncio timeout), so a dead or hung Redis never holds a request. While Red
 the router keeps the last known nodes that still answer `Stats` (with their fresh load from
 it) and routes by load only; the transition is logged once each way and /health reports it.
 A node that vanishes from the Redis list is kept for `vanish_grace_s` while it answers Stats:
-after a Redis restart the nodes need about a heartbeat to re-register.
+after a Redis restart the nodes need about a heartbeat to re-register. With TLS or a
+cluster token, a node enters the list only once it passed an authenticated Health call
+(router/admission.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from splitserve.node.registry import (
     async_redis_client,
 )
 from splitserve.protocol import node_pb2 as pb
+from splitserve.router.admission import NodeAdmission
 from splitserve.router.config import RouterConfig
 from splitserve.router.node_clients import NodeClients
 
@@ -75,6 +78,12 @@ class ClusterView:
         self._snapshot: NodeSnapshot | None = None
         self._last_seen: dict[NodeId, tuple[NodeRecord, float]] = {}
         self._refresh_task: asyncio.Task[None] | None = None
+        security = config.security
+        self.admission = NodeAdmission(
+            clients.admit,
+            is_enabled=security.is_tls or bool(security.token),
+            retry_s=config.suspect_s,
+        )
 
     async def nodes(self) -> NodeSnapshot:
         snap = self._snapshot
@@ -113,6 +122,7 @@ class ClusterView:
             self._store(kept, now, is_redis_up=False)
             return
         self._set_redis_up(True)
+        fresh = await self.admission.filter(fresh)
         fresh_ids = {r.node_id for r in fresh}
         vanished = [
             rec

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splitserve.node.registry import DEFAULT_CLUSTER
+from splitserve.protocol.security import TransportSecurity
 from splitserve.protocol.tracing import check_endpoint
 from splitserve.router.policy import PolicyConfig
 
@@ -38,8 +39,18 @@ class RouterConfig:
     cluster: str = DEFAULT_CLUSTER
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port
-    # Bearer token required on /v1/*, /tokenize and /detokenize; empty: no auth.
-    api_key: str = ""
+    # Bearer token required on /v1/*, /tokenize and /detokenize (everything but /health,
+    # /live, /ready and, unless protect_metrics, /metrics); empty: no auth.
+    api_key: str = field(default="", repr=False)
+    # /metrics needs the API key too.
+    protect_metrics: bool = False
+    # HTTPS: PEM certificate and key (uvicorn's --ssl-certfile/--ssl-keyfile); empty: HTTP.
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    # PEM CA bundle: HTTPS clients must present a certificate signed by it.
+    ssl_ca_certs: str = ""
+    # gRPC towards the nodes: TLS, client certificate and cluster token (protocol/security.py).
+    security: TransportSecurity = field(default_factory=TransportSecurity)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # Socket timeout of every Redis call (s): a dead or hung Redis never holds a request longer.
     redis_timeout_s: float = 0.15
@@ -88,9 +99,19 @@ class RouterConfig:
             raise ValueError("max_body_bytes and num_tokenizer_threads must be >= 0 (0: auto)")
         if self.otlp_traces_endpoint:
             check_endpoint(self.otlp_traces_endpoint)
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("pass --ssl-certfile and --ssl-keyfile together (HTTPS)")
+        if self.ssl_ca_certs and not self.ssl_certfile:
+            raise ValueError("--ssl-ca-certs (client certificates) needs HTTPS: --ssl-certfile")
+        if self.protect_metrics and not self.api_key:
+            raise ValueError("--protect-metrics needs --api-key (the key /metrics then requires)")
         for name in _POSITIVE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def is_https(self) -> bool:
+        return bool(self.ssl_certfile)
 
     @property
     def tokenizer_path(self) -> str:

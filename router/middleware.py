@@ -2,7 +2,8 @@
 
 Order, outermost first (app.py adds them): RequestIdMiddleware (every response carries
 X-Request-Id, the client's or a fresh one), CORS when configured, ApiKeyMiddleware (401 on
-/v1/*, /tokenize and /detokenize without the key), BodyLimitMiddleware (413 for a body over
+/v1/*, /tokenize, /detokenize and every other path but /health, /live, /ready and, unless
+--protect-metrics, /metrics, without the key), BodyLimitMiddleware (413 for a body over
 the limit, checked on Content-Length and again on the bytes as they arrive, before anything
 parses it).
 """
@@ -19,7 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from splitserve.router.errors import APIError
 
 REQUEST_ID_HEADER = "x-request-id"
-OPEN_PATHS = ("/health", "/metrics")
+# Open without the API key: Kubernetes-style probes. /metrics too, unless protect_metrics.
+OPEN_PATHS = ("/health", "/live", "/ready")
+METRICS_PATH = "/metrics"
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -53,14 +56,16 @@ class RequestIdMiddleware:
 
 
 class ApiKeyMiddleware:
-    """401 unless `Authorization: Bearer <api_key>` (not on /health and /metrics)."""
+    """401 unless `Authorization: Bearer <api_key>` (not on OPEN_PATHS, nor on /metrics
+    unless `protect_metrics`)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
         self.app = app
         self.api_key = api_key
+        self.open_paths = OPEN_PATHS if protect_metrics else (*OPEN_PATHS, METRICS_PATH)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        is_open = scope["type"] != "http" or scope["path"] in OPEN_PATHS
+        is_open = scope["type"] != "http" or scope["path"] in self.open_paths
         if not is_open and scope["method"] != "OPTIONS":
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"authorization", b"").decode("latin-1")

@@ -5,7 +5,9 @@ client goes away, and calls `Stats` on decode and prefill nodes (for /metrics, a
 load while Redis is down). Channels reconnect quickly (200 ms to 2 s backoff), so a node that
 restarts on the same address is reachable again within a heartbeat or two. Every channel
 pings its node (protocol/keepalive.py): a frozen node fails its streams with UNAVAILABLE
-within keepalive interval + timeout instead of holding them.
+within keepalive interval + timeout instead of holding them. Channels carry the cluster's
+TLS credentials and token (protocol/security.py); `admit` is the authenticated Health call
+that lets a newly registered node into routing (router/cluster.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from splitserve.node.registry import NodeRecord
 from splitserve.protocol import keepalive
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
+from splitserve.protocol.security import TransportSecurity, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,14 @@ class NodeClients:
     """Channel pool and the small RPCs (Stats, Abort); Generate goes through `decode_stub`."""
 
     def __init__(
-        self, rpc_timeout_s: float, keepalive_interval_s: float, keepalive_timeout_s: float
+        self,
+        rpc_timeout_s: float,
+        keepalive_interval_s: float,
+        keepalive_timeout_s: float,
+        security: TransportSecurity | None = None,
     ) -> None:
         self.rpc_timeout_s = rpc_timeout_s
+        self.security = security or TransportSecurity()
         self._options = [
             *_CHANNEL_OPTIONS,
             *keepalive.client_options(keepalive_interval_s, keepalive_timeout_s),
@@ -48,7 +56,7 @@ class NodeClients:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = open_channel(address, self._options, self.security)
             self._channels[address] = channel
         return channel
 
@@ -69,6 +77,18 @@ class NodeClients:
             logger.debug("Stats on %s failed: %s", node.node_id, exc.code().name)
             return None
         return response
+
+    async def admit(self, node: NodeRecord) -> str | None:
+        """None when `node` answers an authenticated Health call; otherwise why not."""
+        channel = self._channel(node.grpc_address)
+        stub: pb_grpc.DecodeStub | pb_grpc.PrefillStub = (
+            pb_grpc.DecodeStub(channel) if node.role == "decode" else pb_grpc.PrefillStub(channel)
+        )
+        try:
+            await stub.Health(pb.HealthRequest(), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return None
 
     async def stats_many(self, nodes: Sequence[NodeRecord]) -> list[pb.StatsResponse | None]:
         return list(await asyncio.gather(*(self.stats(n) for n in nodes)))

@@ -1,6 +1,7 @@
 """Run the router app under uvicorn: in the foreground (the CLI) or in a thread (tests, tools).
 
     server = RouterServer(config)            # loads the tokenizer, binds host:port (0: free)
+                                             # HTTPS with config.ssl_certfile/ssl_keyfile
     await server.serve(on_ready=callback)    # until SIGINT/SIGTERM (main thread) or stop()
     # or
     server.start_in_thread(); server.url; server.stop_thread()
@@ -16,8 +17,10 @@ import asyncio
 import contextlib
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Generator
+from typing import Any
 
 import uvicorn
 
@@ -46,6 +49,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _ssl_options(config: RouterConfig) -> dict[str, Any]:
+    """uvicorn's HTTPS settings; client certificates required when a CA is given."""
+    if not config.is_https:
+        return {}
+    options: dict[str, Any] = {
+        "ssl_certfile": config.ssl_certfile,
+        "ssl_keyfile": config.ssl_keyfile,
+    }
+    if config.ssl_ca_certs:
+        options.update(ssl_ca_certs=config.ssl_ca_certs, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
 class RouterServer:
     def __init__(
         self,
@@ -65,6 +81,7 @@ class RouterServer:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=graceful_timeout_s,
+            **_ssl_options(config),
         )
         self._server = _Server(uv_config)
         self._thread: threading.Thread | None = None
@@ -72,7 +89,8 @@ class RouterServer:
     @property
     def url(self) -> str:
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.config.is_https else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     async def serve(self, on_ready: Callable[[str], None] | None = None) -> None:
         """Serve until stop() or, in the main thread, SIGINT/SIGTERM."""
