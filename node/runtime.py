@@ -3,13 +3,15 @@ TransferAgent over the engine's KV pool, the grpc.aio server, and the Redis publ
 
 Start-up order (`start`): bind the gRPC port (so the node id, which names the NIXL agent,
 carries the real port) -> create the TransferAgent on the engine thread -> let the role
-add its servicer (which installs its KV connector on the engine) -> start serving ->
-register in Redis and publish the cached-block snapshot -> heartbeat the load every
-second, and publish KV events after every step.
+add its servicer (which installs its KV connector on the engine) and the grpc.health.v1
+service (node/health.py, NOT_SERVING) -> start serving -> register in Redis and publish
+the cached-block snapshot -> grpc.health.v1 SERVING -> heartbeat the load every second,
+and publish KV events after every step.
 
-Stop order (`stop`): report DRAINING -> deregister from Redis (the router stops sending)
--> let in-flight requests finish for `drain_timeout_s`, then abort the rest -> stop the
-gRPC server -> close the TransferAgent (deregisters the pool) -> stop the engine thread.
+Stop order (`stop`): report DRAINING (Health RPC) and NOT_SERVING (grpc.health.v1) ->
+deregister from Redis (the router stops sending) -> let in-flight requests finish for
+`drain_timeout_s`, then abort the rest -> stop the gRPC server -> close the TransferAgent
+(deregisters the pool) -> stop the engine thread.
 
 Every TransferAgent call happens on the engine thread (via `engine.call` or step hooks).
 """
@@ -29,6 +31,7 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer import TransferAgent, TransferConfig
+from splitserve.node.health import NodeHealth
 from splitserve.node.publisher import NodePublisher
 from splitserve.node.registry import (
     DEFAULT_CLUSTER,
@@ -101,6 +104,7 @@ class NodeRuntime:
         self.port = 0
         self.agent: TransferAgent | None = None
         self.publisher: NodePublisher | None = None
+        self.health: NodeHealth | None = None
         self._server: grpc.aio.Server | None = None
         # Coroutines the role's servicer registers to run once the gRPC server stopped.
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -134,10 +138,14 @@ class NodeRuntime:
         )
         self.agent = await self.engine.run(lambda core: TransferAgent(transfer, core.kv_cache))
         await add_servicer(self, server)
+        self.health = NodeHealth(self.config.role)
+        await self.health.start()
+        self.health.add_to(server)
         await server.start()
         self._server = server
         if self.config.redis_url:
             await self._start_publisher(self.config.redis_url)
+        await self.health.set_serving(True)
         logger.info("%s node %s serving on %s", self.config.role, self.node_id, self.address)
 
     async def _start_publisher(self, redis_url: str) -> None:
@@ -181,11 +189,15 @@ class NodeRuntime:
 
     async def stop(self) -> None:
         self.is_draining = True
+        if self.health is not None:
+            await self.health.set_serving(False)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.publisher is not None:
             self.publisher.stop()
         await self._drain()
+        if self.health is not None:
+            await self.health.shutdown()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         for hook in self.on_stop:

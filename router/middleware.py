@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from splitserve.router.errors import APIError
 
 REQUEST_ID_HEADER = "x-request-id"
-OPEN_PATHS = ("/health", "/metrics")
+# Probes and the scrape need no key (Kubernetes probes send no header).
+OPEN_PATHS = ("/health", "/live", "/ready", "/metrics")
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -53,7 +54,7 @@ class RequestIdMiddleware:
 
 
 class ApiKeyMiddleware:
-    """401 unless `Authorization: Bearer <api_key>` (not on /health and /metrics)."""
+    """401 unless `Authorization: Bearer <api_key>` (not on OPEN_PATHS: the probes, /metrics)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
