@@ -44,6 +44,7 @@ from splitserve.node.rpcs import NodeRpcs, RoleStats
 from splitserve.node.runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
+from splitserve.protocol.log_context import REQUEST_ID
 from splitserve.protocol.messages import (
     sampling_params_from_proto,
     token_logprob_from_proto,
@@ -86,6 +87,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
         started = time.monotonic()
         rid = request.request_id
+        REQUEST_ID.set(rid)  # this RPC's task: its log lines name the request
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_params_from_proto(request.sampling_params)

@@ -6,6 +6,9 @@ never imports torch). A subcommand module exposes:
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int     # the process exit code
 
+Logging is set up once here, before the command runs (--log-level, --log-format:
+launch/log_format.py).
+
 User errors (ValueError, FileNotFoundError) end with a one-line message and exit code 2.
 """
 
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
+
+from splitserve.launch.log_format import LOG_FORMATS, configure_logging
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +42,12 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging verbosity")
+    common.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="log lines as text, or as JSON objects with request id, node id and role",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -51,10 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser(args_list)
     args = parser.parse_args(args_list)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(str(args.log_level), str(args.log_format))
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args))

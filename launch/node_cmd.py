@@ -19,6 +19,7 @@ from splitserve.launch.engine_args import (
     engine_config_from_args,
 )
 from splitserve.node.runtime import NodeConfig, NodeRole, NodeRuntime
+from splitserve.protocol.log_context import tag_process
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ async def serve(runtime: NodeRuntime) -> None:
 
 
 def run_node(args: argparse.Namespace, role: NodeRole) -> int:
+    tag_process("", role)  # the node id once its port is bound (NodeRuntime.start)
     engine_config = engine_config_from_args(args)
     runtime = NodeRuntime(engine_config, node_config_from_args(args, role))
     asyncio.run(serve(runtime))

@@ -41,6 +41,7 @@ from splitserve.node.registry import (
     make_node_id,
 )
 from splitserve.protocol import keepalive
+from splitserve.protocol.log_context import tag_process
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class NodeRuntime:
         if self.port == 0:
             raise ValueError(f"cannot bind {self.config.host}:{self.config.port}; pick a free port")
         self.node_id = make_node_id(self.config.role, self.config.public_host, self.port)
+        tag_process(self.node_id, self.config.role)
         transfer = TransferConfig(
             agent_name=self.node_id, push_timeout_s=self.config.push_timeout_s
         )

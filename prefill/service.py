@@ -26,6 +26,7 @@ from splitserve.node.runtime import NodeRuntime
 from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
+from splitserve.protocol.log_context import REQUEST_ID
 from splitserve.protocol.messages import sampling_params_from_proto, token_logprob_to_proto
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill node is draining")
         started = time.monotonic()
         rid = request.request_id
+        REQUEST_ID.set(rid)  # this RPC's task: its log lines name the request
         try:
             params = sampling_params_from_proto(request.sampling_params)
             descriptor = PoolDescriptor.from_json(request.decode_pool_descriptor)
@@ -71,10 +73,9 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             if params.n != 1:
                 raise ValueError("remote prefill serves n=1 requests")
             peer = agent.connect(request.decode_agent_metadata, descriptor)
-            dst = list(request.dst_block_ids)
-            core.add_request(rid, prompt, params, PushTarget(peer, dst, num_skip, on_done))
+            dst, skip = list(request.dst_block_ids), request.num_skip_blocks
+            core.add_request(rid, prompt, params, PushTarget(peer, dst, skip, on_done))
 
-        num_skip = request.num_skip_blocks
         try:
             await self.runtime.engine.run(admit)
         except ValueError as exc:
