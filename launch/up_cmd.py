@@ -10,6 +10,11 @@ with its last log lines and restarted (--no-restart: the cluster stops). SIGINT,
 and SIGHUP (the terminal closing) stop every child in order; the children run in their own
 process groups with a parent-death signal, so even a SIGKILL of `up` leaves nothing behind
 (launch/processes.py).
+
+Settings: `up` reads its own flags, SPLITSERVE_* variables and --config file like every
+command; the keys among them that are node or router flags (max-num-seqs, num-blocks,
+stream-idle-timeout-s, ...) and its --log-level/--log-format are passed to the children as
+flags, and the children do not inherit the SPLITSERVE_* variables (launch/child_settings.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import socket
@@ -34,6 +40,8 @@ from splitserve.engine.model.source import (
     resolve_model_source,
 )
 from splitserve.engine.model.writers import model_writers
+from splitserve.launch.child_settings import child_settings
+from splitserve.launch.config_sources import Resolved
 from splitserve.launch.local_cluster import ChildFailed, ClusterConfig, LocalCluster
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,8 @@ DEMO_PROMPT = "What is the capital of France?"
 EXAMPLE_MAX_TOKENS = 64
 SUPERVISE_INTERVAL_S = 0.5
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# launch/cli.py passes `run` the resolved settings too (what came from where).
+TAKES_SETTINGS = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,14 +236,16 @@ def resolve_model(model: str) -> str:
     return str(model_dir)
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    check_port_free(args.port)
+def cluster_config(args: argparse.Namespace, resolved: Resolved | None) -> ClusterConfig:
+    """The cluster `up` starts: its flags, and the node and router settings it forwards."""
+    from splitserve.launch.cli import command_actions
+
     model = resolve_model(args.model)
     # A named model keeps its name in the API; a directory or file is served as given.
     served = args.served_model_name or (args.model if model != args.model else None)
     devices = gpu_devices(args)
-    config = ClusterConfig(
+    forwarded = child_settings(resolved, command_actions, os.environ) if resolved else None
+    return ClusterConfig(
         model=model,
         served_model_name=served,
         num_prefill=args.num_prefill,
@@ -241,18 +253,25 @@ def run(args: argparse.Namespace) -> int:
         router_port=args.port,
         redis_url=args.redis,
         cluster=args.cluster,
-        node_args=tuple(args.node_arg),
-        router_args=router_args(args),
+        node_args=(*(forwarded.node_args if forwarded else ()), *args.node_arg),
+        router_args=(*(forwarded.router_args if forwarded else ()), *router_args(args)),
+        drop_env=forwarded.drop_env if forwarded else (),
         devices=devices[: args.num_prefill + args.num_decode],
     )
+
+
+def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    check_port_free(args.port)
+    config = cluster_config(args, resolved)
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
     with LocalCluster(config) as cluster:
         url = cluster.router_url
         wait_until_ready(url, args.num_prefill, args.num_decode, args.ready_timeout_s, stop)
-        name = served or model
-        where = ", ".join(devices[: args.num_prefill + args.num_decode]) or "CPU"
+        name = config.served_model_name or config.model
+        where = ", ".join(config.devices) or "CPU"
         print(
             f"splitserve cluster ready: {args.num_prefill} prefill + {args.num_decode} decode "
             f"node(s) on {where}, model {name!r}, Redis {cluster.redis_url}\n"

@@ -1,0 +1,367 @@
+"""Where a command's settings come from, in order of precedence:
+
+    1. a flag on the command line             --max-num-seqs 8
+    2. an environment variable                SPLITSERVE_MAX_NUM_SEQS=8
+    3. a key of the --config YAML file        max-num-seqs: 8   (or max_num_seqs: 8)
+    4. the built-in default                   (the flag's default, read from the config
+                                               dataclasses through `default_of`)
+
+Generic over argparse: every optional flag of the chosen command's parser (and of its
+sub-action, `bench run`) is a setting, so flags added later are covered without a line
+here. Values from the environment and the file go through the flag's own `type` and
+`choices`; an on/off flag (`store_true`) takes true/false (yes/no, on/off, 1/0); a
+repeatable flag (`append`) takes a YAML list in the file and, in the environment, one value
+or a YAML flow list (`SPLITSERVE_CORS_ORIGIN='[a, b]'`). A YAML null leaves the key unset.
+
+A key (or a SPLITSERVE_ variable) that is a flag of another splitserve command is left to
+that command (one file or environment can serve a whole deployment; `splitserve up` forwards
+those of the nodes and the router to its children); one that is a flag of no command is an
+error naming it. SPLITSERVE_ variables that are not flags are listed in NON_FLAG_ENV.
+
+Who calls what (launch/cli.py `main`, once per process): `resolve(parser, argv, environ,
+file_reader, other_commands)` -> `Resolved` (the namespace, where each value came from,
+the other commands' settings) -> `render_yaml(resolved)` for `--print-config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SPLITSERVE_"
+# SPLITSERVE_ variables that are not flags (each read where it is used).
+NON_FLAG_ENV = frozenset(
+    {
+        "SPLITSERVE_CACHE",  # converted-model cache (engine/model/source.py)
+        "SPLITSERVE_GIT_COMMIT",  # commit recorded in benchmark results (benchmarks/results_io.py)
+        "SPLITSERVE_FREEZE_S",  # fault-test freeze length (tests/test_faults_freeze.py)
+    }
+)
+# Flags that steer the resolution itself and are no settings of the file.
+CONFIG_FLAG = "config"
+PRINT_FLAG = "print-config"
+_NOT_IN_FILE = frozenset({CONFIG_FLAG, PRINT_FLAG})
+# --print-config shows these as *** (secrets).
+SECRET_NAME = re.compile(r"(^|-)(key|token|secret|password)($|-)")
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+# command name -> its flag names (every command of the CLI); called only when a key is not
+# one of the chosen command's flags.
+OtherCommands = Callable[[], Mapping[str, frozenset[str]]]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a value came from: 'flag', 'env', 'file' or 'default', and which one."""
+
+    kind: str
+    where: str = ""  # the variable name or the file path
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.where}".strip()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    args: argparse.Namespace
+    # flag name (no dashes) -> where its value came from, for every setting of the command.
+    origins: dict[str, Origin]
+    # flag name -> its dest in `args`, and the action's first name (`no-stream` -> `stream`).
+    dests: dict[str, str]
+    primary: dict[str, str]
+    # Settings of other commands (flag name -> raw value, origin), for `up` to forward.
+    others: dict[str, tuple[Any, Origin]] = field(default_factory=dict)
+
+
+def flag_name(key: str) -> str:
+    """A file key or flag as the flag's name: `--max_num_seqs` -> `max-num-seqs`."""
+    return key.lstrip("-").replace("_", "-").lower()
+
+
+def primary_name(action: argparse.Action) -> str:
+    """The flag name of `action`: its first long option (`stream` of --stream/--no-stream)."""
+    return flag_name(next(o for o in action.option_strings if o.startswith("--")))
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def config_env_names(environ: Mapping[str, str]) -> list[str]:
+    """The SPLITSERVE_ variables of `environ` that name settings (not NON_FLAG_ENV)."""
+    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in NON_FLAG_ENV)
+
+
+def command_parsers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Any]:
+    """The parsers the parsed `args` went through, top first (`splitserve`, `bench`, `run`)."""
+    path = [parser]
+    while True:
+        subs = _subparser_actions(path[-1])
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if not subs or chosen not in subs[0].choices:
+            return path
+        path.append(subs[0].choices[chosen])
+
+
+def _subparser_actions(parser: argparse.ArgumentParser) -> list[Any]:
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+
+def _tree(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every parser below it."""
+    out = [parser]
+    for action in _subparser_actions(parser):
+        for sub in action.choices.values():
+            out += _tree(sub)
+    return out
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of `parser`'s sub-command `name`."""
+    for action in _subparser_actions(parser):
+        if name in action.choices:
+            sub: argparse.ArgumentParser = action.choices[name]
+            return sub
+    raise ValueError(f"{parser.prog} has no sub-command {name!r}")
+
+
+def option_actions(parsers: Sequence[argparse.ArgumentParser]) -> dict[str, argparse.Action]:
+    """flag name -> action, for every long option of `parsers` but --help."""
+    out: dict[str, argparse.Action] = {}
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            for option in action.option_strings:
+                if option.startswith("--"):
+                    out[flag_name(option)] = action
+    return out
+
+
+def all_flag_names(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """Every flag name of `parser` and of all its sub-actions."""
+    return frozenset(option_actions(_tree(parser)))
+
+
+def _as_bool(raw: Any, origin: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{origin}: expected true or false, got {raw!r}")
+
+
+def _scalar(action: argparse.Action, raw: Any, origin: str) -> Any:
+    convert = action.type
+    value: Any
+    try:
+        if convert is None:  # a string flag: YAML's 123 or true as the text the flag would get
+            value = raw if isinstance(raw, str) else json.dumps(raw)
+        elif convert in (int, float) and isinstance(raw, int | float) and not isinstance(raw, bool):
+            if convert is int and not float(raw).is_integer():
+                raise ValueError(f"{raw!r} is not a whole number")
+            value = convert(raw)  # type: ignore[operator]
+        else:
+            value = convert(raw if isinstance(raw, str) else str(raw))  # type: ignore[operator]
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise ValueError(f"{origin}: invalid value {raw!r}: {exc}") from None
+    if action.choices is not None and value not in action.choices:
+        allowed = ", ".join(str(c) for c in action.choices)
+        raise ValueError(f"{origin}: {value!r} is not one of {allowed}")
+    return value
+
+
+def _as_list(raw: Any, is_env: bool) -> list[Any]:
+    if isinstance(raw, list):
+        return raw
+    if is_env and isinstance(raw, str) and raw.strip().startswith("["):
+        import yaml
+
+        parsed = yaml.safe_load(raw)
+        if isinstance(parsed, list):
+            return parsed
+    return [raw]
+
+
+def convert(action: argparse.Action, raw: Any, origin: Origin, name: str = "") -> Any:
+    """`raw` (an environment string or a YAML value) as the flag itself would parse it;
+    `name`: the flag it was given under (`no-stream: true` is `stream` false)."""
+    label = f"--{name or primary_name(action)} from {origin}"
+    if isinstance(action, argparse.BooleanOptionalAction):
+        is_negative = bool(name) and name != primary_name(action)
+        return _as_bool(raw, label) != is_negative
+    if isinstance(action, argparse._StoreConstAction):  # store_true / store_false too
+        return action.const if _as_bool(raw, label) else action.default
+    is_list = isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*")
+    if is_list:
+        items = _as_list(raw, origin.kind == "env")
+        return [_scalar(action, item, label) for item in items]
+    if isinstance(raw, list | dict):
+        raise ValueError(f"{label}: expected one value, got {raw!r}")
+    return _scalar(action, raw, label)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping of a --config YAML file (a one-line error when it is not one)."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--config {path}: not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    return data
+
+
+@contextlib.contextmanager
+def _patched(actions: Sequence[argparse.Action], **attrs: Any) -> Iterator[None]:
+    saved = [(a, {k: getattr(a, k) for k in attrs}) for a in actions]
+    try:
+        for action in actions:
+            for key, value in attrs.items():
+                setattr(action, key, value)
+        yield
+    finally:
+        for action, old in saved:
+            for key, value in old.items():
+                setattr(action, key, value)
+
+
+def _tree_optionals(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [
+        a
+        for p in _tree(parser)
+        for a in p._actions
+        if a.option_strings and not isinstance(a, argparse._HelpAction)
+    ]
+
+
+def _tree_groups(parser: argparse.ArgumentParser) -> list[Any]:
+    return [g for p in _tree(parser) for g in p._mutually_exclusive_groups]
+
+
+def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """The command line alone: only what it names is in the namespace."""
+    with (
+        _patched(_tree_optionals(parser), default=argparse.SUPPRESS, required=False),
+        _patched(_tree_groups(parser), required=False),
+    ):
+        return parser.parse_args(argv)
+
+
+@dataclass
+class _Gathered:
+    """Raw values from the environment and the file, before conversion."""
+
+    mine: dict[str, tuple[Any, Origin]] = field(default_factory=dict)
+    others: dict[str, tuple[Any, Origin]] = field(default_factory=dict)
+
+
+def _gather(
+    actions: Mapping[str, argparse.Action],
+    environ: Mapping[str, str],
+    config_path: str | None,
+) -> _Gathered:
+    out = _Gathered()
+    for var in config_env_names(environ):
+        name = flag_name(var[len(ENV_PREFIX) :])
+        target = out.mine if name in actions else out.others
+        target[name] = (environ[var], Origin("env", var))
+    if not config_path:
+        return out
+    for key, raw in read_config_file(config_path).items():
+        name = flag_name(str(key))
+        if name in _NOT_IN_FILE:
+            raise ValueError(f"--config {config_path}: {key!r} cannot be set in a config file")
+        if raw is None:
+            continue
+        target = out.mine if name in actions else out.others
+        target.setdefault(name, (raw, Origin("file", config_path)))
+    return out
+
+
+def _check_known(
+    others: Mapping[str, tuple[Any, Origin]], other_commands: OtherCommands, command: str
+) -> None:
+    if not others:
+        return
+    known = frozenset().union(*other_commands().values())
+    for name, (_, origin) in others.items():
+        if name not in known:
+            key = origin.where if origin.kind == "env" else f"{name!r} in {origin.where}"
+            raise ValueError(
+                f"{key}: unknown setting: no splitserve command has a flag --{name} "
+                f"(see `{command} --help`)"
+            )
+
+
+def _check_required(actions: Mapping[str, argparse.Action], given: set[str]) -> None:
+    for name, action in actions.items():
+        names = {flag_name(o) for o in action.option_strings}
+        if action.required and not names & given:
+            raise ValueError(
+                f"--{name} is required: give it as a flag, as {env_name(name)} or as "
+                f"'{name}:' in the --config file"
+            )
+
+
+def resolve(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    other_commands: OtherCommands,
+) -> Resolved:
+    """The namespace of `argv` with the environment and the --config file filled in."""
+    explicit_ns = _explicit(parser, argv)
+    path = command_parsers(parser, explicit_ns)
+    actions = option_actions(path[1:])
+    explicit = {n for n, a in actions.items() if hasattr(explicit_ns, a.dest)}
+    config_path = getattr(explicit_ns, CONFIG_FLAG, None) or environ.get(env_name(CONFIG_FLAG))
+    gathered = _gather(actions, environ, config_path if CONFIG_FLAG in actions else None)
+    _check_known(gathered.others, other_commands, path[-1].prog)
+    values = {n: convert(actions[n], raw, o, n) for n, (raw, o) in gathered.mine.items()}
+    _check_required(actions, explicit | set(values))
+    supplied = {n: actions[n] for n in values if n not in explicit}
+    with contextlib.ExitStack() as stack:
+        for name, action in supplied.items():
+            stack.enter_context(_patched([action], default=values[name], required=False))
+        chosen = set(supplied.values())
+        groups = [g for g in _tree_groups(parser) if set(g._group_actions) & chosen]
+        stack.enter_context(_patched(groups, required=False))
+        args = parser.parse_args(argv)
+    origins = {n: Origin("default") for n in actions}
+    origins.update({n: origin for n, (_, origin) in gathered.mine.items()})
+    origins.update({n: Origin("flag") for n in explicit})
+    dests = {n: a.dest for n, a in actions.items()}
+    primary = {n: primary_name(a) for n, a in actions.items()}
+    return Resolved(args, origins, dests, primary, dict(gathered.others))
+
+
+def render_yaml(resolved: Resolved, command: str) -> str:
+    """`--print-config`: every setting as YAML (a valid --config file), with its source."""
+    lines = [
+        f"# splitserve {command}: effective settings",
+        "# precedence: flag > SPLITSERVE_* environment > --config file > default",
+    ]
+    for name, origin in resolved.origins.items():
+        if name in _NOT_IN_FILE or name != resolved.primary[name]:
+            continue  # shown under its first name (`stream`, not `no-stream`)
+        value = getattr(resolved.args, resolved.dests[name], None)
+        shown = '"***"' if value and SECRET_NAME.search(name) else json.dumps(value, default=str)
+        lines.append(f"{name}: {shown}  # {origin}")
+    return "\n".join(lines)
