@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ENV_PREFIX = "SPLITSERVE_"
 # SPLITSERVE_ variables that are not flags (each read where it is used).
@@ -229,7 +229,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _patched(actions: Sequence[argparse.Action], **attrs: Any) -> Iterator[None]:
+def _patched(actions: Sequence[Any], **attrs: Any) -> Iterator[None]:
     saved = [(a, {k: getattr(a, k) for k in attrs}) for a in actions]
     try:
         for action in actions:
@@ -255,13 +255,27 @@ def _tree_groups(parser: argparse.ArgumentParser) -> list[Any]:
     return [g for p in _tree(parser) for g in p._mutually_exclusive_groups]
 
 
+class _CommandLineError(Exception):
+    """The command line is wrong whatever the environment and the file hold."""
+
+
+def _raise_error(message: str) -> NoReturn:
+    raise _CommandLineError(message)
+
+
 def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """The command line alone: only what it names is in the namespace."""
-    with (
-        _patched(_tree_optionals(parser), default=argparse.SUPPRESS, required=False),
-        _patched(_tree_groups(parser), required=False),
-    ):
-        return parser.parse_args(argv)
+    """The command line alone: only what it names is in the namespace. A wrong command line
+    is reported by the unpatched parser (its usage line, exit code 2)."""
+    try:
+        with (
+            _patched(_tree_optionals(parser), default=argparse.SUPPRESS, required=False),
+            _patched(_tree_groups(parser), required=False),
+            _patched(_tree(parser), error=_raise_error),
+        ):
+            return parser.parse_args(argv)
+    except _CommandLineError as exc:
+        parser.parse_args(argv)  # exits with the parser's own message
+        raise ValueError(str(exc)) from None
 
 
 @dataclass

@@ -145,13 +145,15 @@ def test_up_forwards_node_and_router_settings(tmp_path: Path) -> None:
 
 
 def test_print_config_command_line(tmp_path: Path) -> None:
-    """The real command: exit 0 and the effective YAML; a bad key: exit 2 and one line."""
-    path = write(tmp_path, "max-num-seqs: 5\nnum_blocks: 80\n")
+    """The real command (the router: no torch to import): exit 0 and the effective YAML,
+    the same setting given three ways resolved flag > env > file; a bad value: exit 2 and
+    one line."""
+    path = write(tmp_path, "tokenizer-threads: 3\nmax_body_bytes: 1000\nport: 7000\n")
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSERVE_")}
-    env = {**inherited, "SPLITSERVE_NUM_BLOCKS": "70"}
-    command = [sys.executable, "-m", "splitserve.launch.cli", "prefill", "--model", "m"]
+    env = {**inherited, "SPLITSERVE_MAX_BODY_BYTES": "2000", "SPLITSERVE_PORT": "7100"}
+    command = [sys.executable, "-m", "splitserve.launch.cli", "router", "--redis", "redis://h"]
     done = subprocess.run(
-        [*command, "--config", path, "--print-config"],
+        [*command, "--config", path, "--port", "7200", "--print-config"],
         env=env,
         capture_output=True,
         text=True,
@@ -159,17 +161,19 @@ def test_print_config_command_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     settings = yaml.safe_load(done.stdout)
-    assert settings["max-num-seqs"] == 5 and settings["num-blocks"] == 70
-    assert "num-blocks: 70  # env SPLITSERVE_NUM_BLOCKS" in done.stdout
+    assert settings["port"] == 7200 and settings["max-body-bytes"] == 2000
+    assert settings["tokenizer-threads"] == 3
+    assert "max-body-bytes: 2000  # env SPLITSERVE_MAX_BODY_BYTES" in done.stdout
+    assert f"tokenizer-threads: 3  # file {path}" in done.stdout
     bad = subprocess.run(
         [*command, "--print-config"],
-        env={**env, "SPLITSERVE_NUM_BLOKS": "1"},
+        env={**env, "SPLITSERVE_TOKENIZER_THREADS": "many"},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        "splitserve prefill: error: SPLITSERVE_NUM_BLOKS: unknown setting: no splitserve "
-        "command has a flag --num-bloks (see `splitserve prefill --help`)"
+        "splitserve router: error: --tokenizer-threads from env SPLITSERVE_TOKENIZER_THREADS: "
+        "invalid value 'many': invalid literal for int() with base 10: 'many'"
     ]
