@@ -358,9 +358,10 @@ def resolve(
         groups = [g for g in _tree_groups(parser) if set(g._group_actions) & chosen]
         stack.enter_context(_patched(groups, required=False))
         args = parser.parse_args(argv)
-    origins = {n: Origin("default") for n in actions}
-    origins.update({n: origin for n, (_, origin) in gathered.mine.items()})
-    origins.update({n: Origin("flag") for n in explicit})
+    # Per action, so that `no-stream: true` in a file shows as the source of `stream`.
+    by_action = {id(actions[n]): origin for n, (_, origin) in gathered.mine.items()}
+    by_action.update({id(actions[n]): Origin("flag") for n in explicit})
+    origins = {n: by_action.get(id(a), Origin("default")) for n, a in actions.items()}
     dests = {n: a.dest for n, a in actions.items()}
     primary = {n: primary_name(a) for n, a in actions.items()}
     return Resolved(args, origins, dests, primary, dict(gathered.others))

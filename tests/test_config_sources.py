@@ -73,8 +73,10 @@ def test_repeatable_flags_and_nested_commands(tmp_path: Path) -> None:
     # `bench run`: the sub-action's flags too; --no-stream: true is --stream false.
     bench_file = write(tmp_path, "no-stream: true\n")
     env = {"SPLITSERVE_URL": "http://h:9"}
-    args = resolve_args(["bench", "run", "--config", bench_file], env).args
-    assert args.url == "http://h:9" and args.stream is False
+    resolved = resolve_args(["bench", "run", "--config", bench_file], env)
+    assert resolved.args.url == "http://h:9" and resolved.args.stream is False
+    text = config_sources.render_yaml(resolved, "bench run")
+    assert f"stream: false  # file {bench_file}" in text and "no-stream" not in text
 
 
 @pytest.mark.parametrize(
