@@ -1,9 +1,13 @@
 """The router's probes over real HTTP, with a scripted decode node on real gRPC and a real
 redis-server: /live is 200 while the process is up; /ready is 200 only with a routable
-decode node and Redis answering (503 with a reason otherwise); neither needs the API key."""
+decode node and Redis answering (503 with a reason otherwise); neither needs the API key.
+On the same router, a request's log line in JSON carries its request id."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -11,6 +15,7 @@ from pathlib import Path
 import httpx
 from scripted_decode import ScriptedDecodeNode
 
+from splitserve.launch.log_format import JsonFormatter
 from splitserve.launch.redis_server import RedisServer
 from splitserve.router.config import RouterConfig
 from splitserve.router.server import RouterServer
@@ -60,6 +65,7 @@ def test_live_and_ready_follow_decode_nodes_and_redis(tiny_llama: Path) -> None:
             ready = _wait_status(server.url + "/ready", 200)
             assert ready.status_code == 200 and "reason" not in ready.json(), ready.text
             assert ready.json()["num_decode_nodes"] == 1
+            check_request_log_line(server.url)
 
             redis.stop()  # nodes still serve; the router routes by load, /health stays 200
             ready = _wait_status(server.url + "/ready", 503)
@@ -70,3 +76,25 @@ def test_live_and_ready_follow_decode_nodes_and_redis(tiny_llama: Path) -> None:
             if node is not None:
                 node.stop()
             server.stop_thread()
+
+
+def check_request_log_line(url: str) -> None:
+    """An unknown request field is logged (and ignored) in the request's own line."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    router_logger = logging.getLogger("splitserve.router")
+    level = router_logger.level
+    router_logger.addHandler(handler)
+    router_logger.setLevel(logging.INFO)
+    try:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "colour": "blue"}
+        headers = {"Authorization": f"Bearer {API_KEY}", "X-Request-Id": "req-log-1"}
+        reply = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert reply.status_code == 200, reply.text
+    finally:
+        router_logger.removeHandler(handler)
+        router_logger.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    ignored = [x for x in lines if "ignoring unknown fields" in x["message"]]
+    assert ignored and ignored[0]["request_id"] == "req-log-1", lines
