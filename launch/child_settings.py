@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.launch.config_sources import Resolved, config_env_names, convert, primary_name
+from splitserve.launch.config_sources import Resolved, config_env_names
+from splitserve.launch.setting_values import convert, primary_name
 
 logger = logging.getLogger(__name__)
 
