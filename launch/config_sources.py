@@ -17,8 +17,11 @@ those of the nodes and the router to its children); one that is a flag of no com
 error naming it. SPLITSERVE_ variables that are not flags are listed in NON_FLAG_ENV.
 
 Who calls what (launch/cli.py `main`, once per process): `resolve(parser, argv, environ,
-file_reader, other_commands)` -> `Resolved` (the namespace, where each value came from,
-the other commands' settings) -> `render_yaml(resolved)` for `--print-config`.
+other_commands)` parses the command line alone, reads the environment and the file, checks
+unknown keys (`other_commands` is called only then: it imports every command), converts,
+and parses again with those values as defaults -> `Resolved` (the namespace, where each
+value came from, the other commands' settings) -> `render_yaml(resolved, command)` for
+`--print-config`; `up` hands `Resolved.others` to launch/child_settings.py.
 """
 
 from __future__ import annotations
