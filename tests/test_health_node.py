@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-DRAIN_S = 2.5
+DRAIN_S = 4.0
 NODE_ARGS = (
     "--dtype",
     "float32",
@@ -103,7 +103,7 @@ def test_health_is_not_serving_while_the_node_drains(decode: NodeProcess) -> Non
     watcher = threading.Thread(target=lambda: watched.extend(r.status for r in _until_error(watch)))
     watcher.start()
     tokens: list[int] = []
-    stream = generate(channel, "req-long", 1500)
+    stream = generate(channel, "req-long", 1900)  # outlasts the drain (context 2048)
     tokens.append(next(stream))  # running: the drain has a request to wait for
     reader = threading.Thread(target=lambda: tokens.extend(_until_error(stream)))
     reader.start()
