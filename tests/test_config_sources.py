@@ -179,3 +179,17 @@ def test_print_config_command_line(tmp_path: Path) -> None:
         "splitserve router: error: --tokenizer-threads from env SPLITSERVE_TOKENIZER_THREADS: "
         "invalid value 'many': invalid literal for int() with base 10: 'many'"
     ]
+
+
+def test_children_of_up_do_not_inherit_settings_variables(monkeypatch) -> None:
+    """ManagedProcess(drop_env=...): the child's environment lacks them, restarts too."""
+    from splitserve.launch.processes import ManagedProcess
+
+    monkeypatch.setenv("SPLITSERVE_PORT", "9000")
+    code = "import os; print('listening on', os.environ.get('SPLITSERVE_PORT', 'unset'))"
+    child = ManagedProcess("child", [sys.executable, "-c", code], drop_env=["SPLITSERVE_PORT"])
+    assert child.start(timeout_s=60).address == "unset"
+    again = child.fresh_copy()
+    assert again.start(timeout_s=60).address == "unset"
+    child.stop()
+    again.stop()
