@@ -167,7 +167,11 @@ class RemotePrefills:
     def on_remote_plan(self, request_id: str, plan: RemotePlan | None) -> None:
         params = self._admitting.pop(request_id)
         if plan is None:
-            logger.info("KV pool short for %s: prefilling it locally", request_id)
+            logger.info(
+                "KV pool short for %s: prefilling it locally",
+                request_id,
+                extra={"request_id": request_id},
+            )
             self.metrics.observe_fallback("pool_short")
             return
         num_blocks = len(plan.block_ids) - plan.num_cached_blocks
@@ -303,7 +307,12 @@ class RemotePrefills:
         else:
             self._late_writers.add(request_id)
         self.num_failed += 1
-        logger.warning("remote prefill of %s failed (%s): prefilling locally", request_id, error)
+        logger.warning(
+            "remote prefill of %s failed (%s): prefilling locally",
+            request_id,
+            error,
+            extra={"request_id": request_id},  # the engine thread: no request context here
+        )
         self._events.failed.append(request_id)
         self.num_fallbacks += 1
         self.metrics.observe_fallback(reason)

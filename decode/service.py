@@ -48,8 +48,8 @@ from splitserve.kv_transfer import ArrivalTracker
 from splitserve.kv_transfer.layout import PoolDescriptor
 from splitserve.node.rpcs import NodeRpcs, RoleStats
 from splitserve.node.runtime import NodeRuntime
+from splitserve.protocol import log_context, node_pb2_grpc
 from splitserve.protocol import node_pb2 as pb
-from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import (
     sampling_params_from_proto,
     token_logprob_from_proto,
@@ -107,6 +107,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
         started = time.monotonic()
         rid = request.request_id
+        log_context.REQUEST_ID.set(rid)  # this RPC's task: its log lines name the request
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_params_from_proto(request.sampling_params)

@@ -61,6 +61,9 @@ class ClusterConfig:
     prefill_args: tuple[str, ...] = ()
     decode_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
+    # Environment variables the children do not inherit (`up`: its SPLITSERVE_* settings,
+    # which it passes down as flags instead, launch/child_settings.py).
+    drop_env: tuple[str, ...] = ()
     # torch devices, one per node in the order prefill..., decode...; empty: all on CPU.
     devices: tuple[str, ...] = field(default_factory=tuple)
     start_timeout_s: float = 180.0
@@ -247,7 +250,11 @@ class LocalCluster:
         if device is not None:
             args += ["--device", device]
         proc = ManagedProcess.splitserve(
-            f"{role}-{index}", *args, ready_pattern=NODE_READY, env=self._node_env()
+            f"{role}-{index}",
+            *args,
+            ready_pattern=NODE_READY,
+            env=self._node_env(),
+            drop_env=cfg.drop_env,
         )
         node = NodeProcess(role, proc.start(cfg.start_timeout_s))
         logger.info("%s node %s on %s", role, node.node_id, node.address)
@@ -274,7 +281,8 @@ class LocalCluster:
             *self._tracing_args(),
             *cfg.router_args,
         ]
-        return ManagedProcess.splitserve("router", *args).start(cfg.start_timeout_s)
+        router = ManagedProcess.splitserve("router", *args, drop_env=cfg.drop_env)
+        return router.start(cfg.start_timeout_s)
 
     def _tracing_args(self) -> tuple[str, ...]:
         endpoint = self.config.otlp_traces_endpoint

@@ -22,6 +22,7 @@ from splitserve.launch.engine_args import (
 from splitserve.launch.security_args import add_security_arguments, security_from_args
 from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.runtime import NodeConfig, NodeRole, NodeRuntime
+from splitserve.protocol.log_context import tag_process
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ async def serve(runtime: NodeRuntime) -> None:
 
 
 def run_node(args: argparse.Namespace, role: NodeRole) -> int:
+    tag_process("", role)  # the node id once its port is bound (NodeRuntime.start)
     engine_config = engine_config_from_args(args)
     runtime = NodeRuntime(engine_config, node_config_from_args(args, role))
     asyncio.run(serve(runtime))

@@ -43,11 +43,16 @@ class ManagedProcess:
         args: Sequence[str],
         ready_pattern: re.Pattern[str] = READY_PATTERN,
         env: dict[str, str] | None = None,
+        drop_env: Sequence[str] = (),
     ) -> None:
+        """`env` adds to (or replaces in) this process's environment; the variables named
+        in `drop_env` are left out of the child's."""
         self.name = name
         self.args = list(args)
         self.ready_pattern = ready_pattern
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.drop_env = tuple(drop_env)
+        merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {k: v for k, v in merged.items() if k not in self.drop_env}
         self.match: re.Match[str] | None = None
         self.lines: deque[str] = deque(maxlen=200)
         self._proc: subprocess.Popen[str] | None = None
@@ -83,7 +88,7 @@ class ManagedProcess:
 
     def fresh_copy(self) -> ManagedProcess:
         """An unstarted process with the same command (to restart a dead one)."""
-        return ManagedProcess(self.name, self.args, self.ready_pattern, self.env)
+        return ManagedProcess(self.name, self.args, self.ready_pattern, self.env, self.drop_env)
 
     def start(self, timeout_s: float = 120.0) -> ManagedProcess:
         self._proc = subprocess.Popen(

@@ -158,8 +158,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from splitserve.protocol.log_context import tag_process
     from splitserve.router.server import RouterServer
 
+    tag_process("", "router")
     config = config_from_args(args)
     server = RouterServer(config, log_level=str(args.log_level))
     asyncio.run(server.serve(on_ready=lambda url: print(f"router listening on {url}", flush=True)))

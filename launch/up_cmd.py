@@ -16,6 +16,11 @@ certificates and a random cluster token (launch/certs.py) into a temporary direc
 --tls-dir) before anything starts: the router then serves HTTPS, router and nodes speak
 mTLS gRPC with the token, and the readiness check, the printed curl and the demo trust
 that CA (docs/operations.md#security).
+
+Settings: `up` reads its own flags, SPLITSERVE_* variables and --config file like every
+command; the keys among them that are node or router flags (max-num-seqs, num-blocks,
+stream-idle-timeout-s, ...) and its --log-level/--log-format are passed to the children as
+flags, and the children do not inherit the SPLITSERVE_* variables (launch/child_settings.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import socket
@@ -44,6 +50,8 @@ from splitserve.engine.model.source import (
 )
 from splitserve.engine.model.writers import model_writers
 from splitserve.launch.certs import ClusterCredentials
+from splitserve.launch.child_settings import child_settings
+from splitserve.launch.config_sources import Resolved
 from splitserve.launch.local_cluster import ChildFailed, ClusterConfig, LocalCluster
 from splitserve.launch.tracing_args import add_tracing_argument
 
@@ -56,6 +64,8 @@ SUPERVISE_INTERVAL_S = 0.5
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TLS_MODES = ("off", "self-signed")
 WILDCARDS = ("0.0.0.0", "::", "")
+# launch/cli.py passes `run` the resolved settings too (what came from where).
+TAKES_SETTINGS = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,9 +299,17 @@ def tls_credentials(args: argparse.Namespace, stack: ExitStack) -> ClusterCreden
 
 
 def cluster_config(
-    args: argparse.Namespace, model: str, served: str | None, tls: ClusterCredentials | None
+    args: argparse.Namespace,
+    model: str,
+    served: str | None,
+    tls: ClusterCredentials | None,
+    resolved: Resolved | None,
 ) -> ClusterConfig:
+    """The cluster `up` starts: its flags, and the node and router settings it forwards."""
+    from splitserve.launch.cli import command_actions
+
     devices = gpu_devices(args)
+    forwarded = child_settings(resolved, command_actions, os.environ) if resolved else None
     return ClusterConfig(
         model=model,
         served_model_name=served,
@@ -302,14 +320,15 @@ def cluster_config(
         cluster=args.cluster,
         host=args.host,
         tls=tls,
-        node_args=tuple(args.node_arg),
-        router_args=router_args(args),
+        node_args=(*(forwarded.node_args if forwarded else ()), *args.node_arg),
+        router_args=(*(forwarded.router_args if forwarded else ()), *router_args(args)),
+        drop_env=forwarded.drop_env if forwarded else (),
         devices=devices[: args.num_prefill + args.num_decode],
         otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     check_port_free(args.port, args.host)
     model = resolve_model(args.model)
@@ -320,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with ExitStack() as stack:
         tls = tls_credentials(args, stack)
-        config = cluster_config(args, model, served, tls)
+        config = cluster_config(args, model, served, tls, resolved)
         cluster = stack.enter_context(LocalCluster(config))
         return serve(cluster, args, served or model, stop)
     raise RuntimeError("unreachable: the cluster's context returned")

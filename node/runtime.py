@@ -5,16 +5,18 @@ Start-up order (`start`): bind the gRPC port, with TLS and the cluster-token int
 when configured (protocol/security.py), so the node id, which names the NIXL agent,
 carries the real port -> start tracing (`tracer`; a no-op without --otlp-traces-endpoint)
 -> create the TransferAgent on the engine thread -> create the node's metrics
-(node/metrics.py) -> let the role add its servicer (which installs its KV
-connector on the engine, handing it its metrics) -> start serving gRPC, then `/metrics`
-over HTTP (node/metrics_http.py) -> register in Redis (the record carries the metrics
-URL) and publish the cached-block snapshot -> heartbeat the load every second, and publish
-KV events after every step.
+(node/metrics.py) -> let the role add its servicer (which installs its KV connector on the
+engine, handing it its metrics) and the grpc.health.v1 service (node/health.py,
+NOT_SERVING) -> start serving gRPC, then `/metrics` over HTTP (node/metrics_http.py) ->
+register in Redis (the record carries the metrics URL) and publish the cached-block
+snapshot -> grpc.health.v1 SERVING -> heartbeat the load every second, and publish KV
+events after every step.
 
-Stop order (`stop`): report DRAINING -> deregister from Redis (the router stops sending)
--> let in-flight requests finish for `drain_timeout_s`, then abort the rest -> stop the
-gRPC server, then the metrics server -> close the TransferAgent (deregisters the pool) ->
-stop the engine thread -> flush the spans still queued for export.
+Stop order (`stop`): report DRAINING (Health RPC) and NOT_SERVING (grpc.health.v1) ->
+deregister from Redis (the router stops sending) -> let in-flight requests finish for
+`drain_timeout_s`, then abort the rest -> stop the gRPC server, then the metrics server ->
+close the TransferAgent (deregisters the pool) -> stop the engine thread -> flush the spans
+still queued for export.
 
 Every TransferAgent call happens on the engine thread (via `engine.call` or step hooks).
 """
@@ -35,6 +37,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.stats import EngineStats
 from splitserve.kv_transfer import KvCompat, TransferAgent, TransferConfig
+from splitserve.node.health import NodeHealth
 from splitserve.node.metrics import NodeMetrics
 from splitserve.node.metrics_http import MetricsServer
 from splitserve.node.publisher import NodePublisher
@@ -46,6 +49,7 @@ from splitserve.node.registry import (
     make_node_id,
 )
 from splitserve.protocol import keepalive
+from splitserve.protocol.log_context import tag_process
 from splitserve.protocol.security import TransportSecurity, add_port, server_interceptors
 from splitserve.protocol.tracing import (
     NO_TRACER,
@@ -135,6 +139,7 @@ class NodeRuntime:
         self.metrics: NodeMetrics | None = None
         self.metrics_server: MetricsServer | None = None
         self.metrics_url = ""
+        self.health: NodeHealth | None = None
         self._server: grpc.aio.Server | None = None
         # Coroutines the role's servicer registers to run once the gRPC server stopped.
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -174,16 +179,21 @@ class NodeRuntime:
         if self.port == 0:
             raise ValueError(f"cannot bind {self.config.host}:{self.config.port}; pick a free port")
         self.node_id = make_node_id(self.config.role, self.config.public_host, self.port)
+        tag_process(self.node_id, self.config.role)
         self.tracer = start_tracing(self._tracing_config())
         self.agent = await self.engine.run(self._make_agent)
         self.metrics = NodeMetrics(self.node_id, self.config.role, self._stats_for_scrape)
         self.engine.add_step_observer(self.metrics.engine.observe_step)
         await add_servicer(self, server)
+        self.health = NodeHealth(self.config.role)
+        await self.health.start()
+        self.health.add_to(server)
         await server.start()
         self._server = server
         self._start_metrics_server(self.metrics)
         if self.config.redis_url:
             await self._start_publisher(self.config.redis_url)
+        await self.health.set_serving(True)
         logger.info(
             "%s node %s serving on %s (%s)",
             self.config.role,
@@ -265,11 +275,15 @@ class NodeRuntime:
 
     async def stop(self) -> None:
         self.is_draining = True
+        if self.health is not None:
+            await self.health.set_serving(False)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.publisher is not None:
             self.publisher.stop()
         await self._drain()
+        if self.health is not None:
+            await self.health.shutdown()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         if self.metrics_server is not None:

@@ -28,8 +28,8 @@ from splitserve.kv_transfer import IncompatiblePeer, PoolDescriptor
 from splitserve.node.rpcs import NodeRpcs, RoleStats
 from splitserve.node.runtime import NodeRuntime
 from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
+from splitserve.protocol import log_context, node_pb2_grpc
 from splitserve.protocol import node_pb2 as pb
-from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_from_proto, token_logprob_to_proto
 from splitserve.protocol.tracing import (
     DECODE_NODE_ID,
@@ -96,6 +96,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill node is draining")
         started = time.monotonic()
         rid = request.request_id
+        log_context.REQUEST_ID.set(rid)  # this RPC's task: its log lines name the request
         try:
             params = sampling_params_from_proto(request.sampling_params)
             descriptor = PoolDescriptor.from_json(request.decode_pool_descriptor)
@@ -121,7 +122,6 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             target = PushTarget(peer, dst, num_skip, on_done, span)
             core.add_request(rid, prompt, params, target)
 
-        num_skip = request.num_skip_blocks
         try:
             await self.runtime.engine.run(admit)
         except ValueError as exc:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from splitserve.protocol.log_context import REQUEST_ID
 from splitserve.router.errors import APIError
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -30,7 +31,7 @@ def error_response(exc: APIError) -> JSONResponse:
 
 
 class RequestIdMiddleware:
-    """Puts the request id in scope["state"] and on every response."""
+    """Puts the request id in scope["state"], in the log context and on every response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -43,6 +44,7 @@ class RequestIdMiddleware:
         raw = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1").strip()
         request_id = raw[:128] if raw else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # log lines written for this request name it
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from splitserve.router.middleware import OPEN_PATHS
 from splitserve.router.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,6 +41,8 @@ _ERRORS: dict[str, tuple[int, ...]] = {
     "/v1/models": (),
     "/v1/models/{model_id}": (404, 503),
     "/health": (),
+    "/live": (),
+    "/ready": (),
     "/metrics": (),
 }
 _DESCRIPTIONS = {
@@ -86,7 +89,7 @@ def build_openapi(app: FastAPI, has_api_key: bool) -> dict[str, Any]:
             if path in _BODIES and method == "post":
                 op["requestBody"] = _body(_BODIES[path])
             statuses = list(_ERRORS.get(path, ()))
-            if has_api_key and path not in ("/health", "/metrics"):
+            if has_api_key and path not in OPEN_PATHS:
                 statuses.append(401)
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
@@ -96,6 +99,11 @@ def build_openapi(app: FastAPI, has_api_key: bool) -> dict[str, Any]:
                 responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
             if path == "/health":
                 responses["503"] = {**responses["200"], "description": "no live decode node"}
+            if path == "/ready":
+                responses["503"] = {
+                    **responses["200"],
+                    "description": "no routable decode node, or Redis does not answer",
+                }
     return doc
 
 

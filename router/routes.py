@@ -1,7 +1,8 @@
 """The router's HTTP endpoints (build_app in router/app.py adds them).
 
 /v1/completions and /v1/chat/completions go to router/handlers.py; /v1/models,
-/v1/models/{id}, /tokenize, /detokenize, /health and /metrics are answered here. Every GET
+/v1/models/{id}, /tokenize, /detokenize, /health, /live, /ready and /metrics are answered
+here (the probes' semantics: docs/operations.md#health). Every GET
 also answers HEAD. Parsing, chat templates and tokenization run on the tokenizer threads
 (RouterService.offload), never on the event loop.
 """
@@ -92,23 +93,44 @@ def _add_model_routes(app: FastAPI) -> None:
 
     @_get(app, "/health")
     async def health(request: Request) -> JSONResponse:
-        service = _service(request)
-        snap = await service.cluster.refresh()  # fresh: never the previous poll's state
-        suspects = service.suspects()
-        decode = [d for d in snap.decode if d.node_id not in suspects]
-        body = {
-            "status": "ok" if decode else "unavailable",
-            "redis": "up" if snap.is_redis_up else "down",
-            "routing_policy": service.config.policy.name if snap.is_redis_up else "least_load",
-            "num_decode_nodes": len(decode),
-            "num_prefill_nodes": len(snap.prefill),
-            "num_unresponsive_decode_nodes": len(snap.decode) - len(decode),
-        }
-        return JSONResponse(body, status_code=200 if decode else 503)
+        body = await _cluster_health(_service(request))
+        return JSONResponse(body, status_code=200 if body["num_decode_nodes"] else 503)
+
+    @_get(app, "/live")
+    async def live(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @_get(app, "/ready")
+    async def ready(request: Request) -> JSONResponse:
+        body = await _cluster_health(_service(request))
+        reasons = []
+        if not body["num_decode_nodes"]:
+            reasons.append("no routable decode node")
+        if body["redis"] != "up":
+            reasons.append("Redis does not answer")
+        if reasons:
+            body = {**body, "status": "not ready", "reason": "; ".join(reasons)}
+        return JSONResponse(body, status_code=503 if reasons else 200)
 
     @_get(app, "/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
         return Response(await _service(request).scrape(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _cluster_health(service: RouterService) -> dict[str, Any]:
+    """/health's body, read fresh (never the previous poll's state): the decode nodes are
+    the ones Redis lists less those that just failed a liveness check."""
+    snap = await service.cluster.refresh()
+    suspects = service.suspects()
+    decode = [d for d in snap.decode if d.node_id not in suspects]
+    return {
+        "status": "ok" if decode else "unavailable",
+        "redis": "up" if snap.is_redis_up else "down",
+        "routing_policy": service.config.policy.name if snap.is_redis_up else "least_load",
+        "num_decode_nodes": len(decode),
+        "num_prefill_nodes": len(snap.prefill),
+        "num_unresponsive_decode_nodes": len(snap.decode) - len(decode),
+    }
 
 
 def _add_token_routes(app: FastAPI) -> None:
