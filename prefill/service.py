@@ -119,7 +119,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
                 raise ValueError("remote prefill serves n=1 requests")
             peer = agent.connect(request.decode_agent_metadata, descriptor)
             dst = list(request.dst_block_ids)
-            target = PushTarget(peer, dst, num_skip, on_done, span)
+            target = PushTarget(peer, dst, request.num_skip_blocks, on_done, span)
             core.add_request(rid, prompt, params, target)
 
         try:
