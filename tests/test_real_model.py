@@ -150,9 +150,11 @@ def generate_tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams =
     return [o.outputs[0] for o in llm.generate(prompts, params)]
 
 
-def test_one_batch_tokens_and_logprobs(smollm2, case, hf_model) -> None:
+def test_one_batch_then_warm_prefix_cache(smollm2, case, hf_model) -> None:
+    """Every prompt in one step (tokens and logprobs), then the same prompts again with
+    their prefixes cached (most of the prompt is not recomputed; tokens unchanged)."""
     prompts, expected = case
-    llm = make_llm(smollm2, max_num_batched_tokens=16384, enable_prefix_caching=False)
+    llm = make_llm(smollm2, max_num_batched_tokens=16384)
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=3)
     outs = generate_tokens(llm, prompts, params)
     assert [o.token_ids for o in outs] == expected
@@ -171,13 +173,6 @@ def test_one_batch_tokens_and_logprobs(smollm2, case, hf_model) -> None:
                 assert lp == pytest.approx(ref[step, token_id].item(), abs=1e-4)
             assert got_ids[0] == top_ids[0].item()
             assert [lp for _, lp in entry.top] == pytest.approx(top_vals.tolist(), abs=1e-4)
-    llm.engine.check_invariants()
-
-
-def test_chunked_prefill_then_warm_prefix_cache(smollm2, case) -> None:
-    prompts, expected = case
-    llm = make_llm(smollm2, max_num_batched_tokens=512)
-    assert [o.token_ids for o in generate_tokens(llm, prompts)] == expected
     before = llm.engine.stats()
     assert [o.token_ids for o in generate_tokens(llm, prompts)] == expected
     after = llm.engine.stats()
@@ -188,11 +183,15 @@ def test_chunked_prefill_then_warm_prefix_cache(smollm2, case) -> None:
     assert llm.engine.pool.usage == 0.0
 
 
-def test_preemption(smollm2, case) -> None:
+def test_chunked_prefill_with_preemption(smollm2, case) -> None:
+    """512-token steps (the 700- and 1,500-token prompts take several chunks) in a pool too
+    small for every request at once (some are preempted and recomputed)."""
     prompts, expected = case
     llm = make_llm(smollm2, max_num_batched_tokens=512, num_blocks=160)
     assert [o.token_ids for o in generate_tokens(llm, prompts)] == expected
-    assert llm.engine.stats().num_preemptions > 0
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.prompt_tokens_computed >= sum(map(len, prompts))
     llm.engine.check_invariants()
     assert llm.engine.pool.usage == 0.0
 
