@@ -165,9 +165,15 @@ class EngineCore:
             return sched, self.runner.execute(sched.chunks)
 
     def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> SamplerOutput:
+        seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        bitmask = None
+        if rows:
+            # On the host, while the device may still run the forward pass.
+            with record_function("step.grammar_bitmask"):
+                bitmask = self.intake.grammar.fill(rows, [seqs[i].grammar for i in rows])
         with record_function("step.sample"):
-            seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
-            return self.sampler(logits, [seq.sampling_row() for seq in seqs])
+            return self.sampler(logits, [seq.sampling_row() for seq in seqs], bitmask)
 
     def _process(self, sampling: list[ScheduledChunk], result: SamplerOutput) -> list[StepOutput]:
         """Append every token; sequences that end on theirs (eos, stop id, length) end

@@ -7,9 +7,12 @@ same order. A request with a seed gets its generator once, from `Sampler.make_ge
 and passes the same generator object at every step; the sampler advances it by one draw
 per step in which that row samples at random (greedy rows never touch a generator).
 
-Per row, as vLLM does:
+Rows with a grammar come with a `TokenBitmask` (engine/grammar.py), applied first, to the
+constrained rows only, in one masked fill on the device: disallowed tokens get -inf before
+anything else sees the logits (so log-probabilities are those of the constrained
+distribution, as in vLLM). Then per row, as vLLM does:
 
-    raw logits -> log-probabilities (log_softmax of the raw logits, for `params.logprobs`)
+    logits -> log-probabilities (log_softmax of the raw logits, for `params.logprobs`)
     raw logits -> min_tokens mask -> repetition penalty -> frequency/presence penalties
                -> greedy: argmax
                -> random: temperature -> top-k -> top-p -> min-p -> draw
@@ -27,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -200,7 +204,10 @@ class Sampler:
         generator.manual_seed(seed)
         return generator
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: TokenBitmask | None = None
+    ) -> SamplerOutput:
+        """One token per row; `bitmask` (rows with a grammar) may modify `logits` in place."""
         if logits.dim() != 2 or logits.shape != (len(rows), self.vocab_size):
             raise ValueError(
                 f"logits must be [num_rows={len(rows)}, vocab_size={self.vocab_size}], got "
@@ -210,6 +217,8 @@ class Sampler:
         if not rows:
             return SamplerOutput([], [])
         logits = logits.float()
+        if bitmask is not None and bitmask.rows:
+            apply_token_bitmask(logits, bitmask)
         processed = apply_penalties(logits, rows)
         token_ids = processed.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]

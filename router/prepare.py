@@ -2,7 +2,8 @@
 
 Tokenizes prompts (chat: the model's template, then the text without extra special tokens),
 checks the context budget against the nodes' `max_model_len`, and builds one validated
-`SamplingParams`. Every problem is an `APIError` 400 naming the field.
+`SamplingParams` (with the request's grammar, router/grammar_spec.py). Every problem is an
+`APIError` 400 naming the field.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Literal
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.errors import bad_request, param_of_value_error
+from splitserve.router.grammar_spec import grammar_spec
 from splitserve.router.openai_schema import (
     MAX_TOKENS_LIMIT,
     ChatCompletionRequest,
@@ -88,6 +90,7 @@ def _sampling_params(
     req: _SamplingFields, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:
     stop = req.stop if req.stop is not None else ()
+    grammar = grammar_spec(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -107,6 +110,7 @@ def _sampling_params(
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            grammar=grammar,
         )
     except ValueError as exc:
         raise bad_request(str(exc), param_of_value_error(str(exc), _PARAM_FIELDS)) from exc

@@ -367,11 +367,26 @@ ERROR_CASES = [
         {
             "model": MODEL,
             "messages": [{"role": "user", "content": "x"}],
-            "response_format": {"type": "json_object"},
+            "response_format": {"type": "json_schema"},
         },
         400,
-        None,
+        "response_format",
     ),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "guided_choice": []}, 400, "guided_choice"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "guided_json": "{"}, 400, "guided_json"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]},
+        400,
+        "guided_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"a": 1}]},
+        400,
+        "tools",
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", b"[1, 2]", 400, None),
 ]
 
