@@ -105,7 +105,9 @@ class GrammarBackend:
         compiler = self.compiler
         if spec.kind == "json":
             return compiler.compile_json_schema(
-                spec.source, any_whitespace=False, strict_mode=spec.strict
+                bounded_strings_as_patterns(spec.source),
+                any_whitespace=False,
+                strict_mode=spec.strict,
             )
         if spec.kind == "json_object":
             return compiler.compile_json_schema(
@@ -140,6 +142,36 @@ class GrammarBackend:
         return self._buffer
 
 
+def bounded_strings_as_patterns(schema_text: str) -> str:
+    """The schema, with every string bounded only by minLength/maxLength given the equivalent
+    pattern: xgrammar 0.2.9 compiles such strings to a rule that admits raw control
+    characters (invalid JSON). Unchanged text when no such string is in it."""
+    try:
+        schema = json.loads(schema_text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the JSON schema is not valid JSON: {exc}") from exc
+    return json.dumps(schema) if _rewrite_lengths(schema) else schema_text
+
+
+def _rewrite_lengths(node: Any) -> bool:
+    changed = False
+    if isinstance(node, list):
+        for item in node:
+            changed |= _rewrite_lengths(item)
+        return changed
+    if not isinstance(node, dict):
+        return False
+    for value in node.values():
+        changed |= _rewrite_lengths(value)
+    bounded = "minLength" in node or "maxLength" in node
+    free = not any(key in node for key in ("pattern", "format", "enum", "const"))
+    if node.get("type") == "string" and bounded and free:
+        low, high = node.pop("minLength", 0), node.pop("maxLength", "")
+        node["pattern"] = rf'^[^"\\\u0000-\u001f]{{{low},{high}}}$'
+        return True
+    return changed
+
+
 def parse_choices(source: str) -> list[str]:
     """The strings of a "choice" spec (a JSON array of non-empty strings)."""
     try:
@@ -161,11 +193,13 @@ def advance(matcher: Any, token: int) -> bool | None:
     return True if matcher.is_terminated() else None
 
 
+@torch.inference_mode()
 def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
     """Disallowed tokens of the constrained rows get -inf, in place, in one masked fill.
 
     On the CPU xgrammar's own kernel; on a GPU the mask is copied without a host sync and
-    unpacked by a torch op. Other rows are left alone."""
+    unpacked by a torch op. Other rows are left alone. Under inference mode: the logits
+    come from the model runner's, and are updated in place."""
     num_rows, vocab_size = logits.shape
     if logits.device.type == "cpu":
         _apply_cpu(logits, mask, vocab_size, num_rows)
