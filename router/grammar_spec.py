@@ -81,7 +81,7 @@ def _schema_text(schema: dict[str, Any], field: str) -> str:
     if not schema:
         raise bad_request(f"the JSON schema in {field} is empty; give at least a type", field)
     try:
-        return json.dumps(schema, sort_keys=True)
+        return json.dumps(schema)
     except (TypeError, ValueError) as exc:
         raise bad_request(f"the JSON schema in {field} cannot be serialised: {exc}", field) from exc
 
