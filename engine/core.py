@@ -165,14 +165,9 @@ class EngineCore:
             return sched, self.runner.execute(sched.chunks)
 
     def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> SamplerOutput:
-        seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
-        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
-        bitmask = None
-        if rows:
-            # On the host, while the device may still run the forward pass.
-            with record_function("step.grammar_bitmask"):
-                bitmask = self.intake.grammar.fill(rows, [seqs[i].grammar for i in rows])
         with record_function("step.sample"):
+            seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
+            bitmask = self.intake.bitmask(seqs)  # on the host, while the device computes
             return self.sampler(logits, [seq.sampling_row() for seq in seqs], bitmask)
 
     def _process(self, sampling: list[ScheduledChunk], result: SamplerOutput) -> list[StepOutput]:

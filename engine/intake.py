@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import SchedulerConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
-from splitserve.engine.grammar import GrammarBackend
+from splitserve.engine.grammar import GrammarBackend, TokenBitmask
 from splitserve.engine.request import Request, RequestId
 from splitserve.engine.sampler import Sampler, SamplingRow
 from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
@@ -157,6 +158,15 @@ class RequestIntake:
         for seq in seqs:
             self.sequences[seq.request.request_id] = seq
         return seqs
+
+    def bitmask(self, seqs: list[Sequence]) -> TokenBitmask | None:
+        """Next-token bitmask of the sequences (one step's sampling rows, in order) that
+        have a grammar, filled on the host; None when none has."""
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return None
+        with record_function("step.grammar_bitmask"):
+            return self.grammar.fill(rows, [seqs[i].grammar for i in rows])
 
     def _matcher(self, spec: GrammarSpec | None) -> Any:
         return None if spec is None else self.grammar.matcher(spec)

@@ -7,10 +7,10 @@ for an int, no 0 for a bool); every number is range-checked (no NaN or infinity,
 the Field declarations). Accepted but ignored: `user`, `metadata`, `store`,
 `parallel_tool_calls`, `service_tier`. Accepted only in their neutral form (anything else is
 a 400 saying so): `tools` empty, `tool_choice` "none", `logit_bias` empty, `suffix` null,
-`echo` false, `best_of` null or 1. Role `developer` is `system`. Structured output:
-`response_format` (text, json_object, json_schema) and vLLM's `guided_json`,
-`guided_regex`, `guided_choice`, `guided_grammar` (router/grammar_spec.py turns them into
-one GrammarSpec).
+`echo` false, `prompt_logprobs` null, `best_of` null or 1. Role `developer` is `system`.
+Structured output: `response_format` (text, json_object, json_schema) and vLLM's
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (router/grammar_spec.py
+turns them into one GrammarSpec).
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class _SamplingFields(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None
     echo: bool = False
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -56,6 +56,9 @@ def _check_neutral_fields(req: _SamplingFields) -> None:
         raise bad_request("echo is not supported: send echo=false (or omit it)", "echo")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported: omit it or send {}", "logit_bias")
+    if req.prompt_logprobs is not None:
+        message = "prompt_logprobs is not supported: omit it (or send null)"
+        raise bad_request(message, "prompt_logprobs")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 

@@ -387,6 +387,12 @@ ERROR_CASES = [
         "tools",
     ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "prompt_logprobs": 1},
+        400,
+        "prompt_logprobs",
+    ),
     ("/v1/chat/completions", b"[1, 2]", 400, None),
 ]
 
