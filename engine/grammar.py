@@ -1,10 +1,12 @@
 """Constrained decoding with xgrammar: compiled grammars, per-sequence matchers, token bitmasks.
 
-Who calls what (all on the engine thread):
+Who calls what (on the engine thread, but for the first line):
 
+    AsyncEngine.compile_grammar -> GrammarBackend.compile(spec) on a worker thread, before
+                                   the request is added (xgrammar's compiler is thread-safe)
     RequestIntake.validate -> GrammarBackend.compile(spec)      ValueError naming the problem
     RequestIntake.register -> GrammarBackend.matcher(spec)      one matcher per sequence
-    EngineCore._sample     -> GrammarBackend.fill(matchers)     host bitmask of the constrained
+    RequestIntake.bitmask  -> GrammarBackend.fill(matchers)     host bitmask of the constrained
                                                                 rows only, filled while the
                                                                 device runs the forward pass
     Sampler                -> apply_token_bitmask(logits, mask) one masked fill on the device

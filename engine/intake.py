@@ -8,6 +8,7 @@ and `forget` as each sequence finishes; a request id stays taken until all its s
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +74,19 @@ class RequestIntake:
         self.sequences: dict[RequestId, Sequence] = {}
         self.children: dict[str, list[RequestId]] = {}
         self._grammar: GrammarBackend | None = None
+        # The backend is also reached from AsyncEngine.compile_grammar's worker threads.
+        self._grammar_lock = threading.Lock()
 
     @property
     def grammar(self) -> GrammarBackend:
         """The grammar backend, built on first use (importing xgrammar takes seconds)."""
-        if self._grammar is None:
-            limits = self.limits
-            self._grammar = GrammarBackend.create(
-                self.tokenizer, limits.vocab_size, limits.eos_token_ids, self.device
-            )
-        return self._grammar
+        with self._grammar_lock:
+            if self._grammar is None:
+                limits = self.limits
+                self._grammar = GrammarBackend.create(
+                    self.tokenizer, limits.vocab_size, limits.eos_token_ids, self.device
+                )
+            return self._grammar
 
     def validate(
         self, request_id: str, prompt: list[int], params: SamplingParams, max_new_cap: int | None

@@ -76,6 +76,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
 
         num_skip = request.num_skip_blocks
         try:
+            await self.runtime.engine.compile_grammar(params)
             await self.runtime.engine.run(admit)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
