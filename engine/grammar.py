@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 _BITS_PER_WORD = 32
 # xgrammar prefixes its C++ errors with a timestamp and a source location.
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
+# Longest string bound compiled as a pattern: measured on 2 cores, {0,256} compiles in
+# 0.1 s, {0,1000} in 2.4 s, {0,5000} in 94 s.
+_MAX_PATTERN_LENGTH = 256
 # Bytes of compiled grammars kept (xgrammar evicts least recently used ones beyond it).
 _COMPILER_CACHE_BYTES = 256 << 20
 
@@ -147,7 +150,9 @@ class GrammarBackend:
 def bounded_strings_as_patterns(schema_text: str) -> str:
     """The schema, with every string bounded only by minLength/maxLength given the equivalent
     pattern: xgrammar 0.2.9 compiles such strings to a rule that admits raw control
-    characters (invalid JSON). Unchanged text when no such string is in it."""
+    characters (invalid JSON). Bounds above _MAX_PATTERN_LENGTH keep xgrammar's rule (the
+    pattern's compile time grows steeply with the bound). Unchanged text when nothing is
+    rewritten."""
     try:
         schema = json.loads(schema_text)
     except json.JSONDecodeError as exc:
@@ -167,7 +172,8 @@ def _rewrite_lengths(node: Any) -> bool:
         changed |= _rewrite_lengths(value)
     bounded = "minLength" in node or "maxLength" in node
     free = not any(key in node for key in ("pattern", "format", "enum", "const"))
-    if node.get("type") == "string" and bounded and free:
+    cheap = max(node.get("minLength", 0), node.get("maxLength", 0)) <= _MAX_PATTERN_LENGTH
+    if node.get("type") == "string" and bounded and free and cheap:
         low, high = node.pop("minLength", 0), node.pop("maxLength", "")
         node["pattern"] = rf'^[^"\\\u0000-\u001f]{{{low},{high}}}$'
         return True

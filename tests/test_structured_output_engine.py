@@ -85,6 +85,8 @@ def test_length_bounded_strings_exclude_control_characters() -> None:
     schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}}
     pattern = json.loads(bounded_strings_as_patterns(json.dumps(schema)))["properties"]["s"]
     assert pattern == {"type": "string", "pattern": '^[^"\\\\\\u0000-\\u001f]{0,3}$'}
+    long = {"type": "string", "maxLength": 5000}
+    assert json.loads(bounded_strings_as_patterns(json.dumps(long))) == long
 
 
 def test_every_schema_validates_and_free_rows_are_unaffected(llm: LLM) -> None:
