@@ -88,22 +88,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             raise
         if not outcome.ok:
             await context.abort(grpc.StatusCode.ABORTED, outcome.error or "prefill failed")
-        return pb.PrefillResponse(
-            request_id=rid,
-            first_token_id=outcome.first_token_id or 0,
-            first_token_logprob=(
-                token_logprob_to_proto(outcome.first_logprob) if outcome.first_logprob else None
-            ),
-            final_notif_tag=outcome.final_tag.encode(),
-            num_cached_tokens=outcome.num_cached_tokens,
-            prefill_time_s=time.monotonic() - started,
-            num_bytes_pushed=outcome.num_bytes,
-            num_chunks=outcome.num_chunks,
-            num_blocks_pushed=outcome.num_blocks,
-            queue_time_s=outcome.queue_time_s,
-            compute_time_s=outcome.compute_time_s,
-            push_tail_time_s=outcome.push_tail_time_s,
-        )
+        return _response(rid, outcome, started)
 
     async def _abort(self, request_ids: list[str]) -> int:
         pusher = self.pusher
@@ -136,3 +121,23 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
 
 async def add_prefill_service(runtime: NodeRuntime, server: grpc.aio.Server) -> None:
     node_pb2_grpc.add_PrefillServicer_to_server(await PrefillService.create(runtime), server)
+
+
+def _response(rid: str, outcome: PushOutcome, started: float) -> pb.PrefillResponse:
+    """The Prefill RPC's answer: the first token and what the prefill cost."""
+    return pb.PrefillResponse(
+        request_id=rid,
+        first_token_id=outcome.first_token_id or 0,
+        first_token_logprob=(
+            token_logprob_to_proto(outcome.first_logprob) if outcome.first_logprob else None
+        ),
+        final_notif_tag=outcome.final_tag.encode(),
+        num_cached_tokens=outcome.num_cached_tokens,
+        prefill_time_s=time.monotonic() - started,
+        num_bytes_pushed=outcome.num_bytes,
+        num_chunks=outcome.num_chunks,
+        num_blocks_pushed=outcome.num_blocks,
+        queue_time_s=outcome.queue_time_s,
+        compute_time_s=outcome.compute_time_s,
+        push_tail_time_s=outcome.push_tail_time_s,
+    )
