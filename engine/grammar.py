@@ -150,7 +150,8 @@ class GrammarBackend:
 def bounded_strings_as_patterns(schema_text: str) -> str:
     """The schema, with every string bounded only by minLength/maxLength given the equivalent
     pattern: xgrammar 0.2.9 compiles such strings to a rule that admits raw control
-    characters (invalid JSON). Bounds above _MAX_PATTERN_LENGTH keep xgrammar's rule (the
+    characters (invalid JSON) and UTF-8-encoded surrogates (which decode to three U+FFFD,
+    breaking the length bound). Bounds above _MAX_PATTERN_LENGTH keep xgrammar's rule (the
     pattern's compile time grows steeply with the bound). Unchanged text when nothing is
     rewritten."""
     try:
@@ -175,7 +176,7 @@ def _rewrite_lengths(node: Any) -> bool:
     cheap = max(node.get("minLength", 0), node.get("maxLength", 0)) <= _MAX_PATTERN_LENGTH
     if node.get("type") == "string" and bounded and free and cheap:
         low, high = node.pop("minLength", 0), node.pop("maxLength", "")
-        node["pattern"] = rf'^[^"\\\u0000-\u001f]{{{low},{high}}}$'
+        node["pattern"] = rf'^[^"\\\u0000-\u001f\ud800-\udfff]{{{low},{high}}}$'
         return True
     return changed
 

@@ -4,11 +4,12 @@
 `response_format` {"type": "json_object"} and {"type": "json_schema", "json_schema":
 {"schema": ..., "strict": ...}}, and vLLM's extra_body fields `guided_json` (a schema, as an
 object or its JSON text), `guided_regex`, `guided_choice` (a list of strings) and
-`guided_grammar` (EBNF). At most one of them per request; the shape of each is checked here
-(a 400 naming the field). The router is torch-free and xgrammar needs torch, so the grammar
-itself is compiled by the decode node at admission, before any block is allocated or any
-prefill node is asked: a schema xgrammar cannot compile is a 400 with its reason
-(docs/structured_output.md).
+`guided_grammar` (EBNF), or the same under vLLM's newer `structured_outputs` object
+(`json`, `regex`, `choice`, `grammar`, `json_object`). At most one of them per request;
+the shape of each is checked here (a 400 naming the field). The router is torch-free and
+xgrammar needs torch, so the grammar itself is compiled by the decode node at admission,
+before any block is allocated or any prefill node is asked: a schema xgrammar cannot
+compile is a 400 with its reason (docs/structured_output.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from splitserve.engine.sampling_params import GrammarSpec
 from splitserve.router.errors import bad_request
-from splitserve.router.openai_schema import ResponseFormat, _SamplingFields
+from splitserve.router.openai_schema import ResponseFormat, StructuredOutputs, _SamplingFields
 
 # Bound on the text of one grammar (a schema, regex or EBNF) the router accepts.
 MAX_GRAMMAR_CHARS = 1 << 20
@@ -30,10 +31,11 @@ def grammar_spec(req: _SamplingFields) -> GrammarSpec | None:
         (name, value)
         for name, value in (
             ("response_format", _response_format(req.response_format)),
-            ("guided_json", _guided_json(req.guided_json)),
+            ("guided_json", _json(req.guided_json, "guided_json")),
             ("guided_regex", _non_empty(req.guided_regex, "regex", "guided_regex")),
-            ("guided_choice", _guided_choice(req.guided_choice)),
+            ("guided_choice", _choice(req.guided_choice, "guided_choice")),
             ("guided_grammar", _non_empty(req.guided_grammar, "grammar", "guided_grammar")),
+            *_structured_outputs(req.structured_outputs),
         )
         if value is not None
     ]
@@ -47,6 +49,20 @@ def grammar_spec(req: _SamplingFields) -> GrammarSpec | None:
     if len(spec.source) > MAX_GRAMMAR_CHARS:
         raise bad_request(f"{name} is longer than {MAX_GRAMMAR_CHARS} characters", name)
     return spec
+
+
+def _structured_outputs(so: StructuredOutputs | None) -> list[tuple[str, GrammarSpec | None]]:
+    if so is None:
+        return []
+    prefix = "structured_outputs."
+    json_object = GrammarSpec("json_object") if so.json_object else None
+    return [
+        (prefix + "json", _json(so.json_, prefix + "json")),
+        (prefix + "regex", _non_empty(so.regex, "regex", prefix + "regex")),
+        (prefix + "choice", _choice(so.choice, prefix + "choice")),
+        (prefix + "grammar", _non_empty(so.grammar, "grammar", prefix + "grammar")),
+        (prefix + "json_object", json_object),
+    ]
 
 
 def _response_format(fmt: ResponseFormat | None) -> GrammarSpec | None:
@@ -64,17 +80,17 @@ def _response_format(fmt: ResponseFormat | None) -> GrammarSpec | None:
     return GrammarSpec("json", source, strict=fmt.json_schema.strict is not False)
 
 
-def _guided_json(value: str | dict[str, Any] | None) -> GrammarSpec | None:
+def _json(value: str | dict[str, Any] | None, field: str) -> GrammarSpec | None:
     if value is None:
         return None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise bad_request(f"guided_json is not valid JSON: {exc}", "guided_json") from exc
+            raise bad_request(f"{field} is not valid JSON: {exc}", field) from exc
     if not isinstance(value, dict):
-        raise bad_request("guided_json must be a JSON schema object", "guided_json")
-    return GrammarSpec("json", _schema_text(value, "guided_json"))
+        raise bad_request(f"{field} must be a JSON schema object", field)
+    return GrammarSpec("json", _schema_text(value, field))
 
 
 def _schema_text(schema: dict[str, Any], field: str) -> str:
@@ -86,12 +102,11 @@ def _schema_text(schema: dict[str, Any], field: str) -> str:
         raise bad_request(f"the JSON schema in {field} cannot be serialised: {exc}", field) from exc
 
 
-def _guided_choice(choices: list[str] | None) -> GrammarSpec | None:
+def _choice(choices: list[str] | None, field: str) -> GrammarSpec | None:
     if choices is None:
         return None
     if not choices or not all(choices):
-        message = "guided_choice must be a non-empty list of non-empty strings"
-        raise bad_request(message, "guided_choice")
+        raise bad_request(f"{field} must be a non-empty list of non-empty strings", field)
     return GrammarSpec("choice", json.dumps(choices, ensure_ascii=False))
 
 

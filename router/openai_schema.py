@@ -9,8 +9,8 @@ the Field declarations). Accepted but ignored: `user`, `metadata`, `store`,
 a 400 saying so): `tools` empty, `tool_choice` "none", `logit_bias` empty, `suffix` null,
 `echo` false, `prompt_logprobs` null, `best_of` null or 1. Role `developer` is `system`.
 Structured output: `response_format` (text, json_object, json_schema) and vLLM's
-`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (router/grammar_spec.py
-turns them into one GrammarSpec).
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs`
+(router/grammar_spec.py turns them into one GrammarSpec).
 """
 
 from __future__ import annotations
@@ -66,6 +66,16 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` (extra_body), the successor of its guided_* fields."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -94,6 +104,7 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     logit_bias: dict[str, float] | None = None
     prompt_logprobs: int | None = None
     echo: bool = False

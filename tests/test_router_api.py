@@ -381,6 +381,12 @@ ERROR_CASES = [
         "guided_choice",
     ),
     (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "guided_regex": "a+", "structured_outputs": {"json": {}}},
+        400,
+        "structured_outputs.json",
+    ),
+    (
         "/v1/chat/completions",
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"a": 1}]},
         400,

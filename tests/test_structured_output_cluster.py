@@ -72,8 +72,8 @@ def wait_idle(nodes: list[NodeProcess], timeout_s: float = 30.0) -> list[pb.Stat
 
 
 async def one_request(client: openai.AsyncOpenAI, schema: dict, i: int) -> tuple[str, str]:
-    """(text, finish_reason) of request i for `schema`: chat with response_format, plain
-    completions with vLLM's guided_json, some streamed."""
+    """(text, finish_reason) of request i for `schema`: chat with response_format (some
+    streamed), plain completions with vLLM's guided_json or structured_outputs."""
     content = f"Reply with a JSON record, variant {i}."
     if i % 2 == 0:
         fmt = {
@@ -94,7 +94,9 @@ async def one_request(client: openai.AsyncOpenAI, schema: dict, i: int) -> tuple
         prompt=content,
         max_tokens=MAX_TOKENS,
         temperature=0.8,
-        extra_body={"guided_json": schema},
+        extra_body={"guided_json": schema}
+        if i % 4 == 1
+        else {"structured_outputs": {"json": schema}},
     )
     return completion.choices[0].text, completion.choices[0].finish_reason
 
