@@ -232,6 +232,20 @@ def _apply_cpu(logits: torch.Tensor, mask: TokenBitmask, vocab_size: int, num_ro
     logits[index] = sub
 
 
+def grammar_must_end(mask: TokenBitmask, banned: list[set[int]], vocab_size: int) -> frozenset[int]:
+    """The rows of `mask` whose grammar allows no token outside `banned` (one set per row:
+    the ids min_tokens holds back), read from the host bitmask, with no device sync."""
+    must_end = []
+    for j, held in enumerate(banned):
+        if not held:
+            continue
+        allowed = unpack_bitmask(mask.words[j : j + 1], vocab_size)[0]
+        allowed[[t for t in held if 0 <= t < vocab_size]] = False
+        if not bool(allowed.any()):
+            must_end.append(mask.rows[j])
+    return frozenset(must_end)
+
+
 def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[rows, words] int32 -> [rows, vocab_size] bool, token t allowed when bit t is set."""
     shifts = torch.arange(_BITS_PER_WORD, dtype=torch.int32, device=words.device)

@@ -75,6 +75,22 @@ def test_sampler_obeys_the_mask_and_leaves_other_rows_alone() -> None:
     assert masked[3] == free[3]  # same seed, same draw: the unmasked row is untouched
 
 
+def test_min_tokens_does_not_hold_open_a_grammar_that_must_end() -> None:
+    """eos (id 5) is the only token the grammar allows: min_tokens gives way; where the
+    grammar allows more, min_tokens holds eos back as usual."""
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    params = SamplingParams(temperature=0, min_tokens=10)
+    eos = frozenset({5})
+    rows = [SamplingRow(params, None, [1], [], eos) for _ in range(2)]
+    words = torch.zeros(2, 4, dtype=torch.int32)
+    words[0, 0] = 1 << 5  # row 0: eos only
+    words[1, 0] = (1 << 5) | (1 << 6)  # row 1: eos or 6
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 5] = 3.0
+    out = sampler(logits, rows, TokenBitmask([0, 1], words))
+    assert out.token_ids == [5, 6]
+
+
 def test_grammar_spec_crosses_the_wire() -> None:
     params = json_params(SCHEMAS[2], temperature=0.5)
     assert sampling_params_from_proto(sampling_params_to_proto(params)) == params
