@@ -8,6 +8,7 @@ poll the KV connector (`EngineCore.poll_connector`: remote KV arrivals and failu
 self-pipe write and a wake-up of the loop, taken under the GIL). Every touch of the
 EngineCore happens on that thread; other threads go through `call` (a function run there
 between steps; `run` is its awaitable form on the asyncio side) or `generate`/`abort`.
+A request's grammar is compiled on a worker thread before it is added (`compile_grammar`).
 
 Streaming is coalesced: when a request's consumer wakes up to several queued outputs (the
 event loop or the client fell behind the engine), `generate` yields them as one delta, so a
@@ -112,6 +113,7 @@ class AsyncEngine:
         """Add a request and yield its outputs as deltas until it finishes; `kv_params`
         goes to the KV connector (`EngineCore.add_request`). If the caller goes away while
         the request is being added, it is aborted once added."""
+        await self.compile_grammar(params)
         stream = self._open(request_id, prompt_token_ids, params)
         admission = self.call(
             lambda core: core.add_request(request_id, prompt_token_ids, params, kv_params)
@@ -134,6 +136,13 @@ class AsyncEngine:
             if not finished:
                 await self.abort(request_id)
             self._streams.pop(request_id, None)
+
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile the request's grammar, if any, on a worker thread (ValueError when it
+        cannot be), so that admission on the engine thread finds it in the compiler's cache
+        and no step of the running batch waits on a compile."""
+        if params.grammar is not None:
+            await asyncio.to_thread(self.core.intake.grammar.compile, params.grammar)
 
     def _abandon(self, admission: concurrent.futures.Future, request_id: str) -> None:
         """The request was added but nobody awaits it: abort it on the engine thread."""

@@ -167,7 +167,8 @@ class EngineCore:
     def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> SamplerOutput:
         with record_function("step.sample"):
             seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
-            return self.sampler(logits, [seq.sampling_row() for seq in seqs])
+            bitmask = self.intake.bitmask(seqs)  # on the host, while the device computes
+            return self.sampler(logits, [seq.sampling_row() for seq in seqs], bitmask)
 
     def _process(self, sampling: list[ScheduledChunk], result: SamplerOutput) -> list[StepOutput]:
         """Append every token; sequences that end on theirs (eos, stop id, length) end

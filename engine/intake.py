@@ -1,23 +1,27 @@
 """Request intake: validation, n > 1 fan-out, and the live sequences by id.
 
-EngineCore calls `validate` (raises ValueError with how to fix the input), then
-`register` (one `Sequence` per completion: `{id}` for n == 1, `{id}#{i}` otherwise), and
-`forget` as each sequence finishes; a request id stays taken until all its sequences end.
+EngineCore calls `validate` (raises ValueError with how to fix the input; a request with a
+grammar has it compiled here, engine/grammar.py), then `register` (one `Sequence` per
+completion: `{id}` for n == 1, `{id}#{i}` otherwise, each with its own grammar matcher),
+and `forget` as each sequence finishes; a request id stays taken until all its sequences end.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import SchedulerConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.grammar import GrammarBackend, TokenBitmask
 from splitserve.engine.request import Request, RequestId
 from splitserve.engine.sampler import Sampler, SamplingRow
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
 
 
 @dataclass(eq=False)
@@ -32,6 +36,8 @@ class Sequence:
     # Leading prompt blocks already reported to the KV connector as final.
     num_blocks_reported: int = 0
     is_prompt_reported: bool = False
+    # xgrammar GrammarMatcher, advanced by every output token; None without a grammar.
+    grammar: Any = None
 
     def sampling_row(self) -> SamplingRow:
         req = self.request
@@ -67,6 +73,20 @@ class RequestIntake:
         self.device = device
         self.sequences: dict[RequestId, Sequence] = {}
         self.children: dict[str, list[RequestId]] = {}
+        self._grammar: GrammarBackend | None = None
+        # The backend is also reached from AsyncEngine.compile_grammar's worker threads.
+        self._grammar_lock = threading.Lock()
+
+    @property
+    def grammar(self) -> GrammarBackend:
+        """The grammar backend, built on first use (importing xgrammar takes seconds)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                limits = self.limits
+                self._grammar = GrammarBackend.create(
+                    self.tokenizer, limits.vocab_size, limits.eos_token_ids, self.device
+                )
+            return self._grammar
 
     def validate(
         self, request_id: str, prompt: list[int], params: SamplingParams, max_new_cap: int | None
@@ -92,6 +112,8 @@ class RequestIntake:
         if max_new_cap is not None:
             max_new = min(max_new, max_new_cap)
         self._check_fits(num_prompt, max_new)
+        if params.grammar is not None:
+            self.grammar.compile(params.grammar)
         return max_new
 
     def _check_fits(self, num_prompt: int, max_new: int) -> None:
@@ -133,11 +155,25 @@ class RequestIntake:
             if params.seed is not None:
                 generator = Sampler.make_generator(params.seed + index, self.device)
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
-            seqs.append(Sequence(request, request_id, index, detok, generator))
+            seq = Sequence(request, request_id, index, detok, generator)
+            seq.grammar = self._matcher(params.grammar)
+            seqs.append(seq)
         self.children[request_id] = [s.request.request_id for s in seqs]
         for seq in seqs:
             self.sequences[seq.request.request_id] = seq
         return seqs
+
+    def bitmask(self, seqs: list[Sequence]) -> TokenBitmask | None:
+        """Next-token bitmask of the sequences (one step's sampling rows, in order) that
+        have a grammar, filled on the host; None when none has."""
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return None
+        with record_function("step.grammar_bitmask"):
+            return self.grammar.fill(rows, [seqs[i].grammar for i in rows])
+
+    def _matcher(self, spec: GrammarSpec | None) -> Any:
+        return None if spec is None else self.grammar.matcher(spec)
 
     def forget(self, seq: Sequence) -> None:
         """The sequence finished; the request id is free once all its sequences are."""

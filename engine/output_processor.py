@@ -1,20 +1,25 @@
 """Output processing: append sampled tokens, detokenize, check stops, make StepOutputs.
 
-EngineCore calls, per sampled token: `add_token` (appends it; returns the status its id
-alone ends the request with: eos or a stop token id), then `emit` (detokenizes, checks stop
-strings and length, finishes the request through the `finish` callback it was built with,
-and returns the StepOutput). With overlap the two calls straddle the next step's launch.
+EngineCore calls, per sampled token: `add_token` (appends it, advances the sequence's
+grammar matcher; returns the status its id alone ends the request with: eos, a stop token
+id, a grammar that terminated, or a token the grammar refuses), then `emit` (detokenizes,
+checks stop strings and length, finishes the request through the `finish` callback it was
+built with, and returns the StepOutput). With overlap the two calls straddle the next step's launch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+from splitserve.engine.grammar import advance
 from splitserve.engine.intake import Sequence
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 class StepOutput(NamedTuple):
@@ -55,7 +60,10 @@ class OutputProcessor:
         self.num_generation_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        return _token_stop_status(req, token)
+        status = _token_stop_status(req, token)
+        if seq.grammar is not None:
+            return _grammar_status(seq, token) or status
+        return status
 
     def emit(
         self,
@@ -99,6 +107,22 @@ def ends_on_token(seq: Sequence, status: RequestStatus | None) -> bool:
     detokenizing, so it can end before the next step is scheduled."""
     req = seq.request
     return status is not None or req.num_output_tokens >= req.max_new_tokens
+
+
+def _grammar_status(seq: Sequence, token: int) -> RequestStatus | None:
+    """Advance the grammar: a grammar that terminated ends the request ("stop"); a token it
+    refuses (only a first token sampled elsewhere without the grammar can be one) is an error."""
+    state = advance(seq.grammar, token)
+    if state is None:
+        return None
+    if state:
+        return RequestStatus.FINISHED_STOPPED
+    logger.error(
+        "request %s: token %d breaks its grammar (was the first token sampled without it?)",
+        seq.request.request_id,
+        token,
+    )
+    return RequestStatus.FINISHED_ERROR
 
 
 def _token_stop_status(req: Request, token: int) -> RequestStatus | None:

@@ -7,9 +7,13 @@ same order. A request with a seed gets its generator once, from `Sampler.make_ge
 and passes the same generator object at every step; the sampler advances it by one draw
 per step in which that row samples at random (greedy rows never touch a generator).
 
-Per row, as vLLM does:
+Rows with a grammar come with a `TokenBitmask` (engine/grammar.py), applied first, to the
+constrained rows only, in one masked fill on the device: disallowed tokens get -inf before
+anything else sees the logits (so log-probabilities are those of the constrained
+distribution, as in vLLM); where the grammar allows nothing but what min_tokens holds back
+(it can only end), the grammar wins. Then per row, as vLLM does:
 
-    raw logits -> log-probabilities (log_softmax of the raw logits, for `params.logprobs`)
+    logits -> log-probabilities (log_softmax of the raw logits, for `params.logprobs`)
     raw logits -> min_tokens mask -> repetition penalty -> frequency/presence penalties
                -> greedy: argmax
                -> random: temperature -> top-k -> top-p -> min-p -> draw
@@ -27,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask, grammar_must_end
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -62,19 +67,28 @@ def _padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> to
     return out.clamp_(0, pad).to(device)
 
 
-def _mask_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+def _min_tokens_banned(row: SamplingRow) -> set[int]:
+    """The ids min_tokens holds back from `row` now (empty once it has enough outputs)."""
+    params = row.params
+    if len(row.output_token_ids) >= params.min_tokens:
+        return set()
+    banned = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        banned |= row.eos_token_ids
+    return banned
+
+
+def _mask_min_tokens(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], exempt: frozenset[int] = frozenset()
+) -> None:
     """While a row has fewer than min_tokens outputs, its stop ids (and eos unless ignore_eos)
-    get -inf. Ids outside the vocabulary can never be sampled and are left alone."""
+    get -inf, but for the `exempt` rows (a grammar that can only end). Ids outside the
+    vocabulary can never be sampled and are left alone."""
     vocab_size = logits.shape[1]
     row_idx: list[int] = []
     tok_idx: list[int] = []
     for i, row in enumerate(rows):
-        params = row.params
-        if len(row.output_token_ids) >= params.min_tokens:
-            continue
-        banned = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            banned |= row.eos_token_ids
+        banned = set() if i in exempt else _min_tokens_banned(row)
         for token in banned:
             if 0 <= token < vocab_size:
                 row_idx.append(i)
@@ -136,15 +150,18 @@ def _needs_penalties(row: SamplingRow) -> bool:
     )
 
 
-def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """min_tokens mask, then repetition, frequency and presence penalties.
+def apply_penalties(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], exempt: frozenset[int] = frozenset()
+) -> torch.Tensor:
+    """min_tokens mask (not on the `exempt` rows), then repetition, frequency and presence
+    penalties.
 
     Never modifies `logits`; returns it unchanged (the same object) when no row needs any.
     """
     if not any(_needs_penalties(r) for r in rows):
         return logits
     out = logits.clone()
-    _mask_min_tokens(out, rows)
+    _mask_min_tokens(out, rows, exempt)
     _apply_repetition_penalty(out, rows)
     _apply_frequency_presence(out, rows)
     return out
@@ -200,7 +217,10 @@ class Sampler:
         generator.manual_seed(seed)
         return generator
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: TokenBitmask | None = None
+    ) -> SamplerOutput:
+        """One token per row; `bitmask` (rows with a grammar) may modify `logits` in place."""
         if logits.dim() != 2 or logits.shape != (len(rows), self.vocab_size):
             raise ValueError(
                 f"logits must be [num_rows={len(rows)}, vocab_size={self.vocab_size}], got "
@@ -210,7 +230,12 @@ class Sampler:
         if not rows:
             return SamplerOutput([], [])
         logits = logits.float()
-        processed = apply_penalties(logits, rows)
+        exempt: frozenset[int] = frozenset()
+        if bitmask is not None and bitmask.rows:
+            apply_token_bitmask(logits, bitmask)
+            banned = [_min_tokens_banned(rows[i]) for i in bitmask.rows]
+            exempt = grammar_must_end(bitmask, banned, self.vocab_size)
+        processed = apply_penalties(logits, rows, exempt)
         token_ids = processed.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if random_rows:

@@ -1,12 +1,41 @@
-"""SamplingParams: what a request asks of the sampler, validated once at creation."""
+"""SamplingParams: what a request asks of the sampler, validated once at creation.
+
+Torch-free: the router builds these (and their `GrammarSpec`) and sends them over gRPC.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 # Bounds that keep one request from monopolising the engine or the sampler.
 MAX_LOGPROBS = 20
 MAX_N = 16
+
+GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+GRAMMAR_KINDS: tuple[str, ...] = get_args(GrammarKind)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What constrains a request's output (engine/grammar.py compiles it with xgrammar).
+
+    kind "json": `source` is a JSON schema (text); "json_object": any JSON object (`source`
+    empty); "regex": a regular expression; "choice": a JSON array of the allowed strings;
+    "grammar": an EBNF grammar (GBNF, as vLLM's `guided_grammar`) whose start rule is `root`.
+    """
+
+    kind: GrammarKind
+    source: str = ""
+    # "json": no properties beyond those the schema lists (OpenAI's `strict`, xgrammar's
+    # strict mode, vLLM's default); False follows JSON Schema (additionalProperties: true).
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.kind!r}")
+        if self.kind != "json_object" and not self.source:
+            raise ValueError(f"a {self.kind!r} grammar needs a non-empty source")
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,8 @@ class SamplingParams:
     # None returns no log-probabilities at all.
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Constrained decoding: every sampled token keeps the output inside this grammar.
+    grammar: GrammarSpec | None = None
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -123,6 +123,7 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             core.add_request(rid, prompt, params, target)
 
         try:
+            await self.runtime.engine.compile_grammar(params)
             await self.runtime.engine.run(admit)
         except ValueError as exc:
             await context.abort(_refusal_status(exc), str(exc))

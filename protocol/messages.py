@@ -18,7 +18,7 @@ from splitserve.protocol import node_pb2 as pb
 
 if TYPE_CHECKING:
     from splitserve.engine.outputs import TokenLogprob
-    from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
 
 
 def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -52,7 +52,21 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.max_tokens = params.max_tokens
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.grammar is not None:
+        spec = params.grammar
+        msg.grammar.CopyFrom(pb.GrammarSpec(kind=spec.kind, source=spec.source, strict=spec.strict))
     return msg
+
+
+def _grammar_from_proto(msg: pb.SamplingParams) -> GrammarSpec | None:
+    if not msg.HasField("grammar"):
+        return None
+    from splitserve.engine.sampling_params import GRAMMAR_KINDS, GrammarSpec
+
+    kind = msg.grammar.kind
+    if kind not in GRAMMAR_KINDS:
+        raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {kind!r}")
+    return GrammarSpec(kind, msg.grammar.source, msg.grammar.strict)  # type: ignore[arg-type]
 
 
 def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -80,6 +94,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
+        grammar=_grammar_from_proto(msg),
         extra=extra,
     )
 

@@ -6,9 +6,11 @@ them and names them in the `X-Ignored-Fields` response header (the router's
 for an int, no 0 for a bool); every number is range-checked (no NaN or infinity, bounds in
 the Field declarations). Accepted but ignored: `user`, `metadata`, `store`,
 `parallel_tool_calls`, `service_tier`. Accepted only in their neutral form (anything else is
-a 400 saying so): `response_format` {"type": "text"}, `tools` empty, `tool_choice` "none",
-`logit_bias` empty, `suffix` null, `echo` false, `best_of` null or 1. Role `developer` is
-`system`.
+a 400 saying so): `tools` empty, `tool_choice` "none", `logit_bias` empty, `suffix` null,
+`echo` false, `prompt_logprobs` null, `best_of` null or 1. Role `developer` is `system`.
+Structured output: `response_format` (text, json_object, json_schema) and vLLM's
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs`
+(router/grammar_spec.py turns them into one GrammarSpec).
 """
 
 from __future__ import annotations
@@ -52,8 +54,26 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` (extra_body), the successor of its guided_* fields."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _SamplingFields(_Strict):
@@ -78,7 +98,15 @@ class _SamplingFields(_Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY)
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output extensions (extra_body).
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None
     echo: bool = False
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -125,7 +153,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None

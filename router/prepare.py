@@ -2,7 +2,8 @@
 
 Tokenizes prompts (chat: the model's template, then the text without extra special tokens),
 checks the context budget against the nodes' `max_model_len`, and builds one validated
-`SamplingParams`. Every problem is an `APIError` 400 naming the field.
+`SamplingParams` (with the request's grammar, router/grammar_spec.py). Every problem is an
+`APIError` 400 naming the field.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Literal
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.errors import bad_request, param_of_value_error
+from splitserve.router.grammar_spec import grammar_spec
 from splitserve.router.openai_schema import (
     MAX_TOKENS_LIMIT,
     ChatCompletionRequest,
@@ -54,6 +56,9 @@ def _check_neutral_fields(req: _SamplingFields) -> None:
         raise bad_request("echo is not supported: send echo=false (or omit it)", "echo")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported: omit it or send {}", "logit_bias")
+    if req.prompt_logprobs is not None:
+        message = "prompt_logprobs is not supported: omit it (or send null)"
+        raise bad_request(message, "prompt_logprobs")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
@@ -88,6 +93,7 @@ def _sampling_params(
     req: _SamplingFields, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:
     stop = req.stop if req.stop is not None else ()
+    grammar = grammar_spec(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -107,6 +113,7 @@ def _sampling_params(
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            grammar=grammar,
         )
     except ValueError as exc:
         raise bad_request(str(exc), param_of_value_error(str(exc), _PARAM_FIELDS)) from exc

@@ -1,0 +1,228 @@
+"""Structured output through a 1P1D cluster (`LocalCluster`, what `splitserve up` runs: Redis,
+router, one prefill and one decode node as processes, real gRPC and NIXL, the tiny llama on
+CPU) with the official `openai` client: every output parses and validates, greedy outputs
+equal the aggregated engine's, an unsatisfiable grammar ends on "length" and leaks nothing,
+a bad schema is a 400."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import jsonschema
+import openai
+import pytest
+from structured_schemas import SCHEMAS
+
+from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
+from splitserve.launch.local_cluster import ClusterConfig, LocalCluster, NodeProcess
+from splitserve.protocol import node_pb2 as pb
+from splitserve.protocol import node_pb2_grpc
+from splitserve.protocol.messages import sampling_params_to_proto
+
+# Real node processes: run serially, see the Makefile.
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny"
+MAX_TOKENS = 96
+NUM_PER_SCHEMA = 20
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama):
+    config = ClusterConfig(
+        model=str(tiny_llama),
+        served_model_name=MODEL,
+        num_prefill=1,
+        num_decode=1,
+        router_port=0,
+        node_args=("--dtype", "float32", "--num-blocks", "1024"),
+        # Every prompt is prefilled on the prefill node, however short.
+        router_args=("--disagg-min-tokens", "0"),
+    )
+    with LocalCluster(config) as running:
+        yield running
+
+
+def async_client(cluster: LocalCluster) -> openai.AsyncOpenAI:
+    """A client for one event loop (each test runs its own)."""
+    return openai.AsyncOpenAI(
+        base_url=f"{cluster.router_url}/v1", api_key="unused", max_retries=0, timeout=180
+    )
+
+
+def node_stats(node: NodeProcess) -> pb.StatsResponse:
+    stub_cls = node_pb2_grpc.PrefillStub if node.role == "prefill" else node_pb2_grpc.DecodeStub
+    with grpc.insecure_channel(node.address) as channel:
+        return stub_cls(channel).Stats(pb.StatsRequest(), timeout=10)
+
+
+def wait_idle(nodes: list[NodeProcess], timeout_s: float = 30.0) -> list[pb.StatsResponse]:
+    """The nodes' stats once no block is owned by a request (or at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = [node_stats(n) for n in nodes]
+        busy = any(s.kv_usage > 0 or s.num_running or s.num_waiting for s in stats)
+        if not busy or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+async def one_request(client: openai.AsyncOpenAI, schema: dict, i: int) -> tuple[str, str]:
+    """(text, finish_reason) of request i for `schema`: chat with response_format (some
+    streamed), plain completions with vLLM's guided_json or structured_outputs."""
+    content = f"Reply with a JSON record, variant {i}."
+    if i % 2 == 0:
+        fmt = {
+            "type": "json_schema",
+            "json_schema": {"name": "r", "schema": schema, "strict": True},
+        }
+        kwargs = dict(model=MODEL, max_tokens=MAX_TOKENS, temperature=0.8, response_format=fmt)
+        messages = [{"role": "user", "content": content}]
+        if i % 4 == 0:
+            stream = await client.chat.completions.create(messages=messages, stream=True, **kwargs)
+            chunks = [c async for c in stream]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            return text, chunks[-1].choices[0].finish_reason
+        reply = await client.chat.completions.create(messages=messages, **kwargs)
+        return reply.choices[0].message.content or "", reply.choices[0].finish_reason
+    completion = await client.completions.create(
+        model=MODEL,
+        prompt=content,
+        max_tokens=MAX_TOKENS,
+        temperature=0.8,
+        extra_body={"guided_json": schema}
+        if i % 4 == 1
+        else {"structured_outputs": {"json": schema}},
+    )
+    return completion.choices[0].text, completion.choices[0].finish_reason
+
+
+def test_200_requests_over_10_schemas_all_validate(cluster) -> None:
+    prefill, decode = cluster.prefill[0], cluster.decode[0]
+    before = [node_stats(prefill), node_stats(decode)]
+
+    async def run() -> list[tuple[str, str]]:
+        aclient = async_client(cluster)
+        jobs = [one_request(aclient, s, i) for s in SCHEMAS for i in range(NUM_PER_SCHEMA)]
+        return await asyncio.gather(*jobs)
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    failures = []
+    for k, (text, finish) in enumerate(results):
+        schema = SCHEMAS[k // NUM_PER_SCHEMA]
+        try:
+            assert finish == "stop"
+            jsonschema.validate(json.loads(text), schema)
+        except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
+            failures.append((k, text, finish, exc))
+    assert not failures, failures[:3]
+    after = wait_idle([prefill, decode])
+    # The prompts were prefilled remotely: computed on the prefill node, received by decode.
+    assert after[0].prompt_tokens_computed > before[0].prompt_tokens_computed
+    assert after[1].prompt_tokens_received > before[1].prompt_tokens_received
+    print(f"200 constrained requests through 1P1D in {elapsed:.1f} s")
+
+
+def aggregated_output(decode: NodeProcess, rid: str, prompt: list[int], params) -> tuple[str, int]:
+    """(text, number of tokens) of Decode.Generate with no prefill node: the decode node
+    computes the prompt itself, as an aggregated node (0P1D) does."""
+    request = pb.GenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling_params=sampling_params_to_proto(params)
+    )
+    text, num_tokens = "", 0
+    with grpc.insecure_channel(decode.address) as channel:
+        for message in node_pb2_grpc.DecodeStub(channel).Generate(request, timeout=120):
+            for delta in message.deltas:
+                text += delta.text
+                num_tokens += len(delta.token_ids)
+    return text, num_tokens
+
+
+def test_greedy_1p1d_equals_aggregated(cluster) -> None:
+    prompts = [[17 + 3 * i, 40, 41, 42, 200 + i, 7, 9, 300] for i in range(len(SCHEMAS))]
+
+    async def run() -> list:
+        aclient = async_client(cluster)
+        return await asyncio.gather(
+            *[
+                aclient.completions.create(
+                    model=MODEL,
+                    prompt=prompt,
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    extra_body={"guided_json": schema},
+                )
+                for prompt, schema in zip(prompts, SCHEMAS, strict=True)
+            ]
+        )
+
+    before = node_stats(cluster.prefill[0]).prompt_tokens_computed
+    replies = asyncio.run(run())
+    assert node_stats(cluster.prefill[0]).prompt_tokens_computed > before
+    params = [
+        SamplingParams(
+            temperature=0, max_tokens=MAX_TOKENS, grammar=GrammarSpec("json", json.dumps(s))
+        )
+        for s in SCHEMAS
+    ]
+    decode = cluster.decode[0]
+    with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+        jobs = [
+            pool.submit(aggregated_output, decode, f"agg-{i}", prompt, p)
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
+        ]
+        aggregated = [job.result() for job in jobs]
+    for i, reply in enumerate(replies):
+        choice = reply.choices[0]
+        assert (choice.text, reply.usage.completion_tokens) == aggregated[i]
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), SCHEMAS[i])
+
+
+def test_unsatisfiable_grammar_ends_on_length_and_bad_schema_is_400(cluster) -> None:
+    prefill, decode = cluster.prefill[0], cluster.decode[0]
+    start = wait_idle([prefill, decode])
+
+    async def run() -> list:
+        aclient = async_client(cluster)
+        return await asyncio.gather(
+            *[
+                aclient.completions.create(
+                    model=MODEL,
+                    prompt=f"Spell a very long word, take {i}",
+                    max_tokens=8,
+                    temperature=0.8,
+                    extra_body={"guided_regex": "[a-z]{200}"},
+                )
+                for i in range(4)
+            ]
+        )
+
+    for reply in asyncio.run(run()):
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.completion_tokens == 8
+    end = wait_idle([prefill, decode])
+    for s0, s1 in zip(start, end, strict=True):
+        # Free blocks (cached ones included) back at the start value: every block.
+        assert s1.num_blocks_free == s0.num_blocks_free == s0.num_blocks_total
+        assert s1.kv_usage == 0.0 and s1.num_running == 0
+
+    async def bad() -> None:
+        await async_client(cluster).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "bad", "schema": {"type": "objectx"}},
+            },
+        )
+
+    with pytest.raises(openai.BadRequestError) as info:
+        asyncio.run(bad())
+    assert "objectx" in str(info.value)
