@@ -1,8 +1,9 @@
 """A one-host cluster: redis-server, prefill and decode nodes, and optionally a router,
 each its own process. `splitserve up` runs one; the end-to-end tests use it too.
 
-Start order: Redis (unless a URL is given) -> prefill nodes -> decode nodes -> router;
-each start waits for the child's ready line. Stop runs in reverse. Every child binds
+Start order: Redis (unless a URL is given) -> every prefill and decode node at once (their
+start-ups overlap; each must print its ready line) -> router. Stop runs in reverse: the
+router, then every node at once, then Redis. Every child binds
 `host` (loopback by default; the nodes' UCX transports then use only `lo`); with `tls`
 credentials the router serves HTTPS and the nodes and router speak mTLS gRPC with the
 cluster token (protocol/security.py). On GPUs, nodes are placed one per device in the
@@ -210,15 +211,7 @@ class LocalCluster:
             if not self.redis_url and self.config.use_redis:
                 self.redis = RedisServer().start()
                 self.redis_url = self.redis.url
-            devices = list(self.config.devices)
-            for i in range(self.config.num_prefill):
-                self.prefill.append(
-                    self.start_node("prefill", i, devices.pop(0) if devices else None)
-                )
-            for i in range(self.config.num_decode):
-                self.decode.append(
-                    self.start_node("decode", i, devices.pop(0) if devices else None)
-                )
+            self._start_nodes()
             if self.config.router_port is not None:
                 self.router = self._start_router()
         except BaseException:
@@ -226,9 +219,38 @@ class LocalCluster:
             raise
         return self
 
+    def _start_nodes(self) -> None:
+        """Every node at once (their start-ups overlap), then wait for each to serve."""
+        devices = list(self.config.devices)
+        roles = ["prefill"] * self.config.num_prefill + ["decode"] * self.config.num_decode
+        launched: list[tuple[str, ManagedProcess]] = []
+        try:
+            for i, role in enumerate(roles):
+                index = i if role == "prefill" else i - self.config.num_prefill
+                device = devices.pop(0) if devices else None
+                launched.append((role, self._node_process(role, index, device).launch()))
+            for role, proc in launched:
+                node = NodeProcess(role, proc.wait_ready(self.config.start_timeout_s))
+                (self.prefill if role == "prefill" else self.decode).append(node)
+                logger.info("%s node %s on %s", role, node.node_id, node.address)
+        except BaseException:
+            for _, proc in launched:
+                proc.terminate()
+            for _, proc in launched:
+                proc.wait_stopped()
+            raise
+
     def start_node(
         self, role: str, index: int, device: str | None = None, extra_args: tuple[str, ...] = ()
     ) -> NodeProcess:
+        proc = self._node_process(role, index, device, extra_args)
+        node = NodeProcess(role, proc.start(self.config.start_timeout_s))
+        logger.info("%s node %s on %s", role, node.node_id, node.address)
+        return node
+
+    def _node_process(
+        self, role: str, index: int, device: str | None, extra_args: tuple[str, ...] = ()
+    ) -> ManagedProcess:
         cfg = self.config
         args = [
             role,
@@ -249,16 +271,13 @@ class LocalCluster:
             args += ["--served-model-name", cfg.served_model_name]
         if device is not None:
             args += ["--device", device]
-        proc = ManagedProcess.splitserve(
+        return ManagedProcess.splitserve(
             f"{role}-{index}",
             *args,
             ready_pattern=NODE_READY,
             env=self._node_env(),
             drop_env=cfg.drop_env,
         )
-        node = NodeProcess(role, proc.start(cfg.start_timeout_s))
-        logger.info("%s node %s on %s", role, node.node_id, node.address)
-        return node
 
     def _start_router(self) -> ManagedProcess:
         cfg = self.config
@@ -327,7 +346,10 @@ class LocalCluster:
     def stop(self) -> None:
         if self.router is not None:
             self.router.stop()
-        for node in [*self.decode, *self.prefill]:
-            node.process.stop()
+        nodes = [*self.decode, *self.prefill]
+        for node in nodes:  # together: each drains and deregisters on its own
+            node.process.terminate()
+        for node in nodes:
+            node.process.wait_stopped()
         if self.redis is not None:
             self.redis.stop()

@@ -91,6 +91,10 @@ class ManagedProcess:
         return ManagedProcess(self.name, self.args, self.ready_pattern, self.env, self.drop_env)
 
     def start(self, timeout_s: float = 120.0) -> ManagedProcess:
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> ManagedProcess:
+        """Start the child without waiting (several start together: `wait_ready` each)."""
         self._proc = subprocess.Popen(
             die_with_parent.wrap(self.args),
             stdout=subprocess.PIPE,
@@ -101,9 +105,17 @@ class ManagedProcess:
         )
         self._reader = threading.Thread(target=self._read, name=f"{self.name}-out", daemon=True)
         self._reader.start()
+        return self
+
+    def wait_ready(self, timeout_s: float = 120.0) -> ManagedProcess:
+        """Until the ready line; a child that exits or stays silent is stopped and its
+        output raised."""
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError(f"{self.name} was not launched")
         deadline = time.monotonic() + timeout_s
         while not self._ready.wait(0.1):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > deadline:
                 tail = "\n".join(self.lines)
                 self.stop()
                 raise RuntimeError(f"{self.name} did not become ready; its output:\n{tail}")
@@ -135,16 +147,24 @@ class ManagedProcess:
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+        self.terminate()
+        return self.wait_stopped(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (several stop together: `wait_stopped` each)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout_s: float = 15.0) -> int | None:
+        """Until the child exits; SIGKILL after `timeout_s`. Returns the exit code."""
         if self._proc is None:
             return None
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s ignored SIGTERM for %.0f s: killing it", self.name, timeout_s)
-                self._proc.kill()
-                self._proc.wait(10)
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s ignored SIGTERM for %.0f s: killing it", self.name, timeout_s)
+            self._proc.kill()
+            self._proc.wait(10)
         if self._reader is not None:
             self._reader.join(5)
         return self._proc.returncode

@@ -292,7 +292,12 @@ class NodeRuntime:
             await hook()
         if self.agent is not None:
             agent = self.agent
-            await self.engine.run(lambda core: agent.close())
+
+            def close(core: EngineCore) -> None:
+                core.connector = None  # its poll reads the agent: stop polling first
+                agent.close()
+
+            await self.engine.run(close)
         self.engine.shutdown()
         self.tracer.shutdown()  # after the last span ended: exports what is queued
         logger.info("%s node %s stopped", self.config.role, self.node_id)
