@@ -8,8 +8,8 @@ model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
    through its block table, causally, with grouped-query heads. Scores, softmax and the
    weighted sum run in float32 (float64 for float64 inputs); the output has q's dtype.
 
-An all-decode batch (one query per sequence) runs as one padded batched gather; anything
-with a prefill chunk runs sequence by sequence.
+An all-decode batch (one query per sequence) of similar lengths runs as one padded batched
+gather; ragged lengths, and anything with a prefill chunk, run sequence by sequence.
 """
 
 from __future__ import annotations
@@ -100,6 +100,14 @@ def decode_batched(
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
+def _padding_pays(meta: AttentionMetadata) -> bool:
+    """Whether one padded batch beats a loop: it reads every sequence at the longest one's
+    length, so with ragged lengths (a 1,500-token context beside 20-token ones) the loop
+    reads far fewer keys."""
+    lens = meta.seq_lens_cpu
+    return len(lens) * max(lens, default=0) <= 2 * sum(lens)
+
+
 class TorchPagedAttention:
     """AttentionBackend in plain torch (see the module docstring)."""
 
@@ -115,7 +123,7 @@ class TorchPagedAttention:
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
         store_kv(k, v, kv_cache, meta.slot_mapping)
-        if meta.is_all_decode and q.shape[0] == meta.num_seqs:
+        if meta.is_all_decode and q.shape[0] == meta.num_seqs and _padding_pays(meta):
             return decode_batched(q, kv_cache, meta, scale)
         out = torch.empty_like(q)
         start = 0
