@@ -24,12 +24,15 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from splitserve.launch.certs import ClusterCredentials
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
 from splitserve.launch.tracing_args import FLAG as TRACING_FLAG
 from splitserve.protocol.tracing import check_endpoint
+
+if TYPE_CHECKING:  # cryptography is imported only with --tls self-signed
+    from splitserve.launch.certs import ClusterCredentials
 
 logger = logging.getLogger(__name__)
 

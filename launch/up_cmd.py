@@ -38,6 +38,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -49,11 +50,13 @@ from splitserve.engine.model.source import (
     resolve_model_source,
 )
 from splitserve.engine.model.writers import model_writers
-from splitserve.launch.certs import ClusterCredentials
 from splitserve.launch.child_settings import child_settings
 from splitserve.launch.config_sources import Resolved
 from splitserve.launch.local_cluster import ChildFailed, ClusterConfig, LocalCluster
 from splitserve.launch.tracing_args import add_tracing_argument
+
+if TYPE_CHECKING:  # cryptography is imported only with --tls self-signed
+    from splitserve.launch.certs import ClusterCredentials
 
 logger = logging.getLogger(__name__)
 

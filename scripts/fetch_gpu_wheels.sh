@@ -16,7 +16,13 @@ wheels=(
   fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 uvicorn==0.54.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
+  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 grpcio-health-checking==1.85.1
 )
+# The GPU tests of structured output also need jsonschema (jsonschema==4.26.0
+# jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0).
+# With the committed results the checkout is about 16 MiB: these wheels and it come to
+# about 67 MiB, over one call's 64 MiB, so carry nixl-cu13 in a call of its own (stashed
+# in /root/stash, as ../shared/vllm/README.md does for vLLM's pieces) when a call needs it.
 mkdir -p .whl
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
