@@ -46,6 +46,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=PolicyConfig.disagg_min_tokens,
         help="uncached prompt tokens below which the decode node prefills itself",
     )
+    _add_request_arguments(g)
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser requests from this origin ('*' for any); repeat for several",
+    )
+    g.add_argument(
+        "--trace-stream-timing",
+        action="store_true",
+        help="export per-message streaming stage times in /metrics (nodes on this host only)",
+    )
+    add_tracing_argument(g)
+    _add_https_arguments(parser)
+    add_security_arguments(parser)
+    _add_liveness_arguments(parser)
+
+
+def _add_request_arguments(g: argparse._ArgumentGroup) -> None:
+    """How the router reads requests: body size, parsing threads, unknown fields."""
     g.add_argument(
         "--max-body-bytes",
         type=int,
@@ -63,21 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reject unknown request fields with a 400 (default: ignore and log them, as vLLM)",
     )
-    g.add_argument(
-        "--cors-origin",
-        action="append",
-        default=[],
-        help="allow browser requests from this origin ('*' for any); repeat for several",
-    )
-    g.add_argument(
-        "--trace-stream-timing",
-        action="store_true",
-        help="export per-message streaming stage times in /metrics (nodes on this host only)",
-    )
-    add_tracing_argument(g)
-    _add_https_arguments(parser)
-    add_security_arguments(parser)
-    _add_liveness_arguments(parser)
 
 
 def _add_https_arguments(parser: argparse.ArgumentParser) -> None:
