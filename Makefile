@@ -42,10 +42,10 @@ typecheck: install
 
 # Fast tests in parallel over every core (pytest-xdist, one file per worker at a time);
 # the slow multi-process ones (node clusters, two-process NIXL: timing-sensitive on few
-# cores) after them, one at a time.
+# cores) after them, one at a time. Each phase ends with its 15 slowest tests.
 unit: install
-	$(PY) -m pytest -q -m "not gpu and not slow" -n auto --dist loadfile tests
-	$(PY) -m pytest -q -m "slow and not gpu" tests
+	$(PY) -m pytest -q -m "not gpu and not slow" -n auto --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -m "slow and not gpu" --durations=15 tests
 
 # The fault suite alone (frozen, killed and flooded parts; `unit` runs it too).
 faults: install
