@@ -96,3 +96,31 @@ SCHEMAS: list[dict[str, Any]] = [
         "required": ["level", "words"],
     },
 ]
+
+
+def check_every_schema_beside_free_rows(llm: Any) -> None:
+    """One batch on `llm` (an engine LLM): every schema twice at temperature 0.8, each
+    completion ending with "stop" and validating, beside unconstrained greedy rows that
+    must come out as they do alone."""
+    import json
+
+    import jsonschema
+
+    from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
+
+    free = SamplingParams(temperature=0, max_tokens=24)
+    plain = ["The harbour at dawn", "Tell me about tides"]
+    alone = [o.outputs[0].token_ids for o in llm.generate(plain, free)]
+    params = [
+        SamplingParams(
+            grammar=GrammarSpec("json", json.dumps(s)), temperature=0.8, max_tokens=96, n=2
+        )
+        for s in SCHEMAS
+    ]
+    prompts = [f"Answer in JSON, case {i}" for i in range(len(SCHEMAS))]
+    outs = llm.generate(prompts + plain, [*params, free, free])
+    for schema, out in zip(SCHEMAS, outs, strict=False):
+        for completion in out.outputs:
+            assert completion.finish_reason == "stop", completion
+            jsonschema.validate(json.loads(completion.text), schema)
+    assert [o.outputs[0].token_ids for o in outs[len(SCHEMAS) :]] == alone

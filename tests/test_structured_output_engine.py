@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 import torch
-from structured_schemas import SCHEMAS
+from structured_schemas import SCHEMAS, check_every_schema_beside_free_rows
 
 from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from splitserve.engine.core import EngineCore
@@ -107,19 +107,7 @@ def test_length_bounded_strings_exclude_control_characters() -> None:
 
 
 def test_every_schema_validates_and_free_rows_are_unaffected(llm: LLM) -> None:
-    """One batch: every schema twice at temperature 0.8, beside unconstrained greedy rows
-    that must come out as they do alone."""
-    free = SamplingParams(temperature=0, max_tokens=24)
-    plain = ["The harbour at dawn", "Tell me about tides"]
-    alone = [o.outputs[0].token_ids for o in llm.generate(plain, free)]
-    params = [json_params(s, temperature=0.8, max_tokens=96, n=2) for s in SCHEMAS]
-    prompts = [f"Answer in JSON, case {i}" for i in range(len(SCHEMAS))]
-    outs = llm.generate(prompts + plain, [*params, free, free])
-    for schema, out in zip(SCHEMAS, outs, strict=False):
-        for completion in out.outputs:
-            assert completion.finish_reason == "stop", completion
-            jsonschema.validate(json.loads(completion.text), schema)
-    assert [o.outputs[0].token_ids for o in outs[len(SCHEMAS) :]] == alone
+    check_every_schema_beside_free_rows(llm)
 
 
 CHOICES = ["yes", 'no "way"']

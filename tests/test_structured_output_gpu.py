@@ -5,16 +5,12 @@ processing (the CUDA default), unconstrained rows beside them unchanged."""
 
 from __future__ import annotations
 
-import json
-
-import jsonschema
 import pytest
 import torch
-from structured_schemas import SCHEMAS
+from structured_schemas import check_every_schema_beside_free_rows
 
 from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask
 from splitserve.engine.llm import LLM
-from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,19 +34,4 @@ def test_device_bitmask_matches_the_cpu_kernel() -> None:
 def test_every_schema_validates_on_the_gpu(tiny_llama) -> None:
     llm = LLM(str(tiny_llama), dtype="float32", device="cuda")
     assert llm.engine.overlap  # the CUDA default: the bitmask path under overlap
-    free = SamplingParams(temperature=0, max_tokens=24)
-    plain = ["The harbour at dawn", "Tell me about tides"]
-    alone = [o.outputs[0].token_ids for o in llm.generate(plain, free)]
-    params = [
-        SamplingParams(
-            grammar=GrammarSpec("json", json.dumps(s)), temperature=0.8, max_tokens=96, n=2
-        )
-        for s in SCHEMAS
-    ]
-    prompts = [f"Answer in JSON, case {i}" for i in range(len(SCHEMAS))]
-    outs = llm.generate(prompts + plain, [*params, free, free])
-    for schema, out in zip(SCHEMAS, outs, strict=False):
-        for completion in out.outputs:
-            assert completion.finish_reason == "stop", completion
-            jsonschema.validate(json.loads(completion.text), schema)
-    assert [o.outputs[0].token_ids for o in outs[len(SCHEMAS) :]] == alone
+    check_every_schema_beside_free_rows(llm)
