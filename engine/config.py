@@ -12,10 +12,13 @@ DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 # Kernel backends (kernels/registry.py): "auto" is Triton on CUDA, plain torch elsewhere.
 AttentionBackendName = Literal["auto", "torch", "triton"]
 KernelBackendName = Literal["auto", "torch", "triton"]
+# "dummy": the model directory's config and tokenizer with random weights (vLLM's flag).
+LoadFormat = Literal["auto", "dummy"]
 
 DTYPES: tuple[str, ...] = get_args(DType)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
 KERNEL_BACKENDS: tuple[str, ...] = get_args(KernelBackendName)
+LOAD_FORMATS: tuple[str, ...] = get_args(LoadFormat)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class ModelConfig:
     device: str = "cpu"
     # Seed for dummy weights and for sampling rows that carry no seed of their own.
     seed: int = 0
+    # "auto" reads the checkpoint's weights; "dummy" draws random ones of its shape.
+    load_format: LoadFormat = "auto"
     # Context cap in tokens; None takes the model's max_position_embeddings.
     max_model_len: int | None = None
     # Name the API reports and the block-hash chain is seeded with; None: `model` itself.
@@ -56,6 +61,8 @@ class ModelConfig:
             raise ValueError(
                 f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}"
             )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.cuda_graph_max_batch < 1:

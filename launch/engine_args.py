@@ -11,6 +11,7 @@ from splitserve.engine.config import (
     ATTENTION_BACKENDS,
     DTYPES,
     KERNEL_BACKENDS,
+    LOAD_FORMATS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -58,6 +59,12 @@ def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
         type=int,
         default=default_of(model, "seed"),
         help="seed of random sampling (and of dummy weights)",
+    )
+    g.add_argument(
+        "--load-format",
+        default=default_of(model, "load_format"),
+        choices=LOAD_FORMATS,
+        help="dummy: the model directory's config and tokenizer with random weights",
     )
     g.add_argument(
         "--max-model-len",
@@ -157,6 +164,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             dtype=args.dtype,
             device=args.device,
             seed=args.seed,
+            load_format=args.load_format,
             max_model_len=args.max_model_len,
             served_model_name=args.served_model_name,
             attention_backend=args.attention_backend,

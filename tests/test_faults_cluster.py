@@ -61,9 +61,7 @@ def child_pid(up: ManagedProcess, role: str) -> int:
 
 def restarted(up: ManagedProcess, role: str, old_pid: int) -> bool:
     """Whether `up` has a live `role` child other than `old_pid`."""
-    return any(
-        p != old_pid and role in cmdline(p) and is_alive(p) for p in children(up.pid)
-    )
+    return any(p != old_pid and role in cmdline(p) and is_alive(p) for p in children(up.pid))
 
 
 def start_up(tiny_llama: Path, *extra: str) -> ManagedProcess:

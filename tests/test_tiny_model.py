@@ -182,6 +182,24 @@ def test_missing_model_errors(tmp_path: Path, tiny_model_factory) -> None:
         _load(no_weights)
 
 
+def test_dummy_load_format_reads_no_weight_file(tmp_path: Path, tiny_model_factory) -> None:
+    """`--load-format dummy`: the directory's config and tokenizer, random weights."""
+    source = tiny_model_factory("llama")
+    shape_only = tmp_path / "shape-only"
+    shutil.copytree(source, shape_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    checkpoint = _load(source)
+    dummy = _load(shape_only, load_format="dummy", seed=3)
+    assert dummy.arch == checkpoint.arch and dummy.eos_token_ids == checkpoint.eos_token_ids
+    assert dummy.tokenizer.get_vocab() == checkpoint.tokenizer.get_vocab()
+    ours, theirs = dict(dummy.model.named_parameters()), dict(checkpoint.model.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert not torch.equal(ours["lm_head.weight"], theirs["lm_head.weight"])
+    again = _load(shape_only, load_format="dummy", seed=3)
+    assert torch.equal(again.model.lm_head.weight, dummy.model.lm_head.weight)
+    with pytest.raises(ValueError, match="load_format must be one of"):
+        ModelConfig(str(source), load_format="npz")  # type: ignore[arg-type]
+
+
 def test_unsupported_architecture(tmp_path: Path, tiny_model_factory) -> None:
     model_dir = tmp_path / "gpt2"
     shutil.copytree(tiny_model_factory("llama"), model_dir)

@@ -75,15 +75,25 @@ def load_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
     arch = ModelArchConfig.from_hf_config(hf_config)
     dtype = resolve_dtype(config.dtype, arch.torch_dtype)
     max_model_len = resolve_max_model_len(config.max_model_len, arch)
-    weight_files = safetensors_files(model_dir)
-    names = _tensor_names(weight_files)
-    tie = arch.tie_word_embeddings or "lm_head.weight" not in names
-    with torch.device(config.device):
-        model = CausalLM(arch, kernels, dtype, tie_word_embeddings=tie)
-    load_weights(model, weight_files)
+    if config.load_format == "dummy":
+        model = _random_model(model_dir, arch, kernels, dtype, config)
+    else:
+        model = _checkpoint_model(model_dir, arch, kernels, dtype, config.device)
     model.eval()
     tokenizer = load_tokenizer(model_dir)
     eos = eos_token_ids(model_dir, arch, tokenizer)
+    return LoadedModel(model, arch, tokenizer, eos, max_model_len, dtype)
+
+
+def _checkpoint_model(
+    model_dir: Path, arch: ModelArchConfig, kernels: ModelKernels, dtype: torch.dtype, device: str
+) -> CausalLM:
+    weight_files = safetensors_files(model_dir)
+    names = _tensor_names(weight_files)
+    tie = arch.tie_word_embeddings or "lm_head.weight" not in names
+    with torch.device(device):
+        model = CausalLM(arch, kernels, dtype, tie_word_embeddings=tie)
+    load_weights(model, weight_files)
     logger.info(
         "loaded %s (%s, %d layers, %s) from %d file(s)",
         model_dir,
@@ -92,7 +102,24 @@ def load_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
         dtype,
         len(weight_files),
     )
-    return LoadedModel(model, arch, tokenizer, eos, max_model_len, dtype)
+    return model
+
+
+def _random_model(
+    model_dir: Path,
+    arch: ModelArchConfig,
+    kernels: ModelKernels,
+    dtype: torch.dtype,
+    config: ModelConfig,
+) -> CausalLM:
+    """`--load-format dummy`: the directory's shape with random weights; no weight file read."""
+    from splitserve.engine.model.dummy import init_dummy_weights
+
+    with torch.device(config.device):
+        model = CausalLM(arch, kernels, dtype)
+    init_dummy_weights(model, config.seed)
+    logger.info("built %s with random weights (%s, seed %d)", model_dir, dtype, config.seed)
+    return model
 
 
 def read_json(path: Path) -> dict[str, Any]:
