@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Constrained decoding on one GPU (issue 16), splitserve against vLLM in one call:
-#   bash scripts/gpu_grammar.sh vllm splitserve
+#   bash scripts/gpu_grammar.sh splitserve vllm tests
 # carrying .carry/{piece.01,install_on_gpu.sh,make_llama_dir.py} (a call before this one
 # leaves piece.00 in /root/stash: ../shared/vllm/README.md) and the wheels the image lacks
 # (grpcio, protobuf, xgrammar, jsonschema) in .whl/.
 # Both measure benchmarks/grammar_overhead.py (batch 64, a JSON schema on every row against
 # none) on the same model directory: Llama-3.1-8B's config and a Llama-3-sized tokenizer
-# (make_llama_dir.py), random bf16 weights. The splitserve call first runs the GPU tests of
-# structured output. JSON goes to ${RESULTS:-benchmarks/results/structured_output_h200}.
+# (make_llama_dir.py), random bf16 weights. `tests` runs the GPU tests of structured output. JSON goes to ${RESULTS:-benchmarks/results/structured_output_h200}.
 # Env: SPLITSERVE_GIT_COMMIT (the commit recorded: the device copy has no .git).
 set -uo pipefail
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_grammar.sh vllm|splitserve ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_grammar.sh vllm|splitserve|tests ..."; exit 2; }
 results=${RESULTS:-benchmarks/results/structured_output_h200}
 model=/tmp/llama31-8b-dummy
 mkdir -p "$results"
@@ -18,10 +17,14 @@ mkdir -p "$results"
 bench=(-m splitserve.benchmarks.grammar_overhead --model $model --batch 64 --input-len 256
   --output-len 256)
 
-run_splitserve() {
+run_tests() {
   SITE=/tmp/site_splitserve source scripts/device_env.sh
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_structured_output_gpu.py 2>&1 | tail -n 3
+}
+
+run_splitserve() {
+  SITE=/tmp/site_splitserve source scripts/device_env.sh
   timeout 300 python3 "${bench[@]}" --engine splitserve --load-format dummy --device cuda \
     --dtype bfloat16 --kv-cache-memory-gib 40 --out "$results/grammar_splitserve.json" \
     2>&1 | tail -n 2
@@ -40,8 +43,9 @@ run_vllm() {  # in a subshell: vLLM's environment stays out of the splitserve ru
 
 for system in "$@"; do
   case $system in
+    tests) (run_tests) ;;
     splitserve) (run_splitserve) ;;
     vllm) (run_vllm) ;;
-    *) echo "unknown system $system: vllm or splitserve"; exit 2 ;;
+    *) echo "unknown part $system: vllm, splitserve or tests"; exit 2 ;;
   esac
 done
