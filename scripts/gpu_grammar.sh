@@ -2,11 +2,14 @@
 # Constrained decoding on one GPU (issue 16), splitserve against vLLM in one call:
 #   bash scripts/gpu_grammar.sh splitserve vllm tests
 # carrying .carry/{piece.01,install_on_gpu.sh,make_llama_dir.py} (a call before this one
-# leaves piece.00 in /root/stash: ../shared/vllm/README.md) and the wheels the image lacks
-# (grpcio, protobuf, xgrammar, jsonschema) in .whl/.
+# leaves piece.00 in /root/stash: ../shared/vllm/README.md) and, in .whl/, the wheels of
+# scripts/fetch_gpu_wheels.sh that the engine with grammars needs: grpcio, protobuf, xgrammar,
+# apache-tvm-ffi, pydantic (xgrammar imports it), pydantic-core, annotated-types,
+# typing-inspection, typing-extensions, and jsonschema with its dependencies for the tests.
 # Both measure benchmarks/grammar_overhead.py (batch 64, a JSON schema on every row against
 # none) on the same model directory: Llama-3.1-8B's config and a Llama-3-sized tokenizer
-# (make_llama_dir.py), random bf16 weights. `tests` runs the GPU tests of structured output. JSON goes to ${RESULTS:-benchmarks/results/structured_output_h200}.
+# (make_llama_dir.py), random bf16 weights. `tests` runs the GPU tests of structured output.
+# JSON goes to ${RESULTS:-benchmarks/results/structured_output_h200}.
 # Env: SPLITSERVE_GIT_COMMIT (the commit recorded: the device copy has no .git).
 set -uo pipefail
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_grammar.sh vllm|splitserve|tests ..."; exit 2; }
