@@ -1,7 +1,8 @@
 """What every tool parser returns, and the pieces the formats share.
 
 A parser reads the whole output text of one choice, again after each new piece (streaming)
-and once at the end (`is_final`). While the text arrives it returns the content that can
+and once at the end (`is_final`); one parser instance reads one choice (its JsonScanner
+resumes where the previous reading stopped). While the text arrives it returns the content that can
 no longer turn into a call, and the calls as far as they arrived; at the end, the content
 and the complete calls, or, when the output is not a well-formed call after all (cut short
 by max_tokens, not the format, arguments that are not a JSON object), the whole text as
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import NamedTuple, Protocol
 
-from splitserve.router.tool_parsers.json_scan import WHITESPACE, scan_object, skip_ws
+from splitserve.router.tool_parsers.json_scan import WHITESPACE, JsonScanner, skip_ws
 
 
 class ParsedCall(NamedTuple):
@@ -45,10 +46,10 @@ class CallsScan(NamedTuple):
 
 
 def read_call(
-    text: str, start: int, argument_keys: tuple[str, ...]
+    scanner: JsonScanner, text: str, start: int, argument_keys: tuple[str, ...]
 ) -> tuple[ParsedCall, int | None, bool]:
     """(the call object at text[start] == '{', its end or None, whether it is malformed)."""
-    scan = scan_object(text, start)
+    scan = scanner.scan_object(text, start)
     name: str | None = None
     field = scan.fields.get("name")
     is_invalid = scan.is_invalid
@@ -75,7 +76,12 @@ def _json_or_none(text: str) -> object:
 
 
 def read_calls(
-    text: str, start: int, argument_keys: tuple[str, ...], separator: str, closer: str
+    scanner: JsonScanner,
+    text: str,
+    start: int,
+    argument_keys: tuple[str, ...],
+    separator: str,
+    closer: str,
 ) -> CallsScan:
     """Call objects from `start`, `separator` between them, until `closer` ("" for the end
     of the text)."""
@@ -86,7 +92,7 @@ def read_calls(
             return CallsScan(calls, i + 1, False)
         if text[i] != "{":
             return CallsScan(calls, None, True)
-        call, end, is_invalid = read_call(text, i, argument_keys)
+        call, end, is_invalid = read_call(scanner, text, i, argument_keys)
         calls.append(call)
         if end is None or is_invalid:
             return CallsScan(calls, None, is_invalid)

@@ -18,7 +18,7 @@ from splitserve.router.tool_parsers.base import (
     final_output,
     read_calls,
 )
-from splitserve.router.tool_parsers.json_scan import WHITESPACE, skip_ws
+from splitserve.router.tool_parsers.json_scan import WHITESPACE, JsonScanner, skip_ws
 
 
 class NamedFunctionParser:
@@ -37,13 +37,16 @@ class NamedFunctionParser:
 class RequiredCallsParser:
     keeps_special_tokens = False
 
+    def __init__(self) -> None:
+        self.scanner = JsonScanner()  # one parser reads one choice's text
+
     def parse(self, text: str, is_final: bool) -> ParsedOutput:
         start = skip_ws(text, 0)
         if start >= len(text):
             return ParsedOutput(text if is_final else "", [])
         if text[start] != "[":
             return ParsedOutput(text, []) if is_final else ParsedOutput("", [MALFORMED])
-        scan = read_calls(text, start + 1, ("parameters",), ",", "]")
+        scan = read_calls(self.scanner, text, start + 1, ("parameters",), ",", "]")
         if not is_final:
             return ParsedOutput("", scan.calls)
         is_whole = scan.end is not None and not scan.is_invalid

@@ -12,7 +12,7 @@ from splitserve.router.tool_parsers.base import (
     held_back,
     read_call,
 )
-from splitserve.router.tool_parsers.json_scan import skip_ws
+from splitserve.router.tool_parsers.json_scan import JsonScanner, skip_ws
 
 START, END = "<tool_call>", "</tool_call>"
 ARGUMENT_KEYS = ("arguments", "parameters")
@@ -20,6 +20,9 @@ ARGUMENT_KEYS = ("arguments", "parameters")
 
 class HermesToolParser:
     keeps_special_tokens = True
+
+    def __init__(self) -> None:
+        self.scanner = JsonScanner()  # one parser reads one choice's text
 
     def parse(self, text: str, is_final: bool) -> ParsedOutput:
         first = text.find(START)
@@ -37,7 +40,7 @@ class HermesToolParser:
                 break
             if text[i] != "{":
                 return [*calls, MALFORMED]
-            call, end, is_invalid = read_call(text, i, ARGUMENT_KEYS)
+            call, end, is_invalid = read_call(self.scanner, text, i, ARGUMENT_KEYS)
             calls.append(call)
             if is_invalid:
                 return [*calls, MALFORMED]

@@ -12,7 +12,7 @@ from splitserve.router.tool_parsers.base import (
     held_back,
     read_calls,
 )
-from splitserve.router.tool_parsers.json_scan import skip_ws
+from splitserve.router.tool_parsers.json_scan import JsonScanner, skip_ws
 
 PYTHON_TAG = "<|python_tag|>"
 ARGUMENT_KEYS = ("parameters", "arguments")
@@ -20,6 +20,9 @@ ARGUMENT_KEYS = ("parameters", "arguments")
 
 class Llama3JsonToolParser:
     keeps_special_tokens = True
+
+    def __init__(self) -> None:
+        self.scanner = JsonScanner()  # one parser reads one choice's text
 
     def parse(self, text: str, is_final: bool) -> ParsedOutput:
         tag = text.find(PYTHON_TAG)
@@ -30,7 +33,7 @@ class Llama3JsonToolParser:
             if start >= len(text) or text[start] != "{":
                 return ParsedOutput(text if is_final else held_back(text, PYTHON_TAG), [])
             content = ""
-        scan = read_calls(text, start, ARGUMENT_KEYS, ";", "")
+        scan = read_calls(self.scanner, text, start, ARGUMENT_KEYS, ";", "")
         if is_final:
             calls = scan.calls if not scan.is_invalid else [*scan.calls, MALFORMED]
             return final_output(content, calls, text)
