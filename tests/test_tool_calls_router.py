@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -278,3 +279,65 @@ def test_bad_tool_requests_are_400s(clients, node, fields, param, named) -> None
     assert error["param"] == param and named in error["message"]
     assert error["type"] == "invalid_request_error"
     assert len(node.requests) == num_requests  # refused before any node is asked
+
+
+# A template that reads `tools` and renders call history the way Qwen's and Llama's do:
+# arguments as an object (`tojson` of a string would show an escaped string instead).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>\nTools:{% for t in tools %} {{ t.function.name }}: "
+    "{{ t.function.description }};{% endfor %}{{ eos_token }}\n{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_tools_and_call_history_reach_the_chat_template(
+    redis_server, tiny_llama, cluster, node, tokenizer
+) -> None:
+    templated = RouterTokenizer.load(str(tiny_llama))
+    templated.hf.chat_template = TOOLS_TEMPLATE
+    config = RouterConfig(
+        redis_url=redis_server.url,
+        tokenizer="unused",
+        model=MODEL,
+        cluster=cluster,
+        port=0,
+        node_cache_s=0.1,
+        tool_call_parser="hermes",
+    )
+    server = RouterServer(config, tokenizer=templated, log_level="warning").start_in_thread()
+    try:
+        history = [
+            *MESSAGES,
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": ARGS},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]
+        body = {"model": MODEL, "messages": history, "tools": TOOLS}
+        prompt = httpx.post(server.url + "/tokenize", json=body, timeout=30).json()["tokens"]
+        text = templated.decode(prompt, skip_special_tokens=False)
+        assert "Tools: get_weather: Current weather in a city; get_time: ;" in text
+        assert f'<tool_call>{{"name": "get_weather", "arguments": {ARGS}}}</tool_call>' in text
+        assert "<|tool|>\nsunny" in text
+
+        reply_with(node, tokenizer, " it is sunny")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="any", max_retries=0)
+        client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS)
+        assert list(node.requests[-1].prompt_token_ids) == prompt
+        client.chat.completions.create(
+            model=MODEL, messages=history, tools=TOOLS, tool_choice="none"
+        )
+        sent = templated.decode(list(node.requests[-1].prompt_token_ids), False)
+        assert "Tools:" not in sent and "<|tool|>\nsunny" in sent
+    finally:
+        server.stop_thread()
