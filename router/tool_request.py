@@ -61,8 +61,8 @@ def chat_history(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for i, message in enumerate(messages):
         if message.role == "tool" and not message.tool_call_id:
-            message_text = f"messages[{i}] has role 'tool' but no tool_call_id: give the id of "
-            raise bad_request(message_text + "the call it answers", f"messages.{i}.tool_call_id")
+            error = f"messages[{i}] has role 'tool' but no tool_call_id: give the id of the call"
+            raise bad_request(error + " it answers", f"messages.{i}.tool_call_id")
         item = message.template_dict()
         for j, call in enumerate(item.get("tool_calls", ())):
             function = call["function"]
