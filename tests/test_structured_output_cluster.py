@@ -3,7 +3,8 @@ router, one prefill and one decode node as processes, real gRPC and NIXL, the ti
 CPU) with the official `openai` client: every output parses and validates, greedy outputs
 equal the aggregated engine's, an unsatisfiable grammar ends on "length" and leaks nothing,
 a bad schema is a 400; forced tool calls (tool_choice "required" and a named function)
-validate, streamed and not, and equal the aggregated engine's at temperature 0."""
+validate, streamed and not, and equal the aggregated engine's at temperature 0; "auto"
+(router --tool-call-parser hermes) on a model that writes no call returns content."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def cluster(tiny_llama):
         router_port=0,
         node_args=("--dtype", "float32", "--num-blocks", "1024"),
         # Every prompt is prefilled on the prefill node, however short.
-        router_args=("--disagg-min-tokens", "0"),
+        router_args=("--disagg-min-tokens", "0", "--tool-call-parser", "hermes"),
     )
     with LocalCluster(config) as running:
         yield running
@@ -355,3 +356,27 @@ def test_greedy_tool_calls_1p1d_equal_aggregated(cluster) -> None:
         else:
             expected = [(c["name"], c["parameters"]) for c in json.loads(text)]
             assert [(name, json.loads(args)) for name, args in calls] == expected
+
+
+def test_auto_tool_choice_on_a_model_that_writes_no_calls(cluster) -> None:
+    """The tiny model never writes a <tool_call> tag: "auto" through 1P1D returns its text
+    as content, whole and streamed, and the same text either way at temperature 0."""
+    body = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Any tool?"}],
+        tools=TOOLS,
+        max_tokens=24,
+        temperature=0,
+    )
+
+    async def run() -> tuple[Any, str]:
+        aclient = async_client(cluster)
+        reply = await aclient.chat.completions.create(**body)
+        chunks = [c async for c in await aclient.chat.completions.create(stream=True, **body)]
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        return reply, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    reply, streamed = asyncio.run(run())
+    choice = reply.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == streamed and "<tool_call>" not in streamed
