@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tool-call-parser",
         default="",
-        choices=("", *TOOL_CALL_PARSERS),
+        choices=tuple(TOOL_CALL_PARSERS),
         help="the model's tool-call format, read for tool_choice 'auto': llama3_json (Llama "
         "3.x), hermes (Qwen2.5/3, Hermes); default none: 'auto' is a 400",
     )
