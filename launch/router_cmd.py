@@ -15,6 +15,7 @@ from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.registry import DEFAULT_CLUSTER
 from splitserve.router.config import RouterConfig
 from splitserve.router.policy import POLICIES, PolicyConfig
+from splitserve.router.tool_parsers import TOOL_CALL_PARSERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="uncached prompt tokens below which the decode node prefills itself",
     )
     _add_request_arguments(g)
+    g.add_argument(
+        "--tool-call-parser",
+        default="",
+        choices=tuple(TOOL_CALL_PARSERS),
+        help="the model's tool-call format, read for tool_choice 'auto': llama3_json (Llama "
+        "3.x), hermes (Qwen2.5/3, Hermes); default none: 'auto' is a 400",
+    )
     g.add_argument(
         "--cors-origin",
         action="append",
@@ -159,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         cors_origins=tuple(args.cors_origin),
         trace_stream_timing=args.trace_stream_timing,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -8,6 +8,7 @@ from splitserve.node.registry import DEFAULT_CLUSTER
 from splitserve.protocol.security import TransportSecurity
 from splitserve.protocol.tracing import check_endpoint
 from splitserve.router.policy import PolicyConfig
+from splitserve.router.tool_parsers import TOOL_CALL_PARSERS
 
 # Body limit derived from the context: room for a full context of the most verbose encoding
 # (a token id list, or text escaped as \uXXXX: about 6-12 bytes a token) four times over,
@@ -87,6 +88,9 @@ class RouterConfig:
     trace_stream_timing: bool = False
     # OTLP/gRPC collector for the router's spans (protocol/tracing.py); empty: tracing off.
     otlp_traces_endpoint: str = ""
+    # How tool_choice "auto" reads the model's calls (router/tool_parsers: llama3_json,
+    # hermes); empty: "auto" is a 400 naming --tool-call-parser, as in vLLM.
+    tool_call_parser: str = ""
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -99,6 +103,10 @@ class RouterConfig:
             raise ValueError("max_body_bytes and num_tokenizer_threads must be >= 0 (0: auto)")
         if self.otlp_traces_endpoint:
             check_endpoint(self.otlp_traces_endpoint)
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            known = ", ".join(TOOL_CALL_PARSERS)
+            message = f"unknown --tool-call-parser {self.tool_call_parser!r}; pick one of {known}"
+            raise ValueError(message)
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("pass --ssl-certfile and --ssl-keyfile together (HTTPS)")
         if self.ssl_ca_certs and not self.ssl_certfile:

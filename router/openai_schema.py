@@ -5,12 +5,13 @@ them and names them in the `X-Ignored-Fields` response header (the router's
 --strict-fields makes them a 400 instead). Types are strict (no "0.5" for a float, no 1.0
 for an int, no 0 for a bool); every number is range-checked (no NaN or infinity, bounds in
 the Field declarations). Accepted but ignored: `user`, `metadata`, `store`,
-`parallel_tool_calls`, `service_tier`. Accepted only in their neutral form (anything else is
-a 400 saying so): `tools` empty, `tool_choice` "none", `logit_bias` empty, `suffix` null,
-`echo` false, `prompt_logprobs` null, `best_of` null or 1. Role `developer` is `system`.
-Structured output: `response_format` (text, json_object, json_schema) and vLLM's
-`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs`
-(router/grammar_spec.py turns them into one GrammarSpec).
+`service_tier`. Accepted only in their neutral form (anything else is a 400 saying so):
+`logit_bias` empty, `suffix` null, `echo` false, `prompt_logprobs` null, `best_of` null or 1.
+Role `developer` is `system`. Structured output: `response_format` (text, json_object,
+json_schema) and vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and
+`structured_outputs` (router/grammar_spec.py turns them into one GrammarSpec). Tool calling:
+`tools`, `tool_choice`, `parallel_tool_calls`, and assistant messages' `tool_calls`
+(router/tool_request.py checks them and plans the call).
 """
 
 from __future__ import annotations
@@ -127,12 +128,47 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    """A call an earlier assistant message made (chat history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    # A JSON schema of the arguments object; omitted: a function without arguments.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it (list content joined with newlines)."""
@@ -141,10 +177,12 @@ class ChatMessage(_Strict):
             content = "\n".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
         out: dict[str, Any] = {"role": role, "content": content or ""}
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.tool_calls is not None:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         return out
 
 
@@ -153,8 +191,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -172,6 +210,7 @@ class TokenizeCompletionRequest(_Strict):
 class TokenizeChatRequest(_Strict):
     model: str | None = None
     messages: list[ChatMessage]
+    tools: list[ChatTool] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False

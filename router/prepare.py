@@ -2,17 +2,20 @@
 
 Tokenizes prompts (chat: the model's template, then the text without extra special tokens),
 checks the context budget against the nodes' `max_model_len`, and builds one validated
-`SamplingParams` (with the request's grammar, router/grammar_spec.py). Every problem is an
-`APIError` 400 naming the field.
+`SamplingParams` (with the request's grammar, router/grammar_spec.py). A chat request with
+tools gets its `ToolPlan` (router/tool_request.py): the tools go to the chat template, a
+forced call's grammar to the SamplingParams, and a parser that reads special tokens keeps
+them in the output text. Every problem is an `APIError` 400 naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
 from splitserve.router.errors import bad_request, param_of_value_error
 from splitserve.router.grammar_spec import grammar_spec
 from splitserve.router.openai_schema import (
@@ -23,6 +26,8 @@ from splitserve.router.openai_schema import (
     _SamplingFields,
 )
 from splitserve.router.tokenizer import ChatTemplateError, RouterTokenizer
+from splitserve.router.tool_parsers import make_output_parser
+from splitserve.router.tool_request import ToolPlan, chat_history, tool_plan
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 _PARAM_FIELDS = frozenset(f.name for f in fields(SamplingParams))
@@ -41,6 +46,8 @@ class PreparedRequest:
     continuous_usage: bool
     arrival_s: float  # time.perf_counter() when the request arrived
     created: int  # unix seconds, the response's `created`
+    # Chat with tools: how the output is read as calls (router/tool_stream.py).
+    tool_plan: ToolPlan | None = None
 
     @property
     def num_choices(self) -> int:
@@ -90,10 +97,13 @@ def _max_tokens(
 
 
 def _sampling_params(
-    req: _SamplingFields, max_tokens: int | None, logprobs: int | None
+    req: _SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    grammar: GrammarSpec | None,
+    skip_special_tokens: bool,
 ) -> SamplingParams:
     stop = req.stop if req.stop is not None else ()
-    grammar = grammar_spec(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -112,7 +122,7 @@ def _sampling_params(
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=skip_special_tokens,
             grammar=grammar,
         )
     except ValueError as exc:
@@ -153,15 +163,17 @@ def render_chat_prompt(
     continue_final_message: bool,
     add_special_tokens: bool,
     template_kwargs: dict[str, object] | None,
+    tools: tuple[dict[str, object], ...] = (),
 ) -> list[int]:
     if not messages:
         raise bad_request("messages must hold at least one message", "messages")
     try:
         text = tokenizer.render_chat(
-            [m.template_dict() for m in messages],
+            chat_history(messages),
             add_generation_prompt,
             continue_final_message,
             template_kwargs,  # type: ignore[arg-type]
+            list(tools) or None,
         )
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from exc
@@ -180,6 +192,7 @@ def prepare_completion(
     if req.best_of not in (None, 1):
         raise bad_request("best_of is not supported: use n for several completions", "best_of")
     prompts = completion_prompts(req, tokenizer)
+    grammar = grammar_spec(req)
     params = [
         _sampling_params(
             req,
@@ -187,6 +200,8 @@ def prepare_completion(
                 req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(p), max_model_len, "max_tokens"
             ),
             req.logprobs,
+            grammar,
+            req.skip_special_tokens,
         )
         for p in prompts
     ]
@@ -194,13 +209,18 @@ def prepare_completion(
 
 
 def prepare_chat(
-    req: ChatCompletionRequest, tokenizer: RouterTokenizer, request_id: str, max_model_len: int
+    req: ChatCompletionRequest,
+    tokenizer: RouterTokenizer,
+    request_id: str,
+    max_model_len: int,
+    tool_call_parser: str = "",
 ) -> PreparedRequest:
+    """`tool_call_parser`: the router's --tool-call-parser ("" when unset)."""
     _check_neutral_fields(req)
-    if req.tools:
-        raise bad_request("tools are not supported: omit tools or send []", "tools")
     if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    grammar = grammar_spec(req)
+    plan = tool_plan(req, tool_call_parser, grammar is not None)
     prompt = render_chat_prompt(
         tokenizer,
         req.messages,
@@ -208,14 +228,20 @@ def prepare_chat(
         req.continue_final_message,
         req.add_special_tokens,
         req.chat_template_kwargs,
+        () if plan is None else plan.template_tools,
     )
     field, requested = "max_tokens", req.max_tokens
     if req.max_completion_tokens is not None:
         field, requested = "max_completion_tokens", req.max_completion_tokens
     max_tokens = _max_tokens(requested, None, len(prompt), max_model_len, field)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _sampling_params(req, max_tokens, logprobs)
-    return _prepared("chat", req, request_id, [prompt], [params])
+    skip_special_tokens = req.skip_special_tokens
+    if plan is not None:
+        grammar = plan.grammar or grammar
+        skip_special_tokens &= not make_output_parser(plan).keeps_special_tokens
+    params = _sampling_params(req, max_tokens, logprobs, grammar, skip_special_tokens)
+    prepared = _prepared("chat", req, request_id, [prompt], [params])
+    return dataclasses.replace(prepared, tool_plan=plan)
 
 
 def _prepared(

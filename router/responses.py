@@ -5,6 +5,9 @@ the exact OpenAI shapes: completions `{tokens, token_logprobs, top_logprobs, tex
 (top_logprobs maps token text to logprob and always holds the sampled token; text_offset
 counts characters of the token strings), chat `{content: [{token, logprob, bytes,
 top_logprobs}]}`. Token strings come from the router's tokenizer (one token decoded alone).
+A chat request with a `ToolPlan` reads each choice's text as tool calls
+(router/tool_stream.py): `message.tool_calls` or `delta.tool_calls`, and finish_reason
+"tool_calls" when the choice stopped with calls.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 from splitserve.protocol import node_pb2 as pb
 from splitserve.router.prepare import PreparedRequest
 from splitserve.router.tokenizer import RouterTokenizer
+from splitserve.router.tool_parsers import make_output_parser
+from splitserve.router.tool_stream import ToolCallStream
 
 # JSON has no -inf; OpenAI-compatible servers report impossible tokens with this floor.
 MIN_LOGPROB = -9999.0
@@ -88,6 +93,12 @@ class ChoiceState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text_offset: int = 0  # completions logprobs: characters of token strings so far
+    tools: ToolCallStream | None = None  # chat with tools: the output read as calls
+
+    def output_finish_reason(self) -> str | None:
+        """What the client sees: "tool_calls" for a choice that stopped with calls."""
+        is_call = self.tools is not None and self.tools.num_final_calls > 0
+        return "tool_calls" if is_call and self.finish_reason == "stop" else self.finish_reason
 
 
 class UsageTally:
@@ -126,6 +137,10 @@ class ResponseBuilder:
         self.prepared = prepared
         self.tokenizer = tokenizer
         self.choices = [ChoiceState() for _ in range(prepared.num_choices)]
+        plan = prepared.tool_plan
+        if plan is not None:
+            for state in self.choices:
+                state.tools = ToolCallStream(make_output_parser(plan), None if plan.parallel else 1)
         self.usage = UsageTally(prepared.prompts)
         self.id = response_id(prepared)
         self.top_k = prepared.params[0].logprobs or 0
@@ -152,23 +167,28 @@ class ResponseBuilder:
                 state.finish_reason = delta.finish_reason
                 state.stop_reason = stop_reason(delta)
             if delta.text or delta.token_ids or delta.HasField("finish_reason"):
-                chunk_choices.append(self._chunk_choice(index, delta))
+                choice = self._chunk_choice(index, delta)
+                if choice is not None:
+                    chunk_choices.append(choice)
         return chunk_choices
 
-    def _chunk_choice(self, index: int, delta: pb.CompletionDelta) -> dict[str, Any]:
+    def _chunk_choice(self, index: int, delta: pb.CompletionDelta) -> dict[str, Any] | None:
+        """The chunk choice of `delta`; None when a tool-call stream holds its text back."""
         state = self.choices[index]
         finish = delta.finish_reason if delta.HasField("finish_reason") else None
         stop = stop_reason(delta) if finish else None
         logprobs: Any = None
         if self.prepared.kind == "chat":
+            body = self._chat_delta(state, delta.text, finish is not None)
+            if body is None:
+                return None
             if self.has_logprobs:
                 logprobs = {"content": chat_logprobs(self.tokenizer, delta.logprobs, self.top_k)}
-            body = {"content": delta.text} if delta.text else {}
             return {
                 "index": index,
                 "delta": body,
                 "logprobs": logprobs,
-                "finish_reason": finish,
+                "finish_reason": state.output_finish_reason() if finish else None,
                 "stop_reason": stop,
             }
         if self.has_logprobs:
@@ -182,6 +202,17 @@ class ResponseBuilder:
             "finish_reason": finish,
             "stop_reason": stop,
         }
+
+    def _chat_delta(self, state: ChoiceState, text: str, is_last: bool) -> dict[str, Any] | None:
+        if state.tools is None or not self.prepared.stream:
+            return {"content": text} if text else {}
+        content, calls = state.tools.finish(text) if is_last else state.tools.feed(text)
+        if not (content or calls or is_last or self.has_logprobs):
+            return None
+        body: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            body["tool_calls"] = calls
+        return body
 
     def chunk(self, choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.prepared.kind == "chat" else "text_completion"
@@ -221,12 +252,22 @@ class ResponseBuilder:
         if self.prepared.kind == "chat":
             if self.has_logprobs:
                 logprobs = {"content": chat_logprobs(self.tokenizer, state.logprobs, self.top_k)}
-            out["message"] = {"role": "assistant", "content": text}
+            out["message"] = self._message(state, text)
         else:
             if self.has_logprobs:
                 logprobs, _ = completion_logprobs(self.tokenizer, state.logprobs, self.top_k, 0)
             out["text"] = text
         out.update(
-            logprobs=logprobs, finish_reason=state.finish_reason, stop_reason=state.stop_reason
+            logprobs=logprobs,
+            finish_reason=state.output_finish_reason(),
+            stop_reason=state.stop_reason,
         )
         return out
+
+    def _message(self, state: ChoiceState, text: str) -> dict[str, Any]:
+        if state.tools is None:
+            return {"role": "assistant", "content": text}
+        content, calls = state.tools.final(text)
+        if not calls:
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": content, "tool_calls": calls}

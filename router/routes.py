@@ -9,6 +9,7 @@ also answers HEAD. Parsing, chat templates and tokenization run on the tokenizer
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Callable
@@ -76,8 +77,10 @@ def _add_generation_routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        parser = _service(request).config.tool_call_parser
+        prepare = functools.partial(prepare_chat, tool_call_parser=parser)
         return await handle_generation(
-            request, "chat", ChatCompletionRequest, prepare_chat, _request_id(request)
+            request, "chat", ChatCompletionRequest, prepare, _request_id(request)
         )
 
 
@@ -188,6 +191,7 @@ async def _tokenize(request: Request) -> Response:
             chat.continue_final_message,
             chat.add_special_tokens,
             chat.chat_template_kwargs,
+            tuple(t.model_dump(exclude_none=True) for t in chat.tools or ()),
         )
     else:
         plain, ignored = await parse_request(request, TokenizeCompletionRequest)

@@ -84,8 +84,11 @@ class RouterTokenizer:
         add_generation_prompt: bool,
         continue_final_message: bool,
         template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The prompt text the model's chat template makes of `messages`."""
+        """The prompt text the model's chat template makes of `messages` (and `tools`, the
+        OpenAI tool definitions, which templates read as the `tools` variable; a template
+        that never reads it does not show them to the model)."""
         if not self.has_chat_template:
             raise ChatTemplateError(
                 f"the tokenizer of {self.name} has no chat template: use /v1/completions "
@@ -98,13 +101,16 @@ class RouterTokenizer:
             )
         from jinja2 import TemplateError
 
+        kwargs = dict(template_kwargs or {})
+        if tools:
+            kwargs["tools"] = tools
         try:
             text = self.hf.apply_chat_template(
                 messages,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                **(template_kwargs or {}),
+                **kwargs,
             )
         except (TemplateError, ValueError, TypeError, KeyError) as exc:
             message = f"the chat template cannot render these messages: {exc}"

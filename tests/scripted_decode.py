@@ -13,6 +13,8 @@ tokens, one token per message, `token_delay_s` apart; it honours max_tokens, sto
 stop_token_ids, n and logprobs (logprob -0.5 × (rank), top alternatives the next token ids).
 `fail_before_first` / `fail_after_tokens` make it fail with UNAVAILABLE / INTERNAL;
 `stall_after_tokens` (0: before the first) makes it go silent for `stall_s` at that point.
+`finish_after_reply` makes a completion stop (finish_reason "stop", as on eos) once it has
+sent the whole reply.
 
 `python tests/scripted_decode.py --redis URL --cluster NAME --tokenizer DIR`
 runs one as its own process (to freeze it with SIGSTOP in fault tests); it prints
@@ -78,6 +80,7 @@ class ScriptedDecodeNode(pb_grpc.DecodeServicer):
         self.fail_after_tokens: int | None = None
         self.stall_after_tokens: int | None = None
         self.stall_s = 0.0
+        self.finish_after_reply = False
         self.requests: list[pb.GenerateRequest] = []
         self.aborted: list[str] = []
         self.num_active = 0
@@ -210,6 +213,8 @@ class ScriptedDecodeNode(pb_grpc.DecodeServicer):
             delta.text, c.text = full[len(c.text) :], full
             if c.num_emitted >= max_tokens:
                 delta.finish_reason = "length"
+            elif self.finish_after_reply and c.num_emitted >= len(c.ids):
+                delta.finish_reason = "stop"
         if delta.HasField("finish_reason"):
             c.finish_reason = delta.finish_reason
         return delta

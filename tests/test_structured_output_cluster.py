@@ -2,7 +2,9 @@
 router, one prefill and one decode node as processes, real gRPC and NIXL, the tiny llama on
 CPU) with the official `openai` client: every output parses and validates, greedy outputs
 equal the aggregated engine's, an unsatisfiable grammar ends on "length" and leaks nothing,
-a bad schema is a 400."""
+a bad schema is a 400; forced tool calls (tool_choice "required" and a named function)
+validate, streamed and not, and equal the aggregated engine's at temperature 0; "auto"
+(router --tool-call-parser hermes) on a model that writes no call returns content."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -41,7 +45,7 @@ def cluster(tiny_llama):
         router_port=0,
         node_args=("--dtype", "float32", "--num-blocks", "1024"),
         # Every prompt is prefilled on the prefill node, however short.
-        router_args=("--disagg-min-tokens", "0"),
+        router_args=("--disagg-min-tokens", "0", "--tool-call-parser", "hermes"),
     )
     with LocalCluster(config) as running:
         yield running
@@ -226,3 +230,153 @@ def test_unsatisfiable_grammar_ends_on_length_and_bad_schema_is_400(cluster) -> 
     with pytest.raises(openai.BadRequestError) as info:
         asyncio.run(bad())
     assert "objectx" in str(info.value)
+
+
+TOOL_SCHEMAS = {
+    "get_weather": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        },
+        "required": ["city", "unit", "days"],
+    },
+    "book_table": {
+        "type": "object",
+        "properties": {
+            "people": {"type": "integer", "minimum": 1, "maximum": 8},
+            "time": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"},
+            "outdoor": {"type": "boolean"},
+        },
+        "required": ["people", "time"],
+    },
+}
+TOOLS = [
+    {"type": "function", "function": {"name": name, "description": name, "parameters": schema}}
+    for name, schema in TOOL_SCHEMAS.items()
+]
+NAMED = {"type": "function", "function": {"name": "book_table"}}
+TOOL_MAX_TOKENS = 160
+
+
+async def tool_request(
+    client: openai.AsyncOpenAI, i: int, tool_choice: Any, stream: bool, **kwargs: Any
+) -> tuple[list[tuple[str, str]], str]:
+    """([(name, arguments)], finish_reason) of chat request i with tools."""
+    body = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": f"Plan my evening, take {i}."}],
+        tools=TOOLS,
+        tool_choice=tool_choice,
+        max_tokens=TOOL_MAX_TOKENS,
+        **kwargs,
+    )
+    if not stream:
+        reply = await client.chat.completions.create(**body)
+        choice = reply.choices[0]
+        assert choice.message.content is None, choice.message.content
+        calls = choice.message.tool_calls or []
+        return [(c.function.name, c.function.arguments) for c in calls], choice.finish_reason
+    calls: dict[int, list[str]] = {}
+    finish = ""
+    async for chunk in await client.chat.completions.create(stream=True, **body):
+        delta = chunk.choices[0].delta
+        assert not delta.content
+        for call in delta.tool_calls or []:
+            if call.index not in calls:
+                assert call.id.startswith("call_") and call.function.name
+                calls[call.index] = [call.function.name, ""]
+            calls[call.index][1] += call.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return [(name, args) for name, args in calls.values()], finish
+
+
+def test_required_and_named_tool_calls_validate(cluster) -> None:
+    """Forced calls at temperature 0.8, streamed and not: every call's arguments parse and
+    validate against its tool's schema."""
+
+    async def run() -> list[tuple[list[tuple[str, str]], str]]:
+        aclient = async_client(cluster)
+        jobs = [
+            tool_request(aclient, i, choice, stream=i % 2 == 1, temperature=0.8, **extra)
+            for i in range(8)
+            for choice, extra in ((NAMED, {}), ("required", {"parallel_tool_calls": False}))
+        ]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(run())
+    for k, (calls, finish) in enumerate(results):
+        assert finish == "tool_calls", (k, calls, finish)
+        assert len(calls) == 1
+        name, arguments = calls[0]
+        if k % 2 == 0:
+            assert name == "book_table"
+        jsonschema.validate(json.loads(arguments), TOOL_SCHEMAS[name])
+
+
+def test_greedy_tool_calls_1p1d_equal_aggregated(cluster) -> None:
+    """At temperature 0, a forced call through 1P1D is the aggregated node's output under
+    the same grammar, token for token."""
+    from splitserve.router.tool_request import required_schema
+
+    # One call: with parallel calls the greedy tiny model keeps adding calls to max_tokens.
+    cases = [
+        (NAMED, TOOL_SCHEMAS["book_table"]),
+        ("required", required_schema(TOOL_SCHEMAS, parallel=False)),
+    ]
+
+    async def run() -> list:
+        aclient = async_client(cluster)
+        return await asyncio.gather(
+            *[
+                tool_request(
+                    aclient, 0, choice, stream=False, temperature=0, parallel_tool_calls=False
+                )
+                for choice, _ in cases
+            ]
+        )
+
+    before = node_stats(cluster.prefill[0]).prompt_tokens_computed
+    results = asyncio.run(run())
+    assert node_stats(cluster.prefill[0]).prompt_tokens_computed > before  # prefilled remotely
+    messages = [{"role": "user", "content": "Plan my evening, take 0."}]
+    body = {"model": MODEL, "messages": messages, "tools": TOOLS}
+    prompt = httpx.post(f"{cluster.router_url}/tokenize", json=body, timeout=30).json()["tokens"]
+    for k, ((calls, finish), (_, schema)) in enumerate(zip(results, cases, strict=True)):
+        params = SamplingParams(
+            temperature=0,
+            max_tokens=TOOL_MAX_TOKENS,
+            grammar=GrammarSpec("json", json.dumps(schema)),
+        )
+        text, _ = aggregated_output(cluster.decode[0], f"agg-tool-{k}", prompt, params)
+        assert finish == "tool_calls"
+        if k == 0:
+            assert calls == [("book_table", text)]
+        else:
+            expected = [(c["name"], c["parameters"]) for c in json.loads(text)]
+            assert [(name, json.loads(args)) for name, args in calls] == expected
+
+
+def test_auto_tool_choice_on_a_model_that_writes_no_calls(cluster) -> None:
+    """The tiny model never writes a <tool_call> tag: "auto" through 1P1D returns its text
+    as content, whole and streamed, and the same text either way at temperature 0."""
+    body = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Any tool?"}],
+        tools=TOOLS,
+        max_tokens=24,
+        temperature=0,
+    )
+
+    async def run() -> tuple[Any, str]:
+        aclient = async_client(cluster)
+        reply = await aclient.chat.completions.create(**body)
+        chunks = [c async for c in await aclient.chat.completions.create(stream=True, **body)]
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        return reply, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    reply, streamed = asyncio.run(run())
+    choice = reply.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == streamed and "<tool_call>" not in streamed
