@@ -121,6 +121,18 @@ def timed_steps(step: Callable[[], list[tuple[str, int, bool]]], tracker: StepTr
     return tracker.phase()
 
 
+def run_phases(
+    batch: int,
+    add_batch: Callable[[str, bool], None],
+    step: Callable[[], list[tuple[str, int, bool]]],
+) -> Iterator[Phase]:
+    """Warm-up (constrained: compiles the schema), unconstrained, then constrained; each
+    phase adds the whole batch (`add_batch(name, constrained)`) and steps it to the end."""
+    for name, constrained in (("warmup", True), ("free", False), ("json_schema", True)):
+        add_batch(name, constrained)
+        yield timed_steps(step, StepTracker(name, batch))
+
+
 def random_prompts(args: argparse.Namespace) -> list[list[int]]:
     rng = random.Random(args.seed)
     limit, length = args.prompt_id_limit, args.input_len
@@ -137,16 +149,18 @@ def splitserve_phases(args: argparse.Namespace) -> Iterator[Phase]:
 
     core = LLM.from_config(engine_config_from_args(args)).engine
     schema = GrammarSpec(kind="json", source=json.dumps(SCHEMA))
-    for name, grammar in (("warmup", schema), ("free", None), ("json_schema", schema)):
+
+    def add_batch(name: str, constrained: bool) -> None:
         params = SamplingParams(
             max_tokens=args.output_len,
             temperature=1.0,
-            ignore_eos=grammar is None,
-            grammar=grammar,
+            ignore_eos=not constrained,
+            grammar=schema if constrained else None,
         )
         for i, prompt in enumerate(random_prompts(args)):
             core.add_request(f"{name}-{i}", prompt, params)
-        yield timed_steps(_splitserve_step(core), StepTracker(name, args.batch))
+
+    return run_phases(args.batch, add_batch, _splitserve_step(core))
 
 
 def _splitserve_step(core: Any) -> Callable[[], list[tuple[str, int, bool]]]:
@@ -173,17 +187,19 @@ def vllm_phases(args: argparse.Namespace) -> Iterator[Phase]:
         max_num_seqs=max(args.batch, 256),
         attention_config={"backend": "FLASH_ATTN"},  # as ../shared/vllm's runs
     ).llm_engine
-    constrained = StructuredOutputsParams(json=SCHEMA)
-    for name, grammar in (("warmup", constrained), ("free", None), ("json_schema", constrained)):
+    schema = StructuredOutputsParams(json=SCHEMA)
+
+    def add_batch(name: str, constrained: bool) -> None:
         params = SamplingParams(
             max_tokens=args.output_len,
             temperature=1.0,
-            ignore_eos=grammar is None,
-            structured_outputs=grammar,
+            ignore_eos=not constrained,
+            structured_outputs=schema if constrained else None,
         )
         for i, prompt in enumerate(random_prompts(args)):
             engine.add_request(f"{name}-{i}", TokensPrompt(prompt_token_ids=prompt), params)
-        yield timed_steps(_vllm_step(engine), StepTracker(name, args.batch))
+
+    return run_phases(args.batch, add_batch, _vllm_step(engine))
 
 
 def _vllm_step(engine: Any) -> Callable[[], list[tuple[str, int, bool]]]:

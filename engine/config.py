@@ -34,6 +34,9 @@ class ModelConfig:
     seed: int = 0
     # "auto" reads the checkpoint's weights; "dummy" draws random ones of its shape.
     load_format: LoadFormat = "auto"
+    # CPU only: torch's intra-op threads in this process; None keeps torch's default (one
+    # per core). Nodes sharing a machine each take a share, or their threads contend.
+    cpu_threads: int | None = None
     # Context cap in tokens; None takes the model's max_position_embeddings.
     max_model_len: int | None = None
     # Name the API reports and the block-hash chain is seeded with; None: `model` itself.
@@ -63,6 +66,8 @@ class ModelConfig:
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.cuda_graph_max_batch < 1:

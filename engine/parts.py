@@ -43,6 +43,8 @@ class EngineParts(NamedTuple):
 
 def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EngineParts:
     device = torch.device(config.model.device)
+    if device.type == "cpu" and config.model.cpu_threads is not None:
+        torch.set_num_threads(config.model.cpu_threads)  # process-wide, as torch has it
     if kernels is None:
         model_config = config.model
         kernels = select_kernels(

@@ -61,6 +61,13 @@ def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
         help="seed of random sampling (and of dummy weights)",
     )
     g.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=default_of(model, "cpu_threads"),
+        help="CPU only: torch threads of this node (default: one per core; `up --cpu` gives "
+        "each node its share of the cores)",
+    )
+    g.add_argument(
         "--load-format",
         default=default_of(model, "load_format"),
         choices=LOAD_FORMATS,
@@ -165,6 +172,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             device=args.device,
             seed=args.seed,
             load_format=args.load_format,
+            cpu_threads=args.cpu_threads,
             max_model_len=args.max_model_len,
             served_model_name=args.served_model_name,
             attention_backend=args.attention_backend,

@@ -266,6 +266,7 @@ class LocalCluster:
             "--host",
             cfg.host,
             *self._node_tls_args(),
+            *self._cpu_thread_args(role),
             *cfg.node_args,
             *(cfg.prefill_args if role == "prefill" else cfg.decode_args),
             *extra_args,
@@ -309,6 +310,17 @@ class LocalCluster:
     def _tracing_args(self) -> tuple[str, ...]:
         endpoint = self.config.otlp_traces_endpoint
         return (TRACING_FLAG, endpoint) if endpoint else ()
+
+    def _cpu_thread_args(self, role: str) -> tuple[str, ...]:
+        """With every node on the CPU, each gets an equal share of this process's cores
+        (at least one), unless the flags already set --cpu-threads: torch's default of one
+        thread per core in every node oversubscribes the machine."""
+        cfg = self.config
+        given = (*cfg.node_args, *(cfg.prefill_args if role == "prefill" else cfg.decode_args))
+        if cfg.devices or any(a.startswith("--cpu-threads") for a in given):
+            return ()
+        cores = len(os.sched_getaffinity(0))
+        return ("--cpu-threads", str(max(1, cores // (cfg.num_prefill + cfg.num_decode))))
 
     def _node_env(self) -> dict[str, str]:
         """UCX's TCP transport listens on every network device it uses: on a loopback

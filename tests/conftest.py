@@ -15,6 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cores_per_xdist_worker() -> None:
+    """Each pytest-xdist worker computes on its share of the cores: torch's default of one
+    thread per core in every worker oversubscribes the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
     """tiny_model_factory(arch) -> directory of a tiny HF model of that architecture."""

@@ -62,6 +62,19 @@ LLAMA_REPLY = (
 MESSAGES = [{"role": "user", "content": "Weather and time in Paris?"}]
 
 
+def router_config(redis_server: RedisServer, cluster: str, parser: str) -> RouterConfig:
+    """A router in front of the scripted node, reading tool calls with `parser`."""
+    return RouterConfig(
+        redis_url=redis_server.url,
+        tokenizer="unused",
+        model=MODEL,
+        cluster=cluster,
+        port=0,
+        node_cache_s=0.1,
+        tool_call_parser=parser,
+    )
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama: Path) -> RouterTokenizer:
     return RouterTokenizer.load(str(tiny_llama))
@@ -89,15 +102,7 @@ def clients(
     """One router per --tool-call-parser ("" for none), all in front of `node`."""
     servers = {}
     for parser in ("", "hermes", "llama3_json"):
-        config = RouterConfig(
-            redis_url=redis_server.url,
-            tokenizer="unused",
-            model=MODEL,
-            cluster=cluster,
-            port=0,
-            node_cache_s=0.1,
-            tool_call_parser=parser,
-        )
+        config = router_config(redis_server, cluster, parser)
         servers[parser] = RouterServer(config, tokenizer=tokenizer, log_level="warning")
         servers[parser].start_in_thread()
     yield {
@@ -298,15 +303,7 @@ def test_tools_and_call_history_reach_the_chat_template(
 ) -> None:
     templated = RouterTokenizer.load(str(tiny_llama))
     templated.hf.chat_template = TOOLS_TEMPLATE
-    config = RouterConfig(
-        redis_url=redis_server.url,
-        tokenizer="unused",
-        model=MODEL,
-        cluster=cluster,
-        port=0,
-        node_cache_s=0.1,
-        tool_call_parser="hermes",
-    )
+    config = router_config(redis_server, cluster, "hermes")
     server = RouterServer(config, tokenizer=templated, log_level="warning").start_in_thread()
     try:
         history = [

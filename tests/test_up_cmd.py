@@ -1,11 +1,14 @@
-"""`splitserve up`'s printed example and the router flags it passes through."""
+"""`splitserve up`'s printed example, the router flags it passes through, and the CPU
+threads it gives each node."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 from splitserve.launch.cli import _build_parser
+from splitserve.launch.local_cluster import ClusterConfig, LocalCluster
 from splitserve.launch.up_cmd import EXAMPLE_MAX_TOKENS, example_curl, router_args
 
 
@@ -33,3 +36,21 @@ def test_router_flags_pass_through() -> None:
         "--strict-fields",
     )
     assert router_args(parse_up()) == ("--routing-policy", "cache_aware")
+
+
+def test_cpu_nodes_share_the_cores() -> None:
+    """Every node on the CPU: each takes its share of the cores (torch's default of one
+    thread per core in every node oversubscribes them); flags that set it win."""
+    cores = len(os.sched_getaffinity(0))
+
+    def node_flags(**config: object) -> list[str]:
+        cluster = LocalCluster(ClusterConfig(model="tiny-llama", **config))  # type: ignore[arg-type]
+        return cluster._node_process("decode", 0, None).args
+
+    args = node_flags(num_prefill=1, num_decode=1)
+    assert args[args.index("--cpu-threads") + 1] == str(max(1, cores // 2))
+    args = node_flags(num_prefill=0, num_decode=1)
+    assert args[args.index("--cpu-threads") + 1] == str(cores)
+    assert node_flags(node_args=("--cpu-threads=3",)).count("--cpu-threads=3") == 1
+    assert "--cpu-threads" not in node_flags(node_args=("--cpu-threads=3",))
+    assert "--cpu-threads" not in node_flags(devices=("cuda:0", "cuda:1"))
