@@ -80,6 +80,12 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/0"
 
     @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("RedisServer.pid: the server is not running; call start() first")
+        return self._proc.pid
+
+    @property
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

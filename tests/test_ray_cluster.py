@@ -1,0 +1,221 @@
+"""`splitserve ray up|scale|status|down` on a local multi-node Ray cluster
+(`ray.cluster_utils.Cluster`: a head and two worker nodes, each offering two units of the
+custom resource `splitserve_node`), the tiny llama on CPU, a real redis-server given with
+--redis (so that `down` can be checked to leave no keys behind), the official `openai`
+client. One Ray cluster and one splitserve cluster for the whole module; the tests run in
+order and build on each other: up 1P2D -> kill a decode node under load -> scale 1P1D ->
+2P2D -> 1P1D under load -> down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+import redis
+
+from splitserve.engine.llm import LLM
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.launch.redis_server import RedisServer, free_port
+from splitserve.protocol import node_pb2 as pb
+from splitserve.protocol import node_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny"
+RESOURCE = "splitserve_node"
+NUM_RAY_NODES = 3
+WORDS = ("harbour", "tide", "lantern", "gull", "rope", "anchor", "sail", "keel", "mast", "deck")
+# Prompts of ~60 words: past --disagg-min-tokens, so they go through a prefill node.
+DISAGG_MIN_TOKENS = 32
+REQUEST_TIMEOUT_S = 60.0
+
+
+def _ray_module() -> Any:
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("needs the ray extra: run `make install`")
+        pytest.skip("needs the ray extra: pip install -e '.[ray]'")
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    ray = _ray_module()
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {RESOURCE: 2}},
+    )
+    for _ in range(NUM_RAY_NODES - 1):
+        cluster.add_node(num_cpus=2, resources={RESOURCE: 2})
+    ray.init(address=cluster.address, namespace="splitserve-tests", log_to_driver=False)
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def splitserve_ray(address: str, cluster: str, *args: str, timeout_s: float = 300) -> str:
+    """`splitserve ray ACTION ...` as its own process; its stdout (fails on exit code != 0)."""
+    action, *rest = args
+    command = [sys.executable, "-m", "splitserve.launch.cli", "ray", action]
+    command += ["--address", address, "--cluster", cluster, *rest]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def status(address: str, cluster: str) -> dict[str, Any]:
+    return json.loads(splitserve_ray(address, cluster, "status", "--json").strip().splitlines()[-1])
+
+
+def members(st: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [m for m in st["members"] if m["kind"] == kind]
+
+
+class RayServing:
+    def __init__(self, address: str, cluster: str, redis_url: str) -> None:
+        self.address = address
+        self.cluster = cluster
+        self.redis_url = redis_url
+        self.up_output = ""
+        self.status: dict[str, Any] = {}
+
+    @property
+    def url(self) -> str:
+        return self.status["router_url"]
+
+    def refresh(self) -> dict[str, Any]:
+        self.status = status(self.address, self.cluster)
+        return self.status
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def serving(ray_address: str, redis_url: str, tiny_llama: Path) -> RayServing:
+    cluster = f"t{random.randrange(1 << 30):x}"
+    running = RayServing(ray_address, cluster, redis_url)
+    running.up_output = splitserve_ray(
+        ray_address,
+        cluster,
+        *("up", "--model", str(tiny_llama), "--served-model-name", MODEL),
+        *("--port", str(free_port()), "--redis", redis_url, "--cpu", "--cpus-per-node", "0"),
+        *("--node-resource", RESOURCE, "--num-prefill", "1", "--num-decode", "2"),
+        *("--node-arg=--dtype=float32", "--node-arg=--num-blocks=512"),
+        *("--drain-timeout-s", "30", "--restart-backoff-s", "0.5"),
+        f"--router-arg=--disagg-min-tokens={DISAGG_MIN_TOKENS}",
+        timeout_s=400,
+    )
+    running.refresh()
+    return running
+
+
+def long_prompt(num_words: int = 60) -> str:
+    """Fresh (no cache holds it) and long enough to be prefilled remotely."""
+    return " ".join(random.choice(WORDS) for _ in range(num_words))
+
+
+def offline_text(tiny_llama: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    llm = LLM(str(tiny_llama), dtype="float32")
+    ids = [list(llm.get_tokenizer()(p)["input_ids"]) for p in prompts]
+    outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens))
+    return [o.outputs[0].text for o in outs]
+
+
+async def one_request(client: openai.AsyncOpenAI, prompt: str) -> str:
+    """ok | error (a clean OpenAI error object) | hung (no answer within the timeout)."""
+    try:
+        await client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+        return "ok"
+    except openai.APITimeoutError:
+        return "hung"
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        assert "message" in body or "error" in body, f"not an OpenAI error object: {exc}"
+        return "error"
+    except openai.APIConnectionError:
+        return "error"
+
+
+async def steady_load(url: str, rate: float, count: int | None, stop: threading.Event) -> Counter:
+    """`count` requests (None: until `stop`) at `rate` per second, each with a fresh prompt."""
+    client = openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    )
+    start = time.monotonic()
+    tasks = []
+    i = 0
+    while (count is None or i < count) and not (count is None and stop.is_set()):
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        tasks.append(asyncio.create_task(one_request(client, long_prompt())))
+        i += 1
+    outcomes = Counter(await asyncio.gather(*tasks))
+    await client.close()
+    return outcomes
+
+
+def node_stats(address: str, role: str) -> pb.StatsResponse:
+    stub = node_pb2_grpc.PrefillStub if role == "prefill" else node_pb2_grpc.DecodeStub
+    with grpc.insecure_channel(address) as channel:
+        return stub(channel).Stats(pb.StatsRequest(), timeout=10)
+
+
+def grpc_address(member: dict[str, Any]) -> str:
+    """host:port from a node id `{role}-{host}:{port}-{hex}`."""
+    return member["info"]["server_id"].split("-", 1)[1].rsplit("-", 1)[0]
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_up_places_1p2d_across_nodes_and_matches_offline_tokens(
+    serving: RayServing, tiny_llama: Path
+) -> None:
+    st = serving.status
+    assert (st["num_prefill"], st["num_decode"]) == (1, 2)
+    assert "OpenAI API: http" in serving.up_output and "decode-1" in serving.up_output
+    nodes = [*members(st, "prefill"), *members(st, "decode")]
+    assert all(m["state"] == "serving" and is_alive(m["info"]["pid"]) for m in nodes)
+    # spread: each of the three nodes on its own simulated Ray node
+    assert len({m["info"]["ray_node_id"] for m in nodes}) == NUM_RAY_NODES
+    health = httpx.get(f"{serving.url}/health", timeout=10).json()
+    assert (health["num_prefill_nodes"], health["num_decode_nodes"]) == (1, 2)
+
+    prompts = ["The fishing boats came back at dawn", long_prompt(), long_prompt()]
+    expected = offline_text(tiny_llama, prompts, 12)
+    client = openai.OpenAI(base_url=f"{serving.url}/v1", api_key="unused", max_retries=0)
+    for prompt, text in zip(prompts * 2, expected * 2, strict=True):
+        reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        assert reply.choices[0].text == text
+    served = [node_stats(grpc_address(m), "decode").num_requests_finished for m in nodes[1:]]
+    prefilled = node_stats(grpc_address(nodes[0]), "prefill").prompt_tokens_computed
+    print(f"ray up 1P2D: decode requests {served}, prefill tokens computed {prefilled}")
+    assert prefilled > 0 and sum(served) >= 2 * len(prompts)
