@@ -10,6 +10,7 @@ order and build on each other: up 1P2D -> kill a decode node under load -> scale
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -219,3 +220,172 @@ def test_up_places_1p2d_across_nodes_and_matches_offline_tokens(
     prefilled = node_stats(grpc_address(nodes[0]), "prefill").prompt_tokens_computed
     print(f"ray up 1P2D: decode requests {served}, prefill tokens computed {prefilled}")
     assert prefilled > 0 and sum(served) >= 2 * len(prompts)
+
+
+def controller_status(serving: RayServing) -> Any:
+    """The controller's status, asked from this process (no CLI start-up per poll)."""
+    ray = _ray_module()
+    handle = ray.get_actor(f"{serving.cluster}:controller", namespace="splitserve")
+    return ray.get(handle.status.remote(), timeout=60)
+
+
+def node_record(serving: RayServing, node_id: str) -> dict[str, Any] | None:
+    client = redis.Redis.from_url(serving.redis_url)
+    raw = client.hget(f"splitserve:{serving.cluster}:node:{node_id}", "record")
+    client.close()
+    return None if raw is None else json.loads(raw)
+
+
+def wait_restarted(serving: RayServing, name: str, old_pid: int, timeout_s: float) -> Any:
+    """The member `name` once it serves again from a new process and the router sees
+    every decode node; None after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        member = next(m for m in controller_status(serving).members if m.name == name)
+        if member.state == "serving" and member.info.pid != old_pid:
+            health = httpx.get(f"{serving.url}/health", timeout=10).json()
+            if health["num_decode_nodes"] == 2 and node_record(serving, member.info.server_id):
+                return member.info
+        time.sleep(0.5)
+    return None
+
+
+def in_thread(target: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(result=target()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_killed_decode_node_is_restarted_and_no_request_hangs(serving: RayServing) -> None:
+    victim = members(serving.status, "decode")[0]
+    old_id, old_pid = victim["info"]["server_id"], victim["info"]["pid"]
+    rate, count = 8.0, 200
+    load, out = in_thread(
+        lambda: asyncio.run(steady_load(serving.url, rate, count, threading.Event()))
+    )
+    served_before = node_stats(grpc_address(victim), "decode").num_requests_finished
+    time.sleep(4.0)
+    served_at_kill = node_stats(grpc_address(victim), "decode").num_requests_finished
+    os.kill(old_pid, signal.SIGKILL)  # the node crashes: its actor exits, Ray restarts it
+    killed = time.monotonic()
+    info = wait_restarted(serving, victim["name"], old_pid, timeout_s=60)
+    restart_s = time.monotonic() - killed
+    load.join(count / rate + 2 * REQUEST_TIMEOUT_S)
+    outcomes = out["result"]
+    print(
+        f"decode node killed under {count} requests at {rate:.0f} req/s: {dict(outcomes)}; "
+        f"its actor served again after {restart_s:.1f} s"
+    )
+    assert served_at_kill > served_before, "the load never reached the node killed"
+    assert sum(outcomes.values()) == count and outcomes["hung"] == 0
+    assert info is not None and restart_s < 30, f"not serving again within 30 s: {info}"
+    assert info.num_starts == 2 and info.server_id != old_id
+    record = node_record(serving, info.server_id)
+    assert record is not None and record["nixl_agent_name"] == info.server_id != old_id
+    assert not is_alive(old_pid)
+
+
+def test_scale_to_2p2d_and_back_under_load_fails_no_request(serving: RayServing) -> None:
+    stop = threading.Event()
+    load, out = in_thread(lambda: asyncio.run(steady_load(serving.url, 4.0, None, stop)))
+    try:
+        steps = {}
+        for num_prefill, num_decode in ((1, 1), (2, 2)):
+            start = time.monotonic()
+            splitserve_ray(
+                serving.address,
+                serving.cluster,
+                *("scale", "--num-prefill", str(num_prefill), "--num-decode", str(num_decode)),
+            )
+            steps[f"{num_prefill}P{num_decode}D"] = round(time.monotonic() - start, 1)
+        grown = serving.refresh()
+        assert (grown["num_prefill"], grown["num_decode"]) == (2, 2)
+        new = [m for m in grown["members"] if m["name"].endswith(("prefill-1", "decode-2"))]
+        assert len(new) == 2 and all(m["state"] == "serving" for m in new)
+        traffic = wait_for_traffic(new, timeout_s=60)
+        start = time.monotonic()
+        shrunk = json_status_after_scale(serving, 1, 1)
+        steps["back to 1P1D"] = round(time.monotonic() - start, 1)
+    finally:
+        stop.set()
+        load.join(2 * REQUEST_TIMEOUT_S)
+    outcomes = out["result"]
+    print(f"scale under 4 req/s: {dict(outcomes)}; seconds per step {steps}; new nodes {traffic}")
+    assert outcomes["ok"] > 0 and outcomes["ok"] == sum(outcomes.values())
+    assert [m["name"].rsplit(":", 1)[1] for m in shrunk["members"] if m["kind"] != "router"] == [
+        "prefill-0",
+        "decode-0",
+    ]
+    assert all(not is_alive(m["info"]["pid"]) for m in new)
+    assert all(node_record(serving, m["info"]["server_id"]) is None for m in new)
+
+
+def json_status_after_scale(serving: RayServing, num_prefill: int, num_decode: int) -> Any:
+    splitserve_ray(
+        serving.address,
+        serving.cluster,
+        *("scale", "--num-prefill", str(num_prefill), "--num-decode", str(num_decode)),
+    )
+    return serving.refresh()
+
+
+def wait_for_traffic(new: list[dict[str, Any]], timeout_s: float) -> dict[str, int]:
+    """Until each new node's stats show work routed to it: {name: requests or tokens}."""
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        for m in new:
+            stats = node_stats(grpc_address(m), m["kind"])
+            work = stats.prompt_tokens_computed if m["kind"] == "prefill" else 0
+            seen[m["name"]] = work or stats.num_requests_finished
+        if all(seen.values()):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"routing did not reach every new node within {timeout_s} s: {seen}")
+
+
+def cluster_processes(cluster: str) -> list[str]:
+    """Command lines of live processes started for `cluster` (they all take --cluster)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        is_ours = any(a == "--cluster" and b == cluster for a, b in itertools.pairwise(args))
+        if is_ours and is_alive(int(proc.name)):
+            found.append(" ".join(args))
+    return found
+
+
+def test_down_leaves_no_actors_processes_or_redis_keys(serving: RayServing) -> None:
+    ray = _ray_module()
+    before = serving.refresh()
+    pids = [p for m in before["members"] for p in (m["info"]["pid"], m["info"]["actor_pid"])]
+    assert cluster_processes(serving.cluster), "the cluster's servers are not found"
+    start = time.monotonic()
+    said = splitserve_ray(serving.address, serving.cluster, "down").strip()
+    print(f"ray down in {time.monotonic() - start:.1f} s: {said}")
+    assert "is down" in said
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    assert [a for a in named if a["name"].startswith(f"{serving.cluster}:")] == []
+    deadline = time.monotonic() + 30
+    while any(is_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in pids if is_alive(p)] == [] and cluster_processes(serving.cluster) == []
+    client = redis.Redis.from_url(serving.redis_url)
+    assert list(client.scan_iter(match=f"splitserve:{serving.cluster}:*")) == []
+    client.close()
+    command = ["ray", "status", "--address", serving.address, "--cluster", serving.cluster]
+    again = subprocess.run(
+        [sys.executable, "-m", "splitserve.launch.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 2 and "no splitserve cluster" in again.stderr
