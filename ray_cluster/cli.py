@@ -21,6 +21,7 @@ import sys
 from splitserve.engine.model.source import DEFAULT_MODEL
 from splitserve.launch.config_sources import Resolved
 from splitserve.ray_cluster.config import PLACEMENTS, RayClusterConfig
+from splitserve.ray_cluster.status import ClusterStatus
 
 # launch/cli.py passes `run` the resolved settings too (node flags from env/--config).
 TAKES_SETTINGS = True
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
     return 0
 
 
-def _scale(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _scale(args: argparse.Namespace) -> ClusterStatus:
     from splitserve.ray_cluster import client
 
     num_prefill, num_decode = args.num_prefill, args.num_decode

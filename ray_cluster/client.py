@@ -10,6 +10,7 @@ the detached controller and the actors it owns keep running in the Ray cluster.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import ray
 
@@ -64,7 +65,7 @@ def up(config: RayClusterConfig, redis_port: int) -> ClusterStatus:
             f"cluster {config.cluster!r} is already up: `splitserve ray down --cluster "
             f"{config.cluster}` first, or pick another --cluster name"
         )
-    controller = (
+    controller: Any = (
         ray.remote(ClusterController)
         .options(
             name=config.controller_name,
@@ -111,7 +112,7 @@ def running_clusters() -> list[str]:
     ]
 
 
-def _call(ref: ray.ObjectRef, timeout_s: float):  # type: ignore[no-untyped-def]
+def _call(ref: Any, timeout_s: float) -> Any:
     try:
         return ray.get(ref, timeout=timeout_s)
     except ray.exceptions.RayTaskError as exc:

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 import redis
@@ -162,6 +163,7 @@ class ClusterController:
         options, target = self._options(kind)
         options = {**options, "name": name, "namespace": NAMESPACE}
         options["max_restarts"] = cfg.max_restarts
+        handle: Any  # Ray's actor handles type each actor class apart
         if kind == "redis":
             handle = ray.remote(RedisActor).options(**options).remote(cfg, name, redis_port)
         else:

@@ -35,8 +35,12 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.launch.redis_server import RedisServer, free_port
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
+from splitserve.ray_cluster.commands import node_command, router_command
+from splitserve.ray_cluster.config import Placement, RayClusterConfig, Role
+from splitserve.ray_cluster.placement import Placed, RayNode, choose_node, node_demand, num_slots
 
-pytestmark = pytest.mark.slow
+# The cluster tests: real Ray, node and router processes (see the Makefile: run serially).
+slow = pytest.mark.slow
 
 MODEL = "tiny"
 RESOURCE = "splitserve_node"
@@ -197,6 +201,7 @@ def is_alive(pid: int) -> bool:
     return state != "Z"
 
 
+@slow
 def test_up_places_1p2d_across_nodes_and_matches_offline_tokens(
     serving: RayServing, tiny_llama: Path
 ) -> None:
@@ -257,6 +262,7 @@ def in_thread(target: Any) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, out
 
 
+@slow
 def test_killed_decode_node_is_restarted_and_no_request_hangs(serving: RayServing) -> None:
     victim = members(serving.status, "decode")[0]
     old_id, old_pid = victim["info"]["server_id"], victim["info"]["pid"]
@@ -286,6 +292,7 @@ def test_killed_decode_node_is_restarted_and_no_request_hangs(serving: RayServin
     assert not is_alive(old_pid)
 
 
+@slow
 def test_scale_to_2p2d_and_back_under_load_fails_no_request(serving: RayServing) -> None:
     stop = threading.Event()
     load, out = in_thread(lambda: asyncio.run(steady_load(serving.url, 4.0, None, stop)))
@@ -362,6 +369,7 @@ def cluster_processes(cluster: str) -> list[str]:
     return found
 
 
+@slow
 def test_down_leaves_no_actors_processes_or_redis_keys(serving: RayServing) -> None:
     ray = _ray_module()
     before = serving.refresh()
@@ -389,3 +397,56 @@ def test_down_leaves_no_actors_processes_or_redis_keys(serving: RayServing) -> N
         timeout=120,
     )
     assert again.returncode == 2 and "no splitserve cluster" in again.stderr
+
+
+def test_placement_packs_or_spreads_by_role() -> None:
+    nodes = [RayNode(f"n{i}", "10.0.0.1", {"GPU": 2.0, "CPU": 8.0}) for i in range(3)]
+    demand = node_demand(RayClusterConfig(model="m"))
+    assert demand == {"GPU": 1.0}
+
+    def place(roles: list[Role], strategy: Placement) -> list[str]:
+        placed: list[Placed] = []
+        for role in roles:
+            node = choose_node(nodes, placed, role, strategy, demand)
+            placed.append(Placed(node.node_id if node else "none", role))
+        return [p.ray_node_id for p in placed]
+
+    roles: list[Role] = ["prefill", "decode", "decode", "decode", "prefill", "decode", "decode"]
+    assert place(roles, "pack") == ["n0", "n0", "n1", "n1", "n2", "n2", "none"]
+    assert place(roles, "spread") == ["n0", "n1", "n2", "n0", "n1", "n2", "none"]
+
+
+def test_placement_counts_cpu_and_custom_resource_slots() -> None:
+    config = RayClusterConfig(model="m", use_gpu=False, cpus_per_node=2, node_resource="slot")
+    demand = node_demand(config)
+    assert demand == {"CPU": 2.0, "slot": 1.0}
+    assert num_slots({"CPU": 8.0, "slot": 3.0}, demand) == 3
+    assert num_slots({"CPU": 3.0, "slot": 3.0}, demand) == 1
+    assert num_slots({"CPU": 8.0}, demand) == 0
+
+
+def test_config_checks_and_restart_backoff() -> None:
+    config = RayClusterConfig(model="m", restart_backoff_s=1.0, max_restart_backoff_s=5.0)
+    assert [config.restart_delay_s(n) for n in range(5)] == [0.0, 1.0, 2.0, 4.0, 5.0]
+    for bad, hint in (
+        ({"num_decode": 0}, "at least one decode node"),
+        ({"num_prefill": -1}, "--num-prefill"),
+        ({"cluster": "a b"}, "--cluster"),
+        ({"router_port": 0}, "fixed port"),
+        ({"decode_placement": "random"}, "pack"),
+    ):
+        with pytest.raises(ValueError, match=hint):
+            RayClusterConfig(model="m", **bad)
+
+
+def test_node_command_takes_a_fresh_port_and_the_role_flags() -> None:
+    config = RayClusterConfig(
+        model="/m", use_gpu=False, node_args=("--dtype=float32",), decode_args=("--x",)
+    )
+    args = node_command(config, "decode", "10.0.0.5", "redis://h:1/0")
+    assert args[0] == "decode" and args[-2:] == ("--dtype=float32", "--x")
+    flags = dict(zip(args[1:-2:2], args[2:-2:2], strict=True))
+    assert flags["--port"] == "0" and flags["--host"] == "10.0.0.5"
+    assert flags["--device"] == "cpu" and flags["--redis"] == "redis://h:1/0"
+    router = router_command(config, "10.0.0.5", "redis://h:1/0")
+    assert "--stream-idle-timeout-s" in router and "--x" not in router
