@@ -25,7 +25,8 @@ from splitserve.ray_cluster.status import ClusterStatus
 
 # launch/cli.py passes `run` the resolved settings too (node flags from env/--config).
 TAKES_SETTINGS = True
-DEFAULT_REDIS_PORT = 6379
+# Not 6379: the default port of the Ray head's own GCS.
+DEFAULT_REDIS_PORT = 6380
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,11 @@ class ClusterController:
                 have = self._nodes(role)
                 added += self._add_nodes(want - len(have), role)
                 removed += have[want:][::-1]
-            self._wait(added)
+            try:
+                self._wait(added)
+            except BaseException:
+                self._stop(added)  # the cluster stays as it was
+                raise
             self._stop(removed)
         return self.status()
 
@@ -208,23 +213,34 @@ class ClusterController:
         return out
 
     def _wait(self, members: Sequence[Member]) -> None:
-        """Until each serves; RuntimeError naming the first that could not start."""
-        refs = [m.handle.info.remote() for m in members]
-        timeout_s = self.config.start_timeout_s + self.config.max_restart_backoff_s
-        for member, ref in zip(members, refs, strict=True):
+        """Until each serves; RuntimeError naming the first that could not start (as soon
+        as one fails, without waiting for the others)."""
+        pending = {m.handle.info.remote(): m for m in members}
+        deadline = (
+            time.monotonic() + self.config.start_timeout_s + self.config.max_restart_backoff_s
+        )
+        while pending:
+            remaining_s = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining_s)
+            if not ready:
+                names = ", ".join(m.name for m in pending.values())
+                raise RuntimeError(f"{names} did not start within {self.config.start_timeout_s} s")
+            member = pending.pop(ready[0])
             try:
-                member.info = ray.get(ref, timeout=timeout_s)
-            except (ray.exceptions.RayError, TimeoutError) as exc:
+                member.info = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
                 raise RuntimeError(f"{member.name} did not start: {_reason(exc)}") from None
             logger.info("%s serving at %s on %s", member.name, member.info.address, member.info.ip)
 
     def _stop(self, members: Sequence[Member]) -> None:
-        """Drain and stop each (all at once), then kill their actors for good."""
-        refs = [m.handle.stop.remote() for m in members]
+        """Drain and stop each that served (all at once), then kill every actor for good
+        (one that never served has nothing to drain; its server dies with it)."""
+        refs = [m.handle.stop.remote() if m.info is not None else None for m in members]
         timeout_s = (self.config.drain_timeout_s or 0.0) + self.config.stop_grace_s + 10.0
         for member, ref in zip(members, refs, strict=True):
             try:
-                ray.get(ref, timeout=timeout_s)
+                if ref is not None:
+                    ray.get(ref, timeout=timeout_s)
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 logger.warning("%s did not stop cleanly (%s): killing it", member.name, exc)
             ray.kill(member.handle, no_restart=True)

@@ -68,7 +68,7 @@ def ray_address() -> Iterator[str]:
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {RESOURCE: 2}},
+        head_node_args={"num_cpus": 2, "resources": {RESOURCE: 2}, "include_dashboard": False},
     )
     for _ in range(NUM_RAY_NODES - 1):
         cluster.add_node(num_cpus=2, resources={RESOURCE: 2})
@@ -227,6 +227,34 @@ def test_up_places_1p2d_across_nodes_and_matches_offline_tokens(
     assert prefilled > 0 and sum(served) >= 2 * len(prompts)
 
 
+@slow
+def test_up_with_a_node_that_cannot_start_fails_cleanly(serving: RayServing) -> None:
+    """A node flag the node refuses: `up` exits 1 naming the node and its own error, and
+    leaves nothing behind: no actor, and no Redis (the one `up` started as an actor); the
+    running cluster is untouched."""
+    ray = _ray_module()
+    cluster = serving.cluster + "-bad"
+    redis_port = free_port()
+    command = ["ray", "up", "--address", serving.address, "--cluster", cluster]
+    command += ["--model", "dummy:tiny", "--port", str(free_port())]
+    command += ["--redis-port", str(redis_port), "--cpu", "--cpus-per-node", "0"]
+    command += ["--node-resource", RESOURCE, "--num-prefill", "0", "--node-arg=--max-num-seqs=-1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "splitserve.launch.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{cluster}:decode-0 did not start" in done.stderr and "max" in done.stderr
+    named = ray.util.list_named_actors(all_namespaces=True)
+    assert [a for a in named if a["name"].startswith(f"{cluster}:")] == []
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host=ray.util.get_node_ip_address(), port=redis_port).ping()
+    assert cluster_processes(cluster) == []
+    assert httpx.get(f"{serving.url}/health", timeout=10).json()["num_decode_nodes"] == 2
+
+
 def controller_status(serving: RayServing) -> Any:
     """The controller's status, asked from this process (no CLI start-up per poll)."""
     ray = _ray_module()
@@ -266,7 +294,7 @@ def in_thread(target: Any) -> tuple[threading.Thread, dict[str, Any]]:
 def test_killed_decode_node_is_restarted_and_no_request_hangs(serving: RayServing) -> None:
     victim = members(serving.status, "decode")[0]
     old_id, old_pid = victim["info"]["server_id"], victim["info"]["pid"]
-    rate, count = 8.0, 200
+    rate, count = 10.0, 200
     load, out = in_thread(
         lambda: asyncio.run(steady_load(serving.url, rate, count, threading.Event()))
     )
