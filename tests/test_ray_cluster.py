@@ -290,34 +290,50 @@ def in_thread(target: Any) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, out
 
 
-@slow
-def test_killed_decode_node_is_restarted_and_no_request_hangs(serving: RayServing) -> None:
-    victim = members(serving.status, "decode")[0]
-    old_id, old_pid = victim["info"]["server_id"], victim["info"]["pid"]
-    rate, count = 10.0, 200
-    load, out = in_thread(
-        lambda: asyncio.run(steady_load(serving.url, rate, count, threading.Event()))
-    )
-    served_before = node_stats(grpc_address(victim), "decode").num_requests_finished
-    time.sleep(4.0)
-    served_at_kill = node_stats(grpc_address(victim), "decode").num_requests_finished
-    os.kill(old_pid, signal.SIGKILL)  # the node crashes: its actor exits, Ray restarts it
+def kill_and_wait(serving: RayServing, victim: dict[str, Any], how: str) -> tuple[Any, float]:
+    """Kill a decode node (crash: SIGKILL of its server, whose actor then exits; actor:
+    Ray's kill of the actor, whose server then drains on its own); wait until Ray has
+    restarted it and it serves again. (its new ServerInfo or None, seconds)."""
+    ray = _ray_module()
+    old_pid = victim["info"]["pid"]
+    if how == "crash":
+        os.kill(old_pid, signal.SIGKILL)
+    else:
+        ray.kill(ray.get_actor(victim["name"], namespace="splitserve"), no_restart=False)
     killed = time.monotonic()
     info = wait_restarted(serving, victim["name"], old_pid, timeout_s=60)
     restart_s = time.monotonic() - killed
+    assert info is not None and restart_s < 30, f"{how}: not serving again within 30 s: {info}"
+    assert info.num_starts == 2 and info.server_id != victim["info"]["server_id"]
+    record = node_record(serving, info.server_id)
+    assert record is not None and record["nixl_agent_name"] == info.server_id
+    return info, restart_s
+
+
+@slow
+@pytest.mark.faults
+def test_killed_decode_nodes_are_restarted_and_no_request_hangs(serving: RayServing) -> None:
+    decode = members(serving.status, "decode")
+    rate, count = 8.0, 200
+    load, out = in_thread(
+        lambda: asyncio.run(steady_load(serving.url, rate, count, threading.Event()))
+    )
+    served_before = node_stats(grpc_address(decode[0]), "decode").num_requests_finished
+    time.sleep(3.0)
+    served_at_kill = node_stats(grpc_address(decode[0]), "decode").num_requests_finished
+    restart_s = {}
+    for victim, how in zip(decode, ("crash", "actor"), strict=True):
+        restart_s[f"{victim['name']} ({how})"] = round(kill_and_wait(serving, victim, how)[1], 1)
+    is_mid_load = load.is_alive()
     load.join(count / rate + 2 * REQUEST_TIMEOUT_S)
     outcomes = out["result"]
     print(
-        f"decode node killed under {count} requests at {rate:.0f} req/s: {dict(outcomes)}; "
-        f"its actor served again after {restart_s:.1f} s"
+        f"decode nodes killed under {count} requests at {rate:.0f} req/s: {dict(outcomes)}; "
+        f"seconds until each served again: {restart_s}; second kill mid-load: {is_mid_load}"
     )
     assert served_at_kill > served_before, "the load never reached the node killed"
     assert sum(outcomes.values()) == count and outcomes["hung"] == 0
-    assert info is not None and restart_s < 30, f"not serving again within 30 s: {info}"
-    assert info.num_starts == 2 and info.server_id != old_id
-    record = node_record(serving, info.server_id)
-    assert record is not None and record["nixl_agent_name"] == info.server_id != old_id
-    assert not is_alive(old_pid)
+    assert not any(is_alive(m["info"]["pid"]) for m in decode)
 
 
 @slow
