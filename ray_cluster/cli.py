@@ -5,8 +5,9 @@
     splitserve ray status [--json]
     splitserve ray down
 
-`up` returns once every server answers; the cluster keeps running in Ray (a detached
-controller actor owns it) until `down`. Every action takes --address (default: the Ray
+`up` and `scale` return once every server answers and the router lists exactly the
+cluster's nodes; the cluster keeps running in Ray (a detached controller actor owns it)
+until `down`. Every action takes --address (default: the Ray
 cluster of this host, or RAY_ADDRESS) and --cluster (default: default).
 """
 
@@ -25,6 +26,9 @@ from splitserve.ray_cluster.status import ClusterStatus
 
 # launch/cli.py passes `run` the resolved settings too (node flags from env/--config).
 TAKES_SETTINGS = True
+# Longest the router may take to list the nodes `up` or `scale` left serving (s): it reads
+# Redis about once a second, and a node record expires 5 s after its node died.
+ROUTABLE_TIMEOUT_S = 60.0
 # Not 6379: the default port of the Ray head's own GCS.
 DEFAULT_REDIS_PORT = 6380
 
@@ -145,9 +149,9 @@ def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
     client.connect(args.address)
     try:
         if config is not None:
-            print(format_status(client.up(config, args.redis_port)), flush=True)
+            print(format_status(routable(client.up(config, args.redis_port))), flush=True)
         elif args.ray_command == "scale":
-            print(format_status(_scale(args)), flush=True)
+            print(format_status(routable(_scale(args))), flush=True)
         elif args.ray_command == "status":
             status = client.status(args.cluster)
             text = json.dumps(dataclasses.asdict(status)) if args.json else format_status(status)
@@ -159,6 +163,21 @@ def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
         print(f"splitserve ray {args.ray_command}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def routable(status: ClusterStatus, timeout_s: float = ROUTABLE_TIMEOUT_S) -> ClusterStatus:
+    """`status` once the router lists exactly its nodes (a new node is routable, a removed
+    one is no longer routed to); ClusterCallFailed after `timeout_s`."""
+    from splitserve.launch.up_cmd import wait_until_ready
+    from splitserve.ray_cluster.client import ClusterCallFailed
+
+    if not status.router_url:
+        raise ClusterCallFailed("the router does not answer: `splitserve ray status` shows why")
+    try:
+        wait_until_ready(status.router_url, status.num_prefill, status.num_decode, timeout_s)
+    except RuntimeError as exc:
+        raise ClusterCallFailed(str(exc)) from None
+    return status
 
 
 def _scale(args: argparse.Namespace) -> ClusterStatus:
