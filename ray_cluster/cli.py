@@ -21,7 +21,7 @@ import sys
 
 from splitserve.engine.model.source import DEFAULT_MODEL
 from splitserve.launch.config_sources import Resolved
-from splitserve.ray_cluster.config import PLACEMENTS, RayClusterConfig
+from splitserve.ray_cluster.config import PLACEMENTS, RayClusterConfig, check_counts
 from splitserve.ray_cluster.status import ClusterStatus
 
 # launch/cli.py passes `run` the resolved settings too (node flags from env/--config).
@@ -146,6 +146,8 @@ def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
     from splitserve.ray_cluster.status import format_status
 
     config = config_from_args(args, resolved) if args.ray_command == "up" else None
+    if args.ray_command == "scale" and args.num_prefill is None and args.num_decode is None:
+        raise ValueError("give --num-prefill, --num-decode or both")
     client.connect(args.address)
     try:
         if config is not None:
@@ -185,10 +187,9 @@ def _scale(args: argparse.Namespace) -> ClusterStatus:
 
     num_prefill, num_decode = args.num_prefill, args.num_decode
     if num_prefill is None or num_decode is None:
-        if num_prefill is None and num_decode is None:
-            raise ValueError("give --num-prefill, --num-decode or both")
         now = client.status(args.cluster)
         num_prefill = now.num_prefill if num_prefill is None else num_prefill
         num_decode = now.num_decode if num_decode is None else num_decode
+    check_counts(num_prefill, num_decode)
     print(f"scaling cluster {args.cluster!r} to {num_prefill}P{num_decode}D", flush=True)
     return client.scale(args.cluster, num_prefill, num_decode, args.timeout_s)

@@ -351,6 +351,14 @@ def test_scale_to_2p2d_and_back_under_load_fails_no_request(serving: RayServing)
         assert len(new) == 2 and all(m["state"] == "serving" for m in new)
         traffic = wait_for_traffic(new, timeout_s=60)
         steps["back to 1P1D"] = scale_to(serving, 1, 1)
+        command = ["ray", "scale", "--address", serving.address, "--cluster", serving.cluster]
+        bad = subprocess.run(
+            [sys.executable, "-m", "splitserve.launch.cli", *command, "--num-decode", "0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 2 and "at least one decode node" in bad.stderr, bad.stderr
         shrunk = serving.refresh()
     finally:
         stop.set()
