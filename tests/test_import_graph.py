@@ -207,10 +207,26 @@ def test_kernels_import_no_engine() -> None:
 
 
 def test_only_tools_import_the_cli() -> None:
-    # The benchmarks start clusters through launch's helpers; launch names the bench tool
-    # only as a subcommand module string (a dispatch table, not an import).
+    # The benchmarks and the Ray launcher start clusters through launch's helpers; launch
+    # names them only as subcommand module strings (a dispatch table, not an import).
     graph = package_graph()
-    assert [p for p, targets in graph.items() if "launch" in targets] == ["benchmarks"]
+    assert [p for p, targets in graph.items() if "launch" in targets] == [
+        "benchmarks",
+        "ray_cluster",
+    ]
+
+
+def test_only_ray_cluster_imports_ray() -> None:
+    # Ray is an optional extra: `splitserve ray` needs it, nothing else may.
+    graph = module_graph()
+    assert (
+        sorted(
+            m
+            for m, targets in graph.items()
+            if "ray" in targets and not m.startswith("splitserve.ray_cluster.")
+        )
+        == []
+    )
 
 
 def test_router_never_reaches_torch() -> None:
