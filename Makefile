@@ -40,12 +40,12 @@ typecheck: install
 	rm -rf build/mypy && mkdir -p build/mypy && ln -s "$(CURDIR)" build/mypy/splitserve
 	cd build/mypy && MYPYPATH=. ../../$(VENV)/bin/mypy $(addprefix -p splitserve.,$(PACKAGES))
 
-# Fast tests in parallel over every core (pytest-xdist, one file per worker at a time);
-# the slow multi-process ones (node clusters, two-process NIXL: timing-sensitive on few
-# cores) after them, one at a time. Each phase ends with its 15 slowest tests.
+# Every CPU test in parallel over every core (pytest-xdist, one file per worker at a time:
+# a module's cluster or model is set up once); the multi-process ones mostly wait on their
+# processes, so they share the cores with the computing ones. Ends with the 25 slowest.
+# `-m "not slow"` leaves out the clusters, `-m faults` runs the fault suite alone.
 unit: install
-	$(PY) -m pytest -q -m "not gpu and not slow" -n auto --dist loadfile --durations=15 tests
-	$(PY) -m pytest -q -m "slow and not gpu" --durations=15 tests
+	$(PY) -m pytest -q -m "not gpu" -n auto --dist loadfile --durations=25 tests
 
 # The fault suite alone (frozen, killed and flooded parts; `unit` runs it too).
 faults: install
