@@ -30,7 +30,11 @@ def node_command(
         args += ["--served-model-name", config.served_model_name]
     if config.drain_timeout_s is not None:
         args += ["--drain-timeout-s", str(config.drain_timeout_s)]
-    return (*args, *config.role_args(role))
+    given = config.role_args(role)
+    if not config.use_gpu and not any(a.startswith("--cpu-threads") for a in given):
+        # As many torch threads as CPUs the actor holds: more would contend with its neighbours.
+        args += ["--cpu-threads", str(max(1, int(config.cpus_per_node)))]
+    return (*args, *given)
 
 
 def router_command(config: RayClusterConfig, host: str, redis_url: str) -> tuple[str, ...]:

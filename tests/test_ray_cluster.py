@@ -500,5 +500,8 @@ def test_node_command_takes_a_fresh_port_and_the_role_flags() -> None:
     flags = dict(zip(args[1:-2:2], args[2:-2:2], strict=True))
     assert flags["--port"] == "0" and flags["--host"] == "10.0.0.5"
     assert flags["--device"] == "cpu" and flags["--redis"] == "redis://h:1/0"
+    assert flags["--cpu-threads"] == "1"  # the actor's one CPU (cpus_per_node)
+    gpu = node_command(RayClusterConfig(model="/m"), "decode", "10.0.0.5", "redis://h:1/0")
+    assert "--cpu-threads" not in gpu
     router = router_command(config, "10.0.0.5", "redis://h:1/0")
     assert "--stream-idle-timeout-s" in router and "--x" not in router
