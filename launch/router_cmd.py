@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_request_arguments(g)
     g.add_argument(
         "--tool-call-parser",
-        default="",
+        default=None,
         choices=tuple(TOOL_CALL_PARSERS),
         help="the model's tool-call format, read for tool_choice 'auto': llama3_json (Llama "
         "3.x), hermes (Qwen2.5/3, Hermes); default none: 'auto' is a 400",
@@ -167,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         cors_origins=tuple(args.cors_origin),
         trace_stream_timing=args.trace_stream_timing,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
-        tool_call_parser=args.tool_call_parser,
+        tool_call_parser=args.tool_call_parser or "",
     )
 
 
