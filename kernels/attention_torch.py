@@ -9,12 +9,14 @@ model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
    weighted sum run in float32 (float64 for float64 inputs); the output has q's dtype.
 
 An all-decode batch (one query per sequence) of similar lengths runs as one padded batched
-gather; ragged lengths, and anything with a prefill chunk, run sequence by sequence.
+gather; ragged lengths, and anything with a prefill chunk, run sequence by sequence (a
+whole prompt through torch's fused causal `scaled_dot_product_attention`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from splitserve.kernels.attention import AttentionMetadata
 
@@ -60,12 +62,22 @@ def _prefill_one(
     query_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads = k.shape[:2]
     acc = _acc_dtype(q.dtype)
+    if query_len == seq_len > 1:  # a whole prompt: torch's fused causal kernel
+        out = F.scaled_dot_product_attention(
+            *(t.to(acc).transpose(0, 1) for t in (q, k, v)),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.transpose(0, 1).to(q.dtype)
     qg = q.to(acc).reshape(query_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("qhgd,khd->hgqk", qg, k.to(acc)) * scale
-    # Query row i sits at position seq_len - query_len + i and sees keys up to it.
-    q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
-    k_pos = torch.arange(seq_len, device=q.device)[None, :]
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    if query_len > 1:
+        # Query row i sits at position seq_len - query_len + i and sees keys up to it (the
+        # one query of a decode step sees every key).
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
     probs = scores.softmax(dim=-1)
     out = torch.einsum("hgqk,khd->qhgd", probs, v.to(acc))
     return out.reshape(query_len, num_heads, head_dim).to(q.dtype)
