@@ -63,11 +63,9 @@ def _prefill_one(
     seq_len, num_kv_heads = k.shape[:2]
     acc = _acc_dtype(q.dtype)
     if query_len == seq_len > 1:  # a whole prompt: torch's fused causal kernel
+        qh, kh, vh = (t.to(acc).transpose(0, 1) for t in (q, k, v))  # [heads, len, dim]
         out = F.scaled_dot_product_attention(
-            *(t.to(acc).transpose(0, 1) for t in (q, k, v)),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
         )
         return out.transpose(0, 1).to(q.dtype)
     qg = q.to(acc).reshape(query_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
