@@ -101,6 +101,9 @@ class RequestIntake:
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        biased = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if biased is not None:
+            raise ValueError(f"logit_bias token id {biased} is outside the vocabulary [0, {vocab})")
         if num_prompt >= limits.max_model_len:
             raise ValueError(
                 f"the prompt has {num_prompt} tokens but the model's context is "

@@ -14,7 +14,8 @@ distribution, as in vLLM); where the grammar allows nothing but what min_tokens 
 (it can only end), the grammar wins. Then per row, as vLLM does:
 
     logits -> log-probabilities (log_softmax of the raw logits, for `params.logprobs`)
-    raw logits -> min_tokens mask -> repetition penalty -> frequency/presence penalties
+    raw logits -> logit_bias -> min_tokens mask -> repetition penalty
+               -> frequency/presence penalties
                -> greedy: argmax
                -> random: temperature -> top-k -> top-p -> min-p -> draw
 
@@ -140,10 +141,26 @@ def _apply_frequency_presence(logits: torch.Tensor, rows: Sequence[SamplingRow])
     logits[index] -= freq_t * counts + presence_t * (counts > 0).to(dtype)
 
 
+def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Add each row's logit_bias to its logits (ids past the vocabulary are refused at
+    admission)."""
+    pairs = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias]
+    if not pairs:
+        return
+    device = logits.device
+    index = (
+        torch.tensor([i for i, _, _ in pairs], device=device),
+        torch.tensor([t for _, t, _ in pairs], device=device),
+    )
+    bias = torch.tensor([b for _, _, b in pairs], dtype=logits.dtype, device=device)
+    logits.index_put_(index, bias, accumulate=True)
+
+
 def _needs_penalties(row: SamplingRow) -> bool:
     params = row.params
     return (
-        len(row.output_token_ids) < params.min_tokens
+        bool(params.logit_bias)
+        or len(row.output_token_ids) < params.min_tokens
         or params.repetition_penalty != 1.0
         or params.frequency_penalty != 0.0
         or params.presence_penalty != 0.0
@@ -153,14 +170,15 @@ def _needs_penalties(row: SamplingRow) -> bool:
 def apply_penalties(
     logits: torch.Tensor, rows: Sequence[SamplingRow], exempt: frozenset[int] = frozenset()
 ) -> torch.Tensor:
-    """min_tokens mask (not on the `exempt` rows), then repetition, frequency and presence
-    penalties.
+    """logit_bias, the min_tokens mask (not on the `exempt` rows), then repetition,
+    frequency and presence penalties.
 
     Never modifies `logits`; returns it unchanged (the same object) when no row needs any.
     """
     if not any(_needs_penalties(r) for r in rows):
         return logits
     out = logits.clone()
+    _apply_logit_bias(out, rows)
     _mask_min_tokens(out, rows, exempt)
     _apply_repetition_penalty(out, rows)
     _apply_frequency_presence(out, rows)

@@ -11,6 +11,8 @@ from typing import Literal, get_args
 # Bounds that keep one request from monopolising the engine or the sampler.
 MAX_LOGPROBS = 20
 MAX_N = 16
+# OpenAI's range of a logit_bias value.
+MAX_LOGIT_BIAS = 100.0
 
 GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 GRAMMAR_KINDS: tuple[str, ...] = get_args(GrammarKind)
@@ -66,6 +68,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Constrained decoding: every sampled token keeps the output inside this grammar.
     grammar: GrammarSpec | None = None
+    # (token id, bias) pairs, by id (a {id: bias} dict is taken too), added to the logits
+    # before penalties and sampling (OpenAI's logit_bias); log-probabilities stay those of
+    # the unbiased logits, as in vLLM.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +80,9 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        pairs = sorted((int(t), float(b)) for t, b in bias)
+        object.__setattr__(self, "logit_bias", tuple(pairs))
         self._validate()
 
     def _validate(self) -> None:
@@ -107,6 +116,16 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative token ids")
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        token_ids = [t for t, _ in self.logit_bias]
+        if any(t < 0 for t in token_ids) or len(set(token_ids)) != len(token_ids):
+            raise ValueError("logit_bias keys must be distinct non-negative token ids")
+        if not all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for _, b in self.logit_bias):
+            raise ValueError(
+                f"logit_bias values must be between {-MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}"
+            )
 
     @property
     def is_greedy(self) -> bool:

@@ -55,6 +55,7 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     if params.grammar is not None:
         spec = params.grammar
         msg.grammar.CopyFrom(pb.GrammarSpec(kind=spec.kind, source=spec.source, strict=spec.strict))
+    msg.logit_bias.update(dict(params.logit_bias))
     return msg
 
 
@@ -95,6 +96,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
         grammar=_grammar_from_proto(msg),
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
         extra=extra,
     )
 

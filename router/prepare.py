@@ -61,8 +61,6 @@ class PreparedRequest:
 def _check_neutral_fields(req: _SamplingFields) -> None:
     if req.echo:
         raise bad_request("echo is not supported: send echo=false (or omit it)", "echo")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported: omit it or send {}", "logit_bias")
     if req.prompt_logprobs is not None:
         message = "prompt_logprobs is not supported: omit it (or send null)"
         raise bad_request(message, "prompt_logprobs")
@@ -96,14 +94,33 @@ def _max_tokens(
     return requested
 
 
+def _logit_bias(req: _SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; 400 on a key that is not an id of
+    this model's vocabulary (the range of the values is SamplingParams')."""
+    pairs = []
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            message = f"logit_bias keys are token ids written as integers, got {key!r}"
+            raise bad_request(message, "logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            message = f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})"
+            raise bad_request(message, "logit_bias")
+        pairs.append((token_id, bias))
+    return tuple(pairs)
+
+
 def _sampling_params(
     req: _SamplingFields,
     max_tokens: int | None,
     logprobs: int | None,
     grammar: GrammarSpec | None,
     skip_special_tokens: bool,
+    vocab_size: int,
 ) -> SamplingParams:
     stop = req.stop if req.stop is not None else ()
+    logit_bias = _logit_bias(req, vocab_size)
     try:
         return SamplingParams(
             n=req.n,
@@ -124,6 +141,7 @@ def _sampling_params(
             logprobs=logprobs,
             skip_special_tokens=skip_special_tokens,
             grammar=grammar,
+            logit_bias=logit_bias,
         )
     except ValueError as exc:
         raise bad_request(str(exc), param_of_value_error(str(exc), _PARAM_FIELDS)) from exc
@@ -202,6 +220,7 @@ def prepare_completion(
             req.logprobs,
             grammar,
             req.skip_special_tokens,
+            tokenizer.vocab_size,
         )
         for p in prompts
     ]
@@ -239,7 +258,9 @@ def prepare_chat(
     if plan is not None:
         grammar = plan.grammar or grammar
         skip_special_tokens &= not make_output_parser(plan).keeps_special_tokens
-    params = _sampling_params(req, max_tokens, logprobs, grammar, skip_special_tokens)
+    params = _sampling_params(
+        req, max_tokens, logprobs, grammar, skip_special_tokens, tokenizer.vocab_size
+    )
     prepared = _prepared("chat", req, request_id, [prompt], [params])
     return dataclasses.replace(prepared, tool_plan=plan)
 

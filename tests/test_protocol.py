@@ -102,6 +102,7 @@ sampling_params = st.builds(
     ignore_eos=st.booleans(),
     logprobs=st.none() | st.integers(0, MAX_LOGPROBS),
     skip_special_tokens=st.booleans(),
+    logit_bias=st.dictionaries(st.integers(0, 2**32 - 1), finite(-100, 100), max_size=4),
     extra=st.dictionaries(st.text(max_size=5), json_values, max_size=3),
 )
 

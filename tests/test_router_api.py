@@ -392,7 +392,19 @@ ERROR_CASES = [
         400,
         "tools",
     ),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}},
+        400,
+        "logit_bias",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}},
+        400,
+        "logit_bias",
+    ),
     (
         "/v1/completions",
         {"model": MODEL, "prompt": "x", "prompt_logprobs": 1},

@@ -249,6 +249,24 @@ def test_logprobs_from_raw_logits(device: str) -> None:
         assert all(abs(a - b) < 1e-6 for (_, a), b in zip(entry.top, top_lp.tolist(), strict=True))
 
 
+def test_logit_bias_moves_the_choice_but_not_the_logprobs() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.5], [0.0, 3.0, 1.0, 0.5], [0.0, 3.0, 1.0, 0.5]])
+    rows = [
+        _row(SamplingParams(temperature=0.0, logit_bias={1: -100.0}, logprobs=0)),
+        _row(SamplingParams(temperature=0.9, logit_bias={3: 100.0})),
+        _row(SamplingParams(temperature=0.0, logit_bias={2: 2.5})),  # 1 + 2.5 beats 3
+    ]
+    out = Sampler(4, torch.device("cpu"))(logits, rows)
+    assert out.token_ids == [2, 3, 2]
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert out.logprobs[0] is not None
+    assert abs(out.logprobs[0].logprob - raw[2].item()) < 1e-6  # the unbiased distribution
+    with pytest.raises(ValueError, match="logit_bias values"):
+        SamplingParams(logit_bias={1: 101.0})
+    with pytest.raises(ValueError, match="logit_bias keys"):
+        SamplingParams(logit_bias=((1, 1.0), (1, 2.0)))
+
+
 def test_rejects_mismatched_logits() -> None:
     sampler = Sampler(10, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"got \(1, 12\)"):

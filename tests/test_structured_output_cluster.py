@@ -4,7 +4,8 @@ CPU) with the official `openai` client: every output parses and validates, greed
 equal the aggregated engine's, an unsatisfiable grammar ends on "length" and leaks nothing,
 a bad schema is a 400; forced tool calls (tool_choice "required" and a named function)
 validate, streamed and not, and equal the aggregated engine's at temperature 0; "auto"
-(router --tool-call-parser hermes) on a model that writes no call returns content."""
+(router --tool-call-parser hermes) on a model that writes no call returns content;
+logit_bias reaches the first token, which the prefill node samples."""
 
 from __future__ import annotations
 
@@ -103,6 +104,19 @@ async def one_request(client: openai.AsyncOpenAI, schema: dict, i: int) -> tuple
         else {"structured_outputs": {"json": schema}},
     )
     return completion.choices[0].text, completion.choices[0].finish_reason
+
+
+def first_token_id(decode: NodeProcess, rid: str, prompt: list[int], params) -> int:
+    """The first token id Decode.Generate samples with no prefill node (aggregated)."""
+    request = pb.GenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling_params=sampling_params_to_proto(params)
+    )
+    with grpc.insecure_channel(decode.address) as channel:
+        for message in node_pb2_grpc.DecodeStub(channel).Generate(request, timeout=120):
+            for delta in message.deltas:
+                if delta.token_ids:
+                    return delta.token_ids[0]
+    raise AssertionError(f"{rid}: no token came back")
 
 
 def test_200_requests_over_10_schemas_all_validate(cluster) -> None:
@@ -380,3 +394,40 @@ def test_auto_tool_choice_on_a_model_that_writes_no_calls(cluster) -> None:
     choice = reply.choices[0]
     assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
     assert choice.message.content == streamed and "<tool_call>" not in streamed
+
+
+def test_logit_bias_reaches_the_prefill_nodes_first_token(cluster) -> None:
+    """logit_bias through 1P1D: +100 on one token makes every sampled token that one, the
+    first included (sampled on the prefill node); -100 on the greedy choice moves it."""
+    client = openai.OpenAI(
+        base_url=f"{cluster.router_url}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+    forced, prompt = 300, "The harbour at dawn"
+
+    def text_of(token_ids: list[int]) -> str:
+        body = {"model": MODEL, "tokens": token_ids}
+        return httpx.post(f"{cluster.router_url}/detokenize", json=body, timeout=30).json()[
+            "prompt"
+        ]
+
+    before = node_stats(cluster.prefill[0]).prompt_tokens_computed
+    out = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0.8,
+        logit_bias={str(forced): 100},
+        extra_body={"ignore_eos": True},
+    )
+    assert node_stats(cluster.prefill[0]).prompt_tokens_computed > before  # prefilled remotely
+    assert out.choices[0].text == text_of([forced] * 6)
+    body = {"model": MODEL, "prompt": prompt}
+    ids = httpx.post(f"{cluster.router_url}/tokenize", json=body, timeout=30).json()["tokens"]
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+    first_id = first_token_id(cluster.decode[0], "bias-greedy", ids, greedy)
+    moved = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logit_bias={str(first_id): -100}
+    )
+    assert moved.choices[0].text != text_of([first_id])
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model=MODEL, prompt=prompt, logit_bias={"99999999": 1})
