@@ -6,7 +6,8 @@ them and names them in the `X-Ignored-Fields` response header (the router's
 for an int, no 0 for a bool); every number is range-checked (no NaN or infinity, bounds in
 the Field declarations). Accepted but ignored: `user`, `metadata`, `store`,
 `service_tier`. Accepted only in their neutral form (anything else is a 400 saying so):
-`suffix` null, `echo` false, `prompt_logprobs` null, `best_of` null or 1. `logit_bias` maps
+`suffix` null, `prompt_logprobs` null, `best_of` null or 1; `echo` only on completions,
+without logprobs (router/prepare.py). `logit_bias` maps
 token ids (as strings) to biases in [-100, 100] (router/prepare.py checks the ids).
 Role `developer` is `system`. Structured output: `response_format` (text, json_object,
 json_schema) and vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and

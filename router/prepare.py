@@ -48,6 +48,8 @@ class PreparedRequest:
     created: int  # unix seconds, the response's `created`
     # Chat with tools: how the output is read as calls (router/tool_stream.py).
     tool_plan: ToolPlan | None = None
+    # Completions with echo=true: per prompt, the text each of its choices starts with.
+    echo: tuple[str, ...] = ()
 
     @property
     def num_choices(self) -> int:
@@ -59,8 +61,6 @@ class PreparedRequest:
 
 
 def _check_neutral_fields(req: _SamplingFields) -> None:
-    if req.echo:
-        raise bad_request("echo is not supported: send echo=false (or omit it)", "echo")
     if req.prompt_logprobs is not None:
         message = "prompt_logprobs is not supported: omit it (or send null)"
         raise bad_request(message, "prompt_logprobs")
@@ -153,19 +153,22 @@ def _check_token_ids(ids: list[int], vocab_size: int, field: str) -> None:
         raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab_size})", field)
 
 
-def completion_prompts(req: CompletionRequest, tokenizer: RouterTokenizer) -> list[list[int]]:
-    """Token ids of every prompt (a text, texts, token ids, or lists of token ids)."""
+def _prompt_batch(req: CompletionRequest) -> list[str] | list[list[int]]:
+    """The prompts as given: texts or token-id lists (one prompt is a batch of one)."""
     prompt = req.prompt
     if isinstance(prompt, str):
-        batch: list[str] | list[list[int]] = [prompt]
-    elif prompt and all(isinstance(t, int) for t in prompt):
-        batch = [prompt]  # type: ignore[list-item,assignment]
-    else:
-        batch = prompt  # type: ignore[assignment,list-item]
-    if not batch:
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]  # type: ignore[list-item,return-value]
+    if not prompt:
         raise bad_request("prompt must not be empty", "prompt")
+    return prompt  # type: ignore[return-value]
+
+
+def completion_prompts(req: CompletionRequest, tokenizer: RouterTokenizer) -> list[list[int]]:
+    """Token ids of every prompt (a text, texts, token ids, or lists of token ids)."""
     out = []
-    for item in batch:
+    for item in _prompt_batch(req):
         ids = tokenizer.encode(item, req.add_special_tokens) if isinstance(item, str) else item
         if not ids:
             raise bad_request("prompt must not be empty (it tokenizes to no tokens)", "prompt")
@@ -210,6 +213,7 @@ def prepare_completion(
     if req.best_of not in (None, 1):
         raise bad_request("best_of is not supported: use n for several completions", "best_of")
     prompts = completion_prompts(req, tokenizer)
+    echo = _echo_texts(req, tokenizer)
     grammar = grammar_spec(req)
     params = [
         _sampling_params(
@@ -224,7 +228,26 @@ def prepare_completion(
         )
         for p in prompts
     ]
-    return _prepared("completion", req, request_id, prompts, params)
+    prepared = _prepared("completion", req, request_id, prompts, params)
+    return dataclasses.replace(prepared, echo=echo)
+
+
+def _echo_texts(req: CompletionRequest, tokenizer: RouterTokenizer) -> tuple[str, ...]:
+    """echo=true: each prompt as the output starts with it (a text as sent, token ids
+    decoded); () without echo. Prompt log-probabilities are not computed, so echo with
+    logprobs is a 400."""
+    if not req.echo:
+        return ()
+    if req.logprobs is not None:
+        message = (
+            "echo with logprobs needs the prompt's log-probabilities, which are not computed: "
+            "drop logprobs or echo"
+        )
+        raise bad_request(message, "echo")
+    return tuple(
+        item if isinstance(item, str) else tokenizer.decode(item, skip_special_tokens=False)
+        for item in _prompt_batch(req)
+    )
 
 
 def prepare_chat(
@@ -236,6 +259,8 @@ def prepare_chat(
 ) -> PreparedRequest:
     """`tool_call_parser`: the router's --tool-call-parser ("" when unset)."""
     _check_neutral_fields(req)
+    if req.echo:
+        raise bad_request("echo is served on /v1/completions only: omit it on chat", "echo")
     if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     grammar = grammar_spec(req)

@@ -142,9 +142,16 @@ class ResponseBuilder:
             for state in self.choices:
                 state.tools = ToolCallStream(make_output_parser(plan), None if plan.parallel else 1)
         self.usage = UsageTally(prepared.prompts)
+        # echo: what each choice's text starts with, until its first chunk is sent.
+        self.echo_pending = [self._echo_of(i) for i in range(prepared.num_choices)]
         self.id = response_id(prepared)
         self.top_k = prepared.params[0].logprobs or 0
         self.has_logprobs = prepared.params[0].logprobs is not None
+
+    def _echo_of(self, index: int) -> str:
+        """echo=true: the prompt text choice `index` starts with; "" otherwise."""
+        echo = self.prepared.echo
+        return echo[index // self.prepared.n] if echo else ""
 
     def _header(self, obj: str) -> dict[str, Any]:
         return {
@@ -195,9 +202,10 @@ class ResponseBuilder:
             logprobs, state.text_offset = completion_logprobs(
                 self.tokenizer, delta.logprobs, self.top_k, state.text_offset
             )
+        echo, self.echo_pending[index] = self.echo_pending[index], ""
         return {
             "index": index,
-            "text": delta.text,
+            "text": echo + delta.text,
             "logprobs": logprobs,
             "finish_reason": finish,
             "stop_reason": stop,
@@ -256,7 +264,7 @@ class ResponseBuilder:
         else:
             if self.has_logprobs:
                 logprobs, _ = completion_logprobs(self.tokenizer, state.logprobs, self.top_k, 0)
-            out["text"] = text
+            out["text"] = self._echo_of(index) + text
         out.update(
             logprobs=logprobs,
             finish_reason=state.output_finish_reason(),

@@ -179,6 +179,29 @@ def test_batch_prompts_and_n_are_prompt_major(client: openai.OpenAI, tokenizer, 
     assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
 
 
+def test_echo_puts_each_prompt_before_its_choices(client: openai.OpenAI, tokenizer, nodes) -> None:
+    out = client.completions.create(
+        model=MODEL, prompt=["one", "two three"], n=2, max_tokens=2, echo=True
+    )
+    first, rotated = reply_text(tokenizer, nodes, 2), tokenizer.decode(nodes[0].reply_ids[1:3])
+    assert [c.text for c in out.choices] == [
+        "one" + first,
+        "one" + rotated,
+        "two three" + first,
+        "two three" + rotated,
+    ]
+    assert out.usage.completion_tokens == 8  # the prompt is not counted twice
+    stream = client.completions.create(
+        model=MODEL, prompt="stream me", max_tokens=3, echo=True, stream=True
+    )
+    chunks = [c.choices[0].text for c in stream if c.choices]
+    ids = client.completions.create(model=MODEL, prompt=[5, 6], max_tokens=1, echo=True)
+    assert ids.choices[0].text.startswith(tokenizer.decode([5, 6], skip_special_tokens=False))
+    assert chunks[0].startswith("stream me") and "".join(chunks) == "stream me" + reply_text(
+        tokenizer, nodes, 3
+    )
+
+
 def test_completion_streaming_with_usage(router: str, tokenizer, nodes) -> None:
     body = {
         "model": MODEL,
@@ -349,7 +372,13 @@ ERROR_CASES = [
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [5000]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "echo": True},
+        400,
+        "echo",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {}}, 400, None),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
