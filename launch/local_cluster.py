@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 WILDCARD_PREFIXES = ("0.0.0.0:", "[::]:")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 NODE_READY = re.compile(r"node (\S+) listening on (\S+)")
+NODE_METRICS = re.compile(r"node \S+ metrics at (\S+)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,13 @@ class NodeProcess:
     @property
     def address(self) -> str:
         return self._match().group(2)
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the node serves /metrics, from the line it prints beside its ready line;
+        "" before that line arrived."""
+        found = (NODE_METRICS.search(line) for line in list(self.process.lines))
+        return next((m.group(1) for m in found if m is not None), "")
 
     def _match(self) -> re.Match[str]:
         if self.process.match is None:

@@ -348,6 +348,14 @@ def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
     raise RuntimeError("unreachable: the cluster's context returned")
 
 
+def metrics_urls(cluster: LocalCluster) -> str:
+    """Every /metrics of the cluster: the router's, then each node's."""
+    nodes = [*cluster.prefill, *cluster.decode]
+    urls = [f"router {cluster.router_url}/metrics"]
+    urls += [f"{n.process.name} {n.metrics_url}" for n in nodes if n.metrics_url]
+    return ", ".join(urls)
+
+
 def serve(cluster: LocalCluster, args: argparse.Namespace, name: str, stop: threading.Event) -> int:
     """Wait for every node, print how to reach the cluster, run the demo, supervise."""
     cfg = cluster.config
@@ -359,6 +367,7 @@ def serve(cluster: LocalCluster, args: argparse.Namespace, name: str, stop: thre
     print(
         f"splitserve cluster ready: {args.num_prefill} prefill + {args.num_decode} decode "
         f"node(s) on {where}, model {name!r}, Redis {cluster.redis_url}\n"
+        f"  metrics: {metrics_urls(cluster)}\n"
         f"  OpenAI API: {url}/v1\n"
         f"  try: {example_curl(url, name, args.api_key, ca)}",
         flush=True,

@@ -24,7 +24,7 @@ LONG_PROMPT = " ".join(
 
 
 @pytest.fixture(scope="module")
-def up(tiny_llama):
+def up_process(tiny_llama):
     proc = ManagedProcess.splitserve(
         "up",
         "up",
@@ -38,8 +38,13 @@ def up(tiny_llama):
         "--node-arg=--dtype=float32",
         ready_pattern=re.compile(r"OpenAI API: (\S+)/v1"),
     ).start(timeout_s=240)
-    yield proc.address
+    yield proc
     assert proc.stop(timeout_s=60) == 0
+
+
+@pytest.fixture(scope="module")
+def up(up_process) -> str:
+    return up_process.address
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +74,14 @@ def test_models_and_health(up, client) -> None:
     health = httpx.get(f"{up}/health").json()
     assert health["status"] == "ok" and health["redis"] == "up"
     assert health["num_prefill_nodes"] == 1 and health["num_decode_nodes"] == 1
+
+
+def test_up_prints_every_metrics_endpoint(up_process) -> None:
+    line = next(line for line in up_process.lines if line.strip().startswith("metrics:"))
+    urls = re.findall(r"(router|prefill-0|decode-0) (http://\S+/metrics)", line)
+    assert [name for name, _ in urls] == ["router", "prefill-0", "decode-0"], line
+    for _, url in urls:
+        assert "splitserve_" in httpx.get(url.rstrip(","), timeout=10).text
 
 
 @pytest.mark.parametrize("content", ["What is the tide like?", LONG_PROMPT])
