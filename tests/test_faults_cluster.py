@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from process_state import children, cmdline, is_alive
 
 from splitserve.launch.processes import ManagedProcess
 
@@ -27,30 +28,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 MODEL = "tiny"
 WORDS = ("harbour", "tide", "lantern", "gull", "rope", "anchor", "sail", "keel", "mast", "deck")
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of `pid` (Linux /proc)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out += [int(c) for c in text]
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        return ""
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def child_pid(up: ManagedProcess, role: str) -> int:

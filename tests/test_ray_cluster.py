@@ -29,6 +29,7 @@ import httpx
 import openai
 import pytest
 import redis
+from process_state import is_alive
 
 from splitserve.engine.llm import LLM
 from splitserve.engine.sampling_params import SamplingParams
@@ -191,14 +192,6 @@ def node_stats(address: str, role: str) -> pb.StatsResponse:
 def grpc_address(member: dict[str, Any]) -> str:
     """host:port from a node id `{role}-{host}:{port}-{hex}`."""
     return member["info"]["server_id"].split("-", 1)[1].rsplit("-", 1)[0]
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 @slow
