@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from splitserve.launch.cli import main
 
-# Real node processes (or two NIXL processes): run serially, see the Makefile.
+# Real node processes (or two NIXL processes): `-m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
 
 USAGE_DELAY_S = 0.1

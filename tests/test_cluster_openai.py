@@ -14,7 +14,7 @@ from splitserve.engine.llm import LLM
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.launch.processes import ManagedProcess
 
-# Real node processes (or two NIXL processes): run serially, see the Makefile.
+# Real node processes (or two NIXL processes): `-m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny"

@@ -19,7 +19,7 @@ from splitserve.launch.processes import ManagedProcess
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 
-# Real node processes (or two NIXL processes): run serially, see the Makefile.
+# Real node processes (or two NIXL processes): `-m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
 
 BLOCK = 16

@@ -29,7 +29,7 @@ from splitserve.kv_transfer import (
 from splitserve.kv_transfer.layout import describe_pool
 from splitserve.kv_transfer.peer_process import PeerProcess, PoolSpec, fill_pool
 
-# Real node processes (or two NIXL processes): run serially, see the Makefile.
+# Real node processes (or two NIXL processes): `-m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
 
 # A tiny model's pool: 64 blocks x 2 layers x (K, V) x 16 tokens x 2 kv heads x 16 dims, fp32.

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitserve.launch.processes import ManagedProcess
 from splitserve.node.registry import NodeRegistry
 
-# Real node processes: run serially, see the Makefile.
+# Real node processes: `-m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny"

@@ -20,7 +20,7 @@ from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_to_proto
 
-# Real node processes (or two NIXL processes): run serially, see the Makefile.
+# Real node processes (or two NIXL processes): `-m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
 
 NUM_NEW = 12

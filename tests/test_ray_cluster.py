@@ -40,7 +40,7 @@ from splitserve.ray_cluster.commands import node_command, router_command
 from splitserve.ray_cluster.config import Placement, RayClusterConfig, Role
 from splitserve.ray_cluster.placement import Placed, RayNode, choose_node, node_demand, num_slots
 
-# The cluster tests: real Ray, node and router processes (see the Makefile: run serially).
+# The cluster tests: real Ray, node and router processes (`-m "not slow"` leaves them out).
 slow = pytest.mark.slow
 
 MODEL = "tiny"

@@ -28,7 +28,7 @@ from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
 from splitserve.protocol.messages import sampling_params_to_proto
 
-# Real node processes: run serially, see the Makefile.
+# Real node processes: `-m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
