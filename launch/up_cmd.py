@@ -269,6 +269,13 @@ def supervise(cluster: LocalCluster, stop: threading.Event, restart: bool) -> in
     return 0
 
 
+def resolve_served_model(model: str, served_model_name: str | None) -> tuple[str, str | None]:
+    """(the directory to load, the name to serve it under). A named model keeps its name in
+    the API; a directory or file is served as given (None: its path)."""
+    resolved = resolve_model(model)
+    return resolved, served_model_name or (model if resolved != model else None)
+
+
 def resolve_model(model: str) -> str:
     """`model` as a directory every node and the router load; converts a GGUF source once."""
     if model.startswith(DUMMY_PREFIX) or Path(model).expanduser().is_dir():
@@ -334,9 +341,7 @@ def cluster_config(
 def run(args: argparse.Namespace, resolved: Resolved | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     check_port_free(args.port, args.host)
-    model = resolve_model(args.model)
-    # A named model keeps its name in the API; a directory or file is served as given.
-    served = args.served_model_name or (args.model if model != args.model else None)
+    model, served = resolve_served_model(args.model, args.served_model_name)
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())

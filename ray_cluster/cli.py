@@ -109,10 +109,9 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, resolved: Resolved | None) -> RayClusterConfig:
     from splitserve.launch.child_settings import child_settings
     from splitserve.launch.cli import command_actions
-    from splitserve.launch.up_cmd import resolve_model
+    from splitserve.launch.up_cmd import resolve_served_model
 
-    model = resolve_model(args.model)
-    served = args.served_model_name or (args.model if model != args.model else None)
+    model, served = resolve_served_model(args.model, args.served_model_name)
     forwarded = child_settings(resolved, command_actions, os.environ) if resolved else None
     return RayClusterConfig(
         model=model,

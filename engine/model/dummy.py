@@ -12,6 +12,7 @@ import logging
 import torch
 
 from splitserve.engine.config import ModelConfig
+from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.dummy_presets import build_dummy_tokenizer, dummy_arch
 from splitserve.engine.model.llama import CausalLM
 from splitserve.engine.model.loader import (
@@ -30,13 +31,26 @@ def load_dummy_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
     arch = dummy_arch(config.model)
     dtype = resolve_dtype(config.dtype, arch.torch_dtype)
     max_model_len = resolve_max_model_len(config.max_model_len, arch)
+    model = random_model(config.model, arch, kernels, dtype, config)
+    model.eval()
+    tokenizer = build_dummy_tokenizer(arch)
+    return LoadedModel(model, arch, tokenizer, frozenset(arch.eos_token_ids), max_model_len, dtype)
+
+
+def random_model(
+    name: str,
+    arch: ModelArchConfig,
+    kernels: ModelKernels,
+    dtype: torch.dtype,
+    config: ModelConfig,
+) -> CausalLM:
+    """A model of `arch` with random weights (init_dummy_weights) on config.device: a
+    `dummy:<preset>`, or any source under `--load-format dummy` (engine/model/loader.py)."""
     with torch.device(config.device):
         model = CausalLM(arch, kernels, dtype)
     init_dummy_weights(model, config.seed)
-    model.eval()
-    tokenizer = build_dummy_tokenizer(arch)
-    logger.info("built %s with random weights (%s, seed %d)", config.model, dtype, config.seed)
-    return LoadedModel(model, arch, tokenizer, frozenset(arch.eos_token_ids), max_model_len, dtype)
+    logger.info("built %s with random weights (%s, seed %d)", name, dtype, config.seed)
+    return model
 
 
 @torch.no_grad()

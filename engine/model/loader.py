@@ -76,7 +76,9 @@ def load_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, arch.torch_dtype)
     max_model_len = resolve_max_model_len(config.max_model_len, arch)
     if config.load_format == "dummy":
-        model = _random_model(model_dir, arch, kernels, dtype, config)
+        from splitserve.engine.model.dummy import random_model
+
+        model = random_model(str(model_dir), arch, kernels, dtype, config)
     else:
         model = _checkpoint_model(model_dir, arch, kernels, dtype, config.device)
     model.eval()
@@ -102,23 +104,6 @@ def _checkpoint_model(
         dtype,
         len(weight_files),
     )
-    return model
-
-
-def _random_model(
-    model_dir: Path,
-    arch: ModelArchConfig,
-    kernels: ModelKernels,
-    dtype: torch.dtype,
-    config: ModelConfig,
-) -> CausalLM:
-    """`--load-format dummy`: the directory's shape with random weights; no weight file read."""
-    from splitserve.engine.model.dummy import init_dummy_weights
-
-    with torch.device(config.device):
-        model = CausalLM(arch, kernels, dtype)
-    init_dummy_weights(model, config.seed)
-    logger.info("built %s with random weights (%s, seed %d)", model_dir, dtype, config.seed)
     return model
 
 
