@@ -1,6 +1,7 @@
 """The engine's long-lived parts, built once at start-up: the model (with the kernels the
 registry picks from configuration), the KV pool, the block pool and block manager, and
-the decode CUDA graphs. `EngineCore.__init__` calls `build_parts(config, kernels)`.
+the decode CUDA graphs; on CUDA the kernels are then warmed up (`engine/warmup.py`), so
+that no request waits on a compile. `EngineCore.__init__` calls `build_parts(config, kernels)`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from splitserve.engine.kv_pool import KVShape, allocate_kv_pool, num_blocks_for
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.loader import LoadedModel, load_model
 from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.warmup import WarmupLimits, warm_up
 from splitserve.kernels.registry import ModelKernels, select_kernels
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
     pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
     blocks = BlockManager(pool, block_size, seed_hash(config.model.model_id, block_size))
     graphs = capture_decode_graphs(loaded.model, kv_cache, config, block_size, loaded.max_model_len)
+    if device.type == "cuda":
+        limits = WarmupLimits(loaded.max_model_len, config.scheduler.max_num_batched_tokens)
+        warm_up(loaded.model, kv_cache, block_size, limits)
     runner = ModelRunner(loaded.model, kv_cache, block_size, device, graphs)
     logger.info(
         "engine ready: %s (%s, %s), %d KV blocks of %d tokens, context %d, kernels %s/%s",

@@ -45,19 +45,22 @@ from splitserve.kernels.checks import (
     next_pow2,
     num_sms,
 )
-from splitserve.kernels.decode_reduce import merge_partitions, partition_tokens
+from splitserve.kernels.decode_reduce import SPLITS_TILE, merge_partitions, partition_tokens
 from splitserve.kernels.paged import attend_kv_tile
 
 LOG2E = 1.4426950408889634
 # Fewest context tokens worth a partition of their own (below this the reduce costs more
 # than the parallelism gains).
 MIN_PARTITION_TOKENS = 256
-MAX_SPLITS = 64
+# The reduce kernel's split tile: one compiled reduce serves every plan.
+MAX_SPLITS = SPLITS_TILE
 # Programs per multiprocessor the split heuristic aims for.
 PROGRAMS_PER_SM = 4
 
 
-@triton.jit
+# Strides that vary with the batch (table width, split count) are not specialised on, so an
+# eager step never compiles a new variant mid-serving (engine/warmup.py).
+@triton.jit(do_not_specialize=["stride_table_seq", "stride_pml_seq", "stride_pml_head"])
 def _decode_split_kernel(
     q_ptr,  # [B, num_heads, HEAD_DIM]
     kv_ptr,  # [num_blocks, 2, KV_BLOCK_SIZE, num_kv_heads, HEAD_DIM]

@@ -20,6 +20,10 @@ import triton.language as tl
 
 from splitserve.kernels.checks import check_launchable, check_shape, check_tensor, next_pow2
 
+# The split axis is padded to at least this many lanes: one compiled variant serves every
+# plan of up to this many splits (decode_attention.MAX_SPLITS), not one per power of two.
+SPLITS_TILE = 64
+
 
 @triton.jit
 def partition_tokens(seq_len, num_splits, tile):
@@ -29,7 +33,8 @@ def partition_tokens(seq_len, num_splits, tile):
     return tl.maximum(tiles, 1) * tile
 
 
-@triton.jit
+# Arguments that vary with the split plan are not specialised on (engine/warmup.py).
+@triton.jit(do_not_specialize=["partition_tile", "num_splits", "stride_pml_seq", "stride_pml_head"])
 def _decode_reduce_kernel(
     part_acc_ptr,  # [B, num_heads, num_splits, HEAD_DIM] fp32
     part_m_ptr,  # [B, num_heads, num_splits] fp32
@@ -119,7 +124,8 @@ def merge_partitions(
         stride_pml_split=part_m.stride(2),
         stride_out_seq=out.stride(0), stride_out_head=out.stride(1),
         stride_out_dim=out.stride(2),
-        HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim, 16), BLOCK_S=next_pow2(num_splits),
+        HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim, 16),
+        BLOCK_S=max(next_pow2(num_splits), SPLITS_TILE),
         num_warps=4,
     )  # fmt: skip
 

@@ -37,7 +37,14 @@ from splitserve.kernels.paged import attend_kv_tile
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# What varies step to step is not specialised on, so that no step compiles a new variant
+# mid-serving (engine/warmup.py compiles the kernels at start-up): the block-table row
+# stride (the batch's widest table), and the alignment of the table and context-length
+# pointers (a mixed step passes views that start after its decode rows).
+@triton.jit(
+    do_not_specialize=["stride_table_seq"],
+    do_not_specialize_on_alignment=["table_ptr", "seq_lens_ptr"],
+)
 def _prefill_kernel(
     q_ptr,  # [T, num_heads, HEAD_DIM]
     kv_ptr,  # [num_blocks, 2, KV_BLOCK_SIZE, num_kv_heads, HEAD_DIM]

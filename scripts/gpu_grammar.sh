@@ -6,6 +6,8 @@
 # scripts/fetch_gpu_wheels.sh that the engine with grammars needs: grpcio, protobuf, xgrammar,
 # apache-tvm-ffi, pydantic (xgrammar imports it), pydantic-core, annotated-types,
 # typing-inspection, typing-extensions, and jsonschema with its dependencies for the tests.
+# vLLM's structured-output checks import lm-format-enforcer, which vLLM's pieces lack: the
+# vllm part also needs, in .whl_vllm/, lm-format-enforcer==0.11.3 and interegular==0.3.3.
 # Both measure benchmarks/grammar_overhead.py (batch 64, a JSON schema on every row against
 # none) on the same model directory: Llama-3.1-8B's config and a Llama-3-sized tokenizer
 # (make_llama_dir.py), random bf16 weights. `tests` runs the GPU tests of structured output.
@@ -37,6 +39,10 @@ run_vllm() {  # in a subshell: vLLM's environment stays out of the splitserve ru
   if [ ! -f /tmp/site/vllm_env.sh ]; then
     mkdir -p /root/stash && cp .carry/piece.01 /root/stash/ && bash .carry/install_on_gpu.sh ||
       { echo "vLLM install failed: was piece.00 left in /root/stash by the call before?"; return 1; }
+  fi
+  if ls .whl_vllm/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl_vllm/*.whl || return 1
   fi
   source /tmp/site/vllm_env.sh
   SITE=/tmp/site_none NO_WHEELS=1 source scripts/device_env.sh

@@ -5,7 +5,10 @@ the fp32 path."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -96,3 +99,51 @@ def test_cuda_graph_decode_matches_eager(tiny_model_factory, arch: str) -> None:
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
             assert abs(lg.logprob - lw.logprob) < 1e-4
+
+
+def _jit_kernels() -> list[Any]:
+    import triton.runtime.jit as triton_jit
+
+    import splitserve.kernels as kernels_pkg
+
+    found = []
+    for info in pkgutil.iter_modules(kernels_pkg.__path__):
+        module = importlib.import_module(f"splitserve.kernels.{info.name}")
+        found += [v for v in vars(module).values() if isinstance(v, triton_jit.JITFunction)]
+    return found
+
+
+def test_no_kernel_compiles_after_start_up(tiny_model_factory) -> None:
+    """Steps of every shape serving meets (chunked prefill mixed with decode rows, eager
+    decode batches past the graphs, short and long contexts, cached prefixes) compile no
+    Triton kernel once the engine has started: the warm-up compiled them all."""
+    import triton
+
+    for kernel in _jit_kernels():  # what earlier tests compiled must not count
+        kernel.device_caches.clear()
+    model_dir = tiny_model_factory("llama")
+    llm = LLM(
+        str(model_dir), dtype="bfloat16", device="cuda", max_num_batched_tokens=96,
+        cuda_graph_max_batch=4,
+    )  # fmt: skip
+    compiled: list[str] = []
+
+    def count(**kwargs: Any) -> bool:
+        compiled.append(kwargs["repr"])
+        return False
+
+    triton.knobs.runtime.jit_post_compile_hook = count
+    try:
+        rng = random.Random(5)
+        vocab = llm.engine.arch.vocab_size
+        lengths = [1, 2, 15, 16, 17, 31, 33, 100, 255, 256, 257, 500, 900, 1500, 1900]
+        batch = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+        params = [
+            SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=rng.randint(1, 60))
+            for i in range(len(batch))
+        ]
+        llm.generate(batch, params)
+        llm.generate(batch[::3], SamplingParams(temperature=0, max_tokens=8))  # cached
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = None
+    assert compiled == []
