@@ -51,6 +51,9 @@ class ModelConfig:
     cuda_graph_max_batch: int = 256
     # ... and only while every sequence's context fits in this many tokens.
     cuda_graph_max_seq_len: int = 8192
+    # Other steps (prefill, mixed) of at most this many tokens replay piecewise CUDA graphs
+    # around an eager attention (engine/piecewise_graphs.py); 0 runs them eagerly.
+    piecewise_graph_max_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,6 +75,10 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.cuda_graph_max_batch < 1:
             raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
+        if self.piecewise_graph_max_tokens < 0:
+            raise ValueError(
+                f"piecewise_graph_max_tokens must be >= 0, got {self.piecewise_graph_max_tokens}"
+            )
         if self.cuda_graph_max_seq_len < 1:
             raise ValueError(
                 f"cuda_graph_max_seq_len must be >= 1, got {self.cuda_graph_max_seq_len}"

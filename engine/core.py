@@ -241,7 +241,7 @@ class EngineCore:
             generation_tokens=self.outputs.num_generation_tokens,
             num_finished=self._num_finished,
             num_steps=self._num_steps,
-            num_graph_steps=self.runner.num_graph_steps,
+            runner=self.runner,
         )
 
     def check_invariants(self) -> None:

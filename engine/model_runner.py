@@ -4,8 +4,10 @@ its request's last known token).
 
 The engine core calls `execute(chunks)` once per step. On CUDA a batch of one-token
 chunks replays a captured graph (`engine/cuda_graphs.py`); every other batch is built by
-`build_batch` and runs eagerly. Host-built index tensors go to the device through pinned
-memory with asynchronous copies, so the forward pass never waits on the host.
+`build_batch` and, on CUDA, replays the piecewise graphs of its token count around an
+eager attention (`engine/piecewise_graphs.py`), else runs eagerly. Host-built index
+tensors go to the device through pinned memory with asynchronous copies, so the forward
+pass never waits on the host.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from splitserve.engine.cuda_graphs import DecodeGraphs
+from splitserve.engine.piecewise_graphs import PiecewiseGraphs
 from splitserve.engine.scheduler import ScheduledChunk
 from splitserve.kernels.attention import AttentionMetadata
 
@@ -93,15 +96,19 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         graphs: DecodeGraphs | None = None,
+        pieces: PiecewiseGraphs | None = None,
     ) -> None:
         """`model` is a CausalLM: forward(ids, positions, kv_cache, meta) and
-        compute_logits. `graphs`, when given, must be captured over the same model and pool."""
+        compute_logits. `graphs` and `pieces`, when given, must be captured over the same
+        model and pool."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
         self.graphs = graphs
+        self.pieces = pieces
         self.num_graph_steps = 0
+        self.num_piecewise_steps = 0
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -114,5 +121,10 @@ class ModelRunner:
                 hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(self.device)]
             return self.model.compute_logits(hidden)
         batch = build_batch(chunks, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        num_tokens = batch.input_ids.shape[0]
+        if self.pieces is not None and self.pieces.can_run(num_tokens):
+            hidden = self.pieces.run(batch.input_ids, batch.positions, batch.meta)
+            self.num_piecewise_steps += 1
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
         return self.model.compute_logits(hidden[batch.logits_indices])

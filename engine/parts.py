@@ -1,7 +1,9 @@
 """The engine's long-lived parts, built once at start-up: the model (with the kernels the
 registry picks from configuration), the KV pool, the block pool and block manager, and
 the decode CUDA graphs; on CUDA the kernels are then warmed up (`engine/warmup.py`), so
-that no request waits on a compile. `EngineCore.__init__` calls `build_parts(config, kernels)`.
+that no request waits on a compile, and the piecewise graphs of prefill and mixed steps
+are captured (`engine/piecewise_graphs.py`). `EngineCore.__init__` calls
+`build_parts(config, kernels)`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from splitserve.engine.kv_pool import KVShape, allocate_kv_pool, num_blocks_for
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.loader import LoadedModel, load_model
 from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.piecewise_graphs import capture_piecewise_graphs
 from splitserve.engine.warmup import WarmupLimits, warm_up
 from splitserve.kernels.registry import ModelKernels, select_kernels
 
@@ -63,7 +66,13 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
     if device.type == "cuda":
         limits = WarmupLimits(loaded.max_model_len, config.scheduler.max_num_batched_tokens)
         warm_up(loaded.model, kv_cache, block_size, limits)
-    runner = ModelRunner(loaded.model, kv_cache, block_size, device, graphs)
+    step_tokens = min(
+        config.model.piecewise_graph_max_tokens, config.scheduler.max_num_batched_tokens
+    )
+    pieces = capture_piecewise_graphs(
+        loaded.model, kv_cache, step_tokens, config.model.enforce_eager
+    )
+    runner = ModelRunner(loaded.model, kv_cache, block_size, device, graphs, pieces)
     logger.info(
         "engine ready: %s (%s, %s), %d KV blocks of %d tokens, context %d, kernels %s/%s",
         config.model.model_id,

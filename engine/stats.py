@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from splitserve.engine.model_runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class EngineStats:
     num_steps: int
     # Steps that replayed a captured CUDA graph instead of launching kernels one by one.
     num_graph_steps: int = 0
+    # Prefill and mixed steps that replayed piecewise CUDA graphs around eager attention.
+    num_piecewise_steps: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -50,7 +56,7 @@ def collect_stats(
     generation_tokens: int,
     num_finished: int,
     num_steps: int,
-    num_graph_steps: int,
+    runner: ModelRunner,
 ) -> EngineStats:
     pool = blocks.pool
     return EngineStats(
@@ -69,5 +75,6 @@ def collect_stats(
         generation_tokens=generation_tokens,
         num_requests_finished=num_finished,
         num_steps=num_steps,
-        num_graph_steps=num_graph_steps,
+        num_graph_steps=runner.num_graph_steps,
+        num_piecewise_steps=runner.num_piecewise_steps,
     )

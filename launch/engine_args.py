@@ -115,6 +115,12 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         default=default_of(model, "cuda_graph_max_seq_len"),
         help="CUDA: longest context a graph-replayed decode batch may hold",
     )
+    g.add_argument(
+        "--piecewise-graph-max-tokens",
+        type=int,
+        default=default_of(model, "piecewise_graph_max_tokens"),
+        help="CUDA: largest prefill or mixed step that replays piecewise graphs (0: eager)",
+    )
 
 
 def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
@@ -180,6 +186,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             enforce_eager=args.enforce_eager,
             cuda_graph_max_batch=args.cuda_graph_max_batch,
             cuda_graph_max_seq_len=args.cuda_graph_max_seq_len,
+            piecewise_graph_max_tokens=args.piecewise_graph_max_tokens,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -147,3 +147,23 @@ def test_no_kernel_compiles_after_start_up(tiny_model_factory) -> None:
     finally:
         triton.knobs.runtime.jit_post_compile_hook = None
     assert compiled == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_piecewise_graph_steps_match_eager(tiny_model_factory, arch: str) -> None:
+    """Chunked prefill with decode rows in the same steps: every prefill and mixed step
+    replays the piecewise graphs of its padded token count around eager attention."""
+    model_dir = tiny_model_factory(arch)
+    common = dict(dtype="float32", device="cuda", max_num_batched_tokens=96)
+    pieced = LLM(str(model_dir), **common)
+    eager = LLM(str(model_dir), enforce_eager=True, **common)
+    batch = prompts(pieced.engine.arch.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=2)
+    got = pieced.generate(batch, params)
+    want = eager.generate(batch, params)
+    assert pieced.engine.stats().num_piecewise_steps > 0
+    assert eager.engine.stats().num_piecewise_steps == 0
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
+            assert abs(lg.logprob - lw.logprob) < 1e-4

@@ -170,6 +170,13 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        q, k, v = self.project(x, positions, rotary)
+        return self.o_proj(self.attend(q, k, v, kv_cache, meta).reshape(-1, self.q_size))
+
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k and v [T, KVH, D]: projected, normed (qk-norm models), rotated."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -177,9 +184,18 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return (*rotary(positions, q, k), v)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, H, D]
+        """Store k/v into this layer's pool and attend over each sequence's context."""
+        return self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale)
 
 
 class MLP(nn.Module):
@@ -220,10 +236,25 @@ class DecoderLayer(nn.Module):
         """The residual stream is carried unsummed: the layer gets the previous layer's
         output `x` and the stream before it (`residual`, None for the first layer), and
         returns its MLP output with the stream before that; the next norm adds them."""
+        q, k, v, residual = self.pre(x, residual, positions, rotary)
+        return self.post(self.self_attn.attend(q, k, v, kv_cache, meta), residual)
+
+    def pre(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before attention: (q, k, v, residual stream)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.self_attn(h, positions, rotary, kv_cache, meta)
+        return (*self.self_attn.project(h, positions, rotary), residual)
+
+    def post(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after attention (`attn`: [T, H, D]): (MLP output, residual stream)."""
+        h = self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(h), residual

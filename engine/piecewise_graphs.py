@@ -1,0 +1,163 @@
+"""Piecewise CUDA graphs of prefill and mixed steps: everything between two attention
+calls is one captured graph per token-count bucket; attention runs eagerly between them.
+
+An eager step launches several hundred kernels from Python (norms, projections, rotary,
+activation), each costing tens of microseconds of host time, so a short prefill or a
+mixed step is bound by the host rather than by the device. Attention cannot be captured
+for every batch (its grid and block tables follow the batch's sequences), the rest can:
+for a step of T tokens padded to the bucket B >= T, the pieces are
+
+    piece 0:        embed -> layer 0 before attention          -> q, k, v, residual
+    piece i (1..L-1): layer i-1 after attention -> layer i before attention
+    piece L:        layer L-1 after attention -> final norm     -> hidden
+
+each replayed from its graph, with layer i's attention (store K/V, attend) run eagerly
+over the T real rows between pieces i and i+1. Pad rows carry token 0 at position 0;
+attention neither stores nor reads them, and their outputs are dropped.
+
+Who calls what: `build_parts` builds them with `capture_piecewise_graphs` on CUDA (unless
+`enforce_eager`, or `piecewise_graph_max_tokens` is 0), after the decode graphs and the
+warm-up; the `ModelRunner` asks `can_run(num_tokens)` for a step the decode graphs do not
+take and then calls `run(batch)`. `PiecewiseGraphs(..., capture=False)` runs the same
+pieces without graphs (what the CPU tests check against the plain forward).
+
+Buckets (`piecewise_buckets`): every 16 tokens up to 512, every 64 up to 2,048, every 256
+beyond, up to `piecewise_graph_max_tokens` (padding costs at most 1/8 of a step's
+tokens past 512). Every graph shares one memory pool and one set of static buffers, sized
+for the largest bucket.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import Any
+
+import torch
+
+from splitserve.kernels.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def piecewise_buckets(max_tokens: int) -> list[int]:
+    """Token counts graphs are captured for: multiples of 16 to 512, of 64 to 2,048, of
+    256 beyond, up to `max_tokens` (always included)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    sizes = [*range(16, 513, 16), *range(576, 2049, 64), *range(2304, max_tokens + 1, 256)]
+    sizes = [s for s in sizes if s < max_tokens]
+    return [*sizes, max_tokens]
+
+
+class _Buffers:
+    """Static inputs and piece outputs, sized for the largest bucket."""
+
+    def __init__(self, model: Any, max_tokens: int, device: torch.device) -> None:
+        arch, dtype = model.arch, model.dtype
+        heads, kv_heads, dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.q = torch.zeros(max_tokens, heads, dim, dtype=dtype, device=device)
+        self.k = torch.zeros(max_tokens, kv_heads, dim, dtype=dtype, device=device)
+        self.v = torch.zeros(max_tokens, kv_heads, dim, dtype=dtype, device=device)
+        self.attn = torch.zeros(max_tokens, heads, dim, dtype=dtype, device=device)
+        self.residual = torch.zeros(max_tokens, arch.hidden_size, dtype=dtype, device=device)
+        self.hidden = torch.zeros(max_tokens, arch.hidden_size, dtype=dtype, device=device)
+
+
+class PiecewiseGraphs:
+    def __init__(
+        self, model: Any, kv_cache: torch.Tensor, max_tokens: int, capture: bool = True
+    ) -> None:
+        # `model` is a CausalLM (engine/model/llama.py).
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sizes = piecewise_buckets(max_tokens)
+        self.max_tokens = self.sizes[-1]
+        self.buffers = _Buffers(model, self.max_tokens, kv_cache.device)
+        self.num_layers = len(model.model.layers)
+        self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self._capture = capture
+
+    def _piece(self, index: int, size: int) -> None:
+        """Piece `index` over the first `size` rows of the static buffers."""
+        buf, layers = self.buffers, self.model.model.layers
+        positions = buf.positions[:size]
+        rotary = self.model.model.rotary_emb
+        if index == 0:
+            x, residual = self.model.model.embed_tokens(buf.input_ids[:size]), None
+        else:
+            x, residual = layers[index - 1].post(buf.attn[:size], buf.residual[:size])
+        if index == self.num_layers:
+            buf.hidden[:size].copy_(self.model.model.norm.add_forward(x, residual)[0])
+            return
+        q, k, v, residual = layers[index].pre(x, residual, positions, rotary)
+        buf.q[:size].copy_(q)
+        buf.k[:size].copy_(k)
+        buf.v[:size].copy_(v)
+        buf.residual[:size].copy_(residual)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every piece of every bucket, largest first, into one memory pool."""
+        started = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            graphs = []
+            for index in range(self.num_layers + 1):
+                self._piece(index, size)  # outside the capture: lazy inits, workspaces
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._piece(index, size)
+                graphs.append(graph)
+            self._graphs[size] = graphs
+        torch.cuda.synchronize()
+        logger.info(
+            "captured piecewise CUDA graphs for %d step sizes (16..%d tokens) in %.1f s",
+            len(self.sizes),
+            self.max_tokens,
+            time.perf_counter() - started,
+        )
+
+    def can_run(self, num_tokens: int) -> bool:
+        return num_tokens <= self.max_tokens and (bool(self._graphs) or not self._capture)
+
+    @torch.inference_mode()
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The final hidden states [T, hidden] of a step of T tokens (a view of a static
+        buffer, valid until the next run)."""
+        num_tokens = input_ids.shape[0]
+        size = self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+        buf, layers = self.buffers, self.model.model.layers
+        buf.input_ids[:num_tokens].copy_(input_ids)
+        buf.positions[:num_tokens].copy_(positions)
+        buf.input_ids[num_tokens:size].zero_()
+        buf.positions[num_tokens:size].zero_()
+        graphs = self._graphs.get(size)
+        for index in range(self.num_layers + 1):
+            if graphs is not None:
+                graphs[index].replay()
+            else:
+                self._piece(index, size)
+            if index == self.num_layers:
+                break
+            attn = layers[index].self_attn.attend(
+                buf.q[:num_tokens], buf.k[:num_tokens], buf.v[:num_tokens], self.kv_cache, meta
+            )
+            buf.attn[:num_tokens].copy_(attn)
+        return buf.hidden[:num_tokens]
+
+
+def capture_piecewise_graphs(
+    model: Any, kv_cache: torch.Tensor, max_tokens: int, enforce_eager: bool
+) -> PiecewiseGraphs | None:
+    """Piecewise graphs, captured, for a model on a CUDA device (None: not used)."""
+    if kv_cache.device.type != "cuda" or enforce_eager or max_tokens < 1:
+        return None
+    graphs = PiecewiseGraphs(model, kv_cache, max_tokens)
+    graphs.capture()
+    return graphs
