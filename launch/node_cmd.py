@@ -62,12 +62,6 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode: tokens per stream message after the first (fewer messages at high load)",
     )
     g.add_argument(
-        "--gil-switch-interval-ms",
-        type=float,
-        default=default_of(node, "gil_switch_interval_ms"),
-        help="ms before a thread waiting for the GIL takes it over (default: Python's 5)",
-    )
-    g.add_argument(
         "--metrics-host",
         default=default_of(node, "metrics_host"),
         help="address the HTTP /metrics server binds (docs/metrics.md)",
@@ -94,7 +88,6 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         drain_timeout_s=args.drain_timeout_s,
         push_timeout_s=args.push_timeout_s,
         stream_interval=args.stream_interval,
-        gil_switch_interval_ms=args.gil_switch_interval_ms,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         otlp_traces_endpoint=args.otlp_traces_endpoint,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -91,10 +90,6 @@ class NodeConfig:
     # Decode: tokens a request gathers before its next stream message (the first tokens
     # and the last message go at once); 1 streams every engine step.
     stream_interval: int = 1
-    # How often (ms) a thread waiting for the GIL makes the running one hand it over
-    # (`sys.setswitchinterval`, process-wide); None keeps Python's 5 ms. Lower values let
-    # the engine thread back in sooner while the event loop streams to many requests.
-    gil_switch_interval_ms: float | None = None
     # Address and port of the HTTP `/metrics` server; port 0 picks a free one.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
@@ -117,9 +112,6 @@ class NodeConfig:
             raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
         if self.otlp_traces_endpoint:
             check_endpoint(self.otlp_traces_endpoint)
-        interval = self.gil_switch_interval_ms
-        if interval is not None and not 0 < interval <= 1000:
-            raise ValueError(f"--gil-switch-interval-ms must be in (0, 1000], got {interval}")
 
     @property
     def public_host(self) -> str:
@@ -136,8 +128,6 @@ class NodeRuntime:
     def __init__(self, engine_config: EngineConfig, config: NodeConfig) -> None:
         self.config = config
         self.engine_config = engine_config
-        if config.gil_switch_interval_ms is not None:
-            sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
         self.engine = AsyncEngine(engine_config)
         self.core: EngineCore = self.engine.core
         self.started_at = time.monotonic()
