@@ -1,5 +1,8 @@
 """The decode node's gRPC service (`Decode` in protocol/node.proto).
 
+`GenerateMany` (bidirectional, decode/multiplex.py) carries many requests over one stream
+per router, each run as `Generate` runs it (`responses`); what follows holds for both.
+
 `Generate` (server stream), from the router:
 - with `prefill_node` set and n == 1: add the request with `RemotePrefillParams`; the
   engine allocates the prompt's blocks and its KV connector (RemotePrefills) expects the
@@ -34,6 +37,7 @@ from typing import Any
 import grpc
 
 from splitserve.decode.generate_spans import GenerateSpans
+from splitserve.decode.multiplex import Metadata, Multiplexer, RequestRefused
 from splitserve.decode.remote_prefill import (
     RemotePrefillInfo,
     RemotePrefillParams,
@@ -103,8 +107,25 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async for msg in self.responses(request, context.invocation_metadata()):
+                yield msg
+        except RequestRefused as refused:
+            await context.abort(refused.code, refused.details)
+
+    async def GenerateMany(
+        self, requests: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepBatch]:
+        async for batch in Multiplexer(self.responses).serve(requests):
+            yield batch
+
+    async def responses(
+        self, request: pb.GenerateRequest, metadata: Metadata
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """One request's stream messages (Generate and GenerateMany); RequestRefused when
+        the node is draining or the request is invalid."""
         if self.runtime.is_draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
+            raise RequestRefused(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
         started = time.monotonic()
         rid = request.request_id
         log_context.REQUEST_ID.set(rid)  # this RPC's task: its log lines name the request
@@ -112,11 +133,11 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         try:
             params = sampling_params_from_proto(request.sampling_params)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         node = request.prefill_node if request.HasField("prefill_node") else None
         if params.n != 1:
             node = None  # n > 1 samples several first tokens: prefill here
-        spans = self._generate_spans(request, context, node)
+        spans = self._generate_spans(request, metadata, node)
         kv_params = None if node is None else self._remote_params(rid, request, node, spans)
         finish: str | None = None
         first_token_time: float | None = None
@@ -146,7 +167,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                 yield msg
         except ValueError as exc:
             spans.rpc.fail(str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         finally:
             if is_first:
                 self._open.discard(rid)
@@ -155,10 +176,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             spans.finish(num_completion_tokens, None if finish else "ended before its last token")
 
     def _generate_spans(
-        self,
-        request: pb.GenerateRequest,
-        context: grpc.aio.ServicerContext,
-        node: pb.NodeEndpoint | None,
+        self, request: pb.GenerateRequest, metadata: Metadata, node: pb.NodeEndpoint | None
     ) -> GenerateSpans:
         tracer = self.runtime.tracer
         attributes: dict[str, AttributeValue] = {
@@ -170,7 +188,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         }
         if node is not None:
             attributes[PREFILL_NODE_ID] = node.node_id
-        parent = tracer.parent_from(context.invocation_metadata())
+        parent = tracer.parent_from(metadata)
         return GenerateSpans(tracer, parent, attributes)
 
     def _remote_params(

@@ -66,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="export per-message streaming stage times in /metrics (nodes on this host only)",
     )
+    g.add_argument(
+        "--no-multiplex-streams",
+        dest="multiplex_streams",
+        action="store_false",
+        default=RouterConfig.multiplex_streams,
+        help="one Decode.Generate stream per request instead of one GenerateMany per node",
+    )
     add_tracing_argument(g)
     _add_https_arguments(parser)
     add_security_arguments(parser)
@@ -166,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         strict_fields=args.strict_fields,
         cors_origins=tuple(args.cors_origin),
         trace_stream_timing=args.trace_stream_timing,
+        multiplex_streams=args.multiplex_streams,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
         tool_call_parser=args.tool_call_parser or "",
     )

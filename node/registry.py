@@ -16,6 +16,7 @@ slot, its position in the prefix index's per-block holder strings (node/prefix_i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -64,6 +65,8 @@ class NodeRecord:
     started_at: float = field(default_factory=time.time)  # unix seconds
     max_model_len: int = 0  # context length in tokens; 0 = unknown
     metrics_url: str = ""  # the node's Prometheus endpoint (http://host:port/metrics)
+    # Serves Decode.GenerateMany (decode/multiplex.py): the router multiplexes onto it.
+    serves_generate_many: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -81,7 +84,10 @@ class NodeRecord:
 
     @classmethod
     def from_json(cls, static_json: str | bytes, load_json: str | bytes) -> NodeRecord:
-        fields = json.loads(static_json)
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Fields a newer node wrote are left out, so that routers and nodes of different
+        # versions share a cluster.
+        fields = {k: v for k, v in json.loads(static_json).items() if k in known}
         fields["capacity"] = NodeCapacity(**fields["capacity"])
         fields["load"] = NodeLoad(**json.loads(load_json))
         return cls(**fields)

@@ -256,6 +256,7 @@ class NodeRuntime:
             capacity=NodeCapacity(core.pool.num_blocks, sched.max_num_seqs),
             max_model_len=core.max_model_len,
             metrics_url=self.metrics_url,
+            serves_generate_many=self.config.role == "decode",
         )
 
     def _publish_kv_events(self, core: EngineCore) -> bool:

@@ -41,6 +41,11 @@ class DecodeStub:
                 request_serializer=splitserve_dot_protocol_dot_node__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protocol_dot_node__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/splitserve.Decode/GenerateMany',
+                request_serializer=splitserve_dot_protocol_dot_node__pb2.StreamRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protocol_dot_node__pb2.StepBatch.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.Decode/Abort',
                 request_serializer=splitserve_dot_protocol_dot_node__pb2.AbortRequest.SerializeToString,
@@ -69,6 +74,12 @@ class DecodeServicer:
     """
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +116,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=splitserve_dot_protocol_dot_node__pb2.GenerateRequest.FromString,
                     response_serializer=splitserve_dot_protocol_dot_node__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=splitserve_dot_protocol_dot_node__pb2.StreamRequest.FromString,
+                    response_serializer=splitserve_dot_protocol_dot_node__pb2.StepBatch.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -156,6 +172,33 @@ class Decode:
             '/splitserve.Decode/Generate',
             splitserve_dot_protocol_dot_node__pb2.GenerateRequest.SerializeToString,
             splitserve_dot_protocol_dot_node__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitserve.Decode/GenerateMany',
+            splitserve_dot_protocol_dot_node__pb2.StreamRequest.SerializeToString,
+            splitserve_dot_protocol_dot_node__pb2.StepBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -166,8 +166,18 @@ class _TokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_with_token(client_call_details, self._token), request)
 
 
+class _TokenStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_with_token(client_call_details, self._token), request_iterator)
+
+
 def _client_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    return [_TokenUnaryUnary(token), _TokenUnaryStream(token)]
+    return [_TokenUnaryUnary(token), _TokenUnaryStream(token), _TokenStreamStream(token)]
 
 
 class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):

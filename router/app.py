@@ -56,6 +56,7 @@ def build_app(config: RouterConfig, tokenizer: RouterTokenizer | None = None) ->
             config.keepalive_interval_s,
             config.keepalive_timeout_s,
             config.security,
+            config.multiplex_streams,
         )
         cluster = ClusterView(config, clients)
         tracer = start_tracing(_tracing_config(config))

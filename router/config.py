@@ -86,6 +86,9 @@ class RouterConfig:
     # Ask nodes for per-message timestamps and export where streaming time goes
     # (splitserve_router_stream_stage_seconds); only for nodes on the router's host.
     trace_stream_timing: bool = False
+    # Carry every request to a decode node over one Decode.GenerateMany stream per node
+    # (one message per engine step for all of them); False: one Generate stream each.
+    multiplex_streams: bool = True
     # OTLP/gRPC collector for the router's spans (protocol/tracing.py); empty: tracing off.
     otlp_traces_endpoint: str = ""
     # How tool_choice "auto" reads the model's calls (router/tool_parsers: llama3_json,

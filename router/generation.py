@@ -1,4 +1,5 @@
-"""One `Decode.Generate` stream per prompt, merged into one sequence of messages.
+"""One decode stream per prompt (over the node's `Decode.GenerateMany`, or its own
+`Decode.Generate` call: `NodeClients.open_generate`), merged into one sequence of messages.
 
 Who calls what, in what order (a handler of /v1/completions or /v1/chat/completions):
 
@@ -51,6 +52,7 @@ from splitserve.protocol.tracing import (
 )
 from splitserve.router.coalesce import StreamItem, coalesce
 from splitserve.router.errors import APIError, from_grpc_error
+from splitserve.router.node_clients import GenerateCall
 from splitserve.router.policy import RouteDecision
 from splitserve.router.prepare import PreparedRequest
 from splitserve.router.service import RouterService
@@ -242,7 +244,7 @@ class PromptStreams:
         return request
 
     async def _next_message(
-        self, call: grpc.aio.UnaryStreamCall, received_any: bool
+        self, call: GenerateCall, received_any: bool
     ) -> pb.GenerateResponse | None:
         """The stream's next message (None at its end); _StreamStalled past the deadline."""
         config = self.service.config
@@ -272,9 +274,7 @@ class PromptStreams:
         self, index: int, decision: RouteDecision, request: pb.GenerateRequest, span: Span
     ) -> None:
         """Forward one node stream to the queue; abort on the node unless it finished."""
-        call = self.service.clients.decode_stub(decision.decode).Generate(
-            request, metadata=span.metadata()
-        )
+        call = self.service.clients.open_generate(decision.decode, request, span.metadata())
         service, prefill = self.service, decision.prefill
         service.track(decision.decode)
         if prefill is not None:

@@ -1,6 +1,8 @@
 """gRPC channels from the router to nodes: one grpc.aio channel per address, reused.
 
-The router opens `Decode.Generate` streams on decode nodes, sends `Decode.Abort` when a
+The router streams requests from decode nodes (`open_generate`: over one
+`Decode.GenerateMany` stream per node, router/multiplex.py, or one `Decode.Generate`
+stream each), sends `Decode.Abort` when a
 client goes away, and calls `Stats` on decode and prefill nodes (for /metrics, and for fresh
 load while Redis is down). Channels reconnect quickly (200 ms to 2 s backoff), so a node that
 restarts on the same address is reachable again within a heartbeat or two. Every channel
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -23,6 +26,10 @@ from splitserve.protocol import keepalive
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
 from splitserve.protocol.security import TransportSecurity, open_channel
+from splitserve.router.multiplex import MultiplexedCall, NodeStream
+
+# What `open_generate` returns: read() and cancel() alike.
+GenerateCall: TypeAlias = "grpc.aio.UnaryStreamCall[Any, Any] | MultiplexedCall"
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ class NodeClients:
         keepalive_interval_s: float,
         keepalive_timeout_s: float,
         security: TransportSecurity | None = None,
+        multiplex: bool = False,
     ) -> None:
         self.rpc_timeout_s = rpc_timeout_s
         self.security = security or TransportSecurity()
@@ -52,6 +60,8 @@ class NodeClients:
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.multiplex = multiplex
+        self._streams: dict[str, NodeStream] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -62,6 +72,19 @@ class NodeClients:
 
     def decode_stub(self, node: NodeRecord) -> pb_grpc.DecodeStub:
         return pb_grpc.DecodeStub(self._channel(node.grpc_address))
+
+    def open_generate(
+        self, node: NodeRecord, request: pb.GenerateRequest, metadata: tuple[tuple[str, str], ...]
+    ) -> GenerateCall:
+        """One request's stream on a decode node: over the node's GenerateMany stream
+        (router/multiplex.py) when multiplexing and the node serves it, else its own
+        Generate call."""
+        if not (self.multiplex and node.serves_generate_many):
+            return self.decode_stub(node).Generate(request, metadata=metadata)
+        stream = self._streams.get(node.grpc_address)
+        if stream is None:
+            stream = self._streams[node.grpc_address] = NodeStream(self.decode_stub(node))
+        return stream.open(request, metadata)
 
     async def stats(self, node: NodeRecord) -> pb.StatsResponse | None:
         """The node's Stats, or None when it does not answer in time (logged at DEBUG)."""
@@ -117,6 +140,8 @@ class NodeClients:
             )
 
     async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.rpc_timeout_s * 2)
         for channel in self._channels.values():

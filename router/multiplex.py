@@ -1,0 +1,151 @@
+"""The router's end of `Decode.GenerateMany` (decode/multiplex.py): one gRPC stream per
+decode node carries every request the router sends there.
+
+Who calls what: `NodeClients.open_generate(node, request, metadata)` returns a
+`MultiplexedCall`, which `router/generation.py` reads exactly like the `Generate` call
+it replaces: `await call.read()` gives the request's next GenerateResponse, `grpc.aio.EOF`
+after a stream the node ended without error, or raises `grpc.aio.AioRpcError`; `cancel()`
+tells the node the client went away. Behind it, `NodeStream` (one per node address):
+- opens the GenerateMany call on first use and reopens it after it broke;
+- a writer task sends queued StreamRequests in order (gRPC allows one write at a time);
+- a reader task hands each StepBatch's messages to their requests' queues, and a
+  StreamEnd to its request as the AioRpcError its own Generate call would have raised;
+- when the call breaks (the node died or restarted, keepalive found it frozen), every
+  request open on it gets the call's error, as each of their Generate calls would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, TypeAlias
+
+import grpc
+
+from splitserve.protocol import node_pb2 as pb
+from splitserve.protocol import node_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+# What a request's queue holds: its messages, then the error that ended it.
+_Item: TypeAlias = "pb.GenerateResponse | grpc.aio.AioRpcError"
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
+class MultiplexedCall:
+    """One request's stream over its node's GenerateMany call."""
+
+    def __init__(self, stream: NodeStream, request_id: str) -> None:
+        self._stream = stream
+        self.request_id = request_id
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._ended = False
+
+    async def read(self) -> pb.GenerateResponse | Any:
+        if self._ended:
+            return grpc.aio.EOF
+        item = await self.queue.get()
+        if isinstance(item, grpc.aio.AioRpcError):
+            self._ended = True
+            self._stream.close_request(self.request_id)
+            raise item
+        if item.finished:
+            self._ended = True
+            self._stream.close_request(self.request_id)
+        return item
+
+    def cancel(self) -> None:
+        """The client went away: the node aborts the request (if still open there)."""
+        if not self._ended:
+            self._ended = True
+            self._stream.cancel_request(self.request_id)
+
+
+class NodeStream:
+    """The GenerateMany call to one decode node, shared by every request sent there."""
+
+    def __init__(self, stub: pb_grpc.DecodeStub) -> None:
+        self._stub = stub
+        self._calls: dict[str, MultiplexedCall] = {}
+        self._outgoing: asyncio.Queue[pb.StreamRequest | None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def open(
+        self, request: pb.GenerateRequest, metadata: tuple[tuple[str, str], ...]
+    ) -> MultiplexedCall:
+        call = MultiplexedCall(self, request.request_id)
+        self._calls[request.request_id] = call
+        message = pb.StreamRequest(generate=request, trace_metadata=dict(metadata))
+        self._send(message)
+        return call
+
+    def close_request(self, request_id: str) -> None:
+        self._calls.pop(request_id, None)
+
+    def cancel_request(self, request_id: str) -> None:
+        if self._calls.pop(request_id, None) is not None and self._outgoing is not None:
+            self._outgoing.put_nowait(pb.StreamRequest(cancel_request_id=request_id))
+
+    def _send(self, message: pb.StreamRequest) -> None:
+        if self._outgoing is None:
+            self._outgoing = asyncio.Queue()
+            grpc_call = self._stub.GenerateMany()
+            self._spawn(self._write(grpc_call, self._outgoing))
+            self._spawn(self._read(grpc_call, self._outgoing))
+        self._outgoing.put_nowait(message)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(
+        self, grpc_call: Any, outgoing: asyncio.Queue[pb.StreamRequest | None]
+    ) -> None:
+        try:
+            while (message := await outgoing.get()) is not None:
+                await grpc_call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            logger.debug("GenerateMany write ended: %s", exc)  # the reader reports the error
+
+    async def _read(self, grpc_call: Any, outgoing: asyncio.Queue[pb.StreamRequest | None]) -> None:
+        error: grpc.aio.AioRpcError | None = None
+        try:
+            async for batch in grpc_call:
+                self._deliver(batch)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        if error is None:
+            error = _rpc_error(
+                grpc.StatusCode.UNAVAILABLE, "the node closed its GenerateMany stream"
+            )
+        if self._outgoing is outgoing:
+            self._outgoing = None  # the next request opens a new call
+        outgoing.put_nowait(None)
+        for call in list(self._calls.values()):
+            call.queue.put_nowait(error)
+        self._calls.clear()
+
+    def _deliver(self, batch: pb.StepBatch) -> None:
+        for msg in batch.responses:
+            call = self._calls.get(msg.request_id)
+            if call is not None:
+                call.queue.put_nowait(msg)
+        for end in batch.ends:
+            call = self._calls.get(end.request_id)
+            if call is not None:
+                call.queue.put_nowait(_rpc_error(_status_code(end.code), end.details))
+
+    async def close(self) -> None:
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(None)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
