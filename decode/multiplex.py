@@ -16,6 +16,11 @@ Who calls what, on the node (`DecodeService.GenerateMany` runs `Multiplexer.serv
 - `serve` yields the outbox as one StepBatch whenever it is not empty. A request refused
   or failed before its finished message ends with a `StreamEnd` carrying the status code
   its own Generate call would have ended with.
+- A request's task waits until the batch holding its message is written before it takes
+  its next output from the engine, so that a router that falls behind gets each request's
+  tokens since the last batch merged into one message (`AsyncEngine.generate` merges what
+  queued up), as a slow Generate call does, and the outbox holds at most one message per
+  request.
 - When the router closes its side, `serve` ends once every request has ended; when the
   call is cancelled (router gone), every request task is cancelled.
 """
@@ -25,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -35,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # gRPC metadata as a servicer context hands it over: (key, value) pairs.
 Metadata = Sequence[tuple[str, str | bytes]] | None
-Responses = Callable[[pb.GenerateRequest, Metadata], AsyncIterator[pb.GenerateResponse]]
+Responses = Callable[[pb.GenerateRequest, Metadata], AsyncGenerator[pb.GenerateResponse, None]]
 
 
 class RequestRefused(Exception):
@@ -55,6 +60,8 @@ class Multiplexer:
         self._ends: list[pb.StreamEnd] = []
         self._ready = asyncio.Event()
         self._reading = True
+        # Resolved once the batch holding the current outbox is written.
+        self._flushed = self._loop_future()
 
     async def serve(self, requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[pb.StepBatch]:
         reader = asyncio.get_running_loop().create_task(self._read(requests))
@@ -65,13 +72,19 @@ class Multiplexer:
                 if self._outbox or self._ends:
                     batch = pb.StepBatch(responses=self._outbox, ends=self._ends)
                     self._outbox, self._ends = [], []
+                    flushed, self._flushed = self._flushed, self._loop_future()
                     yield batch
+                    flushed.set_result(None)
         finally:
             reader.cancel()
             for task in list(self._tasks.values()):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+    @staticmethod
+    def _loop_future() -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
 
     async def _read(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
         try:
@@ -100,11 +113,14 @@ class Multiplexer:
 
     async def _run(self, request: pb.GenerateRequest, metadata: Metadata) -> None:
         rid, finished = request.request_id, False
+        stream = self._responses(request, metadata)
         try:
-            async for msg in self._responses(request, metadata):
+            async for msg in stream:
                 finished = msg.finished
                 self._outbox.append(msg)
                 self._ready.set()
+                if not finished:  # shielded: a cancelled request leaves the batch's future
+                    await asyncio.shield(self._flushed)
         except RequestRefused as refused:
             self._end(rid, refused.code, refused.details)
             return
@@ -112,6 +128,10 @@ class Multiplexer:
             logger.exception("request %s failed on its multiplexed stream", rid)
             self._end(rid, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
+        finally:
+            # Cancelled while waiting for a write, the stream is not at an await of its own:
+            # closing it runs its cleanup now (the engine and prefill aborts).
+            await stream.aclose()
         if not finished:
             self._end(rid, grpc.StatusCode.INTERNAL, "the request ended before its last token")
 

@@ -31,7 +31,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -121,7 +121,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
 
     async def responses(
         self, request: pb.GenerateRequest, metadata: Metadata
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """One request's stream messages (Generate and GenerateMany); RequestRefused when
         the node is draining or the request is invalid."""
         if self.runtime.is_draining:

@@ -67,11 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="export per-message streaming stage times in /metrics (nodes on this host only)",
     )
     g.add_argument(
-        "--no-multiplex-streams",
-        dest="multiplex_streams",
-        action="store_false",
+        "--multiplex-streams",
+        action=argparse.BooleanOptionalAction,
         default=RouterConfig.multiplex_streams,
-        help="one Decode.Generate stream per request instead of one GenerateMany per node",
+        help="one Decode.GenerateMany stream per decode node for all its requests "
+        "(--no-multiplex-streams: one Decode.Generate stream per request)",
     )
     add_tracing_argument(g)
     _add_https_arguments(parser)

@@ -6,7 +6,8 @@ running request) share one StepBatch per step instead of one message each."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import gc
+from collections.abc import AsyncGenerator
 
 import grpc
 import pytest
@@ -36,7 +37,7 @@ class _Steps:
 
     async def responses(
         self, request: pb.GenerateRequest, metadata: Metadata
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         rid = request.request_id
         self.trace[rid] = metadata
         if rid.startswith("bad"):
@@ -52,7 +53,7 @@ class _Steps:
                     deltas=[pb.CompletionDelta(token_ids=[i])],
                     finished=i == NUM_STEPS - 1,
                 )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled, or closed while waiting
             self.cancelled.append(rid)
             raise
 
@@ -73,6 +74,13 @@ async def _serve(steps: _Steps) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+async def _stop(server: grpc.aio.Server) -> None:
+    """Stop the server, then collect garbage while the loop still runs: a grpc.aio object
+    collected after the loop closed schedules its shutdown on the closed loop."""
+    await server.stop(None)
+    gc.collect()
 
 
 def _request(rid: str) -> pb.GenerateRequest:
@@ -112,7 +120,7 @@ def test_lockstep_requests_share_one_batch_per_step() -> None:
         assert steps.trace["r3"] == (("traceparent", "t3"),)
         await stream.close()
         await channel.close()
-        await server.stop(None)
+        await _stop(server)
 
     asyncio.run(main())
 
@@ -141,7 +149,7 @@ def test_refusal_and_cancel_reach_their_request_only() -> None:
         assert reads.result() == list(range(NUM_STEPS))
         await stream.close()
         await channel.close()
-        await server.stop(None)
+        await _stop(server)
 
     asyncio.run(main())
 
@@ -153,7 +161,7 @@ def test_a_dead_node_fails_every_open_request_and_the_next_call_reconnects() -> 
         stream = NodeStream(pb_grpc.DecodeStub(channel))
         calls = [stream.open(_request(f"r{i}"), ()) for i in range(3)]
         await asyncio.sleep(0.2)
-        await server.stop(None)
+        await _stop(server)
         for call in calls:
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await asyncio.wait_for(call.read(), 10)
