@@ -3,9 +3,9 @@ decode node carries every request the router sends there.
 
 Who calls what: `NodeClients.open_generate(node, request, metadata)` returns a
 `MultiplexedCall`, which `router/generation.py` reads exactly like the `Generate` call
-it replaces: `await call.read()` gives the request's next GenerateResponse, `grpc.aio.EOF`
-after a stream the node ended without error, or raises `grpc.aio.AioRpcError`; `cancel()`
-tells the node the client went away. Behind it, `NodeStream` (one per node address):
+it replaces: `await call.read()` gives the request's next GenerateResponse (`grpc.aio.EOF`
+once its finished message was read), or raises `grpc.aio.AioRpcError`; `cancel()` tells
+the node the client went away. Behind it, `NodeStream` (one per node address):
 - opens the GenerateMany call on first use and reopens it after it broke;
 - a writer task sends queued StreamRequests in order (gRPC allows one write at a time);
 - a reader task hands each StepBatch's messages to their requests' queues, and a
