@@ -146,34 +146,29 @@ def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.Cli
     )
 
 
-class _TokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+class _TokenInterceptor:
+    """Adds the cluster token to a call's metadata; one subclass per call kind, since a
+    grpc.aio channel files each interceptor under one kind only."""
+
     def __init__(self, token: str) -> None:
         self._token = token
 
-    async def intercept_unary_unary(
+    async def _intercept(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
         return await continuation(_with_token(client_call_details, self._token), request)
 
 
-class _TokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
-    ) -> Any:
-        return await continuation(_with_token(client_call_details, self._token), request)
+class _TokenUnaryUnary(_TokenInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _TokenInterceptor._intercept
 
 
-class _TokenStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
+class _TokenUnaryStream(_TokenInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _TokenInterceptor._intercept
 
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(_with_token(client_call_details, self._token), request_iterator)
+
+class _TokenStreamStream(_TokenInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    intercept_stream_stream = _TokenInterceptor._intercept
 
 
 def _client_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
