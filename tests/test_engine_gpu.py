@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from engine_outputs import assert_same_tokens
 
 from splitserve.engine.llm import LLM
 from splitserve.engine.sampling_params import SamplingParams
@@ -95,10 +96,7 @@ def test_cuda_graph_decode_matches_eager(tiny_model_factory, arch: str) -> None:
     want = eager.generate(batch, params)
     assert graphs.engine.stats().num_graph_steps > 0
     assert eager.engine.stats().num_graph_steps == 0
-    for g, w in zip(got, want, strict=True):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
-            assert abs(lg.logprob - lw.logprob) < 1e-4
+    assert_same_tokens(got, want)
 
 
 def _jit_kernels() -> list[Any]:
@@ -163,7 +161,4 @@ def test_piecewise_graph_steps_match_eager(tiny_model_factory, arch: str) -> Non
     want = eager.generate(batch, params)
     assert pieced.engine.stats().num_piecewise_steps > 0
     assert eager.engine.stats().num_piecewise_steps == 0
-    for g, w in zip(got, want, strict=True):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
-            assert abs(lg.logprob - lw.logprob) < 1e-4
+    assert_same_tokens(got, want)

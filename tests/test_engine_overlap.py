@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_outputs import assert_logprobs_close
 
 from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from splitserve.engine.core import EngineCore
@@ -38,13 +39,6 @@ def summary(outputs) -> list:
         ]
         for o in outputs
     ]
-
-
-def assert_logprobs_close(got, want) -> None:
-    for g, w in zip(got, want, strict=True):
-        for gc, wc in zip(g.outputs, w.outputs, strict=True):
-            for glp, wlp in zip(gc.logprobs or [], wc.logprobs or [], strict=True):
-                assert abs(glp.logprob - wlp.logprob) < 1e-4
 
 
 def workload(vocab: int, plain: LLM) -> tuple[list[list[int]], list[SamplingParams]]:
