@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 
 from splitserve.launch.engine_args import (
     add_engine_arguments,
@@ -63,12 +62,6 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode: tokens per stream message after the first (fewer messages at high load)",
     )
     g.add_argument(
-        "--gil-switch-interval-ms",
-        type=float,
-        default=default_of(node, "gil_switch_interval_ms"),
-        help="ms a thread holds the GIL before another takes it (default: Python's 5)",
-    )
-    g.add_argument(
         "--metrics-host",
         default=default_of(node, "metrics_host"),
         help="address the HTTP /metrics server binds (docs/metrics.md)",
@@ -95,7 +88,6 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         drain_timeout_s=args.drain_timeout_s,
         push_timeout_s=args.push_timeout_s,
         stream_interval=args.stream_interval,
-        gil_switch_interval_ms=args.gil_switch_interval_ms,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
@@ -123,18 +115,9 @@ async def serve(runtime: NodeRuntime) -> None:
     await runtime.stop()
 
 
-def set_gil_switch_interval(config: NodeConfig) -> None:
-    """Apply --gil-switch-interval-ms to this process (a node runs one runtime)."""
-    if config.gil_switch_interval_ms is not None:
-        sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
-        logger.info("GIL switch interval %.3f ms", config.gil_switch_interval_ms)
-
-
 def run_node(args: argparse.Namespace, role: NodeRole) -> int:
     tag_process("", role)  # the node id once its port is bound (NodeRuntime.start)
     engine_config = engine_config_from_args(args)
-    node_config = node_config_from_args(args, role)
-    set_gil_switch_interval(node_config)
-    runtime = NodeRuntime(engine_config, node_config)
+    runtime = NodeRuntime(engine_config, node_config_from_args(args, role))
     asyncio.run(serve(runtime))
     return 0

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=RouterConfig.multiplex_streams,
         help="one Decode.GenerateMany stream per decode node for all its requests "
-        "(--no-multiplex-streams: one Decode.Generate stream per request)",
+        "(default: one Decode.Generate stream per request)",
     )
     add_tracing_argument(g)
     _add_https_arguments(parser)

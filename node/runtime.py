@@ -90,11 +90,6 @@ class NodeConfig:
     # Decode: tokens a request gathers before its next stream message (the first tokens
     # and the last message go at once); 1 streams every engine step.
     stream_interval: int = 1
-    # Milliseconds a thread holding the GIL runs before another thread that asked for it
-    # takes it (`sys.setswitchinterval`); None: Python's own (5 ms). The engine thread
-    # gives the GIL up around every torch call, so while the event loop is busy a
-    # shorter interval gets it back sooner (docs/performance.md).
-    gil_switch_interval_ms: float | None = None
     # Address and port of the HTTP `/metrics` server; port 0 picks a free one.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
@@ -115,10 +110,6 @@ class NodeConfig:
             raise ValueError("prefill_timeout_s must be > 0 and drain_timeout_s >= 0")
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
-        if self.gil_switch_interval_ms is not None and self.gil_switch_interval_ms <= 0:
-            raise ValueError(
-                f"--gil-switch-interval-ms must be > 0, got {self.gil_switch_interval_ms}"
-            )
         if self.otlp_traces_endpoint:
             check_endpoint(self.otlp_traces_endpoint)
 

@@ -173,9 +173,12 @@ def test_delta_buffer_sends_first_tokens_at_once_then_every_interval() -> None:
 
 @pytest.mark.slow  # a router and a node as processes
 def test_stream_interval_sends_fewer_messages_with_the_same_text(tiny_llama) -> None:
-    """`--stream-interval 4` on a real node: the SSE stream carries the first token alone,
-    then at most one chunk per 4 tokens, and the text of a non-streamed request."""
+    """`--stream-interval 4` on a real node, its requests carried over one multiplexed
+    stream (`--multiplex-streams`): each SSE stream carries the first token alone, then at
+    most one chunk per 4 tokens, and the text of a non-streamed request, also with four
+    streams at once."""
     import re
+    from concurrent.futures import ThreadPoolExecutor
 
     import openai
 
@@ -185,18 +188,23 @@ def test_stream_interval_sends_fewer_messages_with_the_same_text(tiny_llama) -> 
         "up", "up", "--model", str(tiny_llama), "--served-model-name", "tiny",
         "--num-prefill", "0", "--num-decode", "1", "--port", "0", "--cpu",
         "--node-arg=--dtype=float32", "--node-arg=--stream-interval=4",
+        "--router-arg=--multiplex-streams",
         ready_pattern=re.compile(r"OpenAI API: (\S+)/v1"),
     ).start(timeout_s=240)  # fmt: skip
     try:
         client = openai.OpenAI(base_url=f"{proc.address}/v1", api_key="x", max_retries=0)
         body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 17, "temperature": 0}
         whole = client.completions.create(**body, extra_body={"ignore_eos": True})
-        chunks = list(
-            client.completions.create(**body, stream=True, extra_body={"ignore_eos": True})
-        )
+
+        def streamed(_: int) -> list[str]:
+            stream = client.completions.create(**body, stream=True, extra_body={"ignore_eos": True})
+            return [c.choices[0].text for c in stream if c.choices]
+
+        with ThreadPoolExecutor(4) as pool:
+            streams = [streamed(0), *pool.map(streamed, range(4))]
     finally:
         assert proc.stop(timeout_s=60) == 0
-    texts = [c.choices[0].text for c in chunks if c.choices]
-    assert "".join(texts) == whole.choices[0].text
     assert whole.usage is not None and whole.usage.completion_tokens == 17
-    assert len(texts) <= 1 + 4  # 1 first token, then 16 tokens in messages of 4
+    for texts in streams:
+        assert "".join(texts) == whole.choices[0].text
+        assert len(texts) <= 1 + 4  # 1 first token, then 16 tokens in messages of 4
