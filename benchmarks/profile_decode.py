@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over decode steps of a fixed batch.
 
     python -m splitserve.benchmarks.profile_decode --model dummy:llama-3.1-8b --device cuda \
-        [--batch 1] [--context 512] [--enforce-eager]
+        [--batch 1] [--context 512] [--temperature 0] [--enforce-eager]
 
 Prints the wall time per step unprofiled and profiled, and the top operators by self CPU
 and by CUDA time (kernels replayed from a CUDA graph are listed too).
@@ -24,12 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     args = parser.parse_args(argv)
     from splitserve.engine.core import EngineCore
     from splitserve.engine.sampling_params import SamplingParams
 
     core = EngineCore(engine_config_from_args(args))
-    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=10_000, ignore_eos=True)
     for i in range(args.batch):
         core.add_request(f"p{i}", [1 + (i * 7919 + t) % 1000 for t in range(args.context)], params)
     while core.scheduler.waiting or any(
