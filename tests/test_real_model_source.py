@@ -29,6 +29,37 @@ def write_gguf(path: Path, arch: str) -> Path:
     return path
 
 
+def test_header_reader_skips_every_value_type_to_its_key(tmp_path: Path) -> None:
+    """`read_gguf_string` walks past numbers, strings and arrays (of strings too) to the
+    key asked for, gives None for a key the file lacks, and refuses a cut header."""
+    gguf = pytest.importorskip("gguf", reason="needs the model extra: run `make install`")
+    import numpy as np
+
+    from splitserve.engine.model.gguf_convert import read_gguf_string
+
+    path = tmp_path / "keys.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_uint32("a.count", 7)
+    writer.add_float64("a.scale", 0.5)
+    writer.add_bool("a.flag", True)
+    writer.add_array("a.tokens", ["<s>", "hello", "wörld"])
+    writer.add_array("a.scores", [0.25, -1.5, 3.0])
+    writer.add_string("z.name", "the one asked for")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_gguf_string(path, "z.name") == "the one asked for"
+    assert read_gguf_string(path, "general.architecture") == "qwen2"
+    assert read_gguf_string(path, "no.such.key") is None
+    cut = tmp_path / "cut.gguf"
+    data = path.read_bytes()
+    cut.write_bytes(data[: data.index(b"z.name")])
+    with pytest.raises(ValueError, match="ends inside its GGUF header"):
+        read_gguf_string(cut, "z.name")
+
+
 def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     """Run the CLI, expect exit code 2 and exactly one stderr line naming the error."""
     assert main(argv) == 2

@@ -22,12 +22,13 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from splitserve.engine.model.source import MODEL_EXTRA_HINT, ModelSourceError
 
@@ -76,13 +77,9 @@ def require_model_extra() -> None:
 
 def gguf_architecture(gguf_path: Path) -> str:
     """The file's `general.architecture`; a clear error if unreadable or unsupported."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(gguf_path)
-        field = reader.get_field("general.architecture")
-        architecture = str(field.contents()) if field is not None else ""
-    except (ValueError, OSError, KeyError, IndexError, TypeError) as exc:
+        architecture = read_gguf_string(gguf_path, "general.architecture") or ""
+    except (ValueError, OSError, struct.error) as exc:
         raise ModelSourceError(
             f"{gguf_path} is not a readable GGUF file ({str(exc).splitlines()[0]}); "
             "download it again or pass another --model"
@@ -94,6 +91,61 @@ def gguf_architecture(gguf_path: Path) -> str:
             f"({', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
     return architecture
+
+
+def read_gguf_string(gguf_path: Path, key: str) -> str | None:
+    """The string value of one metadata key of a GGUF file, None if absent, read from the
+    header alone: the metadata comes before the tensors, and `general.architecture` is
+    usually its first key, so this reads a few bytes where `gguf.GGUFReader` parses every
+    field (the whole tokenizer vocabulary, seconds for a small model)."""
+    with gguf_path.open("rb") as f:
+        magic, version = struct.unpack("<4sI", _read(f, 8))
+        if magic != b"GGUF" or version not in (1, 2, 3):
+            raise ValueError(f"no GGUF header (magic {magic!r}, version {version})")
+        wide = "<Q" if version > 1 else "<I"  # counts and string lengths: 64-bit from v2
+        _read_int(f, wide)  # tensor count
+        for _ in range(_read_int(f, wide)):
+            name = _read(f, _read_int(f, wide)).decode("utf-8")
+            value_type = _read_int(f, "<I")
+            if name == key:
+                if value_type != _GGUF_STRING:
+                    raise ValueError(f"{key} is of GGUF type {value_type}, not a string")
+                return _read(f, _read_int(f, wide)).decode("utf-8")
+            _skip_value(f, value_type, wide)
+    return None
+
+
+# GGUF metadata value types: fixed sizes in bytes, and the two that are not fixed.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _skip_value(f: BinaryIO, value_type: int, wide: str) -> None:
+    if value_type in _GGUF_SIZES:
+        f.seek(_GGUF_SIZES[value_type], os.SEEK_CUR)
+    elif value_type == _GGUF_STRING:
+        f.seek(_read_int(f, wide), os.SEEK_CUR)
+    elif value_type == _GGUF_ARRAY:
+        item_type, count = _read_int(f, "<I"), _read_int(f, wide)
+        if item_type in _GGUF_SIZES:
+            f.seek(_GGUF_SIZES[item_type] * count, os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_value(f, item_type, wide)
+    else:
+        raise ValueError(f"unknown GGUF value type {value_type}")
+
+
+def _read_int(f: BinaryIO, fmt: str) -> int:
+    (value,) = struct.unpack(fmt, _read(f, struct.calcsize(fmt)))
+    return int(value)
+
+
+def _read(f: BinaryIO, size: int) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError("the file ends inside its GGUF header")
+    return data
 
 
 def write_hf_dir(gguf_path: Path, out: Path) -> None:
