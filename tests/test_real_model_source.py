@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,12 +17,15 @@ from splitserve.engine.model.writers import model_writers
 from splitserve.launch.cli import main
 
 
-def write_gguf(path: Path, arch: str) -> Path:
-    """A tiny but valid GGUF file: one tensor and the architecture key."""
+def write_gguf(path: Path, arch: str, add_keys: Callable[[Any], None] | None = None) -> Path:
+    """A tiny but valid GGUF file: one tensor, the architecture key, and what `add_keys`
+    adds to the writer."""
     gguf = pytest.importorskip("gguf", reason="needs the model extra: run `make install`")
     import numpy as np
 
     writer = gguf.GGUFWriter(str(path), arch)
+    if add_keys is not None:
+        add_keys(writer)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -32,24 +37,17 @@ def write_gguf(path: Path, arch: str) -> Path:
 def test_header_reader_skips_every_value_type_to_its_key(tmp_path: Path) -> None:
     """`read_gguf_string` walks past numbers, strings and arrays (of strings too) to the
     key asked for, gives None for a key the file lacks, and refuses a cut header."""
-    gguf = pytest.importorskip("gguf", reason="needs the model extra: run `make install`")
-    import numpy as np
-
     from splitserve.engine.model.gguf_convert import read_gguf_string
 
-    path = tmp_path / "keys.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_uint32("a.count", 7)
-    writer.add_float64("a.scale", 0.5)
-    writer.add_bool("a.flag", True)
-    writer.add_array("a.tokens", ["<s>", "hello", "wörld"])
-    writer.add_array("a.scores", [0.25, -1.5, 3.0])
-    writer.add_string("z.name", "the one asked for")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    def add_keys(writer: Any) -> None:
+        writer.add_uint32("a.count", 7)
+        writer.add_float64("a.scale", 0.5)
+        writer.add_bool("a.flag", True)
+        writer.add_array("a.tokens", ["<s>", "hello", "wörld"])
+        writer.add_array("a.scores", [0.25, -1.5, 3.0])
+        writer.add_string("z.name", "the one asked for")
+
+    path = write_gguf(tmp_path / "keys.gguf", "qwen2", add_keys)
     assert read_gguf_string(path, "z.name") == "the one asked for"
     assert read_gguf_string(path, "general.architecture") == "qwen2"
     assert read_gguf_string(path, "no.such.key") is None

@@ -79,7 +79,7 @@ def gguf_architecture(gguf_path: Path) -> str:
     """The file's `general.architecture`; a clear error if unreadable or unsupported."""
     try:
         architecture = read_gguf_string(gguf_path, "general.architecture") or ""
-    except (ValueError, OSError, struct.error) as exc:
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
         raise ModelSourceError(
             f"{gguf_path} is not a readable GGUF file ({str(exc).splitlines()[0]}); "
             "download it again or pass another --model"
