@@ -10,8 +10,9 @@ Callers (the offline `LLM`, the `AsyncEngine` thread, the nodes through it) driv
 Parts: `RequestIntake`, `Scheduler`, `ModelRunner`, `Sampler`, `OutputProcessor`, the
 overlap helpers (`overlap.py`, which say what overlap changes for callers) and an optional
 `KVConnector` (`kv_connector.py`, with its call order): the engine knows no roles; a node
-installs its connector with `set_connector`. Overlap (`overlap_output_processing`) is on
-by default on CUDA, unless the connector needs each step's blocks as it ends.
+installs its connector with `set_connector`. Overlap (`overlap_output_processing`: the
+next step is launched before this step's tokens are read) is on by default on CUDA,
+unless the connector needs each step's blocks as it ends.
 """
 
 from __future__ import annotations
@@ -28,11 +29,17 @@ from splitserve.engine.kv_connector import (
     overlap_with,
     report_final_blocks,
 )
-from splitserve.engine.output_processor import OutputProcessor, StepOutput, ends_on_token
-from splitserve.engine.overlap import LaunchedStep, launch, trim
+from splitserve.engine.output_processor import OutputProcessor, StepOutput
+from splitserve.engine.overlap import (
+    LaunchedStep,
+    finish_request,
+    launch_ahead,
+    retire,
+    trim,
+)
 from splitserve.engine.parts import build_parts
 from splitserve.engine.request import RequestId, RequestStatus
-from splitserve.engine.sampler import Sampler, SamplerOutput
+from splitserve.engine.sampler import SampledTokens, Sampler
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from splitserve.engine.stats import EngineStats, collect_stats
@@ -63,6 +70,8 @@ class EngineCore:
         overlap = config.scheduler.overlap_output_processing
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._launched: LaunchedStep | None = None
+        # The step being consumed (overlap): retired once its tokens are read.
+        self._retiring: LaunchedStep | None = None
 
     def set_connector(self, connector: KVConnector) -> None:
         """Install the node's KV connector (before any request)."""
@@ -141,22 +150,27 @@ class EngineCore:
         self.scheduler.advance(sched)
         self._num_steps += 1
         sampling = [c for c in sched.chunks if c.samples]
-        result = self._sample(sampling, logits) if sampling else None
+        drawn = self._sample(sampling, logits) if sampling else None
+        self._launch_next(sampling, drawn)
+        result = None if drawn is None else drawn.collect()
+        retire(self._retiring, self.scheduler)
+        self._retiring = None
         if self.connector is not None:
             firsts = {} if result is None else first_tokens(sampling, result)
-            seqs = self.intake.sequences
-            report_final_blocks(self.connector, sched.chunks, seqs, firsts, self.block_size)
+            known = self.intake.sequences
+            report_final_blocks(self.connector, sched.chunks, known, firsts, self.block_size)
         if result is None:
-            self._launch_next()
             return []
         with record_function("step.outputs"):
-            return self._process(sampling, result)
+            seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
+            sampled = zip(seqs, result.token_ids, result.logprobs, strict=True)
+            return [self.outputs.append(seq, token, logprob) for seq, token, logprob in sampled]
 
     def _next_batch(self) -> tuple[SchedulerOutput, torch.Tensor] | None:
         """The launched step (overlap), else a freshly scheduled and run one."""
         if self._launched is not None:
-            launched, self._launched = self._launched, None
-            return trim(launched)
+            self._retiring, self._launched = self._launched, None
+            return trim(self._retiring)
         with record_function("step.schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -164,40 +178,26 @@ class EngineCore:
         with record_function("step.model"):
             return sched, self.runner.execute(sched.chunks)
 
-    def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> SamplerOutput:
+    def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> SampledTokens:
         with record_function("step.sample"):
             seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
             bitmask = self.intake.bitmask(seqs)  # on the host, while the device computes
-            return self.sampler(logits, [seq.sampling_row() for seq in seqs], bitmask)
+            return self.sampler.sample(logits, [seq.sampling_row() for seq in seqs], bitmask)
 
-    def _process(self, sampling: list[ScheduledChunk], result: SamplerOutput) -> list[StepOutput]:
-        """Append every token; sequences that end on theirs (eos, stop id, length) end
-        before the next step is launched, the others are detokenized while it runs."""
-        seqs = [self.intake.sequences[c.request.request_id] for c in sampling]
-        tokens, logprobs = result.token_ids, result.logprobs
-        statuses = [self.outputs.add_token(seq, t) for seq, t in zip(seqs, tokens, strict=True)]
-        ends = [ends_on_token(seq, status) for seq, status in zip(seqs, statuses, strict=True)]
-        outputs: list[StepOutput | None] = [None] * len(seqs)
-        for i in [i for i, end in enumerate(ends) if end]:
-            outputs[i] = self.outputs.emit(seqs[i], tokens[i], logprobs[i], statuses[i])
-        self._launch_next()
-        for i in [i for i, end in enumerate(ends) if not end]:
-            outputs[i] = self.outputs.emit(seqs[i], tokens[i], logprobs[i], statuses[i])
-        return outputs  # type: ignore[return-value]
-
-    def _launch_next(self) -> None:
-        if self.overlap and self._launched is None:
-            self._launched = launch(self.scheduler, self.runner, self.device)
+    def _launch_next(self, sampling: list[ScheduledChunk], drawn: SampledTokens | None) -> None:
+        """With overlap, launch the next step now: before this step's tokens are read."""
+        if not self.overlap or self._launched is not None:
+            return
+        token_ids = None if drawn is None else drawn.token_ids
+        self._launched = launch_ahead(self.scheduler, self.runner, self.device, sampling, token_ids)
 
     # Finishing.
 
     def _finish(self, seq: Sequence, status: RequestStatus) -> None:
         request = seq.request
-        if self._launched is not None:
-            self._launched = self._launched.release(request.request_id)
         # The connector may keep the blocks for a transfer that still reads or writes them.
         hold = self.connector is not None and self.connector.on_finish(seq.parent_id)
-        self.scheduler.finish(request, status, hold=hold)
+        self._launched = finish_request(self.scheduler, self._launched, request, status, hold)
         self._num_finished += 1
         self.intake.forget(seq)
 

@@ -8,8 +8,9 @@ costs one graph launch.
 Who calls what: `EngineCore.__init__` builds them with `capture_decode_graphs` (on CUDA,
 unless `enforce_eager`), which calls `capture()` once, before serving, and hands them to
 the `ModelRunner`; every step the runner asks
-`can_run(chunks)` and, when it holds, calls `run(chunks)` for the final hidden states of
-the real rows, else runs the batch eagerly. A graph applies when every chunk adds one
+`can_run(chunks)` and, when it holds, fills `inputs` (then may overwrite token ids on the
+device) and calls `replay(num_rows)` for the final hidden states of the real rows, else
+runs the batch eagerly. A graph applies when every chunk adds one
 token (decode rows, or one-token prompt tails), the batch has at most `max_batch` rows and
 no context is longer than `max_seq_len`.
 
@@ -118,14 +119,17 @@ class DecodeGraphs:
     def can_run(self, chunks: list[ScheduledChunk]) -> bool:
         return bool(self._graphs) and self.inputs.fits(chunks)
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Replay the graph of the smallest captured batch >= len(chunks); returns the final
-        hidden states [len(chunks), hidden] of the real rows (a view of a static buffer,
-        valid until the next replay)."""
-        batch = self.sizes[bisect.bisect_left(self.sizes, len(chunks))]
-        self.inputs.fill(chunks, batch)
+    def padded_batch(self, num_rows: int) -> int:
+        """The smallest captured batch size >= num_rows."""
+        return self.sizes[bisect.bisect_left(self.sizes, num_rows)]
+
+    def replay(self, num_rows: int) -> torch.Tensor:
+        """Replay the graph of the smallest captured batch >= num_rows over the inputs as
+        filled; returns the final hidden states [num_rows, hidden] of the real rows (a view
+        of a static buffer, valid until the next replay)."""
+        batch = self.padded_batch(num_rows)
         self._graphs[batch].replay()
-        return self._hidden[batch][: len(chunks)]
+        return self._hidden[batch][:num_rows]
 
 
 def capture_decode_graphs(

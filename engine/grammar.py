@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from splitserve.engine.device_copy import to_device
 from splitserve.engine.sampling_params import GrammarSpec
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
         return
     device = logits.device
     words = mask.words.to(device, non_blocking=True)
-    index = torch.tensor(mask.rows, dtype=torch.int64).to(device, non_blocking=True)
+    index = to_device(mask.rows, torch.int64, device)
     allowed = unpack_bitmask(words, vocab_size)
     logits[index] = logits[index].masked_fill_(~allowed, float("-inf"))
 

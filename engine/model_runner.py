@@ -18,9 +18,51 @@ from typing import Any, NamedTuple
 import torch
 
 from splitserve.engine.cuda_graphs import DecodeGraphs
+from splitserve.engine.device_copy import to_device
 from splitserve.engine.piecewise_graphs import PiecewiseGraphs
+from splitserve.engine.request import RequestId
 from splitserve.engine.scheduler import ScheduledChunk
 from splitserve.kernels.attention import AttentionMetadata
+
+
+class PendingTokens(NamedTuple):
+    """Tokens the previous step sampled, still on the device (engine/overlap.py): a chunk
+    that ends on its request's pending token reads it from here."""
+
+    token_ids: torch.Tensor  # [N] int64, on the model's device
+    rows: dict[RequestId, int]  # request -> its row in token_ids
+
+
+class _Patch(NamedTuple):
+    """Input rows to overwrite with pending tokens: which chunk (in the step's order and
+    among its sampling chunks) and which row of `PendingTokens.token_ids`."""
+
+    chunk_index: list[int]
+    sampling_index: list[int]
+    source: torch.Tensor
+
+
+def _patch(
+    chunks: list[ScheduledChunk], pending: PendingTokens | None, device: torch.device
+) -> _Patch | None:
+    if pending is None:
+        return None
+    chunk_index: list[int] = []
+    sampling_index: list[int] = []
+    source: list[int] = []
+    num_sampling = 0
+    for i, chunk in enumerate(chunks):
+        if not chunk.samples:
+            continue
+        row = pending.rows.get(chunk.request.request_id)
+        if row is not None and chunk.request.num_pending_tokens:
+            chunk_index.append(i)
+            sampling_index.append(num_sampling)
+            source.append(row)
+        num_sampling += 1
+    if not source:
+        return None
+    return _Patch(chunk_index, sampling_index, to_device(source, torch.int64, device))
 
 
 class BatchInputs(NamedTuple):
@@ -63,11 +105,8 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
     block_tables = [t + [-1] * (max_blocks - len(t)) for t in tables]
     query_lens = [b - a for a, b in itertools.pairwise(query_start)]
 
-    pin = device.type == "cuda"
-
     def as_tensor(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype)
-        return (host.pin_memory() if pin else host).to(device, non_blocking=True)
+        return to_device(values, dtype, device)
 
     meta = AttentionMetadata(
         slot_mapping=as_tensor(slots, torch.int64),
@@ -111,16 +150,27 @@ class ModelRunner:
         self.num_piecewise_steps = 0
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns float32 logits [num_sampling_chunks, vocab]."""
+    def execute(
+        self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None
+    ) -> torch.Tensor:
+        """Run one step; returns float32 logits [num_sampling_chunks, vocab]. A chunk whose
+        last token is still pending takes it from `pending`, on the device."""
+        patch = _patch(chunks, pending, self.device)
         if self.graphs is not None and self.graphs.can_run(chunks):
-            hidden = self.graphs.run(chunks)
+            self.graphs.inputs.fill(chunks, self.graphs.padded_batch(len(chunks)))
+            if patch is not None and pending is not None:
+                rows = to_device(patch.chunk_index, torch.int64, self.device)
+                self.graphs.inputs.input_ids[rows] = pending.token_ids[patch.source]
+            hidden = self.graphs.replay(len(chunks))
             self.num_graph_steps += 1
             if not all(c.samples for c in chunks):
-                rows = [i for i, c in enumerate(chunks) if c.samples]
-                hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(self.device)]
+                sample_rows = [i for i, c in enumerate(chunks) if c.samples]
+                hidden = hidden[to_device(sample_rows, torch.int64, self.device)]
             return self.model.compute_logits(hidden)
         batch = build_batch(chunks, self.block_size, self.device)
+        if patch is not None and pending is not None:
+            rows = batch.logits_indices[to_device(patch.sampling_index, torch.int64, self.device)]
+            batch.input_ids[rows] = pending.token_ids[patch.source]
         num_tokens = batch.input_ids.shape[0]
         if self.pieces is not None and self.pieces.can_run(num_tokens):
             hidden = self.pieces.run(batch.input_ids, batch.positions, batch.meta)

@@ -4,7 +4,7 @@ EngineCore calls, per sampled token: `add_token` (appends it, advances the seque
 grammar matcher; returns the status its id alone ends the request with: eos, a stop token
 id, a grammar that terminated, or a token the grammar refuses), then `emit` (detokenizes,
 checks stop strings and length, finishes the request through the `finish` callback it was
-built with, and returns the StepOutput). With overlap the two calls straddle the next step's launch.
+built with, and returns the StepOutput); `append` does both.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class OutputProcessor:
         """Append a sampled token; the status it ends the request with by its id alone
         (eos, stop token); stop strings and length are checked in `emit`."""
         req = seq.request
-        req.output_token_ids.append(token)
+        req.add_output(token)
         self.num_generation_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
@@ -100,13 +100,6 @@ class OutputProcessor:
             req.num_cached_tokens,
             req.first_scheduled_time,
         )
-
-
-def ends_on_token(seq: Sequence, status: RequestStatus | None) -> bool:
-    """Whether the sequence ends on its newest token (eos, stop id, length): known before
-    detokenizing, so it can end before the next step is scheduled."""
-    req = seq.request
-    return status is not None or req.num_output_tokens >= req.max_new_tokens
 
 
 def _grammar_status(seq: Sequence, token: int) -> RequestStatus | None:

@@ -17,6 +17,9 @@ from splitserve.engine.sampling_params import SamplingParams
 
 RequestId = NewType("RequestId", str)
 
+# Stands for a token sampled on the device and not yet read back (`num_pending_tokens`).
+PENDING_TOKEN_ID = -1
+
 
 class RequestStatus(enum.IntEnum):
     """Ordered: everything above PREEMPTED is finished."""
@@ -67,6 +70,9 @@ class Request:
     # Prompt tokens this engine computed itself (what the nodes' stats report).
     num_prompt_tokens_computed: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Tokens already sampled on the device but not yet appended (0 or 1): a step launched
+    # ahead computes them (engine/overlap.py); they count in `num_tokens`.
+    num_pending_tokens: int = 0
     # Hash chain of the request's full blocks, extended as blocks fill.
     block_hashes: list[BlockHash] = field(default_factory=list)
     # Leading blocks of block_ids already offered to the prefix cache.
@@ -91,14 +97,25 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    def add_output(self, token: int) -> None:
+        """Append a sampled token (it takes the place of a pending one, if any)."""
+        self.output_token_ids.append(token)
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
 
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without concatenating the whole."""
+        """Tokens [start, end) of prompt + output, without concatenating the whole; a
+        pending token reads as PENDING_TOKEN_ID."""
+        num_known = len(self.prompt_token_ids) + len(self.output_token_ids)
+        if end > num_known:
+            known = self.token_ids_slice(start, num_known) if start < num_known else []
+            return known + [PENDING_TOKEN_ID] * (end - max(start, num_known))
         num_prompt = len(self.prompt_token_ids)
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]

@@ -1,11 +1,16 @@
 """Sampler: turns one step's logits into one token per sequence.
 
 Who calls what: EngineCore, once per step after the model runner's forward pass, calls
-`Sampler(logits, rows)` with the float32 logits of every sequence that samples this step
-(decode rows and the last chunk of each prefill), one `SamplingRow` per logits row in the
-same order. A request with a seed gets its generator once, from `Sampler.make_generator`,
-and passes the same generator object at every step; the sampler advances it by one draw
-per step in which that row samples at random (greedy rows never touch a generator).
+`Sampler.sample(logits, rows)` with the float32 logits of every sequence that samples this
+step (decode rows and the last chunk of each prefill), one `SamplingRow` per logits row in
+the same order. It queues every kernel and the copy of the tokens to the host without
+waiting for the device (small host lists go through pinned memory); the engine may launch
+its next step, then `SampledTokens.collect()` waits for the copy and returns the tokens.
+`Sampler(logits, rows)` does both.
+
+A request with a seed gets its generator once, from `Sampler.make_generator`, and passes
+the same generator object at every step; the sampler advances it by one draw per step in
+which that row samples at random (greedy rows never touch a generator).
 
 Rows with a grammar come with a `TokenBitmask` (engine/grammar.py), applied first, to the
 constrained rows only, in one masked fill on the device: disallowed tokens get -inf before
@@ -32,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 
+from splitserve.engine.device_copy import to_device
 from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask, grammar_must_end
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
@@ -58,6 +64,50 @@ class SamplerOutput(NamedTuple):
     logprobs: list[TokenLogprob | None]
 
 
+class _DeviceLogprobs(NamedTuple):
+    """What `_logprobs` computed, for the rows that asked (`selected`)."""
+
+    selected: list[int]
+    counts: list[int]  # top logprobs each selected row asked for
+    chosen_lp: torch.Tensor  # [S]
+    ranks: torch.Tensor  # [S]
+    top_lp: torch.Tensor  # [S, K]
+    top_ids: torch.Tensor  # [S, K]
+
+
+class SampledTokens:
+    """One step's draws: `token_ids` stays on the device (a step launched ahead reads it
+    there); copies to the host are queued at once, before anything the caller queues next,
+    and `collect` waits for them alone (engine/overlap.py)."""
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: _DeviceLogprobs | None) -> None:
+        self.token_ids = token_ids
+        self._logprobs = logprobs
+        tensors = [token_ids] if logprobs is None else [token_ids, *logprobs[2:]]
+        self._ready: torch.cuda.Event | None = None
+        if token_ids.device.type == "cuda":
+            self._host = [t.to("cpu", non_blocking=True) for t in tensors]
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tensors
+
+    def collect(self) -> SamplerOutput:
+        """Wait for the copies and read the tokens (and logprobs) on the host."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids = self._host[0].tolist()
+        result: list[TokenLogprob | None] = [None] * len(token_ids)
+        lp = self._logprobs
+        if lp is None:
+            return SamplerOutput(token_ids, result)
+        lp_l, rank_l, top_lp_l, top_ids_l = (t.tolist() for t in self._host[1:])
+        for j, (i, k) in enumerate(zip(lp.selected, lp.counts, strict=True)):
+            top = tuple(zip(top_ids_l[j][:k], top_lp_l[j][:k], strict=True))
+            result[i] = TokenLogprob(token_ids[i], lp_l[j], rank_l[j], top)
+        return SamplerOutput(token_ids, result)
+
+
 def _padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """[len(seqs), max_len] int64 tensor of `seqs`, padded with `pad`; ids >= pad become pad."""
     width = max((len(s) for s in seqs), default=0)
@@ -65,7 +115,8 @@ def _padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> to
     for i, seq in enumerate(seqs):
         if seq:
             out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.int64)
-    return out.clamp_(0, pad).to(device)
+    out.clamp_(0, pad)
+    return out if device.type != "cuda" else out.pin_memory().to(device, non_blocking=True)
 
 
 def _min_tokens_banned(row: SamplingRow) -> set[int]:
@@ -95,7 +146,7 @@ def _mask_min_tokens(
                 row_idx.append(i)
                 tok_idx.append(token)
     if row_idx:
-        index = torch.tensor([row_idx, tok_idx], dtype=torch.int64, device=logits.device)
+        index = to_device([row_idx, tok_idx], torch.int64, logits.device)
         logits[index[0], index[1]] = _NEG_INF
 
 
@@ -110,10 +161,9 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow])
     )
     seen = torch.zeros(len(selected), vocab_size + 1, dtype=torch.bool, device=device)
     seen.scatter_(1, tokens, torch.ones_like(tokens, dtype=torch.bool))
-    penalty = torch.tensor(
-        [rows[i].params.repetition_penalty for i in selected], dtype=logits.dtype, device=device
-    ).unsqueeze(1)
-    index = torch.tensor(selected, dtype=torch.int64, device=device)
+    penalties = [rows[i].params.repetition_penalty for i in selected]
+    penalty = to_device(penalties, logits.dtype, device).unsqueeze(1)
+    index = to_device(selected, torch.int64, device)
     sub = logits[index]
     penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
     logits[index] = torch.where(seen[:, :vocab_size], penalized, sub)
@@ -135,9 +185,9 @@ def _apply_frequency_presence(logits: torch.Tensor, rows: Sequence[SamplingRow])
     counts = counts[:, :vocab_size]
     freq = [rows[i].params.frequency_penalty for i in selected]
     presence = [rows[i].params.presence_penalty for i in selected]
-    freq_t = torch.tensor(freq, dtype=dtype, device=device).unsqueeze(1)
-    presence_t = torch.tensor(presence, dtype=dtype, device=device).unsqueeze(1)
-    index = torch.tensor(selected, dtype=torch.int64, device=device)
+    freq_t = to_device(freq, dtype, device).unsqueeze(1)
+    presence_t = to_device(presence, dtype, device).unsqueeze(1)
+    index = to_device(selected, torch.int64, device)
     logits[index] -= freq_t * counts + presence_t * (counts > 0).to(dtype)
 
 
@@ -149,10 +199,10 @@ def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None
         return
     device = logits.device
     index = (
-        torch.tensor([i for i, _, _ in pairs], device=device),
-        torch.tensor([t for _, t, _ in pairs], device=device),
+        to_device([i for i, _, _ in pairs], torch.int64, device),
+        to_device([t for _, t, _ in pairs], torch.int64, device),
     )
-    bias = torch.tensor([b for _, _, b in pairs], dtype=logits.dtype, device=device)
+    bias = to_device([b for _, _, b in pairs], logits.dtype, device)
     logits.index_put_(index, bias, accumulate=True)
 
 
@@ -191,13 +241,13 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     if any(k < vocab_size for k in top_ks):
         positions = torch.arange(vocab_size, device=device).unsqueeze(0)
-        k = torch.tensor(top_ks, device=device).unsqueeze(1)
+        k = to_device(top_ks, torch.int64, device).unsqueeze(1)
         sorted_logits.masked_fill_(positions >= k, _NEG_INF)
     if any(p < 1.0 for p in top_ps):
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # p = 1 keeps everything, whatever the rounding of the cumulative sum.
-        p = torch.tensor([q if q < 1.0 else 2.0 for q in top_ps], device=device).unsqueeze(1)
+        p = to_device([q if q < 1.0 else 2.0 for q in top_ps], torch.float32, device).unsqueeze(1)
         sorted_logits.masked_fill_(mass_before >= p, _NEG_INF)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
@@ -208,7 +258,7 @@ def scale_and_truncate(logits: torch.Tensor, params: Sequence[SamplingParams]) -
     Returns new logits with -inf outside each row's support; `logits` is not modified.
     """
     device, dtype, vocab_size = logits.device, logits.dtype, logits.shape[1]
-    temps = torch.tensor([p.temperature for p in params], dtype=dtype, device=device)
+    temps = to_device([p.temperature for p in params], dtype, device)
     out = logits / temps.unsqueeze(1)
     top_ks = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
     top_ps = [p.top_p for p in params]
@@ -216,7 +266,7 @@ def scale_and_truncate(logits: torch.Tensor, params: Sequence[SamplingParams]) -
         out = _top_k_top_p(out, top_ks, top_ps)
     if any(p.min_p > 0.0 for p in params):
         probs = out.softmax(dim=-1)
-        min_p = torch.tensor([p.min_p for p in params], dtype=dtype, device=device)
+        min_p = to_device([p.min_p for p in params], dtype, device)
         floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         out.masked_fill_(probs < floor, _NEG_INF)
     return out
@@ -239,6 +289,13 @@ class Sampler:
         self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: TokenBitmask | None = None
     ) -> SamplerOutput:
         """One token per row; `bitmask` (rows with a grammar) may modify `logits` in place."""
+        return self.sample(logits, rows, bitmask).collect()
+
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: TokenBitmask | None = None
+    ) -> SampledTokens:
+        """`__call__` without reading the tokens back: every kernel is queued, nothing waits
+        for the device."""
         if logits.dim() != 2 or logits.shape != (len(rows), self.vocab_size):
             raise ValueError(
                 f"logits must be [num_rows={len(rows)}, vocab_size={self.vocab_size}], got "
@@ -246,7 +303,7 @@ class Sampler:
                 "vocabulary columns off"
             )
         if not rows:
-            return SamplerOutput([], [])
+            return SampledTokens(torch.empty(0, dtype=torch.int64), None)
         logits = logits.float()
         exempt: frozenset[int] = frozenset()
         if bitmask is not None and bitmask.rows:
@@ -254,15 +311,19 @@ class Sampler:
             banned = [_min_tokens_banned(rows[i]) for i in bitmask.rows]
             exempt = grammar_must_end(bitmask, banned, self.vocab_size)
         processed = apply_penalties(logits, rows, exempt)
-        token_ids = processed.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if random_rows:
-            index = torch.tensor(random_rows, dtype=torch.int64, device=logits.device)
-            sub = processed if len(random_rows) == len(rows) else processed[index]
-            filtered = scale_and_truncate(sub, [rows[i].params for i in random_rows])
-            sampled = self._draw(filtered.softmax(dim=-1), [rows[i].generator for i in random_rows])
-            token_ids[index] = sampled
-        return SamplerOutput(token_ids.tolist(), self._logprobs(logits, token_ids, rows))
+        if len(random_rows) == len(rows):
+            token_ids = self._random(processed, rows)
+        else:
+            token_ids = processed.argmax(dim=-1)
+        if random_rows and len(random_rows) < len(rows):
+            index = to_device(random_rows, torch.int64, logits.device)
+            token_ids[index] = self._random(processed[index], [rows[i] for i in random_rows])
+        return SampledTokens(token_ids, self._logprobs(logits, token_ids, rows))
+
+    def _random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        filtered = scale_and_truncate(logits, [r.params for r in rows])
+        return self._draw(filtered.softmax(dim=-1), [r.generator for r in rows])
 
     def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
@@ -281,23 +342,16 @@ class Sampler:
 
     def _logprobs(
         self, logits: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]
-    ) -> list[TokenLogprob | None]:
+    ) -> _DeviceLogprobs | None:
         """Log-probabilities of the raw distribution: chosen token, its rank, the top ones."""
         selected = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        result: list[TokenLogprob | None] = [None] * len(rows)
         if not selected:
-            return result
-        index = torch.tensor(selected, dtype=torch.int64, device=logits.device)
+            return None
+        index = to_device(selected, torch.int64, logits.device)
         logprobs = torch.log_softmax(logits[index], dim=-1)
         chosen = token_ids[index]
         chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))
         ranks = (logprobs > chosen_lp).sum(dim=-1) + 1
-        num_top = min(max(rows[i].params.logprobs or 0 for i in selected), self.vocab_size)
-        top_lp, top_ids = logprobs.topk(num_top, dim=-1)
-        chosen_l, lp_l, rank_l = chosen.tolist(), chosen_lp.squeeze(1).tolist(), ranks.tolist()
-        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-        for j, i in enumerate(selected):
-            k = rows[i].params.logprobs or 0
-            top = tuple(zip(top_ids_l[j][:k], top_lp_l[j][:k], strict=True))
-            result[i] = TokenLogprob(chosen_l[j], lp_l[j], rank_l[j], top)
-        return result
+        counts = [rows[i].params.logprobs or 0 for i in selected]
+        top_lp, top_ids = logprobs.topk(min(max(counts), self.vocab_size), dim=-1)
+        return _DeviceLogprobs(selected, counts, chosen_lp.squeeze(1), ranks, top_lp, top_ids)

@@ -162,3 +162,29 @@ def test_piecewise_graph_steps_match_eager(tiny_model_factory, arch: str) -> Non
     assert pieced.engine.stats().num_piecewise_steps > 0
     assert eager.engine.stats().num_piecewise_steps == 0
     assert_same_tokens(got, want)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decode_steps_never_wait_for_the_stream(tiny_model_factory, temperature: float) -> None:
+    """Overlapped decode steps (graphs, sampling at random or greedy) queue the next step
+    before reading this one back, and nothing on the way synchronises the stream: torch's
+    sync debug mode turns any such call (a pageable copy to the device, a blocking read)
+    into an error. The tokens are read through an event, which it does not count."""
+    model_dir = tiny_model_factory("llama")
+    llm = LLM(str(model_dir), dtype="bfloat16", device="cuda", cuda_graph_max_batch=8)
+    core = llm.engine
+    assert core.overlap
+    rng = random.Random(3)
+    vocab = core.arch.vocab_size
+    params = SamplingParams(temperature=temperature, max_tokens=40, ignore_eos=True)
+    for i in range(6):
+        core.add_request(f"r{i}", [rng.randrange(vocab) for _ in range(30 + i)], params)
+    for _ in range(4):  # the prefills, then decode rows only
+        core.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            assert len(core.step()) == 6
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert core.runner.num_graph_steps >= 10

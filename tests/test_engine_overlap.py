@@ -14,6 +14,7 @@ from engine_outputs import assert_logprobs_close
 from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.llm import LLM
+from splitserve.engine.sampler import SampledTokens, SamplerOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.prefill.pusher import PrefillPusher
 
@@ -137,3 +138,79 @@ def test_prefill_role_refuses_overlap(tiny_llama) -> None:
     core = EngineCore(config)
     with pytest.raises(ValueError, match="PrefillPusher"):
         core.set_connector(PrefillPusher(agent=None))  # type: ignore[arg-type]
+
+
+def _core(model_dir, **scheduler) -> EngineCore:
+    config = EngineConfig(
+        ModelConfig(str(model_dir), dtype="float32"),
+        CacheConfig(block_size=16, num_blocks=64),
+        SchedulerConfig(overlap_output_processing=True, **scheduler),
+    )
+    return EngineCore(config)
+
+
+def test_next_step_is_launched_before_tokens_are_read(tiny_llama, monkeypatch) -> None:
+    """Each step's forward pass is queued before the step before it is read back, with the
+    unread tokens standing in as pending ones."""
+    core = _core(tiny_llama)
+    vocab = core.arch.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for i in range(3):
+        core.add_request(f"r{i}", rand_tokens(10 + 7 * i, vocab, i), params)
+    seen: list[tuple[bool, list[int]]] = []
+    collect = SampledTokens.collect
+
+    def spy(self: SampledTokens) -> SamplerOutput:
+        launched = core._launched
+        pending = (
+            []
+            if launched is None
+            else [c.request.num_pending_tokens for c in launched.sched.chunks]
+        )
+        seen.append((launched is not None, pending))
+        return collect(self)
+
+    monkeypatch.setattr(SampledTokens, "collect", spy)
+    outputs: dict[str, list[int]] = {}
+    while core.has_unfinished():
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    # Every step but the last (whose requests all end on its tokens) read its tokens with
+    # the next one in flight, every row of which held a pending token.
+    assert [launched for launched, _ in seen[:-1]] == [True] * (len(seen) - 1)
+    assert all(pending == [1] * len(pending) for _, pending in seen[:-1])
+    assert all(r.num_pending_tokens == 0 for r in core.scheduler.running)
+    plain = LLM(str(tiny_llama), dtype="float32", overlap_output_processing=False)
+    want = plain.generate([rand_tokens(10 + 7 * i, vocab, i) for i in range(3)], params)
+    assert [outputs[f"r{i}"] for i in range(3)] == [o.outputs[0].token_ids for o in want]
+
+
+def test_request_ending_under_a_launched_step_frees_when_it_retires(tiny_llama) -> None:
+    """A request that ends on its token while the next step (holding its row) is in
+    flight does not wait for the device: its blocks are held until that step retires."""
+    core = _core(tiny_llama)
+    vocab = core.arch.vocab_size
+    core.add_request(
+        "short",
+        rand_tokens(20, vocab, 1),
+        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+    )
+    core.add_request(
+        "long",
+        rand_tokens(20, vocab, 2),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    )
+    finished_at = None
+    for step in range(40):
+        outs = core.step()
+        core.check_invariants()
+        if any(o.request_id == "short" and o.finished for o in outs):
+            finished_at = step
+            # Its row in the launched step is still to be retired: blocks held, not freed.
+            assert core._launched is not None and "short" in core.scheduler.held
+        elif finished_at is not None and step == finished_at + 1:
+            assert "short" not in core.scheduler.held
+        if not core.has_runnable():
+            break
+    assert finished_at is not None
+    assert core.pool.usage == 0.0 and not core.scheduler.held
