@@ -12,7 +12,8 @@
 # or unpack each call's archive apart and merge them after:
 #   python -m splitserve.benchmarks.serving_report merge benchmarks/results/serving_h200 A B
 # Env (defaults): WORKLOADS (1024x256,4096x256), RATES (2,4,8,16,24,32),
-#   SECONDS_PER_RATE (30: requests = rate x this, at least MIN_REQUESTS=50),
+#   SECONDS_PER_RATE (30: requests = rate x this, at least MIN_REQUESTS=50), NUM_WARMUP
+#   (0: uncounted requests sent first at each rate),
 #   CALL_S (560: the whole command's budget; rates that would not fit, reckoned as
 #   requests / rate + DRAIN_S (45) seconds, are left out and printed), NODE_ARGS (extra
 #   splitserve node flags, e.g. --node-arg=--stream-interval=4), SPLITSERVE_GIT_COMMIT
@@ -32,6 +33,7 @@ bench() {  # the remaining budget, less a minute for stopping the server and pac
   timeout $(( left + 45 )) "${PYTHON:-python3}" -m splitserve.benchmarks.serving \
     --workloads "${WORKLOADS:-1024x256,4096x256}" --rates "${RATES:-2,4,8,16,24,32}" \
     --seconds-per-rate "${SECONDS_PER_RATE:-30}" --num-requests "${MIN_REQUESTS:-50}" \
+    --num-warmup "${NUM_WARMUP:-0}" \
     --deadline-s "$left" --drain-s "${DRAIN_S:-45}" --out-dir "$results" "$@"
 }
 
