@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from splitserve.benchmarks.kernels import Timer, measure_ceilings
+from splitserve.benchmarks.kernels import Timer, measure_ceilings, parse_cases
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
@@ -53,17 +53,6 @@ PREFILL_MIN_FRACTION_OF_MATMUL = 0.60
 
 class CaseError(ValueError):
     """A case the engine flags cannot run; the message names the flag to raise."""
-
-
-def parse_cases(text: str) -> list[tuple[int, int]]:
-    """'64x2048,1x512' -> [(64, 2048), (1, 512)]; an empty string -> []."""
-    cases = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        left, sep, right = item.lower().partition("x")
-        if not (sep and left.isdigit() and right.isdigit() and int(left) and int(right)):
-            raise argparse.ArgumentTypeError(f"{item!r} is not NxM with positive integers")
-        cases.append((int(left), int(right)))
-    return cases
 
 
 def build_parser() -> argparse.ArgumentParser:

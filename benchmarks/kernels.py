@@ -62,6 +62,21 @@ PREFILL_SWEEP = [  # (block_m, block_n, num_warps, num_stages); None: the wrappe
 ]  # fmt: skip
 
 
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    """'64x2048,1x512' -> [(64, 2048), (1, 512)]; an empty string -> []."""
+    cases = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        left, sep, right = item.lower().partition("x")
+        if not (sep and left.isdigit() and right.isdigit() and int(left) and int(right)):
+            raise argparse.ArgumentTypeError(f"{item!r} is not NxM with positive integers")
+        cases.append((int(left), int(right)))
+    return cases
+
+
+def _cases_text(cases: list[tuple[int, int]]) -> str:
+    return ",".join(f"{a}x{b}" for a, b in cases)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the JSON result here")
@@ -69,6 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, host timing")
     p.add_argument("--no-sweep", action="store_true", help="skip the tuning sweeps")
+    p.add_argument(
+        "--decode-cases", type=parse_cases, default=_cases_text(DECODE_CASES),
+        help="batch x context tokens, comma-separated (empty: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill-cases", type=parse_cases, default=_cases_text(PREFILL_CASES),
+        help="sequences x prompt tokens, comma-separated (empty: none)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -287,8 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device here; run on a GPU machine or pass --smoke --device cpu")
     timer = Timer(args.smoke)
-    decode_cases = [(2, 40)] if args.smoke else DECODE_CASES
-    prefill_cases = [(2, 40)] if args.smoke else PREFILL_CASES
+    decode_cases = [(2, 40)] if args.smoke else args.decode_cases
+    prefill_cases = [(2, 40)] if args.smoke else args.prefill_cases
     sweep = not args.no_sweep and not args.smoke
     ceilings = measure_ceilings(device, timer, args.smoke)
     rows: list[dict[str, Any]] = []

@@ -33,9 +33,9 @@ def _timed_execute(core: Any, host_ms: list[float]) -> None:
     """Wrap the runner's `execute` to record its host time (no device sync)."""
     execute = core.runner.execute
 
-    def timed(chunks: Any) -> torch.Tensor:
+    def timed(chunks: Any, pending: Any = None) -> torch.Tensor:
         start = time.perf_counter()
-        logits = execute(chunks)
+        logits = execute(chunks, pending)
         host_ms.append((time.perf_counter() - start) * 1000)
         return logits
 
