@@ -12,12 +12,13 @@ With overlap on, one `EngineCore.step()` call, for the step k launched by the ca
     collect k                wait for k's tokens, append them in place of the pending ones
     outputs                  detokenize, check stops, finish requests; retire k
 
-So a request that ends on its step-k token (eos, stop, length) has one more row computed
-in k+1, which `trim` drops. A request that finishes while a launched step still holds its
-chunk does not wait for the device: its blocks are kept (`Scheduler.finish(hold=True)`)
-and freed when that step retires (`retire`: its tokens were read, or the device reached its
-event). Only a KV connector's own hold (a transfer may touch the blocks) waits for the
-device first, as it did without overlap.
+A request whose step-k token reaches its length gets no pending token and no row in k+1.
+One that ends on its step-k token otherwise (eos, a stop id or string, a grammar) has one
+more row computed in k+1, which `trim` drops. A request that finishes while a launched
+step still holds its chunk does not wait for the device: its blocks are kept
+(`Scheduler.finish(hold=True)`) and freed when that step retires (`retire`: its tokens were
+read, or the device reached its event). Only a KV connector's own hold (a transfer may
+touch the blocks) waits for the device first, as it did without overlap.
 
 EngineCore holds at most one `LaunchedStep` in flight. A request preempted while k+1 is
 scheduled keeps its pending token until k's tokens arrive; it is never scheduled before.
@@ -75,10 +76,12 @@ def launch(
     runner: ModelRunner,
     device: torch.device,
     pending: PendingTokens | None = None,
+    skip: frozenset[RequestId] = frozenset(),
 ) -> LaunchedStep | None:
-    """Schedule the next step and launch its forward pass; None when nothing is runnable."""
+    """Schedule the next step (without the requests in `skip`) and launch its forward
+    pass; None when nothing is runnable."""
     with record_function("step.schedule"):
-        sched = scheduler.schedule()
+        sched = scheduler.schedule(skip)
     if sched.is_empty:
         return None
     with record_function("step.model"):
@@ -100,16 +103,21 @@ def launch_ahead(
 ) -> LaunchedStep | None:
     """Launch the next step before `token_ids` (one per sampling chunk, on the device;
     None when nothing sampled) are read: each sampling request gets a pending token that
-    the next step reads there."""
+    the next step reads there, but for those that reach their length with it (they end
+    on it whatever it is, and are left out of the next step)."""
     if token_ids is None:
         return launch(scheduler, runner, device)
     rows: dict[RequestId, int] = {}
+    ending: set[RequestId] = set()
     for row, chunk in enumerate(sampling):
         request = chunk.request
-        if not request.is_finished:
+        if request.num_output_tokens + 1 >= request.max_new_tokens:
+            ending.add(request.request_id)
+        else:
             request.num_pending_tokens += 1
             rows[request.request_id] = row
-    return launch(scheduler, runner, device, PendingTokens(token_ids, rows))
+    pending = PendingTokens(token_ids, rows)
+    return launch(scheduler, runner, device, pending, frozenset(ending))
 
 
 def trim(launched: LaunchedStep) -> tuple[SchedulerOutput, torch.Tensor]:

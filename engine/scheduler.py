@@ -87,12 +87,16 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, skip: frozenset[RequestId] = frozenset()) -> SchedulerOutput:
+        """The next step; running requests in `skip` (about to finish) get no chunk."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
+            if request.request_id in skip:
+                idx += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 raise RuntimeError(f"running request {request.request_id} has nothing to compute")

@@ -175,9 +175,10 @@ def test_next_step_is_launched_before_tokens_are_read(tiny_llama, monkeypatch) -
     while core.has_unfinished():
         for out in core.step():
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
-    # Every step but the last (whose requests all end on its tokens) read its tokens with
-    # the next one in flight, every row of which held a pending token.
-    assert [launched for launched, _ in seen[:-1]] == [True] * (len(seen) - 1)
+    # Every step but the last read its tokens with the next one in flight, every row of
+    # which held a pending token; the last step's tokens end every request by length, so
+    # nothing was launched after it.
+    assert [launched for launched, _ in seen] == [True] * (len(seen) - 1) + [False]
     assert all(pending == [1] * len(pending) for _, pending in seen[:-1])
     assert all(r.num_pending_tokens == 0 for r in core.scheduler.running)
     plain = LLM(str(tiny_llama), dtype="float32", overlap_output_processing=False)
@@ -186,31 +187,39 @@ def test_next_step_is_launched_before_tokens_are_read(tiny_llama, monkeypatch) -
 
 
 def test_request_ending_under_a_launched_step_frees_when_it_retires(tiny_llama) -> None:
-    """A request that ends on its token while the next step (holding its row) is in
-    flight does not wait for the device: its blocks are held until that step retires."""
+    """A request that ends on a stop token while the next step (holding its row) is in
+    flight does not wait for the device: its blocks are held until that step retires. One
+    that reaches its length is left out of the next step and frees at once."""
     core = _core(tiny_llama)
     vocab = core.arch.vocab_size
-    core.add_request(
-        "short",
-        rand_tokens(20, vocab, 1),
-        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+    prompt = rand_tokens(20, vocab, 1)
+    plain = LLM(str(tiny_llama), dtype="float32", overlap_output_processing=False)
+    probe = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    greedy = plain.generate([prompt], probe)[0].outputs[0].token_ids
+    stop_at = next(i for i in range(2, 12) if greedy[i] not in greedy[:i])
+    stop = SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[greedy[stop_at]]
     )
+    core.add_request("stop", prompt, stop)
     core.add_request(
-        "long",
+        "length",
         rand_tokens(20, vocab, 2),
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
     )
-    finished_at = None
+    core.add_request("long", rand_tokens(20, vocab, 3), probe)
+    ended: dict[str, int] = {}
     for step in range(40):
-        outs = core.step()
+        for out in core.step():
+            if out.finished:
+                ended[out.request_id] = step
+                # Only the stop token's row is still in the launched step.
+                if out.request_id == "stop":
+                    assert core._launched is not None and "stop" in core.scheduler.held
+                assert "length" not in core.scheduler.held
+        if step == ended.get("stop", -2) + 1:
+            assert "stop" not in core.scheduler.held
         core.check_invariants()
-        if any(o.request_id == "short" and o.finished for o in outs):
-            finished_at = step
-            # Its row in the launched step is still to be retired: blocks held, not freed.
-            assert core._launched is not None and "short" in core.scheduler.held
-        elif finished_at is not None and step == finished_at + 1:
-            assert "short" not in core.scheduler.held
         if not core.has_runnable():
             break
-    assert finished_at is not None
+    assert set(ended) == {"stop", "length", "long"}
     assert core.pool.usage == 0.0 and not core.scheduler.held
