@@ -164,9 +164,11 @@ def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
         help="prefill each prompt in one step instead of budget-sized chunks",
     )
     g.add_argument(
-        "--no-overlap-output-processing",
-        action="store_true",
-        help="CUDA: detokenize each step's tokens before launching the next step",
+        "--overlap-output-processing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each step before the previous step's tokens are read back (default: "
+        "on CUDA, unless the node's KV connector needs each step's blocks as it ends)",
     )
 
 
@@ -198,6 +200,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
-            overlap_output_processing=False if args.no_overlap_output_processing else None,
+            overlap_output_processing=args.overlap_output_processing,
         ),
     )

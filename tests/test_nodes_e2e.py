@@ -1,5 +1,6 @@
 """Disaggregated serving end to end on CPU: real redis-server, prefill and decode nodes as
-separate processes, real gRPC and real NIXL transfers, the tiny llama model."""
+separate processes, real gRPC and real NIXL transfers, the tiny llama model. The decode
+nodes overlap their steps (`--overlap-output-processing`), as they do on a GPU."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def cluster(tiny_llama):
         router_port=None,
         node_args=NODE_ARGS,
         prefill_args=("--max-num-batched-tokens", "48"),
+        # What a decode node does on a GPU: each step launched before the last is read.
+        decode_args=("--overlap-output-processing",),
     )
     with LocalCluster(config) as running:
         yield running
