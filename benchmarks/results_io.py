@@ -13,21 +13,24 @@ from pathlib import Path
 from typing import Any
 
 
-def git_commit() -> str:
-    """The checkout's commit; SPLITSERVE_GIT_COMMIT overrides it (a copy without .git)."""
+def git_commit(cwd: Path | None = None) -> str:
+    """The checkout's commit, with "-dirty" when tracked files differ from it (a copy whose
+    .git is not the tree's own says so instead of naming a commit that did not run);
+    SPLITSERVE_GIT_COMMIT overrides it (a copy without .git)."""
     if os.environ.get("SPLITSERVE_GIT_COMMIT"):
         return os.environ["SPLITSERVE_GIT_COMMIT"]
+    where = cwd or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=where)
+        return run.stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return out.stdout.strip()
+    return f"{commit}-dirty" if changed else commit
 
 
 def device_name(device: str) -> str:

@@ -180,3 +180,29 @@ def test_engine_offline_roofline_adds_the_fraction(tmp_path: Path, capsys) -> No
     assert result["fraction_of_roofline"] == pytest.approx(expected / result["elapsed_s"])
     printed = capsys.readouterr().out
     assert "ceilings" in printed and f"{result['fraction_of_roofline']:.1%}" in printed
+
+
+def test_git_commit_says_dirty_when_the_tree_is_not_its_commit(tmp_path, monkeypatch) -> None:
+    """A result names the commit whose tree ran, or says that the tree differs from it."""
+    import subprocess
+
+    from splitserve.benchmarks.results_io import git_commit
+
+    monkeypatch.delenv("SPLITSERVE_GIT_COMMIT", raising=False)
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True)
+        return run.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "b.py").write_text("untracked files do not count\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == f"{head}-dirty"
+    monkeypatch.setenv("SPLITSERVE_GIT_COMMIT", "abc1234")
+    assert git_commit(tmp_path) == "abc1234"
