@@ -353,7 +353,8 @@ def test_poisson_schedule_runs_at_its_label_and_duration_bounds_runs(
     assert bench("run", *args) == 0
     load = json.loads((tmp_path / "p" / "summary.json").read_text())["load"]
     assert load["scheduled_rate"] == pytest.approx(50, rel=0.02)
-    assert load["achieved_rate"] == pytest.approx(50, rel=0.2)
+    # The client made the load it claims, or (on a starved CPU) says it fell behind.
+    assert load["fell_behind"] or load["achieved_rate"] == pytest.approx(50, rel=0.2)
     args = run_args(server_url, tmp_path / "d", extra, "--no-plots", "--rate", "20")
     del args[args.index("--num-requests") : args.index("--num-requests") + 2]
     assert bench("run", *args, "--duration-s", "1.5") == 0  # 30 sessions in 1.5 s
