@@ -70,8 +70,6 @@ class EngineCore:
         overlap = config.scheduler.overlap_output_processing
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._launched: LaunchedStep | None = None
-        # The step being consumed (overlap): retired once its tokens are read.
-        self._retiring: LaunchedStep | None = None
 
     def set_connector(self, connector: KVConnector) -> None:
         """Install the node's KV connector (before any request)."""
@@ -146,15 +144,14 @@ class EngineCore:
         batch = self._next_batch()
         if batch is None:
             return []
-        sched, logits = batch
+        sched, logits, consumed = batch
         self.scheduler.advance(sched)
         self._num_steps += 1
         sampling = [c for c in sched.chunks if c.samples]
         drawn = self._sample(sampling, logits) if sampling else None
         self._launch_next(sampling, drawn)
         result = None if drawn is None else drawn.collect()
-        retire(self._retiring, self.scheduler)
-        self._retiring = None
+        retire(consumed, self.scheduler)  # its tokens are read: the device is past it
         if self.connector is not None:
             firsts = {} if result is None else first_tokens(sampling, result)
             known = self.intake.sequences
@@ -166,17 +163,18 @@ class EngineCore:
             sampled = zip(seqs, result.token_ids, result.logprobs, strict=True)
             return [self.outputs.append(seq, token, logprob) for seq, token, logprob in sampled]
 
-    def _next_batch(self) -> tuple[SchedulerOutput, torch.Tensor] | None:
-        """The launched step (overlap), else a freshly scheduled and run one."""
+    def _next_batch(self) -> tuple[SchedulerOutput, torch.Tensor, LaunchedStep | None] | None:
+        """The launched step (overlap; also returned, to retire), else a freshly scheduled
+        and run one."""
         if self._launched is not None:
-            self._retiring, self._launched = self._launched, None
-            return trim(self._retiring)
+            launched, self._launched = self._launched, None
+            return *trim(launched), launched
         with record_function("step.schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
         with record_function("step.model"):
-            return sched, self.runner.execute(sched.chunks)
+            return sched, self.runner.execute(sched.chunks), None
 
     def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> SampledTokens:
         with record_function("step.sample"):

@@ -16,7 +16,11 @@ import torch
 
 
 def to_device(values: Sequence[object], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, through pinned memory (the tensor itself on the CPU)."""
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)

@@ -35,11 +35,11 @@ class PendingTokens(NamedTuple):
 
 class _Patch(NamedTuple):
     """Input rows to overwrite with pending tokens: which chunk (in the step's order and
-    among its sampling chunks) and which row of `PendingTokens.token_ids`."""
+    among its sampling chunks), and the tokens, gathered on the device."""
 
     chunk_index: list[int]
     sampling_index: list[int]
-    source: torch.Tensor
+    token_ids: torch.Tensor
 
 
 def _patch(
@@ -62,7 +62,8 @@ def _patch(
         num_sampling += 1
     if not source:
         return None
-    return _Patch(chunk_index, sampling_index, to_device(source, torch.int64, device))
+    token_ids = pending.token_ids[to_device(source, torch.int64, device)]
+    return _Patch(chunk_index, sampling_index, token_ids)
 
 
 class BatchInputs(NamedTuple):
@@ -105,14 +106,11 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
     block_tables = [t + [-1] * (max_blocks - len(t)) for t in tables]
     query_lens = [b - a for a, b in itertools.pairwise(query_start)]
 
-    def as_tensor(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-        return to_device(values, dtype, device)
-
     meta = AttentionMetadata(
-        slot_mapping=as_tensor(slots, torch.int64),
-        query_start_loc=as_tensor(query_start, torch.int32),
-        seq_lens=as_tensor(seq_lens, torch.int32),
-        block_tables=as_tensor(block_tables, torch.int32),
+        slot_mapping=to_device(slots, torch.int64, device),
+        query_start_loc=to_device(query_start, torch.int32, device),
+        seq_lens=to_device(seq_lens, torch.int32, device),
+        block_tables=to_device(block_tables, torch.int32, device),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
@@ -120,10 +118,10 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         num_decodes=len(decodes),
     )
     return BatchInputs(
-        input_ids=as_tensor(token_ids, torch.int64),
-        positions=as_tensor(positions, torch.int64),
+        input_ids=to_device(token_ids, torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
         meta=meta,
-        logits_indices=as_tensor(sample_rows, torch.int64),
+        logits_indices=to_device(sample_rows, torch.int64, device),
     )
 
 
@@ -158,9 +156,9 @@ class ModelRunner:
         patch = _patch(chunks, pending, self.device)
         if self.graphs is not None and self.graphs.can_run(chunks):
             self.graphs.inputs.fill(chunks, self.graphs.padded_batch(len(chunks)))
-            if patch is not None and pending is not None:
+            if patch is not None:
                 rows = to_device(patch.chunk_index, torch.int64, self.device)
-                self.graphs.inputs.input_ids[rows] = pending.token_ids[patch.source]
+                self.graphs.inputs.input_ids[rows] = patch.token_ids
             hidden = self.graphs.replay(len(chunks))
             self.num_graph_steps += 1
             if not all(c.samples for c in chunks):
@@ -168,9 +166,9 @@ class ModelRunner:
                 hidden = hidden[to_device(sample_rows, torch.int64, self.device)]
             return self.model.compute_logits(hidden)
         batch = build_batch(chunks, self.block_size, self.device)
-        if patch is not None and pending is not None:
+        if patch is not None:
             rows = batch.logits_indices[to_device(patch.sampling_index, torch.int64, self.device)]
-            batch.input_ids[rows] = pending.token_ids[patch.source]
+            batch.input_ids[rows] = patch.token_ids
         num_tokens = batch.input_ids.shape[0]
         if self.pieces is not None and self.pieces.can_run(num_tokens):
             hidden = self.pieces.run(batch.input_ids, batch.positions, batch.meta)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.device_copy import to_device
+from splitserve.engine.device_copy import host_to_device, to_device
 from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask, grammar_must_end
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
@@ -115,8 +115,7 @@ def _padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> to
     for i, seq in enumerate(seqs):
         if seq:
             out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.int64)
-    out.clamp_(0, pad)
-    return out if device.type != "cuda" else out.pin_memory().to(device, non_blocking=True)
+    return host_to_device(out.clamp_(0, pad), device)
 
 
 def _min_tokens_banned(row: SamplingRow) -> set[int]:
