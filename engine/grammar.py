@@ -138,8 +138,10 @@ class GrammarBackend:
         return TokenBitmask(rows, buffer[: len(rows)])
 
     def _rows(self, num_rows: int) -> torch.Tensor:
-        """The host buffer, grown to `num_rows` rows. Reused step after step: the sampler
-        reads the previous step's mask to the host (`tolist`) before the next is filled."""
+        """The host buffer, grown to `num_rows` rows. Reused step after step: the engine
+        waits for the previous step's sampled tokens (`SampledTokens.collect`, an event
+        recorded after the sampler, so after this mask's copy to the device) before the
+        next mask is filled."""
         if self._buffer is None or self._buffer.shape[0] < num_rows:
             size = max(num_rows, 2 * (0 if self._buffer is None else self._buffer.shape[0]))
             self._buffer = torch.empty(
