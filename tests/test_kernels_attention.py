@@ -302,3 +302,25 @@ def test_wrappers_reject_bad_arguments() -> None:
         store_kv(batch.k, batch.v, batch.kv_cache, meta.slot_mapping.int())
     with pytest.raises(ValueError, match="fewer than max_seq_len"):
         decode_attention(batch.q[:2], *args, 10_000, scale)
+
+
+@pytest.mark.parametrize(
+    ("batch", "max_seq_len", "splits"),
+    [
+        (1, 512, 2),  # partitions of at least 256 tokens
+        (1, 8192, 32),  # as many as fill the device, at most SPLITS_TILE
+        (32, 1150, 3),  # 256 programs on 132 SMs: split to about 4 per SM
+        (48, 1150, 2),
+        (64, 1150, 1),  # 512 programs already give every SM 3: one partition each
+        (64, 8192, 1),  # a decode graph's plan is the same for every context
+        (96, 1150, 1),
+    ],
+)
+def test_split_plan_splits_only_batches_that_leave_the_device_idle(
+    batch: int, max_seq_len: int, splits: int
+) -> None:
+    from splitserve.kernels.decode_attention import plan_splits
+
+    plan = plan_splits(batch, 8, max_seq_len, 16, 132)
+    assert plan.num_splits == splits
+    assert plan.partition_size * plan.num_splits >= max_seq_len
