@@ -17,6 +17,10 @@ and p99, and every step's duration split by kind: steps that completed a prompt 
 prefill, alone or mixed with decode rows) and decode-only steps, with their mean number of
 sequences. Beside a serving run at the same rate (`benchmarks/serving.py`), the difference
 is what the server costs on top of the engine (docs/performance.md).
+
+With `--profile-out FILE --profile-steps N`, torch.profiler records N steps of the first
+rate from the arrival of its middle request (the steady state) and FILE gets the window's
+wall time, its steps' kinds and the operators by self CUDA and self CPU time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="write the result JSON here")
+    parser.add_argument("--profile-out", default=None, help="profile steps of the first rate")
+    parser.add_argument("--profile-steps", type=int, default=40)
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -80,7 +87,50 @@ class _Timeline:
         self.steps.append((ended - started, len(outputs), completed_prompt))
 
 
-def drive(core: EngineCore, prompts: list[list[int]], times: np.ndarray, params: Any) -> _Timeline:
+class _StepProfile:
+    """torch.profiler over `num_steps` steps from the arrival of request `start_at`."""
+
+    def __init__(self, start_at: int, num_steps: int, path: str) -> None:
+        self.start_at, self.num_steps, self.path = start_at, num_steps, path
+        self._prof: Any = None
+        self._first_step = 0
+        self._started = 0.0
+
+    def before_step(self, num_arrived: int, timeline: _Timeline) -> None:
+        if self._prof is None and self.path and num_arrived >= self.start_at:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+            self._prof = profile(activities=activities)
+            self._prof.__enter__()
+            self._first_step, self._started = len(timeline.steps), time.perf_counter()
+
+    def after_step(self, timeline: _Timeline) -> None:
+        if self._prof is None or len(timeline.steps) - self._first_step < self.num_steps:
+            return
+        prof, self._prof, path = self._prof, None, self.path
+        prof.__exit__(None, None, None)
+        self.path = ""  # once
+        steps = timeline.steps[self._first_step :]
+        kinds = ", ".join(
+            f"{'prefill' if p else 'decode'} {d * 1e3:.2f} ms x{n}" for d, n, p in steps
+        )
+        wall = (time.perf_counter() - self._started) * 1e3
+        tables = [
+            prof.key_averages().table(sort_by=key, row_limit=30)
+            for key in ("self_cuda_time_total", "self_cpu_time_total")
+        ]
+        header = f"{len(steps)} steps in {wall:.1f} ms (profiled): {kinds}"
+        Path(path).write_text("\n\n".join([header, *tables]) + "\n")
+
+
+def drive(
+    core: EngineCore,
+    prompts: list[list[int]],
+    times: np.ndarray,
+    params: Any,
+    profile: _StepProfile | None = None,
+) -> _Timeline:
     """Add each prompt at its arrival time and step until every request finished."""
     timeline = _Timeline()
     start = time.perf_counter()
@@ -96,9 +146,13 @@ def drive(core: EngineCore, prompts: list[list[int]], times: np.ndarray, params:
             if next_index < len(prompts):
                 time.sleep(max(0.0, float(times[next_index]) - now))
             continue
+        if profile is not None:
+            profile.before_step(next_index, timeline)
         started = time.perf_counter()
         outputs = core.step()
         timeline.record(started, time.perf_counter(), outputs)
+        if profile is not None:
+            profile.after_step(timeline)
     return timeline
 
 
@@ -151,8 +205,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed = args.seed + index
         prompts = random_prompts(args.num_requests, args.input_len, vocab, seed)
         times = arrival_times(ArrivalConfig(rate=rate, seed=seed), args.num_requests)
+        profile = None
+        if index == 0 and args.profile_out:
+            profile = _StepProfile(args.num_requests // 2, args.profile_steps, args.profile_out)
         start = time.perf_counter()
-        timeline = drive(core, prompts, times, params)
+        timeline = drive(core, prompts, times, params, profile)
         elapsed = time.perf_counter() - start
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
         logging.getLogger(__name__).warning("%s", point)
