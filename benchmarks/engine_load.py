@@ -18,9 +18,10 @@ prefill, alone or mixed with decode rows) and decode-only steps, with their mean
 sequences. Beside a serving run at the same rate (`benchmarks/serving.py`), the difference
 is what the server costs on top of the engine (docs/performance.md).
 
-With `--profile-out FILE --profile-steps N`, torch.profiler records N steps of the first
-rate from the arrival of its middle request (the steady state) and FILE gets the window's
-wall time, its steps' kinds and the operators by self CUDA and self CPU time.
+On CUDA each forward pass is also timed on the device: CUDA events recorded around
+`ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
+one-token (decode) batches and for batches with prompt tokens. A decode forward's device
+time below its step's wall time is time the device waited for the host.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,8 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="write the result JSON here")
-    parser.add_argument("--profile-out", default=None, help="profile steps of the first rate")
-    parser.add_argument("--profile-steps", type=int, default=40)
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -87,50 +85,45 @@ class _Timeline:
         self.steps.append((ended - started, len(outputs), completed_prompt))
 
 
-class _StepProfile:
-    """torch.profiler over `num_steps` steps from the arrival of request `start_at`."""
+class _ForwardTimes:
+    """CUDA events around every `runner.execute` call: each forward pass's device time."""
 
-    def __init__(self, start_at: int, num_steps: int, path: str) -> None:
-        self.start_at, self.num_steps, self.path = start_at, num_steps, path
-        self._prof: Any = None
-        self._first_step = 0
-        self._started = 0.0
+    def __init__(self, runner: Any) -> None:
+        import torch
 
-    def before_step(self, num_arrived: int, timeline: _Timeline) -> None:
-        if self._prof is None and self.path and num_arrived >= self.start_at:
-            from torch.profiler import ProfilerActivity, profile
+        self._cuda = torch.cuda
+        self._execute = runner.execute
+        runner.execute = self
+        # (start, end, one-token rows only, rows)
+        self.events: list[tuple[Any, Any, bool, int]] = []
 
-            activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-            self._prof = profile(activities=activities)
-            self._prof.__enter__()
-            self._first_step, self._started = len(timeline.steps), time.perf_counter()
+    def __call__(self, chunks: list[Any], pending: Any = None) -> Any:
+        start = self._cuda.Event(enable_timing=True)
+        end = self._cuda.Event(enable_timing=True)
+        start.record()
+        logits = self._execute(chunks, pending)
+        end.record()
+        decode = all(c.num_new_tokens == 1 for c in chunks)
+        self.events.append((start, end, decode, len(chunks)))
+        return logits
 
-    def after_step(self, timeline: _Timeline) -> None:
-        if self._prof is None or len(timeline.steps) - self._first_step < self.num_steps:
-            return
-        prof, self._prof, path = self._prof, None, self.path
-        prof.__exit__(None, None, None)
-        self.path = ""  # once
-        steps = timeline.steps[self._first_step :]
-        kinds = ", ".join(
-            f"{'prefill' if p else 'decode'} {d * 1e3:.2f} ms x{n}" for d, n, p in steps
-        )
-        wall = (time.perf_counter() - self._started) * 1e3
-        tables = [
-            prof.key_averages().table(sort_by=key, row_limit=30)
-            for key in ("self_cuda_time_total", "self_cpu_time_total")
-        ]
-        header = f"{len(steps)} steps in {wall:.1f} ms (profiled): {kinds}"
-        Path(path).write_text("\n\n".join([header, *tables]) + "\n")
+    def summary(self) -> dict[str, Any]:
+        """Mean device ms and rows of the decode and the prompt-carrying forwards since the
+        last summary."""
+        self._cuda.synchronize()
+        out = {}
+        for name, decode in (("decode_forwards", True), ("prefill_forwards", False)):
+            mine = [(s.elapsed_time(e), n) for s, e, d, n in self.events if d == decode]
+            out[name] = {
+                "num": len(mine),
+                "mean_gpu_ms": float(np.mean([m for m, _ in mine])) if mine else None,
+                "mean_rows": float(np.mean([n for _, n in mine])) if mine else None,
+            }
+        self.events.clear()
+        return out
 
 
-def drive(
-    core: EngineCore,
-    prompts: list[list[int]],
-    times: np.ndarray,
-    params: Any,
-    profile: _StepProfile | None = None,
-) -> _Timeline:
+def drive(core: EngineCore, prompts: list[list[int]], times: np.ndarray, params: Any) -> _Timeline:
     """Add each prompt at its arrival time and step until every request finished."""
     timeline = _Timeline()
     start = time.perf_counter()
@@ -146,13 +139,9 @@ def drive(
             if next_index < len(prompts):
                 time.sleep(max(0.0, float(times[next_index]) - now))
             continue
-        if profile is not None:
-            profile.before_step(next_index, timeline)
         started = time.perf_counter()
         outputs = core.step()
         timeline.record(started, time.perf_counter(), outputs)
-        if profile is not None:
-            profile.after_step(timeline)
     return timeline
 
 
@@ -197,21 +186,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True
     )
     vocab = core.arch.vocab_size
+    forwards = _ForwardTimes(core.runner) if core.device.type == "cuda" else None
     if args.num_warmup:
         warm = random_prompts(args.num_warmup, args.input_len, vocab, seed=args.seed - 1)
         drive(core, warm, np.zeros(len(warm)), params)
+    if forwards is not None:
+        forwards.summary()
     points = []
     for index, rate in enumerate(args.rates):
         seed = args.seed + index
         prompts = random_prompts(args.num_requests, args.input_len, vocab, seed)
         times = arrival_times(ArrivalConfig(rate=rate, seed=seed), args.num_requests)
-        profile = None
-        if index == 0 and args.profile_out:
-            profile = _StepProfile(args.num_requests // 2, args.profile_steps, args.profile_out)
         start = time.perf_counter()
-        timeline = drive(core, prompts, times, params, profile)
+        timeline = drive(core, prompts, times, params)
         elapsed = time.perf_counter() - start
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
+        if forwards is not None:
+            point.update(forwards.summary())
         logging.getLogger(__name__).warning("%s", point)
         points.append(point)
     return {
