@@ -41,6 +41,9 @@ _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
 # Longest string bound compiled as a pattern: measured on 2 cores, {0,256} compiles in
 # 0.1 s, {0,1000} in 2.4 s, {0,5000} in 94 s.
 _MAX_PATTERN_LENGTH = 256
+# One character of a JSON string's content: any Unicode scalar value but '"', '\\' and the
+# control characters U+0000-U+001F (no surrogates: they are not scalar values).
+_JSON_STRING_CHAR = r"[\u0020\u0021\u0023-\u005b\u005d-\ud7ff\ue000-\U0010ffff]"
 # Bytes of compiled grammars kept (xgrammar evicts least recently used ones beyond it).
 _COMPILER_CACHE_BYTES = 256 << 20
 
@@ -154,9 +157,11 @@ def bounded_strings_as_patterns(schema_text: str) -> str:
     """The schema, with every string bounded only by minLength/maxLength given the equivalent
     pattern: xgrammar 0.2.9 compiles such strings to a rule that admits raw control
     characters (invalid JSON) and UTF-8-encoded surrogates (which decode to three U+FFFD,
-    breaking the length bound). Bounds above _MAX_PATTERN_LENGTH keep xgrammar's rule (the
-    pattern's compile time grows steeply with the bound). Unchanged text when nothing is
-    rewritten."""
+    breaking the length bound). The pattern lists the allowed code points rather than
+    negating the forbidden ones: xgrammar's negated class also admits overlong encodings
+    (E0 80 80, F0 80 80 80), one character to it and three or four U+FFFD once decoded.
+    Bounds above _MAX_PATTERN_LENGTH keep xgrammar's rule (the pattern's compile time grows
+    steeply with the bound). Unchanged text when nothing is rewritten."""
     try:
         schema = json.loads(schema_text)
     except json.JSONDecodeError as exc:
@@ -179,7 +184,7 @@ def _rewrite_lengths(node: Any) -> bool:
     cheap = max(node.get("minLength", 0), node.get("maxLength", 0)) <= _MAX_PATTERN_LENGTH
     if node.get("type") == "string" and bounded and free and cheap:
         low, high = node.pop("minLength", 0), node.pop("maxLength", "")
-        node["pattern"] = rf'^[^"\\\u0000-\u001f\ud800-\udfff]{{{low},{high}}}$'
+        node["pattern"] = rf"^{_JSON_STRING_CHAR}{{{low},{high}}}$"
         return True
     return changed
 

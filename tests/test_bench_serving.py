@@ -51,7 +51,9 @@ def test_two_calls_merge_into_one_summary(up, tmp_path: Path) -> None:
         assert set(serving_report.ROW_KEYS) <= set(row)
         assert row["num_requests"] == 6 and row["num_failed"] == 0
         assert row["cached_prompt_fraction"] == 0.0
-        assert row["ttft_p50_ms"] > 0 and row["tpot_p50_ms"] > 0 and row["output_tok_s"] > 0
+        # TPOT may be 0: on a starved CPU a request's 4 tokens can reach the client in one
+        # coalesced SSE frame, so its first and last token arrive together.
+        assert row["ttft_p50_ms"] > 0 and row["tpot_p50_ms"] >= 0 and row["output_tok_s"] > 0
         assert row["commit"] and row["device"] and row["date"] and "bench run" in row["command"]
         assert set(row["stream_stage_mean_ms"]) == {"engine_step", "node", "grpc", "router"}
         name = serving_report.run_name(row["system"], row["workload"], row["rate"])

@@ -100,10 +100,40 @@ def test_grammar_spec_crosses_the_wire() -> None:
 def test_length_bounded_strings_exclude_control_characters() -> None:
     schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}}
     pattern = json.loads(bounded_strings_as_patterns(json.dumps(schema)))["properties"]["s"]
-    expected = '^[^"\\\\\\u0000-\\u001f\\ud800-\\udfff]{0,3}$'
+    expected = "^[\\u0020\\u0021\\u0023-\\u005b\\u005d-\\ud7ff\\ue000-\\U0010ffff]{0,3}$"
     assert pattern == {"type": "string", "pattern": expected}
     long = {"type": "string", "maxLength": 5000}
     assert json.loads(bounded_strings_as_patterns(json.dumps(long))) == long
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xe0\x80\x80",  # overlong U+0000: xgrammar's negated class took it as one character
+        b"\xf0\x80\x80\x80",  # overlong, four bytes
+        b"\xe0\x9f\xbf",  # overlong U+07FF
+        b"\xed\xa0\x80",  # a surrogate
+        b"\xf4\x90\x80\x80",  # above U+10FFFF
+        b"\x01",  # a raw control character
+        b'a"',
+    ],
+)
+def test_length_bounded_strings_admit_only_what_decodes_to_that_length(content: bytes) -> None:
+    """A bounded string's grammar takes valid UTF-8 of at most maxLength characters, and no
+    byte sequence that Python decodes to U+FFFD replacements (one per byte), which would
+    break the bound the client validates."""
+    import xgrammar as xgr
+    from xgrammar.testing import _get_matcher_from_grammar
+
+    schema = bounded_strings_as_patterns(json.dumps({"type": "string", "maxLength": 4}))
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+
+    def accepts(data: bytes) -> bool:
+        return bool(_get_matcher_from_grammar(grammar).accept_string(b'"' + data + b'"'))
+
+    valid = "a\u00e9\u4e2d\U0001f600".encode()  # 1-, 2-, 3- and 4-byte characters
+    assert accepts(valid) and accepts("\U0010ffff".encode()) and not accepts(b"abcde")
+    assert not accepts(content)
 
 
 def test_every_schema_validates_and_free_rows_are_unaffected(llm: LLM) -> None:
