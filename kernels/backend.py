@@ -6,7 +6,9 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
 2. attends: an all-decode batch (one query per sequence, one row per sequence) runs the
    split-K decode kernel; a batch with prefill chunks runs its leading `meta.num_decodes`
    decode rows with the decode kernel (which reads each KV head once for its whole query
-   group) and the other sequences with the varlen prefill kernel.
+   group) and the other sequences with the varlen prefill kernel, or, with
+   `flash_fresh_prefill` and when none of them has cached context, with torch's flash
+   kernel over their own k/v rows (kernels/fresh_prefill.py).
 
 Nothing in `forward` reads device memory on the host: grid sizes come from the host ints
 `meta.max_query_len` and `meta.max_seq_len`, everything else from meta's device tensors.
@@ -19,6 +21,7 @@ import torch
 
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.decode_attention import decode_attention
+from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention, is_fresh
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.store_kv import store_kv
 
@@ -27,12 +30,17 @@ class TritonPagedAttention:
     """AttentionBackend over the paged pool with Triton kernels (see the module docstring).
 
     `decode_num_splits` pins the decode kernel's split count (None: chosen per batch from
-    the device size and `meta.max_seq_len`)."""
+    the device size and `meta.max_seq_len`); `flash_fresh_prefill` attends prefill chunks
+    without cached context with torch's flash kernel (fp16/bf16 on CUDA; the registry sets
+    it where `flash_prefill_supported`)."""
 
-    def __init__(self, decode_num_splits: int | None = None) -> None:
+    def __init__(
+        self, decode_num_splits: int | None = None, flash_fresh_prefill: bool = False
+    ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
         self.decode_num_splits = decode_num_splits
+        self.flash_fresh_prefill = flash_fresh_prefill
 
     def forward(
         self,
@@ -58,34 +66,55 @@ class TritonPagedAttention:
             )
         decodes = meta.num_decodes
         if not 0 < decodes < meta.num_seqs:
-            return prefill_attention(
-                q,
-                kv_cache,
-                meta.block_tables,
-                meta.seq_lens,
-                meta.query_start_loc,
-                meta.max_query_len,
-                scale,
-            )
+            decodes = 0
         out = torch.empty_like(q)
-        decode_attention(
-            q[:decodes],
-            kv_cache,
-            meta.block_tables[:decodes],
-            meta.seq_lens[:decodes],
-            max(meta.seq_lens_cpu[:decodes]),
-            scale,
-            out=out[:decodes],
-            num_splits=self.decode_num_splits,
+        if decodes:
+            decode_attention(
+                q[:decodes],
+                kv_cache,
+                meta.block_tables[:decodes],
+                meta.seq_lens[:decodes],
+                max(meta.seq_lens_cpu[:decodes]),
+                scale,
+                out=out[:decodes],
+                num_splits=self.decode_num_splits,
+            )
+        self._prefill(q, k, v, kv_cache, meta, scale, decodes, out)
+        return out
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        decodes: int,
+        out: torch.Tensor,
+    ) -> None:
+        """The sequences after the leading `decodes` decode rows, into `out`'s rows."""
+        query_start_loc = (
+            meta.query_start_loc[decodes:] - decodes if decodes else meta.query_start_loc
         )
+        query_lens = meta.query_lens_cpu[decodes:]
+        if (
+            self.flash_fresh_prefill
+            and q.dtype in FLASH_DTYPES
+            and is_fresh(query_lens, meta.seq_lens_cpu[decodes:])
+        ):
+            fresh_prefill_attention(
+                q[decodes:], k[decodes:], v[decodes:], query_start_loc, query_lens, scale,
+                out=out[decodes:],
+            )  # fmt: skip
+            return
         prefill_attention(
             q[decodes:],
             kv_cache,
             meta.block_tables[decodes:],
             meta.seq_lens[decodes:],
-            meta.query_start_loc[decodes:] - decodes,
+            query_start_loc,
             meta.max_query_len,
             scale,
             out=out[decodes:],
         )
-        return out

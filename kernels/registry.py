@@ -8,7 +8,9 @@ start-up and hands the `ModelKernels` to the model, whose layers call its ops:
 
 Backends: "torch" (kernels/torch_ops.py, kernels/attention_torch.py: any device) and
 "triton" (the fused kernels of this package: CUDA, or CPU under TRITON_INTERPRET=1).
-"auto" resolves to "triton" on CUDA and "torch" elsewhere; a `kernel_backend` of "auto"
+"auto" resolves to "triton" on CUDA, there handing prefill chunks without cached context
+to torch's flash kernel (kernels/fresh_prefill.py; a named "triton" keeps them on the
+Triton kernel), and to "torch" elsewhere; a `kernel_backend` of "auto"
 follows the attention backend, so `--attention-backend torch` runs plain torch throughout.
 The Triton elementwise kernels cover fp32/bf16/fp16; float64 activations (tests) run the
 torch ops whatever the backend.
@@ -61,11 +63,11 @@ def torch_kernels() -> ModelKernels:
     return select_kernels("cpu", "torch", "torch")
 
 
-def _attention(name: str) -> AttentionBackend:
+def _attention(name: str, flash_fresh_prefill: bool) -> AttentionBackend:
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
 
-        return TritonPagedAttention()
+        return TritonPagedAttention(flash_fresh_prefill=flash_fresh_prefill)
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
     return TorchPagedAttention()
@@ -122,4 +124,13 @@ def select_kernels(
         )
     else:
         ops = _triton_elementwise()
-    return ModelKernels(backend, attention, *ops, _attention(attention))
+    # "auto" takes torch's flash kernel for fresh prefill chunks where it runs; a named
+    # "triton" pins the Triton kernels for every step.
+    flash = attention_backend == "auto" and _flash_prefill_supported(device_type)
+    return ModelKernels(backend, attention, *ops, _attention(attention, flash))
+
+
+def _flash_prefill_supported(device_type: str) -> bool:
+    from splitserve.kernels.fresh_prefill import flash_prefill_supported
+
+    return flash_prefill_supported(device_type)

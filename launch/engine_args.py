@@ -92,7 +92,8 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         "--attention-backend",
         default=default_of(model, "attention_backend"),
         choices=ATTENTION_BACKENDS,
-        help="paged attention; auto: Triton kernels on CUDA, plain torch on CPU",
+        help="paged attention; auto: Triton kernels on CUDA (prefill chunks with nothing "
+        "cached: torch's flash kernel), plain torch on CPU; triton: Triton kernels only",
     )
     g.add_argument(
         "--kernel-backend",

@@ -285,6 +285,46 @@ def test_backend_matches_torch_backend_full(case: str, dtype: torch.dtype) -> No
     _assert_written_and_close(out, ref, dtype)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_decodes", [0, 5])
+def test_fresh_prefills_take_the_flash_kernel(num_decodes: int, dtype, monkeypatch) -> None:
+    """Prefill chunks with no cached context (behind any decode rows) go to torch's flash
+    kernel and match the torch backend; rows past the sequences (a graph bucket's padding)
+    come out zero. One cached chunk sends the step back to the Triton kernel."""
+    import splitserve.kernels.backend as backend
+    from splitserve.kernels.registry import select_kernels
+
+    assert select_kernels("cuda").attention.flash_fresh_prefill  # type: ignore[attr-defined]
+    pinned = select_kernels("cuda", attention_backend="triton").attention
+    assert not pinned.flash_fresh_prefill  # type: ignore[attr-defined]
+    calls: list[int] = []
+    flash = backend.fresh_prefill_attention
+    monkeypatch.setattr(
+        backend, "fresh_prefill_attention", lambda *a, **kw: calls.append(1) or flash(*a, **kw)
+    )
+    fresh = [(0, 2048), (0, 1), (0, 300), (0, 17)]
+    for cases, flash_calls in ((fresh, 1), ([*fresh, (64, 40)], 0)):
+        cases = [(700, 1)] * num_decodes + cases
+        batch = make_paged_batch(cases, 32, 8, 128, 16, dtype, DEVICE, seed=9)
+        meta = dataclasses.replace(batch.meta, num_decodes=num_decodes)
+        extra = torch.randn(3, *batch.q.shape[1:], dtype=dtype, device=DEVICE)
+        q, k, v = (torch.cat([t, extra[:, : t.shape[1]]]) for t in (batch.q, batch.k, batch.v))
+        slots = torch.cat([meta.slot_mapping, meta.slot_mapping.new_full((3,), -1)])
+        meta = dataclasses.replace(meta, slot_mapping=slots)
+        ref_pool = batch.pool.clone()
+        ref = TorchPagedAttention().forward(q, k, v, ref_pool[:, 1], meta, 128**-0.5)
+        calls.clear()
+        attention = TritonPagedAttention(flash_fresh_prefill=True)
+        out = attention.forward(q, k, v, batch.kv_cache, meta, 128**-0.5)
+        assert len(calls) == flash_calls
+        torch.testing.assert_close(batch.pool, ref_pool, rtol=0, atol=0, equal_nan=True)
+        rows = batch.num_seq_rows
+        assert bool((out[rows:] == 0).all()) or not flash_calls
+        _assert_written_and_close(out[:rows], ref[:rows], dtype)
+
+
 def test_wrappers_reject_bad_arguments() -> None:
     batch = _batch([(3, 1), (0, 5)], 1, 64, 16, torch.float32, seed=0)
     meta, scale = batch.meta, 0.125
