@@ -18,6 +18,10 @@ prefill, alone or mixed with decode rows) and decode-only steps, with their mean
 sequences. Beside a serving run at the same rate (`benchmarks/serving.py`), the difference
 is what the server costs on top of the engine (docs/performance.md).
 
+Garbage collection pauses are timed through `gc.callbacks` (count, total and longest
+pause per generation); `--freeze-startup-heap` first does what a node does once its engine
+has started (`engine/gc_heap.py`), so that the two can be compared.
+
 On CUDA each forward pass is also timed on the device: CUDA events recorded around
 `ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
 one-token (decode) batches and for batches with prompt tokens. A decode forward's device
@@ -27,6 +31,7 @@ time below its step's wall time is time the device waited for the host.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ import numpy as np
 from splitserve.benchmarks.arrivals import ArrivalConfig, arrival_times
 from splitserve.benchmarks.engine_offline import random_prompts
 from splitserve.benchmarks.results_io import provenance, write_result
+from splitserve.engine.gc_heap import freeze_startup_heap
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 
 if TYPE_CHECKING:
@@ -57,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="write the result JSON here")
+    parser.add_argument(
+        "--freeze-startup-heap",
+        action="store_true",
+        help="move what start-up allocated out of the collector's reach, as a node does",
+    )
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -123,6 +134,34 @@ class _ForwardTimes:
         return out
 
 
+class _GcPauses:
+    """Every garbage collection's pause, through `gc.callbacks`."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def summary(self) -> dict[str, Any]:
+        """Per generation: pauses, total and longest ms since the last summary."""
+        out = {}
+        for generation in range(3):
+            mine = [p for g, p in self.pauses if g == generation]
+            out[f"gen{generation}"] = {
+                "num": len(mine),
+                "total_ms": sum(mine) * 1e3,
+                "max_ms": max(mine, default=0.0) * 1e3,
+            }
+        self.pauses.clear()
+        return out
+
+
 def drive(core: EngineCore, prompts: list[list[int]], times: np.ndarray, params: Any) -> _Timeline:
     """Add each prompt at its arrival time and step until every request finished."""
     timeline = _Timeline()
@@ -167,6 +206,7 @@ def summarize(timeline: _Timeline, elapsed_s: float) -> dict[str, Any]:
             "num": len(mine),
             "mean_ms": float(np.mean([s[0] for s in mine])) * 1e3 if mine else None,
             "mean_sequences": float(np.mean([s[1] for s in mine])) if mine else None,
+            **_percentiles_ms([s[0] for s in mine]),
         }
     num_tokens = sum(len(t) for t in timeline.token_times.values())
     return {
@@ -192,6 +232,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         drive(core, warm, np.zeros(len(warm)), params)
     if forwards is not None:
         forwards.summary()
+    if args.freeze_startup_heap:
+        freeze_startup_heap()
+    pauses = _GcPauses()
     points = []
     for index, rate in enumerate(args.rates):
         seed = args.seed + index
@@ -203,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
         if forwards is not None:
             point.update(forwards.summary())
+        point["gc_pauses"] = pauses.summary()
         logging.getLogger(__name__).warning("%s", point)
         points.append(point)
     return {
@@ -212,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "temperature": args.temperature,
+        "freeze_startup_heap": args.freeze_startup_heap,
         "points": points,
     }
 
