@@ -339,7 +339,11 @@ def test_textless_responses_with_usage_are_successes(server_url: str, tmp_path: 
     summary = json.loads((tmp_path / "summary.json").read_text())
     counts = summary["counts"]
     assert counts["num_completed"] == 20 and counts["num_textless"] == 20
-    assert 45 <= value(summary, "ttft") <= 150  # from the chunks that carry choices
+    # From the chunks that carry choices: the usage chunk, the last one, comes 100 ms after
+    # them (a TTFT taken from it would equal E2E). Compared with E2E rather than bounded in
+    # ms, since a starved client reads both late.
+    assert value(summary, "ttft") >= 45
+    assert value(summary, "e2e") - value(summary, "ttft") >= 20
     assert summary["metrics"]["itl_ms"]["n"] == 0
     assert any("no text" in w for w in summary["warnings"])
 
