@@ -19,8 +19,7 @@ sequences. Beside a serving run at the same rate (`benchmarks/serving.py`), the 
 is what the server costs on top of the engine (docs/performance.md).
 
 Garbage collection pauses are timed through `gc.callbacks` (count, total and longest
-pause per generation); `--freeze-startup-heap` first does what a node does once its engine
-has started (`engine/gc_heap.py`), so that the two can be compared.
+pause per generation).
 
 On CUDA each forward pass is also timed on the device: CUDA events recorded around
 `ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
@@ -42,7 +41,6 @@ import numpy as np
 from splitserve.benchmarks.arrivals import ArrivalConfig, arrival_times
 from splitserve.benchmarks.engine_offline import random_prompts
 from splitserve.benchmarks.results_io import provenance, write_result
-from splitserve.engine.gc_heap import freeze_startup_heap
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 
 if TYPE_CHECKING:
@@ -63,11 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="write the result JSON here")
-    parser.add_argument(
-        "--freeze-startup-heap",
-        action="store_true",
-        help="move what start-up allocated out of the collector's reach, as a node does",
-    )
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -232,8 +225,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         drive(core, warm, np.zeros(len(warm)), params)
     if forwards is not None:
         forwards.summary()
-    if args.freeze_startup_heap:
-        freeze_startup_heap()
     pauses = _GcPauses()
     points = []
     for index, rate in enumerate(args.rates):
@@ -256,7 +247,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "temperature": args.temperature,
-        "freeze_startup_heap": args.freeze_startup_heap,
         "points": points,
     }
 

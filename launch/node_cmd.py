@@ -2,8 +2,7 @@
 
 Prints `<role> node <id> listening on <host:port>` once it serves (launchers and tests
 wait for that line) and `<role> node <id> metrics at <url>` (the URL is in its Redis
-record too). Once serving, the start-up heap is frozen out of the garbage collector's reach
-(engine/gc_heap.py). It stops cleanly on a signal: deregisters from Redis, lets
+record too), then stops cleanly on a signal: deregisters from Redis, lets
 in-flight requests finish for --drain-timeout-s (then aborts them), frees the NIXL
 registration.
 """
@@ -15,7 +14,6 @@ import asyncio
 import logging
 import signal
 
-from splitserve.engine.gc_heap import freeze_startup_heap
 from splitserve.launch.engine_args import (
     add_engine_arguments,
     default_of,
@@ -103,7 +101,6 @@ async def serve(runtime: NodeRuntime) -> None:
     else:
         from splitserve.decode.service import add_decode_service as add
     await runtime.start(add)
-    freeze_startup_heap()
     print(
         f"{runtime.config.role} node {runtime.node_id} listening on {runtime.address}\n"
         f"{runtime.config.role} node {runtime.node_id} metrics at {runtime.metrics_url}",
