@@ -3,25 +3,20 @@
 Loaded once at start (local files only, never the network) from whatever `--model` may name
 (an HF directory, a .gguf file or built-in model, whose converted directory holds the
 tokenizer and chat template from the GGUF metadata, or a cached ORG/NAME repo id: see
-`engine/model/source.py`), or, for `dummy:<preset>` models, built in memory by the engine's
-torch-free dummy tokenizer builder (engine/model/dummy_presets.py), so that router and
-nodes agree on every id. A directory whose tokenizer is a plain `tokenizer.json`
-(tokenizer_config.json names the class `PreTrainedTokenizerFast` or `TokenizersBackend`, as
-every built-in, dummy and converted GGUF model does) loads through
-`PreTrainedTokenizerFast` directly; any other class goes through transformers'
-AutoTokenizer, whose import pulls in torch (about 2 CPU-seconds and 200 MB at every router
-start, for nothing the router runs).
+`engine/model/source.py`) by `engine/model/tokenizer_files.py`, which loads a plain
+tokenizer.json without torch; or, for `dummy:<preset>` models, built in memory by the
+engine's torch-free dummy tokenizer builder (engine/model/dummy_presets.py), so that router
+and nodes agree on every id.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from splitserve.engine.model.dummy_presets import DUMMY_PREFIX, build_dummy_tokenizer, dummy_arch
+from splitserve.engine.model.tokenizer_files import load_dir_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +33,7 @@ def load_hf_tokenizer(name_or_path: str) -> Any:
         raise ValueError(
             f"no tokenizer for {name_or_path!r}: pass --tokenizer with the nodes' --model ({exc})"
         ) from exc
-    if is_plain_fast_tokenizer(model_dir):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-
-
-# tokenizer_config.json classes that are their tokenizer.json and nothing more.
-PLAIN_FAST_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
-
-
-def is_plain_fast_tokenizer(model_dir: Path) -> bool:
-    """The directory's tokenizer is a tokenizer.json with no model-specific class."""
-    config = model_dir / "tokenizer_config.json"
-    if not (model_dir / "tokenizer.json").is_file() or not config.is_file():
-        return False
-    return json.loads(config.read_text()).get("tokenizer_class") in PLAIN_FAST_CLASSES
+    return load_dir_tokenizer(model_dir)
 
 
 class ChatTemplateError(ValueError):

@@ -1,6 +1,7 @@
-"""The router's tokenizer loader: a plain tokenizer.json loads without transformers'
-AutoTokenizer (whose import pulls in torch) and gives AutoTokenizer's ids, text and chat
-prompts; a model-specific tokenizer class still goes through AutoTokenizer."""
+"""The tokenizer loader of the router and the engine (engine/model/tokenizer_files.py): a
+plain tokenizer.json loads without transformers' AutoTokenizer (whose import pulls in
+torch) and gives AutoTokenizer's ids, text and chat prompts; a model-specific tokenizer
+class still goes through AutoTokenizer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from splitserve.router.tokenizer import RouterTokenizer, is_plain_fast_tokenizer
+from splitserve.engine.model.loader import load_tokenizer
+from splitserve.engine.model.tokenizer_files import is_plain_fast_tokenizer
+from splitserve.router.tokenizer import RouterTokenizer
 
 TEXTS = ("Hello world!", "  two  spaces\nand a newline", "ünïcödé – dashes", "")
 CHAT = [
@@ -35,6 +38,8 @@ def test_plain_tokenizer_json_matches_autotokenizer(tiny_model_factory, arch: st
             ids = ours.encode(text, add_special_tokens=special)
             assert ids == auto.encode(text, add_special_tokens=special)
             assert ours.decode(ids) == auto.decode(ids, skip_special_tokens=True)
+    engine_side = load_tokenizer(path)  # what the engine detokenizes with
+    assert engine_side.encode(TEXTS[2]) == auto.encode(TEXTS[2])
     for generation_prompt in (True, False):
         rendered = ours.render_chat(CHAT, generation_prompt, False, None)
         assert rendered == auto.apply_chat_template(

@@ -225,10 +225,10 @@ def _copy_shard(
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
+    from splitserve.engine.model.tokenizer_files import load_dir_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return load_dir_tokenizer(model_dir)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"could not load a tokenizer from {model_dir} ({exc}); the directory needs "
