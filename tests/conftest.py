@@ -14,9 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-# Handed out first under pytest-xdist: the longest file, so that no worker is left alone
+# Handed out first under pytest-xdist: the longest files, so that no worker is left alone
 # with it at the end of the run.
-FIRST_FILES = ("test_real_model.py",)
+FIRST_FILES = ("test_real_model.py", "test_real_model_serving.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -185,6 +185,15 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     cache = run_wide_dir(tmp_path_factory, "splitserve-cache")
     return cache, resolve_model_source(DEFAULT_MODEL, cache, model_writers())
+
+
+@pytest.fixture(scope="module")
+def smollm2_case(smollm2, tmp_path_factory: pytest.TempPathFactory):
+    """(prompts, transformers' greedy tokens) of the real-model tests, once per test run
+    (tests/real_model_case.py)."""
+    from real_model_case import reference_case
+
+    return reference_case(smollm2[1], run_wide_dir(tmp_path_factory, "smollm2-reference"))
 
 
 def run_wide_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
