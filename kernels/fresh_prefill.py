@@ -3,9 +3,10 @@
 A chunk that starts its sequence (nothing cached before it, so its context is exactly its
 own new rows) needs no paged read: its keys and values are the layer's `k` and `v` rows.
 torch's varlen flash-attention forward (`aten._flash_attention_forward`, FlashAttention-2:
-CUDA, sm80 or newer, fp16/bf16, grouped-query heads native) attends them about twice as
-fast as the Triton paged prefill kernel (69 against 35 µs a layer for one 1,024-token
-prompt of Llama-3.1-8B on an H200; docs/kernels.md).
+CUDA, sm80 or newer, fp16/bf16, grouped-query heads native) attends them without the
+block-table gather. Measured on an H200 (Llama-3.1-8B, one layer, store and attend;
+docs/kernels.md): one 4,096-token prompt 533 against 640 µs with the Triton kernel; at
+1,024-token prompts the two tie.
 
 `TritonPagedAttention` (kernels/backend.py) calls `is_fresh` with the step's host lengths
 and, when every prefill sequence of the step is fresh, `fresh_prefill_attention` for those

@@ -63,11 +63,14 @@ def torch_kernels() -> ModelKernels:
     return select_kernels("cpu", "torch", "torch")
 
 
-def _attention(name: str, flash_fresh_prefill: bool) -> AttentionBackend:
+def _attention(name: str, device_type: str, pinned: bool) -> AttentionBackend:
+    """`pinned`: the backend was named, not "auto": Triton kernels for every step."""
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
+        from splitserve.kernels.fresh_prefill import flash_prefill_supported
 
-        return TritonPagedAttention(flash_fresh_prefill=flash_fresh_prefill)
+        flash = not pinned and flash_prefill_supported(device_type)
+        return TritonPagedAttention(flash_fresh_prefill=flash)
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
     return TorchPagedAttention()
@@ -124,13 +127,5 @@ def select_kernels(
         )
     else:
         ops = _triton_elementwise()
-    # "auto" takes torch's flash kernel for fresh prefill chunks where it runs; a named
-    # "triton" pins the Triton kernels for every step.
-    flash = attention_backend == "auto" and _flash_prefill_supported(device_type)
-    return ModelKernels(backend, attention, *ops, _attention(attention, flash))
-
-
-def _flash_prefill_supported(device_type: str) -> bool:
-    from splitserve.kernels.fresh_prefill import flash_prefill_supported
-
-    return flash_prefill_supported(device_type)
+    pinned = attention_backend != "auto"
+    return ModelKernels(backend, attention, *ops, _attention(attention, device_type, pinned))
