@@ -14,13 +14,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-# Handed out first under pytest-xdist: the longest files, so that no worker is left alone
-# with it at the end of the run.
-FIRST_FILES = ("test_real_model.py", "test_real_model_serving.py")
+# Handed out first under pytest-xdist (`make unit` keeps this order with
+# --no-loadscope-reorder), longest first: the files that take longest on 2 cores, measured
+# with --durations, so that the run ends on short files rather than one worker alone with a
+# long one. Files not named here follow in their collection order.
+FIRST_FILES = (
+    "test_real_model.py",
+    "test_real_model_serving.py",
+    "test_ray_cluster.py",
+    "test_faults_router.py",
+    "test_bench_e2e.py",
+    "test_faults_cluster.py",
+    "test_bench_serving.py",
+    "test_faults_freeze.py",
+    "test_engine_vs_hf.py",
+    "test_bench_pd_ratio.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in FIRST_FILES)  # stable: order kept
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
 
 
 @pytest.fixture(scope="session", autouse=True)
