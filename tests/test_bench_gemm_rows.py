@@ -1,0 +1,38 @@
+"""`benchmarks/gemm_rows.py` on the CPU: the engine's fused layer shapes, one row per M."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from splitserve.benchmarks.gemm_rows import layer_shapes, main
+from splitserve.engine.model.dummy_presets import dummy_arch
+
+
+def test_llama_8b_layer_shapes_are_the_fused_projections() -> None:
+    assert layer_shapes(dummy_arch("dummy:llama-3.1-8b")) == {
+        "qkv": (4096, 6144),
+        "o": (4096, 4096),
+        "gate_up": (4096, 28672),
+        "down": (14336, 4096),
+    }
+
+
+def test_smoke_run_writes_one_row_per_count_with_provenance(tmp_path: Path) -> None:
+    out = tmp_path / "gemm.json"
+    argv = ["--model", "dummy:tiny", "--device", "cpu", "--dtype", "float32", "--smoke"]
+    assert main([*argv, "--rows", "4,12", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["rows"] for row in result["rows"]] == [4, 12]
+    assert all(
+        row["layer_us"] > 0 and set(row["per_gemm_us"]) == set(result["shapes"])
+        for row in result["rows"]
+    )
+    assert {"command", "git_commit", "device", "date"} <= set(result)
+
+
+def test_bad_rows_and_presets_are_one_line_errors(capsys) -> None:
+    assert main(["--rows", "4,x", "--device", "cpu"]) == 2
+    assert main(["--rows", "0", "--device", "cpu"]) == 2
+    assert main(["--model", "dummy:nope", "--rows", "4", "--device", "cpu", "--smoke"]) == 2
+    assert "unknown dummy preset" in capsys.readouterr().err
