@@ -16,6 +16,7 @@ Writes JSON with provenance (--out).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from typing import Any
@@ -59,7 +60,7 @@ def time_rows(
     weights = {n: torch.randn(o, i, device=device, dtype=dtype) for n, (i, o) in shapes.items()}
     inputs = {n: torch.randn(rows, i, device=device, dtype=dtype) for n, (i, _) in shapes.items()}
     per_gemm = {
-        name: timer(lambda name=name: torch.nn.functional.linear(inputs[name], weights[name]))
+        name: timer(functools.partial(torch.nn.functional.linear, inputs[name], weights[name]))
         for name in shapes
     }
 
