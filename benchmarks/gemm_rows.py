@@ -9,8 +9,8 @@ For each row count M, one layer's four projections (q/k/v fused, output, gate/up
 down) of the model's shapes are timed on random bf16 inputs: each alone, and the four in
 a row (median of `Timer`, triton's do_bench on CUDA). The layer's TFLOP/s shows where the
 GEMMs stop being bound by reading the weights, and the cost of a row count just past a
-multiple of the GEMM's row tile: what `SchedulerConfig.step_token_alignment` avoids.
-Writes JSON with provenance (--out).
+multiple of the GEMM's row tile (docs/performance.md: a prompt step's 1,024 prompt rows
+plus its decode rows). Writes JSON with provenance (--out).
 """
 
 from __future__ import annotations

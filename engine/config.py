@@ -120,20 +120,12 @@ class SchedulerConfig:
     # host's output work overlaps the GPU. None: on for CUDA devices, unless the node's KV
     # connector needs each step's blocks as it ends (a prefill node's).
     overlap_output_processing: bool | None = None
-    # A step of at least 4 x this many tokens that also carries decode rows (so a next step
-    # follows anyway) ends its last prompt chunk early, at a multiple of this many tokens:
-    # a GEMM's cost rises in whole row tiles, so 1,072 rows cost what 1,152 do (20% more
-    # than 1,024 on an H200), while the few tokens left over ride along in the next step,
-    # whose GEMMs are bound by reading the weights. 0 turns it off.
-    step_token_alignment: int = 128
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
-        if self.step_token_alignment < 0:
-            raise ValueError(f"step_token_alignment must be >= 0, got {self.step_token_alignment}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 

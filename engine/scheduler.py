@@ -10,8 +10,6 @@ One step (`schedule`):
    marked `reserves_prompt` (a prefill node's) takes blocks for its whole prompt at
    admission, so such requests never preempt one another (their blocks may be under
    transfer).
-3. A large step with decode rows ends its last prompt chunk at a multiple of
-   `step_token_alignment` tokens (`_align`); the rest of that prompt comes next step.
 
 The engine runs the model on the chunks, then calls `advance` (KV now computed, full blocks
 enter the prefix cache) and `finish` for requests that ended. For KV from another node
@@ -109,25 +107,7 @@ class Scheduler:
             idx += 1
         if not out.preempted:
             self._admit_waiting(budget, out)
-        self._align(out)
         return out
-
-    def _align(self, out: SchedulerOutput) -> None:
-        """End the step's last prompt chunk early so the step holds a multiple of
-        `step_token_alignment` tokens, when it is large and has decode rows (SchedulerConfig
-        says why). The chunk keeps the blocks it was given; its next chunk reuses them."""
-        align = self.config.step_token_alignment if self.config.enable_chunked_prefill else 0
-        total = out.num_batched_tokens
-        excess = total % align if align else 0
-        if not excess or total - excess < 4 * align:
-            return
-        if not any(c.start >= c.request.num_prompt_tokens for c in out.chunks):
-            return  # no decode row: nothing else would carry the remainder
-        for i in range(len(out.chunks) - 1, -1, -1):
-            chunk = out.chunks[i]
-            if chunk.start < chunk.request.num_prompt_tokens and chunk.num_new_tokens > excess:
-                out.chunks[i] = chunk._replace(num_new_tokens=chunk.num_new_tokens - excess)
-                return
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, preempted: list[Request]

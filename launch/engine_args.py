@@ -165,13 +165,6 @@ def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
         help="prefill each prompt in one step instead of budget-sized chunks",
     )
     g.add_argument(
-        "--step-token-alignment",
-        type=int,
-        default=default_of(sched, "step_token_alignment"),
-        help="a step of at least 4x this many tokens with decode rows ends its last prompt "
-        "chunk at a multiple of it (GEMMs cost whole row tiles; 0: off)",
-    )
-    g.add_argument(
         "--overlap-output-processing",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -209,6 +202,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
             overlap_output_processing=args.overlap_output_processing,
-            step_token_alignment=args.step_token_alignment,
         ),
     )

@@ -51,10 +51,6 @@ MODES = {
     "chunked_64": dict(max_num_batched_tokens=64, enable_prefix_caching=False),
     "prefix_cache": dict(max_num_batched_tokens=512),
     "preemption": dict(max_num_batched_tokens=256, num_blocks=48),
-    # Steps of decode rows and prompt chunks end their chunks at multiples of 16 tokens.
-    "aligned_16": dict(
-        max_num_batched_tokens=100, step_token_alignment=16, enable_prefix_caching=False
-    ),
 }
 
 

@@ -160,37 +160,3 @@ def test_prefill_role_reserves_the_whole_prompt_and_never_preempts() -> None:
     sched.finish(a, RequestStatus.FINISHED_LENGTH, hold=True)
     assert run_step(sched) == [("b", 0, 4)]
     assert b.block_ids == [3, 4, 5] and sched.num_preemptions == 0
-
-
-def test_large_step_with_decode_rows_ends_its_prompt_chunk_at_the_alignment() -> None:
-    sched = make(64, max_num_batched_tokens=100, step_token_alignment=8)
-    a, b = req("a", 5), req("b", 40, base=100)
-    sched.add_request(a)
-    assert run_step(sched) == [("a", 0, 5)]
-    sched.add_request(b)
-    # 1 decode row + 40 prompt tokens = 41: b's chunk ends at 39, a multiple of 8 in all.
-    assert run_step(sched) == [("a", 5, 1), ("b", 0, 39)]
-    assert b.output_token_ids == [] and b.num_computed_tokens == 39
-    assert run_step(sched) == [("a", 6, 1), ("b", 39, 1)]  # the rest samples
-    assert b.output_token_ids == [7]
-    sched.check_invariants()
-
-
-def test_alignment_leaves_small_steps_lone_prompts_and_unchunked_prompts_alone() -> None:
-    # Under 4 x 8 tokens: not trimmed.
-    sched = make(64, max_num_batched_tokens=100, step_token_alignment=8)
-    sched.add_request(req("a", 5))
-    run_step(sched)
-    sched.add_request(req("b", 20, base=100))
-    assert run_step(sched) == [("a", 5, 1), ("b", 0, 20)]
-    # No decode row to carry the rest: not trimmed.
-    sched = make(64, max_num_batched_tokens=100, step_token_alignment=8)
-    sched.add_request(req("b", 41, base=100))
-    assert run_step(sched) == [("b", 0, 41)]
-    # Off, or prompts not chunked: not trimmed.
-    for kwargs in ({"step_token_alignment": 0}, {"enable_chunked_prefill": False}):
-        sched = make(64, **{"max_num_batched_tokens": 100, "step_token_alignment": 8, **kwargs})
-        sched.add_request(req("a", 5))
-        run_step(sched)
-        sched.add_request(req("b", 40, base=100))
-        assert run_step(sched) == [("a", 5, 1), ("b", 0, 40)]
