@@ -6,7 +6,7 @@
         --rows 8,16
 
 For each row count M, one layer's four projections (q/k/v fused, output, gate/up fused,
-down) of the model's shapes are timed on random bf16 inputs: each alone, and the four in
+down) of the model's shapes are timed on random inputs of `--dtype`: each alone, and the four in
 a row (median of `Timer`, triton's do_bench on CUDA). The layer's TFLOP/s shows where the
 GEMMs stop being bound by reading the weights, and the cost of a row count just past a
 multiple of the GEMM's row tile (docs/performance.md: a prompt step's 1,024 prompt rows
@@ -78,12 +78,12 @@ def time_rows(
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, rows: list[int]) -> dict[str, Any]:
     arch = dummy_arch(args.model)
     dtype = getattr(torch, args.dtype)
     shapes = layer_shapes(arch)
     timer = Timer(args.smoke)
-    table = [time_rows(shapes, int(m), args.device, dtype, timer) for m in args.rows.split(",")]
+    table = [time_rows(shapes, m, args.device, dtype, timer) for m in rows]
     return {
         **provenance(args.device),
         "model": args.model,
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--rows takes positive integers, got {args.rows!r}", file=sys.stderr)
         return 2
     try:
-        result = run(args)
+        result = run(args, rows)
     except ValueError as exc:  # an unknown preset
         print(f"{exc}", file=sys.stderr)
         return 2

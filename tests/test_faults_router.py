@@ -236,6 +236,12 @@ def p99_while_posting(url: str, path: str, body: bytes, expect: int) -> float:
     return p99(during)
 
 
+# How much a small request's p99 may grow while 10 MB prompts are refused, and while a
+# 3 MB /tokenize is served.
+BIG_BODY_BOUND_S = 0.1
+TOKENIZE_BOUND_S = 0.5
+
+
 def test_huge_prompts_do_not_stall_the_router(redis_server: RedisServer, tokenizer, tiny_llama):
     """Repro 2: a 10 MB prompt (413 before parsing) leaves other requests' p99 within 100 ms
     of what it was; a 3 MB /tokenize (1.4M tokens: seconds of tokenizer work, off the event
@@ -267,10 +273,12 @@ def test_huge_prompts_do_not_stall_the_router(redis_server: RedisServer, tokeniz
             # A router that stalls on these bodies is over the bounds in every attempt; a
             # busy test machine (other workers' models and clusters on the same cores)
             # can push one 3-second window's p99 over them, so one more is measured.
-            if during_big - baseline < 0.1 and during_tokenize - baseline < 0.5:
+            if during_big - baseline < BIG_BODY_BOUND_S and (
+                during_tokenize - baseline < TOKENIZE_BOUND_S
+            ):
                 break
-        assert during_big - baseline < 0.1
-        assert during_tokenize - baseline < 0.5
+        assert during_big - baseline < BIG_BODY_BOUND_S
+        assert during_tokenize - baseline < TOKENIZE_BOUND_S
     finally:
         router.stop()
         node.stop()
