@@ -13,7 +13,10 @@ for a step of T tokens padded to the bucket B >= T, the pieces are
 
 each replayed from its graph, with layer i's attention (store K/V, attend) run eagerly
 over the T real rows between pieces i and i+1. Pad rows carry token 0 at position 0;
-attention neither stores nor reads them, and their outputs are dropped.
+attention neither stores nor reads them, and their outputs are dropped. The pieces hand
+over through static buffers without copies: the q/k/v projection writes its output into
+the buffer attention reads, the residual add its sum into the residual buffer, and
+attention its output into the buffer the next piece reads.
 
 Who calls what: `build_parts` builds them with `capture_piecewise_graphs` on CUDA (unless
 `enforce_eager`, or `piecewise_graph_max_tokens` is 0), after the decode graphs and the
@@ -51,17 +54,26 @@ def piecewise_buckets(max_tokens: int) -> list[int]:
     return [*sizes, max_tokens]
 
 
+def _place(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """Make `buffer` hold `value`: nothing to do when `value` is that very view."""
+    if value.data_ptr() != buffer.data_ptr() or value.stride() != buffer.stride():
+        buffer.copy_(value)
+
+
 class _Buffers:
-    """Static inputs and piece outputs, sized for the largest bucket."""
+    """Static inputs and piece outputs, sized for the largest bucket. q, k and v are views
+    of one fused q/k/v buffer, which the projection writes directly."""
 
     def __init__(self, model: Any, max_tokens: int, device: torch.device) -> None:
         arch, dtype = model.arch, model.dtype
         heads, kv_heads, dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        q_size, kv_size = arch.q_size, arch.kv_size
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.q = torch.zeros(max_tokens, heads, dim, dtype=dtype, device=device)
-        self.k = torch.zeros(max_tokens, kv_heads, dim, dtype=dtype, device=device)
-        self.v = torch.zeros(max_tokens, kv_heads, dim, dtype=dtype, device=device)
+        self.qkv = torch.zeros(max_tokens, q_size + 2 * kv_size, dtype=dtype, device=device)
+        self.q = self.qkv[:, :q_size].view(max_tokens, heads, dim)
+        self.k = self.qkv[:, q_size : q_size + kv_size].view(max_tokens, kv_heads, dim)
+        self.v = self.qkv[:, q_size + kv_size :].view(max_tokens, kv_heads, dim)
         self.attn = torch.zeros(max_tokens, heads, dim, dtype=dtype, device=device)
         self.residual = torch.zeros(max_tokens, arch.hidden_size, dtype=dtype, device=device)
         self.hidden = torch.zeros(max_tokens, arch.hidden_size, dtype=dtype, device=device)
@@ -93,11 +105,14 @@ class PiecewiseGraphs:
         if index == self.num_layers:
             buf.hidden[:size].copy_(self.model.model.norm.add_forward(x, residual)[0])
             return
-        q, k, v, residual = layers[index].pre(x, residual, positions, rotary)
-        buf.q[:size].copy_(q)
-        buf.k[:size].copy_(k)
-        buf.v[:size].copy_(v)
-        buf.residual[:size].copy_(residual)
+        q, k, v, residual = layers[index].pre(
+            x, residual, positions, rotary, buf.qkv[:size], buf.residual[:size]
+        )
+        # In place already, except layer 0's residual (the embedding) and q/k under qk-norm.
+        _place(buf.q[:size], q)
+        _place(buf.k[:size], k)
+        _place(buf.v[:size], v)
+        _place(buf.residual[:size], residual)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -146,9 +161,14 @@ class PiecewiseGraphs:
             if index == self.num_layers:
                 break
             attn = layers[index].self_attn.attend(
-                buf.q[:num_tokens], buf.k[:num_tokens], buf.v[:num_tokens], self.kv_cache, meta
+                buf.q[:num_tokens],
+                buf.k[:num_tokens],
+                buf.v[:num_tokens],
+                self.kv_cache,
+                meta,
+                out=buf.attn[:num_tokens],
             )
-            buf.attn[:num_tokens].copy_(attn)
+            _place(buf.attn[:num_tokens], attn)
         return buf.hidden[:num_tokens]
 
 

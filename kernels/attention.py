@@ -48,7 +48,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Stores new K/V into one layer's pool view, then attends."""
+    """Stores new K/V into one layer's pool view, then attends: into `out` when given
+    (a caller's static buffer), else into a new tensor."""
 
     def forward(
         self,
@@ -58,5 +59,6 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,  # [T, num_heads, head_dim]: written, and returned
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...

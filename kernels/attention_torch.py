@@ -1,7 +1,7 @@
 """`TorchPagedAttention`: the plain-torch attention backend over the paged KV pool.
 
 What the CPU runs, and the reference the Triton kernels are tested against. Per layer the
-model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
+model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`, which
 
 1. stores the step's K/V rows into the pool at `meta.slot_mapping` (slot -1 is skipped);
 2. attends: each sequence's queries over its first `seq_lens[b]` context tokens, gathered
@@ -129,13 +129,16 @@ class TorchPagedAttention:
         kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,  # [T, num_heads, head_dim]
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
         store_kv(k, v, kv_cache, meta.slot_mapping)
         if meta.is_all_decode and q.shape[0] == meta.num_seqs and _padding_pays(meta):
-            return decode_batched(q, kv_cache, meta, scale)
-        out = torch.empty_like(q)
+            result = decode_batched(q, kv_cache, meta, scale)
+            return result if out is None else out.copy_(result)
+        if out is None:
+            out = torch.empty_like(q)
         start = 0
         for b, (query_len, seq_len) in enumerate(
             zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)

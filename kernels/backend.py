@@ -1,9 +1,10 @@
 """`TritonPagedAttention`: the AttentionBackend of GPU nodes, built on the kernels here.
 
-Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale)`, which
+Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`, which
 
 1. stores the step's K/V rows at `meta.slot_mapping` (`store_kv`; slot -1 skipped);
-2. attends: an all-decode batch (one query per sequence, one row per sequence) runs the
+2. attends, into `out` when the caller gives one (the piecewise graphs' static buffer):
+   an all-decode batch (one query per sequence, one row per sequence) runs the
    split-K decode kernel; a batch with prefill chunks runs its leading `meta.num_decodes`
    decode rows with the decode kernel (which reads each KV head once for its whole query
    group) and the other sequences with the varlen prefill kernel, or, with
@@ -50,6 +51,7 @@ class TritonPagedAttention:
         kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,  # [T, num_heads, head_dim]
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
@@ -62,12 +64,14 @@ class TritonPagedAttention:
                 meta.seq_lens,
                 meta.max_seq_len,
                 scale,
+                out=out,
                 num_splits=self.decode_num_splits,
             )
         decodes = meta.num_decodes
         if not 0 < decodes < meta.num_seqs:
             decodes = 0
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
         if decodes:
             decode_attention(
                 q[:decodes],

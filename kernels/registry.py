@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -30,9 +31,21 @@ from splitserve.kernels.attention import AttentionBackend
 BACKENDS = ("auto", "torch", "triton")
 
 NormOp = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-AddNormOp = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
-]
+
+
+class AddNormOp(Protocol):
+    """(norm(x + residual), x + residual), the sum written into `residual_out` if given."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 RotaryOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 ActivationOp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,11 +100,15 @@ def _triton_elementwise() -> tuple[NormOp, AddNormOp, RotaryOp, ActivationOp]:
         return rmsnorm(x, weight, eps)[0]
 
     def add_norm(
-        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype == torch.float64:
-            return torch_ops.add_rms_norm(x, residual, weight, eps)
-        out, summed = rmsnorm(x, weight, eps, residual)
+            return torch_ops.add_rms_norm(x, residual, weight, eps, residual_out)
+        out, summed = rmsnorm(x, weight, eps, residual, residual_out)
         if summed is None:
             raise RuntimeError("rmsnorm with a residual returned no sum")
         return out, summed

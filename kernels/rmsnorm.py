@@ -83,9 +83,11 @@ def rmsnorm(
     weight: torch.Tensor,  # [N]
     eps: float,
     residual: torch.Tensor | None = None,  # like x
+    residual_out: torch.Tensor | None = None,  # like x: where the new residual goes
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (normed, new residual or None)
-    """RMSNorm of x (or of x + residual). Returns fresh contiguous tensors; the normed
-    output has dtype promote(x, weight), the new residual x's dtype."""
+    """RMSNorm of x (or of x + residual). Returns fresh contiguous tensors, except that
+    the new residual is written into `residual_out` when given (it may be `residual`
+    itself); the normed output has dtype promote(x, weight), the new residual x's dtype."""
     device = x.device
     check_launchable(device)
     if x.dim() not in (2, 3):
@@ -95,11 +97,15 @@ def rmsnorm(
     check_tensor("weight", weight, 1, FLOAT_DTYPES, device, inner_contiguous=False)
     check_shape("weight", weight, (n_cols,))
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=device)
-    residual_out = None
+    if residual is None and residual_out is not None:
+        raise ValueError("residual_out needs a residual to add")
     if residual is not None:
         check_tensor("residual", residual, x.dim(), (x.dtype,), device)
         check_shape("residual", residual, x.shape)
-        residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if residual_out is None:
+            residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        check_tensor("residual_out", residual_out, x.dim(), (x.dtype,), device)
+        check_shape("residual_out", residual_out, x.shape)
     if x.numel() == 0:
         return out, residual_out
     x3, out3 = _as_3d(x), _as_3d(out)

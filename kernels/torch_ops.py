@@ -2,7 +2,8 @@
 references the Triton kernels of this package are tested against (bit-exact in rounding).
 
     rms_norm(x, weight, eps)                  weight * (x / rms(x)).to(x.dtype), stats in fp32
-    add_rms_norm(x, residual, weight, eps)    (rms_norm(x + residual), x + residual)
+    add_rms_norm(x, residual, weight, eps)    (rms_norm(x + residual), x + residual); the sum
+                                              into `residual_out` when given
     rotary(positions, q, k, cos_sin)          neox rope, out of place -> (q', k')
     rotary_(positions, q, k, cos_sin)         the same, written into q and k
     silu_mul(gate_up)                         silu(gate) * up over a fused [T, 2I] row
@@ -24,9 +25,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    summed = x + residual
+    summed = x + residual if residual_out is None else torch.add(x, residual, out=residual_out)
     return rms_norm(summed, weight, eps), summed
 
 

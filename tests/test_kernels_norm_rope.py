@@ -73,6 +73,29 @@ def test_rmsnorm_2d(hidden: int, with_residual: bool, dtype: torch.dtype) -> Non
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rmsnorm_writes_the_sum_where_asked(in_place: bool, dtype: torch.dtype) -> None:
+    """`residual_out`: the piecewise graphs' static residual buffer (a row slice of a
+    larger one), or the residual itself; the sum lands there, bit for bit."""
+    norm = _norm_module(96, dtype, seed=5)
+    x, residual = _randn(7, 96, dtype=dtype, seed=6), _randn(7, 96, dtype=dtype, seed=7)
+    ref, ref_residual = rmsnorm_reference(norm, x, residual)
+    buffer = torch.full((10, 96), float("nan"), dtype=dtype, device=DEVICE)
+    target = residual if in_place else buffer[:7]
+    out, summed = rmsnorm(x, norm.weight, norm.eps, residual, residual_out=target)
+    assert summed is target
+    torch.testing.assert_close(target, ref_residual, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, **NORM_TOL[dtype])
+    assert buffer[7:].isnan().all()
+
+
+def test_rmsnorm_refuses_a_sum_without_residual() -> None:
+    x = _randn(3, 64, dtype=torch.float32, seed=8)
+    with pytest.raises(ValueError, match="residual_out needs a residual"):
+        rmsnorm(x, torch.ones(64, device=DEVICE), 1e-6, residual_out=torch.empty_like(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rmsnorm_per_head_view(head_dim: int, dtype: torch.dtype) -> None:
     """Qwen3's q_norm: heads of the q slice of a fused qkv output (strided rows)."""

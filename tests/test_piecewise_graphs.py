@@ -6,9 +6,12 @@ tests/test_engine_gpu.py checks the captured graphs against eager steps on a GPU
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
 from engine_outputs import assert_same_tokens
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from splitserve.engine.llm import LLM
 from splitserve.engine.piecewise_graphs import PiecewiseGraphs, piecewise_buckets
@@ -45,3 +48,46 @@ def test_pieces_give_the_plain_forward_tokens(tiny_model_factory, arch: str) -> 
     again = pieced.generate(batch[3:], params)  # prefixes now cached
     assert pieced.engine.stats().num_piecewise_steps > 0
     assert_same_tokens(got + again, want + want[3:])
+
+
+class _CopyTargets(TorchDispatchMode):
+    """The storage addresses every `copy_` writes to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.copy_.default:
+            self.targets.append(args[0].data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def test_pieces_hand_over_without_copies(tiny_model_factory) -> None:
+    """A middle piece writes the q/k/v projection and the residual sum straight into the
+    static buffers attention and the next piece read (no copy lands on v or the residual:
+    the torch rotary's own in-place writes go to q and k), and attention writes its output
+    into the static buffer the next piece reads."""
+    llm = LLM(str(tiny_model_factory("llama")), dtype="float32", max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    pieces = PiecewiseGraphs(runner.model, runner.kv_cache, 64, capture=False)
+    buf = pieces.buffers
+    with _CopyTargets() as copies:
+        pieces._piece(1, 32)
+    assert copies.targets, "the torch rotary writes q and k in place"
+    assert buf.v.data_ptr() not in copies.targets
+    assert buf.residual.data_ptr() not in copies.targets
+
+    outs: list[torch.Tensor | None] = []
+    attention = runner.model.model.layers[0].self_attn.backend
+    forward = attention.forward
+
+    def spy(*args, out=None, **kwargs):  # type: ignore[no-untyped-def]
+        outs.append(out)
+        return forward(*args, out=out, **kwargs)
+
+    for layer in runner.model.model.layers:
+        layer.self_attn.backend = SimpleNamespace(forward=spy)
+    runner.pieces = pieces
+    llm.generate([[3, 1, 4, 1, 5, 9, 2, 6]], SamplingParams(temperature=0, max_tokens=1))
+    assert outs and all(o is not None and o.data_ptr() == buf.attn.data_ptr() for o in outs)

@@ -35,8 +35,13 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, in_features, dtype=dtype)
         self.bias = empty_param(out_features, dtype=dtype) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out` ([T, out_features], for a 2-D x): written with the result, and returned."""
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
 
 class Embedding(nn.Module):
@@ -83,11 +88,12 @@ class RMSNorm(nn.Module):
         return torch_ops.rms_norm(x, self.weight, self.eps)
 
     def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: torch.Tensor, residual: torch.Tensor, residual_out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the decoder's residual add and the next norm
-        (one fused kernel with the Triton backend)."""
-        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        (one fused kernel with the Triton backend); the sum goes into `residual_out` if
+        given."""
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps, residual_out)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -174,11 +180,18 @@ class Attention(nn.Module):
         return self.o_proj(self.attend(q, k, v, kv_cache, meta).reshape(-1, self.q_size))
 
     def project(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        qkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, H, D], k and v [T, KVH, D]: projected, normed (qk-norm models), rotated."""
+        """q [T, H, D], k and v [T, KVH, D]: projected, normed (qk-norm models), rotated.
+        With `qkv_out` ([T, q_size + 2 * kv_size]) the projection is written there, and q, k
+        and v are views of it, except q and k of qk-norm models (the norm makes new ones)."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x, out=qkv_out)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -193,9 +206,12 @@ class Attention(nn.Module):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, H, D]
-        """Store k/v into this layer's pool and attend over each sequence's context."""
-        return self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale)
+        """Store k/v into this layer's pool and attend over each sequence's context (into
+        `out` when given)."""
+        kv = kv_cache[:, self.layer_idx]
+        return self.backend.forward(q, k, v, kv, meta, self.scale, out=out)
 
 
 class MLP(nn.Module):
@@ -245,13 +261,17 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
+        qkv_out: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything before attention: (q, k, v, residual stream)."""
+        """Everything before attention: (q, k, v, residual stream). The projection goes into
+        `qkv_out` and the residual sum into `residual_out` when given (the piecewise graphs'
+        static buffers); the first layer's residual stream is `x` itself."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
-        return (*self.self_attn.project(h, positions, rotary), residual)
+            h, residual = self.input_layernorm.add_forward(x, residual, residual_out)
+        return (*self.self_attn.project(h, positions, rotary, qkv_out), residual)
 
     def post(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything after attention (`attn`: [T, H, D]): (MLP output, residual stream)."""
