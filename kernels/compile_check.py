@@ -88,7 +88,7 @@ def all_specs() -> list[Spec]:
         *_attention_specs(torch.float32),
         Spec(
             "decode reduce (bf16)", red._decode_reduce_kernel, reduce_ptrs, (),
-            dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_S=8), 4, 1,
+            dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM), 1, 1,
         ),
         Spec(
             "store_kv (bf16)", st._store_kv_kernel,

@@ -52,7 +52,7 @@ LOG2E = 1.4426950408889634
 # Fewest context tokens worth a partition of their own (below this the reduce costs more
 # than the parallelism gains).
 MIN_PARTITION_TOKENS = 256
-# The reduce kernel's split tile: one compiled reduce serves every plan.
+# The most partitions a sequence is split into.
 MAX_SPLITS = SPLITS_TILE
 # Programs per multiprocessor the split heuristic aims for.
 PROGRAMS_PER_SM = 4

@@ -4,7 +4,8 @@ Stage 1 left, per (sequence, query head, partition s), the partition's running m
 (log2 domain), sum `l_s` and unnormalised output `acc_s`, all fp32; partitions at or past
 the sequence's length were never written. One program per (sequence, head) merges the
 partitions that hold tokens (a sequence of L tokens split S ways has partitions of
-`partition_tokens(L, S, tile)` tokens, L / S rounded up to whole KV tiles):
+`partition_tokens(L, S, tile)` tokens, L / S rounded up to whole KV tiles), in a loop over
+those partitions alone: one compiled kernel serves every split count:
 
     out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,   M = max_s m_s
 
@@ -20,8 +21,7 @@ import triton.language as tl
 
 from splitserve.kernels.checks import check_launchable, check_shape, check_tensor, next_pow2
 
-# The split axis is padded to at least this many lanes: one compiled variant serves every
-# plan of up to this many splits (decode_attention.MAX_SPLITS), not one per power of two.
+# The most partitions a plan may split a sequence into (decode_attention.MAX_SPLITS).
 SPLITS_TILE = 64
 
 
@@ -56,32 +56,29 @@ def _decode_reduce_kernel(
     stride_out_dim,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
     partition = partition_tokens(seq_len, num_splits, partition_tile)
     num_active = tl.minimum(tl.cdiv(seq_len, partition), num_splits)
-    splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    active = splits < num_active
-    pml = seq * stride_pml_seq + head * stride_pml_head + splits * stride_pml_split
-    m_s = tl.load(part_m_ptr + pml, mask=active, other=float("-inf"))
-    l_s = tl.load(part_l_ptr + pml, mask=active, other=0.0)
-    m_max = tl.max(m_s, 0)
-    weight = tl.exp2(m_s - tl.where(m_max == float("-inf"), 0.0, m_max))  # [BLOCK_S]
-    acc = tl.load(
-        part_acc_ptr
-        + seq * stride_pacc_seq
-        + head * stride_pacc_head
-        + splits[:, None] * stride_pacc_split
-        + dims[None, :] * stride_pacc_dim,
-        mask=active[:, None] & (dims < HEAD_DIM)[None, :],
-        other=0.0,
-    )  # [BLOCK_S, BLOCK_D]
-    numer = tl.sum(acc * weight[:, None], 0)
-    denom = tl.sum(l_s * weight, 0)
+    pml = part_m_ptr + seq * stride_pml_seq + head * stride_pml_head
+    pll = part_l_ptr + seq * stride_pml_seq + head * stride_pml_head
+    pacc = part_acc_ptr + seq * stride_pacc_seq + head * stride_pacc_head + dims * stride_pacc_dim
+    # Two passes over the active partitions only (a loop, not a tile padded to the most
+    # splits a plan may take): their max, then the weighted sums.
+    m_max = tl.full([], float("-inf"), tl.float32)
+    for split in range(0, num_active):
+        m_max = tl.maximum(m_max, tl.load(pml + split * stride_pml_split))
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    numer = tl.zeros([BLOCK_D], dtype=tl.float32)
+    denom = tl.zeros([], dtype=tl.float32)
+    for split in range(0, num_active):
+        weight = tl.exp2(tl.load(pml + split * stride_pml_split) - m_ref)
+        denom += tl.load(pll + split * stride_pml_split) * weight
+        acc = tl.load(pacc + split * stride_pacc_split, mask=dims < HEAD_DIM, other=0.0)
+        numer += acc * weight
     out = numer / tl.where(denom > 0, denom, 1.0)
     tl.store(
         out_ptr + seq * stride_out_seq + head * stride_out_head + dims * stride_out_dim,
@@ -125,8 +122,7 @@ def merge_partitions(
         stride_out_seq=out.stride(0), stride_out_head=out.stride(1),
         stride_out_dim=out.stride(2),
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim, 16),
-        BLOCK_S=max(next_pow2(num_splits), SPLITS_TILE),
-        num_warps=4,
+        num_warps=1,
     )  # fmt: skip
 
 
