@@ -45,7 +45,7 @@ from splitserve.kernels.checks import (
     next_pow2,
     num_sms,
 )
-from splitserve.kernels.decode_reduce import SPLITS_TILE, merge_partitions, partition_tokens
+from splitserve.kernels.decode_reduce import merge_partitions, partition_tokens
 from splitserve.kernels.paged import attend_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -53,7 +53,7 @@ LOG2E = 1.4426950408889634
 # than the parallelism gains).
 MIN_PARTITION_TOKENS = 256
 # The most partitions a sequence is split into.
-MAX_SPLITS = SPLITS_TILE
+MAX_SPLITS = 64
 # Programs per multiprocessor the split heuristic aims for.
 PROGRAMS_PER_SM = 4
 # A batch whose unsplit programs (batch x kv_heads) give every multiprocessor at least this

@@ -21,9 +21,6 @@ import triton.language as tl
 
 from splitserve.kernels.checks import check_launchable, check_shape, check_tensor, next_pow2
 
-# The most partitions a plan may split a sequence into (decode_attention.MAX_SPLITS).
-SPLITS_TILE = 64
-
 
 @triton.jit
 def partition_tokens(seq_len, num_splits, tile):

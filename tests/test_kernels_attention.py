@@ -348,7 +348,7 @@ def test_wrappers_reject_bad_arguments() -> None:
     ("batch", "max_seq_len", "splits"),
     [
         (1, 512, 2),  # partitions of at least 256 tokens
-        (1, 8192, 32),  # as many as fill the device, at most SPLITS_TILE
+        (1, 8192, 32),  # as many as fill the device, at most MAX_SPLITS
         (32, 1150, 3),  # 256 programs on 132 SMs: split to about 4 per SM
         (48, 1150, 2),
         (64, 1150, 1),  # 512 programs already give every SM 3: one partition each
