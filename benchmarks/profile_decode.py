@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
+
+
+def start_decoding(core: Any, batch: int, context: int, params: Any) -> None:
+    """Add `batch` requests of `context` prompt tokens, prefill them all, and run five
+    warm-up decode steps (also what benchmarks/profile_mixed.py starts from)."""
+    for i in range(batch):
+        core.add_request(f"p{i}", [1 + (i * 7919 + t) % 1000 for t in range(context)], params)
+    while core.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running
+    ):
+        core.step()  # prefill
+    for _ in range(5):  # warm-up decode steps
+        core.step()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,14 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
     core = EngineCore(engine_config_from_args(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=10_000, ignore_eos=True)
-    for i in range(args.batch):
-        core.add_request(f"p{i}", [1 + (i * 7919 + t) % 1000 for t in range(args.context)], params)
-    while core.scheduler.waiting or any(
-        r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running
-    ):
-        core.step()  # prefill
-    for _ in range(5):  # warm-up decode steps
-        core.step()
+    start_decoding(core, args.batch, args.context, params)
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from splitserve.benchmarks.profile_decode import start_decoding
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 
 logger = logging.getLogger(__name__)
@@ -37,20 +38,6 @@ def _timed_step(core: Any) -> float:
     core.step()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
-
-
-def _decoding_batch(core: Any, batch: int, context: int) -> None:
-    from splitserve.engine.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=1.0, max_tokens=1_000_000, ignore_eos=True)
-    for i in range(batch):
-        core.add_request(f"d{i}", [1 + (i * 7919 + t) % 1000 for t in range(context)], params)
-    while core.scheduler.waiting or any(
-        r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running
-    ):
-        core.step()
-    for _ in range(5):
-        core.step()
 
 
 def _add_prompt(core: Any, index: int, length: int) -> None:
@@ -103,9 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (mixed-step timing reads the device)")
     from splitserve.engine.core import EngineCore
+    from splitserve.engine.sampling_params import SamplingParams
 
     core = EngineCore(engine_config_from_args(args))
-    _decoding_batch(core, args.batch, args.context)
+    decoding = SamplingParams(temperature=1.0, max_tokens=1_000_000, ignore_eos=True)
+    start_decoding(core, args.batch, args.context, decoding)
     mixed: list[float] = []
     decode: list[float] = []
     for index in range(args.repeats):
