@@ -83,6 +83,9 @@ def test_request_log_line_names_request_node_and_role(decode: NodeProcess) -> No
     nowhere = pb.NodeEndpoint(node_id="prefill-nowhere", grpc_address="127.0.0.1:1")
     with grpc.insecure_channel(decode.address) as channel:
         assert len(list(generate(channel, "req-json-1", 4, prefill_node=nowhere))) == 4
+    # The node's output reaches `lines` through a reader thread, which may lag on a busy
+    # machine: wait until the request's line has been read.
+    _wait_for(lambda: any(x.get("request_id") == "req-json-1" for x in json_lines(decode)), 10)
     lines = json_lines(decode)
     assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
     assert all(x["role"] == "decode" for x in lines)
