@@ -112,12 +112,6 @@ class CacheConfig:
 class SchedulerConfig:
     # Token budget of one engine step, shared by decode tokens and prefill chunks.
     max_num_batched_tokens: int = 2048
-    # Paced prefill (0: off): a step computes at most this many tokens plus
-    # `step_backlog_fraction` of the prompt tokens waiting to be prefilled, within
-    # `max_num_batched_tokens`, so that prompts ride along with decode steps in chunks
-    # instead of stretching one step (docs/architecture.md, Scheduling).
-    step_token_target: int = 0
-    step_backlog_fraction: float = 0.25
     # Most sequences in the running batch at once.
     max_num_seqs: int = 256
     # Split long prompts into chunks of the remaining step budget (else whole prompts only).
@@ -134,11 +128,6 @@ class SchedulerConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.step_token_target < 0 or self.step_backlog_fraction < 0:
-            raise ValueError(
-                "step_token_target and step_backlog_fraction must be >= 0, got "
-                f"{self.step_token_target} and {self.step_backlog_fraction}"
-            )
 
 
 @dataclass(frozen=True)

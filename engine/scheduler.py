@@ -90,7 +90,7 @@ class Scheduler:
     def schedule(self, skip: frozenset[RequestId] = frozenset()) -> SchedulerOutput:
         """The next step; running requests in `skip` (about to finish) get no chunk."""
         out = SchedulerOutput()
-        budget = self.step_budget()
+        budget = self.config.max_num_batched_tokens
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
@@ -108,26 +108,6 @@ class Scheduler:
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out
-
-    def step_budget(self) -> int:
-        """Tokens the next step may compute: `max_num_batched_tokens`, or under paced
-        prefill, while some request decodes, the target plus a share of the prompt tokens
-        still to prefill (with nothing decoding, pacing would only delay first tokens)."""
-        config = self.config
-        if not config.step_token_target:
-            return config.max_num_batched_tokens
-        backlog = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
-        decoding = False
-        for request in self.running:
-            remaining = request.num_tokens - request.num_computed_tokens
-            if remaining > 1:
-                backlog += remaining
-            else:
-                decoding = True
-        if not decoding:
-            return config.max_num_batched_tokens
-        paced = config.step_token_target + int(config.step_backlog_fraction * backlog)
-        return min(config.max_num_batched_tokens, paced)
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, preempted: list[Request]

@@ -154,19 +154,6 @@ def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
         help="token budget of one engine step (decode tokens plus prefill chunks)",
     )
     g.add_argument(
-        "--step-token-target",
-        type=int,
-        default=default_of(sched, "step_token_target"),
-        help="paced prefill: tokens a step computes, plus --step-backlog-fraction of the "
-        "prompt tokens waiting, within --max-num-batched-tokens (0: off)",
-    )
-    g.add_argument(
-        "--step-backlog-fraction",
-        type=float,
-        default=default_of(sched, "step_backlog_fraction"),
-        help="paced prefill: the share of the waiting prompt tokens a step adds",
-    )
-    g.add_argument(
         "--max-num-seqs",
         type=int,
         default=default_of(sched, "max_num_seqs"),
@@ -212,8 +199,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,
-            step_token_target=args.step_token_target,
-            step_backlog_fraction=args.step_backlog_fraction,
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
             overlap_output_processing=args.overlap_output_processing,

@@ -160,26 +160,3 @@ def test_prefill_role_reserves_the_whole_prompt_and_never_preempts() -> None:
     sched.finish(a, RequestStatus.FINISHED_LENGTH, hold=True)
     assert run_step(sched) == [("b", 0, 4)]
     assert b.block_ids == [3, 4, 5] and sched.num_preemptions == 0
-
-
-def test_paced_prefill_spreads_a_prompt_over_steps_by_its_backlog() -> None:
-    """Paced prefill: a step computes the target plus a share of the prompt tokens still
-    waiting, within max_num_batched_tokens; without pacing the prompt takes one step."""
-    paced = make(64, max_num_batched_tokens=64, step_token_target=8, step_backlog_fraction=0.5)
-    paced.add_request(req("a", 6))
-    assert paced.step_budget() == 64  # nothing decodes yet: pacing would only delay
-    assert run_step(paced) == [("a", 0, 6)]
-    paced.add_request(req("b", 40, base=100))
-    assert paced.step_budget() == 8 + 20  # a decodes (one token, not backlog)
-    assert run_step(paced) == [("a", 6, 1), ("b", 0, 27)]
-    assert paced.step_budget() == 8 + 6  # 13 prompt tokens left
-    assert run_step(paced) == [("a", 7, 1), ("b", 27, 13)]
-    unpaced = make(64, max_num_batched_tokens=64)
-    unpaced.add_request(req("a", 40))
-    assert unpaced.step_budget() == 64
-    assert run_step(unpaced) == [("a", 0, 40)]
-    capped = make(64, max_num_batched_tokens=16, step_token_target=8, step_backlog_fraction=1.0)
-    capped.add_request(req("a", 2))
-    run_step(capped)
-    capped.add_request(req("b", 40, base=100))
-    assert capped.step_budget() == 16
