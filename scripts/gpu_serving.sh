@@ -7,7 +7,9 @@
 # Both serve dummy Llama-3.1-8B in bf16 with prefix caching off, and are loaded by
 # benchmarks/serving.py with the same prompts (one bench run per workload and rate, fresh
 # prompts per rate). Results merge into $RESULTS (summary.json, summary.md, runs/), which
-# comes back as $OUT/serving_h200.tgz. Either unpack it over the checkout (tar xzf ... -C
+# comes back as $OUT/<name of $RESULTS>.tgz (serving_h200.tgz by default) beside its table,
+# $OUT/<name>.summary.md, so that calls with other RESULTS in one device call keep apart.
+# Either unpack it over the checkout (tar xzf ... -C
 # benchmarks/results) before the next call, so that the next call's rows merge with these,
 # or unpack each call's archive apart and merge them after:
 #   python -m splitserve.benchmarks.serving_report merge benchmarks/results/serving_h200 A B
@@ -64,7 +66,8 @@ case $system in
   *) echo "unknown system $system: pick splitserve or vllm"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ] && [ -d "$results" ]; then
-  tar czf "$OUT/serving_h200.tgz" -C "$(dirname "$results")" "$(basename "$results")"
-  cp "$results/summary.md" "$OUT/" 2>/dev/null
+  name=$(basename "$results")
+  tar czf "$OUT/$name.tgz" -C "$(dirname "$results")" "$name"
+  cp "$results/summary.md" "$OUT/$name.summary.md" 2>/dev/null
 fi
 exit $status

@@ -143,9 +143,10 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert [(r["system"], r["workload"], r["rate"]) for r in rows] == [("splitserve", "32x4", 4)]
     assert rows[0]["commit"] == "0123abc" and rows[0]["is_first_after_start"]
     assert "--no-prefix-caching" in rows[0]["server"]
-    with tarfile.open(out / "serving_h200.tgz") as tar:
+    # Named after the results folder, so that runs with other RESULTS in one call keep apart.
+    with tarfile.open(out / "serving_cpu.tgz") as tar:
         names = tar.getnames()
-    assert "serving_cpu/summary.json" in names and (out / "summary.md").exists()
+    assert "serving_cpu/summary.json" in names and (out / "serving_cpu.summary.md").exists()
 
 
 def test_merge_command_joins_calls_unpacked_apart(tmp_path: Path) -> None:
