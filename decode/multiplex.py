@@ -1,4 +1,5 @@
-"""`Decode.GenerateMany`: many requests' streams over one gRPC stream per router.
+"""`Decode.GenerateMany`: many requests' streams over one gRPC stream per router, and the
+`Generate` stream of one request, both fed the same way.
 
 With one `Generate` stream per request, every engine step costs one gRPC message per
 running request on both ends (the node's event loop and the router's), which saturates
@@ -8,21 +9,25 @@ a GenerateRequest, or the id of a request whose client went away), and the node 
 down one `StepBatch` per wake-up of its event loop, holding every message its requests
 produced since the previous batch: about one per engine step, whatever the batch size.
 
+A request runs as `run(request, metadata, outbox)` (DecodeService.run): it is admitted in
+its own task, then its messages reach `outbox.put` as `Pending` items from the engine's
+output callback, with no task woken per request and step (a step's outputs for every
+request arrive in one wake-up of the loop); `run` returns once it put its finished item.
+A pending item becomes a GenerateResponse (`message()`) only when it is sent; one that
+is still unsent when the request's next one comes is merged with it (`merge`), so a
+reader that falls behind gets each request's tokens since its last message as one message.
+
 Who calls what, on the node (`DecodeService.GenerateMany` runs `Multiplexer.serve`):
 - a reader task takes the router's messages: each GenerateRequest starts a task that
-  runs the request exactly as `Generate` would (`DecodeService.responses`) and appends its
-  messages to the outbox; a cancel cancels that task (which aborts the request, here and
-  on its prefill node, as a cancelled Generate call does);
+  runs the request; a cancel cancels that task (which aborts the request, here and on its
+  prefill node, as a cancelled Generate call does);
 - `serve` yields the outbox as one StepBatch whenever it is not empty. A request refused
   or failed before its finished message ends with a `StreamEnd` carrying the status code
   its own Generate call would have ended with.
-- A request's task waits until the batch holding its message is written before it takes
-  its next output from the engine, so that a router that falls behind gets each request's
-  tokens since the last batch merged into one message (`AsyncEngine.generate` merges what
-  queued up), as a slow Generate call does, and the outbox holds at most one message per
-  request.
 - When the router closes its side, `serve` ends once every request has ended; when the
   call is cancelled (router gone), every request task is cancelled.
+
+`one_stream` serves `Generate` the same way, with a queue for the outbox.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
 
 import grpc
 
@@ -40,7 +46,31 @@ logger = logging.getLogger(__name__)
 
 # gRPC metadata as a servicer context hands it over: (key, value) pairs.
 Metadata = Sequence[tuple[str, str | bytes]] | None
-Responses = Callable[[pb.GenerateRequest, Metadata], AsyncGenerator[pb.GenerateResponse, None]]
+
+
+class Pending(Protocol):
+    """A request's message not sent yet."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def merge(self, later: Pending) -> Pending:
+        """This item and the request's next one, as one."""
+        ...
+
+    def message(self) -> pb.GenerateResponse:
+        """The message to send (called once, when it is sent)."""
+        ...
+
+
+class Outbox(Protocol):
+    def put(self, item: Pending) -> None: ...
+
+
+Run = Callable[[pb.GenerateRequest, Metadata, Outbox], Awaitable[None]]
 
 
 class RequestRefused(Exception):
@@ -53,15 +83,21 @@ class RequestRefused(Exception):
 
 
 class Multiplexer:
-    def __init__(self, responses: Responses) -> None:
-        self._responses = responses
+    def __init__(self, run: Run) -> None:
+        self._run_request = run
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._outbox: list[pb.GenerateResponse] = []
+        self._outbox: dict[str, Pending] = {}
         self._ends: list[pb.StreamEnd] = []
         self._ready = asyncio.Event()
         self._reading = True
-        # Resolved once the batch holding the current outbox is written.
-        self._flushed = self._loop_future()
+
+    def put(self, item: Pending) -> None:
+        """A request's next message: sent with the next batch, merged into the request's
+        unsent one if it has one."""
+        rid = item.request_id
+        unsent = self._outbox.get(rid)
+        self._outbox[rid] = item if unsent is None else unsent.merge(item)
+        self._ready.set()
 
     async def serve(self, requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[pb.StepBatch]:
         reader = asyncio.get_running_loop().create_task(self._read(requests))
@@ -70,21 +106,17 @@ class Multiplexer:
                 await self._ready.wait()
                 self._ready.clear()
                 if self._outbox or self._ends:
-                    batch = pb.StepBatch(responses=self._outbox, ends=self._ends)
-                    self._outbox, self._ends = [], []
-                    flushed, self._flushed = self._flushed, self._loop_future()
+                    outbox, self._outbox = self._outbox, {}
+                    responses = [item.message() for item in outbox.values()]
+                    batch = pb.StepBatch(responses=responses, ends=self._ends)
+                    self._ends = []
                     yield batch
-                    flushed.set_result(None)
         finally:
             reader.cancel()
             for task in list(self._tasks.values()):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-
-    @staticmethod
-    def _loop_future() -> asyncio.Future[None]:
-        return asyncio.get_running_loop().create_future()
 
     async def _read(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
         try:
@@ -112,15 +144,10 @@ class Multiplexer:
         task.add_done_callback(lambda _: self._finished(rid, task))
 
     async def _run(self, request: pb.GenerateRequest, metadata: Metadata) -> None:
-        rid, finished = request.request_id, False
-        stream = self._responses(request, metadata)
+        rid = request.request_id
+        outbox = _Tracked(self)
         try:
-            async for msg in stream:
-                finished = msg.finished
-                self._outbox.append(msg)
-                self._ready.set()
-                if not finished:  # shielded: a cancelled request leaves the batch's future
-                    await asyncio.shield(self._flushed)
+            await self._run_request(request, metadata, outbox)
         except RequestRefused as refused:
             self._end(rid, refused.code, refused.details)
             return
@@ -128,11 +155,7 @@ class Multiplexer:
             logger.exception("request %s failed on its multiplexed stream", rid)
             self._end(rid, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
-        finally:
-            # Cancelled while waiting for a write, the stream is not at an await of its own:
-            # closing it runs its cleanup now (the engine and prefill aborts).
-            await stream.aclose()
-        if not finished:
+        if not outbox.finished:
             self._end(rid, grpc.StatusCode.INTERNAL, "the request ended before its last token")
 
     def _end(self, rid: str, code: grpc.StatusCode, details: str) -> None:
@@ -143,3 +166,67 @@ class Multiplexer:
         if self._tasks.get(rid) is task:
             del self._tasks[rid]
         self._ready.set()
+
+
+class _Tracked:
+    """One request's outbox on a Multiplexer: notes whether its finished item was put."""
+
+    def __init__(self, target: Outbox) -> None:
+        self._target = target
+        self.finished = False
+
+    def put(self, item: Pending) -> None:
+        self.finished = self.finished or item.finished
+        self._target.put(item)
+
+
+class _Queue:
+    """`one_stream`'s outbox: the request's items in order; None once `run` ended."""
+
+    def __init__(self) -> None:
+        self.items: asyncio.Queue[Pending | None] = asyncio.Queue()
+
+    def put(self, item: Pending | None) -> None:
+        self.items.put_nowait(item)
+
+    def take(self, first: Pending) -> tuple[Pending, bool]:
+        """`first` merged with the items queued behind it (up to a finished one); True
+        when the end of the run was among them."""
+        ended = False
+        while not first.finished and not self.items.empty():
+            item = self.items.get_nowait()
+            if item is None:
+                ended = True
+                break
+            first = first.merge(item)
+        return first, ended
+
+
+async def one_stream(
+    run: Run, request: pb.GenerateRequest, metadata: Metadata
+) -> AsyncIterator[pb.GenerateResponse]:
+    """`Generate`: the request's messages (merged while the caller falls behind); raises
+    what `run` raised (RequestRefused). Closing the iterator early cancels the run."""
+    outbox = _Queue()
+
+    async def run_then_end() -> None:
+        try:
+            await run(request, metadata, outbox)
+        finally:
+            outbox.put(None)
+
+    task = asyncio.get_running_loop().create_task(run_then_end())
+    try:
+        ended = False
+        while not ended:
+            first = await outbox.items.get()
+            if first is None:
+                break
+            item, ended = outbox.take(first)
+            yield item.message()
+        await task  # re-raises what ended the run
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

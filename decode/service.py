@@ -1,7 +1,7 @@
 """The decode node's gRPC service (`Decode` in protocol/node.proto).
 
 `GenerateMany` (bidirectional, decode/multiplex.py) carries many requests over one stream
-per router, each run as `Generate` runs it (`responses`); what follows holds for both.
+per router, each run as `Generate` runs it (`run`); what follows holds for both.
 
 `Generate` (server stream), from the router:
 - with `prefill_node` set and n == 1: add the request with `RemotePrefillParams`; the
@@ -13,10 +13,11 @@ per router, each run as `Generate` runs it (`responses`); what follows holds for
 - otherwise: prefill locally (aggregated mode, or conditional disaggregation).
 Token deltas stream back as they are generated, coalesced: one message carries every
 token the request got since the previous one (one per engine step while the stream keeps
-up, or per `--stream-interval` tokens). The last message carries usage and metrics; with
-`trace_timing`, every message carries its StreamTiming (engine step end, step time,
-hand-off to gRPC). A cancelled stream (client gone) aborts the request here and on the
-prefill node.
+up, or per `--stream-interval` tokens). The engine hands them to the request's
+`StreamedRequest` (decode/streamed_request.py) without waking a task per request. The
+last message carries usage and metrics; with `trace_timing`, every message carries its
+StreamTiming (engine step end, step time, hand-off to gRPC). A cancelled stream (client
+gone) aborts the request here and on the prefill node.
 
 Tracing (decode/generate_spans.py): the call is a "Decode.Generate" span, child of the
 router's span named in the call's metadata; under it "prefill rpc" (whose context goes to
@@ -31,20 +32,26 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from splitserve.decode.generate_spans import GenerateSpans
-from splitserve.decode.multiplex import Metadata, Multiplexer, RequestRefused
+from splitserve.decode.multiplex import (
+    Metadata,
+    Multiplexer,
+    Outbox,
+    RequestRefused,
+    one_stream,
+)
 from splitserve.decode.remote_prefill import (
     RemotePrefillInfo,
     RemotePrefillParams,
     RemotePrefills,
     TransferMetrics,
 )
-from splitserve.decode.responses import DeltaBuffer, generate_response, stamp_timing
+from splitserve.decode.streamed_request import StreamedRequest
 from splitserve.engine.core import EngineCore
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import RemotePlan
@@ -108,7 +115,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            async for msg in self.responses(request, context.invocation_metadata()):
+            async for msg in one_stream(self.run, request, context.invocation_metadata()):
                 yield msg
         except RequestRefused as refused:
             await context.abort(refused.code, refused.details)
@@ -116,20 +123,18 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
     async def GenerateMany(
         self, requests: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StepBatch]:
-        async for batch in Multiplexer(self.responses).serve(requests):
+        async for batch in Multiplexer(self.run).serve(requests):
             yield batch
 
-    async def responses(
-        self, request: pb.GenerateRequest, metadata: Metadata
-    ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """One request's stream messages (Generate and GenerateMany); RequestRefused when
-        the node is draining or the request is invalid."""
+    async def run(self, request: pb.GenerateRequest, metadata: Metadata, outbox: Outbox) -> None:
+        """Run one request (Generate and GenerateMany), its messages to `outbox`, until
+        its finished message was put there; RequestRefused when the node is draining or
+        the request is invalid."""
         if self.runtime.is_draining:
             raise RequestRefused(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
         started = time.monotonic()
         rid = request.request_id
         log_context.REQUEST_ID.set(rid)  # this RPC's task: its log lines name the request
-        prompt = list(request.prompt_token_ids)
         try:
             params = sampling_params_from_proto(request.sampling_params)
         except ValueError as exc:
@@ -139,41 +144,32 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             node = None  # n > 1 samples several first tokens: prefill here
         spans = self._generate_spans(request, metadata, node)
         kv_params = None if node is None else self._remote_params(rid, request, node, spans)
-        finish: str | None = None
-        first_token_time: float | None = None
-        num_completion_tokens = 0
+        stream = StreamedRequest(
+            request, self.runtime.config.stream_interval, outbox, spans.on_first_token
+        )
+        is_done = False
         is_first = rid not in self._open  # a duplicate id is refused by the engine below
         self._open.add(rid)
+        engine = self.runtime.engine
+        prompt = list(request.prompt_token_ids)
         try:
-            stream = self.runtime.engine.generate(rid, prompt, params, kv_params)
-            buffer = DeltaBuffer(self.runtime.config.stream_interval)
-            async for step_out in stream:
-                out = buffer.add(step_out)
-                if out is None:
-                    continue
-                if first_token_time is None and any(c.token_ids for c in out.outputs):
-                    first_token_time = time.monotonic()
-                    spans.on_first_token()
-                num_completion_tokens += sum(len(c.token_ids) for c in out.outputs)
-                extras: dict[str, Any] = {}
-                if out.finished:
-                    finish = "done"
-                    extras = await self._final(rid, out, started, first_token_time)
-                msg = generate_response(
-                    out, request.stream_options, len(prompt), num_completion_tokens, **extras
-                )
-                if request.trace_timing:
-                    stamp_timing(msg, out)
-                yield msg
+            await engine.add(rid, prompt, params, kv_params, stream.on_output)
+            try:
+                out = await stream.last
+            finally:
+                await engine.close(rid, stream.last.done())
+            stream.send_last(out, await self._final(rid, out, started, stream.first_token_time))
+            is_done = True
         except ValueError as exc:
             spans.rpc.fail(str(exc))
             raise RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         finally:
             if is_first:
                 self._open.discard(rid)
-            if node is not None and finish is None:
+            if node is not None and not is_done:
                 self._spawn(self._abort_on(node.grpc_address, rid))
-            spans.finish(num_completion_tokens, None if finish else "ended before its last token")
+            num_tokens = stream.num_generated
+            spans.finish(num_tokens, None if is_done else "ended before its last token")
 
     def _generate_spans(
         self, request: pb.GenerateRequest, metadata: Metadata, node: pb.NodeEndpoint | None

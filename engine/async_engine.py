@@ -10,9 +10,16 @@ EngineCore happens on that thread; other threads go through `call` (a function r
 between steps; `run` is its awaitable form on the asyncio side) or `generate`/`abort`.
 A request's grammar is compiled on a worker thread before it is added (`compile_grammar`).
 
-Streaming is coalesced: when a request's consumer wakes up to several queued outputs (the
-event loop or the client fell behind the engine), `generate` yields them as one delta, so a
-slow consumer catches up with one message instead of falling further behind.
+Two ways to follow a request, on the asyncio side:
+- `generate` yields its outputs as deltas. Streaming is coalesced: when the consumer wakes
+  up to several queued outputs (the event loop or the client fell behind the engine), they
+  come as one delta, so a slow consumer catches up with one message instead of falling
+  further behind.
+- `add` hands each output to a plain function (`on_output`, run on the caller's event
+  loop). A step's outputs reach every such function in one wake-up of the loop, with no
+  task woken per request: the node's multiplexed streams (decode/multiplex.py) take
+  hundreds of requests' tokens per step this way. The caller ends the request with
+  `close` once its last output arrived, or earlier (which aborts it).
 Each output's `metrics["first_scheduled_s"]` is the `time.monotonic()` at which its
 request was first scheduled (absent before that: a first token that came with remote KV);
 `metrics["step_end_s"]` is the `time.monotonic()` at which the engine step
@@ -51,12 +58,17 @@ _IDLE_WAIT_S = 0.05
 _BUSY_WAIT_S = 0.0005
 
 
-class _Stream:
-    """A request's output queue on the asyncio side."""
+OnOutput = Callable[[RequestOutput], None]
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, collector: OutputCollector) -> None:
+
+class _Stream:
+    """Where a request's outputs go on the asyncio side: `on_output` on `loop`."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_output: OnOutput, collector: OutputCollector
+    ) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.on_output = on_output
         self.collector = collector
 
 
@@ -111,10 +123,35 @@ class AsyncEngine:
         kv_params: object | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs as deltas until it finishes; `kv_params`
-        goes to the KV connector (`EngineCore.add_request`). If the caller goes away while
-        the request is being added, it is aborted once added."""
+        goes to the KV connector (`EngineCore.add_request`). If the caller goes away, the
+        request is aborted."""
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        await self.add(request_id, prompt_token_ids, params, kv_params, queue.put_nowait)
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                while not out.finished and not queue.empty():
+                    out = merge_deltas(out, queue.get_nowait())
+                finished = out.finished
+                yield out
+        finally:
+            await self.close(request_id, finished)
+
+    async def add(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        kv_params: object | None,
+        on_output: OnOutput,
+    ) -> None:
+        """Add a request whose outputs (deltas; the last one `finished`) go to
+        `on_output` on this event loop; ValueError when it is refused. If the caller goes
+        away while the request is being added, it is aborted once added. The caller
+        ends it with `close`."""
         await self.compile_grammar(params)
-        stream = self._open(request_id, prompt_token_ids, params)
+        self._open(request_id, prompt_token_ids, params, on_output)
         admission = self.call(
             lambda core: core.add_request(request_id, prompt_token_ids, params, kv_params)
         )
@@ -124,17 +161,13 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             admission.add_done_callback(lambda f: self._abandon(f, request_id))  # any thread
             raise
-        finished = False
+
+    async def close(self, request_id: str, finished: bool) -> None:
+        """Stop delivering a request's outputs; one not `finished` is aborted."""
         try:
-            while not finished:
-                out = await stream.queue.get()
-                while not out.finished and not stream.queue.empty():
-                    out = merge_deltas(out, stream.queue.get_nowait())
-                finished = out.finished
-                yield out
-        finally:
             if not finished:
                 await self.abort(request_id)
+        finally:
             self._streams.pop(request_id, None)
 
     async def compile_grammar(self, params: SamplingParams) -> None:
@@ -151,14 +184,17 @@ class AsyncEngine:
         self.call(lambda core: core.abort(request_id))
 
     def _open(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> _Stream:
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        on_output: OnOutput,
+    ) -> None:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
         collector = OutputCollector(request_id, None, list(prompt_token_ids), params.n)
-        stream = _Stream(asyncio.get_running_loop(), collector)
+        stream = _Stream(asyncio.get_running_loop(), on_output, collector)
         self._streams[request_id] = stream
-        return stream
 
     async def abort(self, request_id: str) -> None:
         self._deliver(await self.run(lambda core: core.abort(request_id)))
@@ -245,6 +281,9 @@ class AsyncEngine:
 
 
 def _put_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
-    """On the event loop: queue one step's outputs for their consumers."""
+    """On the event loop: hand one step's outputs to their consumers."""
     for stream, result in batch:
-        stream.queue.put_nowait(result)
+        try:
+            stream.on_output(result)
+        except Exception:  # one consumer's bug must not cost the others their outputs
+            logger.exception("output consumer of request %s failed", result.request_id)

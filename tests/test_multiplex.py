@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-from splitserve.decode.multiplex import Metadata, Multiplexer, RequestRefused
+from splitserve.decode.multiplex import Metadata, Multiplexer, Outbox, Pending, RequestRefused
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
 from splitserve.router.multiplex import NodeStream
@@ -35,9 +35,7 @@ class _Steps:
             self.number += 1
             self.step.notify_all()
 
-    async def responses(
-        self, request: pb.GenerateRequest, metadata: Metadata
-    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+    async def run(self, request: pb.GenerateRequest, metadata: Metadata, outbox: Outbox) -> None:
         rid = request.request_id
         self.trace[rid] = metadata
         if rid.startswith("bad"):
@@ -48,14 +46,29 @@ class _Steps:
                 async with self.step:
                     await self.step.wait_for(lambda seen=seen: self.number > seen)
                     seen = self.number
-                yield pb.GenerateResponse(
-                    request_id=rid,
-                    deltas=[pb.CompletionDelta(token_ids=[i])],
-                    finished=i == NUM_STEPS - 1,
-                )
-        except (asyncio.CancelledError, GeneratorExit):  # cancelled, or closed while waiting
+                outbox.put(_Tokens(rid, [i], i == NUM_STEPS - 1))
+        except asyncio.CancelledError:
             self.cancelled.append(rid)
             raise
+
+
+class _Tokens:
+    """A scripted request's unsent message (decode/multiplex.py's `Pending`)."""
+
+    def __init__(self, request_id: str, token_ids: list[int], finished: bool) -> None:
+        self.request_id = request_id
+        self.token_ids = token_ids
+        self.finished = finished
+
+    def merge(self, later: Pending) -> Pending:
+        assert isinstance(later, _Tokens)
+        return _Tokens(self.request_id, self.token_ids + later.token_ids, later.finished)
+
+    def message(self) -> pb.GenerateResponse:
+        delta = pb.CompletionDelta(token_ids=self.token_ids)
+        return pb.GenerateResponse(
+            request_id=self.request_id, deltas=[delta], finished=self.finished
+        )
 
 
 class _Servicer(pb_grpc.DecodeServicer):
@@ -63,7 +76,7 @@ class _Servicer(pb_grpc.DecodeServicer):
         self.steps = steps
 
     async def GenerateMany(self, requests, context):  # type: ignore[override]
-        async for batch in Multiplexer(self.steps.responses).serve(requests):
+        async for batch in Multiplexer(self.steps.run).serve(requests):
             self.steps.batches.append(len(batch.responses))
             yield batch
 
@@ -171,5 +184,39 @@ def test_a_dead_node_fails_every_open_request_and_the_next_call_reconnects() -> 
             await asyncio.wait_for(again.read(), 10)
         await stream.close()
         await channel.close()
+
+    asyncio.run(main())
+
+
+def test_a_reader_that_fell_behind_gets_one_merged_message_per_request() -> None:
+    """The node side alone: while nobody takes the next batch, each request's messages
+    merge into one, so the batch after the pause carries one message per request."""
+
+    async def main() -> None:
+        steps = _Steps()
+        mux = Multiplexer(steps.run)
+        opened = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.StreamRequest]:
+            for i in range(3):
+                yield pb.StreamRequest(generate=_request(f"r{i}"))
+            opened.set()
+            await asyncio.sleep(3600)
+
+        batches = mux.serve(requests())
+        taking = asyncio.ensure_future(batches.__anext__())  # serve starts reading
+        await asyncio.wait_for(opened.wait(), 10)
+        await asyncio.sleep(0.05)  # the request tasks start waiting for the first step
+        await steps.advance()
+        first = await asyncio.wait_for(taking, 10)
+        for _ in range(NUM_STEPS - 1):  # the engine runs on; nobody reads
+            await steps.advance()
+            await asyncio.sleep(0.01)
+        second = await asyncio.wait_for(batches.__anext__(), 10)
+        await batches.aclose()
+        assert sum(len(m.deltas[0].token_ids) for m in first.responses) == 3
+        assert sorted(m.request_id for m in second.responses) == ["r0", "r1", "r2"]
+        assert all(list(m.deltas[0].token_ids) == [1, 2, 3, 4, 5] for m in second.responses)
+        assert all(m.finished for m in second.responses)
 
     asyncio.run(main())

@@ -94,6 +94,47 @@ def test_one_event_loop_wake_up_per_engine_step(tiny_llama) -> None:
     assert num_wakeups <= num_steps + 8 + 4, (num_wakeups, num_steps)
 
 
+def test_added_requests_get_each_step_in_one_callback_without_a_task(tiny_llama) -> None:
+    """`AsyncEngine.add`: a step's outputs reach every request's `on_output` in one
+    callback of the loop, outside any task (no task is woken per request and step)."""
+    from splitserve.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineConfig(ModelConfig(str(tiny_llama), dtype="float32")))
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    calls: list[tuple[float, str, bool]] = []
+
+    async def main() -> dict[str, int]:
+        loop = asyncio.get_running_loop()
+        counts = {f"r{i}": 0 for i in range(6)}
+        done = {rid: loop.create_future() for rid in counts}
+
+        def on_output(out: RequestOutput) -> None:
+            calls.append(
+                (out.metrics["step_end_s"], out.request_id, asyncio.current_task() is None)
+            )
+            counts[out.request_id] += len(out.outputs[0].token_ids)
+            if out.finished:
+                done[out.request_id].set_result(None)
+
+        for rid in counts:
+            await engine.add(rid, [3, 4, 5], params, None, on_output)
+        await asyncio.wait_for(asyncio.gather(*done.values()), 120)
+        for rid in counts:
+            await engine.close(rid, True)
+        return counts
+
+    try:
+        counts = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert counts == {f"r{i}": 10 for i in range(6)}
+    assert all(outside_task for _, _, outside_task in calls)
+    steps = [step_end for step_end, _, _ in calls]
+    # One callback per step: a step's outputs come together, never interleaved with another's.
+    assert steps == sorted(steps)
+    assert max(steps.count(s) for s in set(steps)) == 6
+
+
 def _message(ids: list[int], text: str, finish: str | None = None) -> object:
     from splitserve.protocol import node_pb2 as pb
 
