@@ -70,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--multiplex-streams",
         action=argparse.BooleanOptionalAction,
         default=RouterConfig.multiplex_streams,
-        help="one Decode.GenerateMany stream per decode node for all its requests "
-        "(default: one Decode.Generate stream per request)",
+        help="one Decode.GenerateMany stream per decode node for all its requests (default; "
+        "--no-multiplex-streams: one Decode.Generate stream per request)",
     )
     add_tracing_argument(g)
     _add_https_arguments(parser)

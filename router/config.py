@@ -88,8 +88,8 @@ class RouterConfig:
     trace_stream_timing: bool = False
     # Carry every request to a decode node over one Decode.GenerateMany stream per node
     # (one message per engine step for all of them); False: one Generate stream each,
-    # which measured faster on one H200 (docs/performance.md).
-    multiplex_streams: bool = False
+    # which measured slower on one H200 (docs/performance.md).
+    multiplex_streams: bool = True
     # OTLP/gRPC collector for the router's spans (protocol/tracing.py); empty: tracing off.
     otlp_traces_endpoint: str = ""
     # How tool_choice "auto" reads the model's calls (router/tool_parsers: llama3_json,

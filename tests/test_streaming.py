@@ -214,10 +214,11 @@ def test_delta_buffer_sends_first_tokens_at_once_then_every_interval() -> None:
 
 @pytest.mark.slow  # a router and a node as processes
 def test_stream_interval_sends_fewer_messages_with_the_same_text(tiny_llama) -> None:
-    """`--stream-interval 4` on a real node, its requests carried over one multiplexed
-    stream (`--multiplex-streams`): each SSE stream carries the first token alone, then at
-    most one chunk per 4 tokens, and the text of a non-streamed request, also with four
-    streams at once."""
+    """`--stream-interval 4` on a real node, each request on its own Generate stream
+    (`--no-multiplex-streams`; the other cluster tests use the default, one multiplexed
+    stream per node): each SSE stream carries the first token alone, then at most one
+    chunk per 4 tokens, and the text of a non-streamed request, also with four streams at
+    once."""
     import re
     from concurrent.futures import ThreadPoolExecutor
 
@@ -229,7 +230,7 @@ def test_stream_interval_sends_fewer_messages_with_the_same_text(tiny_llama) -> 
         "up", "up", "--model", str(tiny_llama), "--served-model-name", "tiny",
         "--num-prefill", "0", "--num-decode", "1", "--port", "0", "--cpu",
         "--node-arg=--dtype=float32", "--node-arg=--stream-interval=4",
-        "--router-arg=--multiplex-streams",
+        "--router-arg=--no-multiplex-streams",
         ready_pattern=re.compile(r"OpenAI API: (\S+)/v1"),
     ).start(timeout_s=240)  # fmt: skip
     try:
