@@ -18,6 +18,8 @@ Output rows that belong to no sequence (past query_start_loc[-1]) are not writte
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from splitserve.kernels.attention import AttentionMetadata
@@ -27,13 +29,27 @@ from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.store_kv import store_kv
 
 
+class _MixedPlan(NamedTuple):
+    """What every layer of one mixed step reads, worked out once per step (the metadata
+    object) instead of once per layer: `decodes` leading decode rows, then the prefill
+    sequences."""
+
+    decodes: int
+    decode_max_seq_len: int
+    # The prefill sequences' query starts, from 0 (the step's own when decodes is 0).
+    query_start_loc: torch.Tensor
+    query_lens: list[int]
+    is_fresh: bool
+
+
 class TritonPagedAttention:
     """AttentionBackend over the paged pool with Triton kernels (see the module docstring).
 
     `decode_num_splits` pins the decode kernel's split count (None: chosen per batch from
     the device size and `meta.max_seq_len`); `flash_fresh_prefill` attends prefill chunks
     without cached context with torch's flash kernel (fp16/bf16 on CUDA; the registry sets
-    it where `flash_prefill_supported`)."""
+    it where `flash_prefill_supported`). A step with prefill chunks is planned once, on its
+    first layer, and the plan kept while the same metadata object comes back."""
 
     def __init__(
         self, decode_num_splits: int | None = None, flash_fresh_prefill: bool = False
@@ -42,6 +58,7 @@ class TritonPagedAttention:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
         self.decode_num_splits = decode_num_splits
         self.flash_fresh_prefill = flash_fresh_prefill
+        self._planned: tuple[AttentionMetadata, _MixedPlan] | None = None
 
     def forward(
         self,
@@ -67,9 +84,8 @@ class TritonPagedAttention:
                 out=out,
                 num_splits=self.decode_num_splits,
             )
-        decodes = meta.num_decodes
-        if not 0 < decodes < meta.num_seqs:
-            decodes = 0
+        plan = self._plan(meta, q.dtype)
+        decodes = plan.decodes
         if out is None:
             out = torch.empty_like(q)
         if decodes:
@@ -78,47 +94,49 @@ class TritonPagedAttention:
                 kv_cache,
                 meta.block_tables[:decodes],
                 meta.seq_lens[:decodes],
-                max(meta.seq_lens_cpu[:decodes]),
+                plan.decode_max_seq_len,
                 scale,
                 out=out[:decodes],
                 num_splits=self.decode_num_splits,
             )
-        self._prefill(q, k, v, kv_cache, meta, scale, decodes, out)
-        return out
-
-    def _prefill(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        decodes: int,
-        out: torch.Tensor,
-    ) -> None:
-        """The sequences after the leading `decodes` decode rows, into `out`'s rows."""
-        query_start_loc = (
-            meta.query_start_loc[decodes:] - decodes if decodes else meta.query_start_loc
-        )
-        query_lens = meta.query_lens_cpu[decodes:]
-        if (
-            self.flash_fresh_prefill
-            and q.dtype in FLASH_DTYPES
-            and is_fresh(query_lens, meta.seq_lens_cpu[decodes:])
-        ):
+        if plan.is_fresh:
             fresh_prefill_attention(
-                q[decodes:], k[decodes:], v[decodes:], query_start_loc, query_lens, scale,
-                out=out[decodes:],
+                q[decodes:], k[decodes:], v[decodes:], plan.query_start_loc, plan.query_lens,
+                scale, out=out[decodes:],
             )  # fmt: skip
-            return
+            return out
         prefill_attention(
             q[decodes:],
             kv_cache,
             meta.block_tables[decodes:],
             meta.seq_lens[decodes:],
-            query_start_loc,
+            plan.query_start_loc,
             meta.max_query_len,
             scale,
             out=out[decodes:],
         )
+        return out
+
+    def _plan(self, meta: AttentionMetadata, dtype: torch.dtype) -> _MixedPlan:
+        """The step's plan: kept from the layer before when `meta` is the same object."""
+        if self._planned is not None and self._planned[0] is meta:
+            return self._planned[1]
+        decodes = meta.num_decodes
+        if not 0 < decodes < meta.num_seqs:
+            decodes = 0
+        query_lens = meta.query_lens_cpu[decodes:]
+        plan = _MixedPlan(
+            decodes=decodes,
+            decode_max_seq_len=max(meta.seq_lens_cpu[:decodes], default=0),
+            query_start_loc=(
+                meta.query_start_loc[decodes:] - decodes if decodes else meta.query_start_loc
+            ),
+            query_lens=query_lens,
+            is_fresh=(
+                self.flash_fresh_prefill
+                and dtype in FLASH_DTYPES
+                and is_fresh(query_lens, meta.seq_lens_cpu[decodes:])
+            ),
+        )
+        self._planned = (meta, plan)
+        return plan

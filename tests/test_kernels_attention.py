@@ -325,6 +325,30 @@ def test_fresh_prefills_take_the_flash_kernel(num_decodes: int, dtype, monkeypat
         _assert_written_and_close(out[:rows], ref[:rows], dtype)
 
 
+def test_a_mixed_step_is_planned_once_for_all_its_layers(monkeypatch) -> None:
+    """The layers of one step share its metadata object: the split into decode rows and
+    prefill sequences (and the shifted query starts, a device op) is worked out on the
+    first layer only, and a new step's metadata gets a new plan."""
+    from splitserve.kernels import backend
+
+    cases = sorted(MIXED_CASES, key=lambda c: c[1] != 1)
+    batch = _batch(cases, 4, 64, 16, torch.float32, seed=5)
+    meta = dataclasses.replace(batch.meta, num_decodes=sum(c[1] == 1 for c in cases))
+    planned: list[int] = []
+    plan = backend._MixedPlan
+    monkeypatch.setattr(backend, "_MixedPlan", lambda **kw: planned.append(1) or plan(**kw))
+    attention = TritonPagedAttention(flash_fresh_prefill=True)
+    ref_pool = batch.pool.clone()
+    ref = TorchPagedAttention().forward(batch.q, batch.k, batch.v, ref_pool[:, 1], meta, 0.125)
+    rows = batch.num_seq_rows
+    for _layer in range(3):  # one pool layer stands for every layer of the step
+        out = attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta, 0.125)
+        _assert_written_and_close(out[:rows], ref[:rows], torch.float32)
+    assert len(planned) == 1
+    attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, dataclasses.replace(meta), 0.125)
+    assert len(planned) == 2
+
+
 def test_wrappers_reject_bad_arguments() -> None:
     batch = _batch([(3, 1), (0, 5)], 1, 64, 16, torch.float32, seed=0)
     meta, scale = batch.meta, 0.125
