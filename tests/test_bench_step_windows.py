@@ -1,0 +1,45 @@
+"""The step-window benchmark on the tiny model (CPU): decode steps timed one by one, and
+windows of the step that carries a fresh prompt plus three decode steps, each window's
+prompt running to its two tokens while the batch keeps decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitserve.benchmarks import step_windows
+
+
+def test_windows_hold_the_prompt_step_and_three_decode_steps(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    added: list[tuple[int, int]] = []
+    make = step_windows.splitserve_engine
+
+    def spied(args):  # every request the procedure adds: (prompt length, max_tokens)
+        engine = make(args)
+        add = engine.add
+        engine.add = lambda rid, ids, max_tokens: (
+            added.append((len(ids), max_tokens)) or add(rid, ids, max_tokens)
+        )
+        return engine
+
+    monkeypatch.setattr(step_windows, "splitserve_engine", spied)
+    out = tmp_path / "windows.json"
+    argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--dtype", "float32"]
+    argv += ["--batch", "3", "--context", "20", "--prompt", "24", "--windows", "2"]
+    result = step_windows.main([*argv, "--prompt-id-limit", "200", "--out", str(out)])
+    assert json.loads(out.read_text())["mixed_step_ms_est"] == result["mixed_step_ms_est"]
+    assert added == [(20, 1_000_000)] * 3 + [(24, 2)] * 2
+    assert len(result["windows_ms"]) == 2 and result["decode_ms_median"] > 0
+    assert result["mixed_window_ms_median"] > result["decode_ms_median"]
+    assert result["engine"] == "splitserve" and result["git_commit"] and result["command"]
+
+
+def test_profile_needs_a_device(tiny_llama: Path) -> None:
+    if step_windows.torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit):
+        step_windows.parse_args(["--engine", "splitserve", "--model", str(tiny_llama), "--profile"])
