@@ -11,6 +11,11 @@ Who calls what, in what order (a handler of /v1/completions or /v1/chat/completi
         ...                        # raises APIError when a node fails mid-stream
     await streams.aclose()         # always (finally): cancels what still runs
 
+Each attempt of a prompt relays its node stream's messages into the queue as they come
+(`_Relay`): over a multiplexed stream the stream's reader calls `_Relay.take` directly
+(`MultiplexedCall.listen`), and the attempt's task only waits for the stream's end or its
+silence; over a `Generate` call the task reads each message and hands it on.
+
 A prompt whose stream ends without its `finished` message (client gone, error, cancel) has
 its gRPC call cancelled and `Decode.Abort` sent for its request id; the decode node passes
 the abort on to the prefill node.
@@ -51,7 +56,9 @@ from splitserve.protocol.tracing import (
     Span,
 )
 from splitserve.router.coalesce import StreamItem, coalesce
+from splitserve.router.config import RouterConfig
 from splitserve.router.errors import APIError, from_grpc_error
+from splitserve.router.multiplex import MultiplexedCall
 from splitserve.router.node_clients import GenerateCall
 from splitserve.router.policy import RouteDecision
 from splitserve.router.prepare import PreparedRequest
@@ -60,7 +67,6 @@ from splitserve.router.service import RouterService
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2
-_QUEUE_SIZE = 1024
 
 
 class _StreamFailed(Exception):
@@ -95,7 +101,7 @@ class PromptStreams:
         self.prepared = prepared
         # The HTTP request's span: parent of each attempt's "route" and "generate" spans.
         self.span = span
-        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue(maxsize=_QUEUE_SIZE)
+        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._buffer: list[StreamItem] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._last_token_s: dict[int, float] = {}
@@ -131,6 +137,10 @@ class PromptStreams:
             pending = [await self._queue.get()]
             while not self._queue.empty():
                 pending.append(self._queue.get_nowait())
+
+    def deliver(self, item: StreamItem) -> None:
+        """A prompt's next message (its attempt's relay, on the event loop)."""
+        self._queue.put_nowait(item)
 
     async def aclose(self) -> None:
         running = [t for t in self._tasks if not t.done()]
@@ -279,43 +289,102 @@ class PromptStreams:
         service.track(decision.decode)
         if prefill is not None:
             service.track(prefill)
-        received_any = is_finished = is_unreachable = False
-        stream_span, num_messages = NO_SPAN, 0
+        relay = _Relay(self, index, decision, span)
+        is_unreachable = False
         try:
-            while (msg := await self._next_message(call, received_any)) is not None:
-                if not received_any:
-                    stream_span = service.tracer.start_span("stream", span)
-                    if prefill is not None:
-                        service.untrack(prefill)
-                received_any, num_messages = True, num_messages + 1
-                received = 0.0
-                if msg.HasField("timing"):
-                    received = time.monotonic()
-                    service.metrics.observe_node_timing(msg.timing, received)
-                if msg.finished and msg.HasField("metrics"):
-                    service.metrics.observe_request_metrics(msg.metrics)
-                await self._queue.put(StreamItem(index, msg, None, received))
-                if msg.finished:
-                    is_finished = True
-                    return
-            raise APIError(
-                502,
-                f"decode node {decision.decode.node_id} ended the stream of "
-                f"{request.request_id} without a final message",
-                code="node_error",
-            )
+            if isinstance(call, MultiplexedCall):
+                call.listen(relay.take)
+                await relay.until_done(service.config)
+            else:
+                while not relay.is_finished:
+                    msg = await self._next_message(call, relay.received_any)
+                    if msg is None:
+                        break
+                    relay.take(msg)
+            if not relay.is_finished:
+                raise APIError(
+                    502,
+                    f"decode node {decision.decode.node_id} ended the stream of "
+                    f"{request.request_id} without a final message",
+                    code="node_error",
+                )
         except grpc.aio.AioRpcError as exc:
-            is_unreachable = not received_any and exc.code() == grpc.StatusCode.UNAVAILABLE
-            raise _StreamFailed(exc, received_any) from exc
+            is_unreachable = not relay.received_any and exc.code() == grpc.StatusCode.UNAVAILABLE
+            raise _StreamFailed(exc, relay.received_any) from exc
         finally:
-            stream_span.set("splitserve.num_messages", num_messages)
-            if not is_finished:
-                stream_span.fail("the stream ended before its final message")
-            stream_span.end()
+            relay.end_span()
             service.untrack(decision.decode)
-            if prefill is not None and not received_any:
+            if prefill is not None and not relay.received_any:
                 service.untrack(prefill)
-            if not is_finished:
+            if not relay.is_finished:
                 call.cancel()
                 if not is_unreachable:
                     service.clients.abort_soon(decision.decode, [request.request_id])
+
+
+class _Relay:
+    """One attempt's messages into its PromptStreams' queue, each as it arrives: from the
+    multiplexed stream's reader (`take` is its listener: no task woken per message) or
+    from the loop over a Generate call's reads. `until_done` waits for the last message or
+    the error that ends the stream, and raises `_StreamStalled` past the silence allowed."""
+
+    def __init__(
+        self, streams: PromptStreams, index: int, decision: RouteDecision, span: Span
+    ) -> None:
+        self._streams = streams
+        self._index = index
+        self._decision = decision
+        self._span = span
+        self._stream_span: Span = NO_SPAN
+        self._done = asyncio.Event()
+        self._error: grpc.aio.AioRpcError | None = None
+        self._last_s = time.monotonic()
+        self.received_any = False
+        self.is_finished = False
+        self.num_messages = 0
+
+    def take(self, item: pb.GenerateResponse | grpc.aio.AioRpcError) -> None:
+        self._last_s = time.monotonic()
+        if isinstance(item, grpc.aio.AioRpcError):
+            self._error = item
+            self._done.set()
+            return
+        service = self._streams.service
+        if not self.received_any:
+            self._stream_span = service.tracer.start_span("stream", self._span)
+            if self._decision.prefill is not None:
+                service.untrack(self._decision.prefill)
+        self.received_any, self.num_messages = True, self.num_messages + 1
+        received = 0.0
+        if item.HasField("timing"):
+            received = self._last_s
+            service.metrics.observe_node_timing(item.timing, received)
+        if item.finished and item.HasField("metrics"):
+            service.metrics.observe_request_metrics(item.metrics)
+        self._streams.deliver(StreamItem(self._index, item, None, received))
+        if item.finished:
+            self.is_finished = True
+            self._done.set()
+
+    async def until_done(self, config: RouterConfig) -> None:
+        while not self._done.is_set():
+            allowed_s = (
+                config.stream_idle_timeout_s
+                if self.received_any
+                else config.first_message_timeout_s
+            )
+            left_s = self._last_s + allowed_s - time.monotonic()
+            if left_s <= 0:
+                raise _StreamStalled(allowed_s, self.received_any)
+            try:
+                await asyncio.wait_for(self._done.wait(), left_s)
+            except TimeoutError:
+                continue  # a message may have come meanwhile: the deadline moved
+        if self._error is not None:
+            raise self._error
+
+    def end_span(self) -> None:
+        self._stream_span.set("splitserve.num_messages", self.num_messages)
+        if not self.is_finished:
+            self._stream_span.fail("the stream ended before its final message")
+        self._stream_span.end()

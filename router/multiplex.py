@@ -2,10 +2,13 @@
 decode node carries every request the router sends there.
 
 Who calls what: `NodeClients.open_generate(node, request, metadata)` returns a
-`MultiplexedCall`, which `router/generation.py` reads exactly like the `Generate` call
-it replaces: `await call.read()` gives the request's next GenerateResponse (`grpc.aio.EOF`
-once its finished message was read), or raises `grpc.aio.AioRpcError`; `cancel()` tells
-the node the client went away. Behind it, `NodeStream` (one per node address):
+`MultiplexedCall`, which reads like the `Generate` call it replaces: `await call.read()`
+gives the request's next GenerateResponse (`grpc.aio.EOF` once its finished message was
+read), or raises `grpc.aio.AioRpcError`; `cancel()` tells the node the client went away.
+Or, what `router/generation.py` does, `call.listen(on_item)` hands every item (each
+message, then the error that ended it, if any) to `on_item` as the reader takes it off the
+stream, in the reader's own callback: no task is woken per message. Behind it,
+`NodeStream` (one per node address):
 - opens the GenerateMany call on first use and reopens it after it broke;
 - a writer task sends queued StreamRequests in order (gRPC allows one write at a time);
 - a reader task hands each StepBatch's messages to their requests' queues, and a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -47,6 +51,29 @@ class MultiplexedCall:
         self.request_id = request_id
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._ended = False
+        self._listener: Callable[[_Item], None] | None = None
+
+    def listen(self, on_item: Callable[[_Item], None]) -> None:
+        """From now on hand each item to `on_item` (on the event loop, from the stream's
+        reader) instead of queueing it for `read`; what already queued goes first."""
+        self._listener = on_item
+        while not self.queue.empty():
+            self.put(self.queue.get_nowait())
+
+    def put(self, item: _Item) -> None:
+        """The stream's reader: the request's next message, or the error that ended it."""
+        if self._listener is None:
+            self.queue.put_nowait(item)
+            return
+        if self._ended:
+            return
+        if isinstance(item, grpc.aio.AioRpcError) or item.finished:
+            self._ended = True
+            self._stream.close_request(self.request_id)
+        try:
+            self._listener(item)
+        except Exception:  # one request's bug must not cost the others their messages
+            logger.exception("consumer of request %s failed", self.request_id)
 
     async def read(self) -> pb.GenerateResponse | Any:
         if self._ended:
@@ -130,18 +157,18 @@ class NodeStream:
             self._outgoing = None  # the next request opens a new call
         outgoing.put_nowait(None)
         for call in list(self._calls.values()):
-            call.queue.put_nowait(error)
+            call.put(error)
         self._calls.clear()
 
     def _deliver(self, batch: pb.StepBatch) -> None:
         for msg in batch.responses:
             call = self._calls.get(msg.request_id)
             if call is not None:
-                call.queue.put_nowait(msg)
+                call.put(msg)
         for end in batch.ends:
             call = self._calls.get(end.request_id)
             if call is not None:
-                call.queue.put_nowait(_rpc_error(_status_code(end.code), end.details))
+                call.put(_rpc_error(_status_code(end.code), end.details))
 
     async def close(self) -> None:
         if self._outgoing is not None:

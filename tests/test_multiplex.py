@@ -220,3 +220,40 @@ def test_a_reader_that_fell_behind_gets_one_merged_message_per_request() -> None
         assert all(m.finished for m in second.responses)
 
     asyncio.run(main())
+
+
+def test_a_listener_gets_every_message_from_the_reader_without_a_task_per_request() -> None:
+    """`listen`: what queued before it first, then each message as the stream's reader
+    takes it off the StepBatch, all in the reader's task (none woken per request or per
+    message); the finished message ends the call."""
+
+    async def main() -> None:
+        steps = _Steps()
+        server, channel = await _serve(steps)
+        stream = NodeStream(pb_grpc.DecodeStub(channel))
+        calls = [stream.open(_request(f"r{i}"), ()) for i in range(3)]
+        got: dict[str, list[int]] = {c.request_id: [] for c in calls}
+        tasks: set[asyncio.Task | None] = set()
+        done = asyncio.get_running_loop().create_future()
+
+        def listener(msg: pb.GenerateResponse) -> None:
+            tasks.add(asyncio.current_task())
+            got[msg.request_id] += list(msg.deltas[0].token_ids)
+            if msg.finished and all(len(t) == NUM_STEPS for t in got.values()):
+                done.set_result(None)
+
+        driver = asyncio.ensure_future(_drive(steps, calls, done))
+        while any(c.queue.empty() for c in calls):  # messages queue before anyone listens
+            await asyncio.sleep(0.005)
+        for call in calls:
+            call.listen(listener)
+        await asyncio.wait_for(done, 20)
+        await driver
+        assert got == {c.request_id: list(range(NUM_STEPS)) for c in calls}
+        assert len(tasks - {None}) <= 2  # the test's own (queued items) and the reader's
+        assert not stream._calls  # every call ended with its finished message
+        await stream.close()
+        await channel.close()
+        await _stop(server)
+
+    asyncio.run(main())
