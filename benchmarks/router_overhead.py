@@ -6,10 +6,13 @@
 Starts a redis-server, one decode node (`--device cpu`, the built-in tiny model unless
 `--model`, prefix caching off) and one router, each its own process, then `--runs` times
 opens `--streams` streaming completions at once (random 32-token prompts, `--tokens` out,
-ignore_eos) over raw sockets and reads them to the end, counting the SSE data frames. The
-router's CPU time (user + system, from /proc) over each run, divided by the frames it
-wrote, is its cost per streamed token: the node stream's read, the hand-over to the
-request, the SSE frame and its write. A warm-up run comes first and is not counted.
+ignore_eos, usage in a last chunk) over raw sockets and reads them to the end, counting
+the SSE data frames and the completion tokens their usage chunks report. The router's CPU
+time (user + system, from /proc) over each run, divided by the tokens it streamed, is its
+cost per streamed token: the node stream's read, the hand-over to the request, the SSE
+frame and its write. A router that fell behind sends a prompt's queued tokens in one frame
+(router/coalesce.py), so a run may have fewer frames than tokens. A warm-up run comes first
+and is not counted.
 
 The node's steps and the client share the machine with the router, so wall times depend
 on the machine; CPU time per frame much less. Linux only (/proc).
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import time
 from contextlib import ExitStack
@@ -36,6 +40,7 @@ from splitserve.launch.redis_server import RedisServer
 logger = logging.getLogger(__name__)
 PROMPT_TOKENS = 32
 PROMPT_ID_LIMIT = 1000  # below the tiny model's vocabulary
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 def cpu_seconds(pid: int) -> float:
@@ -44,8 +49,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _one_stream(host: str, port: int, model: str, tokens: int, seed: int) -> int:
-    """One streaming completion read to its end: the number of data frames it carried."""
+async def _one_stream(host: str, port: int, model: str, tokens: int, seed: int) -> tuple[int, int]:
+    """One streaming completion read to its end: the data frames it carried, and the
+    completion tokens its usage chunk counts."""
     rng = random.Random(seed)
     body = json.dumps(
         {
@@ -53,6 +59,7 @@ async def _one_stream(host: str, port: int, model: str, tokens: int, seed: int) 
             "prompt": [rng.randrange(5, PROMPT_ID_LIMIT) for _ in range(PROMPT_TOKENS)],
             "max_tokens": tokens,
             "stream": True,
+            "stream_options": {"include_usage": True},
             "ignore_eos": True,
         }
     ).encode()
@@ -70,15 +77,17 @@ async def _one_stream(host: str, port: int, model: str, tokens: int, seed: int) 
             break
         data += chunk
     writer.close()
-    return data.count(b'data: {"')
+    usage = _COMPLETION_TOKENS.findall(data)
+    return data.count(b'data: {"') - 1, int(usage[-1]) if usage else 0  # less the usage chunk
 
 
-async def _run(url: str, model: str, streams: int, tokens: int, seed: int) -> int:
+async def _run(url: str, model: str, streams: int, tokens: int, seed: int) -> tuple[int, int]:
+    """Frames and completion tokens of `streams` completions run at once."""
     host, port = url.split("://", 1)[-1].rsplit(":", 1)
     counts = await asyncio.gather(
         *(_one_stream(host, int(port), model, tokens, seed * 100_000 + i) for i in range(streams))
     )
-    return sum(counts)
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def measure(router: ManagedProcess, model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -87,15 +96,16 @@ def measure(router: ManagedProcess, model: str, args: argparse.Namespace) -> lis
     runs = []
     for index in range(1, args.runs + 1):
         cpu, started = cpu_seconds(router.pid), time.monotonic()
-        frames = asyncio.run(_run(url, model, args.streams, args.tokens, seed=index))
+        frames, tokens = asyncio.run(_run(url, model, args.streams, args.tokens, seed=index))
         wall_s = time.monotonic() - started
         cpu_s = cpu_seconds(router.pid) - cpu
         runs.append(
             {
                 "frames": frames,
+                "tokens": tokens,
                 "wall_s": wall_s,
                 "router_cpu_s": cpu_s,
-                "router_cpu_us_per_frame": cpu_s / max(1, frames) * 1e6,
+                "router_cpu_us_per_token": cpu_s / max(1, tokens) * 1e6,
             }
         )
         logger.info("run %d: %s", index, runs[-1])
@@ -147,16 +157,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         router = start_cluster(stack, args.model, args.router_arg)
         runs = measure(router, args.model, args)
-    per_frame = statistics.median(r["router_cpu_us_per_frame"] for r in runs)
+    per_token = statistics.median(r["router_cpu_us_per_token"] for r in runs)
     result = {
         **provenance("cpu"),
         "streams": args.streams,
         "tokens": args.tokens,
         "router_args": args.router_arg,
         "runs": runs,
-        "router_cpu_us_per_frame_median": per_frame,
+        "router_cpu_us_per_token_median": per_token,
     }
-    logger.info("router CPU per streamed token: %.1f us (median of %d runs)", per_frame, len(runs))
+    logger.info("router CPU per streamed token: %.1f us (median of %d runs)", per_token, len(runs))
     write_result(args.out, result)
     return result
 
