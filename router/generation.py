@@ -167,11 +167,11 @@ class PromptStreams:
         try:
             await self._run(index)
         except APIError as exc:
-            await self._queue.put(StreamItem(index, None, exc))
+            self.deliver(StreamItem(index, None, exc))
         except Exception as exc:
             logger.exception("prompt %d of %s failed", index, self.prepared.request_id)
             error = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
-            await self._queue.put(StreamItem(index, None, error))
+            self.deliver(StreamItem(index, None, error))
 
     async def _run(self, index: int) -> None:
         excluded: set[NodeId] = set()
