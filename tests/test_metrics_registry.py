@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 
 import httpx
 import pytest
@@ -232,3 +233,16 @@ def test_pusher_counts_pushes_and_requests_by_result() -> None:
     assert value(text, "splitserve_prefill_requests_total", status="ok") == 1
     assert value(text, "splitserve_prefill_requests_total", status="failed") == 1
     assert value(text, "splitserve_prefill_requests_total", status="aborted") == 0
+
+
+def test_router_exports_its_process_cpu_time() -> None:
+    """The router streams every token on one event loop: its CPU seconds say how close it
+    is to a full core (the serving benchmark reads them from the scrape's deltas)."""
+    router = RouterMetrics()
+    before = value(router.exposition(), "splitserve_router_process_cpu_seconds_total")
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after = value(router.exposition(), "splitserve_router_process_cpu_seconds_total")
+    assert after - before >= 0.2
+    assert value(router.exposition(), "splitserve_router_process_resident_memory_bytes") > 0
