@@ -1,0 +1,72 @@
+"""benchmarks/thread_cpu.py: per-thread CPU of splitserve processes, from /proc."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from splitserve.benchmarks.thread_cpu import find_processes, sample
+from splitserve.engine.async_engine import ENGINE_THREAD_NAME, AsyncEngine
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux /proc")
+
+# A stand-in "decode node": a thread named like the engine's burns CPU, the main thread idles.
+_BUSY_CHILD = textwrap.dedent(
+    """
+    import sys, threading, time
+    from splitserve.engine.async_engine import name_native_thread
+    def burn():
+        name_native_thread("engine-loop")
+        while True:
+            pass
+    threading.Thread(target=burn, daemon=True).start()
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_the_busiest_thread_of_a_matched_process_is_named_and_measured() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BUSY_CHILD, "splitserve", "decode"], stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        assert find_processes(["decode"]).get(child.pid) == "decode"
+        out = io.StringIO()
+        written = sample(["decode", "router"], interval_s=0.5, duration_s=1.8, out=out)
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+    finally:
+        child.kill()
+        child.wait()
+    mine = [r for r in records if r["pid"] == child.pid]
+    assert written == len(records) and len(mine) >= 2
+    for record in mine:
+        busiest = record["threads"][0]
+        assert busiest["comm"] == "engine-loop" and not busiest["main"]
+        assert busiest["cores"] > 0.5
+        assert record["cores"] >= busiest["cores"]
+
+
+def test_the_engine_thread_carries_its_name_in_the_os() -> None:
+    class IdleCore:
+        def has_runnable(self) -> bool:
+            return False
+
+        def poll_connector(self) -> tuple[list[object], bool]:
+            return [], False
+
+    engine = AsyncEngine(None, IdleCore())  # type: ignore[arg-type]
+    try:
+        time.sleep(0.2)
+        comms = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
+    finally:
+        engine.shutdown()
+    assert ENGINE_THREAD_NAME in comms
