@@ -3,9 +3,10 @@
     python -m splitserve.benchmarks.thread_cpu --match router --match decode \
         [--interval-s 5] [--duration-s 600] [--out threads.jsonl]
 
-Every `--interval-s` it finds the processes whose command line holds `splitserve` and one
-`--match` word as an argument (the `up` command's children: `python -m splitserve router
-...`, `python -m splitserve decode ...`), reads each thread's user + system time from
+Every `--interval-s` it finds the processes whose command line mentions `--program`
+(`splitserve` by default) and holds one `--match` word as an argument (the `up` command's
+children: `python -m splitserve router ...`, `python -m splitserve decode ...`), and
+their children (`vllm serve`'s engine process), reads each thread's user + system time from
 /proc/PID/task/TID/stat, and writes one JSON line per process and interval: the
 process's CPU (cores busy: 1.0 is one core the whole interval) and its busiest threads,
 named by /proc's `comm` (the engine thread sets "engine-loop", engine/async_engine.py;
@@ -50,22 +51,28 @@ def thread_times(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
-def find_processes(words: list[str]) -> dict[int, str]:
-    """PID -> match word of the splitserve processes whose argv holds one of `words`."""
-    found = {}
+def find_processes(words: list[str], program: str = "splitserve") -> dict[int, str]:
+    """PID -> role of the processes whose argv mentions `program` and holds one of `words`
+    as an argument (role: that word), and of their children (role: "<word>/child", e.g.
+    an engine process started by multiprocessing)."""
+    found: dict[int, str] = {}
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{entry}/stat").read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
         args = [a.decode(errors="replace") for a in argv if a]
-        if not any("splitserve" in a for a in args):
-            continue
         word = next((w for w in words if w in args), None)
-        if word is not None:
+        if word is not None and any(program in a for a in args):
             found[int(entry)] = word
+    for pid, parent in parents.items():
+        if pid not in found and parent in found and "/" not in found[parent]:
+            found[pid] = found[parent] + "/child"
     return found
 
 
@@ -89,7 +96,9 @@ def interval_record(
     }
 
 
-def sample(words: list[str], interval_s: float, duration_s: float, out: TextIO) -> int:
+def sample(
+    words: list[str], interval_s: float, duration_s: float, out: TextIO, program: str = "splitserve"
+) -> int:
     """Write interval records until `duration_s` passed; returns how many were written."""
     stopping = False
 
@@ -105,7 +114,7 @@ def sample(words: list[str], interval_s: float, duration_s: float, out: TextIO) 
     while not stopping and time.monotonic() < deadline:
         now = time.monotonic()
         current = {}
-        for pid, role in find_processes(words).items():
+        for pid, role in find_processes(words, program).items():
             times = thread_times(pid)
             if not times:
                 continue
@@ -125,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--match", action="append", required=True, help="argv word, e.g. decode")
+    parser.add_argument(
+        "--program",
+        default="splitserve",
+        help="word the processes' argv mentions (vllm: its server)",
+    )
     parser.add_argument("--interval-s", type=float, default=5.0)
     parser.add_argument("--duration-s", type=float, default=600.0)
     parser.add_argument("--out", help="JSON lines file (default: stdout)")
@@ -135,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("reads /proc/PID/task: Linux only")
     if args.out:
         with open(args.out, "a", encoding="utf-8") as out:
-            written = sample(args.match, args.interval_s, args.duration_s, out)
+            written = sample(args.match, args.interval_s, args.duration_s, out, args.program)
     else:
-        written = sample(args.match, args.interval_s, args.duration_s, sys.stdout)
+        written = sample(args.match, args.interval_s, args.duration_s, sys.stdout, args.program)
     logger.info("wrote %d interval records", written)
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -20,30 +22,37 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Li
 # A stand-in "decode node": a thread named like the engine's burns CPU, the main thread idles.
 _BUSY_CHILD = textwrap.dedent(
     """
-    import sys, threading, time
+    import subprocess, sys, threading, time
     from splitserve.engine.async_engine import name_native_thread
+    helper = subprocess.Popen(["sleep", "60"])  # an engine process would be a child too
     def burn():
         name_native_thread("engine-loop")
         while True:
             pass
     threading.Thread(target=burn, daemon=True).start()
-    print("ready", flush=True)
+    print("ready", helper.pid, flush=True)
     time.sleep(60)
     """
 )
 
 
 def test_the_busiest_thread_of_a_matched_process_is_named_and_measured() -> None:
+    helper = b""
     child = subprocess.Popen(
         [sys.executable, "-c", _BUSY_CHILD, "splitserve", "decode"], stdout=subprocess.PIPE
     )
     try:
-        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
-        assert find_processes(["decode"]).get(child.pid) == "decode"
+        assert child.stdout is not None
+        word, helper = child.stdout.readline().split()
+        assert word == b"ready"
+        found = find_processes(["decode"])
+        assert found.get(child.pid) == "decode" and found.get(int(helper)) == "decode/child"
         out = io.StringIO()
         written = sample(["decode", "router"], interval_s=0.5, duration_s=1.8, out=out)
         records = [json.loads(line) for line in out.getvalue().splitlines()]
     finally:
+        if helper:
+            os.kill(int(helper), signal.SIGKILL)
         child.kill()
         child.wait()
     mine = [r for r in records if r["pid"] == child.pid]
