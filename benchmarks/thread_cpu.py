@@ -9,9 +9,9 @@ children: `python -m splitserve router ...`, `python -m splitserve decode ...`),
 their children (`vllm serve`'s engine process), reads each thread's user + system time from
 /proc/PID/task/TID/stat, and writes one JSON line per process and interval: the
 process's CPU (cores busy: 1.0 is one core the whole interval) and its busiest threads,
-named by /proc's `comm` (the engine thread sets "engine-loop", engine/async_engine.py;
-gRPC's threads name themselves; the main thread, whose TID is the PID, runs the event
-loop). Threads share one GIL: the sum over a process's Python threads near 1.0 means the
+named by /proc's `comm` (the engine thread is "engine-loop", the NIXL agent's threads
+"kv-transfer", engine/thread_names.py; gRPC's threads name themselves; the main thread,
+whose TID is the PID, runs the event loop). Threads share one GIL: the sum over a process's Python threads near 1.0 means the
 process is bound by the interpreter, not by the device. Linux only; stops after
 `--duration-s` or on SIGINT/SIGTERM.
 """

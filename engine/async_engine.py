@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -51,6 +49,7 @@ from splitserve.engine.output_collector import OutputCollector
 from splitserve.engine.outputs import RequestOutput, merge_deltas
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.stats import EngineStats
+from splitserve.engine.thread_names import name_native_thread
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +60,8 @@ _BUSY_WAIT_S = 0.0005
 
 
 OnOutput = Callable[[RequestOutput], None]
-# The engine thread's name in the OS (/proc/PID/task/TID/comm, top -H, benchmarks/thread_cpu.py).
+# The engine thread's name in the OS (engine/thread_names.py, benchmarks/thread_cpu.py).
 ENGINE_THREAD_NAME = "engine-loop"
-_PR_SET_NAME = 15
-
-
-def name_native_thread(name: str) -> None:
-    """Name the calling thread in the OS (Linux; at most 15 bytes), so that its CPU time
-    can be told from the event loop's and gRPC's: Python 3.11 names only its own object."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0) != 0:
-        logger.warning("could not name thread %r in the OS: errno %d", name, ctypes.get_errno())
 
 
 class _Stream:

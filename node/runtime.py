@@ -36,6 +36,7 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.stats import EngineStats
+from splitserve.engine.thread_names import native_thread_name
 from splitserve.kv_transfer import KvCompat, TransferAgent, TransferConfig
 from splitserve.node.health import NodeHealth
 from splitserve.node.metrics import NodeMetrics
@@ -67,6 +68,8 @@ _MAX_MESSAGE_BYTES = 64 << 20
 # Longest a metrics scrape waits for the engine thread (it answers between steps; a CPU
 # step of a full token budget takes seconds). Prometheus' default scrape timeout is 10 s.
 _SCRAPE_WAIT_S = 5.0
+# OS name of the threads the NIXL agent starts (benchmarks/thread_cpu.py).
+TRANSFER_THREAD_NAME = "kv-transfer"
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,9 @@ class NodeRuntime:
             compat_hash=compat.hash(),
             compat_summary=compat.describe(),
         )
-        return TransferAgent(transfer, core.kv_cache)
+        # NIXL's own threads (its progress thread) take this name, not the engine thread's.
+        with native_thread_name(TRANSFER_THREAD_NAME):
+            return TransferAgent(transfer, core.kv_cache)
 
     def _start_metrics_server(self, metrics: NodeMetrics) -> None:
         server = MetricsServer(metrics.registry, self.config.metrics_host, self.config.metrics_port)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from splitserve.benchmarks.thread_cpu import find_processes, sample
 from splitserve.engine.async_engine import ENGINE_THREAD_NAME, AsyncEngine
+from splitserve.engine.thread_names import native_thread_name, native_thread_name_of_caller
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux /proc")
 
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Li
 _BUSY_CHILD = textwrap.dedent(
     """
     import subprocess, sys, threading, time
-    from splitserve.engine.async_engine import name_native_thread
+    from splitserve.engine.thread_names import name_native_thread
     helper = subprocess.Popen(["sleep", "60"])  # an engine process would be a child too
     def burn():
         name_native_thread("engine-loop")
@@ -79,3 +81,23 @@ def test_the_engine_thread_carries_its_name_in_the_os() -> None:
     finally:
         engine.shutdown()
     assert ENGINE_THREAD_NAME in comms
+
+
+def test_threads_started_inside_a_named_block_keep_its_name() -> None:
+    """A library's own thread (NIXL's progress thread) takes the name of the thread that
+    started it: the node starts the agent inside `native_thread_name("kv-transfer")`."""
+    seen: list[str] = []
+
+    def read_own_name() -> None:
+        seen.append(native_thread_name_of_caller())
+
+    before = native_thread_name_of_caller()
+    with native_thread_name("kv-transfer"):
+        inside = threading.Thread(target=read_own_name)
+        inside.start()
+        inside.join()
+    after = threading.Thread(target=read_own_name)
+    after.start()
+    after.join()
+    assert seen == ["kv-transfer", before]
+    assert native_thread_name_of_caller() == before
