@@ -19,7 +19,8 @@ sequences. Beside a serving run at the same rate (`benchmarks/serving.py`), the 
 is what the server costs on top of the engine (docs/performance.md).
 
 Garbage collection pauses are timed through `gc.callbacks` (count, total and longest
-pause per generation).
+pause per generation), after the start-up heap is frozen as a node freezes it
+(launch/gc_heap.py).
 
 On CUDA each forward pass is also timed on the device: CUDA events recorded around
 `ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
@@ -42,6 +43,7 @@ from splitserve.benchmarks.arrivals import ArrivalConfig, arrival_times
 from splitserve.benchmarks.engine_offline import random_prompts
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
+from splitserve.launch.gc_heap import freeze_startup_heap
 
 if TYPE_CHECKING:
     from splitserve.engine.core import EngineCore, StepOutput
@@ -225,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         drive(core, warm, np.zeros(len(warm)), params)
     if forwards is not None:
         forwards.summary()
+    freeze_startup_heap()  # as a node does once it has started (launch/gc_heap.py)
     pauses = _GcPauses()
     points = []
     for index, rate in enumerate(args.rates):

@@ -19,6 +19,7 @@ from splitserve.launch.engine_args import (
     default_of,
     engine_config_from_args,
 )
+from splitserve.launch.gc_heap import freeze_startup_heap
 from splitserve.launch.security_args import add_security_arguments, security_from_args
 from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.runtime import NodeConfig, NodeRole, NodeRuntime
@@ -101,6 +102,7 @@ async def serve(runtime: NodeRuntime) -> None:
     else:
         from splitserve.decode.service import add_decode_service as add
     await runtime.start(add)
+    freeze_startup_heap()
     print(
         f"{runtime.config.role} node {runtime.node_id} listening on {runtime.address}\n"
         f"{runtime.config.role} node {runtime.node_id} metrics at {runtime.metrics_url}",

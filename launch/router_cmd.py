@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from splitserve.launch.gc_heap import freeze_startup_heap
 from splitserve.launch.security_args import add_security_arguments, security_from_args
 from splitserve.launch.tracing_args import add_tracing_argument
 from splitserve.node.registry import DEFAULT_CLUSTER
@@ -186,5 +187,10 @@ def run(args: argparse.Namespace) -> int:
     tag_process("", "router")
     config = config_from_args(args)
     server = RouterServer(config, log_level=str(args.log_level))
-    asyncio.run(server.serve(on_ready=lambda url: print(f"router listening on {url}", flush=True)))
+
+    def ready(url: str) -> None:
+        freeze_startup_heap()
+        print(f"router listening on {url}", flush=True)
+
+    asyncio.run(server.serve(on_ready=ready))
     return 0
