@@ -1,0 +1,202 @@
+"""What a decode node's streaming costs its engine thread, on the CPU, without a GPU.
+
+    python -m splitserve.benchmarks.node_overhead [--rows 150] [--seconds 4] \
+        [--host-ops 400] [--device-ms 20] [--runs 3] [--out node.json]
+
+The engine thread shares the node's process, and so the GIL, with the event loop that
+turns each step's outputs into stream messages. This measures that share with the node's
+own parts and a stand-in engine core: each step runs a host phase (`--host-ops` small
+torch operations on the CPU, each taking and releasing the GIL as the engine's launches
+do), then waits `--device-ms` with the GIL released (the device), then hands one output
+per row (`--rows` requests, one token each) to `AsyncEngine`. Two modes, `--runs` times
+each, alternating:
+
+- `alone`: nobody consumes the outputs beyond AsyncEngine's own hand-over;
+- `served`: every request is a `StreamedRequest` of a `Multiplexer` (decode/multiplex.py,
+  as `Decode.GenerateMany` runs them), whose step batches are serialised as gRPC would.
+
+Reported per mode: the host phase's duration (p50, mean, p90: how much the event loop's
+work stretches it) and the process's CPU time per step. The difference between the modes
+is the node's streaming cost per step at that many rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from splitserve.benchmarks.results_io import provenance, write_result
+from splitserve.decode.multiplex import Metadata, Multiplexer, Outbox
+from splitserve.decode.streamed_request import StreamedRequest
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.output_processor import StepOutput
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.protocol import node_pb2 as pb
+
+logger = logging.getLogger(__name__)
+_WARMUP_STEPS = 10
+
+
+class StandInCore:
+    """Steps like EngineCore on a GPU: host work, a device wait, one output per row."""
+
+    def __init__(self, host_ops: int, device_s: float) -> None:
+        self.host_ops = host_ops
+        self.device_s = device_s
+        self.requests: dict[str, int] = {}
+        self.host_phases: list[float] = []
+        self._x = torch.ones(16)
+
+    def add_request(self, rid: str, prompt: list[int], params: object, kv: object) -> None:
+        self.requests[rid] = 0
+
+    def has_runnable(self) -> bool:
+        return bool(self.requests)
+
+    def poll_connector(self) -> tuple[list[StepOutput], bool]:
+        return [], False
+
+    def abort(self, rid: str) -> list[StepOutput]:
+        self.requests.pop(rid, None)
+        return []
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.requests)
+
+    def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
+        y = self._x
+        for _ in range(self.host_ops):
+            y = y + 1.0
+        self.host_phases.append(time.perf_counter() - started)
+        time.sleep(self.device_s)
+        outputs = []
+        for rid in self.requests:
+            self.requests[rid] += 1
+            outputs.append(StepOutput(rid, 0, [7], None, " a", None, None))
+        return outputs
+
+
+async def _served(engine: AsyncEngine, rows: int, seconds: float) -> None:
+    params = SamplingParams(max_tokens=1 << 30, ignore_eos=True)
+
+    async def run(request: pb.GenerateRequest, metadata: Metadata, outbox: Outbox) -> None:
+        stream = StreamedRequest(request, 1, outbox, lambda: None)
+        prompt = list(request.prompt_token_ids)
+        await engine.add(request.request_id, prompt, params, None, stream.on_output)
+        stream.send_last(await stream.last, {})
+
+    async def requests() -> AsyncIterator[pb.StreamRequest]:
+        for i in range(rows):
+            generate = pb.GenerateRequest(request_id=f"r{i}", prompt_token_ids=[1] * 16)
+            yield pb.StreamRequest(generate=generate)
+        await asyncio.sleep(seconds + 60)
+
+    async def consume() -> None:
+        async for batch in Multiplexer(run).serve(requests()):
+            batch.SerializeToString()
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(seconds)
+    task.cancel()
+
+
+async def _alone(engine: AsyncEngine, core: StandInCore, rows: int, seconds: float) -> None:
+    for i in range(rows):
+        core.requests[f"r{i}"] = 0
+    engine.call(lambda _: None)  # wake the loop: requests are runnable
+    await asyncio.sleep(seconds)
+
+
+def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    core = StandInCore(args.host_ops, args.device_ms / 1e3)
+    cpu = time.process_time()
+
+    async def run() -> None:
+        engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+        try:
+            if mode == "served":
+                await _served(engine, args.rows, args.seconds)
+            else:
+                await _alone(engine, core, args.rows, args.seconds)
+        finally:  # the engine thread stops before its event loop closes
+            await asyncio.to_thread(engine.shutdown)
+
+    asyncio.run(run())
+    cpu = time.process_time() - cpu
+    phases = core.host_phases[_WARMUP_STEPS:]
+    if len(phases) < 10:
+        raise RuntimeError(f"only {len(phases)} steps measured: raise --seconds")
+    ms = sorted(p * 1e3 for p in phases)
+    return {
+        "mode": mode,
+        "steps": len(phases),
+        "host_phase_ms": {
+            "p50": statistics.median(ms),
+            "mean": statistics.fmean(ms),
+            "p90": ms[int(0.9 * (len(ms) - 1))],
+        },
+        "cpu_ms_per_step": cpu * 1e3 / len(core.host_phases),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=150, help="running requests")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per run")
+    parser.add_argument("--host-ops", type=int, default=400, help="torch ops per host phase")
+    parser.add_argument("--device-ms", type=float, default=20.0, help="device wait per step")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each mode")
+    parser.add_argument("--out", help="write the JSON result here")
+    args = parser.parse_args(argv)
+    if min(args.rows, args.host_ops, args.runs) < 1 or args.seconds <= 0 or args.device_ms < 0:
+        parser.error("--rows, --host-ops and --runs must be >= 1, --seconds > 0, --device-ms >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    runs = []
+    for index in range(args.runs):
+        for mode in ("alone", "served"):
+            runs.append({"run": index + 1, **measure(mode, args)})
+            logger.info("%s", runs[-1])
+    summary = {
+        mode: {
+            "host_phase_ms_p50": statistics.median(
+                r["host_phase_ms"]["p50"] for r in runs if r["mode"] == mode
+            ),
+            "host_phase_ms_mean": statistics.median(
+                r["host_phase_ms"]["mean"] for r in runs if r["mode"] == mode
+            ),
+            "cpu_ms_per_step": statistics.median(
+                r["cpu_ms_per_step"] for r in runs if r["mode"] == mode
+            ),
+        }
+        for mode in ("alone", "served")
+    }
+    result = {
+        **provenance("cpu"),
+        "rows": args.rows,
+        "host_ops": args.host_ops,
+        "device_ms": args.device_ms,
+        "seconds": args.seconds,
+        "runs": runs,
+        "summary": summary,
+    }
+    logger.info("medians over runs: %s", summary)
+    write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
