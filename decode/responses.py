@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 
 from splitserve.decode.remote_prefill import TransferMetrics
-from splitserve.engine.outputs import CompletionOutput, RequestOutput, merge_deltas
+from splitserve.engine.outputs import CompletionOutput, RequestOutput, merge_deltas, num_tokens
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol.messages import token_logprob_to_proto
 
 
-def completion_delta(comp: CompletionOutput) -> pb.CompletionDelta:
-    delta = pb.CompletionDelta(index=comp.index, token_ids=comp.token_ids, text=comp.text)
+def add_completion_delta(msg: pb.GenerateResponse, comp: CompletionOutput) -> None:
+    """`comp` as one of `msg`'s deltas (built in place: no message copied)."""
+    delta = msg.deltas.add(index=comp.index, token_ids=comp.token_ids, text=comp.text)
     if comp.logprobs:
         delta.logprobs.extend(token_logprob_to_proto(lp) for lp in comp.logprobs)
     if comp.finish_reason is not None:
@@ -20,7 +21,6 @@ def completion_delta(comp: CompletionOutput) -> pb.CompletionDelta:
         delta.stop_str = comp.stop_reason
     elif isinstance(comp.stop_reason, int):
         delta.stop_token_id = comp.stop_reason
-    return delta
 
 
 def generate_response(
@@ -35,11 +35,9 @@ def generate_response(
 ) -> pb.GenerateResponse:
     """One stream message; usage on the final one (always: the router needs the counts)
     or on every one with continuous_usage_stats; metrics on the final one."""
-    msg = pb.GenerateResponse(
-        request_id=out.request_id,
-        deltas=[completion_delta(c) for c in out.outputs],
-        finished=out.finished,
-    )
+    msg = pb.GenerateResponse(request_id=out.request_id, finished=out.finished)
+    for comp in out.outputs:
+        add_completion_delta(msg, comp)
     cached = out.num_cached_tokens
     if transfer is not None and transfer.is_prefill_remote:
         cached = max(cached, transfer.info.num_cached_tokens)
@@ -88,11 +86,11 @@ class DeltaBuffer:
     def add(self, out: RequestOutput) -> RequestOutput | None:
         """The delta to send now (everything held, merged), or None to wait."""
         pending = out if self._pending is None else merge_deltas(self._pending, out)
-        num_tokens = sum(len(c.token_ids) for c in pending.outputs)
-        is_due = num_tokens >= self.stream_interval or (num_tokens and not self._has_sent_tokens)
+        num = num_tokens(pending)
+        is_due = num >= self.stream_interval or (num and not self._has_sent_tokens)
         if not (pending.finished or is_due):
             self._pending = pending
             return None
         self._pending = None
-        self._has_sent_tokens = self._has_sent_tokens or num_tokens > 0
+        self._has_sent_tokens = self._has_sent_tokens or num > 0
         return pending

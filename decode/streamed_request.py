@@ -20,7 +20,7 @@ from typing import Any
 
 from splitserve.decode.multiplex import Outbox, Pending
 from splitserve.decode.responses import DeltaBuffer, generate_response, stamp_timing
-from splitserve.engine.outputs import RequestOutput, merge_deltas
+from splitserve.engine.outputs import RequestOutput, merge_deltas, num_tokens
 from splitserve.protocol import node_pb2 as pb
 
 
@@ -46,7 +46,7 @@ class StreamedRequest:
     def on_output(self, out: RequestOutput) -> None:
         if self.last.done():
             return
-        self.num_generated += sum(len(c.token_ids) for c in out.outputs)
+        self.num_generated += num_tokens(out)
         due = self._buffer.add(out)
         if due is None:
             return
@@ -63,7 +63,7 @@ class StreamedRequest:
         self.outbox.put(Delta(self, out, extras))
 
     def message(self, out: RequestOutput, extras: dict[str, Any]) -> pb.GenerateResponse:
-        self.num_completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+        self.num_completion_tokens += num_tokens(out)
         request = self.request
         msg = generate_response(
             out,

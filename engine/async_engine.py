@@ -195,7 +195,9 @@ class AsyncEngine:
     ) -> None:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
-        collector = OutputCollector(request_id, None, list(prompt_token_ids), params.n)
+        collector = OutputCollector(
+            request_id, None, list(prompt_token_ids), params.n, cumulative=False
+        )
         stream = _Stream(asyncio.get_running_loop(), on_output, collector)
         self._streams[request_id] = stream
 

@@ -8,17 +8,28 @@ from splitserve.engine.outputs import CompletionOutput, RequestOutput
 
 
 class OutputCollector:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        n: int,
+        cumulative: bool = True,
+    ):
+        """`cumulative=False` (streaming) keeps each completion's state, not its text and
+        tokens so far: only the deltas are handed on."""
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.completions = [CompletionOutput(i, "", []) for i in range(n)]
+        self.cumulative = cumulative
         self.num_cached_tokens = 0
         self.first_scheduled_time: float | None = None
+        self._num_finished = 0
 
     @property
     def finished(self) -> bool:
-        return all(c.finished for c in self.completions)
+        return self._num_finished == len(self.completions)
 
     def add(self, out: StepOutput) -> CompletionOutput:
         """Fold one step into the cumulative completion; returns the delta."""
@@ -26,10 +37,12 @@ class OutputCollector:
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.first_scheduled_time is not None:
             self.first_scheduled_time = out.first_scheduled_time
-        comp.text += out.text_delta
-        comp.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs is not None:
-            comp.logprobs = (comp.logprobs or []) + out.new_logprobs
+        if self.cumulative:
+            comp.text += out.text_delta
+            comp.token_ids.extend(out.new_token_ids)
+            if out.new_logprobs is not None:
+                comp.logprobs = (comp.logprobs or []) + out.new_logprobs
+        self._num_finished += (out.finish_reason is not None) - (comp.finish_reason is not None)
         comp.finish_reason = out.finish_reason
         comp.stop_reason = out.stop_reason
         return CompletionOutput(

@@ -50,6 +50,15 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def num_tokens(out: RequestOutput) -> int:
+    """Tokens `out` carries, its completions together (one per step and completion in a
+    streamed delta)."""
+    outputs = out.outputs
+    if len(outputs) == 1:
+        return len(outputs[0].token_ids)
+    return sum(len(c.token_ids) for c in outputs)
+
+
 def _merge_completion(a: CompletionOutput, b: CompletionOutput) -> CompletionOutput:
     logprobs = None
     if a.logprobs is not None or b.logprobs is not None:
