@@ -250,3 +250,23 @@ def test_stream_interval_sends_fewer_messages_with_the_same_text(tiny_llama) -> 
     for texts in streams:
         assert "".join(texts) == whole.choices[0].text
         assert len(texts) <= 1 + 4  # 1 first token, then 16 tokens in messages of 4
+
+
+def test_a_streaming_collector_hands_on_deltas_without_keeping_the_text() -> None:
+    """AsyncEngine's collector (cumulative=False) keeps each completion's state, not its
+    text and tokens so far; the request is finished once every completion is."""
+    from splitserve.engine.output_collector import OutputCollector
+    from splitserve.engine.output_processor import StepOutput
+
+    collector = OutputCollector("r", None, [1, 2], n=2, cumulative=False)
+    first = collector.add(StepOutput("r", 0, [5], None, "a", None, None))
+    collector.add(StepOutput("r", 1, [6], None, "b", "length", None))
+    assert (first.text, first.token_ids) == ("a", [5]) and not collector.finished
+    last = collector.add(StepOutput("r", 0, [7], None, "c", "stop", 2))
+    assert (last.text, last.token_ids, last.finish_reason) == ("c", [7], "stop")
+    assert collector.finished
+    assert [(c.text, c.token_ids) for c in collector.completions] == [("", []), ("", [])]
+    offline = OutputCollector("r", None, [1, 2], n=1)
+    offline.add(StepOutput("r", 0, [5], None, "a", None, None))
+    offline.add(StepOutput("r", 0, [7], None, "c", "stop", 2))
+    assert offline.finished and offline.result().outputs[0].text == "ac"
