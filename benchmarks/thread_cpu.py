@@ -11,9 +11,10 @@ their children (`vllm serve`'s engine process), reads each thread's user + syste
 process's CPU (cores busy: 1.0 is one core the whole interval) and its busiest threads,
 named by /proc's `comm` (the engine thread is "engine-loop", the NIXL agent's threads
 "kv-transfer", engine/thread_names.py; gRPC's threads name themselves; the main thread,
-whose TID is the PID, runs the event loop). Threads share one GIL: the sum over a process's Python threads near 1.0 means the
-process is bound by the interpreter, not by the device. Linux only; stops after
-`--duration-s` or on SIGINT/SIGTERM.
+whose TID is the PID, runs the event loop). A process's Python threads share one GIL,
+but a thread waiting for the device in CUDA's spin-wait counts as busy without holding it:
+read a sum near 1.0 over the Python threads as a hint, not as proof, that the interpreter
+bounds the process. Linux only; stops after `--duration-s` or on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
