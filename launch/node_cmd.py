@@ -1,8 +1,9 @@
 """`splitserve prefill ...` and `splitserve decode ...`: run one node until SIGINT/SIGTERM.
 
-Prints `<role> node <id> listening on <host:port>` once it serves (launchers and tests
-wait for that line) and `<role> node <id> metrics at <url>` (the URL is in its Redis
-record too), then stops cleanly on a signal: deregisters from Redis, lets
+Once it serves it freezes its start-up heap out of garbage collection (launch/gc_heap.py),
+then prints `<role> node <id> listening on <host:port>` (launchers and tests wait for that
+line) and `<role> node <id> metrics at <url>` (the URL is in its Redis record too), then
+stops cleanly on a signal: deregisters from Redis, lets
 in-flight requests finish for --drain-timeout-s (then aborts them), frees the NIXL
 registration.
 """

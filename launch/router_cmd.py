@@ -1,7 +1,8 @@
 """`splitserve router`: the OpenAI-compatible HTTP front end of a cluster, until SIGINT/SIGTERM.
 
-Prints `router listening on http(s)://<host>:<port>` once it serves (launchers and tests wait
-for that line), then stops cleanly on a signal (in-flight requests get a few seconds) and
+Once it serves it freezes its start-up heap out of garbage collection (launch/gc_heap.py),
+then prints `router listening on http(s)://<host>:<port>` (launchers and tests wait for that
+line), then stops cleanly on a signal (in-flight requests get a few seconds) and
 exits with code 0.
 """
 
