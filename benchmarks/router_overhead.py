@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
 import re
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from splitserve.benchmarks.results_io import provenance, write_result
+from splitserve.benchmarks.thread_cpu import read_cpu_stat
 from splitserve.launch.processes import ManagedProcess
 from splitserve.launch.redis_server import RedisServer
 
@@ -45,8 +45,7 @@ _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return read_cpu_stat(f"/proc/{pid}/stat")[1]
 
 
 async def _one_stream(host: str, port: int, model: str, tokens: int, seed: int) -> tuple[int, int]:

@@ -33,22 +33,27 @@ logger = logging.getLogger(__name__)
 _TOP_THREADS = 6
 
 
+def read_cpu_stat(path: str) -> tuple[str, float]:
+    """(comm, user + system CPU seconds) from a /proc stat file: a process's
+    (/proc/PID/stat) or one thread's (/proc/PID/task/TID/stat)."""
+    stat = Path(path).read_text()
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat.rsplit(")", 1)[1].split()
+    return comm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_times(pid: int) -> dict[int, tuple[str, float]]:
     """TID -> (comm, user + system CPU seconds) of every thread of `pid`; {} once it exited."""
     out = {}
-    tick = os.sysconf("SC_CLK_TCK")
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return {}
     for name in tids:
         try:
-            stat = Path(f"/proc/{pid}/task/{name}/stat").read_text()
+            out[int(name)] = read_cpu_stat(f"/proc/{pid}/task/{name}/stat")
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended between the listing and the read
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(name)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
