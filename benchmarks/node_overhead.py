@@ -170,17 +170,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode in ("alone", "served"):
             runs.append({"run": index + 1, **measure(mode, args)})
             logger.info("%s", runs[-1])
+    figures = {
+        "host_phase_ms_p50": lambda r: r["host_phase_ms"]["p50"],
+        "host_phase_ms_mean": lambda r: r["host_phase_ms"]["mean"],
+        "cpu_ms_per_step": lambda r: r["cpu_ms_per_step"],
+    }
     summary = {
         mode: {
-            "host_phase_ms_p50": statistics.median(
-                r["host_phase_ms"]["p50"] for r in runs if r["mode"] == mode
-            ),
-            "host_phase_ms_mean": statistics.median(
-                r["host_phase_ms"]["mean"] for r in runs if r["mode"] == mode
-            ),
-            "cpu_ms_per_step": statistics.median(
-                r["cpu_ms_per_step"] for r in runs if r["mode"] == mode
-            ),
+            name: statistics.median(figure(r) for r in runs if r["mode"] == mode)
+            for name, figure in figures.items()
         }
         for mode in ("alone", "served")
     }
