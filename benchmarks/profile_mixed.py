@@ -49,15 +49,17 @@ def _add_prompt(core: Any, index: int, length: int) -> None:
     core.add_request(f"m{index}", prompt, params)
 
 
+def device_kernels(prof: Any) -> list[Any]:
+    """A torch.profiler run's device kernels, without the engine's named `step.*` ranges."""
+    return [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("step.")
+    ]
+
+
 def _log_device_span(prof: Any) -> None:
-    kernels = sorted(
-        (
-            e
-            for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("step.")
-        ),
-        key=lambda e: e.time_range.start,
-    )
+    kernels = sorted(device_kernels(prof), key=lambda e: e.time_range.start)
     if not kernels:
         return
     span = kernels[-1].time_range.end - kernels[0].time_range.start

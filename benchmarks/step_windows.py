@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from splitserve.benchmarks.profile_mixed import device_kernels
 from splitserve.benchmarks.results_io import provenance, write_result
 
 logger = logging.getLogger(__name__)
@@ -128,9 +129,7 @@ def _window(engine: Engine, prompts: _Prompts, length: int) -> float:
 def kernel_table(prof: Any, steps: int) -> dict[str, Any]:
     """Device time per kernel name, per step, the largest first."""
     rows: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA or event.name.startswith("step."):
-            continue
+    for event in device_kernels(prof):
         row = rows.setdefault(event.name[:100], [0.0, 0])
         row[0] += event.time_range.end - event.time_range.start
         row[1] += 1
