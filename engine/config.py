@@ -54,6 +54,9 @@ class ModelConfig:
     # Other steps (prefill, mixed) of at most this many tokens replay piecewise CUDA graphs
     # around an eager attention (engine/piecewise_graphs.py); 0 runs them eagerly.
     piecewise_graph_max_tokens: int = 8192
+    # CUDA, Triton attention: a mixed step's decode rows are attended on a second stream
+    # beside its prefill rows (kernels/side_stream.py).
+    overlap_decode_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

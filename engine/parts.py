@@ -53,7 +53,10 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
     if kernels is None:
         model_config = config.model
         kernels = select_kernels(
-            device.type, model_config.kernel_backend, model_config.attention_backend
+            device.type,
+            model_config.kernel_backend,
+            model_config.attention_backend,
+            overlap_decode_attention=model_config.overlap_decode_attention,
         )
     loaded = load_model(config.model, kernels)
     arch, block_size = loaded.arch, config.cache.block_size

@@ -9,7 +9,9 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`
    decode rows with the decode kernel (which reads each KV head once for its whole query
    group) and the other sequences with the varlen prefill kernel, or, with
    `flash_fresh_prefill` and when none of them has cached context, with torch's flash
-   kernel over their own k/v rows (kernels/fresh_prefill.py).
+   kernel over their own k/v rows (kernels/fresh_prefill.py). With
+   `overlap_decode_rows` (CUDA), the decode rows of such a step are attended on a second
+   stream beside the prefill rows (kernels/side_stream.py).
 
 Nothing in `forward` reads device memory on the host: grid sizes come from the host ints
 `meta.max_query_len` and `meta.max_seq_len`, everything else from meta's device tensors.
@@ -18,6 +20,7 @@ Output rows that belong to no sequence (past query_start_loc[-1]) are not writte
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -26,6 +29,7 @@ from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.decode_attention import decode_attention
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention, is_fresh
 from splitserve.kernels.prefill_attention import prefill_attention
+from splitserve.kernels.side_stream import DecodeBranch, SideStream
 from splitserve.kernels.store_kv import store_kv
 
 
@@ -49,15 +53,24 @@ class TritonPagedAttention:
     the device size and `meta.max_seq_len`); `flash_fresh_prefill` attends prefill chunks
     without cached context with torch's flash kernel (fp16/bf16 on CUDA; the registry sets
     it where `flash_prefill_supported`). A step with prefill chunks is planned once, on its
-    first layer, and the plan kept while the same metadata object comes back."""
+    first layer, and the plan kept while the same metadata object comes back.
+    `overlap_decode_rows` attends a mixed step's decode rows on a second CUDA stream
+    (`side_stream`, made on first use unless given) while the prefill rows run; it does
+    nothing on other devices or while a CUDA graph is being captured."""
 
     def __init__(
-        self, decode_num_splits: int | None = None, flash_fresh_prefill: bool = False
+        self,
+        decode_num_splits: int | None = None,
+        flash_fresh_prefill: bool = False,
+        overlap_decode_rows: bool = False,
+        side_stream: DecodeBranch | None = None,
     ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
         self.decode_num_splits = decode_num_splits
         self.flash_fresh_prefill = flash_fresh_prefill
+        self.overlap_decode_rows = overlap_decode_rows
+        self._side = side_stream
         self._planned: tuple[AttentionMetadata, _MixedPlan] | None = None
 
     def forward(
@@ -88,34 +101,50 @@ class TritonPagedAttention:
         decodes = plan.decodes
         if out is None:
             out = torch.empty_like(q)
+        side = self._side_stream(q.device) if decodes else None
         if decodes:
-            decode_attention(
-                q[:decodes],
-                kv_cache,
-                meta.block_tables[:decodes],
-                meta.seq_lens[:decodes],
-                plan.decode_max_seq_len,
-                scale,
-                out=out[:decodes],
-                num_splits=self.decode_num_splits,
-            )
+            with side.branch() if side is not None else nullcontext():
+                decode_attention(
+                    q[:decodes],
+                    kv_cache,
+                    meta.block_tables[:decodes],
+                    meta.seq_lens[:decodes],
+                    plan.decode_max_seq_len,
+                    scale,
+                    out=out[:decodes],
+                    num_splits=self.decode_num_splits,
+                )
         if plan.is_fresh:
             fresh_prefill_attention(
                 q[decodes:], k[decodes:], v[decodes:], plan.query_start_loc, plan.query_lens,
                 scale, out=out[decodes:],
             )  # fmt: skip
-            return out
-        prefill_attention(
-            q[decodes:],
-            kv_cache,
-            meta.block_tables[decodes:],
-            meta.seq_lens[decodes:],
-            plan.query_start_loc,
-            meta.max_query_len,
-            scale,
-            out=out[decodes:],
-        )
+        else:
+            prefill_attention(
+                q[decodes:],
+                kv_cache,
+                meta.block_tables[decodes:],
+                meta.seq_lens[decodes:],
+                plan.query_start_loc,
+                meta.max_query_len,
+                scale,
+                out=out[decodes:],
+            )
+        if side is not None:
+            side.join()
         return out
+
+    def _side_stream(self, device: torch.device) -> DecodeBranch | None:
+        """The stream a mixed step's decode rows run on, or None for the current one."""
+        if not self.overlap_decode_rows:
+            return None
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if self._side is None:
+            if device.type != "cuda":
+                return None
+            self._side = SideStream(device)
+        return self._side
 
     def _plan(self, meta: AttentionMetadata, dtype: torch.dtype) -> _MixedPlan:
         """The step's plan: kept from the layer before when `meta` is the same object."""

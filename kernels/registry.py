@@ -76,14 +76,17 @@ def torch_kernels() -> ModelKernels:
     return select_kernels("cpu", "torch", "torch")
 
 
-def _attention(name: str, device_type: str, pinned: bool) -> AttentionBackend:
-    """`pinned`: the backend was named, not "auto": Triton kernels for every step."""
+def _attention(name: str, device_type: str, pinned: bool, overlap: bool) -> AttentionBackend:
+    """`pinned`: the backend was named, not "auto": Triton kernels for every step.
+    `overlap`: a mixed step's decode rows on a second CUDA stream (Triton only)."""
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
         from splitserve.kernels.fresh_prefill import flash_prefill_supported
 
         flash = not pinned and flash_prefill_supported(device_type)
-        return TritonPagedAttention(flash_fresh_prefill=flash)
+        return TritonPagedAttention(
+            flash_fresh_prefill=flash, overlap_decode_rows=overlap and device_type == "cuda"
+        )
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
     return TorchPagedAttention()
@@ -130,7 +133,10 @@ def _triton_elementwise() -> tuple[NormOp, AddNormOp, RotaryOp, ActivationOp]:
 
 
 def select_kernels(
-    device_type: str, kernel_backend: str = "auto", attention_backend: str = "auto"
+    device_type: str,
+    kernel_backend: str = "auto",
+    attention_backend: str = "auto",
+    overlap_decode_attention: bool = False,
 ) -> ModelKernels:
     """The kernels a model on `device_type` ("cpu", "cuda") runs under this configuration."""
     attention = resolve_backend(attention_backend, device_type)
@@ -145,4 +151,7 @@ def select_kernels(
     else:
         ops = _triton_elementwise()
     pinned = attention_backend != "auto"
-    return ModelKernels(backend, attention, *ops, _attention(attention, device_type, pinned))
+    overlap = overlap_decode_attention
+    return ModelKernels(
+        backend, attention, *ops, _attention(attention, device_type, pinned, overlap)
+    )

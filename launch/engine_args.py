@@ -122,6 +122,13 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         default=default_of(model, "piecewise_graph_max_tokens"),
         help="CUDA: largest prefill or mixed step that replays piecewise graphs (0: eager)",
     )
+    g.add_argument(
+        "--overlap-decode-attention",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(model, "overlap_decode_attention"),
+        help="CUDA, Triton attention: attend a mixed step's decode rows on a second stream "
+        "beside its prefill rows",
+    )
 
 
 def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
@@ -190,6 +197,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             cuda_graph_max_batch=args.cuda_graph_max_batch,
             cuda_graph_max_seq_len=args.cuda_graph_max_seq_len,
             piecewise_graph_max_tokens=args.piecewise_graph_max_tokens,
+            overlap_decode_attention=args.overlap_decode_attention,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -8,7 +8,9 @@ triton is imported) at small shapes in float32; with CUDA the same tests run on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -347,6 +349,90 @@ def test_a_mixed_step_is_planned_once_for_all_its_layers(monkeypatch) -> None:
     assert len(planned) == 1
     attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, dataclasses.replace(meta), 0.125)
     assert len(planned) == 2
+
+
+class _RecordingBranch:
+    """A side stream that records the order of events (CPU tests have no streams)."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    @contextlib.contextmanager
+    def branch(self) -> Iterator[None]:
+        self.events.append("branch")
+        yield
+        self.events.append("back")
+
+    def join(self) -> None:
+        self.events.append("join")
+
+
+def test_overlap_runs_decode_rows_on_the_side_stream_then_joins(monkeypatch) -> None:
+    """With overlap_decode_rows, a mixed step's decode kernel runs inside the side
+    stream's branch, the prefill kernel after it on the current stream, and the current
+    stream joins the side stream before attention returns: same outputs as without it.
+    An all-decode step (one kernel) and a step without decode rows never branch."""
+    from splitserve.kernels import backend
+
+    events: list[str] = []
+    for name in ("decode_attention", "prefill_attention"):
+        kernel = getattr(backend, name)
+        monkeypatch.setattr(
+            backend, name,
+            lambda *a, _n=name, _k=kernel, **kw: events.append(_n) or _k(*a, **kw),
+        )  # fmt: skip
+    cases = sorted(MIXED_CASES, key=lambda c: c[1] != 1)
+    batch = _batch(cases, 4, 64, 16, torch.float32, seed=7)
+    meta = dataclasses.replace(batch.meta, num_decodes=sum(c[1] == 1 for c in cases))
+    ref_pool = batch.pool.clone()
+    ref = TorchPagedAttention().forward(batch.q, batch.k, batch.v, ref_pool[:, 1], meta, 0.125)
+    attention = TritonPagedAttention(overlap_decode_rows=True, side_stream=_RecordingBranch(events))
+    out = attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta, 0.125)
+    assert events == ["branch", "decode_attention", "back", "prefill_attention", "join"]
+    rows = batch.num_seq_rows
+    _assert_written_and_close(out[:rows], ref[:rows], torch.float32)
+    events.clear()
+    no_decodes = dataclasses.replace(meta, num_decodes=0)
+    attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, no_decodes, 0.125)
+    assert events == ["prefill_attention"]
+    events.clear()
+    decode = _batch([(n - 1, 1) for n in DECODE_LENS], 4, 64, 16, torch.float32, seed=3)
+    attention.forward(decode.q, decode.k, decode.v, decode.kv_cache, decode.meta, 0.125)
+    assert events == ["decode_attention"]
+
+
+def test_overlap_is_off_by_default_and_on_the_cpu() -> None:
+    """The registry gives the Triton backend a side stream only on CUDA and when asked."""
+    from splitserve.kernels.registry import select_kernels
+
+    assert not TritonPagedAttention().overlap_decode_rows
+    cpu = select_kernels("cpu", attention_backend="triton", overlap_decode_attention=True)
+    assert not cpu.attention.overlap_decode_rows  # type: ignore[attr-defined]
+    assert cpu.attention._side_stream(torch.device("cpu")) is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("prefills", [[(0, 1024), (0, 300)], [(0, 1024), (300, 200)]])
+def test_overlapped_mixed_step_matches_torch_backend_on_gpu(prefills, dtype) -> None:
+    """On a real second stream (decode rows beside fresh prompts, which take the flash
+    kernel, or beside a cached chunk, which takes the Triton one), the outputs match the
+    torch backend, and repeated layers reuse the one side stream."""
+    from splitserve.kernels.side_stream import SideStream
+
+    cases = [(1000, 1)] * 24 + prefills
+    batch = make_paged_batch(cases, 32, 8, 128, 16, dtype, DEVICE, seed=13)
+    meta = dataclasses.replace(batch.meta, num_decodes=24)
+    ref_pool = batch.pool.clone()
+    ref = TorchPagedAttention().forward(batch.q, batch.k, batch.v, ref_pool[:, 1], meta, 0.088)
+    attention = TritonPagedAttention(flash_fresh_prefill=True, overlap_decode_rows=True)
+    rows = batch.num_seq_rows
+    for _layer in range(3):
+        out = attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta, 0.088)
+        torch.cuda.synchronize()
+        _assert_written_and_close(out[:rows], ref[:rows], dtype)
+    assert isinstance(attention._side, SideStream)
 
 
 def test_wrappers_reject_bad_arguments() -> None:
