@@ -22,6 +22,12 @@ Garbage collection pauses are timed through `gc.callbacks` (count, total and lon
 pause per generation), after the start-up heap is frozen as a node freezes it
 (launch/gc_heap.py).
 
+With `--profile-s S` (CUDA), torch.profiler records S seconds of steps from
+`--profile-after-s` seconds into each rate's run, and the point gets `device_timeline`
+(benchmarks/device_timeline.py: device busy and idle time, idle gaps by the host phase
+they began in, kernel time by kind). Stopping the profiler stalls the loop for a while, so
+a profiled run's latencies are not the engine's: time those in a run without it.
+
 On CUDA each forward pass is also timed on the device: CUDA events recorded around
 `ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
 one-token (decode) batches and for batches with prompt tokens. A decode forward's device
@@ -63,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="write the result JSON here")
+    parser.add_argument(
+        "--profile-s", type=float, default=0.0, help="CUDA: seconds of steps to profile per rate"
+    )
+    parser.add_argument(
+        "--profile-after-s", type=float, default=20.0, help="... starting this far into the rate"
+    )
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -70,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rates {args.rates!r}: give numbers separated by commas, e.g. 16,24")
     if min(args.rates) <= 0 or args.num_requests < 1:
         parser.error("every rate must be > 0 and --num-requests >= 1")
+    if args.profile_s < 0 or args.profile_after_s < 0:
+        parser.error("--profile-s and --profile-after-s must be >= 0")
+    if args.profile_s and args.device.split(":")[0] != "cuda":
+        parser.error("--profile-s records device kernels: it needs --device cuda")
     return args
 
 
@@ -157,13 +173,62 @@ class _GcPauses:
         return out
 
 
-def drive(core: EngineCore, prompts: list[list[int]], times: np.ndarray, params: Any) -> _Timeline:
+class _ProfileWindow:
+    """torch.profiler over `length_s` seconds of whole steps from `after_s` into a run."""
+
+    def __init__(self, after_s: float, length_s: float) -> None:
+        self.after_s, self.length_s = after_s, length_s
+        self._prof: Any = None
+        self._started = 0.0
+        self._stopped = False
+
+    def tick(self, now: float) -> None:
+        """Called before each step with the seconds since the run started."""
+        if self._stopped:
+            return
+        if self._prof is None and now >= self.after_s:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.start()
+            self._started = now
+        elif self._prof is not None and now >= self._started + self.length_s:
+            self._stop()
+
+    def _stop(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self._prof.stop()
+        self._stopped = True
+
+    def summary(self) -> dict[str, Any] | None:
+        """The device timeline of the profiled stretch (None if the run ended before it)."""
+        if self._prof is None:
+            return None
+        if not self._stopped:
+            self._stop()
+        from splitserve.benchmarks.device_timeline import timeline_summary
+
+        return {"after_s": self.after_s, "length_s": self.length_s, **timeline_summary(self._prof)}
+
+
+def drive(
+    core: EngineCore,
+    prompts: list[list[int]],
+    times: np.ndarray,
+    params: Any,
+    window: _ProfileWindow | None = None,
+) -> _Timeline:
     """Add each prompt at its arrival time and step until every request finished."""
     timeline = _Timeline()
     start = time.perf_counter()
     next_index = 0
     while next_index < len(prompts) or core.has_unfinished():
         now = time.perf_counter() - start
+        if window is not None:
+            window.tick(now)
         while next_index < len(prompts) and times[next_index] <= now:
             request_id = str(next_index)
             core.add_request(request_id, prompts[next_index], params)
@@ -234,10 +299,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed = args.seed + index
         prompts = random_prompts(args.num_requests, args.input_len, vocab, seed)
         times = arrival_times(ArrivalConfig(rate=rate, seed=seed), args.num_requests)
+        window = _ProfileWindow(args.profile_after_s, args.profile_s) if args.profile_s else None
         start = time.perf_counter()
-        timeline = drive(core, prompts, times, params)
+        timeline = drive(core, prompts, times, params, window)
         elapsed = time.perf_counter() - start
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
+        if window is not None:
+            point["device_timeline"] = window.summary()
         if forwards is not None:
             point.update(forwards.summary())
         point["gc_pauses"] = pauses.summary()

@@ -1,0 +1,112 @@
+"""Where a profiled stretch of engine steps left the device idle, and what the host was
+doing then.
+
+`timeline_summary(prof)` reads a torch.profiler run (CPU and CUDA activities) of whole
+engine steps, as `benchmarks/engine_load.py --profile-s` records one under load, and
+returns:
+
+- the device span (first kernel start to last kernel end), the time at least one kernel
+  ran (the union of kernel intervals: kernels of two streams that overlap count once), and
+  the idle time between;
+- idle gaps by size (over 20 µs, 100 µs and 1 ms: count and total ms);
+- idle time by the host phase running when each gap began: the engine's `step.*` ranges
+  (engine/core.py, engine/overlap.py: outputs, schedule, model, sample) or "other" (the
+  benchmark's own loop, the profiler);
+- kernel time by kind: GEMMs, attention, and the rest.
+
+The device is idle in a gap because nothing was queued: the host had not yet launched
+the next kernel. A gap that begins while the host is in `step.schedule` is time the
+device waited for the scheduler.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from typing import Any
+
+import torch
+
+GAP_THRESHOLDS_US = (20, 100, 1000)
+# Substrings of kernel names, lower-cased, per kind (the first kind that matches wins).
+KERNEL_KINDS = (
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")),
+    ("attention", ("flash", "_decode_", "_prefill_", "attention", "fmha")),
+)
+STEP_PREFIX = "step."
+
+
+def _kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, words in KERNEL_KINDS:
+        if any(w in lowered for w in words):
+            return kind
+    return "other"
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _host_phase(ranges: list[tuple[float, float, str]], starts: list[float], t: float) -> str:
+    """The innermost `step.*` range open on the host at time t, or "other"."""
+    i = bisect.bisect_right(starts, t) - 1
+    while i >= 0:
+        start, end, name = ranges[i]
+        if start <= t <= end:
+            return name
+        if t - start > 1e6:  # no step range lasts a second
+            break
+        i -= 1
+    return "other"
+
+
+def timeline_summary(prof: Any) -> dict[str, Any]:
+    """The summary described in the module docstring; times in ms."""
+    events = prof.events()
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == cuda and not e.name.startswith(STEP_PREFIX)
+    ]
+    if not kernels:
+        return {"num_kernels": 0}
+    ranges = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type != cuda and e.name.startswith(STEP_PREFIX)
+    )
+    starts = [r[0] for r in ranges]
+    busy = _union([(s, e) for s, e, _ in kernels])
+    span = busy[-1][1] - busy[0][0]
+    gaps = [(b[0] - a[1], a[1]) for a, b in itertools.pairwise(busy)]
+    by_kind: dict[str, float] = {}
+    for start, end, name in kernels:
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + (end - start) / 1e3
+    idle_by_phase: dict[str, float] = {}
+    for gap, began in gaps:
+        if gap > GAP_THRESHOLDS_US[0]:
+            phase = _host_phase(ranges, starts, began)
+            idle_by_phase[phase] = idle_by_phase.get(phase, 0.0) + gap / 1e3
+    return {
+        "num_kernels": len(kernels),
+        "span_ms": span / 1e3,
+        "busy_ms": sum(e - s for s, e in busy) / 1e3,
+        "idle_ms": (span - sum(e - s for s, e in busy)) / 1e3,
+        "gaps": {
+            f"over_{t}us": {
+                "num": sum(1 for g, _ in gaps if g > t),
+                "total_ms": sum(g for g, _ in gaps if g > t) / 1e3,
+            }
+            for t in GAP_THRESHOLDS_US
+        },
+        "idle_ms_by_host_phase": idle_by_phase,
+        "kernel_ms_by_kind": by_kind,
+    }
