@@ -56,7 +56,7 @@ class ModelConfig:
     piecewise_graph_max_tokens: int = 8192
     # CUDA, Triton attention: a mixed step's decode rows are attended on a second stream
     # beside its prefill rows (kernels/side_stream.py).
-    overlap_decode_attention: bool = False
+    overlap_decode_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
