@@ -13,8 +13,9 @@ Who calls what, in what order (a handler of /v1/completions or /v1/chat/completi
 
 Each attempt of a prompt relays its node stream's messages into the queue as they come
 (`_Relay`): over a multiplexed stream the stream's reader calls `_Relay.take` directly
-(`MultiplexedCall.listen`), and the attempt's task only waits for the stream's end or its
-silence; over a `Generate` call the task reads each message and hands it on.
+(the consumer given to `open_generate`, fixed before any message can come), and the
+attempt's task only waits for the stream's end or its silence; over a `Generate` call the
+task reads each message and hands it on.
 
 A prompt whose stream ends without its `finished` message (client gone, error, cancel) has
 its gRPC call cancelled and `Decode.Abort` sent for its request id; the decode node passes
@@ -284,16 +285,15 @@ class PromptStreams:
         self, index: int, decision: RouteDecision, request: pb.GenerateRequest, span: Span
     ) -> None:
         """Forward one node stream to the queue; abort on the node unless it finished."""
-        call = self.service.clients.open_generate(decision.decode, request, span.metadata())
         service, prefill = self.service, decision.prefill
+        relay = _Relay(self, index, decision, span)
+        call = service.clients.open_generate(decision.decode, request, span.metadata(), relay.take)
         service.track(decision.decode)
         if prefill is not None:
             service.track(prefill)
-        relay = _Relay(self, index, decision, span)
         is_unreachable = False
         try:
             if isinstance(call, MultiplexedCall):
-                call.listen(relay.take)
                 await relay.until_done(service.config)
             else:
                 while not relay.is_finished:
@@ -324,7 +324,7 @@ class PromptStreams:
 
 class _Relay:
     """One attempt's messages into its PromptStreams' queue, each as it arrives: from the
-    multiplexed stream's reader (`take` is its listener: no task woken per message) or
+    multiplexed stream's reader (`take` is its consumer: no task woken per message) or
     from the loop over a Generate call's reads. `until_done` waits for the last message or
     the error that ends the stream, and raises `_StreamStalled` past the silence allowed."""
 

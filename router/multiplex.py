@@ -1,17 +1,20 @@
 """The router's end of `Decode.GenerateMany` (decode/multiplex.py): one gRPC stream per
 decode node carries every request the router sends there.
 
-Who calls what: `NodeClients.open_generate(node, request, metadata)` returns a
-`MultiplexedCall`, which reads like the `Generate` call it replaces: `await call.read()`
-gives the request's next GenerateResponse (`grpc.aio.EOF` once its finished message was
-read), or raises `grpc.aio.AioRpcError`; `cancel()` tells the node the client went away.
-Or, what `router/generation.py` does, `call.listen(on_item)` hands every item (each
-message, then the error that ended it, if any) to `on_item` as the reader takes it off the
-stream, in the reader's own callback: no task is woken per message. Behind it,
-`NodeStream` (one per node address):
+Who calls what: `NodeClients.open_generate(node, request, metadata, on_item)` (what
+router/generation.py's `_forward` calls) opens the request on its node's `NodeStream`
+(`NodeStream.open(request, metadata, on_item)`) and returns its `MultiplexedCall`. The
+consumer `on_item` is fixed when the call is made, before the request is even queued for
+sending, so no message can come before there is someone to take it: the stream's reader
+hands it every item (each message, then the error that ended the request, if any) as it
+takes it off the stream, in the reader's own callback: no task is woken per message. A
+finished message or an `AioRpcError` (a StreamEnd for the request, or the stream's own
+failure) is the last item and closes the request on the stream; an exception `on_item`
+raises is logged and costs no other request its messages. `call.cancel()` tells the node
+the client went away. Behind it, `NodeStream` (one per node address):
 - opens the GenerateMany call on first use and reopens it after it broke;
 - a writer task sends queued StreamRequests in order (gRPC allows one write at a time);
-- a reader task hands each StepBatch's messages to their requests' queues, and a
+- a reader task hands each StepBatch's messages to their requests' consumers, and a
   StreamEnd to its request as the AioRpcError its own Generate call would have raised;
 - when the call breaks (the node died or restarted, keepalive found it frozen), every
   request open on it gets the call's error, as each of their Generate calls would have.
@@ -31,8 +34,10 @@ from splitserve.protocol import node_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-# What a request's queue holds: its messages, then the error that ended it.
-_Item: TypeAlias = "pb.GenerateResponse | grpc.aio.AioRpcError"
+# What a request's consumer is handed: its messages, then the error that ended it (if any).
+Item: TypeAlias = "pb.GenerateResponse | grpc.aio.AioRpcError"
+# A request's consumer, called on the event loop from the stream's reader.
+OnItem: TypeAlias = "Callable[[Item], None]"
 
 
 def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -44,49 +49,25 @@ def _status_code(value: int) -> grpc.StatusCode:
 
 
 class MultiplexedCall:
-    """One request's stream over its node's GenerateMany call."""
+    """One request's stream over its node's GenerateMany call; `on_item` consumes it."""
 
-    def __init__(self, stream: NodeStream, request_id: str) -> None:
+    def __init__(self, stream: NodeStream, request_id: str, on_item: OnItem) -> None:
         self._stream = stream
         self.request_id = request_id
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._on_item = on_item
         self._ended = False
-        self._listener: Callable[[_Item], None] | None = None
 
-    def listen(self, on_item: Callable[[_Item], None]) -> None:
-        """From now on hand each item to `on_item` (on the event loop, from the stream's
-        reader) instead of queueing it for `read`; what already queued goes first."""
-        self._listener = on_item
-        while not self.queue.empty():
-            self.put(self.queue.get_nowait())
-
-    def put(self, item: _Item) -> None:
+    def put(self, item: Item) -> None:
         """The stream's reader: the request's next message, or the error that ended it."""
-        if self._listener is None:
-            self.queue.put_nowait(item)
-            return
         if self._ended:
             return
         if isinstance(item, grpc.aio.AioRpcError) or item.finished:
             self._ended = True
             self._stream.close_request(self.request_id)
         try:
-            self._listener(item)
+            self._on_item(item)
         except Exception:  # one request's bug must not cost the others their messages
             logger.exception("consumer of request %s failed", self.request_id)
-
-    async def read(self) -> pb.GenerateResponse | Any:
-        if self._ended:
-            return grpc.aio.EOF
-        item = await self.queue.get()
-        if isinstance(item, grpc.aio.AioRpcError):
-            self._ended = True
-            self._stream.close_request(self.request_id)
-            raise item
-        if item.finished:
-            self._ended = True
-            self._stream.close_request(self.request_id)
-        return item
 
     def cancel(self) -> None:
         """The client went away: the node aborts the request (if still open there)."""
@@ -105,9 +86,13 @@ class NodeStream:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def open(
-        self, request: pb.GenerateRequest, metadata: tuple[tuple[str, str], ...]
+        self,
+        request: pb.GenerateRequest,
+        metadata: tuple[tuple[str, str], ...],
+        on_item: OnItem,
     ) -> MultiplexedCall:
-        call = MultiplexedCall(self, request.request_id)
+        """Send `request` on the stream; `on_item` gets each of its items from now on."""
+        call = MultiplexedCall(self, request.request_id, on_item)
         self._calls[request.request_id] = call
         message = pb.StreamRequest(generate=request, trace_metadata=dict(metadata))
         self._send(message)

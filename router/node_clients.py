@@ -26,9 +26,10 @@ from splitserve.protocol import keepalive
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
 from splitserve.protocol.security import TransportSecurity, open_channel
-from splitserve.router.multiplex import MultiplexedCall, NodeStream
+from splitserve.router.multiplex import MultiplexedCall, NodeStream, OnItem
 
-# What `open_generate` returns: read() and cancel() alike.
+# What `open_generate` returns; both have cancel(). The caller reads a Generate call
+# (`read()`); a MultiplexedCall hands its items to the `on_item` it was opened with.
 GenerateCall: TypeAlias = "grpc.aio.UnaryStreamCall[Any, Any] | MultiplexedCall"
 
 logger = logging.getLogger(__name__)
@@ -74,17 +75,22 @@ class NodeClients:
         return pb_grpc.DecodeStub(self._channel(node.grpc_address))
 
     def open_generate(
-        self, node: NodeRecord, request: pb.GenerateRequest, metadata: tuple[tuple[str, str], ...]
+        self,
+        node: NodeRecord,
+        request: pb.GenerateRequest,
+        metadata: tuple[tuple[str, str], ...],
+        on_item: OnItem,
     ) -> GenerateCall:
         """One request's stream on a decode node: over the node's GenerateMany stream
-        (router/multiplex.py) when multiplexing and the node serves it, else its own
-        Generate call."""
+        (router/multiplex.py) when multiplexing and the node serves it, a MultiplexedCall
+        whose items go to `on_item` from the stream's reader; else its own Generate call,
+        which the caller reads (`on_item` unused)."""
         if not (self.multiplex and node.serves_generate_many):
             return self.decode_stub(node).Generate(request, metadata=metadata)
         stream = self._streams.get(node.grpc_address)
         if stream is None:
             stream = self._streams[node.grpc_address] = NodeStream(self.decode_stub(node))
-        return stream.open(request, metadata)
+        return stream.open(request, metadata, on_item)
 
     async def stats(self, node: NodeRecord) -> pb.StatsResponse | None:
         """The node's Stats, or None when it does not answer in time (logged at DEBUG)."""

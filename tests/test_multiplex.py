@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from splitserve.decode.multiplex import Metadata, Multiplexer, Outbox, Pending, RequestRefused
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc as pb_grpc
-from splitserve.router.multiplex import NodeStream
+from splitserve.router.multiplex import Item, MultiplexedCall, NodeStream
 
 NUM_STEPS = 6
 
@@ -44,7 +45,8 @@ class _Steps:
         try:
             for i in range(NUM_STEPS):
                 async with self.step:
-                    await self.step.wait_for(lambda seen=seen: self.number > seen)
+                    # (mypy cannot type a lambda's default argument)
+                    await self.step.wait_for(lambda seen=seen: self.number > seen)  # type: ignore[misc]
                     seen = self.number
                 outbox.put(_Tokens(rid, [i], i == NUM_STEPS - 1))
         except asyncio.CancelledError:
@@ -106,12 +108,26 @@ async def _drive(steps: _Steps, calls: list, until: asyncio.Future) -> None:
         await steps.advance()
 
 
-async def _read_all(call) -> list[int]:
+def _open(
+    stream: NodeStream, rid: str, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[MultiplexedCall, asyncio.Queue[Item]]:
+    """Open `rid` with a consumer that queues each item the stream's reader hands it."""
+    items: asyncio.Queue[Item] = asyncio.Queue()
+    return stream.open(_request(rid), metadata, items.put_nowait), items
+
+
+async def _next(items: asyncio.Queue[Item]) -> pb.GenerateResponse:
+    """The request's next message; raises the AioRpcError that ended it."""
+    item = await items.get()
+    if isinstance(item, grpc.aio.AioRpcError):
+        raise item
+    return item
+
+
+async def _read_all(items: asyncio.Queue[Item]) -> list[int]:
     tokens = []
     while True:
-        msg = await call.read()
-        if msg is grpc.aio.EOF:
-            return tokens
+        msg = await _next(items)
         tokens += list(msg.deltas[0].token_ids)
         if msg.finished:
             return tokens
@@ -122,8 +138,9 @@ def test_lockstep_requests_share_one_batch_per_step() -> None:
         steps = _Steps()
         server, channel = await _serve(steps)
         stream = NodeStream(pb_grpc.DecodeStub(channel))
-        calls = [stream.open(_request(f"r{i}"), (("traceparent", f"t{i}"),)) for i in range(8)]
-        reads = asyncio.gather(*(_read_all(c) for c in calls))
+        opened = [_open(stream, f"r{i}", (("traceparent", f"t{i}"),)) for i in range(8)]
+        calls = [call for call, _ in opened]
+        reads = asyncio.gather(*(_read_all(items) for _, items in opened))
         driver = asyncio.ensure_future(_drive(steps, calls, reads))
         assert await asyncio.wait_for(reads, 20) == [list(range(NUM_STEPS))] * 8
         await driver
@@ -143,12 +160,12 @@ def test_refusal_and_cancel_reach_their_request_only() -> None:
         steps = _Steps()
         server, channel = await _serve(steps)
         stream = NodeStream(pb_grpc.DecodeStub(channel))
-        bad = stream.open(_request("bad-1"), ())
+        _, bad_items = _open(stream, "bad-1")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await asyncio.wait_for(bad.read(), 10)
+            await asyncio.wait_for(_next(bad_items), 10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        gone, kept = stream.open(_request("gone"), ()), stream.open(_request("kept"), ())
-        first = asyncio.ensure_future(gone.read())
+        (gone, gone_items), (kept, kept_items) = _open(stream, "gone"), _open(stream, "kept")
+        first = asyncio.ensure_future(_next(gone_items))
         await asyncio.wait_for(_drive(steps, [gone], first), 10)
         assert first.result().deltas[0].token_ids == [0]
         gone.cancel()
@@ -157,7 +174,7 @@ def test_refusal_and_cancel_reach_their_request_only() -> None:
                 break
             await asyncio.sleep(0.01)
         assert steps.cancelled == ["gone"]
-        reads = asyncio.ensure_future(_read_all(kept))
+        reads = asyncio.ensure_future(_read_all(kept_items))
         await _drive(steps, [kept], reads)
         assert reads.result() == list(range(NUM_STEPS))
         await stream.close()
@@ -172,16 +189,16 @@ def test_a_dead_node_fails_every_open_request_and_the_next_call_reconnects() -> 
         steps = _Steps()
         server, channel = await _serve(steps)
         stream = NodeStream(pb_grpc.DecodeStub(channel))
-        calls = [stream.open(_request(f"r{i}"), ()) for i in range(3)]
+        opened = [_open(stream, f"r{i}") for i in range(3)]
         await asyncio.sleep(0.2)
         await _stop(server)
-        for call in calls:
+        for _, items in opened:
             with pytest.raises(grpc.aio.AioRpcError) as failed:
-                await asyncio.wait_for(call.read(), 10)
+                await asyncio.wait_for(_next(items), 10)
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-        again = stream.open(_request("later"), ())  # a new GenerateMany call
+        _, again = _open(stream, "later")  # a new GenerateMany call
         with pytest.raises(grpc.aio.AioRpcError):
-            await asyncio.wait_for(again.read(), 10)
+            await asyncio.wait_for(_next(again), 10)
         await stream.close()
         await channel.close()
 
@@ -222,38 +239,70 @@ def test_a_reader_that_fell_behind_gets_one_merged_message_per_request() -> None
     asyncio.run(main())
 
 
-def test_a_listener_gets_every_message_from_the_reader_without_a_task_per_request() -> None:
-    """`listen`: what queued before it first, then each message as the stream's reader
-    takes it off the StepBatch, all in the reader's task (none woken per request or per
+def test_a_consumer_gets_every_message_from_the_reader_without_a_task_per_request() -> None:
+    """`on_item`, given when the call is opened: each message as the stream's reader takes
+    it off the StepBatch, all in the reader's task (none woken per request or per
     message); the finished message ends the call."""
 
     async def main() -> None:
         steps = _Steps()
         server, channel = await _serve(steps)
         stream = NodeStream(pb_grpc.DecodeStub(channel))
-        calls = [stream.open(_request(f"r{i}"), ()) for i in range(3)]
-        got: dict[str, list[int]] = {c.request_id: [] for c in calls}
+        rids = [f"r{i}" for i in range(3)]
+        got: dict[str, list[int]] = {rid: [] for rid in rids}
         tasks: set[asyncio.Task | None] = set()
         done = asyncio.get_running_loop().create_future()
 
-        def listener(msg: pb.GenerateResponse) -> None:
+        def consumer(msg: Item) -> None:
+            assert isinstance(msg, pb.GenerateResponse), msg
             tasks.add(asyncio.current_task())
             got[msg.request_id] += list(msg.deltas[0].token_ids)
             if msg.finished and all(len(t) == NUM_STEPS for t in got.values()):
                 done.set_result(None)
 
+        calls = [stream.open(_request(rid), (), consumer) for rid in rids]
         driver = asyncio.ensure_future(_drive(steps, calls, done))
-        while any(c.queue.empty() for c in calls):  # messages queue before anyone listens
-            await asyncio.sleep(0.005)
-        for call in calls:
-            call.listen(listener)
         await asyncio.wait_for(done, 20)
         await driver
-        assert got == {c.request_id: list(range(NUM_STEPS)) for c in calls}
-        assert len(tasks - {None}) <= 2  # the test's own (queued items) and the reader's
+        assert got == {rid: list(range(NUM_STEPS)) for rid in rids}
+        assert len(tasks - {None}) == 1  # the reader's
         assert not stream._calls  # every call ended with its finished message
         await stream.close()
         await channel.close()
         await _stop(server)
 
     asyncio.run(main())
+
+
+def test_a_failing_consumer_is_logged_and_costs_other_requests_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A consumer that raises is logged; its request still ends with its finished message,
+    and the request beside it on the stream gets every message."""
+
+    async def main() -> None:
+        steps = _Steps()
+        server, channel = await _serve(steps)
+        stream = NodeStream(pb_grpc.DecodeStub(channel))
+
+        def failing(item: Item) -> None:
+            raise RuntimeError("consumer bug")
+
+        broken = stream.open(_request("broken"), (), failing)
+        kept, kept_items = _open(stream, "kept")
+        reads = asyncio.ensure_future(_read_all(kept_items))
+        await asyncio.wait_for(_drive(steps, [broken, kept], reads), 20)
+        assert reads.result() == list(range(NUM_STEPS))
+        for _ in range(200):  # "broken" finished in the same or the next batch
+            if not stream._calls:
+                break
+            await asyncio.sleep(0.01)
+        assert not stream._calls
+        await stream.close()
+        await channel.close()
+        await _stop(server)
+
+    with caplog.at_level(logging.ERROR, logger="splitserve.router.multiplex"):
+        asyncio.run(main())
+    failures = [r for r in caplog.records if "consumer of request broken" in r.getMessage()]
+    assert failures and all(r.exc_info for r in failures)  # each message's failure, traced
