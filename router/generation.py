@@ -40,6 +40,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -60,7 +61,6 @@ from splitserve.router.coalesce import StreamItem, coalesce
 from splitserve.router.config import RouterConfig
 from splitserve.router.errors import APIError, from_grpc_error
 from splitserve.router.multiplex import MultiplexedCall
-from splitserve.router.node_clients import GenerateCall
 from splitserve.router.policy import RouteDecision
 from splitserve.router.prepare import PreparedRequest
 from splitserve.router.service import RouterService
@@ -255,7 +255,7 @@ class PromptStreams:
         return request
 
     async def _next_message(
-        self, call: GenerateCall, received_any: bool
+        self, call: grpc.aio.UnaryStreamCall[Any, Any], received_any: bool
     ) -> pb.GenerateResponse | None:
         """The stream's next message (None at its end); _StreamStalled past the deadline."""
         config = self.service.config
