@@ -15,10 +15,11 @@ from __future__ import annotations
 import itertools
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from splitserve.engine.cuda_graphs import DecodeGraphs
-from splitserve.engine.device_copy import to_device
+from splitserve.engine.device_copy import host_to_device, to_device
 from splitserve.engine.piecewise_graphs import PiecewiseGraphs
 from splitserve.engine.request import RequestId
 from splitserve.engine.scheduler import ScheduledChunk
@@ -74,6 +75,58 @@ class BatchInputs(NamedTuple):
     logits_indices: torch.Tensor  # [N] int64
 
 
+class _Rows(NamedTuple):
+    """A step's per-token host arrays, filled chunk by chunk (`_fill_rows`)."""
+
+    token_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64
+
+
+def _fill_rows(chunks_in_rows: list[ScheduledChunk], num_decodes: int, block_size: int) -> _Rows:
+    """Token ids, positions and pool slots of every row. The leading `num_decodes`
+    one-token chunks are written from one list each; a longer chunk as slices, its slots
+    through numpy (block id of the position's block, times the block size, plus the
+    offset in it)."""
+    total = sum(c.num_new_tokens for c in chunks_in_rows)
+    rows = _Rows(*(np.empty(total, dtype=np.int64) for _ in range(3)))
+    decodes = chunks_in_rows[:num_decodes]
+    rows.positions[:num_decodes] = [c.start for c in decodes]
+    rows.token_ids[:num_decodes] = [
+        c.request.token_ids_slice(c.start, c.start + 1)[0] for c in decodes
+    ]
+    rows.slots[:num_decodes] = [
+        c.request.block_ids[c.start // block_size] * block_size + c.start % block_size
+        for c in decodes
+    ]
+    row = num_decodes
+    for request, start, num_new in chunks_in_rows[num_decodes:]:
+        end = start + num_new
+        positions = np.arange(start, end, dtype=np.int64)
+        first, last = start // block_size, (end - 1) // block_size
+        blocks = np.asarray(request.block_ids[first : last + 1], dtype=np.int64)
+        rows.token_ids[row : row + num_new] = request.token_ids_slice(start, end)
+        rows.positions[row : row + num_new] = positions
+        rows.slots[row : row + num_new] = (
+            blocks[positions // block_size - first] * block_size + positions % block_size
+        )
+        row += num_new
+    return rows
+
+
+def _block_tables(chunks_in_rows: list[ScheduledChunk], max_blocks: int) -> np.ndarray:
+    """[rows, max_blocks] int32: each row's first `max_blocks` block ids, -1 padded
+    (written through one mask, in row-major order, from one flat array of ids)."""
+    tables = [c.request.block_ids[:max_blocks] for c in chunks_in_rows]
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    flat = np.fromiter(
+        itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum())
+    )
+    out = np.full((len(tables), max_blocks), -1, dtype=np.int32)
+    out[np.arange(max_blocks) < lengths[:, None]] = flat
+    return out
+
+
 def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.device) -> BatchInputs:
     """The flattened batch, one-token chunks first (`meta.num_decodes` of them) so that a
     backend can give them its decode kernel; `logits_indices` stays in chunk order."""
@@ -82,35 +135,20 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         chunks_in_rows = decodes + [c for c in chunks if c.num_new_tokens != 1]
     else:
         chunks_in_rows = chunks
-    token_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    query_start = [0]
-    seq_lens: list[int] = []
-    last_row: dict[int, int] = {}
-    for chunk in chunks_in_rows:
-        request, start, num_new = chunk
-        end = start + num_new
-        token_ids.extend(request.token_ids_slice(start, end))
-        positions.extend(range(start, end))
-        block_ids = request.block_ids
-        slots.extend(
-            block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)
-        )
-        query_start.append(query_start[-1] + num_new)
-        seq_lens.append(end)
-        last_row[id(chunk)] = query_start[-1] - 1
+    query_lens = [c.num_new_tokens for c in chunks_in_rows]
+    query_start = [0, *itertools.accumulate(query_lens)]
+    seq_lens = [c.start + c.num_new_tokens for c in chunks_in_rows]
+    last_row = {id(c): query_start[i + 1] - 1 for i, c in enumerate(chunks_in_rows)}
     sample_rows = [last_row[id(c)] for c in chunks if c.samples]
+    rows = _fill_rows(chunks_in_rows, len(decodes), block_size)
     max_blocks = max(-(-n // block_size) for n in seq_lens)
-    tables = [c.request.block_ids[:max_blocks] for c in chunks_in_rows]
-    block_tables = [t + [-1] * (max_blocks - len(t)) for t in tables]
-    query_lens = [b - a for a, b in itertools.pairwise(query_start)]
-
     meta = AttentionMetadata(
-        slot_mapping=to_device(slots, torch.int64, device),
+        slot_mapping=host_to_device(torch.from_numpy(rows.slots), device),
         query_start_loc=to_device(query_start, torch.int32, device),
         seq_lens=to_device(seq_lens, torch.int32, device),
-        block_tables=to_device(block_tables, torch.int32, device),
+        block_tables=host_to_device(
+            torch.from_numpy(_block_tables(chunks_in_rows, max_blocks)), device
+        ),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
@@ -118,8 +156,8 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         num_decodes=len(decodes),
     )
     return BatchInputs(
-        input_ids=to_device(token_ids, torch.int64, device),
-        positions=to_device(positions, torch.int64, device),
+        input_ids=host_to_device(torch.from_numpy(rows.token_ids), device),
+        positions=host_to_device(torch.from_numpy(rows.positions), device),
         meta=meta,
         logits_indices=to_device(sample_rows, torch.int64, device),
     )
