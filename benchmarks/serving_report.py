@@ -4,7 +4,12 @@
 from (command, commit, device, date): a later call replaces the rows it re-measures and
 keeps the others, so one system or one workload per device call still ends in one file.
 Each row's per-request file is `runs/<name>/requests.jsonl.gz` beside it, with the bench
-tool's own summary of the run (`runs/<name>/summary.json`).
+tool's own summary of the run (`runs/<name>/summary.json`). It keeps every field of the
+bench's `requests.jsonl` but two, in a smaller form (`archived_request`): the chunk
+arrival times as `chunk_gaps_us`, whole microseconds from the previous chunk (the first
+from the bench's clock zero; their running sum is `chunk_times_s` to the microsecond), and
+the generated text as its length, `generated_text_chars` (a 1,000-request run of 256
+tokens each: 1.6 MB compressed as the bench wrote it, about 0.5 MB archived).
 
 Results of calls unpacked apart merge into one directory:
 
@@ -89,16 +94,32 @@ def stream_stages_ms(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def archived_request(record: dict[str, Any]) -> dict[str, Any]:
+    """One line of the archived per-request file (see the module docstring)."""
+    out = dict(record)
+    times = out.pop("chunk_times_s", None)
+    if times is not None:
+        micros = [round(t * 1e6) for t in times]
+        out["chunk_gaps_us"] = [b - a for a, b in zip([0, *micros], micros, strict=False)]
+    text = out.pop("generated_text", None)
+    if text is not None:
+        out["generated_text_chars"] = len(text)
+    return out
+
+
 def keep_run(run_dir: Path, out_dir: Path, name: str) -> None:
-    """Copy a run's summary and its compressed per-request file under out_dir/runs/."""
+    """Copy a run's summary, and its per-request file archived and compressed, under
+    out_dir/runs/."""
     dest = out_dir / "runs" / name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "summary.json", dest / "summary.json")
     with (
-        (run_dir / "requests.jsonl").open("rb") as src,
-        gzip.open(dest / "requests.jsonl.gz", "wb") as dst,
+        (run_dir / "requests.jsonl").open() as src,
+        gzip.open(dest / "requests.jsonl.gz", "wt") as dst,
     ):
-        shutil.copyfileobj(src, dst)
+        for line in src:
+            if line.strip():
+                dst.write(json.dumps(archived_request(json.loads(line))) + "\n")
 
 
 def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import re
@@ -58,7 +59,14 @@ def test_two_calls_merge_into_one_summary(up, tmp_path: Path) -> None:
         assert set(row["stream_stage_mean_ms"]) == {"engine_step", "node", "grpc", "router"}
         name = serving_report.run_name(row["system"], row["workload"], row["rate"])
         with gzip.open(tmp_path / "runs" / name / "requests.jsonl.gz", "rt") as f:
-            assert len(f.read().splitlines()) == 6
+            archived = [json.loads(line) for line in f.read().splitlines()]
+        assert len(archived) == 6
+        for record in archived:
+            assert "chunk_times_s" not in record and "generated_text" not in record
+            assert record["chunk_gaps_us"] and record["generated_text_chars"] >= 0
+            gaps = record["chunk_gaps_us"]
+            assert min(gaps) >= 0 and gaps[0] / 1e6 >= record["first_event_s"] - 1e-6
+            assert sum(gaps) / 1e6 <= record["last_event_s"] + 1e-6
     table = (tmp_path / "summary.md").read_text()
     assert "one TTFT p50 / p90 / p99 ms" in table and "two TPOT p50 / p90 ms" in table
     assert table.count("not run") == 6  # one@1000 and two@8, three cells each
@@ -165,3 +173,24 @@ def test_merge_command_joins_calls_unpacked_apart(tmp_path: Path) -> None:
     assert "vllm TTFT p50 / p90 / p99 ms" in (out / "summary.md").read_text()
     with pytest.raises(SystemExit):
         serving_report.main(["merge", str(out), str(tmp_path / "missing")])
+
+
+def test_an_archived_request_keeps_its_chunk_times_to_the_microsecond() -> None:
+    record = {
+        "request_id": "r1",
+        "first_event_s": 0.0123456789,
+        "chunk_times_s": [0.0123456789, 0.0201, 0.0201004, 0.5],
+        "generated_text": "four tokens here",
+        "ttft_ms": 12.3,
+    }
+    archived = serving_report.archived_request(record)
+    assert archived == {
+        "request_id": "r1",
+        "first_event_s": 0.0123456789,
+        "chunk_gaps_us": [12346, 7754, 0, 479900],
+        "generated_text_chars": 16,
+        "ttft_ms": 12.3,
+    }
+    times = itertools.accumulate(archived["chunk_gaps_us"])
+    for rebuilt, original in zip(times, record["chunk_times_s"], strict=True):
+        assert abs(rebuilt / 1e6 - original) <= 0.5e-6
