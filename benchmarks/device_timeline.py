@@ -36,6 +36,16 @@ KERNEL_KINDS = (
 STEP_PREFIX = "step."
 
 
+def device_kernels(prof: Any) -> list[Any]:
+    """A torch.profiler run's device kernels, without the engine's named `step.*` ranges
+    (which the profiler also shows on the device)."""
+    return [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(STEP_PREFIX)
+    ]
+
+
 def _kind(name: str) -> str:
     lowered = name.lower()
     for kind, words in KERNEL_KINDS:
@@ -69,27 +79,23 @@ def _host_phase(ranges: list[tuple[float, float, str]], starts: list[float], t: 
 
 def timeline_summary(prof: Any) -> dict[str, Any]:
     """The summary described in the module docstring; times in ms."""
-    events = prof.events()
-    cuda = torch.autograd.DeviceType.CUDA
-    kernels = [
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in events
-        if e.device_type == cuda and not e.name.startswith(STEP_PREFIX)
-    ]
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in device_kernels(prof)]
     if not kernels:
         return {"num_kernels": 0}
     ranges = sorted(
         (e.time_range.start, e.time_range.end, e.name)
-        for e in events
-        if e.device_type != cuda and e.name.startswith(STEP_PREFIX)
+        for e in prof.events()
+        if e.device_type != torch.autograd.DeviceType.CUDA and e.name.startswith(STEP_PREFIX)
     )
     starts = [r[0] for r in ranges]
     busy = _union([(s, e) for s, e, _ in kernels])
     span = busy[-1][1] - busy[0][0]
+    busy_us = sum(e - s for s, e in busy)
     gaps = [(b[0] - a[1], a[1]) for a, b in itertools.pairwise(busy)]
     by_kind: dict[str, float] = {}
     for start, end, name in kernels:
-        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + (end - start) / 1e3
+        kind = _kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + (end - start) / 1e3
     idle_by_phase: dict[str, float] = {}
     for gap, began in gaps:
         if gap > GAP_THRESHOLDS_US[0]:
@@ -98,8 +104,8 @@ def timeline_summary(prof: Any) -> dict[str, Any]:
     return {
         "num_kernels": len(kernels),
         "span_ms": span / 1e3,
-        "busy_ms": sum(e - s for s, e in busy) / 1e3,
-        "idle_ms": (span - sum(e - s for s, e in busy)) / 1e3,
+        "busy_ms": busy_us / 1e3,
+        "idle_ms": (span - busy_us) / 1e3,
         "gaps": {
             f"over_{t}us": {
                 "num": sum(1 for g, _ in gaps if g > t),

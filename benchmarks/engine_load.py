@@ -183,14 +183,20 @@ class _ProfileWindow:
         self._stopped = False
 
     @staticmethod
-    def warm_up() -> None:
+    def _profiler() -> Any:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        return torch.profiler.profile(activities=activities)
+
+    @classmethod
+    def warm_up(cls) -> None:
         """Start and stop one profiler before the rates, so that the first rate's window is
         not the process's first profiler start (which sets up CUPTI): on an H200 that window
         kept 372 kernels of 1.5 s at 16 req/s, where the next rate's window had 13,201."""
         import torch
 
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities):
+        with cls._profiler():
             torch.ones(8, device="cuda").add_(1)
             torch.cuda.synchronize()
 
@@ -199,10 +205,7 @@ class _ProfileWindow:
         if self._stopped:
             return
         if self._prof is None and now >= self.after_s:
-            import torch
-
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            self._prof = torch.profiler.profile(activities=activities)
+            self._prof = self._profiler()
             self._prof.start()
             self._started = now
         elif self._prof is not None and now >= self._started + self.length_s:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from splitserve.benchmarks.device_timeline import device_kernels
 from splitserve.benchmarks.profile_decode import start_decoding
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 
@@ -47,15 +48,6 @@ def _add_prompt(core: Any, index: int, length: int) -> None:
     prompt = [1 + (index * 104729 + t * 31) % (vocab - 1) for t in range(length)]
     params = SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True)
     core.add_request(f"m{index}", prompt, params)
-
-
-def device_kernels(prof: Any) -> list[Any]:
-    """A torch.profiler run's device kernels, without the engine's named `step.*` ranges."""
-    return [
-        e
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("step.")
-    ]
 
 
 def _log_device_span(prof: Any) -> None:

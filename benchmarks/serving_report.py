@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import re
 import shutil
@@ -100,7 +101,7 @@ def archived_request(record: dict[str, Any]) -> dict[str, Any]:
     times = out.pop("chunk_times_s", None)
     if times is not None:
         micros = [round(t * 1e6) for t in times]
-        out["chunk_gaps_us"] = [b - a for a, b in zip([0, *micros], micros, strict=False)]
+        out["chunk_gaps_us"] = [b - a for a, b in itertools.pairwise([0, *micros])]
     text = out.pop("generated_text", None)
     if text is not None:
         out["generated_text_chars"] = len(text)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from splitserve.benchmarks.profile_mixed import device_kernels
+from splitserve.benchmarks.device_timeline import device_kernels
 from splitserve.benchmarks.results_io import provenance, write_result
 
 logger = logging.getLogger(__name__)

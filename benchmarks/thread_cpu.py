@@ -33,12 +33,17 @@ logger = logging.getLogger(__name__)
 _TOP_THREADS = 6
 
 
+def _fields_after_comm(stat: str) -> list[str]:
+    """A /proc stat line's fields after `(comm)` (which may hold spaces): state, ppid, ..."""
+    return stat.rsplit(")", 1)[1].split()
+
+
 def read_cpu_stat(path: str) -> tuple[str, float]:
     """(comm, user + system CPU seconds) from a /proc stat file: a process's
     (/proc/PID/stat) or one thread's (/proc/PID/task/TID/stat)."""
     stat = Path(path).read_text()
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    fields = stat.rsplit(")", 1)[1].split()
+    fields = _fields_after_comm(stat)
     return comm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -71,7 +76,7 @@ def find_processes(words: list[str], program: str = "splitserve") -> dict[int, s
             stat = Path(f"/proc/{entry}/stat").read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        parents[int(entry)] = int(_fields_after_comm(stat)[1])
         args = [a.decode(errors="replace") for a in argv if a]
         word = next((w for w in words if w in args), None)
         if word is not None and any(program in a for a in args):
