@@ -12,7 +12,10 @@ returns:
 - idle time by the host phase running when each gap began: the engine's `step.*` ranges
   (engine/core.py, engine/overlap.py: outputs, schedule, model, sample) or "other" (the
   benchmark's own loop, the profiler);
-- kernel time by kind: GEMMs, attention, and the rest.
+- kernel time by kind: GEMMs, attention, and the rest;
+- the largest gaps one by one (`largest_gaps`): length, host phase, the innermost host op
+  open when the gap began (any profiled CPU op: a launch, a copy, a synchronisation) and
+  the kernels either side, so that a gap can be traced to the code that left it.
 
 The device is idle in a gap because nothing was queued: the host had not yet launched
 the next kernel. A gap that begins while the host is in `step.schedule` is time the
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 
 GAP_THRESHOLDS_US = (20, 100, 1000)
+NUM_LARGEST_GAPS = 12
 # Substrings of kernel names, lower-cased, per kind (the first kind that matches wins).
 KERNEL_KINDS = (
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")),
@@ -77,6 +81,54 @@ def _host_phase(ranges: list[tuple[float, float, str]], starts: list[float], t: 
     return "other"
 
 
+def _innermost_host_op(host_ops: list[tuple[float, float, str]], t: float) -> str:
+    """The CPU op open at time t that began last (the innermost), or "" when none is."""
+    open_ops = [(start, name) for start, end, name in host_ops if start <= t <= end]
+    return max(open_ops)[1] if open_ops else ""
+
+
+def _later_end(a: tuple[float, str], b: tuple[float, str]) -> tuple[float, str]:
+    return b if b[0] > a[0] else a
+
+
+def _largest_gaps(
+    prof: Any,
+    kernels: list[tuple[float, float, str]],
+    ranges: list[tuple[float, float, str]],
+    starts: list[float],
+) -> list[dict[str, Any]]:
+    """The `NUM_LARGEST_GAPS` longest idle gaps, longest first (see the module docstring)."""
+    ordered = sorted(kernels)
+    # (end, name) of the kernel that ends last among the first i + 1.
+    latest: list[tuple[float, str]] = list(
+        itertools.accumulate(((end, name) for _, end, name in ordered), _later_end)
+    )
+    ends = [end for end, _ in latest]
+    gaps = [
+        (ordered[i + 1][0] - ends[i], i)
+        for i in range(len(ordered) - 1)
+        if ordered[i + 1][0] > ends[i]
+    ]
+    largest = sorted(gaps, reverse=True)[:NUM_LARGEST_GAPS]
+    host_ops = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type != torch.autograd.DeviceType.CUDA
+    ]
+    last = max(ends[i] for _, i in largest) if largest else 0.0
+    host_ops = [op for op in host_ops if op[0] <= last]
+    return [
+        {
+            "ms": gap / 1e3,
+            "host_phase": _host_phase(ranges, starts, ends[i]),
+            "host_op": _innermost_host_op(host_ops, ends[i]),
+            "kernel_before": latest[i][1],
+            "kernel_after": ordered[i + 1][2],
+        }
+        for gap, i in largest
+    ]
+
+
 def timeline_summary(prof: Any) -> dict[str, Any]:
     """The summary described in the module docstring; times in ms."""
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in device_kernels(prof)]
@@ -115,4 +167,5 @@ def timeline_summary(prof: Any) -> dict[str, Any]:
         },
         "idle_ms_by_host_phase": idle_by_phase,
         "kernel_ms_by_kind": by_kind,
+        "largest_gaps": _largest_gaps(prof, kernels, ranges, starts),
     }

@@ -35,6 +35,7 @@ def test_idle_gaps_are_charged_to_the_host_phase_they_began_in() -> None:
         _event("step.model", 0, 1000, CPU),
         _event("step.schedule", 1000, 3000, CPU),
         _event("step.model", 3000, 4000, CPU),
+        _event("aten::copy_", 1050, 1400, CPU),
         # device: a GEMM, a decode kernel overlapping the flash kernel on another stream
         _event("sm90_xmma_gemm_bf16", 0, 400),
         _event("_decode_split_kernel", 400, 700),
@@ -56,6 +57,17 @@ def test_idle_gaps_are_charged_to_the_host_phase_they_began_in() -> None:
         "step.model": pytest.approx(0.03),
         "step.schedule": pytest.approx(1.5),
     }
+    # the longest gap first: the host was scheduling (innermost op: its copy)
+    first, second = out["largest_gaps"]
+    assert first == {
+        "ms": pytest.approx(1.5),
+        "host_phase": "step.schedule",
+        "host_op": "aten::copy_",
+        "kernel_before": "rmsnorm_kernel",
+        "kernel_after": "sm90_xmma_gemm_bf16",
+    }
+    assert second["ms"] == pytest.approx(0.03)
+    assert (second["host_op"], second["kernel_before"]) == ("step.model", "flash_fwd_kernel")
     kinds = out["kernel_ms_by_kind"]
     assert kinds["gemm"] == pytest.approx(0.8)
     assert kinds["attention"] == pytest.approx(0.7)
