@@ -13,6 +13,8 @@ returns:
   (engine/core.py, engine/overlap.py: outputs, schedule, model, sample) or "other" (the
   benchmark's own loop, the profiler);
 - kernel time by kind: GEMMs, attention, and the rest;
+- idle time by the innermost host op open when each gap began (`idle_ms_by_host_op`, the
+  twelve ops with the most: a synchronising copy, a launch, the engine's own Python);
 - the largest gaps one by one (`largest_gaps`): length, host phase, the innermost host op
   open when the gap began (any profiled CPU op: a launch, a copy, a synchronisation) and
   the kernels either side, so that a gap can be traced to the code that left it.
@@ -32,6 +34,8 @@ import torch
 
 GAP_THRESHOLDS_US = (20, 100, 1000)
 NUM_LARGEST_GAPS = 12
+NUM_HOST_OPS = 12
+_MAX_HOST_WALK = 20_000
 # Substrings of kernel names, lower-cased, per kind (the first kind that matches wins).
 KERNEL_KINDS = (
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")),
@@ -81,10 +85,26 @@ def _host_phase(ranges: list[tuple[float, float, str]], starts: list[float], t: 
     return "other"
 
 
-def _innermost_host_op(host_ops: list[tuple[float, float, str]], t: float) -> str:
-    """The CPU op open at time t that began last (the innermost), or "" when none is."""
-    open_ops = [(start, name) for start, end, name in host_ops if start <= t <= end]
-    return max(open_ops)[1] if open_ops else ""
+class _HostOps:
+    """The profile's CPU ops, sorted by start, to find the innermost one open at a time."""
+
+    def __init__(self, prof: Any) -> None:
+        self.ops = sorted(
+            (e.time_range.start, e.time_range.end, e.name)
+            for e in prof.events()
+            if e.device_type != torch.autograd.DeviceType.CUDA
+        )
+        self.starts = [op[0] for op in self.ops]
+
+    def innermost(self, t: float) -> str:
+        """The op open at time t that began last, or "" when none is (the walk back stops
+        after `_MAX_HOST_WALK` ops)."""
+        i = bisect.bisect_right(self.starts, t) - 1
+        for j in range(i, max(-1, i - _MAX_HOST_WALK), -1):
+            start, end, name = self.ops[j]
+            if start <= t <= end:
+                return name
+        return ""
 
 
 def _later_end(a: tuple[float, str], b: tuple[float, str]) -> tuple[float, str]:
@@ -92,7 +112,7 @@ def _later_end(a: tuple[float, str], b: tuple[float, str]) -> tuple[float, str]:
 
 
 def _largest_gaps(
-    prof: Any,
+    host_ops: _HostOps,
     kernels: list[tuple[float, float, str]],
     ranges: list[tuple[float, float, str]],
     starts: list[float],
@@ -110,23 +130,28 @@ def _largest_gaps(
         if ordered[i + 1][0] > ends[i]
     ]
     largest = sorted(gaps, reverse=True)[:NUM_LARGEST_GAPS]
-    host_ops = [
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type != torch.autograd.DeviceType.CUDA
-    ]
-    last = max(ends[i] for _, i in largest) if largest else 0.0
-    host_ops = [op for op in host_ops if op[0] <= last]
     return [
         {
             "ms": gap / 1e3,
             "host_phase": _host_phase(ranges, starts, ends[i]),
-            "host_op": _innermost_host_op(host_ops, ends[i]),
+            "host_op": host_ops.innermost(ends[i]),
             "kernel_before": latest[i][1],
             "kernel_after": ordered[i + 1][2],
         }
         for gap, i in largest
     ]
+
+
+def _idle_by_host_op(gaps: list[tuple[float, float]], host_ops: _HostOps) -> dict[str, float]:
+    """Idle ms of the gaps over 20 us by the innermost host op open when each began: the
+    `NUM_HOST_OPS` ops with the most."""
+    idle: dict[str, float] = {}
+    for gap, began in gaps:
+        if gap > GAP_THRESHOLDS_US[0]:
+            op = host_ops.innermost(began) or "none"
+            idle[op] = idle.get(op, 0.0) + gap / 1e3
+    top = sorted(idle.items(), key=lambda item: -item[1])[:NUM_HOST_OPS]
+    return dict(top)
 
 
 def timeline_summary(prof: Any) -> dict[str, Any]:
@@ -140,6 +165,7 @@ def timeline_summary(prof: Any) -> dict[str, Any]:
         if e.device_type != torch.autograd.DeviceType.CUDA and e.name.startswith(STEP_PREFIX)
     )
     starts = [r[0] for r in ranges]
+    host_ops = _HostOps(prof)
     busy = _union([(s, e) for s, e, _ in kernels])
     span = busy[-1][1] - busy[0][0]
     busy_us = sum(e - s for s, e in busy)
@@ -167,5 +193,6 @@ def timeline_summary(prof: Any) -> dict[str, Any]:
         },
         "idle_ms_by_host_phase": idle_by_phase,
         "kernel_ms_by_kind": by_kind,
-        "largest_gaps": _largest_gaps(prof, kernels, ranges, starts),
+        "idle_ms_by_host_op": _idle_by_host_op(gaps, host_ops),
+        "largest_gaps": _largest_gaps(host_ops, kernels, ranges, starts),
     }

@@ -17,8 +17,9 @@ Each sequence splits its own context evenly: its partitions hold
 `partition_tokens(seq_len, num_splits, block_n)` tokens (seq_len / num_splits rounded up
 to whole KV tiles), so a short sequence in a batch of long ones still spreads over the
 splits. The number of splits is picked on the host from `max_seq_len` and the batch shape
-so that batch x kv_heads x splits fills the multiprocessors a few times over; nothing is
-read back from the device, and the grid depends only on host ints (a CUDA graph captures
+so that batch x kv_heads x splits fills the multiprocessors a few times over, and a batch
+of more programs than the device holds at once evens out its last round (`round_cost`);
+nothing is read back from the device, and the grid depends only on host ints (a CUDA graph captures
 it once for contexts up to its `max_seq_len`).
 Reference: `splitserve.kernels.attention_torch.decode_batched` (via
 `decode_attention_reference`).
@@ -57,9 +58,20 @@ MAX_SPLITS = 64
 # Programs per multiprocessor the split heuristic aims for.
 PROGRAMS_PER_SM = 4
 # A batch whose unsplit programs (batch x kv_heads) give every multiprocessor at least this
-# many is not split: on an H200 at batch 64 x 1,150 one partition per sequence takes 88 us
-# where two (and their reduce) take 100 us (docs/kernels.md).
-UNSPLIT_PROGRAMS_PER_SM = 3
+# many is not split while they fit one round (`RESIDENT_PROGRAMS`): on an H200 at 1,150
+# tokens one partition per sequence is fastest from batch 64 (3.9 a multiprocessor) to
+# 128, and two beat one by 8% at batch 56 (3.4), graph-replayed (docs/kernels.md).
+UNSPLIT_PROGRAMS_PER_SM = 3.5
+# Past one round the plan comes from `round_cost`, a model fitted on an H200 with the
+# default launch (16-token tiles, 2 warps, 5 stages): a multiprocessor streams
+# `RESIDENT_PROGRAMS` programs at once; a last round of fewer takes at least
+# `PARTIAL_ROUND_FLOOR` of a full one (bound by each program's load latency, not by
+# bandwidth); a split plan pays `SPLIT_OVERHEAD` more for its partial results and reduce.
+RESIDENT_PROGRAMS = 8
+PARTIAL_ROUND_FLOOR = 0.43
+SPLIT_OVERHEAD = 0.06
+# The most partitions a batch of more than one round is split into.
+MAX_ROUND_SPLITS = 4
 
 
 # Strides that vary with the batch (table width, split count) are not specialised on, so an
@@ -167,6 +179,31 @@ class SplitPlan(NamedTuple):
     partition_size: int
 
 
+def round_cost(programs: int, num_splits: int, sms: int) -> float:
+    """Modelled time of `programs` (sequences x KV heads) each cut into `num_splits`
+    partitions, in full rounds of whole-sequence programs: the busiest multiprocessor's
+    partitions run `RESIDENT_PROGRAMS` at a time, each `1 / num_splits` of a program's
+    work; a partial last round costs at least `PARTIAL_ROUND_FLOOR`; splitting costs
+    `SPLIT_OVERHEAD` more."""
+    per_sm = math.ceil(programs * num_splits / sms)
+    rounds, tail = divmod(per_sm, RESIDENT_PROGRAMS)
+    partial = max(tail / RESIDENT_PROGRAMS, PARTIAL_ROUND_FLOOR) if tail else 0.0
+    overhead = 1.0 + SPLIT_OVERHEAD if num_splits > 1 else 1.0
+    return (rounds + partial) / num_splits * overhead
+
+
+def _auto_splits(programs: int, max_seq_len: int, sms: int) -> int:
+    by_length = max(1, math.ceil(max_seq_len / MIN_PARTITION_TOKENS))
+    if programs > RESIDENT_PROGRAMS * sms:
+        # More than one round: split when that evens out the last, partial round.
+        counts = range(1, min(by_length, MAX_ROUND_SPLITS) + 1)
+        return min(counts, key=lambda n: (round_cost(programs, n, sms), n))
+    if programs >= UNSPLIT_PROGRAMS_PER_SM * sms:
+        return 1
+    wanted = math.ceil(PROGRAMS_PER_SM * sms / programs)
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
 def plan_splits(
     batch: int,
     num_kv_heads: int,
@@ -175,14 +212,11 @@ def plan_splits(
     sms: int,
     num_splits: int | None = None,
 ) -> SplitPlan:
-    """Partition the longest context so batch x kv_heads x splits fills the device; a
-    batch that fills it unsplit is not split."""
-    if num_splits is None and batch * num_kv_heads >= UNSPLIT_PROGRAMS_PER_SM * sms:
-        num_splits = 1
+    """Partition the longest context so batch x kv_heads x splits fills the device (a
+    batch that fills it unsplit is not split, one of more than a round of resident
+    programs is split as `round_cost` models best); or into `num_splits` when given."""
     if num_splits is None:
-        wanted = math.ceil(PROGRAMS_PER_SM * sms / max(1, batch * num_kv_heads))
-        by_length = math.ceil(max_seq_len / MIN_PARTITION_TOKENS)
-        num_splits = max(1, min(wanted, by_length, MAX_SPLITS))
+        num_splits = _auto_splits(max(1, batch * num_kv_heads), max(1, max_seq_len), sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     partition = math.ceil(math.ceil(max(1, max_seq_len) / num_splits) / block_n) * block_n

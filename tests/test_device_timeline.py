@@ -57,6 +57,10 @@ def test_idle_gaps_are_charged_to_the_host_phase_they_began_in() -> None:
         "step.model": pytest.approx(0.03),
         "step.schedule": pytest.approx(1.5),
     }
+    assert out["idle_ms_by_host_op"] == {
+        "aten::copy_": pytest.approx(1.5),
+        "step.model": pytest.approx(0.03),
+    }
     # the longest gap first: the host was scheduling (innermost op: its copy)
     first, second = out["largest_gaps"]
     assert first == {

@@ -461,9 +461,13 @@ def test_wrappers_reject_bad_arguments() -> None:
         (1, 8192, 32),  # as many as fill the device, at most MAX_SPLITS
         (32, 1150, 3),  # 256 programs on 132 SMs: split to about 4 per SM
         (48, 1150, 2),
-        (64, 1150, 1),  # 512 programs already give every SM 3: one partition each
+        (56, 1150, 2),  # 448 programs, 3.4 an SM: two partitions still pay
+        (64, 1150, 1),  # 512 programs give every SM 3.9: one partition each
         (64, 8192, 1),  # a decode graph's plan is the same for every context
         (96, 1150, 1),
+        (128, 8192, 1),  # 1,024 programs: one round of 8 resident programs an SM
+        (160, 8192, 4),  # 1,280: a last round of 2 an SM, evened out by splitting
+        (256, 8192, 1),  # 2,048: two full rounds
     ],
 )
 def test_split_plan_splits_only_batches_that_leave_the_device_idle(
