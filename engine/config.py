@@ -47,8 +47,9 @@ class ModelConfig:
     kernel_backend: KernelBackendName = "auto"
     # CUDA only: run every step eagerly instead of replaying captured CUDA graphs.
     enforce_eager: bool = False
-    # Decode-only batches of at most this many sequences replay a CUDA graph (larger run eagerly).
-    cuda_graph_max_batch: int = 256
+    # Decode-only batches of at most this many sequences replay a CUDA graph (larger run
+    # piecewise graphs); capped by max_num_seqs.
+    cuda_graph_max_batch: int = 512
     # ... and only while every sequence's context fits in this many tokens.
     cuda_graph_max_seq_len: int = 8192
     # Other steps (prefill, mixed) of at most this many tokens replay piecewise CUDA graphs
