@@ -17,7 +17,8 @@ returns:
   twelve ops with the most: a synchronising copy, a launch, the engine's own Python);
 - the largest gaps one by one (`largest_gaps`): length, host phase, the innermost host op
   open when the gap began (any profiled CPU op: a launch, a copy, a synchronisation) and
-  the kernels either side, so that a gap can be traced to the code that left it.
+  the kernels either side, and, when the profiler recorded stacks, that op's frames in
+  this project, so that a gap can be traced to the code that left it.
 
 The device is idle in a gap because nothing was queued: the host had not yet launched
 the next kernel. A gap that begins while the host is in `step.schedule` is time the
@@ -36,6 +37,7 @@ GAP_THRESHOLDS_US = (20, 100, 1000)
 NUM_LARGEST_GAPS = 12
 NUM_HOST_OPS = 12
 _MAX_HOST_WALK = 20_000
+_STACK_FRAMES = 6
 # Substrings of kernel names, lower-cased, per kind (the first kind that matches wins).
 KERNEL_KINDS = (
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")),
@@ -89,22 +91,36 @@ class _HostOps:
     """The profile's CPU ops, sorted by start, to find the innermost one open at a time."""
 
     def __init__(self, prof: Any) -> None:
-        self.ops = sorted(
-            (e.time_range.start, e.time_range.end, e.name)
-            for e in prof.events()
-            if e.device_type != torch.autograd.DeviceType.CUDA
+        events = sorted(
+            (e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CUDA),
+            key=lambda e: e.time_range.start,
         )
+        self.ops = [(e.time_range.start, e.time_range.end, e.name) for e in events]
+        self.stacks = [list(getattr(e, "stack", None) or []) for e in events]
         self.starts = [op[0] for op in self.ops]
+
+    def _innermost_index(self, t: float) -> int | None:
+        i = bisect.bisect_right(self.starts, t) - 1
+        for j in range(i, max(-1, i - _MAX_HOST_WALK), -1):
+            start, end, _ = self.ops[j]
+            if start <= t <= end:
+                return j
+        return None
 
     def innermost(self, t: float) -> str:
         """The op open at time t that began last, or "" when none is (the walk back stops
         after `_MAX_HOST_WALK` ops)."""
-        i = bisect.bisect_right(self.starts, t) - 1
-        for j in range(i, max(-1, i - _MAX_HOST_WALK), -1):
-            start, end, name = self.ops[j]
-            if start <= t <= end:
-                return name
-        return ""
+        j = self._innermost_index(t)
+        return "" if j is None else self.ops[j][2]
+
+    def stack(self, t: float) -> list[str]:
+        """The innermost op's Python frames in this project, innermost first, when the
+        profiler recorded stacks (`with_stack`); else []."""
+        j = self._innermost_index(t)
+        if j is None:
+            return []
+        mine = [frame for frame in self.stacks[j] if "splitserve" in frame]
+        return mine[:_STACK_FRAMES]
 
 
 def _later_end(a: tuple[float, str], b: tuple[float, str]) -> tuple[float, str]:
@@ -137,6 +153,7 @@ def _largest_gaps(
             "host_op": host_ops.innermost(ends[i]),
             "kernel_before": latest[i][1],
             "kernel_after": ordered[i + 1][2],
+            "host_stack": host_ops.stack(ends[i]),
         }
         for gap, i in largest
     ]

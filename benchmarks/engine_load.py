@@ -25,8 +25,10 @@ pause per generation), after the start-up heap is frozen as a node freezes it
 With `--profile-s S` (CUDA), torch.profiler records S seconds of steps from
 `--profile-after-s` seconds into each rate's run, and the point gets `device_timeline`
 (benchmarks/device_timeline.py: device busy and idle time, idle gaps by the host phase
-they began in, kernel time by kind). Stopping the profiler stalls the loop for a while, so
-a profiled run's latencies are not the engine's: time those in a run without it.
+they began in, kernel time by kind; with `--profile-stack` the longest gaps carry the
+Python frames of the host op open when they began). Stopping the profiler stalls the
+loop for a while, so a profiled run's latencies are not the engine's: time those in a run
+without it.
 
 On CUDA each forward pass is also timed on the device: CUDA events recorded around
 `ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
@@ -74,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile-after-s", type=float, default=20.0, help="... starting this far into the rate"
+    )
+    parser.add_argument(
+        "--profile-stack",
+        action="store_true",
+        help="... recording Python stacks too: the longest gaps name the code that left them",
     )
     args = parser.parse_args(argv)
     try:
@@ -176,18 +183,19 @@ class _GcPauses:
 class _ProfileWindow:
     """torch.profiler over `length_s` seconds of whole steps from `after_s` into a run."""
 
-    def __init__(self, after_s: float, length_s: float) -> None:
+    def __init__(self, after_s: float, length_s: float, with_stack: bool = False) -> None:
         self.after_s, self.length_s = after_s, length_s
+        self.with_stack = with_stack
         self._prof: Any = None
         self._started = 0.0
         self._stopped = False
 
     @staticmethod
-    def _profiler() -> Any:
+    def _profiler(with_stack: bool = False) -> Any:
         import torch
 
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        return torch.profiler.profile(activities=activities)
+        return torch.profiler.profile(activities=activities, with_stack=with_stack)
 
     @classmethod
     def warm_up(cls) -> None:
@@ -205,7 +213,7 @@ class _ProfileWindow:
         if self._stopped:
             return
         if self._prof is None and now >= self.after_s:
-            self._prof = self._profiler()
+            self._prof = self._profiler(self.with_stack)
             self._prof.start()
             self._started = now
         elif self._prof is not None and now >= self._started + self.length_s:
@@ -316,7 +324,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed = args.seed + index
         prompts = random_prompts(args.num_requests, args.input_len, vocab, seed)
         times = arrival_times(ArrivalConfig(rate=rate, seed=seed), args.num_requests)
-        window = _ProfileWindow(args.profile_after_s, args.profile_s) if args.profile_s else None
+        window = (
+            _ProfileWindow(args.profile_after_s, args.profile_s, args.profile_stack)
+            if args.profile_s
+            else None
+        )
         start = time.perf_counter()
         timeline = drive(core, prompts, times, params, window)
         elapsed = time.perf_counter() - start

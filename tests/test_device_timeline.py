@@ -15,9 +15,14 @@ CUDA = torch.autograd.DeviceType.CUDA
 CPU = torch.autograd.DeviceType.CPU
 
 
-def _event(name: str, start: float, end: float, device=CUDA) -> SimpleNamespace:
+def _event(
+    name: str, start: float, end: float, device=CUDA, stack: list[str] | None = None
+) -> SimpleNamespace:
     return SimpleNamespace(
-        name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end)
+        name=name,
+        device_type=device,
+        time_range=SimpleNamespace(start=start, end=end),
+        stack=stack or [],
     )
 
 
@@ -35,7 +40,14 @@ def test_idle_gaps_are_charged_to_the_host_phase_they_began_in() -> None:
         _event("step.model", 0, 1000, CPU),
         _event("step.schedule", 1000, 3000, CPU),
         _event("step.model", 3000, 4000, CPU),
-        _event("aten::copy_", 1050, 1400, CPU),
+        # with_stack: the copy's Python frames (only this project's are kept)
+        _event(
+            "aten::copy_",
+            1050,
+            1400,
+            CPU,
+            ["/x/splitserve/engine/scheduler.py(90): schedule", "/usr/lib/threading.py(1): run"],
+        ),
         # device: a GEMM, a decode kernel overlapping the flash kernel on another stream
         _event("sm90_xmma_gemm_bf16", 0, 400),
         _event("_decode_split_kernel", 400, 700),
@@ -69,6 +81,7 @@ def test_idle_gaps_are_charged_to_the_host_phase_they_began_in() -> None:
         "host_op": "aten::copy_",
         "kernel_before": "rmsnorm_kernel",
         "kernel_after": "sm90_xmma_gemm_bf16",
+        "host_stack": ["/x/splitserve/engine/scheduler.py(90): schedule"],
     }
     assert second["ms"] == pytest.approx(0.03)
     assert (second["host_op"], second["kernel_before"]) == ("step.model", "flash_fwd_kernel")
