@@ -17,8 +17,9 @@ returns:
   twelve ops with the most: a synchronising copy, a launch, the engine's own Python);
 - the largest gaps one by one (`largest_gaps`): length, host phase, the innermost host op
   open when the gap began (any profiled CPU op: a launch, a copy, a synchronisation) and
-  the kernels either side, and, when the profiler recorded stacks, that op's frames in
-  this project, so that a gap can be traced to the code that left it.
+  the kernels either side, and, when the profiler recorded stacks, the Python frames
+  around that op (outside torch and the standard library), so that a gap can be traced to
+  the code that left it.
 
 The device is idle in a gap because nothing was queued: the host had not yet launched
 the next kernel. A gap that begins while the host is in `step.schedule` is time the
@@ -38,6 +39,7 @@ NUM_LARGEST_GAPS = 12
 NUM_HOST_OPS = 12
 _MAX_HOST_WALK = 20_000
 _STACK_FRAMES = 6
+_FOREIGN_PATHS = ("site-packages/", "dist-packages/", "/lib/python3", "threading.py(")
 # Substrings of kernel names, lower-cased, per kind (the first kind that matches wins).
 KERNEL_KINDS = (
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")),
@@ -91,12 +93,11 @@ class _HostOps:
     """The profile's CPU ops, sorted by start, to find the innermost one open at a time."""
 
     def __init__(self, prof: Any) -> None:
-        events = sorted(
+        self.events = sorted(
             (e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CUDA),
             key=lambda e: e.time_range.start,
         )
-        self.ops = [(e.time_range.start, e.time_range.end, e.name) for e in events]
-        self.stacks = [list(getattr(e, "stack", None) or []) for e in events]
+        self.ops = [(e.time_range.start, e.time_range.end, e.name) for e in self.events]
         self.starts = [op[0] for op in self.ops]
 
     def _innermost_index(self, t: float) -> int | None:
@@ -114,13 +115,28 @@ class _HostOps:
         return "" if j is None else self.ops[j][2]
 
     def stack(self, t: float) -> list[str]:
-        """The innermost op's Python frames in this project, innermost first, when the
-        profiler recorded stacks (`with_stack`); else []."""
+        """The Python frames (outside torch and the standard library) around the innermost
+        op open at time t, innermost first, when the profiler recorded them (`with_stack`:
+        each frame is a CPU event, "file(line): function", among the op's `cpu_parent`s);
+        else []."""
         j = self._innermost_index(t)
-        if j is None:
-            return []
-        mine = [frame for frame in self.stacks[j] if "splitserve" in frame]
-        return mine[:_STACK_FRAMES]
+        frames: list[str] = []
+        event = None if j is None else self.events[j]
+        while event is not None and len(frames) < _STACK_FRAMES:
+            if _is_own_frame(event.name):
+                frames.append(event.name)
+            event = getattr(event, "cpu_parent", None)
+        return frames
+
+
+def _is_own_frame(name: str) -> bool:
+    """A Python frame event ("file.py(line): function") outside torch and the installed
+    packages and standard library."""
+    return (
+        ".py(" in name
+        and not name.startswith(("torch/", "<"))
+        and not any(part in name for part in _FOREIGN_PATHS)
+    )
 
 
 def _later_end(a: tuple[float, str], b: tuple[float, str]) -> tuple[float, str]:

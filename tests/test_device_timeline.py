@@ -15,14 +15,9 @@ CUDA = torch.autograd.DeviceType.CUDA
 CPU = torch.autograd.DeviceType.CPU
 
 
-def _event(
-    name: str, start: float, end: float, device=CUDA, stack: list[str] | None = None
-) -> SimpleNamespace:
+def _event(name: str, start: float, end: float, device=CUDA) -> SimpleNamespace:
     return SimpleNamespace(
-        name=name,
-        device_type=device,
-        time_range=SimpleNamespace(start=start, end=end),
-        stack=stack or [],
+        name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end)
     )
 
 
@@ -35,19 +30,20 @@ class _Prof:
 
 
 def test_idle_gaps_are_charged_to_the_host_phase_they_began_in() -> None:
+    thread_frame = _event("/usr/lib/threading.py(1): run", 1000, 3000, CPU)
+    schedule_frame = _event("/x/splitserve/engine/scheduler.py(90): schedule", 1000, 2000, CPU)
+    copy_ = _event("aten::copy_", 1050, 1400, CPU)
+    copy_.cpu_parent, schedule_frame.cpu_parent = schedule_frame, thread_frame
     events = [
         # host: a step's model launches, then the next step's scheduling
         _event("step.model", 0, 1000, CPU),
         _event("step.schedule", 1000, 3000, CPU),
         _event("step.model", 3000, 4000, CPU),
-        # with_stack: the copy's Python frames (only this project's are kept)
-        _event(
-            "aten::copy_",
-            1050,
-            1400,
-            CPU,
-            ["/x/splitserve/engine/scheduler.py(90): schedule", "/usr/lib/threading.py(1): run"],
-        ),
+        # with_stack: the copy's Python frames are CPU events too, its parents (only this
+        # project's frames are kept)
+        copy_,
+        schedule_frame,
+        thread_frame,
         # device: a GEMM, a decode kernel overlapping the flash kernel on another stream
         _event("sm90_xmma_gemm_bf16", 0, 400),
         _event("_decode_split_kernel", 400, 700),
