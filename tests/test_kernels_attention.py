@@ -459,7 +459,8 @@ def test_wrappers_reject_bad_arguments() -> None:
     [
         (1, 512, 2),  # partitions of at least 256 tokens
         (1, 8192, 32),  # as many as fill the device, at most MAX_SPLITS
-        (32, 1150, 3),  # 256 programs on 132 SMs: split to about 4 per SM
+        (24, 8192, 4),  # 192 programs on 132 SMs: split to about 5.5 an SM
+        (32, 1150, 3),
         (48, 1150, 2),
         (56, 1150, 2),  # 448 programs, 3.4 an SM: two partitions still pay
         (64, 1150, 1),  # 512 programs give every SM 3.9: one partition each
