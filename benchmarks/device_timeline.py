@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,31 +98,30 @@ class _HostOps:
             (e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CUDA),
             key=lambda e: e.time_range.start,
         )
-        self.ops = [(e.time_range.start, e.time_range.end, e.name) for e in self.events]
-        self.starts = [op[0] for op in self.ops]
+        self.starts = [e.time_range.start for e in self.events]
 
-    def _innermost_index(self, t: float) -> int | None:
+    def _innermost(self, t: float) -> Any:
+        """The op open at time t that began last, or None when none is (the walk back stops
+        after `_MAX_HOST_WALK` ops)."""
         i = bisect.bisect_right(self.starts, t) - 1
         for j in range(i, max(-1, i - _MAX_HOST_WALK), -1):
-            start, end, _ = self.ops[j]
-            if start <= t <= end:
-                return j
+            event = self.events[j]
+            if event.time_range.start <= t <= event.time_range.end:
+                return event
         return None
 
     def innermost(self, t: float) -> str:
-        """The op open at time t that began last, or "" when none is (the walk back stops
-        after `_MAX_HOST_WALK` ops)."""
-        j = self._innermost_index(t)
-        return "" if j is None else self.ops[j][2]
+        """The name of the op open at time t that began last, or "" when none is."""
+        event = self._innermost(t)
+        return "" if event is None else event.name
 
     def stack(self, t: float) -> list[str]:
         """The Python frames (outside torch and the standard library) around the innermost
         op open at time t, innermost first, when the profiler recorded them (`with_stack`:
         each frame is a CPU event, "file(line): function", among the op's `cpu_parent`s);
         else []."""
-        j = self._innermost_index(t)
         frames: list[str] = []
-        event = None if j is None else self.events[j]
+        event = self._innermost(t)
         while event is not None and len(frames) < _STACK_FRAMES:
             if _is_own_frame(event.name):
                 frames.append(event.name)
@@ -139,52 +139,42 @@ def _is_own_frame(name: str) -> bool:
     )
 
 
-def _later_end(a: tuple[float, str], b: tuple[float, str]) -> tuple[float, str]:
-    return b if b[0] > a[0] else a
-
-
-def _largest_gaps(
-    host_ops: _HostOps,
-    kernels: list[tuple[float, float, str]],
-    ranges: list[tuple[float, float, str]],
-    starts: list[float],
-) -> list[dict[str, Any]]:
-    """The `NUM_LARGEST_GAPS` longest idle gaps, longest first (see the module docstring)."""
-    ordered = sorted(kernels)
-    # (end, name) of the kernel that ends last among the first i + 1.
-    latest: list[tuple[float, str]] = list(
-        itertools.accumulate(((end, name) for _, end, name in ordered), _later_end)
-    )
-    ends = [end for end, _ in latest]
-    gaps = [
-        (ordered[i + 1][0] - ends[i], i)
-        for i in range(len(ordered) - 1)
-        if ordered[i + 1][0] > ends[i]
-    ]
-    largest = sorted(gaps, reverse=True)[:NUM_LARGEST_GAPS]
-    return [
-        {
-            "ms": gap / 1e3,
-            "host_phase": _host_phase(ranges, starts, ends[i]),
-            "host_op": host_ops.innermost(ends[i]),
-            "kernel_before": latest[i][1],
-            "kernel_after": ordered[i + 1][2],
-            "host_stack": host_ops.stack(ends[i]),
-        }
-        for gap, i in largest
-    ]
-
-
-def _idle_by_host_op(gaps: list[tuple[float, float]], host_ops: _HostOps) -> dict[str, float]:
-    """Idle ms of the gaps over 20 us by the innermost host op open when each began: the
-    `NUM_HOST_OPS` ops with the most."""
+def _idle_by(gaps: list[tuple[float, float]], key_of: Callable[[float], str]) -> dict[str, float]:
+    """Idle ms of the gaps over `GAP_THRESHOLDS_US[0]`, summed by `key_of(gap start)`."""
     idle: dict[str, float] = {}
     for gap, began in gaps:
         if gap > GAP_THRESHOLDS_US[0]:
-            op = host_ops.innermost(began) or "none"
-            idle[op] = idle.get(op, 0.0) + gap / 1e3
-    top = sorted(idle.items(), key=lambda item: -item[1])[:NUM_HOST_OPS]
-    return dict(top)
+            key = key_of(began)
+            idle[key] = idle.get(key, 0.0) + gap / 1e3
+    return idle
+
+
+def _largest_gaps(
+    gaps: list[tuple[float, float]],
+    kernels: list[tuple[float, float, str]],
+    host_ops: _HostOps,
+    phase_of: Callable[[float], str],
+) -> list[dict[str, Any]]:
+    """The `NUM_LARGEST_GAPS` longest of `gaps` ((length, start) between busy intervals),
+    longest first (see the module docstring)."""
+    ordered = sorted(kernels)
+    kernel_starts = [start for start, _, _ in ordered]
+    # A gap begins at some kernel's end and ends at some kernel's start.
+    ending_at = {end: name for _, end, name in kernels}
+    out = []
+    for gap, began in sorted(gaps, reverse=True)[:NUM_LARGEST_GAPS]:
+        after = ordered[bisect.bisect_left(kernel_starts, began + gap)]
+        out.append(
+            {
+                "ms": gap / 1e3,
+                "host_phase": phase_of(began),
+                "host_op": host_ops.innermost(began),
+                "kernel_before": ending_at[began],
+                "kernel_after": after[2],
+                "host_stack": host_ops.stack(began),
+            }
+        )
+    return out
 
 
 def timeline_summary(prof: Any) -> dict[str, Any]:
@@ -192,13 +182,13 @@ def timeline_summary(prof: Any) -> dict[str, Any]:
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in device_kernels(prof)]
     if not kernels:
         return {"num_kernels": 0}
-    ranges = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type != torch.autograd.DeviceType.CUDA and e.name.startswith(STEP_PREFIX)
-    )
-    starts = [r[0] for r in ranges]
     host_ops = _HostOps(prof)
+    ranges = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in host_ops.events
+        if e.name.startswith(STEP_PREFIX)
+    ]
+    starts = [r[0] for r in ranges]
     busy = _union([(s, e) for s, e, _ in kernels])
     span = busy[-1][1] - busy[0][0]
     busy_us = sum(e - s for s, e in busy)
@@ -207,11 +197,11 @@ def timeline_summary(prof: Any) -> dict[str, Any]:
     for start, end, name in kernels:
         kind = _kind(name)
         by_kind[kind] = by_kind.get(kind, 0.0) + (end - start) / 1e3
-    idle_by_phase: dict[str, float] = {}
-    for gap, began in gaps:
-        if gap > GAP_THRESHOLDS_US[0]:
-            phase = _host_phase(ranges, starts, began)
-            idle_by_phase[phase] = idle_by_phase.get(phase, 0.0) + gap / 1e3
+
+    def phase_of(t: float) -> str:
+        return _host_phase(ranges, starts, t)
+
+    idle_by_op = _idle_by(gaps, lambda t: host_ops.innermost(t) or "none")
     return {
         "num_kernels": len(kernels),
         "span_ms": span / 1e3,
@@ -224,8 +214,10 @@ def timeline_summary(prof: Any) -> dict[str, Any]:
             }
             for t in GAP_THRESHOLDS_US
         },
-        "idle_ms_by_host_phase": idle_by_phase,
+        "idle_ms_by_host_phase": _idle_by(gaps, phase_of),
         "kernel_ms_by_kind": by_kind,
-        "idle_ms_by_host_op": _idle_by_host_op(gaps, host_ops),
-        "largest_gaps": _largest_gaps(host_ops, kernels, ranges, starts),
+        "idle_ms_by_host_op": dict(
+            sorted(idle_by_op.items(), key=lambda item: -item[1])[:NUM_HOST_OPS]
+        ),
+        "largest_gaps": _largest_gaps(gaps, kernels, host_ops, phase_of),
     }

@@ -19,8 +19,8 @@ to whole KV tiles), so a short sequence in a batch of long ones still spreads ov
 splits. The number of splits is picked on the host from `max_seq_len` and the batch shape
 so that batch x kv_heads x splits fills the multiprocessors a few times over, and a batch
 of more programs than the device holds at once evens out its last round (`round_cost`);
-nothing is read back from the device, and the grid depends only on host ints (a CUDA graph captures
-it once for contexts up to its `max_seq_len`).
+nothing is read back from the device, and the grid depends only on host ints (a CUDA
+graph captures it once for contexts up to its `max_seq_len`).
 Reference: `splitserve.kernels.attention_torch.decode_batched` (via
 `decode_attention_reference`).
 """
