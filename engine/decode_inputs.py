@@ -9,7 +9,8 @@ rather than into fresh tensors. The runner (`engine/cuda_graphs.py`) calls, once
 Rows past the real batch (up to the captured batch size) are padding: slot -1 (nothing is
 stored), context length 0 (nothing is read), so their outputs are garbage that nobody reads.
 
-The staging tensors are pinned on CUDA, and every copy is issued `non_blocking`. Before the
+The staging tensors are pinned on CUDA, and every copy is issued `non_blocking` from a
+contiguous staging region (a strided one would be staged again in pageable memory). Before the
 staging is overwritten the previous step's copies are awaited through an event, so a copy
 in flight never reads a half-written row. Block-table rows are written incrementally: a
 request's `block_ids` list only grows until the request is preempted, when the block
@@ -92,7 +93,9 @@ class StaticDecodeInputs:
             host_long[2, len(ids) : padded_batch] = -1
         host_lens[: len(ids)] = torch.tensor(lens, dtype=torch.int32)
         host_lens[len(ids) : padded_batch] = 0
-        self._long[:, :padded_batch].copy_(host_long[:, :padded_batch], non_blocking=True)
+        # Whole rows: a slice of every row is strided, which torch would copy through a
+        # pageable temporary and a device kernel. Columns past the batch are not read.
+        self._long.copy_(host_long, non_blocking=True)
         self.seq_lens[:padded_batch].copy_(host_lens[:padded_batch], non_blocking=True)
         self.block_tables[:padded_batch].copy_(self._host_tables[:padded_batch], non_blocking=True)
         if self.device.type == "cuda":

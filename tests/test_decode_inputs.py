@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from splitserve.engine.cuda_graphs import graph_batch_sizes
 from splitserve.engine.decode_inputs import StaticDecodeInputs
@@ -117,3 +118,28 @@ def test_mixed_batch_lays_decode_rows_first_and_keeps_logits_in_chunk_order() ->
     # Sampling chunks in chunk order: request 0 (rows 2..10), 1 (row 0), 3 (row 1).
     assert batch.logits_indices.tolist() == [10, 0, 1]
     assert batch.input_ids[10].item() == requests[0].prompt_token_ids[8]
+
+
+class _CopySources(TorchDispatchMode):
+    """Records whether the source of each host-to-buffer copy is contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contiguous: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.copy_.default:
+            self.contiguous.append(args[1].is_contiguous())
+        return func(*args, **(kwargs or {}))
+
+
+def test_fill_copies_from_contiguous_staging() -> None:
+    """A strided source is staged again by torch in pageable memory on CUDA (a copy the
+    host waits for): every buffer is copied from a contiguous staging region."""
+    rng = random.Random(3)
+    inputs = StaticDecodeInputs(8, MAX_SEQ, BLOCK, torch.device("cpu"))
+    chunks = [decode_chunk(make_request(rng, i, 5 + i)) for i in range(3)]
+    with _CopySources() as copies:
+        inputs.fill(chunks, 4)
+    assert copies.contiguous and all(copies.contiguous)
+    check_matches(inputs, chunks, 4)
