@@ -38,7 +38,11 @@ import torch
 from splitserve.benchmarks.kernels import Timer, measure_ceilings, parse_cases
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
+from splitserve.launch.engine_args import (
+    add_engine_arguments,
+    engine_config_from_args,
+    resolve_scheduler_args,
+)
 
 if TYPE_CHECKING:
     from splitserve.engine.core import EngineCore, StepOutput
@@ -469,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_scheduler_args(args)  # the cases are checked against the step's limits
     try:
         result = run(args)
     except CaseError as exc:

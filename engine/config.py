@@ -93,14 +93,24 @@ class ModelConfig:
         return self.served_model_name or self.model
 
 
+# KV pool of a node on a device other than CUDA when no size is given, GiB.
+CPU_KV_CACHE_MEMORY_GIB = 0.5
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     # Tokens per KV block; one value for the whole cluster.
     block_size: int = 16
     # Exact number of KV blocks; overrides kv_cache_memory_gib when set.
     num_blocks: int | None = None
-    # Memory budget for the KV pool in GiB when num_blocks is not given.
-    kv_cache_memory_gib: float = 0.5
+    # Memory budget for the KV pool in GiB when num_blocks is not given. None: on CUDA,
+    # what gpu_memory_utilization leaves once the weights and one full step's activations
+    # are counted (engine/kv_budget.py); on other devices CPU_KV_CACHE_MEMORY_GIB.
+    kv_cache_memory_gib: float | None = None
+    # CUDA, when neither size is given: the share of the device's memory this engine may
+    # use in all (weights, activations, KV pool); the rest covers CUDA graphs and the
+    # sampler's temporaries.
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -108,15 +118,20 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if self.kv_cache_memory_gib <= 0:
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    # Token budget of one engine step, shared by decode tokens and prefill chunks.
+    # Token budget of one engine step, shared by decode tokens and prefill chunks (on a
+    # large GPU, LARGE_GPU_SCHEDULER's unless given: `scheduler_config`).
     max_num_batched_tokens: int = 2048
-    # Most sequences in the running batch at once.
+    # Most sequences in the running batch at once (the same).
     max_num_seqs: int = 256
     # Split long prompts into chunks of the remaining step budget (else whole prompts only).
     enable_chunked_prefill: bool = True
@@ -139,3 +154,19 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+# A CUDA device of at least this much memory (GiB) gets LARGE_GPU_SCHEDULER's limits where
+# they are not given, as `vllm serve` does on such a GPU.
+LARGE_GPU_MIN_GIB = 70
+LARGE_GPU_SCHEDULER = {"max_num_batched_tokens": 8192, "max_num_seqs": 1024}
+
+
+def scheduler_config(device_memory_gib: float | None, **fields: object) -> SchedulerConfig:
+    """SchedulerConfig from the fields given (None: not given), the rest from the device:
+    LARGE_GPU_SCHEDULER on a CUDA device of LARGE_GPU_MIN_GIB or more
+    (`device_memory_gib`, None for other devices), else the dataclass defaults."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    if device_memory_gib is not None and device_memory_gib >= LARGE_GPU_MIN_GIB:
+        given = {**LARGE_GPU_SCHEDULER, **given}
+    return SchedulerConfig(**given)  # type: ignore[arg-type]

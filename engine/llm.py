@@ -6,8 +6,15 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    scheduler_config,
+)
 from splitserve.engine.core import EngineCore
+from splitserve.engine.device_memory import total_memory_gib
 from splitserve.engine.output_collector import OutputCollector
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
@@ -18,7 +25,8 @@ Prompt = str | list[int]
 class LLM:
     """Generate offline from an HF model directory or a `dummy:<preset>`.
 
-    Keyword arguments are the fields of ModelConfig, CacheConfig and SchedulerConfig.
+    Keyword arguments are the fields of ModelConfig, CacheConfig and SchedulerConfig;
+    the scheduler's limits not given are the device's (`scheduler_config`).
     """
 
     def __init__(self, model: str, **kwargs: object) -> None:
@@ -34,10 +42,13 @@ class LLM:
             if owner is None:
                 raise ValueError(f"LLM() got an unknown argument {key!r}")
             groups[owner][key] = value
+        model_config = ModelConfig(model=model, **groups[ModelConfig])  # type: ignore[arg-type]
         config = EngineConfig(
-            model=ModelConfig(model=model, **groups[ModelConfig]),  # type: ignore[arg-type]
+            model=model_config,
             cache=CacheConfig(**groups[CacheConfig]),  # type: ignore[arg-type]
-            scheduler=SchedulerConfig(**groups[SchedulerConfig]),  # type: ignore[arg-type]
+            scheduler=scheduler_config(
+                total_memory_gib(model_config.device), **groups[SchedulerConfig]
+            ),
         )
         self._setup(config)
 

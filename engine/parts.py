@@ -1,5 +1,6 @@
 """The engine's long-lived parts, built once at start-up: the model (with the kernels the
-registry picks from configuration), the KV pool, the block pool and block manager, and
+registry picks from configuration), the KV pool (on CUDA, when no size is given, sized by
+profiling the device's memory: engine/device_memory.py), the block pool and block manager, and
 the decode CUDA graphs; on CUDA the kernels are then warmed up (`engine/warmup.py`), so
 that no request waits on a compile, and the piecewise graphs of prefill and mixed steps
 are captured (`engine/piecewise_graphs.py`). `EngineCore.__init__` calls
@@ -17,8 +18,9 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.cuda_graphs import capture_decode_graphs
+from splitserve.engine.device_memory import MemoryStart, ProbeStep, profile_kv_budget
 from splitserve.engine.hashing import seed_hash
-from splitserve.engine.kv_pool import KVShape, allocate_kv_pool, num_blocks_for
+from splitserve.engine.kv_pool import KVShape, allocate_kv_pool, needs_profile, num_blocks_for
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.loader import LoadedModel, load_model
 from splitserve.engine.model_runner import ModelRunner
@@ -58,10 +60,11 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
             model_config.attention_backend,
             overlap_decode_attention=model_config.overlap_decode_attention,
         )
+    start = MemoryStart.take(device) if needs_profile(config.cache, device) else None
     loaded = load_model(config.model, kernels)
     arch, block_size = loaded.arch, config.cache.block_size
     kv_shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size)
-    num_blocks = num_blocks_for(config.cache, kv_shape, loaded.dtype)
+    num_blocks = _num_blocks(config, loaded, kv_shape, start)
     kv_cache = allocate_kv_pool(num_blocks, kv_shape, loaded.dtype, device)
     pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
     blocks = BlockManager(pool, block_size, seed_hash(config.model.model_id, block_size))
@@ -88,3 +91,21 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
         kernels.attention_backend,
     )
     return EngineParts(loaded, kv_shape, kv_cache, pool, blocks, runner)
+
+
+def _num_blocks(
+    config: EngineConfig, loaded: LoadedModel, kv_shape: KVShape, start: MemoryStart | None
+) -> int:
+    """The pool's blocks: as configured, or what a profiled step leaves (`start` given)."""
+    if start is None:
+        return num_blocks_for(config.cache, kv_shape, loaded.dtype)
+    sched = config.scheduler
+    step = ProbeStep(
+        sched.max_num_batched_tokens, sched.max_num_seqs, loaded.max_model_len, kv_shape.block_size
+    )
+    probe = allocate_kv_pool(1, kv_shape, loaded.dtype, start.device)
+    budget = profile_kv_budget(
+        loaded.model, start, probe, step, config.cache.gpu_memory_utilization
+    )
+    del probe
+    return num_blocks_for(config.cache, kv_shape, loaded.dtype, budget)

@@ -9,13 +9,17 @@ from typing import Any
 
 from splitserve.engine.config import (
     ATTENTION_BACKENDS,
+    CPU_KV_CACHE_MEMORY_GIB,
     DTYPES,
     KERNEL_BACKENDS,
+    LARGE_GPU_MIN_GIB,
+    LARGE_GPU_SCHEDULER,
     LOAD_FORMATS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    scheduler_config,
 )
 
 
@@ -149,22 +153,34 @@ def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
         "--kv-cache-memory-gib",
         type=float,
         default=default_of(cache, "kv_cache_memory_gib"),
-        help="KV pool size in GiB (when --num-blocks is not given)",
+        help="KV pool size in GiB (when --num-blocks is not given; default: on CUDA what "
+        f"--gpu-memory-utilization leaves, else {CPU_KV_CACHE_MEMORY_GIB})",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=default_of(cache, "gpu_memory_utilization"),
+        help="CUDA, with no KV pool size given: the share of the device's memory the node "
+        "uses in all (weights, one step's activations, KV pool)",
     )
     g.add_argument(
         "--no-prefix-caching", action="store_true", help="never reuse cached prompt blocks"
     )
+    large = f"on a GPU of {LARGE_GPU_MIN_GIB} GiB or more"
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=default_of(sched, "max_num_batched_tokens"),
-        help="token budget of one engine step (decode tokens plus prefill chunks)",
+        default=None,
+        help="token budget of one engine step (decode tokens plus prefill chunks; default: "
+        f"{LARGE_GPU_SCHEDULER['max_num_batched_tokens']} {large}, else "
+        f"{default_of(sched, 'max_num_batched_tokens')})",
     )
     g.add_argument(
         "--max-num-seqs",
         type=int,
-        default=default_of(sched, "max_num_seqs"),
-        help="most requests running at once",
+        default=None,
+        help=f"most requests running at once (default: {LARGE_GPU_SCHEDULER['max_num_seqs']} "
+        f"{large}, else {default_of(sched, 'max_num_seqs')})",
     )
     g.add_argument(
         "--no-chunked-prefill",
@@ -180,7 +196,22 @@ def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def resolve_scheduler_args(args: argparse.Namespace) -> None:
+    """Fill --max-num-batched-tokens and --max-num-seqs, where not given, with the
+    device's defaults (`scheduler_config`), in place."""
+    from splitserve.engine.device_memory import total_memory_gib  # torch: only where needed
+
+    limits = scheduler_config(
+        total_memory_gib(args.device),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
+    args.max_num_batched_tokens = limits.max_num_batched_tokens
+    args.max_num_seqs = limits.max_num_seqs
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    resolve_scheduler_args(args)
     return EngineConfig(
         model=ModelConfig(
             model=args.model,
@@ -203,6 +234,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             block_size=args.block_size,
             num_blocks=args.num_blocks,
             kv_cache_memory_gib=args.kv_cache_memory_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=not args.no_prefix_caching,
         ),
         scheduler=SchedulerConfig(

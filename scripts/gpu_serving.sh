@@ -42,12 +42,10 @@ bench() {  # the remaining budget, less a minute for stopping the server and pac
 case $system in
   splitserve)
     SITE=/tmp/site_splitserve source scripts/device_env.sh
-    # vLLM's serving defaults on this GPU (`vllm serve` on a GPU of 70 GiB or more, its
-    # engine/arg_utils.py): 8,192 batched tokens per step and 1,024 sequences at once;
-    # KV in ~100 GiB.
-    engine=(--model dummy:llama-3.1-8b --node-arg=--dtype=bfloat16
-      --node-arg=--kv-cache-memory-gib=100 --node-arg=--max-num-batched-tokens=8192
-      --node-arg=--max-num-seqs=1024)
+    # The node's own defaults, as a user starts it: on this GPU 8,192 batched tokens per
+    # step, 1,024 sequences and a KV pool of what 90% of the memory leaves (those of
+    # `vllm serve` on a GPU of 70 GiB or more); bf16, the checkpoint's dtype.
+    engine=(--model dummy:llama-3.1-8b)
     [ -n "${CPU_DRY_RUN:-}" ] && engine=(--cpu --node-arg=--dtype=float32)
     # shellcheck disable=SC2086
     bench --system splitserve "${engine[@]}" ${NODE_ARGS:-}

@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitserve.engine.config import SchedulerConfig
 from splitserve.launch import config_sources
 from splitserve.launch.child_settings import child_settings
 from splitserve.launch.cli import command_actions, resolve_args
-from splitserve.launch.engine_args import default_of
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -31,7 +29,8 @@ def write(tmp_path: Path, text: str) -> str:
         (True, True, True, 11, "flag"),
         (False, True, True, 22, "env SPLITSERVE_MAX_NUM_SEQS"),
         (False, False, True, 33, "file"),
-        (False, False, False, default_of(SchedulerConfig, "max_num_seqs"), "default"),
+        # Not given: None, the device's default once the engine config is built.
+        (False, False, False, None, "default"),
     ],
 )
 def test_precedence_flag_env_file_default(
