@@ -58,7 +58,7 @@ def kv_budget_bytes(use: MemoryUse, utilization: float) -> int:
         raise ValueError(
             f"{use.free_at_start / GIB:.1f} GiB of the device's {use.total / GIB:.1f} GiB "
             f"were free at start, less than gpu_memory_utilization={utilization} asks for "
-            f"({wanted / GIB:.1f} GiB): another process holds the rest; lower "
+            f"({wanted / GIB:.1f} GiB): another engine or process holds the rest; lower "
             "--gpu-memory-utilization or give --kv-cache-memory-gib"
         )
     budget = wanted - use.torch_peak - use.non_torch_growth

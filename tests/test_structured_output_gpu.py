@@ -32,6 +32,6 @@ def test_device_bitmask_matches_the_cpu_kernel() -> None:
 
 
 def test_every_schema_validates_on_the_gpu(tiny_llama) -> None:
-    llm = LLM(str(tiny_llama), dtype="float32", device="cuda")
+    llm = LLM(str(tiny_llama), dtype="float32", device="cuda", kv_cache_memory_gib=2.0)
     assert llm.engine.overlap  # the CUDA default: the bitmask path under overlap
     check_every_schema_beside_free_rows(llm)
