@@ -13,7 +13,10 @@ over enough independent input sets to overflow L2 several times.
 Counted work: decode attention = KV bytes of every context token + q + out; prefill
 attention = 4 * heads * head_dim FLOPs per causally visible (query, key) pair;
 store_kv / rmsnorm / rotary = bytes read + written. Every decode case is also swept over
-split counts and tile shapes, prefill over tile shapes (`config` of each row). `--smoke` runs tiny
+split counts and tile shapes, prefill over tile shapes (`config` of each row); on CUDA each
+prefill case is also attended ragged over the prompts' own k/v rows by torch's
+FlashAttention-2 (the engine's fresh-prefill path) and cuDNN, with each one's largest
+difference from FlashAttention-2's output. `--smoke` runs tiny
 shapes once each, timed by the host clock (for checking the script without a GPU).
 """
 
@@ -241,6 +244,8 @@ def bench_prefill(seqs: int, length: int, device, timer, sweep: bool) -> list[di
         rows.append(_row(case, ms, tflops=flops / ms / 1e9, config=config))
         if error:
             rows[-1]["error"] = error
+    if device.type == "cuda":
+        rows += bench_ragged(sets, length, flops, timer)
     # Dense causal flash attention on contiguous q/k/v, for comparison (not paged).
     pb = sets[0]
     q = pb.q.view(seqs, length, HEADS, HEAD_DIM).transpose(1, 2)
@@ -249,6 +254,42 @@ def bench_prefill(seqs: int, length: int, device, timer, sweep: bool) -> list[di
     v = pb.v.view(seqs, length, KV_HEADS, HEAD_DIM).transpose(1, 2).repeat_interleave(group, 1)
     ms = timer(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     rows.append(_row(f"torch sdpa {seqs} x {length}", ms, tflops=flops / ms / 1e9))
+    return rows
+
+
+# Kernels torch ships that attend fresh prompts over their own k/v rows, ragged (one
+# packed [tokens, heads, head_dim] tensor and cumulative lengths), query groups native.
+RAGGED_KERNELS = ("flash", "cudnn")
+
+
+def _ragged_call(kind: str, pb: Any, length: int) -> Callable[[], torch.Tensor]:
+    cum, scale = pb.meta.query_start_loc, HEAD_DIM**-0.5
+    if kind == "flash":  # FlashAttention-2: the engine's fresh-prefill path
+        return lambda: torch.ops.aten._flash_attention_forward(
+            pb.q, pb.k, pb.v, cum, cum, length, length, 0.0, True, False, scale=scale
+        )[0]
+    return lambda: torch.ops.aten._cudnn_attention_forward(
+        pb.q, pb.k, pb.v, None, cum, cum, length, length, False, 0.0, True, False, scale=scale
+    )[0]
+
+
+def bench_ragged(sets: list, length: int, flops: float, timer: Timer) -> list[dict[str, Any]]:
+    """Each of RAGGED_KERNELS over the prompts of `sets`, with its largest difference
+    from flash's output; a kernel this build or device cannot run gives a row with the
+    error instead."""
+    seqs = len(sets[0].meta.query_lens_cpu)
+    reference = _ragged_call("flash", sets[0], length)().float()
+    rows = []
+    for kind in RAGGED_KERNELS:
+        case = f"{kind} ragged {seqs} x {length}"
+        try:
+            diff = (_ragged_call(kind, sets[0], length)().float() - reference).abs().max()
+            ms = timer(rotating([_ragged_call(kind, pb, length) for pb in sets]))
+        except RuntimeError as exc:
+            logger.warning("%s: %s", case, exc)
+            rows.append(_row(case, math.nan, error=str(exc).splitlines()[0][:200]))
+            continue
+        rows.append(_row(case, ms, tflops=flops / ms / 1e9, max_abs_diff_vs_flash=diff.item()))
     return rows
 
 
