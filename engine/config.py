@@ -105,7 +105,7 @@ class CacheConfig:
     num_blocks: int | None = None
     # Memory budget for the KV pool in GiB when num_blocks is not given. None: on CUDA,
     # what gpu_memory_utilization leaves once the weights and one full step's activations
-    # are counted (engine/kv_budget.py); on other devices CPU_KV_CACHE_MEMORY_GIB.
+    # are counted (engine/device_memory.py); on other devices CPU_KV_CACHE_MEMORY_GIB.
     kv_cache_memory_gib: float | None = None
     # CUDA, when neither size is given: the share of the device's memory this engine may
     # use in all (weights, activations, KV pool); the rest covers CUDA graphs and the

@@ -25,11 +25,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from splitserve.engine.kv_pool import GIB
 from splitserve.engine.warmup import Row, step_metadata
 
 logger = logging.getLogger(__name__)
-
-GIB = 1 << 30
 
 
 def total_memory_gib(device: str) -> float | None:

@@ -25,6 +25,13 @@ NUM_NEW = 24
 # Each engine's KV pool: several engines share the GPU in one test process, so none takes
 # the default share of its memory.
 KV_GIB = 2.0
+
+
+def gpu_llm(model_dir: Any, **kwargs: Any) -> LLM:
+    """An engine on the GPU with a KV pool of KV_GIB."""
+    return LLM(str(model_dir), device="cuda", kv_cache_memory_gib=KV_GIB, **kwargs)
+
+
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
 MODES = {
     "one_batch": dict(max_num_batched_tokens=16384, enable_prefix_caching=False),
@@ -47,9 +54,7 @@ def test_fp32_greedy_on_gpu_matches_transformers_and_cpu(
     tiny_model_factory, hf_greedy, arch: str, mode: str
 ) -> None:
     model_dir = tiny_model_factory(arch)
-    gpu = LLM(
-        str(model_dir), dtype="float32", device="cuda", kv_cache_memory_gib=KV_GIB, **MODES[mode]
-    )
+    gpu = gpu_llm(model_dir, dtype="float32", **MODES[mode])
     assert (
         type(gpu.engine.model.model.layers[0].self_attn.backend).__name__ == "TritonPagedAttention"
     )
@@ -67,12 +72,8 @@ def test_bf16_logprobs_close_to_fp32(tiny_model_factory) -> None:
     model_dir = tiny_model_factory("llama")
     prompt = prompts(1024)[5]
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
-    ref = LLM(str(model_dir), dtype="float32", device="cuda", kv_cache_memory_gib=KV_GIB).generate(
-        [prompt], params
-    )
-    low = LLM(str(model_dir), dtype="bfloat16", device="cuda", kv_cache_memory_gib=KV_GIB).generate(
-        [prompt], params
-    )
+    ref = gpu_llm(model_dir, dtype="float32").generate([prompt], params)
+    low = gpu_llm(model_dir, dtype="bfloat16").generate([prompt], params)
     ref_top = dict(ref[0].outputs[0].logprobs[0].top)
     low_top = dict(low[0].outputs[0].logprobs[0].top)
     # bf16 weights and activations: log-probabilities agree to 0.15 nats.
@@ -87,20 +88,8 @@ def test_cuda_graph_decode_matches_eager(tiny_model_factory, arch: str) -> None:
     """Requests of different lengths finish at different steps, so the graph-replayed
     decode batch shrinks through several captured sizes (with padding rows)."""
     model_dir = tiny_model_factory(arch)
-    graphs = LLM(
-        str(model_dir),
-        dtype="float32",
-        device="cuda",
-        kv_cache_memory_gib=KV_GIB,
-        cuda_graph_max_batch=8,
-    )
-    eager = LLM(
-        str(model_dir),
-        dtype="float32",
-        device="cuda",
-        kv_cache_memory_gib=KV_GIB,
-        enforce_eager=True,
-    )
+    graphs = gpu_llm(model_dir, dtype="float32", cuda_graph_max_batch=8)
+    eager = gpu_llm(model_dir, dtype="float32", enforce_eager=True)
     batch = prompts(graphs.engine.arch.vocab_size)
     rng = random.Random(3)
     params = [
@@ -141,10 +130,7 @@ def test_no_kernel_compiles_after_start_up(tiny_model_factory) -> None:
     for kernel in _jit_kernels():  # what earlier tests compiled must not count
         kernel.device_caches.clear()
     model_dir = tiny_model_factory("llama")
-    llm = LLM(
-        str(model_dir), dtype="bfloat16", device="cuda", kv_cache_memory_gib=KV_GIB,
-        max_num_batched_tokens=96, cuda_graph_max_batch=4,
-    )  # fmt: skip
+    llm = gpu_llm(model_dir, dtype="bfloat16", max_num_batched_tokens=96, cuda_graph_max_batch=4)
     compiled: list[str] = []
 
     def count(**kwargs: Any) -> bool:
@@ -173,11 +159,9 @@ def test_piecewise_graph_steps_match_eager(tiny_model_factory, arch: str) -> Non
     """Chunked prefill with decode rows in the same steps: every prefill and mixed step
     replays the piecewise graphs of its padded token count around eager attention."""
     model_dir = tiny_model_factory(arch)
-    common = dict(
-        dtype="float32", device="cuda", kv_cache_memory_gib=KV_GIB, max_num_batched_tokens=96
-    )
-    pieced = LLM(str(model_dir), **common)
-    eager = LLM(str(model_dir), enforce_eager=True, **common)
+    common = dict(dtype="float32", max_num_batched_tokens=96)
+    pieced = gpu_llm(model_dir, **common)
+    eager = gpu_llm(model_dir, enforce_eager=True, **common)
     batch = prompts(pieced.engine.arch.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=2)
     got = pieced.generate(batch, params)
@@ -194,13 +178,7 @@ def test_decode_steps_never_wait_for_the_stream(tiny_model_factory, temperature:
     sync debug mode turns any such call (a pageable copy to the device, a blocking read)
     into an error. The tokens are read through an event, which it does not count."""
     model_dir = tiny_model_factory("llama")
-    llm = LLM(
-        str(model_dir),
-        dtype="bfloat16",
-        device="cuda",
-        kv_cache_memory_gib=KV_GIB,
-        cuda_graph_max_batch=8,
-    )
+    llm = gpu_llm(model_dir, dtype="bfloat16", cuda_graph_max_batch=8)
     core = llm.engine
     assert core.overlap
     rng = random.Random(3)
