@@ -30,7 +30,10 @@ step's tokens past it). A step that carries one 1,024-token prompt beside its de
 is just past 1,024 tokens: padded to a multiple of 64 (1,072 to 1,088 rows) its GEMMs took
 0.6 ms more on an H200 than at 1,072 rows, where cuBLAS picks other kernels
 (docs/performance.md). Every graph shares one memory pool and one set of static buffers,
-sized for the largest bucket.
+sized for the largest bucket; the q/k/v buffer keeps `cudnn_prefill.BUCKET_ROWS` rows more,
+so that attention may read a prompt at its length rounded up to that bucket
+(kernels/cudnn_prefill.py). Once captured, the attention backend is told the buffer's
+views (`prepare`), and builds its per-shape plans then.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 import torch
 
 from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.cudnn_prefill import BUCKET_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,8 @@ def _place(buffer: torch.Tensor, value: torch.Tensor) -> None:
 
 class _Buffers:
     """Static inputs and piece outputs, sized for the largest bucket. q, k and v are views
-    of one fused q/k/v buffer, which the projection writes directly."""
+    of one fused q/k/v buffer, which the projection writes directly; it has BUCKET_ROWS
+    rows of slack past the largest bucket (zeros, never written)."""
 
     def __init__(self, model: Any, max_tokens: int, device: torch.device) -> None:
         arch, dtype = model.arch, model.dtype
@@ -73,10 +78,12 @@ class _Buffers:
         q_size, kv_size = arch.q_size, arch.kv_size
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.qkv = torch.zeros(max_tokens, q_size + 2 * kv_size, dtype=dtype, device=device)
-        self.q = self.qkv[:, :q_size].view(max_tokens, heads, dim)
-        self.k = self.qkv[:, q_size : q_size + kv_size].view(max_tokens, kv_heads, dim)
-        self.v = self.qkv[:, q_size + kv_size :].view(max_tokens, kv_heads, dim)
+        rows = max_tokens + BUCKET_ROWS
+        qkv = torch.zeros(rows, q_size + 2 * kv_size, dtype=dtype, device=device)
+        self.qkv = qkv[:max_tokens]
+        self.q = qkv[:, :q_size].view(rows, heads, dim)
+        self.k = qkv[:, q_size : q_size + kv_size].view(rows, kv_heads, dim)
+        self.v = qkv[:, q_size + kv_size :].view(rows, kv_heads, dim)
         self.attn = torch.zeros(max_tokens, heads, dim, dtype=dtype, device=device)
         self.residual = torch.zeros(max_tokens, arch.hidden_size, dtype=dtype, device=device)
         self.hidden = torch.zeros(max_tokens, arch.hidden_size, dtype=dtype, device=device)
@@ -138,6 +145,8 @@ class PiecewiseGraphs:
             self.max_tokens,
             time.perf_counter() - started,
         )
+        buf = self.buffers
+        self.model.model.layers[0].self_attn.prepare_backend(buf.q, buf.k, buf.v, self.max_tokens)
 
     def can_run(self, num_tokens: int) -> bool:
         return num_tokens <= self.max_tokens and (bool(self._graphs) or not self._capture)

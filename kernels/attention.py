@@ -62,3 +62,10 @@ class AttentionBackend(Protocol):
         out: torch.Tensor | None = None,  # [T, num_heads, head_dim]: written, and returned
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
+
+    def prepare(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_rows: int
+    ) -> None:
+        """Steps to come take q/k/v as row slices of these views (a static step buffer of
+        at least `max_rows` rows): do any per-shape set-up now, at start-up."""
+        ...

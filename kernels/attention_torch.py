@@ -121,6 +121,11 @@ def _padding_pays(meta: AttentionMetadata) -> bool:
 class TorchPagedAttention:
     """AttentionBackend in plain torch (see the module docstring)."""
 
+    def prepare(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_rows: int
+    ) -> None:
+        """Nothing to set up: every shape runs as it comes."""
+
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]

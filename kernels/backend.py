@@ -9,7 +9,10 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`
    decode rows with the decode kernel (which reads each KV head once for its whole query
    group) and the other sequences with the varlen prefill kernel, or, with
    `flash_fresh_prefill` and when none of them has cached context, with torch's flash
-   kernel over their own k/v rows (kernels/fresh_prefill.py). With
+   kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
+   `cudnn_fresh_prefill` once `prepare` has run and for a step of one prompt of at least
+   `cudnn_prefill.MIN_ROWS` tokens, with cuDNN's fused attention (kernels/cudnn_prefill.py).
+   With
    `overlap_decode_rows` (CUDA), the decode rows of such a step are attended on a second
    stream beside the prefill rows (kernels/side_stream.py).
 
@@ -25,7 +28,9 @@ from typing import NamedTuple
 
 import torch
 
+from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.cudnn_prefill import PaddedPrompt
 from splitserve.kernels.decode_attention import decode_attention
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention, is_fresh
 from splitserve.kernels.prefill_attention import prefill_attention
@@ -44,6 +49,8 @@ class _MixedPlan(NamedTuple):
     query_start_loc: torch.Tensor
     query_lens: list[int]
     is_fresh: bool
+    # Fresh, few and long enough for cuDNN's path (kernels/cudnn_prefill.py), prepared.
+    cudnn: bool
 
 
 class TritonPagedAttention:
@@ -56,7 +63,10 @@ class TritonPagedAttention:
     first layer, and the plan kept while the same metadata object comes back.
     `overlap_decode_rows` attends a mixed step's decode rows on a second CUDA stream
     (`side_stream`, made on first use unless given) while the prefill rows run; it does
-    nothing on other devices or while a CUDA graph is being captured."""
+    nothing on other devices or while a CUDA graph is being captured.
+    `cudnn_fresh_prefill` hands long fresh prompts to cuDNN once `prepare` has built its
+    plans; `dense_attend` is the call that attends one padded prompt (cuDNN's unless
+    given)."""
 
     def __init__(
         self,
@@ -64,6 +74,8 @@ class TritonPagedAttention:
         flash_fresh_prefill: bool = False,
         overlap_decode_rows: bool = False,
         side_stream: DecodeBranch | None = None,
+        cudnn_fresh_prefill: bool = False,
+        dense_attend: cudnn_prefill.DenseAttend = cudnn_prefill.cudnn_attend,
     ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
@@ -72,6 +84,20 @@ class TritonPagedAttention:
         self.overlap_decode_rows = overlap_decode_rows
         self._side = side_stream
         self._planned: tuple[AttentionMetadata, _MixedPlan] | None = None
+        self.cudnn_fresh_prefill = cudnn_fresh_prefill
+        self._dense_attend = dense_attend
+        self._cudnn_ready = False
+        # The step's padded prompts (None: past the buffer), for the q/k/v they view.
+        self._prompts: tuple[_MixedPlan, tuple, list[PaddedPrompt] | None] | None = None
+
+    def prepare(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_rows: int
+    ) -> None:
+        """Steps to come take q/k/v as row slices of these views (a step buffer of at least
+        `max_rows` rows): build cuDNN's plans for the prompt lengths they can hold."""
+        if self.cudnn_fresh_prefill and q.dtype in FLASH_DTYPES:
+            cudnn_prefill.prepare_buckets(q, k, v, scale, max_rows, self._dense_attend)
+            self._cudnn_ready = True
 
     def forward(
         self,
@@ -114,25 +140,54 @@ class TritonPagedAttention:
                     out=out[:decodes],
                     num_splits=self.decode_num_splits,
                 )
-        if plan.is_fresh:
-            fresh_prefill_attention(
-                q[decodes:], k[decodes:], v[decodes:], plan.query_start_loc, plan.query_lens,
-                scale, out=out[decodes:],
-            )  # fmt: skip
-        else:
-            prefill_attention(
-                q[decodes:],
-                kv_cache,
-                meta.block_tables[decodes:],
-                meta.seq_lens[decodes:],
-                plan.query_start_loc,
-                meta.max_query_len,
-                scale,
-                out=out[decodes:],
-            )
+        self._prefill(q, k, v, kv_cache, meta, plan, scale, out)
         if side is not None:
             side.join()
         return out
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        plan: _MixedPlan,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """The prefill sequences' rows (those past `plan.decodes`), attended into `out`."""
+        decodes = plan.decodes
+        q, k, v, out = q[decodes:], k[decodes:], v[decodes:], out[decodes:]
+        prompts = self._padded_prompts(q, k, v, plan) if plan.cudnn else None
+        if prompts is not None:
+            cudnn_prefill.attend_prompts(prompts, plan.query_lens, scale, out, self._dense_attend)
+            return
+        if plan.is_fresh:
+            fresh_prefill_attention(q, k, v, plan.query_start_loc, plan.query_lens, scale, out=out)
+            return
+        prefill_attention(
+            q,
+            kv_cache,
+            meta.block_tables[decodes:],
+            meta.seq_lens[decodes:],
+            plan.query_start_loc,
+            meta.max_query_len,
+            scale,
+            out=out,
+        )
+
+    def _padded_prompts(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _MixedPlan
+    ) -> list[PaddedPrompt] | None:
+        """The step's prompts padded for cuDNN, worked out on its first layer and kept
+        while its layers pass the same buffers (the piecewise graphs' static ones)."""
+        views = (q.data_ptr(), k.data_ptr(), v.data_ptr(), q.shape, q.stride(), k.stride())
+        if self._prompts is not None and self._prompts[0] is plan and self._prompts[1] == views:
+            return self._prompts[2]
+        prompts = cudnn_prefill.padded_prompts(q, k, v, plan.query_lens)
+        self._prompts = (plan, views, prompts)
+        return prompts
 
     def _side_stream(self, device: torch.device) -> DecodeBranch | None:
         """The stream a mixed step's decode rows run on, or None for the current one."""
@@ -154,6 +209,11 @@ class TritonPagedAttention:
         if not 0 < decodes < meta.num_seqs:
             decodes = 0
         query_lens = meta.query_lens_cpu[decodes:]
+        fresh = (
+            self.flash_fresh_prefill
+            and dtype in FLASH_DTYPES
+            and is_fresh(query_lens, meta.seq_lens_cpu[decodes:])
+        )
         plan = _MixedPlan(
             decodes=decodes,
             decode_max_seq_len=max(meta.seq_lens_cpu[:decodes], default=0),
@@ -161,10 +221,12 @@ class TritonPagedAttention:
                 meta.query_start_loc[decodes:] - decodes if decodes else meta.query_start_loc
             ),
             query_lens=query_lens,
-            is_fresh=(
-                self.flash_fresh_prefill
-                and dtype in FLASH_DTYPES
-                and is_fresh(query_lens, meta.seq_lens_cpu[decodes:])
+            is_fresh=fresh,
+            cudnn=(
+                fresh
+                and self._cudnn_ready
+                and len(query_lens) <= cudnn_prefill.MAX_PROMPTS
+                and min(query_lens) >= cudnn_prefill.MIN_ROWS
             ),
         )
         self._planned = (meta, plan)

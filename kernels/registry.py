@@ -9,8 +9,9 @@ start-up and hands the `ModelKernels` to the model, whose layers call its ops:
 Backends: "torch" (kernels/torch_ops.py, kernels/attention_torch.py: any device) and
 "triton" (the fused kernels of this package: CUDA, or CPU under TRITON_INTERPRET=1).
 "auto" resolves to "triton" on CUDA, there handing prefill chunks without cached context
-to torch's flash kernel (kernels/fresh_prefill.py; a named "triton" keeps them on the
-Triton kernel), and to "torch" elsewhere; a `kernel_backend` of "auto"
+to torch's flash kernel (kernels/fresh_prefill.py), or on sm90+ the long ones to cuDNN's
+fused attention (kernels/cudnn_prefill.py; a named "triton" keeps them all on the Triton
+kernel), and to "torch" elsewhere; a `kernel_backend` of "auto"
 follows the attention backend, so `--attention-backend torch` runs plain torch throughout.
 The Triton elementwise kernels cover fp32/bf16/fp16; float64 activations (tests) run the
 torch ops whatever the backend.
@@ -81,11 +82,14 @@ def _attention(name: str, device_type: str, pinned: bool, overlap: bool) -> Atte
     `overlap`: a mixed step's decode rows on a second CUDA stream (Triton only)."""
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
+        from splitserve.kernels.cudnn_prefill import cudnn_prefill_supported
         from splitserve.kernels.fresh_prefill import flash_prefill_supported
 
         flash = not pinned and flash_prefill_supported(device_type)
         return TritonPagedAttention(
-            flash_fresh_prefill=flash, overlap_decode_rows=overlap and device_type == "cuda"
+            flash_fresh_prefill=flash,
+            overlap_decode_rows=overlap and device_type == "cuda",
+            cudnn_fresh_prefill=flash and cudnn_prefill_supported(device_type),
         )
     from splitserve.kernels.attention_torch import TorchPagedAttention
 

@@ -199,6 +199,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return (*rotary(positions, q, k), v)
 
+    def prepare_backend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_rows: int
+    ) -> None:
+        """Tell the attention backend (shared by every layer) that steps will take q/k/v
+        as row slices of these static buffers, of at least `max_rows` rows."""
+        self.backend.prepare(q, k, v, self.scale, max_rows)
+
     def attend(
         self,
         q: torch.Tensor,
