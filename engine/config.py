@@ -53,8 +53,9 @@ class ModelConfig:
     # ... and only while every sequence's context fits in this many tokens.
     cuda_graph_max_seq_len: int = 8192
     # Other steps (prefill, mixed) of at most this many tokens replay piecewise CUDA graphs
-    # around an eager attention (engine/piecewise_graphs.py); 0 runs them eagerly.
-    piecewise_graph_max_tokens: int = 8192
+    # around an eager attention (engine/piecewise_graphs.py); larger ones run the same
+    # pieces eagerly at their own row count; 0 runs every step eagerly.
+    piecewise_graph_max_tokens: int = 2048
     # CUDA, Triton attention: a mixed step's decode rows are attended on a second stream
     # beside its prefill rows (kernels/side_stream.py).
     overlap_decode_attention: bool = True

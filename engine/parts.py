@@ -72,11 +72,13 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
     if device.type == "cuda":
         limits = WarmupLimits(loaded.max_model_len, config.scheduler.max_num_batched_tokens)
         warm_up(loaded.model, kv_cache, block_size, limits)
-    step_tokens = min(
-        config.model.piecewise_graph_max_tokens, config.scheduler.max_num_batched_tokens
-    )
+    step_tokens = config.scheduler.max_num_batched_tokens
     pieces = capture_piecewise_graphs(
-        loaded.model, kv_cache, step_tokens, config.model.enforce_eager
+        loaded.model,
+        kv_cache,
+        min(config.model.piecewise_graph_max_tokens, step_tokens),
+        config.model.enforce_eager,
+        step_tokens,
     )
     runner = ModelRunner(loaded.model, kv_cache, block_size, device, graphs, pieces)
     logger.info(

@@ -24,16 +24,24 @@ warm-up; the `ModelRunner` asks `can_run(num_tokens)` for a step the decode grap
 take and then calls `run(batch)`. `PiecewiseGraphs(..., capture=False)` runs the same
 pieces without graphs (what the CPU tests check against the plain forward).
 
+Steps past the largest captured bucket, up to the scheduler's step limit, run the same
+pieces eagerly over exactly their own rows, in the same static buffers. Such a step keeps
+the GPU busy for over 1.5 ms a layer, longer than the host takes to launch the layer, so a
+graph saves it little, while its bucket pads the matrix products: on an H200 a step of one
+4,096-token prompt and 12 decode rows took 103.7 ms eagerly at 4,108 rows against 108.7 ms
+replayed at 4,352, one of a 2,100-token prompt and 48 decode rows 55.4 against 58.9 ms at
+2,304 (docs/performance.md). Hence graphs only up to 2,048 tokens by default.
+
 Buckets (`piecewise_buckets`): every 16 tokens up to 2,048, every 256 beyond, up to
 `piecewise_graph_max_tokens` (padding costs at most 15 tokens up to 2,048 and 1/8 of a
-step's tokens past it). A step that carries one 1,024-token prompt beside its decode rows
-is just past 1,024 tokens: padded to a multiple of 64 (1,072 to 1,088 rows) its GEMMs took
-0.6 ms more on an H200 than at 1,072 rows, where cuBLAS picks other kernels
-(docs/performance.md). Every graph shares one memory pool and one set of static buffers,
-sized for the largest bucket; the q/k/v buffer keeps `cudnn_prefill.BUCKET_ROWS` rows more,
-so that attention may read a prompt at its length rounded up to that bucket
-(kernels/cudnn_prefill.py). Once captured, the attention backend is told the buffer's
-views (`prepare`), and builds its per-shape plans then.
+step's tokens past it, where a larger setting captures graphs). A step that carries one
+1,024-token prompt beside its decode rows is just past 1,024 tokens: padded to a multiple
+of 64 (1,072 to 1,088 rows) its GEMMs took 0.6 ms more on an H200 than at 1,072 rows,
+where cuBLAS picks other kernels (docs/performance.md). Every graph shares one memory
+pool and one set of static buffers, sized for the largest step; the q/k/v buffer keeps
+`cudnn_prefill.BUCKET_ROWS` rows more, so that attention may read a prompt at its length
+rounded up to that bucket (kernels/cudnn_prefill.py). Once captured, the attention
+backend is told the buffer's views (`prepare`), and builds its per-shape plans then.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ def _place(buffer: torch.Tensor, value: torch.Tensor) -> None:
 
 
 class _Buffers:
-    """Static inputs and piece outputs, sized for the largest bucket. q, k and v are views
+    """Static inputs and piece outputs, sized for the largest step. q, k and v are views
     of one fused q/k/v buffer, which the projection writes directly; it has BUCKET_ROWS
     rows of slack past the largest bucket (zeros, never written)."""
 
@@ -91,13 +99,20 @@ class _Buffers:
 
 class PiecewiseGraphs:
     def __init__(
-        self, model: Any, kv_cache: torch.Tensor, max_tokens: int, capture: bool = True
+        self,
+        model: Any,
+        kv_cache: torch.Tensor,
+        max_tokens: int,
+        capture: bool = True,
+        step_tokens: int | None = None,
     ) -> None:
+        """Graphs for steps of up to `max_tokens` tokens; larger steps, up to `step_tokens`
+        (default `max_tokens`), run the same pieces eagerly at their own row count."""
         # `model` is a CausalLM (engine/model/llama.py).
         self.model = model
         self.kv_cache = kv_cache
         self.sizes = piecewise_buckets(max_tokens)
-        self.max_tokens = self.sizes[-1]
+        self.max_tokens = max(self.sizes[-1], step_tokens or 0)
         self.buffers = _Buffers(model, self.max_tokens, kv_cache.device)
         self.num_layers = len(model.model.layers)
         self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
@@ -142,7 +157,7 @@ class PiecewiseGraphs:
         logger.info(
             "captured piecewise CUDA graphs for %d step sizes (16..%d tokens) in %.1f s",
             len(self.sizes),
-            self.max_tokens,
+            self.sizes[-1],
             time.perf_counter() - started,
         )
         buf = self.buffers
@@ -158,7 +173,8 @@ class PiecewiseGraphs:
         """The final hidden states [T, hidden] of a step of T tokens (a view of a static
         buffer, valid until the next run)."""
         num_tokens = input_ids.shape[0]
-        size = self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+        bucket = bisect.bisect_left(self.sizes, num_tokens)
+        size = self.sizes[bucket] if bucket < len(self.sizes) else num_tokens
         buf, layers = self.buffers, self.model.model.layers
         buf.input_ids[:num_tokens].copy_(input_ids)
         buf.positions[:num_tokens].copy_(positions)
@@ -185,11 +201,12 @@ class PiecewiseGraphs:
 
 
 def capture_piecewise_graphs(
-    model: Any, kv_cache: torch.Tensor, max_tokens: int, enforce_eager: bool
+    model: Any, kv_cache: torch.Tensor, max_tokens: int, enforce_eager: bool, step_tokens: int
 ) -> PiecewiseGraphs | None:
-    """Piecewise graphs, captured, for a model on a CUDA device (None: not used)."""
+    """Piecewise graphs of steps up to `max_tokens` tokens, captured, for a model on a CUDA
+    device, also running steps up to `step_tokens` piece by piece (None: not used)."""
     if kv_cache.device.type != "cuda" or enforce_eager or max_tokens < 1:
         return None
-    graphs = PiecewiseGraphs(model, kv_cache, max_tokens)
+    graphs = PiecewiseGraphs(model, kv_cache, max_tokens, step_tokens=step_tokens)
     graphs.capture()
     return graphs

@@ -124,7 +124,8 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         "--piecewise-graph-max-tokens",
         type=int,
         default=default_of(model, "piecewise_graph_max_tokens"),
-        help="CUDA: largest prefill or mixed step that replays piecewise graphs (0: eager)",
+        help="CUDA: largest prefill or mixed step that replays piecewise graphs; larger "
+        "ones run the pieces eagerly at their own size (0: every step eager)",
     )
     g.add_argument(
         "--overlap-decode-attention",

@@ -50,6 +50,40 @@ def test_pieces_give_the_plain_forward_tokens(tiny_model_factory, arch: str) -> 
     assert_same_tokens(got + again, want + want[3:])
 
 
+def test_steps_past_the_largest_graph_run_the_pieces_at_their_own_rows(
+    tiny_model_factory,
+) -> None:
+    """Graphs up to 32 tokens, steps up to 64: a larger step runs the pieces over exactly
+    its own rows (no bucket padding) and gives the plain forward's tokens."""
+    model_dir = tiny_model_factory("llama")
+    plain = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=64)
+    pieced = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=64)
+    runner = pieced.engine.runner
+    pieces = PiecewiseGraphs(runner.model, runner.kv_cache, 32, capture=False, step_tokens=64)
+    runner.pieces = pieces
+    assert pieces.sizes[-1] == 32 and pieces.can_run(64) and not pieces.can_run(65)
+    steps: list[tuple[int, int]] = []  # (step rows, rows the pieces ran)
+    run, piece = pieces.run, pieces._piece
+
+    def recording_run(input_ids, positions, meta):
+        steps.append((input_ids.shape[0], 0))
+        return run(input_ids, positions, meta)
+
+    def recording_piece(index: int, size: int) -> None:
+        steps[-1] = (steps[-1][0], size)
+        piece(index, size)
+
+    pieces.run, pieces._piece = recording_run, recording_piece  # type: ignore[method-assign]
+    rng = random.Random(2)
+    vocab = plain.engine.arch.vocab_size
+    batch = [[rng.randrange(vocab) for _ in range(n)] for n in (50, 7, 41)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    assert_same_tokens(pieced.generate(batch, params), plain.generate(batch, params))
+    large = [(rows, ran) for rows, ran in steps if rows > 32]
+    assert large and all(ran == rows for rows, ran in large)
+    assert all(ran in pieces.sizes for rows, ran in steps if rows <= 32)
+
+
 class _CopyTargets(TorchDispatchMode):
     """The storage addresses every `copy_` writes to."""
 
