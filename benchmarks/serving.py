@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--system", required=True, help="name in the results: splitserve, vllm, ...")
     p.add_argument("--url", help="load this running server (default: start `splitserve up`)")
+    p.add_argument(
+        "--warm-server", action="store_true",
+        help="the --url server served load before this run: no row is its first after start",
+    )  # fmt: skip
     p.add_argument("--model", default=None, help="splitserve up --model (default: tiny model)")
     p.add_argument("--cpu", action="store_true", help="splitserve up --cpu")
     p.add_argument("--node-arg", action="append", default=[], help="extra flag for the node")
@@ -235,7 +239,7 @@ def run_all(args: argparse.Namespace, started: float) -> tuple[list[dict[str, An
                 extra = {
                     **provenance,
                     "server": server_command,
-                    "is_first_after_start": not rows,
+                    "is_first_after_start": not rows and not args.warm_server,
                 }
                 rows.append(run_rate(args, url, workload, rate, extra))
                 # After every rate: a call cut short keeps what it measured.

@@ -19,7 +19,8 @@
 #   CALL_S (560: the whole command's budget; rates that would not fit, reckoned as
 #   requests / rate + DRAIN_S (45) seconds, are left out and printed), NODE_ARGS (extra
 #   splitserve node flags, e.g. --node-arg=--stream-interval=4), SPLITSERVE_GIT_COMMIT
-#   (the commit recorded in the rows: the device copy has no .git), RESULTS, PYTHON.
+#   (the commit recorded in the rows: the device copy has no .git), RESULTS, PYTHON,
+#   VLLM_KEEP (1: leave vLLM serving for the next call; see the vllm branch).
 # A dry run of the splitserve call on a CPU machine (tests/test_bench_serving.py does this):
 #   CPU_DRY_RUN=1 NO_WHEELS=1 PYTHON=.venv/bin/python WORKLOADS=32x4 RATES=4 \
 #     RESULTS=/tmp/serving bash scripts/gpu_serving.sh splitserve
@@ -39,6 +40,15 @@ bench() {  # the remaining budget, less a minute for stopping the server and pac
     --deadline-s "$left" --drain-s "${DRAIN_S:-45}" --out-dir "$results" "$@"
 }
 
+stop_vllm() {  # SIGINT (vLLM's own shutdown), then KILL; a kept server's whole group too
+  local pid=$1 group=${2:-}
+  kill -INT "$pid" 2>/dev/null
+  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL "$pid" 2>/dev/null
+  [ -n "$group" ] && kill -KILL -- "-$group" 2>/dev/null
+  return 0
+}
+
 case $system in
   splitserve)
     SITE=/tmp/site_splitserve source scripts/device_env.sh
@@ -52,17 +62,40 @@ case $system in
     status=$?
     ;;
   vllm)
-    if [ ! -f /tmp/site/vllm_env.sh ]; then
-      mkdir -p /root/stash && cp .carry/piece.01 .carry/serve_piece.00 /root/stash/ &&
-        bash .carry/install_on_gpu.sh && bash .carry/install_serve_on_gpu.sh ||
-        { echo "vLLM install failed: was piece.00 left in /root/stash by the call before?"; exit 1; }
+    # VLLM_KEEP=1: start the server in a process session of its own, so that it outlives
+    # this device call, and leave it running; a later call on the same warm machine
+    # (within its idle release) then loads it with no start-up, its rows marked as not
+    # first after start. A call without VLLM_KEEP stops it at the end, as it stops one it
+    # started (do that before a splitserve call: both take 90% of the GPU's memory).
+    port=8100 pidfile=/tmp/vllm_server.pid warm=()
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      VLLM_PID=$(cat "$pidfile") warm=(--warm-server)
+      echo "vLLM already serving (pid $VLLM_PID), left by an earlier call with VLLM_KEEP=1"
+    else
+      rm -f "$pidfile" "$pidfile.group"
+      if [ ! -f /tmp/site/vllm_env.sh ]; then
+        mkdir -p /root/stash && cp .carry/piece.01 .carry/serve_piece.00 /root/stash/ &&
+          bash .carry/install_on_gpu.sh && bash .carry/install_serve_on_gpu.sh ||
+          { echo "vLLM install failed: was piece.00 left in /root/stash by the call before?"; exit 1; }
+      fi
+      if [ -n "${VLLM_KEEP:-}" ]; then
+        setsid bash -c "echo \$\$ > $pidfile.group; source .carry/serve_vllm.sh $port;
+          echo \$VLLM_PID > $pidfile; wait" </dev/null >/tmp/vllm_start.log 2>&1 &
+        for _ in $(seq 1 450); do [ -f "$pidfile" ] && break; sleep 1; done
+        VLLM_PID=$(cat "$pidfile" 2>/dev/null)
+        cat /tmp/vllm_start.log
+      else
+        source .carry/serve_vllm.sh "$port"
+      fi
     fi
-    source .carry/serve_vllm.sh 8100
-    kill -0 "$VLLM_PID" 2>/dev/null || exit 1  # serve_vllm.sh printed why
+    kill -0 "${VLLM_PID:-0}" 2>/dev/null || exit 1  # serve_vllm.sh printed why
     SITE=/tmp/site_splitserve source scripts/device_env.sh  # the bench client: no wheels needed
-    bench --system vllm --url http://127.0.0.1:8100
+    bench --system vllm --url "http://127.0.0.1:$port" ${warm[@]+"${warm[@]}"}
     status=$?
-    kill -INT "$VLLM_PID" 2>/dev/null; wait "$VLLM_PID" 2>/dev/null
+    if [ -z "${VLLM_KEEP:-}" ]; then
+      stop_vllm "$VLLM_PID" "$(cat "$pidfile.group" 2>/dev/null)"
+      rm -f "$pidfile" "$pidfile.group"
+    fi
     ;;
   *) echo "unknown system $system: pick splitserve or vllm"; exit 2 ;;
 esac

@@ -44,10 +44,11 @@ def _serve(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_two_calls_merge_into_one_summary(up, tmp_path: Path) -> None:
     _serve(tmp_path, "--system", "one", "--url", up, "--rates", "4,8")
-    _serve(tmp_path, "--system", "two", "--url", up, "--rates", "4,1000")
+    _serve(tmp_path, "--system", "two", "--url", up, "--rates", "4,1000", "--warm-server")
     rows = json.loads((tmp_path / "summary.json").read_text())
     points = [(r["system"], r["rate"]) for r in rows]
     assert points == [("one", 4), ("one", 8), ("two", 4), ("two", 1000)]
+    assert [r["is_first_after_start"] for r in rows] == [True, False, False, False]
     for row in rows:
         assert set(serving_report.ROW_KEYS) <= set(row)
         assert row["num_requests"] == 6 and row["num_failed"] == 0
