@@ -14,9 +14,10 @@ Counted work: decode attention = KV bytes of every context token + q + out; pref
 attention = 4 * heads * head_dim FLOPs per causally visible (query, key) pair;
 store_kv / rmsnorm / rotary = bytes read + written. Every decode case is also swept over
 split counts and tile shapes, prefill over tile shapes (`config` of each row); on CUDA each
-prefill case is also attended ragged over the prompts' own k/v rows by torch's
-FlashAttention-2 (the engine's fresh-prefill path) and cuDNN, with each one's largest
-difference from FlashAttention-2's output. `--smoke` runs tiny
+prefill case is also attended over the prompts' own k/v rows by the engine's two
+fresh-prompt paths, torch's ragged FlashAttention-2 and cuDNN per bucket-padded prompt
+(kernels/cudnn_prefill.py), with each one's largest difference from FlashAttention-2's
+output. `--smoke` runs tiny
 shapes once each, timed by the host clock (for checking the script without a GPU).
 """
 
@@ -245,7 +246,7 @@ def bench_prefill(seqs: int, length: int, device, timer, sweep: bool) -> list[di
         if error:
             rows[-1]["error"] = error
     if device.type == "cuda":
-        rows += bench_ragged(sets, length, flops, timer)
+        rows += bench_fresh(sets, length, flops, timer)
     # Dense causal flash attention on contiguous q/k/v, for comparison (not paged).
     pb = sets[0]
     q = pb.q.view(seqs, length, HEADS, HEAD_DIM).transpose(1, 2)
@@ -263,7 +264,7 @@ def bench_prefill(seqs: int, length: int, device, timer, sweep: bool) -> list[di
 # (kernels/cudnn_prefill.py), query groups native in both. (cuDNN's own ragged form,
 # `_cudnn_attention_forward` with cumulative lengths, built a new plan on every call in
 # torch 2.11: 45 to 68 ms a call on an H200.)
-RAGGED_KERNELS = ("flash", "cudnn")
+FRESH_KERNELS = ("flash", "cudnn")
 
 
 def _with_slack(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +275,7 @@ def _with_slack(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(BUCKET_ROWS, *x.shape[1:])])[: x.shape[0]]
 
 
-def _ragged_call(kind: str, pb: Any, length: int) -> Callable[[], torch.Tensor]:
+def _fresh_call(kind: str, pb: Any, length: int) -> Callable[[], torch.Tensor]:
     cum, scale = pb.meta.query_start_loc, HEAD_DIM**-0.5
     if kind == "flash":  # FlashAttention-2: the engine's fresh-prefill path
         return lambda: torch.ops.aten._flash_attention_forward(
@@ -293,18 +294,18 @@ def _ragged_call(kind: str, pb: Any, length: int) -> Callable[[], torch.Tensor]:
     return call
 
 
-def bench_ragged(sets: list, length: int, flops: float, timer: Timer) -> list[dict[str, Any]]:
-    """Each of RAGGED_KERNELS over the prompts of `sets`, with its largest difference
+def bench_fresh(sets: list, length: int, flops: float, timer: Timer) -> list[dict[str, Any]]:
+    """Each of FRESH_KERNELS over the prompts of `sets`, with its largest difference
     from flash's output; a kernel this build or device cannot run gives a row with the
     error instead."""
     seqs = len(sets[0].meta.query_lens_cpu)
-    reference = _ragged_call("flash", sets[0], length)().float()
+    reference = _fresh_call("flash", sets[0], length)().float()
     rows = []
-    for kind in RAGGED_KERNELS:
+    for kind in FRESH_KERNELS:
         case = f"{kind} fresh {seqs} x {length}"
         try:
-            diff = (_ragged_call(kind, sets[0], length)().float() - reference).abs().max()
-            ms = timer(rotating([_ragged_call(kind, pb, length) for pb in sets]))
+            diff = (_fresh_call(kind, sets[0], length)().float() - reference).abs().max()
+            ms = timer(rotating([_fresh_call(kind, pb, length) for pb in sets]))
         except RuntimeError as exc:
             logger.warning("%s: %s", case, exc)
             rows.append(_row(case, math.nan, error=str(exc).splitlines()[0][:200]))
