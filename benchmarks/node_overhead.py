@@ -7,8 +7,10 @@ The engine thread shares the node's process, and so the GIL, with the event loop
 turns each step's outputs into stream messages. This measures that share with the node's
 own parts and a stand-in engine core: each step runs a host phase (`--host-ops` small
 torch operations on the CPU, each taking and releasing the GIL as the engine's launches
-do), then waits `--device-ms` with the GIL released (the device), then hands one output
-per row (`--rows` requests, one token each) to `AsyncEngine`. Two modes, `--runs` times
+do), then calls `while_waiting` (where `AsyncEngine` hands over the step before's
+outputs, as `EngineCore.step` does once it launched the next step), then waits
+`--device-ms` with the GIL released (the device), then returns one output per row
+(`--rows` requests, one token each) to `AsyncEngine`. Two modes, `--runs` times
 each, alternating:
 
 - `alone`: nobody consumes the outputs beyond AsyncEngine's own hand-over;
@@ -27,7 +29,7 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -70,12 +72,14 @@ class StandInCore:
     def unfinished_request_ids(self) -> list[str]:
         return list(self.requests)
 
-    def step(self) -> list[StepOutput]:
+    def step(self, while_waiting: Callable[[], None] | None = None) -> list[StepOutput]:
         started = time.perf_counter()
         y = self._x
         for _ in range(self.host_ops):
             y = y + 1.0
         self.host_phases.append(time.perf_counter() - started)
+        if while_waiting is not None:
+            while_waiting()
         time.sleep(self.device_s)
         outputs = []
         for rid in self.requests:

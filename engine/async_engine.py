@@ -5,7 +5,17 @@ The thread runs: drain submitted commands -> run step hooks (e.g. KV-event publi
 poll the KV connector (`EngineCore.poll_connector`: remote KV arrivals and failures) ->
 `EngineCore.step()` -> hand the step's outputs to their requests' asyncio queues, with one
 `call_soon_threadsafe` per event loop and step (not one per request: each one is a
-self-pipe write and a wake-up of the loop, taken under the GIL). Every touch of the
+self-pipe write and a wake-up of the loop, taken under the GIL).
+
+A step's outputs are handed over during the next step, once that step has launched the
+one after it and waits for the device (`EngineCore.step(while_waiting=...)`), or at once
+when no step follows. The event loops' work on them (one output per running request) then
+takes the GIL while the engine thread waits for the device, not while it launches the next
+step: with steps launched ahead, that launch must come before the device finishes the step
+in flight, and at a few hundred rows a step the event loops' share of the GIL, taken then,
+left the device idle (docs/performance.md). Outputs of any other kind (aborts, connector
+events, failures) are handed over on the engine thread too, after what is held, so that a
+request's outputs keep their order. Every touch of the
 EngineCore happens on that thread; other threads go through `call` (a function run there
 between steps; `run` is its awaitable form on the asyncio side) or `generate`/`abort`.
 A request's grammar is compiled on a worker thread before it is added (`compile_grammar`).
@@ -41,7 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore, StepOutput
@@ -75,6 +85,14 @@ class _Stream:
         self.collector = collector
 
 
+class _Held(NamedTuple):
+    """A step's outputs, not yet handed to the event loops, with the step's stamps."""
+
+    outputs: list[StepOutput]
+    step_end_s: float
+    step_time_s: float
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
         self.core = core if core is not None else EngineCore(config)
@@ -86,6 +104,7 @@ class AsyncEngine:
         self._step_observers: list[Callable[[float], None]] = []
         self._wake = threading.Event()
         self._stopping = False
+        self._held: _Held | None = None  # engine thread only
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -202,7 +221,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
 
     async def abort(self, request_id: str) -> None:
-        self._deliver(await self.run(lambda core: core.abort(request_id)))
+        await self.run(lambda core: self._abort_now(core, request_id))
 
     async def stats(self) -> EngineStats:
         return await self.run(lambda core: core.stats())
@@ -217,17 +236,38 @@ class AsyncEngine:
             for hook in self._step_hooks:
                 is_busy |= self._guarded(hook)
             if not self.core.has_runnable():
+                self._release_held()
                 self._wake.wait(_BUSY_WAIT_S if is_busy else _IDLE_WAIT_S)
                 self._wake.clear()
                 continue
-            started = time.monotonic()
-            try:
-                outputs = self.core.step()
-            except Exception:
-                logger.exception("engine step failed; ending every unfinished request")
-                outputs = self._fail_all()
-            self._observe_step(time.monotonic() - started)
-            self._deliver(outputs, started)
+            self._step()
+        self._release_held()
+
+    def _step(self) -> None:
+        """Run one step and hold its outputs for the next step's wait (see the module
+        docstring); the outputs held from the step before go out during this one's."""
+        started = time.monotonic()
+        try:
+            outputs = self.core.step(while_waiting=self._release_held)
+        except Exception:
+            logger.exception("engine step failed; ending every unfinished request")
+            self._release_held()
+            outputs = self._fail_all()
+        ended = time.monotonic()
+        self._observe_step(ended - started)
+        self._release_held()  # a step that waited for nothing did not call it
+        self._held = _Held(outputs, ended, ended - started)
+
+    def _abort_now(self, core: EngineCore, request_id: str) -> None:
+        """Abort on the engine thread: its outputs go out after the held ones."""
+        self._release_held()
+        self._deliver(core.abort(request_id))
+
+    def _release_held(self) -> None:
+        """Hand the held step's outputs to their streams (engine thread)."""
+        held, self._held = self._held, None
+        if held is not None:
+            self._hand_over(held)
 
     def _observe_step(self, seconds: float) -> None:
         for observe in self._step_observers:
@@ -242,7 +282,9 @@ class AsyncEngine:
         except Exception:
             logger.exception("KV connector poll failed")
             return False
-        self._deliver(outputs)
+        if outputs:
+            self._release_held()
+            self._deliver(outputs)
         return is_busy
 
     def _guarded(self, hook: Callable[[EngineCore], bool]) -> bool:
@@ -269,18 +311,21 @@ class AsyncEngine:
                 outputs.append(out._replace(finish_reason="error"))
         return outputs
 
-    def _deliver(self, outputs: list[StepOutput], step_started: float | None = None) -> None:
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        """Outputs not of a step (aborts, connector events, failures), handed over now
+        (engine thread)."""
+        self._hand_over(_Held(outputs, time.monotonic(), 0.0))
+
+    def _hand_over(self, held: _Held) -> None:
         """Fold outputs into their streams; wake each event loop once for all of them."""
-        now = time.monotonic()
-        step_time = 0.0 if step_started is None else now - step_started
         batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for out in outputs:
+        for out in held.outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             result = stream.collector.make([stream.collector.add(out)])
-            result.metrics["step_end_s"] = now
-            result.metrics["step_time_s"] = step_time
+            result.metrics["step_end_s"] = held.step_end_s
+            result.metrics["step_time_s"] = held.step_time_s
             batches.setdefault(stream.loop, []).append((stream, result))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_put_all, batch)

@@ -3,7 +3,7 @@
 Callers (the offline `LLM`, the `AsyncEngine` thread, the nodes through it) drive it:
 
     add_request(id, prompt, params, kv_params=None)   validate, fan out n > 1, queue
-    step() -> [StepOutput]      schedule, run the model, sample, detokenize, stop checks
+    step(while_waiting=None)    schedule, run the model, sample, detokenize, stop checks
     poll_connector()            remote KV arrived or failed, held blocks released
     abort(request_id)           finish every sequence of a request, free its blocks
 
@@ -39,7 +39,7 @@ from splitserve.engine.overlap import (
 )
 from splitserve.engine.parts import build_parts
 from splitserve.engine.request import RequestId, RequestStatus
-from splitserve.engine.sampler import SampledTokens, Sampler
+from splitserve.engine.sampler import SampledTokens, Sampler, WhileWaiting
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from splitserve.engine.stats import EngineStats, collect_stats
@@ -139,7 +139,9 @@ class EngineCore:
     def unfinished_request_ids(self) -> list[str]:
         return list(self.intake.children)
 
-    def step(self) -> list[StepOutput]:
+    def step(self, while_waiting: WhileWaiting | None = None) -> list[StepOutput]:
+        """One step's outputs; `while_waiting()` runs after the next step's launch (with
+        overlap), before the wait for this step's tokens (none to wait for: not run)."""
         # The named ranges show in torch.profiler traces (benchmarks/profile_decode.py).
         batch = self._next_batch()
         if batch is None:
@@ -150,7 +152,7 @@ class EngineCore:
         sampling = [c for c in sched.chunks if c.samples]
         drawn = self._sample(sampling, logits) if sampling else None
         self._launch_next(sampling, drawn)
-        result = None if drawn is None else drawn.collect()
+        result = None if drawn is None else drawn.collect(while_waiting)
         retire(consumed, self.scheduler)  # its tokens are read: the device is past it
         if self.connector is not None:
             firsts = {} if result is None else first_tokens(sampling, result)

@@ -31,7 +31,7 @@ while fewer than `min_tokens` tokens have been generated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,6 +41,9 @@ from splitserve.engine.device_copy import host_to_device, to_device
 from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask, grammar_must_end
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
+
+# What a caller runs before the host waits for a step's tokens (engine/async_engine.py).
+WhileWaiting = Callable[[], None]
 
 _NEG_INF = float("-inf")
 
@@ -92,8 +95,11 @@ class SampledTokens:
         else:
             self._host = tensors
 
-    def collect(self) -> SamplerOutput:
-        """Wait for the copies and read the tokens (and logprobs) on the host."""
+    def collect(self, while_waiting: WhileWaiting | None = None) -> SamplerOutput:
+        """Wait for the copies and read the tokens (and logprobs) on the host; the
+        caller's `while_waiting()` runs first."""
+        if while_waiting is not None:
+            while_waiting()
         if self._ready is not None:
             self._ready.synchronize()
         token_ids = self._host[0].tolist()

@@ -1,0 +1,137 @@
+"""When AsyncEngine hands a step's outputs to the event loop: during the next step, after
+that step launched the one after it and before it waits for the device, so that the
+loop's work takes the GIL while the engine thread waits, not while it launches
+(engine/async_engine.py). A scripted core stands in for EngineCore: its steps record
+their launch and their wait, and every hand-over is recorded on the same thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.output_processor import StepOutput
+from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.sampling_params import SamplingParams
+
+_PARAMS = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
+
+
+class ScriptedCore:
+    """Each step: ("launch", n), the caller's `while_waiting`, ("wait", n), then one token
+    per request (token n of request-local count), ending a request after `length`."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.requests: dict[str, int] = {}
+        self.events: list[tuple[str, int]] = []
+        self.num_steps = 0
+
+    def add_request(self, rid: str, prompt: list[int], params: object, kv: object) -> None:
+        self.requests[rid] = 0
+
+    def has_runnable(self) -> bool:
+        return bool(self.requests)
+
+    def poll_connector(self) -> tuple[list[StepOutput], bool]:
+        return [], False
+
+    def abort(self, rid: str) -> list[StepOutput]:
+        if self.requests.pop(rid, None) is None:
+            return []
+        return [StepOutput(rid, 0, [], None, "", "abort", None)]
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.requests)
+
+    def step(self, while_waiting: Callable[[], None] | None = None) -> list[StepOutput]:
+        self.num_steps += 1
+        self.events.append(("launch", self.num_steps))
+        if while_waiting is not None:
+            while_waiting()
+        self.events.append(("wait", self.num_steps))
+        outputs = []
+        for rid in list(self.requests):
+            count = self.requests[rid] = self.requests[rid] + 1
+            finish = "length" if count == self.length else None
+            if finish:
+                del self.requests[rid]
+            outputs.append(StepOutput(rid, 0, [count], None, f" {count}", finish, None))
+        return outputs
+
+
+def _record_hand_overs(loop: asyncio.AbstractEventLoop, core: ScriptedCore) -> None:
+    """Note each hand-over of outputs (a call of `_put_all` from the engine thread) in the
+    core's event list, as ("hand_over", first token id handed over)."""
+    original = loop.call_soon_threadsafe
+
+    def recording(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(callback, "__name__", "") == "_put_all":
+            assert threading.current_thread().name == "engine-loop"
+            core.events.append(("hand_over", args[0][0][1].outputs[0].token_ids[0]))
+        return original(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = recording  # type: ignore[method-assign]
+
+
+def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait() -> None:
+    core = ScriptedCore(length=4)
+    engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+
+    async def main() -> list[int]:
+        _record_hand_overs(asyncio.get_running_loop(), core)
+        stream = engine.generate("r", [1, 2], _PARAMS)
+        return [t async for out in stream for t in out.outputs[0].token_ids]
+
+    try:
+        tokens = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert tokens == [1, 2, 3, 4]
+    assert core.events == [
+        ("launch", 1),
+        ("wait", 1),
+        ("launch", 2),
+        ("hand_over", 1),
+        ("wait", 2),
+        ("launch", 3),
+        ("hand_over", 2),
+        ("wait", 3),
+        ("launch", 4),
+        ("hand_over", 3),
+        ("wait", 4),
+        # No step follows the last one: its outputs go out once the engine is idle.
+        ("hand_over", 4),
+    ]
+
+
+def test_an_abort_comes_after_the_held_outputs_of_its_request() -> None:
+    core = ScriptedCore(length=1 << 20)
+    engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+    received: list[RequestOutput] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_output(out: RequestOutput) -> None:
+            received.append(out)
+            if out.finished and not done.done():
+                done.set_result(None)
+
+        await engine.add("r", [1, 2], _PARAMS, None, on_output)
+        while len(received) < 3:
+            await asyncio.sleep(0.001)
+        await engine.abort("r")
+        await asyncio.wait_for(done, 10)
+        await engine.close("r", True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    tokens = [t for out in received for t in out.outputs[0].token_ids]
+    assert tokens == list(range(1, len(tokens) + 1))  # every step's token, in order
+    assert received[-1].outputs[0].finish_reason == "abort"
+    assert not any(out.finished for out in received[:-1])
