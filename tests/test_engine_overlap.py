@@ -14,7 +14,7 @@ from engine_outputs import assert_logprobs_close
 from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.llm import LLM
-from splitserve.engine.sampler import SampledTokens, SamplerOutput
+from splitserve.engine.sampler import SampledTokens, SamplerOutput, WhileWaiting
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.prefill.pusher import PrefillPusher
 
@@ -160,7 +160,7 @@ def test_next_step_is_launched_before_tokens_are_read(tiny_llama, monkeypatch) -
     seen: list[tuple[bool, list[int]]] = []
     collect = SampledTokens.collect
 
-    def spy(self: SampledTokens) -> SamplerOutput:
+    def spy(self: SampledTokens, while_waiting: WhileWaiting | None = None) -> SamplerOutput:
         launched = core._launched
         pending = (
             []
@@ -168,13 +168,23 @@ def test_next_step_is_launched_before_tokens_are_read(tiny_llama, monkeypatch) -
             else [c.request.num_pending_tokens for c in launched.sched.chunks]
         )
         seen.append((launched is not None, pending))
-        return collect(self)
+        return collect(self, while_waiting)
 
     monkeypatch.setattr(SampledTokens, "collect", spy)
     outputs: dict[str, list[int]] = {}
+    # What AsyncEngine hands over runs once the next step is in flight, inside the read of
+    # this step's tokens (which `seen` counts as it starts), before its wait.
+    hand_overs: list[tuple[bool, int]] = []
+    waited = 0
+
+    def hand_over() -> None:
+        hand_overs.append((core._launched is not None, len(seen) - waited))
+
     while core.has_unfinished():
-        for out in core.step():
+        waited = len(seen)
+        for out in core.step(while_waiting=hand_over):
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert hand_overs == [(launched, 1) for launched, _ in seen]
     # Every step but the last read its tokens with the next one in flight, every row of
     # which held a pending token; the last step's tokens end every request by length, so
     # nothing was launched after it.
