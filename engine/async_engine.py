@@ -328,7 +328,8 @@ class AsyncEngine:
             result.metrics["step_time_s"] = held.step_time_s
             batches.setdefault(stream.loop, []).append((stream, result))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            if not loop.is_closed():  # a closed loop's streams are gone (shut down)
+                loop.call_soon_threadsafe(_put_all, batch)
 
 
 def _put_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:

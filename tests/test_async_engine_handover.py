@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 from splitserve.engine.async_engine import AsyncEngine
@@ -135,3 +136,23 @@ def test_an_abort_comes_after_the_held_outputs_of_its_request() -> None:
     assert tokens == list(range(1, len(tokens) + 1))  # every step's token, in order
     assert received[-1].outputs[0].finish_reason == "abort"
     assert not any(out.finished for out in received[:-1])
+
+
+def test_outputs_for_a_closed_event_loop_are_dropped() -> None:
+    """A request whose event loop closed while it ran: the engine goes on stepping (its
+    outputs have nowhere to go) instead of failing the step or its thread."""
+    core = ScriptedCore(length=1 << 20)
+    engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await engine.add("r", [1, 2], _PARAMS, None, lambda out: None)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())  # closes the loop with the request still running
+    steps = core.num_steps
+    time.sleep(0.2)
+    try:
+        assert engine._thread.is_alive() and "r" in core.requests
+        assert core.num_steps > steps
+    finally:
+        engine.shutdown()
