@@ -20,7 +20,10 @@
 #   requests / rate + DRAIN_S (45) seconds, are left out and printed), NODE_ARGS (extra
 #   splitserve node flags, e.g. --node-arg=--stream-interval=4), SPLITSERVE_GIT_COMMIT
 #   (the commit recorded in the rows: the device copy has no .git), RESULTS, PYTHON,
-#   VLLM_KEEP (1: leave vLLM serving for the next call; see the vllm branch).
+#   VLLM_KEEP (1: leave vLLM serving for the next call; see the vllm branch), THREAD_CPU
+#   (1: sample the served processes' CPU per thread beside the bench,
+#   benchmarks/thread_cpu.py, every THREAD_CPU_INTERVAL_S=5 s, into
+#   $RESULTS/threads/<system>.jsonl).
 # A dry run of the splitserve call on a CPU machine (tests/test_bench_serving.py does this):
 #   CPU_DRY_RUN=1 NO_WHEELS=1 PYTHON=.venv/bin/python WORKLOADS=32x4 RATES=4 \
 #     RESULTS=/tmp/serving bash scripts/gpu_serving.sh splitserve
@@ -40,6 +43,22 @@ bench() {  # the remaining budget, less a minute for stopping the server and pac
     --deadline-s "$left" --drain-s "${DRAIN_S:-45}" --out-dir "$results" "$@"
 }
 
+start_thread_cpu() {  # $@: which processes (thread_cpu's --program / --match)
+  [ -n "${THREAD_CPU:-}" ] || return 0
+  mkdir -p "$results/threads"
+  "${PYTHON:-python3}" -m splitserve.benchmarks.thread_cpu "$@" \
+    --interval-s "${THREAD_CPU_INTERVAL_S:-5}" --duration-s "${CALL_S:-560}" \
+    --out "$results/threads/$system.jsonl" >"$results/threads/$system.log" 2>&1 &
+  sampler=$!
+}
+
+stop_thread_cpu() {  # SIGTERM ends the sampler after its current interval
+  [ -n "${sampler:-}" ] || return 0
+  kill -TERM "$sampler" 2>/dev/null
+  wait "$sampler" 2>/dev/null
+  return 0
+}
+
 stop_vllm() {  # SIGINT (vLLM's own shutdown), then KILL; a kept server's whole group too
   local pid=$1 group=${2:-}
   kill -INT "$pid" 2>/dev/null
@@ -57,9 +76,11 @@ case $system in
     # `vllm serve` on a GPU of 70 GiB or more); bf16, the checkpoint's dtype.
     engine=(--model dummy:llama-3.1-8b)
     [ -n "${CPU_DRY_RUN:-}" ] && engine=(--cpu --node-arg=--dtype=float32)
+    start_thread_cpu --match router --match decode
     # shellcheck disable=SC2086
     bench --system splitserve "${engine[@]}" ${NODE_ARGS:-}
     status=$?
+    stop_thread_cpu
     ;;
   vllm)
     # VLLM_KEEP=1: start the server in a process session of its own, so that it outlives
@@ -90,8 +111,10 @@ case $system in
     fi
     kill -0 "${VLLM_PID:-0}" 2>/dev/null || exit 1  # serve_vllm.sh printed why
     SITE=/tmp/site_splitserve source scripts/device_env.sh  # the bench client: no wheels needed
+    start_thread_cpu --program vllm --match llama-8b
     bench --system vllm --url "http://127.0.0.1:$port" ${warm[@]+"${warm[@]}"}
     status=$?
+    stop_thread_cpu
     if [ -z "${VLLM_KEEP:-}" ]; then
       stop_vllm "$VLLM_PID" "$(cat "$pidfile.group" 2>/dev/null)"
       rm -f "$pidfile" "$pidfile.group"

@@ -142,6 +142,8 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
         "RESULTS": str(tmp_path / "serving_cpu"),
         "OUT": str(out),
         "SPLITSERVE_GIT_COMMIT": "0123abc",
+        "THREAD_CPU": "1",
+        "THREAD_CPU_INTERVAL_S": "1",
     }
     done = subprocess.run(
         ["bash", "scripts/gpu_serving.sh", "splitserve"],
@@ -156,6 +158,11 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     with tarfile.open(out / "serving_cpu.tgz") as tar:
         names = tar.getnames()
     assert "serving_cpu/summary.json" in names and (out / "serving_cpu.summary.md").exists()
+    # THREAD_CPU=1: the router's and the node's threads sampled beside the bench.
+    assert "serving_cpu/threads/splitserve.jsonl" in names
+    samples = (tmp_path / "serving_cpu" / "threads" / "splitserve.jsonl").read_text()
+    roles = {json.loads(line)["role"] for line in samples.splitlines()}
+    assert {"router", "decode"} <= roles, roles
 
 
 def test_merge_command_joins_calls_unpacked_apart(tmp_path: Path) -> None:
