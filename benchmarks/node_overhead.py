@@ -29,7 +29,7 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from splitserve.decode.multiplex import Metadata, Multiplexer, Outbox
 from splitserve.decode.streamed_request import StreamedRequest
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.output_processor import StepOutput
+from splitserve.engine.sampler import WhileWaiting
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protocol import node_pb2 as pb
 
@@ -72,7 +73,7 @@ class StandInCore:
     def unfinished_request_ids(self) -> list[str]:
         return list(self.requests)
 
-    def step(self, while_waiting: Callable[[], None] | None = None) -> list[StepOutput]:
+    def step(self, while_waiting: WhileWaiting | None = None) -> list[StepOutput]:
         started = time.perf_counter()
         y = self._x
         for _ in range(self.host_ops):

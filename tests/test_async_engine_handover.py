@@ -1,52 +1,43 @@
 """When AsyncEngine hands a step's outputs to the event loop: during the next step, after
 that step launched the one after it and before it waits for the device, so that the
 loop's work takes the GIL while the engine thread waits, not while it launches
-(engine/async_engine.py). A scripted core stands in for EngineCore: its steps record
-their launch and their wait, and every hand-over is recorded on the same thread."""
+(engine/async_engine.py). A scripted core, built on node_overhead's stand-in, takes
+EngineCore's place: its steps record their launch and their wait, and every hand-over is
+recorded on the same thread."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 
+from splitserve.benchmarks.node_overhead import StandInCore
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.output_processor import StepOutput
 from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.sampler import WhileWaiting
 from splitserve.engine.sampling_params import SamplingParams
 
 _PARAMS = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
 
 
-class ScriptedCore:
-    """Each step: ("launch", n), the caller's `while_waiting`, ("wait", n), then one token
-    per request (token n of request-local count), ending a request after `length`."""
+class ScriptedCore(StandInCore):
+    """node_overhead's stand-in core with scripted steps: each step records ("launch", n),
+    runs the caller's `while_waiting`, records ("wait", n), then gives one token per
+    request (its n-th), ending a request after `length`; an abort gives its output."""
 
     def __init__(self, length: int) -> None:
+        super().__init__(host_ops=0, device_s=0.0)
         self.length = length
-        self.requests: dict[str, int] = {}
         self.events: list[tuple[str, int]] = []
         self.num_steps = 0
-
-    def add_request(self, rid: str, prompt: list[int], params: object, kv: object) -> None:
-        self.requests[rid] = 0
-
-    def has_runnable(self) -> bool:
-        return bool(self.requests)
-
-    def poll_connector(self) -> tuple[list[StepOutput], bool]:
-        return [], False
 
     def abort(self, rid: str) -> list[StepOutput]:
         if self.requests.pop(rid, None) is None:
             return []
         return [StepOutput(rid, 0, [], None, "", "abort", None)]
 
-    def unfinished_request_ids(self) -> list[str]:
-        return list(self.requests)
-
-    def step(self, while_waiting: Callable[[], None] | None = None) -> list[StepOutput]:
+    def step(self, while_waiting: WhileWaiting | None = None) -> list[StepOutput]:
         self.num_steps += 1
         self.events.append(("launch", self.num_steps))
         if while_waiting is not None:
