@@ -1,7 +1,7 @@
 """Coalescing decode-node messages that queued up in the router.
 
 When the router's event loop falls behind its node streams (many streams, a slow client),
-several `GenerateResponse`s of one prompt wait in the `PromptStreams` queue. The handler
+several `GenerateResponse`s of one prompt wait in the `PromptStreams` mailbox. The handler
 takes everything queued at once and merges each prompt's messages into one, so the client
 gets one SSE frame (one chunk, every token in it) instead of a frame per token: catching
 up costs one frame, not many. The merged message reads as if the node had sent it:

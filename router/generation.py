@@ -9,13 +9,17 @@ Who calls what, in what order (a handler of /v1/completions or /v1/chat/completi
                                    # can serve, or the node failed before its first message)
     async for item in streams:     # (prompt index, GenerateResponse) until all finished;
         ...                        # raises APIError when a node fails mid-stream
+                                   # (or `await streams.next_items()`: a batch at a time,
+                                   # [] at the end; the SSE handler's way)
     await streams.aclose()         # always (finally): cancels what still runs
 
-Each attempt of a prompt relays its node stream's messages into the queue as they come
-(`_Relay`): over a multiplexed stream the stream's reader calls `_Relay.take` directly
-(the consumer given to `open_generate`, fixed before any message can come), and the
-attempt's task only waits for the stream's end or its silence; over a `Generate` call the
-task reads each message and hands it on.
+Each attempt of a prompt relays its node stream's messages into the request's mailbox
+(router/mailbox.py) as they come (`_Relay`): over a multiplexed stream the stream's reader
+calls `_Relay.take` directly (the consumer given to `open_generate`, fixed before any
+message can come), and the attempt's task only waits for the stream's end or its
+silence; over a `Generate` call the task reads each message and hands it on. The handler
+takes what came in batches (`next_items`: everything since its last take, one item per
+prompt).
 
 A prompt whose stream ends without its `finished` message (client gone, error, cancel) has
 its gRPC call cancelled and `Decode.Abort` sent for its request id; the decode node passes
@@ -60,6 +64,7 @@ from splitserve.protocol.tracing import (
 from splitserve.router.coalesce import StreamItem, coalesce
 from splitserve.router.config import RouterConfig
 from splitserve.router.errors import APIError, from_grpc_error
+from splitserve.router.mailbox import Mailbox
 from splitserve.router.multiplex import MultiplexedCall
 from splitserve.router.policy import RouteDecision
 from splitserve.router.prepare import PreparedRequest
@@ -102,8 +107,9 @@ class PromptStreams:
         self.prepared = prepared
         # The HTTP request's span: parent of each attempt's "route" and "generate" spans.
         self.span = span
-        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._mailbox: Mailbox[StreamItem] = Mailbox()
         self._buffer: list[StreamItem] = []
+        self._num_finished = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._last_token_s: dict[int, float] = {}
         self.first_token_s: float | None = None
@@ -115,33 +121,43 @@ class PromptStreams:
         ]
         waiting = set(range(len(self.prepared.prompts)))
         while waiting:
-            item = await self._queue.get()
+            for item in await self._mailbox.take_all():
+                if waiting and item.error is not None:
+                    raise item.error
+                self._buffer.append(item)
+                waiting.discard(item.prompt_index)
+
+    async def next_items(self) -> list[StreamItem]:
+        """What came since the last call, coalesced to one item per prompt
+        (router/coalesce.py); [] once every prompt finished. A prompt's error is raised
+        after the items that came before it have been returned."""
+        if self._num_finished >= len(self.prepared.prompts):
+            return []
+        pending, self._buffer = self._buffer, []
+        if not pending:
+            pending = await self._mailbox.take_all()
+        items = coalesce(pending)
+        for n, item in enumerate(items):
             if item.error is not None:
-                raise item.error
-            self._buffer.append(item)
-            waiting.discard(item.prompt_index)
+                if n == 0:
+                    raise item.error
+                self._buffer = items[n:]
+                return items[:n]
+            self._observe(item)
+            msg = item.message
+            if msg is not None and msg.finished:
+                self._num_finished += 1
+        return items
 
     async def __aiter__(self) -> AsyncIterator[StreamItem]:
-        """Items until every prompt finished; what queued up meanwhile comes coalesced, one
-        item per prompt (router/coalesce.py)."""
-        num_finished = 0
-        pending, self._buffer = self._buffer, []
-        while True:
-            for item in coalesce(pending):
-                if item.error is not None:
-                    raise item.error
-                self._observe(item)
+        """`next_items`, one item at a time."""
+        while items := await self.next_items():
+            for item in items:
                 yield item
-                num_finished += bool(item.message is not None and item.message.finished)
-            if num_finished >= len(self.prepared.prompts):
-                return
-            pending = [await self._queue.get()]
-            while not self._queue.empty():
-                pending.append(self._queue.get_nowait())
 
     def deliver(self, item: StreamItem) -> None:
         """A prompt's next message (its attempt's relay, on the event loop)."""
-        self._queue.put_nowait(item)
+        self._mailbox.put(item)
 
     async def aclose(self) -> None:
         running = [t for t in self._tasks if not t.done()]
@@ -270,7 +286,7 @@ class PromptStreams:
         return response
 
     async def _stream(self, index: int, decision: RouteDecision) -> None:
-        """Forward one node stream to the queue, under a "generate" (client) span."""
+        """Forward one node stream to the mailbox, under a "generate" (client) span."""
         request = self._generate_request(index, decision)
         attributes: dict[str, AttributeValue] = {
             REQUEST_ID: request.request_id,
@@ -284,7 +300,7 @@ class PromptStreams:
     async def _forward(
         self, index: int, decision: RouteDecision, request: pb.GenerateRequest, span: Span
     ) -> None:
-        """Forward one node stream to the queue; abort on the node unless it finished."""
+        """Forward one node stream to the mailbox; abort on the node unless it finished."""
         service, prefill = self.service, decision.prefill
         relay = _Relay(self, index, decision, span)
         call = service.clients.open_generate(decision.decode, request, span.metadata(), relay.take)
@@ -323,7 +339,7 @@ class PromptStreams:
 
 
 class _Relay:
-    """One attempt's messages into its PromptStreams' queue, each as it arrives: from the
+    """One attempt's messages into its PromptStreams' mailbox, each as it arrives: from the
     multiplexed stream's reader (`take` is its consumer: no task woken per message) or
     from the loop over a Generate call's reads. `until_done` waits for the last message or
     the error that ends the stream, and raises `_StreamStalled` past the silence allowed."""

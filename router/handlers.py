@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from splitserve.protocol.tracing import NO_SPAN, PROMPT_TOKENS, REQUEST_ID, ROLE, Span
+from splitserve.router.coalesce import StreamItem
 from splitserve.router.errors import APIError, bad_request, from_validation_error
 from splitserve.router.generation import PromptStreams
 from splitserve.router.openai_schema import unknown_fields
@@ -224,6 +225,7 @@ class _SSEStream:
         self.builder = builder
         self.status = CLIENT_GONE_STATUS
         self._is_closed = False
+        self._router_stage = service.metrics.stream_stage.labels("router")
 
     async def close(self) -> None:
         if not self._is_closed:
@@ -232,23 +234,33 @@ class _SSEStream:
             end_request_span(self.span, self.status)
         await self.streams.aclose()
 
+    def _frames(self, items: list[StreamItem]) -> list[str]:
+        """The SSE frames of one batch of node messages (one item per prompt); each frame's
+        router stage (from the message's arrival to its frame) is observed when the message
+        was timed."""
+        builder, with_usage = self.builder, self.builder.prepared.continuous_usage
+        frames = []
+        for item in items:
+            if item.message is None:
+                continue
+            choices = builder.add(item.prompt_index, item.message)
+            if choices:
+                frames.append(builder.chunk_frame(choices, with_usage))
+                if item.received_s:
+                    self._router_stage.observe(time.monotonic() - item.received_s)
+        return frames
+
     async def events(self) -> AsyncIterator[str]:
         builder, prepared = self.builder, self.builder.prepared
         try:
             if prepared.kind == "chat":
-                yield sse(builder.role_chunk())
-            async for item in self.streams:
-                if item.message is None:
-                    continue
-                choices = builder.add(item.prompt_index, item.message)
-                if choices:
-                    frame = sse(builder.chunk(choices, with_usage=prepared.continuous_usage))
-                    if item.received_s:
-                        stage = self.service.metrics.stream_stage.labels("router")
-                        stage.observe(time.monotonic() - item.received_s)
-                    yield frame
+                yield builder.role_frame()
+            while items := await self.streams.next_items():
+                frames = self._frames(items)
+                if frames:
+                    yield "".join(frames)  # one write for what came together
             if prepared.include_usage:
-                yield sse(builder.usage_chunk())
+                yield builder.usage_frame()
             self.status = 200
             yield _DONE
         except APIError as exc:

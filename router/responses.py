@@ -110,7 +110,10 @@ class UsageTally:
         self.completion_tokens = [0] * len(prompts)
 
     def add(self, prompt_index: int, msg: pb.GenerateResponse) -> None:
-        self.completion_tokens[prompt_index] += sum(len(d.token_ids) for d in msg.deltas)
+        count = 0
+        for delta in msg.deltas:
+            count += len(delta.token_ids)
+        self.completion_tokens[prompt_index] += count
         if msg.HasField("usage"):
             usage = msg.usage
             if usage.prompt_tokens:
@@ -147,6 +150,12 @@ class ResponseBuilder:
         self.id = response_id(prepared)
         self.top_k = prepared.params[0].logprobs or 0
         self.has_logprobs = prepared.params[0].logprobs is not None
+        # A stream's chunks are rendered as they go: no text or logprobs kept for a whole
+        # response.
+        self._keeps_outputs = not prepared.stream
+        kind = "chat.completion.chunk" if prepared.kind == "chat" else "text_completion"
+        # Every chunk's JSON up to its choices, as json.dumps writes the whole chunk.
+        self._frame_head = "data: " + json.dumps(self._header(kind), ensure_ascii=False)[:-1]
 
     def _echo_of(self, index: int) -> str:
         """echo=true: the prompt text choice `index` starts with; "" otherwise."""
@@ -168,8 +177,9 @@ class ResponseBuilder:
         for delta in msg.deltas:
             index = prompt_index * self.prepared.n + delta.index
             state = self.choices[index]
-            state.text.append(delta.text)
-            state.logprobs.extend(delta.logprobs)
+            if self._keeps_outputs:
+                state.text.append(delta.text)
+                state.logprobs.extend(delta.logprobs)
             if delta.HasField("finish_reason"):
                 state.finish_reason = delta.finish_reason
                 state.stop_reason = stop_reason(delta)
@@ -222,14 +232,16 @@ class ResponseBuilder:
             body["tool_calls"] = calls
         return body
 
-    def chunk(self, choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.prepared.kind == "chat" else "text_completion"
-        out = {**self._header(kind), "choices": choices}
-        if with_usage:
-            out["usage"] = self.usage.json()
-        return out
+    def chunk_frame(self, choices: list[dict[str, Any]], with_usage: bool = False) -> str:
+        """The SSE frame of one chunk: `sse({id, object, created, model, choices[, usage]})`,
+        the same text, with the header rendered once per request instead of once per
+        frame (the streaming path: a frame per token of every request)."""
+        body = json.dumps(choices, ensure_ascii=False)
+        usage = f', "usage": {json.dumps(self.usage.json())}' if with_usage else ""
+        return f'{self._frame_head}, "choices": {body}{usage}}}\n\n'
 
-    def role_chunk(self) -> dict[str, Any]:
+    def role_frame(self) -> str:
+        """A chat stream's first frame: each choice's assistant role."""
         choices = [
             {
                 "index": i,
@@ -239,10 +251,11 @@ class ResponseBuilder:
             }
             for i in range(self.prepared.num_choices)
         ]
-        return self.chunk(choices)
+        return self.chunk_frame(choices)
 
-    def usage_chunk(self) -> dict[str, Any]:
-        return self.chunk([], with_usage=True)
+    def usage_frame(self) -> str:
+        """A stream's last frame before [DONE] when usage was asked for: no choices."""
+        return self.chunk_frame([], with_usage=True)
 
     def failed_choice(self) -> ChoiceState | None:
         """A choice the node ended with finish_reason error/abort (non-streaming: an error)."""

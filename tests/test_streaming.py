@@ -176,10 +176,10 @@ def test_router_yields_what_queued_up_of_a_prompt_as_one_item() -> None:
     async def main() -> list[StreamItem]:
         streams = PromptStreams(service, prepared)  # type: ignore[arg-type]
         for i in range(5):
-            await streams._queue.put(StreamItem(0, _message([i], str(i)), None))
-            await streams._queue.put(StreamItem(1, _message([10 + i], "x"), None))
-        await streams._queue.put(StreamItem(0, _message([5], "5", finish="length"), None))
-        await streams._queue.put(StreamItem(1, _message([9], "y", finish="stop"), None))
+            streams.deliver(StreamItem(0, _message([i], str(i)), None))
+            streams.deliver(StreamItem(1, _message([10 + i], "x"), None))
+        streams.deliver(StreamItem(0, _message([5], "5", finish="length"), None))
+        streams.deliver(StreamItem(1, _message([9], "y", finish="stop"), None))
         return [item async for item in streams]
 
     items = asyncio.run(main())
@@ -190,8 +190,8 @@ def test_router_yields_what_queued_up_of_a_prompt_as_one_item() -> None:
 
     async def failing() -> list[StreamItem]:
         streams = PromptStreams(service, SimpleNamespace(prompts=[[1]], arrival_s=0.0))  # type: ignore[arg-type]
-        await streams._queue.put(StreamItem(0, _message([1], "a"), None))
-        await streams._queue.put(StreamItem(0, None, APIError(502, "node failed")))
+        streams.deliver(StreamItem(0, _message([1], "a"), None))
+        streams.deliver(StreamItem(0, None, APIError(502, "node failed")))
         got = []
         with pytest.raises(APIError, match="node failed"):
             async for item in streams:
