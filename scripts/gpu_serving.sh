@@ -2,8 +2,10 @@
 # Serving on one H200, splitserve against vLLM (issue 12), one system per device call:
 #   bash scripts/gpu_serving.sh splitserve   # carry [".whl"] (scripts/fetch_gpu_wheels.sh)
 #   bash scripts/gpu_serving.sh vllm         # carry vLLM's pieces (../shared/vllm/README.md):
-#       a call before this one leaves .carry/piece.00 in /root/stash; this one carries
-#       .carry/{piece.01,serve_piece.00,install_on_gpu.sh,install_serve_on_gpu.sh,serve_vllm.sh}
+#       calls before this one leave .carry/piece.00 and piece.01 in /root/stash (each a
+#       call of its own: with the checkout a piece passes the 64 MiB a call carries); this
+#       one carries .carry/{serve_piece.00,install_on_gpu.sh,install_serve_on_gpu.sh,
+#       serve_vllm.sh} (and piece.01 too, if it fits: a piece carried is stashed first)
 # Both serve dummy Llama-3.1-8B in bf16 with prefix caching off, and are loaded by
 # benchmarks/serving.py with the same prompts (one bench run per workload and rate, fresh
 # prompts per rate). Results merge into $RESULTS (summary.json, summary.md, runs/), which
@@ -95,9 +97,12 @@ case $system in
     else
       rm -f "$pidfile" "$pidfile.group"
       if [ ! -f /tmp/site/vllm_env.sh ]; then
-        mkdir -p /root/stash && cp .carry/piece.01 .carry/serve_piece.00 /root/stash/ &&
-          bash .carry/install_on_gpu.sh && bash .carry/install_serve_on_gpu.sh ||
-          { echo "vLLM install failed: was piece.00 left in /root/stash by the call before?"; exit 1; }
+        mkdir -p /root/stash
+        for piece in .carry/piece.01 .carry/serve_piece.00; do
+          [ ! -f "$piece" ] || cp "$piece" /root/stash/
+        done
+        bash .carry/install_on_gpu.sh && bash .carry/install_serve_on_gpu.sh ||
+          { echo "vLLM install failed: were piece.00 and piece.01 left in /root/stash by the calls before?"; exit 1; }
       fi
       if [ -n "${VLLM_KEEP:-}" ]; then
         setsid bash -c "echo \$\$ > $pidfile.group; source .carry/serve_vllm.sh $port;
