@@ -13,7 +13,9 @@ when no step follows. The event loops' work on them (one output per running requ
 takes the GIL while the engine thread waits for the device, not while it launches the next
 step: with steps launched ahead, that launch must come before the device finishes the step
 in flight, and at a few hundred rows a step the event loops' share of the GIL, taken then,
-left the device idle (docs/performance.md). Outputs of any other kind (aborts, connector
+left the device idle (docs/performance.md). An idle engine hands over what it holds before
+it answers commands, so `stats` never counts a request out whose last outputs are still
+held. Outputs of any other kind (aborts, connector
 events, failures) are handed over on the engine thread too, after what is held, so that a
 request's outputs keep their order. Every touch of the
 EngineCore happens on that thread; other threads go through `call` (a function run there
@@ -231,6 +233,10 @@ class AsyncEngine:
     def _loop(self) -> None:
         name_native_thread(ENGINE_THREAD_NAME)
         while not self._stopping:
+            if self._held is not None and not self.core.has_runnable():
+                # Idle: what the last step made goes out before any command is answered
+                # (a stats call then counts no request whose outputs are still held).
+                self._release_held()
             self._run_commands()
             is_busy = self._poll_connector()
             for hook in self._step_hooks:

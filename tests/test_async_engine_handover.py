@@ -147,3 +147,53 @@ def test_outputs_for_a_closed_event_loop_are_dropped() -> None:
         assert core.num_steps > steps
     finally:
         engine.shutdown()
+
+
+class GatedCore(ScriptedCore):
+    """A ScriptedCore whose step waits for `gate` (telling `in_step` it has begun); once a
+    step ran, its connector poll, the engine thread's next call after the commands it
+    answers, waits for `answered`."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.in_step = threading.Event()
+        self.gate = threading.Event()
+        self.answered = threading.Event()
+        self.has_stepped = False
+
+    def step(self, while_waiting: WhileWaiting | None = None) -> list[StepOutput]:
+        self.in_step.set()
+        assert self.gate.wait(10)
+        outputs = super().step(while_waiting)
+        self.has_stepped = True
+        return outputs
+
+    def poll_connector(self) -> tuple[list[StepOutput], bool]:
+        if self.has_stepped:
+            assert self.answered.wait(10)
+        return super().poll_connector()
+
+
+def test_an_idle_engine_hands_over_before_it_answers_a_command() -> None:
+    """A command that came during the last step is answered after that step's outputs
+    went out: a caller told no request is left has every output of theirs already."""
+    core = GatedCore(length=1)
+    engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+    received: list[RequestOutput] = []
+
+    async def main() -> tuple[int, int]:
+        await engine.add("r", [1, 2], _PARAMS, None, received.append)
+        await asyncio.get_running_loop().run_in_executor(None, core.in_step.wait, 10)
+        left = engine.call(lambda c: len(c.requests))  # queued while the step runs
+        core.gate.set()
+        num_left = await asyncio.wrap_future(left)
+        num_received = len(received)
+        core.answered.set()
+        return num_left, num_received
+
+    try:
+        num_left, num_received = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert num_left == 0
+    assert num_received == 1 and received[0].finished
