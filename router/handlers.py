@@ -225,7 +225,6 @@ class _SSEStream:
         self.builder = builder
         self.status = CLIENT_GONE_STATUS
         self._is_closed = False
-        self._router_stage = service.metrics.stream_stage.labels("router")
 
     async def close(self) -> None:
         if not self._is_closed:
@@ -247,7 +246,7 @@ class _SSEStream:
             if choices:
                 frames.append(builder.chunk_frame(choices, with_usage))
                 if item.received_s:
-                    self._router_stage.observe(time.monotonic() - item.received_s)
+                    self.service.metrics.observe_router_stage(time.monotonic() - item.received_s)
         return frames
 
     async def events(self) -> AsyncIterator[str]:

@@ -159,11 +159,12 @@ class RouterMetrics:
             buckets=_STAGE_BUCKETS_S,
             registry=r,
         )
-        # The children the node's timing goes to, looked up once (a message's worth of
-        # observations comes with every streamed message).
+        # The stages' children, looked up once (a message's worth of observations comes
+        # with every streamed message).
         self._engine_step_stage = self.stream_stage.labels("engine_step")
         self._node_stage = self.stream_stage.labels("node")
         self._grpc_stage = self.stream_stage.labels("grpc")
+        self._router_stage = self.stream_stage.labels("router")
         self.redis_up = Gauge(p + "redis_up", "1 when Redis answered the last call", registry=r)
         self._add_ttft_breakdown(p, r)
 
@@ -204,6 +205,10 @@ class RouterMetrics:
         self._engine_step_stage.observe(timing.step_time_s)
         self._node_stage.observe(max(0.0, timing.sent_s - timing.step_end_s))
         self._grpc_stage.observe(max(0.0, received_s - timing.sent_s))
+
+    def observe_router_stage(self, seconds: float) -> None:
+        """The router's stage of one timed message: its receipt to its SSE frame."""
+        self._router_stage.observe(seconds)
 
     def set_nodes(
         self, nodes: Sequence[NodeRecord], stats: Sequence[pb.StatsResponse | None]
