@@ -7,12 +7,12 @@ Callers (the offline `LLM`, the `AsyncEngine` thread, the nodes through it) driv
     poll_connector()            remote KV arrived or failed, held blocks released
     abort(request_id)           finish every sequence of a request, free its blocks
 
-Parts: `RequestIntake`, `Scheduler`, `ModelRunner`, `Sampler`, `OutputProcessor`, the
-overlap helpers (`overlap.py`, which say what overlap changes for callers) and an optional
-`KVConnector` (`kv_connector.py`, with its call order): the engine knows no roles; a node
-installs its connector with `set_connector`. Overlap (`overlap_output_processing`: the
-next step is launched before this step's tokens are read) is on by default on CUDA,
-unless the connector needs each step's blocks as it ends.
+Parts: `RequestIntake`, `Scheduler`, `ModelRunner`, `Sampler`, `OutputProcessor`, overlap
+helpers (`overlap.py`: what overlap changes for callers), an optional `KVConnector`
+(`kv_connector.py`, with its call order): the engine knows no roles; a node installs its
+connector with `set_connector`. Overlap (`overlap_output_processing`: the next step is
+launched before this step's tokens are read) is on by default on CUDA, unless the
+connector needs each step's blocks as it ends.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ class EngineCore:
         self.kv_shape, self.kv_cache = parts.kv_shape, parts.kv_cache
         self.pool, self.blocks, self.runner = parts.pool, parts.blocks, parts.runner
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.sampler = Sampler(self.arch.vocab_size, self.device, config.model.seed)
-        limits = ModelLimits(self.arch.vocab_size, self.max_model_len, loaded.eos_token_ids)
+        vocab, seed = self.arch.vocab_size, config.model.seed
+        self.sampler = Sampler(vocab, self.device, seed, parts.kernels.draw)
+        limits = ModelLimits(vocab, self.max_model_len, loaded.eos_token_ids)
         self.intake = RequestIntake(
             limits, self.tokenizer, self.blocks, config.scheduler, self.device
         )
@@ -190,8 +191,6 @@ class EngineCore:
             return
         token_ids = None if drawn is None else drawn.token_ids
         self._launched = launch_ahead(self.scheduler, self.runner, self.device, sampling, token_ids)
-
-    # Finishing.
 
     def _finish(self, seq: Sequence, status: RequestStatus) -> None:
         request = seq.request

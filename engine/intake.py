@@ -19,6 +19,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import SchedulerConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.grammar import GrammarBackend, TokenBitmask
+from splitserve.engine.random_draw import RowGenerator
 from splitserve.engine.request import Request, RequestId
 from splitserve.engine.sampler import Sampler, SamplingRow
 from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
@@ -32,7 +33,7 @@ class Sequence:
     parent_id: str
     index: int
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
+    generator: RowGenerator | None
     # Leading prompt blocks already reported to the KV connector as final.
     num_blocks_reported: int = 0
     is_prompt_reported: bool = False

@@ -38,6 +38,7 @@ class EngineParts(NamedTuple):
     pool: BlockPool
     blocks: BlockManager
     runner: ModelRunner
+    kernels: ModelKernels
 
     @property
     def arch(self) -> ModelArchConfig:
@@ -71,7 +72,7 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
     graphs = capture_decode_graphs(loaded.model, kv_cache, config, block_size, loaded.max_model_len)
     if device.type == "cuda":
         limits = WarmupLimits(loaded.max_model_len, config.scheduler.max_num_batched_tokens)
-        warm_up(loaded.model, kv_cache, block_size, limits)
+        warm_up(loaded.model, kv_cache, block_size, limits, kernels.draw)
     step_tokens = config.scheduler.max_num_batched_tokens
     pieces = capture_piecewise_graphs(
         loaded.model,
@@ -92,7 +93,7 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
         kernels.backend,
         kernels.attention_backend,
     )
-    return EngineParts(loaded, kv_shape, kv_cache, pool, blocks, runner)
+    return EngineParts(loaded, kv_shape, kv_cache, pool, blocks, runner, kernels)
 
 
 def _num_blocks(

@@ -8,9 +8,12 @@ waiting for the device (small host lists go through pinned memory); the engine m
 its next step, then `SampledTokens.collect()` waits for the copy and returns the tokens.
 `Sampler(logits, rows)` does both.
 
-A request with a seed gets its generator once, from `Sampler.make_generator`, and passes
-the same generator object at every step; the sampler advances it by one draw per step in
-which that row samples at random (greedy rows never touch a generator).
+A request with a seed gets its generator once, from `Sampler.make_generator` (a
+`RowGenerator`, engine/random_draw.py), and passes the same object at every step; the
+sampler advances it by one draw per step in which that row samples at random (greedy rows
+never touch a generator). Given the registry's fused draw (the "triton" kernel backend), rows that
+sample from their whole distribution (no top-k, top-p or min-p) draw in one fused kernel
+(kernels/gumbel_sample.py); the others, and every row without it, take the torch draw.
 
 Rows with a grammar come with a `TokenBitmask` (engine/grammar.py), applied first, to the
 constrained rows only, in one masked fill on the device: disallowed tokens get -inf before
@@ -23,6 +26,7 @@ distribution, as in vLLM); where the grammar allows nothing but what min_tokens 
                -> frequency/presence penalties
                -> greedy: argmax
                -> random: temperature -> top-k -> top-p -> min-p -> draw
+                  (plain random rows, with a fused draw: temperature and draw in one kernel)
 
 The sampler never decides that a sequence stops: eos, stop_token_ids, stop strings and
 max_tokens are checked by the engine (and the detokenizer). It only masks eos and stop ids
@@ -40,7 +44,9 @@ import torch
 from splitserve.engine.device_copy import host_to_device, to_device
 from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask, grammar_must_end
 from splitserve.engine.outputs import TokenLogprob
+from splitserve.engine.random_draw import FusedDraw, RowGenerator, is_plain
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kernels.registry import DrawOp
 
 # What a caller runs before the host waits for a step's tokens (engine/async_engine.py).
 WhileWaiting = Callable[[], None]
@@ -54,7 +60,7 @@ class SamplingRow:
 
     params: SamplingParams
     # The request's own generator when it has a seed; None uses the sampler's default one.
-    generator: torch.Generator | None
+    generator: RowGenerator | None
     prompt_token_ids: list[int]
     # Tokens generated so far, before this step.
     output_token_ids: list[int]
@@ -278,17 +284,23 @@ def scale_and_truncate(logits: torch.Tensor, params: Sequence[SamplingParams]) -
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device,
+        seed: int = 0,
+        draw: DrawOp | None = None,
+    ) -> None:
+        """`draw`: the kernel registry's fused draw (None: every row takes the torch draw)."""
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         # Shared by every row without a generator of its own.
-        self._generator = self.make_generator(seed, self.device)
+        self._generator = self.make_generator(seed, self.device).torch_generator
+        self._fused_draw = None if draw is None else FusedDraw(draw, seed)
 
     @staticmethod
-    def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-        generator = torch.Generator(device=torch.device(device))
-        generator.manual_seed(seed)
-        return generator
+    def make_generator(seed: int, device: torch.device | str) -> RowGenerator:
+        return RowGenerator(seed, device)
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: TokenBitmask | None = None
@@ -327,10 +339,26 @@ class Sampler:
         return SampledTokens(token_ids, self._logprobs(logits, token_ids, rows))
 
     def _random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        fused = self._fused_draw
+        if fused is None:
+            return self._torch_random(logits, rows)
+        plain = [is_plain(r.params, self.vocab_size) for r in rows]
+        if all(plain):
+            return fused(logits, rows)
+        if not any(plain):
+            return self._torch_random(logits, rows)
+        token_ids = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
+        for kind, draw in ((True, fused), (False, self._torch_random)):
+            chosen = [i for i, p in enumerate(plain) if p is kind]
+            index = to_device(chosen, torch.int64, logits.device)
+            token_ids[index] = draw(logits[index], [rows[i] for i in chosen])
+        return token_ids
+
+    def _torch_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         filtered = scale_and_truncate(logits, [r.params for r in rows])
         return self._draw(filtered.softmax(dim=-1), [r.generator for r in rows])
 
-    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, generators: list[RowGenerator | None]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
 
         Each seeded row draws its noise from its own generator alone, so its tokens do not
@@ -341,7 +369,8 @@ class Sampler:
             noise.exponential_(generator=self._generator)
         else:
             for i, generator in enumerate(generators):
-                noise[i].exponential_(generator=generator or self._generator)
+                source = self._generator if generator is None else generator.torch_generator
+                noise[i].exponential_(generator=source)
         noise.clamp_min_(torch.finfo(noise.dtype).tiny)
         return probs.div_(noise).argmax(dim=-1)
 

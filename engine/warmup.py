@@ -2,11 +2,13 @@
 every Triton kernel variant is compiled before the first request rather than while a
 request waits (a compile takes from a fraction of a second to seconds).
 
-Who calls what: `build_parts` calls `warm_up(model, kv_cache, block_size, limits)` on
+Who calls what: `build_parts` calls `warm_up(model, kv_cache, block_size, limits, draw)` on
 CUDA, after the decode CUDA graphs are captured (which compile the decode kernels at
 their graph shapes) and before the engine takes requests. Each warm-up step runs eagerly,
 writes nothing into the KV pool (every slot is -1), reads only block 0 (every block-table
-entry is 0) and throws its logits away.
+entry is 0) and throws its logits away, after the sampler's fused draw (`draw`, the
+kernel registry's, when there is one) has drawn from them: its kernels specialise on the
+vocabulary only, so the first step compiles them.
 
 The steps (`warmup_steps`):
 - a one-row decode over a short context (one split) and over a long one (many splits);
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.registry import DrawOp
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +86,34 @@ def step_metadata(rows: list[Row], block_size: int, device: torch.device) -> Att
 
 
 @torch.inference_mode()
-def run_step(model: Any, kv_cache: torch.Tensor, rows: list[Row], block_size: int) -> None:
-    """One eager forward pass (and the logits of each row's last token) over `rows`."""
+def run_step(
+    model: Any, kv_cache: torch.Tensor, rows: list[Row], block_size: int, draw: DrawOp | None = None
+) -> None:
+    """One eager forward pass (and the logits of each row's last token) over `rows`, and a
+    `draw` from those logits."""
     device = kv_cache.device
     meta = step_metadata(rows, block_size, device)
     positions = [p for r in rows for p in range(r.seq_len - r.query_len, r.seq_len)]
     ids = torch.zeros(len(positions), dtype=torch.int64, device=device)
     hidden = model(ids, torch.tensor(positions, device=device), kv_cache, meta)
-    model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
+    logits = model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
+    if draw is not None:
+        keys = torch.zeros(len(rows), dtype=torch.int64, device=device)
+        draw(logits, torch.ones(len(rows), device=device), keys, keys)
 
 
-def warm_up(model: Any, kv_cache: torch.Tensor, block_size: int, limits: WarmupLimits) -> None:
+def warm_up(
+    model: Any,
+    kv_cache: torch.Tensor,
+    block_size: int,
+    limits: WarmupLimits,
+    draw: DrawOp | None = None,
+) -> None:
     """Run every warm-up step (see the module docstring) and wait for the device."""
     started = time.perf_counter()
     steps = warmup_steps(limits)
     for rows in steps:
-        run_step(model, kv_cache, rows, block_size)
+        run_step(model, kv_cache, rows, block_size, draw)
     if kv_cache.device.type == "cuda":
         torch.cuda.synchronize(kv_cache.device)
     logger.info(

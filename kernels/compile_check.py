@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 
 from splitserve.kernels import decode_attention as dec
 from splitserve.kernels import decode_reduce as red
+from splitserve.kernels import gumbel_sample as gum
 from splitserve.kernels import prefill_attention as pre
 from splitserve.kernels import rmsnorm as rms
 from splitserve.kernels import rotary as rot
@@ -104,6 +105,17 @@ def all_specs() -> list[Spec]:
             dict(q_ptr=bf16, k_ptr=bf16, cos_sin_ptr="fp32", positions_ptr="i64"), (),
             dict(HALF_DIM=HEAD_DIM // 2, BLOCK_HALF=HEAD_DIM // 2, BLOCK_HQ=32, BLOCK_HK=8),
             4, 1,
+        ),
+        Spec(
+            "gumbel draw, blocks (fp32 logits, 128256)", gum._block_best_kernel,
+            dict(logits_ptr="fp32", inv_temp_ptr="fp32", seed_ptr="i64", offset_ptr="i64",
+                 best_val_ptr="fp32", best_col_ptr="i32"), (),
+            dict(BLOCK=gum.MAX_BLOCK), 4, 1,
+        ),
+        Spec(
+            "gumbel draw, rows (63 blocks)", gum._row_best_kernel,
+            dict(best_val_ptr="fp32", best_col_ptr="i32", out_ptr="i64"), (),
+            dict(BLOCKS=64), 1, 1,
         ),
     ]  # fmt: skip
 

@@ -6,6 +6,9 @@ start-up and hands the `ModelKernels` to the model, whose layers call its ops:
 
     rms_norm, add_rms_norm, rotary_ (in place, on both backends), silu_mul, attention
 
+and hands `draw` (the sampler's fused random draw, kernels/gumbel_sample.py; None on the
+torch backend, whose sampler draws with torch ops) to the sampler.
+
 Backends: "torch" (kernels/torch_ops.py, kernels/attention_torch.py: any device) and
 "triton" (the fused kernels of this package: CUDA, or CPU under TRITON_INTERPRET=1).
 "auto" resolves to "triton" on CUDA, there handing prefill chunks without cached context
@@ -49,6 +52,9 @@ class AddNormOp(Protocol):
 
 RotaryOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 ActivationOp = Callable[[torch.Tensor], torch.Tensor]
+# (logits [R, V], inv_temps [R] fp32, seeds [R] int64, counters [R] int64) -> tokens [R]:
+# the sampler's fused random draw (kernels/gumbel_sample.py, engine/random_draw.py).
+DrawOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class ModelKernels:
     rotary_: RotaryOp
     silu_mul: ActivationOp
     attention: AttentionBackend
+    # The sampler's fused draw: Triton's on the "triton" backend, else None (torch draw).
+    draw: DrawOp | None = None
 
 
 def resolve_backend(name: str, device_type: str) -> str:
@@ -94,6 +102,14 @@ def _attention(name: str, device_type: str, pinned: bool, overlap: bool) -> Atte
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
     return TorchPagedAttention()
+
+
+def _draw(backend: str) -> DrawOp | None:
+    if backend == "torch":
+        return None
+    from splitserve.kernels.gumbel_sample import gumbel_argmax
+
+    return gumbel_argmax
 
 
 def _triton_elementwise() -> tuple[NormOp, AddNormOp, RotaryOp, ActivationOp]:
@@ -156,6 +172,5 @@ def select_kernels(
         ops = _triton_elementwise()
     pinned = attention_backend != "auto"
     overlap = overlap_decode_attention
-    return ModelKernels(
-        backend, attention, *ops, _attention(attention, device_type, pinned, overlap)
-    )
+    attention_op = _attention(attention, device_type, pinned, overlap)
+    return ModelKernels(backend, attention, *ops, attention_op, _draw(backend))

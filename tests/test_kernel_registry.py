@@ -38,6 +38,8 @@ def test_backends_follow_configuration_not_tensors(
     is_torch_attention = isinstance(kernels.attention, TorchPagedAttention)
     assert is_torch_attention == (want_attention == "torch")
     assert (kernels.rms_norm is torch_ops.rms_norm) == (want_kernel == "torch")
+    # The sampler's fused draw comes with the Triton kernels.
+    assert (kernels.draw is None) == (want_kernel == "torch")
 
 
 def test_unknown_backend_is_a_clear_error() -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from splitserve.engine.random_draw import RowGenerator
 from splitserve.engine.sampler import (
     Sampler,
     SamplingRow,
@@ -32,7 +33,7 @@ def _row(
     prompt: list[int] | None = None,
     output: list[int] | None = None,
     eos: frozenset[int] = frozenset(),
-    generator: torch.Generator | None = None,
+    generator: RowGenerator | None = None,
 ) -> SamplingRow:
     return SamplingRow(params, generator, prompt or [], output or [], eos)
 

@@ -77,3 +77,20 @@ def test_warm_up_step_is_a_valid_batch(tiny_llama) -> None:
 
     run_step(Spy(), engine.kv_cache, rows, engine.block_size)
     assert logits[0].shape == (2, engine.arch.vocab_size)
+
+
+def test_warm_up_draws_from_every_step_s_logits(tiny_llama) -> None:
+    """The sampler's fused draw runs on each warm-up step's logits (so its kernels compile
+    at start-up), one row per sequence."""
+    engine = LLM(str(tiny_llama), dtype="float32").engine
+    drawn: list[tuple[int, int]] = []
+
+    def draw(logits, inv_temps, seeds, counters):  # type: ignore[no-untyped-def]
+        assert inv_temps.shape == seeds.shape == counters.shape == (logits.shape[0],)
+        drawn.append(tuple(logits.shape))
+        return logits.argmax(dim=-1)
+
+    limits = WarmupLimits(engine.max_model_len, 512)
+    warm_up(engine.model, engine.kv_cache, engine.block_size, limits, draw)
+    vocab = engine.arch.vocab_size
+    assert drawn == [(len(rows), vocab) for rows in warmup_steps(limits)]
