@@ -100,6 +100,9 @@ class FusedDraw:
                 counters.append(generator.draws << 32)
                 generator.draws += 1
         device = logits.device
-        seeds_counters = to_device([keys, counters], torch.int64, device)
+        # One copy for both; an even width keeps the counters' row 16-byte aligned, as
+        # Triton specialises pointers on (an odd one would compile another variant).
+        pad = [0] * (len(rows) % 2)
+        both = to_device([keys + pad, counters + pad], torch.int64, device)
         inv_temps = to_device([1.0 / r.params.temperature for r in rows], torch.float32, device)
-        return self._kernel(logits, inv_temps, seeds_counters[0], seeds_counters[1])
+        return self._kernel(logits, inv_temps, both[0, : len(rows)], both[1, : len(rows)])

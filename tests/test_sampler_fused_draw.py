@@ -145,3 +145,19 @@ def test_an_engine_on_the_triton_backend_draws_seeded_tokens_reproducibly(tiny_l
     again = _seeded_generation(tiny_llama, [7])
     assert again[0] == first[0]
     assert all(len(t) == 6 for t in first)
+
+
+def test_seeds_and_counters_reach_the_kernel_16_byte_aligned() -> None:
+    """Triton specialises pointer arguments on 16-byte alignment: the counters must be
+    aligned at every batch size, or an odd one would compile a second variant mid-serving
+    (the warm-up compiles the aligned one)."""
+    seen: list[tuple[int, int]] = []
+
+    def draw(logits, inv_temps, seeds, counters):  # type: ignore[no-untyped-def]
+        seen.append((seeds.data_ptr() % 16, counters.data_ptr() % 16))
+        return gumbel_argmax(logits, inv_temps, seeds, counters)
+
+    sampler = Sampler(VOCAB, DEVICE, seed=0, draw=draw)
+    for rows in (1, 2, 3, 5):
+        sampler(_logits(rows, rows), [_row(SamplingParams()) for _ in range(rows)])
+    assert seen == [(0, 0)] * 4
