@@ -39,8 +39,6 @@ _DEFAULT_SOURCE = 0x5DEECE66D
 # Draw numbers fill the counter's high 32 bits of an int64: the default source takes a
 # new key after this many draws.
 _MAX_DRAWS = 1 << 31
-# Below this temperature 1 / T overflows float32 for large logits: the torch draw takes it.
-_MIN_TEMPERATURE = 1e-4
 
 
 def philox_key(seed: int) -> int:
@@ -65,13 +63,11 @@ class RowGenerator:
 
 
 def is_plain(params: SamplingParams, vocab_size: int) -> bool:
-    """Whether a random row samples from its whole distribution at its temperature (one
-    not too close to 0)."""
+    """Whether a random row samples from its whole distribution at its temperature."""
     return (
         (params.top_k <= 0 or params.top_k >= vocab_size)
         and params.top_p >= 1.0
         and params.min_p <= 0.0
-        and params.temperature >= _MIN_TEMPERATURE
     )
 
 

@@ -13,6 +13,9 @@ MAX_LOGPROBS = 20
 MAX_N = 16
 # OpenAI's range of a logit_bias value.
 MAX_LOGIT_BIAS = 100.0
+# Temperatures below this sample greedily (as vLLM has it): dividing by one would overflow
+# float32 logits into inf and NaN, and argmax is the limit they approach.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 GRAMMAR_KINDS: tuple[str, ...] = get_args(GrammarKind)
@@ -44,7 +47,7 @@ class GrammarSpec:
 class SamplingParams:
     # Completions per prompt.
     n: int = 1
-    # 0 means greedy.
+    # 0 (or below GREEDY_BELOW_TEMPERATURE) means greedy.
     temperature: float = 1.0
     top_p: float = 1.0
     # 0 or -1 disables top-k.
@@ -129,4 +132,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE

@@ -275,3 +275,16 @@ def test_rejects_mismatched_logits() -> None:
     with pytest.raises(ValueError, match=r"got \(2, 10\)"):
         sampler(torch.zeros(2, 10), [_row(SamplingParams())])
     assert sampler(torch.zeros(0, 10), []).token_ids == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_temperatures_near_zero_sample_greedily(device: str) -> None:
+    """Below 1e-5 a temperature is greedy: dividing the logits by 1e-40 would overflow
+    them into inf and NaN, and argmax is what a temperature approaching 0 draws."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 50, device=device)
+    sampler = Sampler(50, torch.device(device))
+    for temperature in (1e-40, 1e-6):
+        rows = [_row(SamplingParams(temperature=temperature)) for _ in range(4)]
+        assert sampler(logits, rows).token_ids == logits.argmax(dim=-1).tolist()
+    assert not SamplingParams(temperature=1e-5).is_greedy

@@ -62,9 +62,8 @@ def test_plain_random_rows_take_the_fused_draw_and_truncated_rows_the_torch_one(
     counted.rows.clear()
     sampler(logits[:2], [_row(SamplingParams()), _row(SamplingParams(temperature=1.5))])
     assert counted.rows == [2]
-    plain = [is_plain(r.params, VOCAB) for r in rows]
-    assert plain == [True, False, False, True, False]
-    assert not is_plain(SamplingParams(temperature=1e-6), VOCAB)
+    plain = [is_plain(r.params, VOCAB) for r in rows if not r.params.is_greedy]
+    assert plain == [True, False, True, False]
 
 
 def _seeded_tokens(position: int, others: list[SamplingRow], sampler_seed: int) -> list[int]:
