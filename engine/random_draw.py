@@ -55,7 +55,6 @@ class RowGenerator:
     fused draws."""
 
     def __init__(self, seed: int, device: torch.device | str) -> None:
-        self.seed = seed
         self.torch_generator = torch.Generator(device=torch.device(device))
         self.torch_generator.manual_seed(seed)
         self.key = philox_key(seed)

@@ -11,9 +11,10 @@ its next step, then `SampledTokens.collect()` waits for the copy and returns the
 A request with a seed gets its generator once, from `Sampler.make_generator` (a
 `RowGenerator`, engine/random_draw.py), and passes the same object at every step; the
 sampler advances it by one draw per step in which that row samples at random (greedy rows
-never touch a generator). Given the registry's fused draw (the "triton" kernel backend), rows that
-sample from their whole distribution (no top-k, top-p or min-p) draw in one fused kernel
-(kernels/gumbel_sample.py); the others, and every row without it, take the torch draw.
+never touch a generator). Given the registry's fused draw (the "triton" kernel backend),
+rows that sample from their whole distribution (no top-k, top-p or min-p) draw in one
+fused kernel (kernels/gumbel_sample.py); the others, and every row without it, take the
+torch draw.
 
 Rows with a grammar come with a `TokenBitmask` (engine/grammar.py), applied first, to the
 constrained rows only, in one masked fill on the device: disallowed tokens get -inf before

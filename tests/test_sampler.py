@@ -15,6 +15,7 @@ from splitserve.engine.sampler import (
     scale_and_truncate,
 )
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kernels.registry import DrawOp
 
 DEVICES = [
     "cpu",
@@ -191,11 +192,17 @@ def test_scale_and_truncate_applies_top_k_then_top_p_then_min_p() -> None:
 
 
 def _seeded_tokens(
-    device: str, position: int, others: list[SamplingRow], sampler_seed: int, seed: int = 42
+    device: str,
+    position: int,
+    others: list[SamplingRow],
+    sampler_seed: int,
+    seed: int = 42,
+    draw: DrawOp | None = None,
 ) -> list[int]:
-    """Tokens of a seeded row at `position` among `others`, over several steps."""
+    """Tokens of a seeded row at `position` among `others`, over several steps, from a
+    sampler with `draw` (tests/test_sampler_fused_draw.py passes the fused one)."""
     vocab_size, num_steps = 1000, 6
-    sampler = Sampler(vocab_size, torch.device(device), seed=sampler_seed)
+    sampler = Sampler(vocab_size, torch.device(device), seed=sampler_seed, draw=draw)
     target = _row(SamplingParams(seed=seed), generator=Sampler.make_generator(seed, device))
     logits_gen = torch.Generator().manual_seed(7)
     step_logits = [torch.randn(vocab_size, generator=logits_gen) for _ in range(num_steps)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sampler import _seeded_tokens
 
 from splitserve.engine.random_draw import FusedDraw, is_plain, philox_key
 from splitserve.engine.sampler import Sampler, SamplingRow
@@ -66,31 +67,18 @@ def test_plain_random_rows_take_the_fused_draw_and_truncated_rows_the_torch_one(
     assert plain == [True, False, True, False]
 
 
-def _seeded_tokens(position: int, others: list[SamplingRow], sampler_seed: int) -> list[int]:
-    sampler = Sampler(VOCAB, DEVICE, seed=sampler_seed, draw=gumbel_argmax)
-    target = _row(SamplingParams(seed=42), Sampler.make_generator(42, DEVICE))
-    tokens = []
-    for step in range(4):
-        rows = [*others]
-        rows.insert(position, target)
-        logits = _logits(len(rows), 100 + step)
-        logits[position] = _logits(1, step)[0]
-        token = sampler(logits, rows).token_ids[position]
-        target.output_token_ids.append(token)
-        tokens.append(token)
-    return tokens
-
-
 def test_a_seeded_row_draws_the_same_tokens_wherever_it_sits_in_any_batch() -> None:
-    alone = _seeded_tokens(0, [], sampler_seed=0)
+    device = DEVICE.type
+    alone = _seeded_tokens(device, 0, [], sampler_seed=0, draw=gumbel_argmax)
     others = [
         _row(SamplingParams()),
         _row(SamplingParams(seed=3), Sampler.make_generator(3, DEVICE)),
         _row(SamplingParams(top_p=0.9)),
     ]
     for position in (0, 2, 3):
-        assert _seeded_tokens(position, others, sampler_seed=99) == alone
-    # Its draws move on: four steps of the same logits do not all draw one token.
+        batched = _seeded_tokens(device, position, others, sampler_seed=99, draw=gumbel_argmax)
+        assert batched == alone
+    # Its draws move on from step to step: they do not all draw one token.
     assert len(set(alone)) > 1
 
 
