@@ -16,7 +16,9 @@ carries the prompt and three decode steps; the prompt's own second token rides i
 first of them), then three steps settle. `mixed_step_ms_est` is the median window less
 three decode steps. With `--profile`, torch.profiler records the device kernels of eight
 decode steps and of four more windows: per-kernel device time per step (per window), top
-40, and their sum.
+40, and their sum; then four more windows with host ops and Python stacks as well
+(`windows_timeline`, benchmarks/device_timeline.py): the device's idle time in them, the
+host op and phase each gap began in, and the largest gaps with the code around them.
 
 splitserve runs `EngineCore.step` (steps launched ahead, as served); vLLM `LLMEngine.step`
 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, its default async scheduling), FlashAttention
@@ -36,7 +38,7 @@ from typing import Any
 
 import torch
 
-from splitserve.benchmarks.device_timeline import device_kernels
+from splitserve.benchmarks.device_timeline import device_kernels, timeline_summary
 from splitserve.benchmarks.results_io import provenance, write_result
 
 logger = logging.getLogger(__name__)
@@ -154,12 +156,22 @@ def _profiled(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str, A
     decode = kernel_table(prof, PROFILED_DECODE_STEPS)
     _timed_steps(engine, 3)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(PROFILED_WINDOWS):
-            prompts.add(engine, prompt_len, 2)
-            for _ in range(WINDOW_STEPS):
-                engine.step()
-        engine.sync()
-    return {"decode_steps": decode, "windows": kernel_table(prof, PROFILED_WINDOWS)}
+        _profiled_windows(engine, prompts, prompt_len)
+    windows = kernel_table(prof, PROFILED_WINDOWS)
+    _timed_steps(engine, 3)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities, with_stack=True) as prof:
+        _profiled_windows(engine, prompts, prompt_len)
+    timeline = {"windows": PROFILED_WINDOWS, **timeline_summary(prof)}
+    return {"decode_steps": decode, "windows": windows, "windows_timeline": timeline}
+
+
+def _profiled_windows(engine: Engine, prompts: _Prompts, prompt_len: int) -> None:
+    for _ in range(PROFILED_WINDOWS):
+        prompts.add(engine, prompt_len, 2)
+        for _ in range(WINDOW_STEPS):
+            engine.step()
+    engine.sync()
 
 
 def measure(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:

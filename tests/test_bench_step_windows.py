@@ -43,3 +43,25 @@ def test_profile_needs_a_device(tiny_llama: Path) -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit):
         step_windows.parse_args(["--engine", "splitserve", "--model", str(tiny_llama), "--profile"])
+
+
+def test_profiled_windows_summarise_the_device_timeline(tiny_llama: Path) -> None:
+    """`--profile` (CUDA): two profiled passes of windows, the second with host ops, each
+    window adding one fresh prompt; the timeline accounts for its kernels and gaps."""
+    if not step_windows.torch.cuda.is_available():
+        pytest.skip("--profile records device kernels: it needs a CUDA device")
+    argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--device", "cuda"]
+    args = step_windows.parse_args([*argv, "--dtype", "bfloat16", "--profile"])
+    engine = step_windows.splitserve_engine(args)
+    added: list[int] = []
+    add = engine.add
+    engine.add = lambda rid, ids, max_tokens: added.append(len(ids)) or add(rid, ids, max_tokens)
+    prompts = step_windows._Prompts(200)
+    for _ in range(2):
+        prompts.add(engine, 20, 1_000_000)
+    profile = step_windows._profiled(engine, prompts, 24)
+    assert added == [20, 20] + [24] * 2 * step_windows.PROFILED_WINDOWS
+    timeline = profile["windows_timeline"]
+    assert timeline["windows"] == step_windows.PROFILED_WINDOWS and timeline["num_kernels"] > 0
+    assert timeline["busy_ms"] > 0 and timeline["span_ms"] >= timeline["busy_ms"]
+    assert profile["windows"]["kernel_ms_per_step"] > 0
