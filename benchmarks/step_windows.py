@@ -19,6 +19,11 @@ decode steps and of four more windows: per-kernel device time per step (per wind
 40, and their sum; then four more windows with host ops and Python stacks as well
 (`windows_timeline`, benchmarks/device_timeline.py): the device's idle time in them, the
 host op and phase each gap began in, and the largest gaps with the code around them.
+With `--launch-lag` (splitserve, CUDA), eight more windows run with launch probes
+(benchmarks/launch_lag.py, no profiler), every other one with the device held back 60 ms
+so that the host queues the prompt's whole forward pass before the device starts it:
+the device's time per piece and attention call as it came less its time held back is
+where, and how long, it waited for the host.
 
 splitserve runs `EngineCore.step` (steps launched ahead, as served); vLLM `LLMEngine.step`
 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, its default async scheduling), FlashAttention
@@ -39,6 +44,7 @@ from typing import Any
 import torch
 
 from splitserve.benchmarks.device_timeline import device_kernels, timeline_summary
+from splitserve.benchmarks.launch_lag import ForwardLag, LaunchProbes, host_waits
 from splitserve.benchmarks.results_io import provenance, write_result
 
 logger = logging.getLogger(__name__)
@@ -47,15 +53,25 @@ TIMED_STEPS = 40
 WINDOW_STEPS = 4
 PROFILED_DECODE_STEPS = 8
 PROFILED_WINDOWS = 4
+LAG_WINDOWS = 8
+# How long --launch-lag holds the device back: longer than the host takes to launch a step.
+HOLD_MS = 60.0
 TOP_KERNELS = 40
 
 
 class Engine:
     """What the procedure needs of an engine: add a request, step, synchronise."""
 
-    def __init__(self, add: Callable[[str, list[int], int], None], step: Callable[[], Any]):
+    def __init__(
+        self,
+        add: Callable[[str, list[int], int], None],
+        step: Callable[[], Any],
+        core: Any = None,
+    ) -> None:
         self.add = add
         self.step = step
+        # splitserve's EngineCore (for --launch-lag), None for vLLM.
+        self.core = core
 
     def sync(self) -> None:
         if torch.cuda.is_available():
@@ -73,7 +89,7 @@ def splitserve_engine(args: argparse.Namespace) -> Engine:
         params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
         core.add_request(request_id, prompt, params)
 
-    return Engine(add, core.step)
+    return Engine(add, core.step, core)
 
 
 def vllm_engine(args: argparse.Namespace) -> Engine:
@@ -191,9 +207,30 @@ def measure(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         "mixed_step_ms_est": window - (WINDOW_STEPS - 1) * decode,
         "windows_ms": windows,
     }
+    if args.launch_lag:
+        result["launch_lag"] = _launch_lag(engine, prompts, args.prompt)
     if args.profile:
         result["profile"] = _profiled(engine, prompts, args.prompt)
     return result
+
+
+def _launch_lag(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str, Any]:
+    """`LAG_WINDOWS` windows with launch probes (benchmarks/launch_lag.py), every other one
+    with the device held back `HOLD_MS` first: where the prompt's forward pass left the
+    device waiting for the host, and for how long."""
+    core = engine.core
+    probes = LaunchProbes()
+    probes.install(core.runner, list(core.model.model.layers))
+    runs: dict[bool, list[ForwardLag]] = {False: [], True: []}
+    for window in range(LAG_WINDOWS):
+        held = window % 2 == 1
+        prompts.add(engine, prompt_len, 2)
+        probes.start(hold_ms=HOLD_MS if held else 0.0)
+        for _ in range(WINDOW_STEPS):
+            engine.step()
+        runs[held].extend(f for f in probes.stop() if f.tokens > f.rows)
+        _timed_steps(engine, 3)
+    return {"windows": LAG_WINDOWS, "hold_ms": HOLD_MS, **host_waits(runs[False], runs[True])}
 
 
 def _add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +243,11 @@ def _add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt-id-limit", type=int, default=128_000, help="random ids are below this"
     )
     parser.add_argument("--profile", action="store_true", help="device kernels per step")
+    parser.add_argument(
+        "--launch-lag",
+        action="store_true",
+        help="splitserve, CUDA: how far the device runs behind the host in each forward",
+    )
     parser.add_argument("--out", help="write the JSON result here")
 
 
@@ -229,6 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch, --windows, --prompt and --context must be >= 1")
     if args.profile and not torch.cuda.is_available():
         parser.error("--profile records device kernels: it needs a CUDA device")
+    if args.launch_lag and (args.engine != "splitserve" or not torch.cuda.is_available()):
+        parser.error("--launch-lag probes splitserve's forward passes on a CUDA device")
     return args
 
 

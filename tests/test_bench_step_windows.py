@@ -65,3 +65,22 @@ def test_profiled_windows_summarise_the_device_timeline(tiny_llama: Path) -> Non
     assert timeline["windows"] == step_windows.PROFILED_WINDOWS and timeline["num_kernels"] > 0
     assert timeline["busy_ms"] > 0 and timeline["span_ms"] >= timeline["busy_ms"]
     assert profile["windows"]["kernel_ms_per_step"] > 0
+
+
+def test_launch_lag_compares_windows_as_they_come_with_held_back_ones(tiny_llama: Path) -> None:
+    """`--launch-lag` (CUDA): the prompt's forward passes of both kinds of window are
+    probed at every piece and attention call, and the held-back ones measure its work."""
+    if not step_windows.torch.cuda.is_available():
+        pytest.skip("--launch-lag probes forward passes on a CUDA device")
+    argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--device", "cuda"]
+    args = step_windows.parse_args([*argv, "--dtype", "bfloat16", "--launch-lag"])
+    engine = step_windows.splitserve_engine(args)
+    prompts = step_windows._Prompts(200)
+    for _ in range(2):
+        prompts.add(engine, 20, 1_000_000)
+    lag = step_windows._launch_lag(engine, prompts, 24)
+    half = step_windows.LAG_WINDOWS // 2
+    assert (lag["num_as_is"], lag["num_held"]) == (half, half)
+    assert lag["work_ms"] > 0 and lag["held"]["lead_at_start_ms"] > step_windows.HOLD_MS / 2
+    layers = len(engine.core.model.model.layers)
+    assert lag["held"]["points"] == 2 + 2 * layers + 1  # start, pieces, attention, end
