@@ -51,6 +51,7 @@ def test_profiled_windows_summarise_the_device_timeline(tiny_llama: Path) -> Non
     if not step_windows.torch.cuda.is_available():
         pytest.skip("--profile records device kernels: it needs a CUDA device")
     argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--device", "cuda"]
+    argv += ["--kv-cache-memory-gib", "1"]
     args = step_windows.parse_args([*argv, "--dtype", "bfloat16", "--profile"])
     engine = step_windows.splitserve_engine(args)
     added: list[int] = []
@@ -73,6 +74,7 @@ def test_launch_lag_compares_windows_as_they_come_with_held_back_ones(tiny_llama
     if not step_windows.torch.cuda.is_available():
         pytest.skip("--launch-lag probes forward passes on a CUDA device")
     argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--device", "cuda"]
+    argv += ["--kv-cache-memory-gib", "1"]
     args = step_windows.parse_args([*argv, "--dtype", "bfloat16", "--launch-lag"])
     engine = step_windows.splitserve_engine(args)
     prompts = step_windows._Prompts(200)
