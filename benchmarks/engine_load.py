@@ -30,6 +30,14 @@ Python frames of the host op open when they began). Stopping the profiler stalls
 loop for a while, so a profiled run's latencies are not the engine's: time those in a run
 without it.
 
+With `--launch-lag-s S` (CUDA) launch probes (benchmarks/launch_lag.py, no profiler) run
+over S seconds of steps from `--profile-after-s` seconds into each rate's run, and the
+point gets `launch_lag`: per kind of forward pass (with prompt tokens, decode only) how
+many found the device drained at their start (the steps before did not hide their
+launch), and the medians of their host launch time, device time and how far the device
+was behind the host at their start and end. Its start and stop synchronise the device
+once each.
+
 On CUDA each forward pass is also timed on the device: CUDA events recorded around
 `ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
 one-token (decode) batches and for batches with prompt tokens. A decode forward's device
@@ -43,12 +51,13 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from splitserve.benchmarks.arrivals import ArrivalConfig, arrival_times
 from splitserve.benchmarks.engine_offline import random_prompts
+from splitserve.benchmarks.launch_lag import LagWindow, LaunchProbes
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 from splitserve.launch.gc_heap import freeze_startup_heap
@@ -82,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="... recording Python stacks too: the longest gaps name the code that left them",
     )
+    parser.add_argument(
+        "--launch-lag-s",
+        type=float,
+        default=0.0,
+        help="CUDA: seconds of steps to probe per rate, from --profile-after-s (no profiler)",
+    )
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -93,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--profile-s and --profile-after-s must be >= 0")
     if args.profile_s and args.device.split(":")[0] != "cuda":
         parser.error("--profile-s records device kernels: it needs --device cuda")
+    if args.launch_lag_s < 0 or (args.launch_lag_s and args.profile_s):
+        parser.error("--launch-lag-s must be >= 0, and not given with --profile-s")
+    if args.launch_lag_s and args.device.split(":")[0] != "cuda":
+        parser.error("--launch-lag-s records CUDA events: it needs --device cuda")
     return args
 
 
@@ -237,12 +256,29 @@ class _ProfileWindow:
         return {"after_s": self.after_s, "length_s": self.length_s, **timeline_summary(self._prof)}
 
 
+class Window(Protocol):
+    """A stretch of a rate's run under a profiler or launch probes."""
+
+    def tick(self, now: float) -> None: ...
+
+    def summary(self) -> dict[str, Any] | None: ...
+
+
+def _window(args: argparse.Namespace, probes: LaunchProbes | None) -> Window | None:
+    """The rate's profiler or launch-probe window, if one was asked for."""
+    if probes is not None:
+        return LagWindow(probes, args.profile_after_s, args.launch_lag_s)
+    if args.profile_s:
+        return _ProfileWindow(args.profile_after_s, args.profile_s, args.profile_stack)
+    return None
+
+
 def drive(
     core: EngineCore,
     prompts: list[list[int]],
     times: np.ndarray,
     params: Any,
-    window: _ProfileWindow | None = None,
+    window: Window | None = None,
 ) -> _Timeline:
     """Add each prompt at its arrival time and step until every request finished."""
     timeline = _Timeline()
@@ -317,6 +353,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         forwards.summary()
     if args.profile_s:
         _ProfileWindow.warm_up()
+    probes = None
+    if args.launch_lag_s:
+        probes = LaunchProbes()
+        probes.install(core.runner, list(core.model.model.layers))
     freeze_startup_heap()  # as a node does once it has started (launch/gc_heap.py)
     pauses = _GcPauses()
     points = []
@@ -324,17 +364,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed = args.seed + index
         prompts = random_prompts(args.num_requests, args.input_len, vocab, seed)
         times = arrival_times(ArrivalConfig(rate=rate, seed=seed), args.num_requests)
-        window = (
-            _ProfileWindow(args.profile_after_s, args.profile_s, args.profile_stack)
-            if args.profile_s
-            else None
-        )
+        window = _window(args, probes)
         start = time.perf_counter()
         timeline = drive(core, prompts, times, params, window)
         elapsed = time.perf_counter() - start
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
         if window is not None:
-            point["device_timeline"] = window.summary()
+            key = "launch_lag" if args.launch_lag_s else "device_timeline"
+            point[key] = window.summary()
         if forwards is not None:
             point.update(forwards.summary())
         point["gc_pauses"] = pauses.summary()

@@ -23,7 +23,9 @@ captured graphs and `_piece`) with instance attributes (the engine's code is unc
 `start()` synchronises the device, records the reference and holds the device back if
 asked; the engine steps; `stop()` synchronises and returns one `ForwardLag` per forward
 pass since `start()`. `benchmarks/step_windows.py --launch-lag` runs them over windows of
-a fresh prompt.
+a fresh prompt; `benchmarks/engine_load.py --launch-lag-s` over a stretch of a loaded run
+(`LagWindow`), where a forward pass whose start finds the device already drained is one
+whose launch the steps before it did not hide.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from typing import Any, Protocol
 
 # The intervals `host_waits` lists, the longest waits first.
 NUM_LONGEST_WAITS = 8
+# A forward pass whose start the device reached within this many ms of the host queueing
+# it found the device drained: nothing of the step before was left to hide its launch.
+DRAINED_LEAD_MS = 0.05
 
 
 class _Event(Protocol):
@@ -242,3 +247,43 @@ def _median_intervals(forwards: list[ForwardLag]) -> dict[str, float]:
 def _median_summary(forwards: list[ForwardLag]) -> dict[str, float]:
     summaries = [f.summary() for f in forwards]
     return {key: statistics.median(s[key] for s in summaries) for key in summaries[0]}
+
+
+class LagWindow:
+    """Launch probes over `length_s` seconds of steps from `after_s` into a loaded run
+    (`engine_load --launch-lag-s`; the interface of its profiler window: `tick` before each
+    step, then `summary`). Starting and stopping each synchronise the device once."""
+
+    def __init__(self, probes: LaunchProbes, after_s: float, length_s: float) -> None:
+        self.probes, self.after_s, self.length_s = probes, after_s, length_s
+        self._started: float | None = None
+        self._forwards: list[ForwardLag] | None = None
+
+    def tick(self, now: float) -> None:
+        """Called before each step with the seconds since the run started."""
+        if self._forwards is not None:
+            return
+        if self._started is None and now >= self.after_s:
+            self.probes.start()
+            self._started = now
+        elif self._started is not None and now >= self._started + self.length_s:
+            self._forwards = self.probes.stop()
+
+    def summary(self) -> dict[str, Any] | None:
+        """Per kind of forward pass (with prompt tokens, decode only): how many, how many
+        found the device drained at their start, and the medians of `ForwardLag.summary`
+        (None if the run ended before the window began)."""
+        if self._started is None:
+            return None
+        if self._forwards is None:
+            self._forwards = self.probes.stop()
+        out: dict[str, Any] = {"after_s": self.after_s, "length_s": self.length_s}
+        for name, prompt in (("prompt_forwards", True), ("decode_forwards", False)):
+            mine = [f for f in self._forwards if (f.tokens > f.rows) == prompt]
+            drained = [f for f in mine if f.summary()["lead_at_start_ms"] < DRAINED_LEAD_MS]
+            out[name] = {
+                "num": len(mine),
+                "drained_at_start": len(drained),
+                **(_median_summary(mine) if mine else {}),
+            }
+        return out

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from splitserve.benchmarks.launch_lag import LaunchProbes, host_waits
+from splitserve.benchmarks.launch_lag import LagWindow, LaunchProbes, host_waits
 
 
 @dataclass
@@ -174,3 +174,33 @@ def test_probes_record_nothing_unless_started() -> None:
     runner.execute(_chunks(2, 64))
     assert [len(f.labels) for f in probes.stop()] == [7, 7]
     assert host_waits([], []) == {"num_as_is": 0, "num_held": 0}
+
+
+def test_a_lag_window_probes_its_stretch_and_counts_drained_starts() -> None:
+    runner = SimRunner(SimDevice(), 2, host_s=1e-4, piece_s=2e-4, attn_s=1e-4)
+    device = runner.device
+    probes = _probed(runner)
+    window = LagWindow(probes, after_s=1.0, length_s=2.0)
+    window.tick(0.5)
+    runner.execute(_chunks(2, 2))  # before the window: not probed
+    window.tick(1.0)
+    runner.execute(_chunks(3, 1026))  # a prompt on a drained device
+    device.queue(5e-3)
+    runner.execute(_chunks(3, 3))  # decode rows behind 5 ms of work
+    runner.execute(_chunks(3, 3))
+    window.tick(3.5)
+    runner.execute(_chunks(3, 1026))  # after the window: not probed
+    summary = window.summary()
+    assert summary is not None and (summary["after_s"], summary["length_s"]) == (1.0, 2.0)
+    prompt, decode = summary["prompt_forwards"], summary["decode_forwards"]
+    assert (prompt["num"], prompt["drained_at_start"]) == (1, 1)
+    assert (decode["num"], decode["drained_at_start"]) == (2, 0)
+    assert decode["lead_at_start_ms"] > 1.0 and prompt["tokens"] == 1026
+
+
+def test_a_lag_window_the_run_never_reached_has_no_summary() -> None:
+    runner = SimRunner(SimDevice(), 1, host_s=1e-4, piece_s=1e-4, attn_s=1e-4)
+    window = LagWindow(_probed(runner), after_s=10.0, length_s=1.0)
+    window.tick(2.0)
+    runner.execute(_chunks(1, 64))
+    assert window.summary() is None

@@ -1,0 +1,44 @@
+"""The loaded-engine benchmark (benchmarks/engine_load.py) on the tiny model (CPU): one
+rate's points, and the flags that need a CUDA device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitserve.benchmarks import engine_load
+
+
+def _argv(tiny_llama: Path) -> list[str]:
+    argv = ["--model", str(tiny_llama), "--dtype", "float32", "--rates", "40"]
+    return [*argv, "--num-requests", "6", "--num-warmup", "1", "--input-len", "12"]
+
+
+def test_a_rate_reports_latencies_and_steps(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    engine_load.main([*_argv(tiny_llama), "--output-len", "4", "--out", str(out)])
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["rate"] == 40 and point["tpot_ms"]["p50"] > 0 and point["ttft_ms"]["p50"] > 0
+    assert point["steps"]["prefill_steps"]["num"] >= 1 and point["output_tok_s"] > 0
+    assert "launch_lag" not in point and "device_timeline" not in point
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--launch-lag-s", "2"], "needs --device cuda"),
+        (
+            ["--launch-lag-s", "2", "--profile-s", "1", "--device", "cuda"],
+            "not given with --profile-s",
+        ),
+        (["--launch-lag-s", "-1"], "must be >= 0"),
+    ],
+)
+def test_launch_lag_flags_are_checked(
+    tiny_llama: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        engine_load.parse_args([*_argv(tiny_llama), *extra])
+    assert message in capsys.readouterr().err
