@@ -7,7 +7,9 @@ taken at the start of every `ModelRunner.execute` call, before each piece of a
 piecewise-graph step (its graph replay, or the piece run eagerly past the graphs' sizes),
 at each layer's attention call (the eager part between pieces) and at the end of the
 call. After the device is synchronised, each event's device time is put on the host's
-clock through a reference event recorded on the idle device.
+clock through a reference event recorded on the idle device. The probes' own host time
+(an event created and recorded, a clock read: microseconds each, about 70 a prompt's
+forward pass of a 32-layer model) is in what they measure.
 
 The device's time from one point to the next is its work in that interval plus any time
 it waited for the host there. To tell them apart, the same forward pass is run twice:
