@@ -62,6 +62,11 @@ class ForwardLag:
     host_ms: list[float]
     device_ms: list[float]
 
+    @property
+    def carries_prompt(self) -> bool:
+        """The pass computed prompt tokens (more tokens than rows), not only decode rows."""
+        return self.tokens > self.rows
+
     def intervals(self) -> dict[str, float]:
         """The device's ms from each point to the next, keyed "label->next_label"."""
         pairs = zip(self.labels, self.labels[1:], strict=False)
@@ -281,7 +286,7 @@ class LagWindow:
             self._forwards = self.probes.stop()
         out: dict[str, Any] = {"after_s": self.after_s, "length_s": self.length_s}
         for name, prompt in (("prompt_forwards", True), ("decode_forwards", False)):
-            mine = [f for f in self._forwards if (f.tokens > f.rows) == prompt]
+            mine = [f for f in self._forwards if f.carries_prompt == prompt]
             drained = [f for f in mine if f.summary()["lead_at_start_ms"] < DRAINED_LEAD_MS]
             out[name] = {
                 "num": len(mine),

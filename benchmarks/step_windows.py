@@ -228,7 +228,7 @@ def _launch_lag(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str,
         probes.start(hold_ms=HOLD_MS if held else 0.0)
         for _ in range(WINDOW_STEPS):
             engine.step()
-        runs[held].extend(f for f in probes.stop() if f.tokens > f.rows)
+        runs[held].extend(f for f in probes.stop() if f.carries_prompt)
         _timed_steps(engine, 3)
     return {"windows": LAG_WINDOWS, "hold_ms": HOLD_MS, **host_waits(runs[False], runs[True])}
 

@@ -45,21 +45,29 @@ def test_profile_needs_a_device(tiny_llama: Path) -> None:
         step_windows.parse_args(["--engine", "splitserve", "--model", str(tiny_llama), "--profile"])
 
 
-def test_profiled_windows_summarise_the_device_timeline(tiny_llama: Path) -> None:
-    """`--profile` (CUDA): two profiled passes of windows, the second with host ops, each
-    window adding one fresh prompt; the timeline accounts for its kernels and gaps."""
-    if not step_windows.torch.cuda.is_available():
-        pytest.skip("--profile records device kernels: it needs a CUDA device")
+def _decoding_on_cuda(
+    tiny_llama: Path, flag: str, added: list[int]
+) -> tuple[step_windows.Engine, step_windows._Prompts]:
+    """splitserve on CUDA with `flag`, two requests decoding; every prompt added from here
+    on has its length appended to `added`."""
     argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--device", "cuda"]
-    argv += ["--kv-cache-memory-gib", "1"]
-    args = step_windows.parse_args([*argv, "--dtype", "bfloat16", "--profile"])
-    engine = step_windows.splitserve_engine(args)
-    added: list[int] = []
+    argv += ["--kv-cache-memory-gib", "1", "--dtype", "bfloat16", flag]
+    engine = step_windows.splitserve_engine(step_windows.parse_args(argv))
     add = engine.add
     engine.add = lambda rid, ids, max_tokens: added.append(len(ids)) or add(rid, ids, max_tokens)
     prompts = step_windows._Prompts(200)
     for _ in range(2):
         prompts.add(engine, 20, 1_000_000)
+    return engine, prompts
+
+
+def test_profiled_windows_summarise_the_device_timeline(tiny_llama: Path) -> None:
+    """`--profile` (CUDA): two profiled passes of windows, the second with host ops, each
+    window adding one fresh prompt; the timeline accounts for its kernels and gaps."""
+    if not step_windows.torch.cuda.is_available():
+        pytest.skip("--profile records device kernels: it needs a CUDA device")
+    added: list[int] = []
+    engine, prompts = _decoding_on_cuda(tiny_llama, "--profile", added)
     profile = step_windows._profiled(engine, prompts, 24)
     assert added == [20, 20] + [24] * 2 * step_windows.PROFILED_WINDOWS
     timeline = profile["windows_timeline"]
@@ -73,13 +81,7 @@ def test_launch_lag_compares_windows_as_they_come_with_held_back_ones(tiny_llama
     probed at every piece and attention call, and the held-back ones measure its work."""
     if not step_windows.torch.cuda.is_available():
         pytest.skip("--launch-lag probes forward passes on a CUDA device")
-    argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--device", "cuda"]
-    argv += ["--kv-cache-memory-gib", "1"]
-    args = step_windows.parse_args([*argv, "--dtype", "bfloat16", "--launch-lag"])
-    engine = step_windows.splitserve_engine(args)
-    prompts = step_windows._Prompts(200)
-    for _ in range(2):
-        prompts.add(engine, 20, 1_000_000)
+    engine, prompts = _decoding_on_cuda(tiny_llama, "--launch-lag", [])
     lag = step_windows._launch_lag(engine, prompts, 24)
     half = step_windows.LAG_WINDOWS // 2
     assert (lag["num_as_is"], lag["num_held"]) == (half, half)
