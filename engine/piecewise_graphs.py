@@ -11,9 +11,12 @@ for a step of T tokens padded to the bucket B >= T, the pieces are
     piece i (1..L-1): layer i-1 after attention -> layer i before attention
     piece L:        layer L-1 after attention -> final norm     -> hidden
 
-each replayed from its graph, with layer i's attention (store K/V, attend) run eagerly
-over the T real rows between pieces i and i+1. Pad rows carry token 0 at position 0;
-attention neither stores nor reads them, and their outputs are dropped. The pieces hand
+each replayed from its graph, with layer i's attention run eagerly over the T real rows
+between pieces i and i+1. A piece that ends before layer i's attention also stores layer
+i's K/V rows into the pool, at the slots `run` copies into a static buffer (the backend's
+`store`), so the eager attention only attends (metadata with `kv_stored`): a launch less
+per layer on the host. Pad rows carry token 0 at position 0 and slot -1: nothing stores
+or reads them, and their outputs are dropped. The pieces hand
 over through static buffers without copies: the q/k/v projection writes its output into
 the buffer attention reads, the residual add its sum into the residual buffer, and
 attention its output into the buffer the next piece reads.
@@ -47,6 +50,7 @@ backend is told the buffer's views (`prepare`), and builds its per-shape plans t
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -86,6 +90,8 @@ class _Buffers:
         q_size, kv_size = arch.q_size, arch.kv_size
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        # Pool slots of the step's rows; -1 (stored nowhere) on pad rows.
+        self.slots = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
         rows = max_tokens + BUCKET_ROWS
         qkv = torch.zeros(rows, q_size + 2 * kv_size, dtype=dtype, device=device)
         self.qkv = qkv[:max_tokens]
@@ -138,6 +144,7 @@ class PiecewiseGraphs:
         _place(buf.k[:size], k)
         _place(buf.v[:size], v)
         _place(buf.residual[:size], residual)
+        layers[index].self_attn.store(buf.k[:size], buf.v[:size], self.kv_cache, buf.slots[:size])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -178,8 +185,11 @@ class PiecewiseGraphs:
         buf, layers = self.buffers, self.model.model.layers
         buf.input_ids[:num_tokens].copy_(input_ids)
         buf.positions[:num_tokens].copy_(positions)
+        buf.slots[:num_tokens].copy_(meta.slot_mapping)
         buf.input_ids[num_tokens:size].zero_()
         buf.positions[num_tokens:size].zero_()
+        buf.slots[num_tokens:size].fill_(-1)
+        meta = dataclasses.replace(meta, kv_stored=True)  # the pieces store K/V
         graphs = self._graphs.get(size)
         for index in range(self.num_layers + 1):
             if graphs is not None:

@@ -2,10 +2,13 @@
 
 A step's batch is flattened: the new tokens of every scheduled sequence are concatenated
 into one row dimension T (sequence b owns rows query_start_loc[b]:query_start_loc[b+1]).
-A backend first stores the rows' K/V into the paged pool at `slot_mapping`, then computes
+A backend first stores the rows' K/V into the paged pool at `slot_mapping` (unless
+`kv_stored`: the caller stored them already, with the backend's `store`), then computes
 attention of each sequence's queries over its whole context: the blocks in its block
 table up to seq_lens[b] tokens, causally (query row i of sequence b sits at position
-seq_lens[b] - query_len_b + i).
+seq_lens[b] - query_len_b + i). The piecewise graphs (engine/piecewise_graphs.py) store
+each layer's K/V inside the captured piece before its attention, so that the eager
+attention between pieces launches one kernel fewer.
 
 Implementations: `kernels/attention_torch.py` (plain torch, what the CPU runs) and the
 Triton backend of `kernels/`.
@@ -37,6 +40,8 @@ class AttentionMetadata:
     # Leading sequences with one query row each (decode rows): a backend may run them with
     # its decode kernel and the rest with its prefill kernel. 0 when unknown.
     num_decodes: int = 0
+    # The rows' K/V are in the pool already (the caller ran `store`): forward only attends.
+    kv_stored: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -48,8 +53,18 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Stores new K/V into one layer's pool view, then attends: into `out` when given
-    (a caller's static buffer), else into a new tensor."""
+    """Stores new K/V into one layer's pool view (unless `meta.kv_stored`), then attends:
+    into `out` when given (a caller's static buffer), else into a new tensor."""
+
+    def store(
+        self,
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+    ) -> None:
+        """Write the rows' K/V into one layer's pool view at `slot_mapping`."""
+        ...
 
     def forward(
         self,

@@ -126,6 +126,12 @@ class TorchPagedAttention:
     ) -> None:
         """Nothing to set up: every shape runs as it comes."""
 
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """The rows' K/V into one layer's pool view at `slot_mapping` (-1 skipped)."""
+        store_kv(k, v, kv_cache, slot_mapping)
+
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
@@ -138,7 +144,8 @@ class TorchPagedAttention:
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if not meta.kv_stored:
+            store_kv(k, v, kv_cache, meta.slot_mapping)
         if meta.is_all_decode and q.shape[0] == meta.num_seqs and _padding_pays(meta):
             result = decode_batched(q, kv_cache, meta, scale)
             return result if out is None else out.copy_(result)

@@ -2,7 +2,9 @@
 
 Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`, which
 
-1. stores the step's K/V rows at `meta.slot_mapping` (`store_kv`; slot -1 skipped);
+1. stores the step's K/V rows at `meta.slot_mapping` (`store_kv`; slot -1 skipped),
+   unless `meta.kv_stored` (the piecewise graphs store them inside the piece before, with
+   `store`);
 2. attends, into `out` when the caller gives one (the piecewise graphs' static buffer):
    an all-decode batch (one query per sequence, one row per sequence) runs the
    split-K decode kernel; a batch with prefill chunks runs its leading `meta.num_decodes`
@@ -99,6 +101,12 @@ class TritonPagedAttention:
             cudnn_prefill.prepare_buckets(q, k, v, scale, max_rows, self._dense_attend)
             self._cudnn_ready = True
 
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """The rows' K/V into one layer's pool view at `slot_mapping` (-1 skipped)."""
+        store_kv(k, v, kv_cache, slot_mapping)
+
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
@@ -111,7 +119,8 @@ class TritonPagedAttention:
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if not meta.kv_stored:
+            store_kv(k, v, kv_cache, meta.slot_mapping)
         if meta.is_all_decode and q.shape[0] == meta.num_seqs:
             return decode_attention(
                 q,

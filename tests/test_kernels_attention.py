@@ -209,6 +209,31 @@ def test_backend_matches_torch_backend(case: str, dtype: torch.dtype) -> None:
     _assert_written_and_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_store_then_attend_stored_matches_the_storing_forward(backend: str) -> None:
+    """What the piecewise graphs do: `store` the rows' K/V, then `forward` with
+    `kv_stored`, which attends without writing the pool, into the same output as one
+    storing forward (a mixed batch, so the prefill rows read their own K/V from the pool)."""
+    make = TritonPagedAttention if backend == "triton" else TorchPagedAttention
+    batch = _batch(MIXED_CASES, 4, 64, 16, torch.float32, seed=5, pad_rows=2)
+    scale = 64**-0.5
+    stored_pool = batch.pool.clone()
+    want = make().forward(batch.q, batch.k, batch.v, batch.kv_cache, batch.meta, scale)
+    batch.pool.copy_(stored_pool)
+    attention = make()
+    attention.store(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    after_store = batch.pool.clone()
+    stored = dataclasses.replace(batch.meta, kv_stored=True)
+    got = attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, stored, scale)
+    torch.testing.assert_close(batch.pool, after_store, rtol=0, atol=0, equal_nan=True)
+    rows = batch.num_seq_rows
+    torch.testing.assert_close(got[:rows], want[:rows], rtol=0, atol=0)
+    # Without the store, a forward that skips it reads the pool as it was: not the same.
+    batch.pool.copy_(stored_pool)
+    skipped = make().forward(batch.q, batch.k, batch.v, batch.kv_cache, stored, scale)
+    assert not torch.equal(skipped[:rows], want[:rows])
+
+
 # Model-sized shapes, GPU only.
 GPU_DECODE_LENS = [1, 15, 16, 17, 32, 255, 1000, 2048, 4096, 4097]
 GPU_MIXED = [(0, 2048), (1024, 512), (4000, 1), (17, 300), (0, 1), (511, 1), (2047, 129)]

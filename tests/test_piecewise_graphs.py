@@ -121,7 +121,37 @@ def test_pieces_hand_over_without_copies(tiny_model_factory) -> None:
         return forward(*args, out=out, **kwargs)
 
     for layer in runner.model.model.layers:
-        layer.self_attn.backend = SimpleNamespace(forward=spy)
+        layer.self_attn.backend = SimpleNamespace(forward=spy, store=attention.store)
     runner.pieces = pieces
     llm.generate([[3, 1, 4, 1, 5, 9, 2, 6]], SamplingParams(temperature=0, max_tokens=1))
     assert outs and all(o is not None and o.data_ptr() == buf.attn.data_ptr() for o in outs)
+
+
+def test_pieces_store_each_layers_kv_and_attention_only_attends(tiny_model_factory) -> None:
+    """Each piece before an attention stores that layer's K/V (once a layer and step, the
+    pad rows of the bucket at slot -1), and attention gets metadata saying so."""
+    llm = LLM(str(tiny_model_factory("llama")), dtype="float32", max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    pieces = PiecewiseGraphs(runner.model, runner.kv_cache, 64, capture=False)
+    attention = runner.model.model.layers[0].self_attn.backend
+    stores: list[torch.Tensor] = []
+    stored_flags: list[bool] = []
+
+    def store(k, v, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
+        stores.append(slot_mapping.clone())
+        attention.store(k, v, kv_cache, slot_mapping)
+
+    def forward(q, k, v, kv_cache, meta, scale, out=None):  # type: ignore[no-untyped-def]
+        stored_flags.append(meta.kv_stored)
+        return attention.forward(q, k, v, kv_cache, meta, scale, out=out)
+
+    layers = runner.model.model.layers
+    for layer in layers:
+        layer.self_attn.backend = SimpleNamespace(forward=forward, store=store)
+    runner.pieces = pieces
+    llm.generate([[3, 1, 4, 1, 5, 9, 2, 6, 5]], SamplingParams(temperature=0, max_tokens=1))
+    assert stored_flags and all(stored_flags)
+    assert len(stores) == len(layers)  # the prompt's one step: 9 rows, bucket 16
+    for slots in stores:
+        assert slots.shape == (16,)
+        assert bool((slots[:9] >= 0).all()) and bool((slots[9:] == -1).all())

@@ -109,12 +109,15 @@ def test_default_source_keys_differ_from_a_request_seeded_alike() -> None:
 
 
 def _seeded_generation(model_dir, seeds: list[int]) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    """Each seed's tokens from an engine on the "triton" kernel backend (torch attention,
-    so the interpreter runs only the element-wise kernels and the draw)."""
+    """Each seed's tokens from an engine on the "triton" kernel backend (on the CPU torch
+    attention, so the interpreter runs only the element-wise kernels and the draw; on a
+    CUDA machine the engine runs there, where Triton kernels need their tensors)."""
     from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig
     from splitserve.engine.core import EngineCore
 
-    model = ModelConfig(str(model_dir), dtype="float32", kernel_backend="triton")
+    model = ModelConfig(
+        str(model_dir), dtype="float32", kernel_backend="triton", device=DEVICE.type
+    )
     core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=32)))
     assert core.sampler._fused_draw is not None
     for i, seed in enumerate(seeds):

@@ -206,6 +206,13 @@ class Attention(nn.Module):
         as row slices of these static buffers, of at least `max_rows` rows."""
         self.backend.prepare(q, k, v, self.scale, max_rows)
 
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Write k/v into this layer's pool at `slot_mapping` (-1 skipped); `attend` then
+        takes metadata with `kv_stored`."""
+        self.backend.store(k, v, kv_cache[:, self.layer_idx], slot_mapping)
+
     def attend(
         self,
         q: torch.Tensor,
@@ -215,8 +222,8 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, H, D]
-        """Store k/v into this layer's pool and attend over each sequence's context (into
-        `out` when given)."""
+        """Store k/v into this layer's pool (unless `meta.kv_stored`) and attend over each
+        sequence's context (into `out` when given)."""
         kv = kv_cache[:, self.layer_idx]
         return self.backend.forward(q, k, v, kv, meta, self.scale, out=out)
 
