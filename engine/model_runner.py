@@ -7,7 +7,8 @@ chunks replays a captured graph (`engine/cuda_graphs.py`); every other batch is 
 `build_batch` and, on CUDA, replays the piecewise graphs of its token count around an
 eager attention (`engine/piecewise_graphs.py`), else runs eagerly. Host-built index
 tensors go to the device through pinned memory with asynchronous copies, so the forward
-pass never waits on the host.
+pass never waits on the host; `build_batch` packs its seven index arrays into one staging
+buffer and one copy (`device_copy.arrays_to_device`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from splitserve.engine.cuda_graphs import DecodeGraphs
-from splitserve.engine.device_copy import host_to_device, to_device
+from splitserve.engine.device_copy import arrays_to_device, to_device
 from splitserve.engine.piecewise_graphs import PiecewiseGraphs
 from splitserve.engine.request import RequestId
 from splitserve.engine.scheduler import ScheduledChunk
@@ -142,25 +143,30 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
     sample_rows = [last_row[id(c)] for c in chunks if c.samples]
     rows = _fill_rows(chunks_in_rows, len(decodes), block_size)
     max_blocks = max(-(-n // block_size) for n in seq_lens)
+    ids, positions, slots, starts, lens, tables, logits_indices = arrays_to_device(
+        [
+            rows.token_ids,
+            rows.positions,
+            rows.slots,
+            np.asarray(query_start, dtype=np.int32),
+            np.asarray(seq_lens, dtype=np.int32),
+            _block_tables(chunks_in_rows, max_blocks),
+            np.asarray(sample_rows, dtype=np.int64),
+        ],
+        device,
+    )
     meta = AttentionMetadata(
-        slot_mapping=host_to_device(torch.from_numpy(rows.slots), device),
-        query_start_loc=to_device(query_start, torch.int32, device),
-        seq_lens=to_device(seq_lens, torch.int32, device),
-        block_tables=host_to_device(
-            torch.from_numpy(_block_tables(chunks_in_rows, max_blocks)), device
-        ),
+        slot_mapping=slots,
+        query_start_loc=starts,
+        seq_lens=lens,
+        block_tables=tables,
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
         num_decodes=len(decodes),
     )
-    return BatchInputs(
-        input_ids=host_to_device(torch.from_numpy(rows.token_ids), device),
-        positions=host_to_device(torch.from_numpy(rows.positions), device),
-        meta=meta,
-        logits_indices=to_device(sample_rows, torch.int64, device),
-    )
+    return BatchInputs(ids, positions, meta, logits_indices)
 
 
 class ModelRunner:
