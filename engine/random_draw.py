@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from splitserve.engine.device_copy import to_device
+from splitserve.engine.device_copy import arrays_to_device
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kernels.registry import DrawOp
 
@@ -94,10 +95,14 @@ class FusedDraw:
                 keys.append(generator.key)
                 counters.append(generator.draws << 32)
                 generator.draws += 1
-        device = logits.device
-        # One copy for both; an even width keeps the counters' row 16-byte aligned, as
-        # Triton specialises pointers on (an odd one would compile another variant).
-        pad = [0] * (len(rows) % 2)
-        both = to_device([keys + pad, counters + pad], torch.int64, device)
-        inv_temps = to_device([1.0 / r.params.temperature for r in rows], torch.float32, device)
-        return self._kernel(logits, inv_temps, both[0, : len(rows)], both[1, : len(rows)])
+        # One copy for the three, each 16-byte aligned, as Triton specialises pointers on
+        # (a misaligned one would compile another variant mid-serving).
+        seeds, offsets, inv_temps = arrays_to_device(
+            [
+                np.array(keys, dtype=np.int64),
+                np.array(counters, dtype=np.int64),
+                np.array([1.0 / r.params.temperature for r in rows], dtype=np.float32),
+            ],
+            logits.device,
+        )
+        return self._kernel(logits, inv_temps, seeds, offsets)
