@@ -15,6 +15,9 @@ Results of calls unpacked apart merge into one directory:
 
     python -m splitserve.benchmarks.serving_report merge OUT_DIR IN_DIR [IN_DIR ...]
 
+A row also gets `engine_steps` and `tokens_per_step` where the server's /metrics counts
+them (`engine_steps`): how each system batched the same arrivals.
+
 Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
 (default 1 s and 50 ms), read off the rates measured; the issue's definition.
 """
@@ -79,6 +82,9 @@ def make_row(
     stages = stream_stages_ms(summary)
     if stages:
         row["stream_stage_mean_ms"] = stages
+    steps = engine_steps(summary)
+    if steps is not None:
+        row["engine_steps"], row["tokens_per_step"] = steps
     row.update(extra)
     return row
 
@@ -93,6 +99,27 @@ def stream_stages_ms(summary: dict[str, Any]) -> dict[str, float]:
         if match and value is not None:
             out[match[1]] = value * 1000.0
     return out
+
+
+def _summed(deltas: dict[str, float], name: str) -> float:
+    """A counter's delta summed over its label sets (0 when absent)."""
+    return sum(v for k, v in deltas.items() if k == name or k.startswith(name + "{"))
+
+
+def engine_steps(summary: dict[str, Any]) -> tuple[float, float] | None:
+    """(engine steps, tokens a step carried) over the run, from the server's counters: vLLM's
+    `vllm:iteration_tokens_total` histogram, splitserve's per-node totals on the router (the
+    run's warm-up requests included); None when the server exposes neither."""
+    deltas = (summary.get("server_metrics") or {}).get("deltas") or {}
+    steps = _summed(deltas, "vllm:iteration_tokens_total_count")
+    tokens = _summed(deltas, "vllm:iteration_tokens_total_sum")
+    if not steps:
+        prefix = "splitserve_router_node_"
+        steps = _summed(deltas, prefix + "engine_steps_total")
+        tokens = _summed(deltas, prefix + "prompt_tokens_computed_total") + _summed(
+            deltas, prefix + "generation_tokens_total"
+        )
+    return (steps, tokens / steps) if steps else None
 
 
 def archived_request(record: dict[str, Any]) -> dict[str, Any]:

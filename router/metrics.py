@@ -1,7 +1,9 @@
 """Prometheus metrics of the router, on a registry of its own (one per app instance).
 
 Request metrics are observed on the request path; per-node gauges are set when /metrics is
-scraped, from the node list (registry load) and one Stats call per node (prefix-cache hits).
+scraped, from the node list (registry load) and one Stats call per node (prefix-cache hits),
+and the same Stats answers give per-node totals (engine steps, tokens computed and
+generated, preemptions), collected as counters at the scrape (`NodeTotals`).
 The TTFT breakdown (every completion's wait in the decode node's queue; for a remote
 prefill, where its time to first token went: prefill queue, prefill compute, push tail,
 admission, and the whole KV transfer) comes from the decode node's `RequestMetrics` on
@@ -11,7 +13,7 @@ Every metric is listed in docs/metrics.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from splitserve.node.registry import NodeRecord
 from splitserve.protocol import node_pb2 as pb
@@ -80,6 +83,45 @@ _DECODE_QUEUE_HELP = (
 # Stages of a streamed message, in order (docs/performance.md); observed only with
 # --trace-stream-timing.
 STREAM_STAGES = ("engine_step", "node", "grpc", "router")
+# Per-node totals from the Stats RPC: (StatsResponse field, counter name, help).
+NODE_TOTALS = (
+    ("num_steps", "node_engine_steps", "Engine steps the node ran since it started"),
+    (
+        "prompt_tokens_computed",
+        "node_prompt_tokens_computed",
+        "Prompt tokens the node computed since it started (not cached, not received)",
+    ),
+    ("generation_tokens", "node_generation_tokens", "Tokens the node generated since it started"),
+    (
+        "num_preemptions",
+        "node_preemptions",
+        "Requests the node preempted for lack of KV blocks since it started",
+    ),
+)
+
+
+class NodeTotals:
+    """The nodes' cumulative engine counts from their last Stats answers, yielded as
+    counters when the registry is collected (a node's own counters, read, not counted
+    here; a restarted node starts again from 0, which Prometheus reads as a reset)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._rows: list[tuple[str, str, pb.StatsResponse]] = []
+
+    def update(self, nodes: Sequence[NodeRecord], stats: Sequence[pb.StatsResponse | None]) -> None:
+        self._rows = [
+            (node.node_id, node.role, st)
+            for node, st in zip(nodes, stats, strict=True)
+            if st is not None
+        ]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for field, name, help_text in NODE_TOTALS:
+            family = CounterMetricFamily(self._prefix + name, help_text, labels=_NODE_LABELS)
+            for node_id, role, st in self._rows:
+                family.add_metric([node_id, role], float(getattr(st, field)))
+            yield family
 
 
 class RouterMetrics:
@@ -149,6 +191,8 @@ class RouterMetrics:
             _NODE_LABELS,
             registry=r,
         )
+        self.node_totals = NodeTotals(p)
+        r.register(self.node_totals)
         self.stream_stage = Histogram(
             p + "stream_stage_seconds",
             "Per streamed message: engine_step = the step that made its tokens, node = step "
@@ -215,6 +259,7 @@ class RouterMetrics:
     ) -> None:
         for gauge in (self.node_running, self.node_waiting, self.node_kv_usage, self.node_hit_rate):
             gauge.clear()
+        self.node_totals.update(nodes, stats)
         for node, st in zip(nodes, stats, strict=True):
             labels = (node.node_id, node.role)
             if st is None:

@@ -58,6 +58,9 @@ def test_two_calls_merge_into_one_summary(up, tmp_path: Path) -> None:
         assert row["ttft_p50_ms"] > 0 and row["tpot_p50_ms"] >= 0 and row["output_tok_s"] > 0
         assert row["commit"] and row["device"] and row["date"] and "bench run" in row["command"]
         assert set(row["stream_stage_mean_ms"]) == {"engine_step", "node", "grpc", "router"}
+        # The node's own counters, through the router: at least the prompts' and tokens'
+        # steps, each carrying at least one token.
+        assert row["engine_steps"] >= 4 and row["tokens_per_step"] >= 1
         name = serving_report.run_name(row["system"], row["workload"], row["rate"])
         with gzip.open(tmp_path / "runs" / name / "requests.jsonl.gz", "rt") as f:
             archived = [json.loads(line) for line in f.read().splitlines()]
@@ -202,3 +205,23 @@ def test_an_archived_request_keeps_its_chunk_times_to_the_microsecond() -> None:
     times = itertools.accumulate(archived["chunk_gaps_us"])
     for rebuilt, original in zip(times, record["chunk_times_s"], strict=True):
         assert abs(rebuilt / 1e6 - original) <= 0.5e-6
+
+
+def test_engine_steps_read_either_servers_counters() -> None:
+    vllm = {"server_metrics": {"deltas": {
+        'vllm:iteration_tokens_total_count{engine="0"}': 1876.0,
+        'vllm:iteration_tokens_total_sum{engine="0"}': 1305600.0,
+        "vllm:num_preemptions_total": 0.0,
+    }}}  # fmt: skip
+    assert serving_report.engine_steps(vllm) == (1876.0, 1305600.0 / 1876.0)
+    p = "splitserve_router_node_"
+    ours = {"server_metrics": {"deltas": {
+        p + 'engine_steps_total{node_id="a",role="decode"}': 100.0,
+        p + 'engine_steps_total{node_id="b",role="decode"}': 50.0,
+        p + 'prompt_tokens_computed_total{node_id="a",role="decode"}': 2048.0,
+        p + 'generation_tokens_total{node_id="a",role="decode"}': 352.0,
+        p + 'generation_tokens_total{node_id="b",role="decode"}': 600.0,
+    }}}  # fmt: skip
+    assert serving_report.engine_steps(ours) == (150.0, 3000.0 / 150.0)
+    assert serving_report.engine_steps({"server_metrics": {"available": False}}) is None
+    assert serving_report.engine_steps({}) is None

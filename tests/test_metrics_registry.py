@@ -246,3 +246,36 @@ def test_router_exports_its_process_cpu_time() -> None:
     after = value(router.exposition(), "splitserve_router_process_cpu_seconds_total")
     assert after - before >= 0.2
     assert value(router.exposition(), "splitserve_router_process_resident_memory_bytes") > 0
+
+
+def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
+    """The Stats answers of a scrape give per-node counters (the bench diffs them over a
+    run: engine steps, so tokens per step); a node that did not answer is left out."""
+    from splitserve.node.registry import NodeCapacity, NodeId, NodeRecord
+
+    def record(name: str) -> NodeRecord:
+        return NodeRecord(
+            node_id=NodeId(name),
+            role="decode",
+            grpc_address=f"{name}:1",
+            nixl_agent_name=name,
+            model="m",
+            block_size=16,
+            capacity=NodeCapacity(num_kv_blocks=100, max_num_seqs=8),
+        )
+
+    router = RouterMetrics()
+    answered = pb.StatsResponse(
+        num_steps=30, prompt_tokens_computed=52, generation_tokens=17, num_preemptions=4
+    )
+    router.set_nodes([record("d1"), record("d2")], [answered, None])
+    text = router.exposition()
+    p = "splitserve_router_node_"
+    assert value(text, p + "engine_steps_total", node_id="d1", role="decode") == 30
+    assert value(text, p + "prompt_tokens_computed_total", node_id="d1") == 52
+    assert value(text, p + "generation_tokens_total", node_id="d1") == 17
+    assert value(text, p + "preemptions_total", node_id="d1") == 4
+    # d2's gauges fall back to its registry load; its totals are unknown, so absent.
+    assert not [k for k in samples(text) if ("node_id", "d2") in k[1] and "_total" in k[0]]
+    router.set_nodes([record("d1")], [pb.StatsResponse(num_steps=45)])
+    assert value(router.exposition(), p + "engine_steps_total", node_id="d1") == 45

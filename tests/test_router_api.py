@@ -342,6 +342,8 @@ def test_health_and_metrics(router: str, client: openai.OpenAI) -> None:
         "splitserve_router_node_num_running{",
         "splitserve_router_node_kv_usage{",
         "splitserve_router_node_prefix_cache_hit_rate{",
+        "splitserve_router_node_engine_steps_total{",
+        "splitserve_router_node_generation_tokens_total{",
     ):
         assert name in text, name
 
