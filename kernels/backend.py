@@ -9,7 +9,8 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`
    an all-decode batch (one query per sequence, one row per sequence) runs the
    split-K decode kernel; a batch with prefill chunks runs its leading `meta.num_decodes`
    decode rows with the decode kernel (which reads each KV head once for its whole query
-   group) and the other sequences with the varlen prefill kernel, or, with
+   group; checked, planned and given its scratch on the step's first layer, then only
+   launched: `PreparedDecode`) and the other sequences with the varlen prefill kernel, or, with
    `flash_fresh_prefill` and when none of them has cached context, with torch's flash
    kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
    `cudnn_fresh_prefill` once `prepare` has run and for a step of one prompt of at least
@@ -33,7 +34,7 @@ import torch
 from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import PaddedPrompt
-from splitserve.kernels.decode_attention import decode_attention
+from splitserve.kernels.decode_attention import PreparedDecode, decode_attention
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention, is_fresh
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.side_stream import DecodeBranch, SideStream
@@ -86,6 +87,8 @@ class TritonPagedAttention:
         self.overlap_decode_rows = overlap_decode_rows
         self._side = side_stream
         self._planned: tuple[AttentionMetadata, _MixedPlan] | None = None
+        # The step's decode rows' prepared launch (kernels/decode_attention.py).
+        self._decode: tuple[_MixedPlan, PreparedDecode] | None = None
         self.cudnn_fresh_prefill = cudnn_fresh_prefill
         self._dense_attend = dense_attend
         self._cudnn_ready = False
@@ -139,16 +142,8 @@ class TritonPagedAttention:
         side = self._side_stream(q.device) if decodes else None
         if decodes:
             with side.branch() if side is not None else nullcontext():
-                decode_attention(
-                    q[:decodes],
-                    kv_cache,
-                    meta.block_tables[:decodes],
-                    meta.seq_lens[:decodes],
-                    plan.decode_max_seq_len,
-                    scale,
-                    out=out[:decodes],
-                    num_splits=self.decode_num_splits,
-                )
+                rows = q[:decodes], kv_cache, out[:decodes]
+                self._prepared_decode(plan, meta, scale, *rows)(*rows)
         self._prefill(q, k, v, kv_cache, meta, plan, scale, out)
         if side is not None:
             side.join()
@@ -197,6 +192,33 @@ class TritonPagedAttention:
         prompts = cudnn_prefill.padded_prompts(q, k, v, plan.query_lens)
         self._prompts = (plan, views, prompts)
         return prompts
+
+    def _prepared_decode(
+        self,
+        plan: _MixedPlan,
+        meta: AttentionMetadata,
+        scale: float,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        out: torch.Tensor,
+    ) -> PreparedDecode:
+        """The step's decode rows' launch, prepared on its first layer (on the stream the
+        decode rows run on, which then owns its scratch) and kept while its plan lasts."""
+        if self._decode is not None and self._decode[0] is plan:
+            return self._decode[1]
+        decodes = plan.decodes
+        prepared = PreparedDecode(
+            q,
+            kv_cache,
+            meta.block_tables[:decodes],
+            meta.seq_lens[:decodes],
+            plan.decode_max_seq_len,
+            scale,
+            out,
+            num_splits=self.decode_num_splits,
+        )
+        self._decode = (plan, prepared)
+        return prepared
 
     def _side_stream(self, device: torch.device) -> DecodeBranch | None:
         """The stream a mixed step's decode rows run on, or None for the current one."""

@@ -46,7 +46,7 @@ from splitserve.kernels.checks import (
     next_pow2,
     num_sms,
 )
-from splitserve.kernels.decode_reduce import merge_partitions, partition_tokens
+from splitserve.kernels.decode_reduce import partition_tokens, prepare_merge
 from splitserve.kernels.paged import attend_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -256,6 +256,27 @@ def decode_attention(
     num_stages: int | None = None,
 ) -> torch.Tensor:  # [B, num_heads, head_dim]
     """Attention of each sequence's single query over its first seq_lens[b] pooled tokens."""
+    check_tensor("q", q, 3, FLOAT_DTYPES, q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    launch = LaunchConfig(*(given or d for given, d in zip(
+        (block_n, num_warps, num_stages), default_launch(q.dtype, q.shape[2]), strict=True
+    )))  # fmt: skip
+    prepared = PreparedDecode(
+        q, kv_cache, block_tables, seq_lens, max_seq_len, scale, out, num_splits, launch
+    )
+    return prepared(q, kv_cache, out)
+
+
+def _check_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    out: torch.Tensor,
+) -> None:
+    """decode_attention's argument checks (ValueError with what to pass instead)."""
     device = q.device
     check_launchable(device)
     check_tensor("q", q, 3, FLOAT_DTYPES, device)
@@ -279,27 +300,90 @@ def decode_attention(
             f"block_tables holds {block_tables.shape[1]} blocks of {block_size} tokens, "
             f"fewer than max_seq_len={max_seq_len}"
         )
-    if out is None:
-        out = torch.empty_like(q)
     check_tensor("out", out, 3, (q.dtype,), device)
     check_shape("out", out, q.shape)
-    if batch == 0:
+
+
+def _layout(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> tuple:
+    return (
+        q.shape, q.stride(), q.dtype, q.device,
+        kv_cache.shape, kv_cache.stride(), kv_cache.dtype,
+        out.shape, out.stride(), out.dtype,
+    )  # fmt: skip
+
+
+class PreparedDecode:
+    """One batch's decode attention, checked, planned and given its partition scratch once,
+    then launched per layer: `prepared(q, kv_cache, out)` with each layer's own q rows, pool
+    view and output rows, of the layout it was prepared with (a ValueError otherwise).
+    A mixed step's layers share one (kernels/backend.py): the checks, the split plan and the
+    kernels' arguments are not redone 32 times. The scratch is allocated on the stream
+    current at construction and reused by every call, so calls must run on that stream."""
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        max_seq_len: int,
+        scale: float,
+        out: torch.Tensor,
+        num_splits: int | None = None,
+        launch: LaunchConfig | None = None,
+    ) -> None:
+        _check_decode(q, kv_cache, block_tables, seq_lens, max_seq_len, out)
+        batch, num_heads, head_dim = q.shape
+        num_kv_heads = kv_cache.shape[3]
+        block_n, num_warps, num_stages = launch or default_launch(q.dtype, head_dim)
+        check_tile("block_n", block_n)
+        self._layout = _layout(q, kv_cache, out)
+        self._batch = batch
+        device = q.device
+        plan = plan_splits(batch, num_kv_heads, max_seq_len, block_n, num_sms(device), num_splits)
+        single = plan.num_splits == 1
+        parts = 1 if single else plan.num_splits
+        acc = torch.empty(batch, num_heads, parts, head_dim, dtype=torch.float32, device=device)
+        m = torch.empty(batch, num_heads, parts, dtype=torch.float32, device=device)
+        l_sum = torch.empty_like(m)
+        self._grid = (batch, num_kv_heads, plan.num_splits)
+        self._args = _split_args(
+            q, kv_cache, block_tables, seq_lens, out, acc, m, l_sum, scale, block_n, single
+        )
+        self._args.update(num_warps=num_warps, num_stages=num_stages)
+        self._merge = None if single else prepare_merge(acc, m, l_sum, seq_lens, out, block_n)
+
+    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if _layout(q, kv_cache, out) != self._layout:
+            raise ValueError(
+                "PreparedDecode called with q, kv_cache or out of another shape, stride, "
+                "dtype or device than it was prepared with: prepare one for this batch"
+            )
+        if self._batch:
+            _decode_split_kernel[self._grid](q_ptr=q, kv_ptr=kv_cache, out_ptr=out, **self._args)
+            if self._merge is not None:
+                self._merge(out)
         return out
-    default = default_launch(q.dtype, head_dim)
-    block_n = block_n or default.block_n
-    num_warps = num_warps or default.num_warps
-    num_stages = num_stages or default.num_stages
-    check_tile("block_n", block_n)
-    plan = plan_splits(batch, num_kv_heads, max_seq_len, block_n, num_sms(device), num_splits)
-    single = plan.num_splits == 1
-    parts = 1 if single else plan.num_splits
-    part_acc = torch.empty(batch, num_heads, parts, head_dim, dtype=torch.float32, device=device)
-    part_m = torch.empty(batch, num_heads, parts, dtype=torch.float32, device=device)
-    part_l = torch.empty_like(part_m)
-    group_size = num_heads // num_kv_heads
-    block_d = next_pow2(head_dim, 16)
-    _decode_split_kernel[(batch, num_kv_heads, plan.num_splits)](
-        q_ptr=q, kv_ptr=kv_cache, table_ptr=block_tables, seq_lens_ptr=seq_lens, out_ptr=out,
+
+
+def _split_args(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    part_acc: torch.Tensor,
+    part_m: torch.Tensor,
+    part_l: torch.Tensor,
+    scale: float,
+    block_n: int,
+    single: bool,
+) -> dict[str, object]:
+    """The split kernel's arguments but q, the pool and the output (which a layer passes)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group_size = num_heads // kv_cache.shape[3]
+    return dict(
+        table_ptr=block_tables, seq_lens_ptr=seq_lens,
         part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
         qk_scale_log2=scale * LOG2E,
         stride_q_seq=q.stride(0), stride_q_head=q.stride(1), stride_q_dim=q.stride(2),
@@ -314,13 +398,9 @@ def decode_attention(
         stride_pml_seq=part_m.stride(0), stride_pml_head=part_m.stride(1),
         stride_pml_split=part_m.stride(2),
         GROUP_SIZE=group_size, HEAD_DIM=head_dim, BLOCK_G=next_pow2(group_size, 16),
-        BLOCK_D=block_d, BLOCK_N=block_n, KV_BLOCK_SIZE=block_size,
+        BLOCK_D=next_pow2(head_dim, 16), BLOCK_N=block_n, KV_BLOCK_SIZE=kv_cache.shape[2],
         IS_SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if not single:
-        merge_partitions(part_acc, part_m, part_l, seq_lens, out, block_n)
-    return out
 
 
 def decode_attention_reference(

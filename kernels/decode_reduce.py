@@ -15,6 +15,8 @@ A sequence with no visible key (all its l_s = 0) gets zeros. Reference:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -92,6 +94,19 @@ def merge_partitions(
     out: torch.Tensor,  # [B, num_heads, head_dim], written
     partition_tile: int,  # partitions are whole multiples of this many tokens
 ) -> None:
+    prepare_merge(part_acc, part_m, part_l, seq_lens, out, partition_tile)(out)
+
+
+def prepare_merge(
+    part_acc: torch.Tensor,
+    part_m: torch.Tensor,
+    part_l: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    partition_tile: int,
+) -> Callable[[torch.Tensor], None]:
+    """`merge_partitions` checked once: the launch, taking an output of `out`'s shape and
+    strides (each layer of a step its own)."""
     device = out.device
     check_launchable(device)
     check_tensor("part_acc", part_acc, 4, (torch.float32,), device)
@@ -105,11 +120,9 @@ def merge_partitions(
     check_shape("out", out, (batch, num_heads, head_dim))
     if partition_tile < 1:
         raise ValueError(f"partition_tile must be >= 1, got {partition_tile}")
-    if batch == 0:
-        return
-    _decode_reduce_kernel[(batch, num_heads)](
+    args = dict(
         part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
-        seq_lens_ptr=seq_lens, out_ptr=out,
+        seq_lens_ptr=seq_lens,
         partition_tile=partition_tile, num_splits=num_splits,
         stride_seq_lens=seq_lens.stride(0),
         stride_pacc_seq=part_acc.stride(0), stride_pacc_head=part_acc.stride(1),
@@ -121,6 +134,13 @@ def merge_partitions(
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim, 16),
         num_warps=1,
     )  # fmt: skip
+    grid = (batch, num_heads)
+
+    def launch(out: torch.Tensor) -> None:
+        if batch:
+            _decode_reduce_kernel[grid](out_ptr=out, **args)
+
+    return launch
 
 
 def merge_partitions_reference(

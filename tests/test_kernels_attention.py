@@ -123,6 +123,37 @@ def test_decode_attention(head_dim, ratio, block_size, num_splits, dtype) -> Non
     _assert_written_and_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_prepared_decode_serves_every_layer_of_a_step(num_splits: int) -> None:
+    """One PreparedDecode, launched for two layers' pool views, q rows and outputs (what a
+    mixed step's 32 layers do), writes what decode_attention writes for each; a layout it
+    was not prepared for is refused."""
+    from splitserve.kernels.decode_attention import PreparedDecode
+
+    cases = [(n - 1, 1) for n in DECODE_LENS]
+    batch = _batch(cases, 4, 64, 16, torch.float32, seed=3)
+    meta, scale = batch.meta, 64**-0.5
+    layers = [batch.pool[:, 0], batch.pool[:, 1]]
+    queries = [batch.q, torch.randn_like(batch.q)]
+    for kv in layers:
+        kv.nan_to_num_(0.5)  # both layers' contexts finite (the fixture fills one)
+    outs = [_nan_like(q) for q in queries]
+    prepared = PreparedDecode(
+        queries[0], layers[0], meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+        outs[0], num_splits=num_splits,
+    )  # fmt: skip
+    for q, kv, out in zip(queries, layers, outs, strict=True):
+        assert prepared(q, kv, out) is out
+    for q, kv, out in zip(queries, layers, outs, strict=True):
+        want = decode_attention(
+            q, kv, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+            num_splits=num_splits,
+        )  # fmt: skip
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prepare one for this batch"):
+        prepared(queries[0][:-1], layers[0], outs[0][:-1])
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_merge_partitions_skips_unwritten_partitions(head_dim: int) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(head_dim)
@@ -406,6 +437,13 @@ def test_overlap_runs_decode_rows_on_the_side_stream_then_joins(monkeypatch) -> 
             backend, name,
             lambda *a, _n=name, _k=kernel, **kw: events.append(_n) or _k(*a, **kw),
         )  # fmt: skip
+
+    class RecordedDecode(backend.PreparedDecode):  # a mixed step's decode rows
+        def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            events.append("decode_attention")
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "PreparedDecode", RecordedDecode)
     cases = sorted(MIXED_CASES, key=lambda c: c[1] != 1)
     batch = _batch(cases, 4, 64, 16, torch.float32, seed=7)
     meta = dataclasses.replace(batch.meta, num_decodes=sum(c[1] == 1 for c in cases))
