@@ -215,8 +215,24 @@ def markdown(rows: list[dict[str, Any]], slo_ttft_ms: float, slo_tpot_ms: float)
                 f"- {s}: capacity at TTFT p90 <= {slo_ttft_ms:g} ms and TPOT p90 <= "
                 f"{slo_tpot_ms:g} ms: {text}"
             )
+        for s in systems:
+            line = _steps_line(s, [r for r in mine if r["system"] == s])
+            if line is not None:
+                out.append(line)
         out.append("")
     return "\n".join(out)
+
+
+def _steps_line(system: str, rows: list[dict[str, Any]]) -> str | None:
+    """The engine steps of each run and the tokens a step carried, where counted."""
+    counted = sorted((r for r in rows if r.get("engine_steps")), key=lambda r: r["rate"])
+    if not counted:
+        return None
+    runs = ", ".join(
+        f"{r['rate']:g} req/s {r['engine_steps']:,.0f} ({r['tokens_per_step']:,.0f})"
+        for r in counted
+    )
+    return f"- {system}: engine steps over each run (tokens a step): {runs}"
 
 
 def write_summary(

@@ -74,6 +74,7 @@ def test_two_calls_merge_into_one_summary(up, tmp_path: Path) -> None:
     table = (tmp_path / "summary.md").read_text()
     assert "one TTFT p50 / p90 / p99 ms" in table and "two TPOT p50 / p90 ms" in table
     assert table.count("not run") == 6  # one@1000 and two@8, three cells each
+    assert "- one: engine steps over each run (tokens a step): 4 req/s " in table
 
 
 def test_a_rate_that_cannot_fit_the_deadline_is_left_out(up, tmp_path: Path) -> None:
