@@ -47,14 +47,20 @@ class SideStream:
             raise ValueError(f"a side stream needs a CUDA device, got {device}")
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        # Recorded again at every branch and join (`wait_stream` would make an event each
+        # time): a wait holds the event's state when it was queued, so reuse is safe.
+        self._forked = torch.cuda.Event()
+        self._joined = torch.cuda.Event()
 
     @contextmanager
     def branch(self) -> Iterator[None]:
         """Run the body on the side stream, after all work queued so far on the current one."""
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._forked.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(self._forked)
         with torch.cuda.stream(self.stream):
             yield
 
     def join(self) -> None:
         """The current stream waits for all work queued so far on the side stream."""
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self._joined.record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(self._joined)
