@@ -7,8 +7,9 @@ chunks replays a captured graph (`engine/cuda_graphs.py`); every other batch is 
 `build_batch` and, on CUDA, replays the piecewise graphs of its token count around an
 eager attention (`engine/piecewise_graphs.py`), else runs eagerly. Host-built index
 tensors go to the device through pinned memory with asynchronous copies, so the forward
-pass never waits on the host; `build_batch` packs its seven index arrays into one staging
-buffer and one copy (`device_copy.arrays_to_device`).
+pass never waits on the host; `build_batch` packs its seven index arrays, and the rows
+of the chunks that take a pending token (the previous step's draw, still on the device)
+with their sources, into one staging buffer and one copy (`device_copy.arrays_to_device`).
 """
 
 from __future__ import annotations
@@ -35,18 +36,18 @@ class PendingTokens(NamedTuple):
     rows: dict[RequestId, int]  # request -> its row in token_ids
 
 
-class _Patch(NamedTuple):
+class Patch(NamedTuple):
     """Input rows to overwrite with pending tokens: which chunk (in the step's order and
-    among its sampling chunks), and the tokens, gathered on the device."""
+    among its sampling chunks), and each one's row in the pending tokens (host lists; the
+    step's input copy takes them to the device)."""
 
     chunk_index: list[int]
     sampling_index: list[int]
-    token_ids: torch.Tensor
+    source: list[int]
+    pending_ids: torch.Tensor  # PendingTokens.token_ids
 
 
-def _patch(
-    chunks: list[ScheduledChunk], pending: PendingTokens | None, device: torch.device
-) -> _Patch | None:
+def _patch(chunks: list[ScheduledChunk], pending: PendingTokens | None) -> Patch | None:
     if pending is None:
         return None
     chunk_index: list[int] = []
@@ -64,8 +65,7 @@ def _patch(
         num_sampling += 1
     if not source:
         return None
-    token_ids = pending.token_ids[to_device(source, torch.int64, device)]
-    return _Patch(chunk_index, sampling_index, token_ids)
+    return Patch(chunk_index, sampling_index, source, pending.token_ids)
 
 
 class BatchInputs(NamedTuple):
@@ -128,9 +128,16 @@ def _block_tables(chunks_in_rows: list[ScheduledChunk], max_blocks: int) -> np.n
     return out
 
 
-def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.device) -> BatchInputs:
+def build_batch(
+    chunks: list[ScheduledChunk],
+    block_size: int,
+    device: torch.device,
+    patch: Patch | None = None,
+) -> BatchInputs:
     """The flattened batch, one-token chunks first (`meta.num_decodes` of them) so that a
-    backend can give them its decode kernel; `logits_indices` stays in chunk order."""
+    backend can give them its decode kernel; `logits_indices` stays in chunk order. With
+    `patch`, the input rows of chunks ending on a pending token take it on the device
+    (their rows and sources go in the same copy as the rest)."""
     decodes = [c for c in chunks if c.num_new_tokens == 1]
     if len(decodes) not in (0, len(chunks)):
         chunks_in_rows = decodes + [c for c in chunks if c.num_new_tokens != 1]
@@ -143,18 +150,23 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
     sample_rows = [last_row[id(c)] for c in chunks if c.samples]
     rows = _fill_rows(chunks_in_rows, len(decodes), block_size)
     max_blocks = max(-(-n // block_size) for n in seq_lens)
-    ids, positions, slots, starts, lens, tables, logits_indices = arrays_to_device(
-        [
-            rows.token_ids,
-            rows.positions,
-            rows.slots,
-            np.asarray(query_start, dtype=np.int32),
-            np.asarray(seq_lens, dtype=np.int32),
-            _block_tables(chunks_in_rows, max_blocks),
-            np.asarray(sample_rows, dtype=np.int64),
-        ],
-        device,
+    arrays = [
+        rows.token_ids,
+        rows.positions,
+        rows.slots,
+        np.asarray(query_start, dtype=np.int32),
+        np.asarray(seq_lens, dtype=np.int32),
+        _block_tables(chunks_in_rows, max_blocks),
+        np.asarray(sample_rows, dtype=np.int64),
+    ]
+    if patch is not None:
+        arrays.append(np.asarray([sample_rows[j] for j in patch.sampling_index], dtype=np.int64))
+        arrays.append(np.asarray(patch.source, dtype=np.int64))
+    ids, positions, slots, starts, lens, tables, logits_indices, *patched = arrays_to_device(
+        arrays, device
     )
+    if patch is not None:
+        ids[patched[0]] = patch.pending_ids[patched[1]]
     meta = AttentionMetadata(
         slot_mapping=slots,
         query_start_loc=starts,
@@ -197,22 +209,22 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_chunks, vocab]. A chunk whose
         last token is still pending takes it from `pending`, on the device."""
-        patch = _patch(chunks, pending, self.device)
+        patch = _patch(chunks, pending)
         if self.graphs is not None and self.graphs.can_run(chunks):
             self.graphs.inputs.fill(chunks, self.graphs.padded_batch(len(chunks)))
             if patch is not None:
-                rows = to_device(patch.chunk_index, torch.int64, self.device)
-                self.graphs.inputs.input_ids[rows] = patch.token_ids
+                rows, source = arrays_to_device(
+                    [np.asarray(patch.chunk_index, np.int64), np.asarray(patch.source, np.int64)],
+                    self.device,
+                )
+                self.graphs.inputs.input_ids[rows] = patch.pending_ids[source]
             hidden = self.graphs.replay(len(chunks))
             self.num_graph_steps += 1
             if not all(c.samples for c in chunks):
                 sample_rows = [i for i, c in enumerate(chunks) if c.samples]
                 hidden = hidden[to_device(sample_rows, torch.int64, self.device)]
             return self.model.compute_logits(hidden)
-        batch = build_batch(chunks, self.block_size, self.device)
-        if patch is not None:
-            rows = batch.logits_indices[to_device(patch.sampling_index, torch.int64, self.device)]
-            batch.input_ids[rows] = patch.token_ids
+        batch = build_batch(chunks, self.block_size, self.device, patch)
         num_tokens = batch.input_ids.shape[0]
         if self.pieces is not None and self.pieces.can_run(num_tokens):
             hidden = self.pieces.run(batch.input_ids, batch.positions, batch.meta)
