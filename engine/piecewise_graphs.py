@@ -191,6 +191,8 @@ class PiecewiseGraphs:
         buf.slots[num_tokens:size].fill_(-1)
         meta = dataclasses.replace(meta, kv_stored=True)  # the pieces store K/V
         graphs = self._graphs.get(size)
+        # The rows every layer's attention reads and writes: the same views each layer.
+        q, k, v, out = (x[:num_tokens] for x in (buf.q, buf.k, buf.v, buf.attn))
         for index in range(self.num_layers + 1):
             if graphs is not None:
                 graphs[index].replay()
@@ -198,15 +200,7 @@ class PiecewiseGraphs:
                 self._piece(index, size)
             if index == self.num_layers:
                 break
-            attn = layers[index].self_attn.attend(
-                buf.q[:num_tokens],
-                buf.k[:num_tokens],
-                buf.v[:num_tokens],
-                self.kv_cache,
-                meta,
-                out=buf.attn[:num_tokens],
-            )
-            _place(buf.attn[:num_tokens], attn)
+            _place(out, layers[index].self_attn.attend(q, k, v, self.kv_cache, meta, out=out))
         return buf.hidden[:num_tokens]
 
 
