@@ -17,7 +17,7 @@ from torch.profiler import record_function
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import SchedulerConfig
-from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.detokenizer import IncrementalDetokenizer, TokenTexts, make_decode_fn
 from splitserve.engine.grammar import GrammarBackend, TokenBitmask
 from splitserve.engine.random_draw import RowGenerator
 from splitserve.engine.request import Request, RequestId
@@ -74,9 +74,17 @@ class RequestIntake:
         self.device = device
         self.sequences: dict[RequestId, Sequence] = {}
         self.children: dict[str, list[RequestId]] = {}
+        # One TokenTexts per skip_special_tokens setting, shared by every detokenizer.
+        self._texts: dict[bool, TokenTexts] = {}
         self._grammar: GrammarBackend | None = None
         # The backend is also reached from AsyncEngine.compile_grammar's worker threads.
         self._grammar_lock = threading.Lock()
+
+    def _token_texts(self, params: SamplingParams) -> TokenTexts:
+        skip = params.skip_special_tokens
+        if skip not in self._texts:
+            self._texts[skip] = TokenTexts(make_decode_fn(self.tokenizer, skip))
+        return self._texts[skip]
 
     @property
     def grammar(self) -> GrammarBackend:
@@ -158,7 +166,9 @@ class RequestIntake:
             generator = None
             if params.seed is not None:
                 generator = Sampler.make_generator(params.seed + index, self.device)
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, params, self._token_texts(params)
+            )
             seq = Sequence(request, request_id, index, detok, generator)
             seq.grammar = self._matcher(params.grammar)
             seqs.append(seq)
