@@ -3,12 +3,21 @@ rate's points, and the flags that need a CUDA device."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
 import pytest
 
 from splitserve.benchmarks import engine_load
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_after() -> object:
+    """engine_load freezes the heap as a started node does (launch/gc_heap.py); this test
+    process must not stay frozen for the tests that run in it next (tests/test_gc_heap.py)."""
+    yield
+    gc.unfreeze()
 
 
 def _argv(tiny_llama: Path) -> list[str]:
