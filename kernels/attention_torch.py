@@ -145,7 +145,7 @@ class TorchPagedAttention:
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]}")
         if not meta.kv_stored:
-            store_kv(k, v, kv_cache, meta.slot_mapping)
+            self.store(k, v, kv_cache, meta.slot_mapping)
         if meta.is_all_decode and q.shape[0] == meta.num_seqs and _padding_pays(meta):
             result = decode_batched(q, kv_cache, meta, scale)
             return result if out is None else out.copy_(result)

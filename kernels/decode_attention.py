@@ -259,9 +259,12 @@ def decode_attention(
     check_tensor("q", q, 3, FLOAT_DTYPES, q.device)
     if out is None:
         out = torch.empty_like(q)
-    launch = LaunchConfig(*(given or d for given, d in zip(
-        (block_n, num_warps, num_stages), default_launch(q.dtype, q.shape[2]), strict=True
-    )))  # fmt: skip
+    default = default_launch(q.dtype, q.shape[2])
+    launch = LaunchConfig(
+        block_n or default.block_n,
+        num_warps or default.num_warps,
+        num_stages or default.num_stages,
+    )
     prepared = PreparedDecode(
         q, kv_cache, block_tables, seq_lens, max_seq_len, scale, out, num_splits, launch
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -43,9 +44,10 @@ def _stream(
     params: SamplingParams,
     prompt: list[int] | None = None,
     rng: random.Random | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> tuple[list[str], str | None, IncrementalDetokenizer]:
     """Feed `ids` in chunks (random sizes 1-3 when rng is given); deltas, stop string, detok."""
-    detok = IncrementalDetokenizer(tokenizer, prompt or [], params)
+    detok = IncrementalDetokenizer(tokenizer, prompt or [], params, decode)
     deltas: list[str] = []
     pos = 0
     while pos < len(ids):
@@ -226,10 +228,12 @@ def test_shared_token_texts_give_the_same_stream_with_fewer_decodes(tokenizer) -
             shared = TokenTexts(shared_decode)
             for ids in streams:
                 prompt = [rng.randrange(vocab) for _ in range(6)]
-                sizes = [rng.randint(1, 3) for _ in ids]
-                plain = IncrementalDetokenizer(tokenizer, prompt, params, plain_decode)
-                mine = IncrementalDetokenizer(tokenizer, prompt, params, shared)
-                assert _fed(mine, ids, sizes) == _fed(plain, ids, sizes)
+                seed = rng.random()  # the same step sizes for both
+                plain, _, _ = _stream(
+                    tokenizer, ids, params, prompt, random.Random(seed), plain_decode
+                )
+                mine, _, _ = _stream(tokenizer, ids, params, prompt, random.Random(seed), shared)
+                assert mine == plain
             if kind == "text":  # multilingual: some characters span tokens and are held
                 assert shared_decode.calls < 0.75 * plain_decode.calls
 
@@ -241,16 +245,6 @@ class _Counted:
     def __call__(self, ids: list[int]) -> str:
         self.calls += 1
         return self.decode(ids)
-
-
-def _fed(detok: IncrementalDetokenizer, ids: list[int], sizes: list[int]) -> list[str]:
-    deltas, pos = [], 0
-    for size in sizes:
-        if pos >= len(ids):
-            break
-        deltas.append(detok.step(ids[pos : pos + size]).text_delta)
-        pos += size
-    return [*deltas, detok.flush()]
 
 
 def test_token_texts_stop_remembering_at_their_limit() -> None:
