@@ -59,6 +59,10 @@ class ModelConfig:
     # CUDA, Triton attention: a mixed step's decode rows are attended on a second stream
     # beside its prefill rows (kernels/side_stream.py).
     overlap_decode_attention: bool = True
+    # Triton attention: a decode plan of several partitions per sequence merges them in
+    # the split kernel (the last partition of each query group; kernels/decode_attention.py)
+    # instead of a second kernel.
+    fused_decode_merge: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

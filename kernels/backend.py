@@ -5,19 +5,19 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`
 1. stores the step's K/V rows at `meta.slot_mapping` (`store_kv`; slot -1 skipped),
    unless `meta.kv_stored` (the piecewise graphs store them inside the piece before, with
    `store`);
-2. attends, into `out` when the caller gives one (the piecewise graphs' static buffer):
-   an all-decode batch (one query per sequence, one row per sequence) runs the
-   split-K decode kernel; a batch with prefill chunks runs its leading `meta.num_decodes`
-   decode rows with the decode kernel (which reads each KV head once for its whole query
-   group; checked, planned and given its scratch on the step's first layer, then only
-   launched: `PreparedDecode`) and the other sequences with the varlen prefill kernel, or, with
-   `flash_fresh_prefill` and when none of them has cached context, with torch's flash
-   kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
+2. attends, into `out` when the caller gives one (the piecewise graphs' static buffer): an
+   all-decode batch (one query per sequence, one row per sequence) runs the split-K decode
+   kernel (with `fused_decode_merge`, a split plan's partitions merged by the last of them
+   inside that kernel: `MergeCounters`); a batch with prefill chunks runs its leading
+   `meta.num_decodes` decode rows with the decode kernel (which reads each KV head once for
+   its whole query group; checked, planned and given its scratch on the step's first layer,
+   then only launched: `PreparedDecode`) and the other sequences with the varlen prefill
+   kernel, or, with `flash_fresh_prefill` and when none of them has cached context, with
+   torch's flash kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
    `cudnn_fresh_prefill` once `prepare` has run and for a step of one prompt of at least
    `cudnn_prefill.MIN_ROWS` tokens, with cuDNN's fused attention (kernels/cudnn_prefill.py).
-   With
-   `overlap_decode_rows` (CUDA), the decode rows of such a step are attended on a second
-   stream beside the prefill rows (kernels/side_stream.py).
+   With `overlap_decode_rows` (CUDA), the decode rows of such a step are attended on a
+   second stream beside the prefill rows (kernels/side_stream.py).
 
 Nothing in `forward` reads device memory on the host: grid sizes come from the host ints
 `meta.max_query_len` and `meta.max_seq_len`, everything else from meta's device tensors.
@@ -34,7 +34,7 @@ import torch
 from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import PaddedPrompt
-from splitserve.kernels.decode_attention import PreparedDecode, decode_attention
+from splitserve.kernels.decode_attention import MergeCounters, PreparedDecode, decode_attention
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention, is_fresh
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.side_stream import DecodeBranch, SideStream
@@ -69,7 +69,8 @@ class TritonPagedAttention:
     nothing on other devices or while a CUDA graph is being captured.
     `cudnn_fresh_prefill` hands long fresh prompts to cuDNN once `prepare` has built its
     plans; `dense_attend` is the call that attends one padded prompt (cuDNN's unless
-    given)."""
+    given). `fused_decode_merge` merges a split decode plan's partitions inside the split
+    kernel (one launch a layer instead of two; the backend keeps the counters)."""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class TritonPagedAttention:
         side_stream: DecodeBranch | None = None,
         cudnn_fresh_prefill: bool = False,
         dense_attend: cudnn_prefill.DenseAttend = cudnn_prefill.cudnn_attend,
+        fused_decode_merge: bool = False,
     ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
@@ -94,6 +96,7 @@ class TritonPagedAttention:
         self._cudnn_ready = False
         # The step's padded prompts (None: past the buffer), for the q/k/v they view.
         self._prompts: tuple[_MixedPlan, tuple, list[PaddedPrompt] | None] | None = None
+        self._counters = MergeCounters() if fused_decode_merge else None
 
     def prepare(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_rows: int
@@ -134,6 +137,7 @@ class TritonPagedAttention:
                 scale,
                 out=out,
                 num_splits=self.decode_num_splits,
+                counters=self._counters,
             )
         plan = self._plan(meta, q.dtype)
         decodes = plan.decodes
@@ -216,6 +220,7 @@ class TritonPagedAttention:
             scale,
             out,
             num_splits=self.decode_num_splits,
+            counters=self._counters,
         )
         self._decode = (plan, prepared)
         return prepared

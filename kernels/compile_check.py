@@ -37,7 +37,8 @@ from splitserve.kernels import store_kv as st
 HEAD_DIM, GROUP, KV_BLOCK = 128, 4, 16
 # Opt-in shared memory per block on sm_90 (bytes).
 SM90_MAX_SHARED = 227 * 1024
-COUNTED_OPS = ("HGMMA", "HMMA", "LDGSTS", "LDL", "STL")
+# Matrix instructions, async copies, spills, and the fused merge's device-scope ordering.
+COUNTED_OPS = ("HGMMA", "HMMA", "LDGSTS", "LDL", "STL", "ATOMG", "MEMBAR.ALL.GPU")
 
 
 class Spec(NamedTuple):
@@ -56,15 +57,17 @@ def _attention_specs(dtype: torch.dtype) -> list[Spec]:
     launch = dec.default_launch(dtype, HEAD_DIM)
     dec_ptrs = dict(q_ptr=ty, kv_ptr=ty, table_ptr="i32", seq_lens_ptr="i32", out_ptr=ty)
     dec_ptrs |= dict(part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32")
+    dec_ptrs |= dict(counters_ptr="i32")
     block_m, block_n = pre.default_tiles(dtype, HEAD_DIM, torch.device("cuda"))
     pre_ptrs = dict(q_ptr=ty, kv_ptr=ty, table_ptr="i32", seq_lens_ptr="i32")
     pre_ptrs |= dict(query_start_ptr="i32", out_ptr=ty)
     common = dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, KV_BLOCK_SIZE=KV_BLOCK, DOT_PRECISION=dot)
     specs = []
-    for single in (False, True):
+    for single, fused in ((False, False), (False, True), (True, False)):
         consts = dict(common, GROUP_SIZE=GROUP, BLOCK_G=16, BLOCK_N=launch.block_n)
-        consts["IS_SINGLE_SPLIT"] = single
-        label = f"decode split ({ty}, {'single' if single else 'split-K'})"
+        consts |= dict(IS_SINGLE_SPLIT=single, FUSED_MERGE=fused)
+        kind = "single" if single else "split-K, merged inside" if fused else "split-K"
+        label = f"decode split ({ty}, {kind})"
         specs.append(
             Spec(label, dec._decode_split_kernel, dec_ptrs, ("qk_scale_log2",), consts,
                  launch.num_warps, launch.num_stages)

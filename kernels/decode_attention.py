@@ -11,7 +11,11 @@ sequence's length write nothing.
 Stage 2 (`decode_reduce.merge_partitions`, grid (batch, num_heads)) merges the partitions that
 hold tokens: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s.
 With a single partition stage 1 normalises and writes the output itself and stage 2 is
-skipped.
+skipped. With `counters` (`MergeCounters`, zeros) stage 2 runs inside stage 1: each
+partition stores its partials, the block synchronises, one thread takes a ticket from its
+(sequence, KV head) counter with an acquire-release atomic at device scope, and the
+partition that takes the last ticket merges the group's partitions (loads that bypass L1)
+and sets the counter back to zero: one launch a layer instead of two.
 
 Each sequence splits its own context evenly: its partitions hold
 `partition_tokens(seq_len, num_splits, block_n)` tokens (seq_len / num_splits rounded up
@@ -88,6 +92,7 @@ def _decode_split_kernel(
     part_acc_ptr,  # [B, num_heads, num_splits, HEAD_DIM] fp32 (otherwise)
     part_m_ptr,  # [B, num_heads, num_splits] fp32
     part_l_ptr,  # [B, num_heads, num_splits] fp32
+    counters_ptr,  # [B * num_kv_heads] int32, zeros (read when FUSED_MERGE)
     qk_scale_log2,
     stride_q_seq,
     stride_q_head,
@@ -117,6 +122,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
     IS_SINGLE_SPLIT: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -173,6 +179,57 @@ def _decode_split_kernel(
         pml = seq * stride_pml_seq + heads * stride_pml_head + split * stride_pml_split
         tl.store(part_m_ptr + pml, m_i, mask=groups < GROUP_SIZE)
         tl.store(part_l_ptr + pml, l_i, mask=groups < GROUP_SIZE)
+        if FUSED_MERGE:
+            # Every thread's partials are stored before one thread takes a ticket (release);
+            # the partition that takes the last one (acquire) merges them all.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            num_active = tl.minimum(tl.cdiv(seq_len, partition), tl.num_programs(2))
+            if ticket == num_active - 1:
+                tl.store(counter, 0)  # zeros again for the next launch
+                _merge_group(
+                    part_acc_ptr + seq * stride_pacc_seq, part_m_ptr + seq * stride_pml_seq,
+                    part_l_ptr + seq * stride_pml_seq, out_ptr + seq * stride_out_seq,
+                    heads, groups, dims, row_mask, num_active,
+                    stride_pacc_head, stride_pacc_split, stride_pacc_dim,
+                    stride_pml_head, stride_pml_split, stride_out_head, stride_out_dim,
+                    GROUP_SIZE=GROUP_SIZE, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
+                )  # fmt: skip
+
+
+@triton.jit
+def _merge_group(
+    pacc_ptr, pm_ptr, pl_ptr, out_ptr, heads, groups, dims, row_mask, num_active,
+    stride_pacc_head, stride_pacc_split, stride_pacc_dim,
+    stride_pml_head, stride_pml_split, stride_out_head, stride_out_dim,
+    GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One sequence's query group merged over its `num_active` partitions, the same sums in
+    the same order as `decode_reduce`'s kernel (one head there, the group here). Loads skip
+    L1 (`.cg`): other multiprocessors wrote the partials."""
+    pml = heads * stride_pml_head
+    pacc = heads[:, None] * stride_pacc_head + dims[None, :] * stride_pacc_dim
+    live = groups < GROUP_SIZE
+    m_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for split in range(0, num_active):
+        m_s = tl.load(pm_ptr + pml + split * stride_pml_split, mask=live, other=float("-inf"),
+                      cache_modifier=".cg")  # fmt: skip
+        m_max = tl.maximum(m_max, m_s)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    numer = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for split in range(0, num_active):
+        at = split * stride_pml_split
+        weight = tl.exp2(tl.load(pm_ptr + pml + at, mask=live, other=0.0, cache_modifier=".cg")
+                         - m_ref)  # fmt: skip
+        denom += tl.load(pl_ptr + pml + at, mask=live, other=0.0, cache_modifier=".cg") * weight
+        acc = tl.load(pacc_ptr + pacc + split * stride_pacc_split, mask=row_mask, other=0.0,
+                      cache_modifier=".cg")  # fmt: skip
+        numer += acc * weight[:, None]
+    out = numer / tl.where(denom > 0, denom, 1.0)[:, None]
+    out_ptrs = out_ptr + heads[:, None] * stride_out_head + dims[None, :] * stride_out_dim
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 class SplitPlan(NamedTuple):
@@ -254,8 +311,10 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    counters: MergeCounters | None = None,
 ) -> torch.Tensor:  # [B, num_heads, head_dim]
-    """Attention of each sequence's single query over its first seq_lens[b] pooled tokens."""
+    """Attention of each sequence's single query over its first seq_lens[b] pooled tokens.
+    With `counters` a split plan merges its partitions inside the split kernel (one launch)."""
     check_tensor("q", q, 3, FLOAT_DTYPES, q.device)
     if out is None:
         out = torch.empty_like(q)
@@ -266,7 +325,7 @@ def decode_attention(
         num_stages or default.num_stages,
     )
     prepared = PreparedDecode(
-        q, kv_cache, block_tables, seq_lens, max_seq_len, scale, out, num_splits, launch
+        q, kv_cache, block_tables, seq_lens, max_seq_len, scale, out, num_splits, launch, counters
     )
     return prepared(q, kv_cache, out)
 
@@ -315,13 +374,41 @@ def _layout(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> tuple
     )  # fmt: skip
 
 
+class MergeCounters:
+    """Arrival counters of the split kernel's fused merge, one int32 per (sequence, KV
+    head): zeros, and every launch leaves them zeros (the partition that merges a group
+    resets its counter). One buffer serves launches that run one after another (a step's
+    layers, every decode graph, a mixed step's decode rows on the side stream, which joins
+    before the next layer); kernels/backend.py keeps one per backend.
+
+    `get(device, count)` gives a buffer of at least `count` counters, allocated outside a
+    CUDA graph capture only (None during one when it would have to grow: that launch merges
+    with the separate kernel). A buffer a graph captured stays alive with this object."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, count: int) -> torch.Tensor | None:
+        if self._buffers:
+            latest = self._buffers[-1]
+            if latest.device == device and latest.numel() >= count:
+                return latest
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        size = max(count, 2 * self._buffers[-1].numel() if self._buffers else count)
+        self._buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+        return self._buffers[-1]
+
+
 class PreparedDecode:
     """One batch's decode attention, checked, planned and given its partition scratch once,
     then launched per layer: `prepared(q, kv_cache, out)` with each layer's own q rows, pool
     view and output rows, of the layout it was prepared with (a ValueError otherwise).
     A mixed step's layers share one (kernels/backend.py): the checks, the split plan and the
     kernels' arguments are not redone 32 times. The scratch is allocated on the stream
-    current at construction and reused by every call, so calls must run on that stream."""
+    current at construction and reused by every call, so calls must run on that stream.
+    With `counters` a split plan's last partition of each group merges the partials
+    (`MergeCounters`): one launch a layer instead of the split and the merge kernel."""
 
     def __init__(
         self,
@@ -334,6 +421,7 @@ class PreparedDecode:
         out: torch.Tensor,
         num_splits: int | None = None,
         launch: LaunchConfig | None = None,
+        counters: MergeCounters | None = None,
     ) -> None:
         _check_decode(q, kv_cache, block_tables, seq_lens, max_seq_len, out)
         batch, num_heads, head_dim = q.shape
@@ -350,11 +438,21 @@ class PreparedDecode:
         m = torch.empty(batch, num_heads, parts, dtype=torch.float32, device=device)
         l_sum = torch.empty_like(m)
         self._grid = (batch, num_kv_heads, plan.num_splits)
+        counts = None
+        if counters is not None and not single:
+            counts = counters.get(device, batch * num_kv_heads)
         self._args = _split_args(
             q, kv_cache, block_tables, seq_lens, out, acc, m, l_sum, scale, block_n, single
         )
-        self._args.update(num_warps=num_warps, num_stages=num_stages)
-        self._merge = None if single else prepare_merge(acc, m, l_sum, seq_lens, out, block_n)
+        self._args.update(
+            counters_ptr=acc if counts is None else counts,  # not read unless FUSED_MERGE
+            FUSED_MERGE=counts is not None,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+        self._merge = None
+        if not single and counts is None:
+            self._merge = prepare_merge(acc, m, l_sum, seq_lens, out, block_n)
 
     def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if _layout(q, kv_cache, out) != self._layout:

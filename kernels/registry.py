@@ -85,9 +85,12 @@ def torch_kernels() -> ModelKernels:
     return select_kernels("cpu", "torch", "torch")
 
 
-def _attention(name: str, device_type: str, pinned: bool, overlap: bool) -> AttentionBackend:
+def _attention(
+    name: str, device_type: str, pinned: bool, overlap: bool, fused_merge: bool
+) -> AttentionBackend:
     """`pinned`: the backend was named, not "auto": Triton kernels for every step.
-    `overlap`: a mixed step's decode rows on a second CUDA stream (Triton only)."""
+    `overlap`: a mixed step's decode rows on a second CUDA stream (Triton only).
+    `fused_merge`: split decode plans merged inside the split kernel (Triton only)."""
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
         from splitserve.kernels.cudnn_prefill import cudnn_prefill_supported
@@ -98,6 +101,7 @@ def _attention(name: str, device_type: str, pinned: bool, overlap: bool) -> Atte
             flash_fresh_prefill=flash,
             overlap_decode_rows=overlap and device_type == "cuda",
             cudnn_fresh_prefill=flash and cudnn_prefill_supported(device_type),
+            fused_decode_merge=fused_merge,
         )
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
@@ -157,6 +161,7 @@ def select_kernels(
     kernel_backend: str = "auto",
     attention_backend: str = "auto",
     overlap_decode_attention: bool = False,
+    fused_decode_merge: bool = False,
 ) -> ModelKernels:
     """The kernels a model on `device_type` ("cpu", "cuda") runs under this configuration."""
     attention = resolve_backend(attention_backend, device_type)
@@ -172,5 +177,5 @@ def select_kernels(
         ops = _triton_elementwise()
     pinned = attention_backend != "auto"
     overlap = overlap_decode_attention
-    attention_op = _attention(attention, device_type, pinned, overlap)
+    attention_op = _attention(attention, device_type, pinned, overlap, fused_decode_merge)
     return ModelKernels(backend, attention, *ops, attention_op, _draw(backend))

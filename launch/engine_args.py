@@ -134,6 +134,13 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         help="CUDA, Triton attention: attend a mixed step's decode rows on a second stream "
         "beside its prefill rows",
     )
+    g.add_argument(
+        "--fused-decode-merge",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(model, "fused_decode_merge"),
+        help="Triton attention: merge a split decode plan's partitions inside the split "
+        "kernel (one launch a layer) instead of a second kernel",
+    )
 
 
 def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
@@ -230,6 +237,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             cuda_graph_max_seq_len=args.cuda_graph_max_seq_len,
             piecewise_graph_max_tokens=args.piecewise_graph_max_tokens,
             overlap_decode_attention=args.overlap_decode_attention,
+            fused_decode_merge=args.fused_decode_merge,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -28,6 +28,7 @@ def _kernels(triton_interpreter) -> None:
         TritonPagedAttention, \
         decode_attention, \
         decode_attention_reference, \
+        MergeCounters, \
         merge_partitions, \
         merge_partitions_reference, \
         prefill_attention, \
@@ -36,7 +37,11 @@ def _kernels(triton_interpreter) -> None:
         store_kv_reference, \
         make_paged_batch
     from splitserve.kernels.backend import TritonPagedAttention
-    from splitserve.kernels.decode_attention import decode_attention, decode_attention_reference
+    from splitserve.kernels.decode_attention import (
+        MergeCounters,
+        decode_attention,
+        decode_attention_reference,
+    )
     from splitserve.kernels.decode_reduce import merge_partitions, merge_partitions_reference
     from splitserve.kernels.prefill_attention import prefill_attention, prefill_attention_reference
     from splitserve.kernels.store_kv import store_kv, store_kv_reference
@@ -152,6 +157,68 @@ def test_a_prepared_decode_serves_every_layer_of_a_step(num_splits: int) -> None
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="prepare one for this batch"):
         prepared(queries[0][:-1], layers[0], outs[0][:-1])
+
+
+def _assert_same_merge(fused: torch.Tensor, separate: torch.Tensor) -> None:
+    """The interpreter runs the two merges' float ops alike: equal to the bit. A GPU may
+    contract them into other fused multiply-adds: equal to fp32 rounding."""
+    assert not torch.isnan(fused).any(), "some output elements were never written"
+    tol = dict(rtol=0, atol=0) if not ON_GPU else dict(rtol=1e-6, atol=1e-6)
+    if fused.dtype != torch.float32 and ON_GPU:
+        tol = dict(rtol=1e-2, atol=1e-2)  # one rounding of the 16-bit output apart
+    torch.testing.assert_close(fused, separate, **tol)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+def test_fused_merge_writes_what_the_merge_kernel_writes(ratio: int, num_splits: int) -> None:
+    """With counters the split kernel's last partition of each query group merges (one
+    launch); every sequence length, empty partitions included (16-token tiles over up to 5
+    splits of 1 to 70 tokens), comes out as the separate merge kernel's, and the counters
+    are zeros again after each launch."""
+    cases = [(n - 1, 1) for n in DECODE_LENS]
+    batch = _batch(cases, ratio, 64, 16, torch.float32, seed=ratio + num_splits)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    counters = MergeCounters()
+    for layer_q in (batch.q, torch.randn_like(batch.q)):
+        batch.q = layer_q
+        separate = _run_decode(batch, 0.125, num_splits=num_splits, block_n=16)
+        fused = _run_decode(batch, 0.125, num_splits=num_splits, block_n=16, counters=counters)
+        _assert_same_merge(fused, separate)
+        assert not counters.get(DEVICE, 1).any(), "a counter was left non-zero"
+
+
+def test_merge_counters_grow_and_keep_every_buffer() -> None:
+    """A CUDA graph keeps the address it captured: a counter buffer that grows leaves the
+    old one allocated (and zero), and a smaller request reuses the latest."""
+    counters = MergeCounters()
+    first = counters.get(DEVICE, 8)
+    assert first.dtype == torch.int32 and first.numel() == 8 and not first.any()
+    assert counters.get(DEVICE, 5) is first
+    grown = counters.get(DEVICE, 9)
+    assert grown is not first and grown.numel() >= 16 and not grown.any()
+    assert counters.get(DEVICE, 3) is grown
+    assert counters._buffers == [first, grown]
+
+
+@pytest.mark.parametrize("case", ["decode", "mixed_decodes_first"])
+def test_backend_fused_merge_matches_the_separate_merge(case: str) -> None:
+    """The backend with `fused_decode_merge` (decode batches and a mixed step's decode
+    rows, both split three ways) writes what it writes without."""
+    cases = [(n - 1, 1) for n in DECODE_LENS]
+    if case != "decode":
+        cases = [*cases, (0, 15), (16, 16)]
+    batch = _batch(cases, 4, 64, 16, torch.float32, seed=17, pad_rows=2)
+    if case != "decode":
+        batch.meta = dataclasses.replace(batch.meta, num_decodes=len(DECODE_LENS))
+    scale, pool = 64**-0.5, batch.pool.clone()
+    outs = []
+    for fused in (False, True):
+        batch.pool.copy_(pool)
+        attention = TritonPagedAttention(decode_num_splits=3, fused_decode_merge=fused)
+        outs.append(attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, batch.meta, scale))
+    assert TritonPagedAttention(fused_decode_merge=True)._counters is not None
+    _assert_same_merge(outs[1], outs[0])
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -287,6 +354,63 @@ def test_decode_attention_full(head_dim, block_size, heads, num_splits, dtype) -
         batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
     )
     _assert_written_and_close(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 7, 32])
+def test_fused_merge_full(num_splits, dtype) -> None:
+    """Model-sized batches on the device, where the partitions of a group run on many
+    multiprocessors at once: twenty launches sharing one counter buffer (new queries each
+    time) write what the separate merge writes, and leave the counters zero."""
+    cases = [(n - 1, 1) for n in GPU_DECODE_LENS] * 5
+    batch = make_paged_batch(cases, 32, 8, 128, 16, dtype, DEVICE, seed=21)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    counters = MergeCounters()
+    gen = torch.Generator(device=DEVICE).manual_seed(4)
+    for _launch in range(20):
+        batch.q = torch.randn(batch.q.shape, generator=gen, device=DEVICE).to(dtype)
+        separate = _run_decode(batch, 128**-0.5, num_splits=num_splits)
+        fused = _run_decode(batch, 128**-0.5, num_splits=num_splits, counters=counters)
+        _assert_same_merge(fused, separate)
+    torch.cuda.synchronize()
+    assert not counters.get(DEVICE, 1).any(), "a counter was left non-zero"
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_merge_replays_in_a_cuda_graph() -> None:
+    """What the decode graphs do: counters allocated before the capture, the launch
+    captured at a context limit, replayed over new contexts and queries."""
+    dtype, limit = torch.bfloat16, 4096
+    cases = [(n - 1, 1) for n in (1, 17, 300, 1000, 2048, 4095)] * 8
+    batch = make_paged_batch(cases, 32, 8, 128, 16, dtype, DEVICE, seed=22)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    meta, counters = batch.meta, MergeCounters()
+    q, lens, out = batch.q.clone(), meta.seq_lens.clone(), torch.empty_like(batch.q)
+
+    def launch() -> None:
+        decode_attention(
+            q, batch.kv_cache, meta.block_tables, lens, limit, 0.088, out=out, counters=counters
+        )
+
+    launch()  # compiles, and allocates the counters outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    for _replay in range(5):
+        q.copy_(torch.randn(q.shape, generator=gen, device=DEVICE).to(dtype))
+        # Each row within its own stored context (the pool past it is NaN).
+        fraction = torch.rand(lens.shape, generator=gen, device=DEVICE)
+        lens.copy_((fraction * meta.seq_lens).ceil().clamp_min(1).to(torch.int32))
+        graph.replay()
+        want = decode_attention(q, batch.kv_cache, meta.block_tables, lens, limit, 0.088)
+        _assert_same_merge(out, want)
+    torch.cuda.synchronize()
+    assert not counters.get(DEVICE, 1).any()
 
 
 # Launch configs (block_n, num_warps, num_stages) the benchmark sweeps for 16-bit decode.

@@ -31,10 +31,18 @@ def test_all_kernels_compile_for_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reports = {r["label"]: r for r in json.loads(proc.stdout)}
-    assert len(reports) == 12, sorted(reports)
+    assert len(reports) == 14, sorted(reports)
     # The bf16 attention kernels at their defaults: no register spills (when the shipped
     # cuobjdump could read the cubin), and prefill on Hopper's warpgroup matrix instructions.
     for label in ("decode split (bf16, split-K)", "decode split (bf16, single)", "prefill (bf16)"):
         assert reports[label]["stack_bytes"] in (0, None), reports[label]
     ops = reports["prefill (bf16)"]["ops"]
     assert not ops or ops["HGMMA"] > 0, ops
+    # The merge inside the split kernel: a device-scope fence before its ticket atomic;
+    # the separate-merge variant has neither.
+    merged = reports["decode split (bf16, split-K, merged inside)"]
+    assert merged["stack_bytes"] in (0, None), merged
+    ops = merged["ops"]
+    assert not ops or (ops["ATOMG"] > 0 and ops["MEMBAR.ALL.GPU"] > 0), ops
+    ops = reports["decode split (bf16, split-K)"]["ops"]
+    assert not ops or ops["ATOMG"] == ops["MEMBAR.ALL.GPU"] == 0, ops
