@@ -13,13 +13,13 @@ for a step of T tokens padded to the bucket B >= T, the pieces are
 
 each replayed from its graph, with layer i's attention run eagerly over the T real rows
 between pieces i and i+1. A piece that ends before layer i's attention also stores layer
-i's K/V rows into the pool, at the slots `run` copies into a static buffer (the backend's
-`store`), so the eager attention only attends (metadata with `kv_stored`): a launch less
-per layer on the host. Pad rows carry token 0 at position 0 and slot -1: nothing stores
-or reads them, and their outputs are dropped. The pieces hand
-over through static buffers without copies: the q/k/v projection writes its output into
-the buffer attention reads, the residual add its sum into the residual buffer, and
-attention its output into the buffer the next piece reads.
+i's K/V rows into the pool with its rotary (one kernel on Triton,
+kernels/rotary_store.py), at the slots `run` copies into a static buffer, so the eager
+attention only attends (metadata with `kv_stored`): a launch less per layer on the host.
+Pad rows carry token 0 at position 0 and slot -1: nothing stores or reads them, and their
+outputs are dropped. The pieces hand over through static buffers without copies: the q/k/v
+projection writes its output into the buffer attention reads, the residual add its sum
+into the residual buffer, and attention its output into the buffer the next piece reads.
 
 Who calls what: `build_parts` builds them with `capture_piecewise_graphs` on CUDA (unless
 `enforce_eager`, or `piecewise_graph_max_tokens` is 0), after the decode graphs and the
@@ -136,15 +136,16 @@ class PiecewiseGraphs:
         if index == self.num_layers:
             buf.hidden[:size].copy_(self.model.model.norm.add_forward(x, residual)[0])
             return
+        # Stored with the rotary (one kernel on Triton): the eager attention only attends.
+        store = (self.kv_cache, buf.slots[:size])
         q, k, v, residual = layers[index].pre(
-            x, residual, positions, rotary, buf.qkv[:size], buf.residual[:size]
+            x, residual, positions, rotary, buf.qkv[:size], buf.residual[:size], store
         )
         # In place already, except layer 0's residual (the embedding) and q/k under qk-norm.
         _place(buf.q[:size], q)
         _place(buf.k[:size], k)
         _place(buf.v[:size], v)
         _place(buf.residual[:size], residual)
-        layers[index].self_attn.store(buf.k[:size], buf.v[:size], self.kv_cache, buf.slots[:size])
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -3,12 +3,13 @@
 A step's batch is flattened: the new tokens of every scheduled sequence are concatenated
 into one row dimension T (sequence b owns rows query_start_loc[b]:query_start_loc[b+1]).
 A backend first stores the rows' K/V into the paged pool at `slot_mapping` (unless
-`kv_stored`: the caller stored them already, with the backend's `store`), then computes
-attention of each sequence's queries over its whole context: the blocks in its block
-table up to seq_lens[b] tokens, causally (query row i of sequence b sits at position
-seq_lens[b] - query_len_b + i). The piecewise graphs (engine/piecewise_graphs.py) store
-each layer's K/V inside the captured piece before its attention, so that the eager
-attention between pieces launches one kernel fewer.
+`kv_stored`: the caller stored them already, with the backend's `store` or in the same
+layout), then computes attention of each sequence's queries over its whole context: the
+blocks in its block table up to seq_lens[b] tokens, causally (query row i of sequence b
+sits at position seq_lens[b] - query_len_b + i). The model stores each layer's K/V with
+its rotary before attention (engine/model/layers.py: one kernel on the Triton backend,
+kernels/rotary_store.py; inside the captured piece with piecewise graphs), and attends
+with `kv_stored`.
 
 Implementations: `kernels/attention_torch.py` (plain torch, what the CPU runs) and the
 Triton backend of `kernels/`.
@@ -40,7 +41,7 @@ class AttentionMetadata:
     # Leading sequences with one query row each (decode rows): a backend may run them with
     # its decode kernel and the rest with its prefill kernel. 0 when unknown.
     num_decodes: int = 0
-    # The rows' K/V are in the pool already (the caller ran `store`): forward only attends.
+    # The rows' K/V are in the pool already (the caller stored them): forward only attends.
     kv_stored: bool = False
 
     @property

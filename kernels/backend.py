@@ -3,8 +3,7 @@
 Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`, which
 
 1. stores the step's K/V rows at `meta.slot_mapping` (`store_kv`; slot -1 skipped),
-   unless `meta.kv_stored` (the piecewise graphs store them inside the piece before, with
-   `store`);
+   unless `meta.kv_stored` (the model stores them with its rotary before attention);
 2. attends, into `out` when the caller gives one (the piecewise graphs' static buffer): an
    all-decode batch (one query per sequence, one row per sequence) runs the split-K decode
    kernel (with `fused_decode_merge`, a split plan's partitions merged by the last of them

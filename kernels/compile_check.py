@@ -32,6 +32,7 @@ from splitserve.kernels import gumbel_sample as gum
 from splitserve.kernels import prefill_attention as pre
 from splitserve.kernels import rmsnorm as rms
 from splitserve.kernels import rotary as rot
+from splitserve.kernels import rotary_store as rst
 from splitserve.kernels import store_kv as st
 
 HEAD_DIM, GROUP, KV_BLOCK = 128, 4, 16
@@ -107,6 +108,14 @@ def all_specs() -> list[Spec]:
             "rotary (bf16, 32+8 heads)", rot._rotary_kernel,
             dict(q_ptr=bf16, k_ptr=bf16, cos_sin_ptr="fp32", positions_ptr="i64"), (),
             dict(HALF_DIM=HEAD_DIM // 2, BLOCK_HALF=HEAD_DIM // 2, BLOCK_HQ=32, BLOCK_HK=8),
+            4, 1,
+        ),
+        Spec(
+            "rotary + store (bf16, 32+8 heads)", rst._rotary_store_kernel,
+            dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, kv_ptr=bf16, cos_sin_ptr="fp32",
+                 positions_ptr="i64", slot_ptr="i64"), (),
+            dict(HALF_DIM=HEAD_DIM // 2, BLOCK_HALF=HEAD_DIM // 2, BLOCK_HQ=32, BLOCK_HK=8,
+                 KV_BLOCK_SIZE=KV_BLOCK),
             4, 1,
         ),
         Spec(

@@ -4,7 +4,9 @@ from configuration (never from `x.is_cuda` inside a layer).
 The engine calls `select_kernels(device_type, kernel_backend, attention_backend)` once at
 start-up and hands the `ModelKernels` to the model, whose layers call its ops:
 
-    rms_norm, add_rms_norm, rotary_ (in place, on both backends), silu_mul, attention
+    rms_norm, add_rms_norm, rotary_ (in place, on both backends), silu_mul, attention,
+    rotary_store_ (rotary, then the rotated K and V into the pool, in one kernel: Triton
+    only; None on the torch backend, where the model rotates and the attention stores)
 
 and hands `draw` (the sampler's fused random draw, kernels/gumbel_sample.py; None on the
 torch backend, whose sampler draws with torch ops) to the sampler.
@@ -52,6 +54,13 @@ class AddNormOp(Protocol):
 
 RotaryOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 ActivationOp = Callable[[torch.Tensor], torch.Tensor]
+# (positions, q, k, v, cos_sin, kv_cache layer view, slot_mapping) -> None: q and k rotated
+# in place, the rotated k and v written at their slots (kernels/rotary_store.py).
+RotaryStoreOp = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+     torch.Tensor],
+    None,
+]  # fmt: skip
 # (logits [R, V], inv_temps [R] fp32, seeds [R] int64, counters [R] int64) -> tokens [R]:
 # the sampler's fused random draw (kernels/gumbel_sample.py, engine/random_draw.py).
 DrawOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,6 +79,8 @@ class ModelKernels:
     attention: AttentionBackend
     # The sampler's fused draw: Triton's on the "triton" backend, else None (torch draw).
     draw: DrawOp | None = None
+    # Rotary and the K/V store in one kernel: Triton's on the "triton" backend, else None.
+    rotary_store_: RotaryStoreOp | None = None
 
 
 def resolve_backend(name: str, device_type: str) -> str:
@@ -106,6 +117,18 @@ def _attention(
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
     return TorchPagedAttention()
+
+
+def _rotary_store(backend: str) -> RotaryStoreOp | None:
+    if backend == "torch":
+        return None
+    from splitserve.kernels.rotary_store import rotary_store_, rotary_store_reference
+
+    def rotary_store(positions: torch.Tensor, q: torch.Tensor, *rest: torch.Tensor) -> None:
+        op = rotary_store_reference if q.dtype == torch.float64 else rotary_store_
+        op(positions, q, *rest)
+
+    return rotary_store
 
 
 def _draw(backend: str) -> DrawOp | None:
@@ -178,4 +201,6 @@ def select_kernels(
     pinned = attention_backend != "auto"
     overlap = overlap_decode_attention
     attention_op = _attention(attention, device_type, pinned, overlap, fused_decode_merge)
-    return ModelKernels(backend, attention, *ops, attention_op, _draw(backend))
+    return ModelKernels(
+        backend, attention, *ops, attention_op, _draw(backend), _rotary_store(backend)
+    )

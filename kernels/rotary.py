@@ -40,6 +40,53 @@ class RopeTable(Protocol):
 
 
 @triton.jit
+def rotated_halves(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi):
+    """The rotated halves of rows (lo, hi) in their dtype: each product, then the sum,
+    rounded to that dtype (as torch does). cos/sin: fp32, already rounded through it."""
+    dtype = lo.dtype
+    lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+    a = (lo_f * cos_lo[None, :]).to(dtype).to(tl.float32)
+    b = (-hi_f * sin_lo[None, :]).to(dtype).to(tl.float32)
+    c = (hi_f * cos_hi[None, :]).to(dtype).to(tl.float32)
+    d = (lo_f * sin_hi[None, :]).to(dtype).to(tl.float32)
+    return (a + b).to(dtype), (c + d).to(dtype)
+
+
+@triton.jit
+def cos_sin_halves(
+    cos_sin_ptr, pos, stride_cs_pos, stride_cs_kind, stride_cs_dim, dtype,
+    HALF_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    """Position `pos`'s cos and sin, each as its two halves, fp32 rounded through `dtype`."""
+    dims = tl.arange(0, BLOCK_HALF)
+    dmask = dims < HALF_DIM
+    cos_ptrs = cos_sin_ptr + pos * stride_cs_pos + dims * stride_cs_dim
+    sin_ptrs = cos_ptrs + stride_cs_kind
+    hi = HALF_DIM * stride_cs_dim
+    cos_lo = tl.load(cos_ptrs, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    cos_hi = tl.load(cos_ptrs + hi, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    sin_lo = tl.load(sin_ptrs, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    sin_hi = tl.load(sin_ptrs + hi, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    return cos_lo, cos_hi, sin_lo, sin_hi
+
+
+@triton.jit
+def head_halves(
+    x_ptr, num_heads, stride_head, HALF_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    """A token's heads [BLOCK_H, 2 * HALF_DIM] at `x_ptr` as their two halves, with the
+    pointers and mask of the low half."""
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    mask = (heads < num_heads)[:, None] & (dims < HALF_DIM)[None, :]
+    lo_ptrs = x_ptr + heads[:, None] * stride_head + dims[None, :]
+    lo = tl.load(lo_ptrs, mask=mask, other=0.0)
+    hi = tl.load(lo_ptrs + HALF_DIM, mask=mask, other=0.0)
+    return lo_ptrs, mask, lo, hi
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr,  # [T, num_heads, 2 * HALF_DIM] (this token's row is at `x_ptr`)
     num_heads,
@@ -52,21 +99,12 @@ def _rotate_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    dtype = x_ptr.dtype.element_ty
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_HALF)
-    mask = (heads < num_heads)[:, None] & (dims < HALF_DIM)[None, :]
-    lo_ptrs = x_ptr + heads[:, None] * stride_head + dims[None, :]
-    lo = tl.load(lo_ptrs, mask=mask, other=0.0)
-    hi = tl.load(lo_ptrs + HALF_DIM, mask=mask, other=0.0)
-    lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
-    # Round each product, then the sum, to the activation dtype (as torch does).
-    a = (lo_f * cos_lo[None, :]).to(dtype).to(tl.float32)
-    b = (-hi_f * sin_lo[None, :]).to(dtype).to(tl.float32)
-    c = (hi_f * cos_hi[None, :]).to(dtype).to(tl.float32)
-    d = (lo_f * sin_hi[None, :]).to(dtype).to(tl.float32)
-    tl.store(lo_ptrs, (a + b).to(dtype), mask=mask)
-    tl.store(lo_ptrs + HALF_DIM, (c + d).to(dtype), mask=mask)
+    lo_ptrs, mask, lo, hi = head_halves(
+        x_ptr, num_heads, stride_head, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF
+    )
+    new_lo, new_hi = rotated_halves(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi)
+    tl.store(lo_ptrs, new_lo, mask=mask)
+    tl.store(lo_ptrs + HALF_DIM, new_hi, mask=mask)
 
 
 @triton.jit
@@ -94,16 +132,10 @@ def _rotary_kernel(
     pos = tl.load(positions_ptr + tok * stride_pos)
     if pos < 0:
         return
-    dtype = q_ptr.dtype.element_ty
-    dims = tl.arange(0, BLOCK_HALF)
-    dmask = dims < HALF_DIM
-    cos_ptrs = cos_sin_ptr + pos * stride_cs_pos + dims * stride_cs_dim
-    sin_ptrs = cos_ptrs + stride_cs_kind
-    hi = HALF_DIM * stride_cs_dim
-    cos_lo = tl.load(cos_ptrs, mask=dmask, other=0.0).to(dtype).to(tl.float32)
-    cos_hi = tl.load(cos_ptrs + hi, mask=dmask, other=0.0).to(dtype).to(tl.float32)
-    sin_lo = tl.load(sin_ptrs, mask=dmask, other=0.0).to(dtype).to(tl.float32)
-    sin_hi = tl.load(sin_ptrs + hi, mask=dmask, other=0.0).to(dtype).to(tl.float32)
+    cos_lo, cos_hi, sin_lo, sin_hi = cos_sin_halves(
+        cos_sin_ptr, pos, stride_cs_pos, stride_cs_kind, stride_cs_dim, q_ptr.dtype.element_ty,
+        HALF_DIM=HALF_DIM, BLOCK_HALF=BLOCK_HALF,
+    )  # fmt: skip
     _rotate_heads(
         q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos_lo, cos_hi, sin_lo, sin_hi,
         HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HQ, BLOCK_HALF=BLOCK_HALF,
@@ -121,22 +153,9 @@ def apply_rotary_(
     cos_sin: torch.Tensor,  # [max_position, 2, head_dim] fp32 (RotaryEmbedding.cos_sin)
 ) -> None:
     """Rotate q and k in place. Positions must be < max_position (not checked on device)."""
-    device = q.device
-    check_launchable(device)
-    check_tensor("q", q, 3, FLOAT_DTYPES, device)
+    check_launchable(q.device)
+    check_rotary_args(positions, q, k, cos_sin)
     num_tokens, num_heads, head_dim = q.shape
-    check_tensor("k", k, 3, (q.dtype,), device)
-    if k.shape[0] != num_tokens or k.shape[2] != head_dim:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
-    if head_dim % 2:
-        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
-    check_tensor("cos_sin", cos_sin, 3, (torch.float32,), device, inner_contiguous=False)
-    if cos_sin.shape[1:] != (2, head_dim):
-        raise ValueError(
-            f"cos_sin must be [max_position, 2, {head_dim}], got {tuple(cos_sin.shape)}"
-        )
-    check_tensor("positions", positions, 1, (torch.int64,), device, inner_contiguous=False)
-    check_shape("positions", positions, (num_tokens,))
     if num_tokens == 0:
         return
     half = head_dim // 2
@@ -150,6 +169,27 @@ def apply_rotary_(
         HALF_DIM=half, BLOCK_HALF=next_pow2(half), BLOCK_HQ=next_pow2(num_heads),
         BLOCK_HK=next_pow2(k.shape[1]), num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
+
+
+def check_rotary_args(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> None:
+    """`apply_rotary_`'s argument checks (ValueError with what to pass instead)."""
+    device = q.device
+    check_tensor("q", q, 3, FLOAT_DTYPES, device)
+    num_tokens, _, head_dim = q.shape
+    check_tensor("k", k, 3, (q.dtype,), device)
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    check_tensor("cos_sin", cos_sin, 3, (torch.float32,), device, inner_contiguous=False)
+    if cos_sin.shape[1:] != (2, head_dim):
+        raise ValueError(
+            f"cos_sin must be [max_position, 2, {head_dim}], got {tuple(cos_sin.shape)}"
+        )
+    check_tensor("positions", positions, 1, (torch.int64,), device, inner_contiguous=False)
+    check_shape("positions", positions, (num_tokens,))
 
 
 def rotary_reference(

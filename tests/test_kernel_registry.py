@@ -64,3 +64,33 @@ def test_rotary_rotates_in_place_and_matches_the_reference() -> None:
     assert out_q is q and out_k is k
     torch.testing.assert_close(q, want_q, rtol=0, atol=0)
     torch.testing.assert_close(k, want_k, rtol=0, atol=0)
+
+
+def _greedy_tokens(model_dir, kernel_backend: str) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """Greedy tokens of a small batch (two prompts over several steps, one in 8-token
+    chunks) from an engine on the CPU with plain torch attention and `kernel_backend`."""
+    from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from splitserve.engine.core import EngineCore
+    from splitserve.engine.sampling_params import SamplingParams
+
+    model = ModelConfig(str(model_dir), dtype="float32", kernel_backend=kernel_backend)
+    sched = SchedulerConfig(max_num_batched_tokens=8)
+    core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=32), sched))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[3, 5, 7, 9, 11], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 1]]
+    for i, prompt in enumerate(prompts):
+        core.add_request(f"r{i}", prompt, params)
+    tokens: dict[str, list[int]] = {}
+    while core.has_unfinished():
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return [tokens[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_triton_kernels_generate_the_torch_kernels_tokens(triton_interpreter, tiny_llama) -> None:
+    """The Triton element-wise kernels, the K/V stored by the rotary's kernel among them
+    (read back by attention on every later step and chunk), give the plain-torch kernels'
+    greedy tokens."""
+    assert select_kernels("cpu", "triton", "torch").rotary_store_ is not None
+    assert torch_kernels().rotary_store_ is None
+    assert _greedy_tokens(tiny_llama, "triton") == _greedy_tokens(tiny_llama, "torch")

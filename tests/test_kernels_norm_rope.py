@@ -21,9 +21,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def _kernels(triton_interpreter) -> None:
     """Kernel modules, imported once the interpreter is chosen (see conftest)."""
     global rmsnorm, rmsnorm_reference, apply_rotary_, rotary_reference, silu_mul, silu_mul_reference
+    global rotary_store_, rotary_store_reference, store_kv
     from splitserve.kernels.rmsnorm import rmsnorm, rmsnorm_reference
     from splitserve.kernels.rotary import apply_rotary_, rotary_reference
+    from splitserve.kernels.rotary_store import rotary_store_, rotary_store_reference
     from splitserve.kernels.silu_mul import silu_mul, silu_mul_reference
+    from splitserve.kernels.store_kv import store_kv
 
 
 ON_GPU = DEVICE.type == "cuda"
@@ -107,14 +110,14 @@ def test_rmsnorm_per_head_view(head_dim: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out, norm(q), **NORM_TOL[dtype])
 
 
-def _rope(head_dim: int, scaling: RopeScaling | None) -> RotaryEmbedding:
+def _rope(head_dim: int, scaling: RopeScaling | None, kernels=None) -> RotaryEmbedding:
     arch = ModelArchConfig(
         architecture="llama", vocab_size=32, hidden_size=4 * head_dim, intermediate_size=64,
         num_layers=1, num_heads=4, num_kv_heads=1, head_dim=head_dim, rms_norm_eps=1e-5,
         rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=8192,
         tie_word_embeddings=False,
     )  # fmt: skip
-    return RotaryEmbedding(arch).to(DEVICE)
+    return RotaryEmbedding(arch, kernels).to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,6 +146,69 @@ def test_rotary_in_place(head_dim, heads, scaling, dtype) -> None:
     v_begin = (num_heads + num_kv) * head_dim
     torch.testing.assert_close(qkv[~live], before[~live], rtol=0, atol=0)
     torch.testing.assert_close(qkv[:, v_begin:], before[:, v_begin:], rtol=0, atol=0)
+
+
+def _qkv_and_pool(tokens, heads, head_dim, block_size, dtype, seed):
+    """q, k, v as strided views of one fused projection, and a NaN-poisoned two-layer pool
+    whose layer-1 view the store writes."""
+    num_heads, num_kv = heads
+    qkv = _randn(tokens, (num_heads + 2 * num_kv) * head_dim, dtype=dtype, seed=seed)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
+    views = (x.view(tokens, -1, head_dim) for x in (q, k, v))
+    pool = torch.full((6, 2, 2, block_size, num_kv, head_dim), float("nan"), dtype=dtype)
+    return qkv, *views, pool.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 4)])
+def test_rotary_store_is_rotary_then_store(head_dim, block_size, heads, dtype) -> None:
+    """One kernel writes what `apply_rotary_` and then `store_kv` write, to the bit: q and
+    k rotated in place where there is a position (-1: untouched), the rotated k and v at
+    their slots (-1: stored nowhere), the rest of the pool as it was."""
+    rope = _rope(head_dim, RopeScaling("llama3", 8.0))
+    positions = torch.tensor([0, 1, 17, 4095, -1, 8191, 5], device=DEVICE)
+    slots = torch.tensor([3, -1, 7, 0, 11, 2 * block_size + 1, -1], device=DEVICE)
+    fused, apart, torch_side = (
+        _qkv_and_pool(7, heads, head_dim, block_size, dtype, seed=head_dim) for _ in range(3)
+    )
+    rotary_store_(positions, *fused[1:4], rope.cos_sin, fused[4][:, 1], slots)
+    apply_rotary_(positions, apart[1], apart[2], rope.cos_sin)
+    store_kv(apart[2], apart[3], apart[4][:, 1], slots)
+    for got, want in zip((fused[0], fused[4]), (apart[0], apart[4]), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    # The plain-torch reference agrees (the pool rows it stores, the rows it rotates).
+    rotary_store_reference(positions, *torch_side[1:4], rope.cos_sin, torch_side[4][:, 1], slots)
+    torch.testing.assert_close(torch_side[0], fused[0], rtol=0, atol=0)
+    torch.testing.assert_close(torch_side[4], fused[4], rtol=0, atol=0, equal_nan=True)
+    layer = fused[4][:, 1]  # [blocks, 2, block_size, kv_heads, head_dim]
+    for slot in slots[slots >= 0].tolist():
+        assert not torch.isnan(layer[slot // block_size, :, slot % block_size]).any()
+
+
+def test_the_model_stores_with_its_rotary_in_one_kernel_on_triton() -> None:
+    """`rotate_and_store` takes the Triton kernels' fused op (the backend's store is not
+    called) and, with plain torch, rotates and then calls the store it is given: the same
+    pool and q/k either way."""
+    from splitserve.kernels.registry import select_kernels, torch_kernels
+
+    calls: list[int] = []
+
+    def store(k, v, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        store_kv(k, v, kv_cache, slot_mapping)
+
+    positions = torch.tensor([0, 5, 9], device=DEVICE)
+    slots = torch.tensor([4, -1, 9], device=DEVICE)
+    results = []
+    for kernels in (select_kernels(DEVICE.type, "triton", "torch"), torch_kernels()):
+        rope = _rope(64, None, kernels)
+        qkv, q, k, v, pool = _qkv_and_pool(3, (4, 2), 64, 16, torch.float32, seed=2)
+        rope.rotate_and_store(positions, q, k, v, pool[:, 0], slots, store)
+        results.append((qkv, pool))
+    assert calls == [1]  # only the torch kernels went through the backend's store
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.gpu

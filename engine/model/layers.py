@@ -11,7 +11,9 @@ their row slices.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ from splitserve.engine.model.arch import ModelArchConfig, RopeScaling
 from splitserve.kernels import torch_ops
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.registry import ModelKernels, torch_kernels
+
+# (k, v, one layer's pool view, slot_mapping) -> None: the attention backend's `store`.
+StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -142,6 +147,25 @@ class RotaryEmbedding(nn.Module):
         self.kernels.rotary_(positions, q, k, self.cos_sin)
         return q, k
 
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,  # one layer's pool view
+        slot_mapping: torch.Tensor,
+        store: StoreKV,
+    ) -> None:
+        """Rotate q and k in place and write the rotated k and v at `slot_mapping` (-1
+        skipped): one kernel where the kernels have it (Triton), else the rotation and
+        then `store` (the attention backend's)."""
+        if self.kernels.rotary_store_ is not None:
+            self.kernels.rotary_store_(positions, q, k, v, self.cos_sin, kv_cache, slot_mapping)
+            return
+        self.kernels.rotary_(positions, q, k, self.cos_sin)
+        store(k, v, kv_cache, slot_mapping)
+
     def reference(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +200,9 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self.project(x, positions, rotary)
-        return self.o_proj(self.attend(q, k, v, kv_cache, meta).reshape(-1, self.q_size))
+        q, k, v = self.project(x, positions, rotary, store=(kv_cache, meta.slot_mapping))
+        stored = dataclasses.replace(meta, kv_stored=True)
+        return self.o_proj(self.attend(q, k, v, kv_cache, stored).reshape(-1, self.q_size))
 
     def project(
         self,
@@ -185,10 +210,14 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         qkv_out: torch.Tensor | None = None,
+        store: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, H, D], k and v [T, KVH, D]: projected, normed (qk-norm models), rotated.
         With `qkv_out` ([T, q_size + 2 * kv_size]) the projection is written there, and q, k
-        and v are views of it, except q and k of qk-norm models (the norm makes new ones)."""
+        and v are views of it, except q and k of qk-norm models (the norm makes new ones).
+        With `store` (the whole pool, slot_mapping) the rotated k and v are also written
+        into this layer's pool (`RotaryEmbedding.rotate_and_store`); `attend` then takes
+        metadata with `kv_stored`."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, out=qkv_out)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -197,7 +226,12 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return (*rotary(positions, q, k), v)
+        if store is None:
+            return (*rotary(positions, q, k), v)
+        kv_cache, slot_mapping = store
+        kv = kv_cache[:, self.layer_idx]
+        rotary.rotate_and_store(positions, q, k, v, kv, slot_mapping, self.backend.store)
+        return q, k, v
 
     def prepare_backend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_rows: int
@@ -205,13 +239,6 @@ class Attention(nn.Module):
         """Tell the attention backend (shared by every layer) that steps will take q/k/v
         as row slices of these static buffers, of at least `max_rows` rows."""
         self.backend.prepare(q, k, v, self.scale, max_rows)
-
-    def store(
-        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-    ) -> None:
-        """Write k/v into this layer's pool at `slot_mapping` (-1 skipped); `attend` then
-        takes metadata with `kv_stored`."""
-        self.backend.store(k, v, kv_cache[:, self.layer_idx], slot_mapping)
 
     def attend(
         self,
@@ -265,8 +292,14 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is carried unsummed: the layer gets the previous layer's
         output `x` and the stream before it (`residual`, None for the first layer), and
-        returns its MLP output with the stream before that; the next norm adds them."""
-        q, k, v, residual = self.pre(x, residual, positions, rotary)
+        returns its MLP output with the stream before that; the next norm adds them.
+        The layer stores its K/V with its rotary (`pre`, at `meta.slot_mapping`), so its
+        attention only attends (pass `meta` with `kv_stored` to save a copy a layer)."""
+        q, k, v, residual = self.pre(
+            x, residual, positions, rotary, store=(kv_cache, meta.slot_mapping)
+        )
+        if not meta.kv_stored:
+            meta = dataclasses.replace(meta, kv_stored=True)
         return self.post(self.self_attn.attend(q, k, v, kv_cache, meta), residual)
 
     def pre(
@@ -277,15 +310,17 @@ class DecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         qkv_out: torch.Tensor | None = None,
         residual_out: torch.Tensor | None = None,
+        store: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything before attention: (q, k, v, residual stream). The projection goes into
         `qkv_out` and the residual sum into `residual_out` when given (the piecewise graphs'
-        static buffers); the first layer's residual stream is `x` itself."""
+        static buffers); the first layer's residual stream is `x` itself. `store`: see
+        `Attention.project`."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add_forward(x, residual, residual_out)
-        return (*self.self_attn.project(h, positions, rotary, qkv_out), residual)
+        return (*self.self_attn.project(h, positions, rotary, qkv_out, store), residual)
 
     def post(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything after attention (`attn`: [T, H, D]): (MLP output, residual stream)."""

@@ -13,6 +13,8 @@ run in (the rope table stays float32); do not `.to(dtype)` it afterwards.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -62,8 +64,11 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.rotary_emb
         residual = None
+        # Each layer stores its K/V with its rotary (one kernel on the Triton backend), so
+        # its attention only attends.
+        stored = dataclasses.replace(meta, kv_stored=True)
         for layer in self.model.layers:
-            x, residual = layer(x, residual, positions, rotary, kv_cache, meta)
+            x, residual = layer(x, residual, positions, rotary, kv_cache, stored)
         if residual is None:
             return self.model.norm(x)
         return self.model.norm.add_forward(x, residual)[0]
