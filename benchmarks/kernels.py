@@ -180,7 +180,12 @@ def _time_config(case: str, timer: Timer, calls: list, config: dict[str, Any]) -
 
 def bench_decode(batch: int, ctx: int, device, timer, sweep: bool) -> list[dict[str, Any]]:
     from splitserve.kernels.checks import num_sms
-    from splitserve.kernels.decode_attention import decode_attention, default_launch, plan_splits
+    from splitserve.kernels.decode_attention import (
+        MergeCounters,
+        decode_attention,
+        default_launch,
+        plan_splits,
+    )
 
     kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
     qo_bytes = 2 * batch * HEADS * HEAD_DIM * 2
@@ -191,23 +196,32 @@ def bench_decode(batch: int, ctx: int, device, timer, sweep: bool) -> list[dict[
         block_n, warps = block_n or default.block_n, warps or default.num_warps
         stages = stages or default.num_stages
         plan = plan_splits(batch, KV_HEADS, ctx, block_n, num_sms(device), splits)
-        config = dict(
-            num_splits=plan.num_splits, partition=plan.partition_size, block_n=block_n,
-            num_warps=warps, num_stages=stages, is_default=(splits, block_n, warps, stages)
-            == (None, default.block_n, default.num_warps, default.num_stages),
-        )  # fmt: skip
-        calls = [
-            lambda pb=pb, n=plan.num_splits, bn=block_n, w=warps, st=stages: decode_attention(
-                pb.q, pb.kv_cache, pb.meta.block_tables, pb.meta.seq_lens, pb.meta.max_seq_len,
-                HEAD_DIM**-0.5, num_splits=n, block_n=bn, num_warps=w, num_stages=st,
-            )
-            for pb in sets
-        ]  # fmt: skip
-        case = f"decode b{batch} x {ctx}"
-        ms, error = _time_config(case, timer, calls, config)
-        rows.append(_row(case, ms, gbps=(kv_bytes + qo_bytes) / ms / 1e6, config=config))
-        if error:
-            rows[-1]["error"] = error
+        split = plan.num_splits > 1
+        launch = (splits, block_n, warps, stages)
+        is_default = launch == (None, default.block_n, default.num_warps, default.num_stages)
+        # A split plan twice: the separate merge kernel, then the merge inside the split.
+        for fused in (False, True) if split else (False,):
+            config = dict(
+                num_splits=plan.num_splits, partition=plan.partition_size, block_n=block_n,
+                num_warps=warps, num_stages=stages, fused_merge=fused,
+                is_default=is_default and fused == split,
+            )  # fmt: skip
+            counters = MergeCounters() if fused else None
+            calls = [
+                lambda pb=pb, n=plan.num_splits, bn=block_n, w=warps, st=stages, c=counters: (
+                    decode_attention(
+                        pb.q, pb.kv_cache, pb.meta.block_tables, pb.meta.seq_lens,
+                        pb.meta.max_seq_len, HEAD_DIM**-0.5, num_splits=n, block_n=bn,
+                        num_warps=w, num_stages=st, counters=c,
+                    )
+                )
+                for pb in sets
+            ]  # fmt: skip
+            case = f"decode b{batch} x {ctx}"
+            ms, error = _time_config(case, timer, calls, config)
+            rows.append(_row(case, ms, gbps=(kv_bytes + qo_bytes) / ms / 1e6, config=config))
+            if error:
+                rows[-1]["error"] = error
     return rows
 
 

@@ -24,6 +24,9 @@ def test_smoke_runs_every_count_and_the_plan(split_plan, tmp_path: Path) -> None
     (row,) = result["rows"]
     assert (row["ctx"], row["batch"]) == (40, 2)
     assert row["ran"] == sorted({2, 3, row["plan"]})
+    assert row["fused_merge"] is True  # split plans merge inside the split kernel, as served
+    split_plan.main([*argv, "--separate-merge", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"][0]["fused_merge"] is False
 
 
 def test_timing_needs_a_gpu_unless_smoke(split_plan) -> None:
