@@ -68,12 +68,17 @@ def test_rotary_rotates_in_place_and_matches_the_reference() -> None:
 
 def _greedy_tokens(model_dir, kernel_backend: str) -> list[list[int]]:  # type: ignore[no-untyped-def]
     """Greedy tokens of a small batch (two prompts over several steps, one in 8-token
-    chunks) from an engine on the CPU with plain torch attention and `kernel_backend`."""
+    chunks) from an engine with plain torch attention and `kernel_backend`, on the GPU
+    where there is one (Triton kernels need their tensors there), else on the CPU."""
     from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from splitserve.engine.core import EngineCore
     from splitserve.engine.sampling_params import SamplingParams
 
-    model = ModelConfig(str(model_dir), dtype="float32", kernel_backend=kernel_backend)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ModelConfig(
+        str(model_dir), dtype="float32", device=device, attention_backend="torch",
+        kernel_backend=kernel_backend,
+    )  # fmt: skip
     sched = SchedulerConfig(max_num_batched_tokens=8)
     core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=32), sched))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
