@@ -6,7 +6,8 @@ configuration; layers never look at the device. Parameters are created with `tor
 (no init) on the current default device in the dtype given at construction; the loader
 (or the dummy initialiser) fills them. q/k/v and gate/up are fused into one matmul each
 (`qkv_proj`, `gate_up_proj`); the loader writes the HF checkpoint's separate tensors into
-their row slices.
+their row slices. Each layer writes its K/V into the pool before its attention, with its
+rotary (one kernel on the Triton backend), and attends with `kv_stored` metadata.
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ class DecoderLayer(nn.Module):
         output `x` and the stream before it (`residual`, None for the first layer), and
         returns its MLP output with the stream before that; the next norm adds them.
         The layer stores its K/V with its rotary (`pre`, at `meta.slot_mapping`), so its
-        attention only attends (pass `meta` with `kv_stored` to save a copy a layer)."""
+        attention only attends (with metadata that says `kv_stored`: the caller's when it
+        says so already, as the model's forward makes it once a step)."""
         q, k, v, residual = self.pre(
             x, residual, positions, rotary, store=(kv_cache, meta.slot_mapping)
         )
