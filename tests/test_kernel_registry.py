@@ -77,7 +77,7 @@ def _greedy_tokens(model_dir, kernel_backend: str) -> list[list[int]]:  # type: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ModelConfig(
         str(model_dir), dtype="float32", device=device, attention_backend="torch",
-        kernel_backend=kernel_backend,
+        kernel_backend=kernel_backend, enforce_eager=True,  # no graph captures: a quick test
     )  # fmt: skip
     sched = SchedulerConfig(max_num_batched_tokens=8)
     core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=32), sched))
