@@ -9,9 +9,10 @@ it writes the (rotated) K and the V rows at pool slot s (block `s // block_size`
 `s % block_size`), cast to the pool's dtype, as kernels/store_kv.py does. Position -1
 leaves q and k untouched, slot -1 stores nothing (pad rows).
 
-Who calls it: the model's attention (engine/model/layers.py, `Attention.project_and_store`)
-when the Triton kernels are selected (kernels/registry.py); with plain torch the model
-rotates, then the attention backend stores. References: `rotary_reference` and
+Who calls it: the model's rotary (engine/model/layers.py, `RotaryEmbedding.rotate_and_store`,
+from `Attention.project` before every attention) when the Triton kernels are selected
+(kernels/registry.py, `ModelKernels.rotary_store_`); with plain torch the model rotates,
+then the attention backend stores. References: `rotary_reference` and
 `store_kv_reference`, through `rotary_store_reference`.
 """
 
