@@ -20,6 +20,11 @@ them (`engine_steps`): how each system batched the same arrivals.
 
 Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
 (default 1 s and 50 ms), read off the rates measured; the issue's definition.
+
+One system against another, every head-to-head check in one table
+(benchmarks/comparison.py):
+
+    python -m splitserve.benchmarks.serving_report compare RESULTS_DIR [--baseline vllm]
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from splitserve.benchmarks.comparison import Targets, capacity
+from splitserve.benchmarks.comparison import compare as compare_rows
+from splitserve.benchmarks.comparison import markdown as comparison_markdown
 
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "summary.md"
@@ -168,19 +177,6 @@ def read_rows(out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def capacity(rows: list[dict[str, Any]], ttft_ms: float, tpot_ms: float) -> float | None:
-    """Highest rate of `rows` (one system and workload) whose p90s meet the SLO."""
-    passing = [
-        r["rate"]
-        for r in rows
-        if r["ttft_p90_ms"] is not None
-        and r["tpot_p90_ms"] is not None
-        and r["ttft_p90_ms"] <= ttft_ms
-        and r["tpot_p90_ms"] <= tpot_ms
-    ]
-    return max(passing, default=None)
-
-
 def _cell(*values: float | None) -> str:
     return " / ".join("-" if v is None else f"{v:,.1f}" for v in values)
 
@@ -260,16 +256,49 @@ def merge_dirs(out_dir: Path, in_dirs: list[Path], slo_ttft_ms: float, slo_tpot_
     return len(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="merge serving benchmark results")
+def _parser() -> argparse.ArgumentParser:
+    targets = Targets()
+    parser = argparse.ArgumentParser(description="merge and compare serving benchmark results")
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="merge result folders into OUT_DIR")
     merge.add_argument("out_dir", type=Path)
     merge.add_argument("in_dirs", type=Path, nargs="+")
-    merge.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    merge.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    compare = sub.add_parser("compare", help="one system's rows against a baseline's")
+    compare.add_argument("results_dir", type=Path, help="a folder with summary.json")
+    compare.add_argument("--system", default="splitserve")
+    compare.add_argument("--baseline", default="vllm")
+    compare.add_argument("--min-requests", type=int, default=targets.min_requests)
+    compare.add_argument("--capacity-ratio", type=float, default=targets.capacity_ratio)
+    compare.add_argument("--fresh-ratio", type=float, default=targets.fresh_ratio)
+    compare.add_argument("--lowest-rate", type=float, default=targets.lowest_rate)
+    for p in (merge, compare):
+        p.add_argument("--slo-ttft-ms", type=float, default=targets.slo_ttft_ms)
+        p.add_argument("--slo-tpot-ms", type=float, default=targets.slo_tpot_ms)
+    return parser
+
+
+def _compare(args: argparse.Namespace) -> str:
+    rows = read_rows(args.results_dir)
+    if not rows:
+        raise ValueError(f"{args.results_dir} has no {SUMMARY_FILE}: pass a results folder")
+    targets = Targets(
+        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+        capacity_ratio=args.capacity_ratio, fresh_ratio=args.fresh_ratio,
+        min_requests=args.min_requests, lowest_rate=args.lowest_rate,
+    )  # fmt: skip
+    checks = compare_rows(rows, args.system, args.baseline, targets)
+    if not checks:
+        raise ValueError(f"no workload has rows of both {args.system} and {args.baseline}")
+    return comparison_markdown(checks, args.system, args.baseline)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "compare":
+            print(_compare(args), end="")
+            return 0
         num = merge_dirs(args.out_dir, args.in_dirs, args.slo_ttft_ms, args.slo_tpot_ms)
     except ValueError as exc:
         parser.error(str(exc))
