@@ -175,6 +175,9 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
+    """The projection, rotary and K/V store (`project`), attention (`attend`) and output
+    projection (`o_proj`) that `DecoderLayer.pre` and `.post` call in turn."""
+
     def __init__(
         self, arch: ModelArchConfig, layer_idx: int, kernels: ModelKernels, dtype: torch.dtype
     ):
@@ -192,18 +195,6 @@ class Attention(nn.Module):
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, kernels)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, kernels)
-
-    def forward(
-        self,
-        x: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T]
-        rotary: RotaryEmbedding,
-        kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        q, k, v = self.project(x, positions, rotary, store=(kv_cache, meta.slot_mapping))
-        stored = dataclasses.replace(meta, kv_stored=True)
-        return self.o_proj(self.attend(q, k, v, kv_cache, stored).reshape(-1, self.q_size))
 
     def project(
         self,
