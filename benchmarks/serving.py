@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from splitserve.benchmarks import serving_report
+from splitserve.benchmarks.comparison import Targets
 from splitserve.benchmarks.results_io import git_commit
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-warmup", type=int, default=0, help="uncounted requests before each")
     p.add_argument("--seed", type=int, default=0, help="base of the per-rate seeds")
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--slo-ttft-ms", type=float, default=Targets().slo_ttft_ms)
+    p.add_argument("--slo-tpot-ms", type=float, default=Targets().slo_tpot_ms)
     p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget")
     p.add_argument("--drain-s", type=float, default=45.0, help="per-rate allowance past arrivals")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
