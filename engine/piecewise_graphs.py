@@ -136,11 +136,11 @@ class PiecewiseGraphs:
         if index == self.num_layers:
             buf.hidden[:size].copy_(self.model.model.norm.add_forward(x, residual)[0])
             return
-        # Stored with the rotary (one kernel on Triton): the eager attention only attends.
-        store = (self.kv_cache, buf.slots[:size])
+        # K/V stored with the rotary (one kernel on Triton): the eager attention only attends.
         q, k, v, residual = layers[index].pre(
-            x, residual, positions, rotary, buf.qkv[:size], buf.residual[:size], store
-        )
+            x, residual, positions, rotary, self.kv_cache, buf.slots[:size], buf.qkv[:size],
+            buf.residual[:size],
+        )  # fmt: skip
         # In place already, except layer 0's residual (the embedding) and q/k under qk-norm.
         _place(buf.q[:size], q)
         _place(buf.k[:size], k)

@@ -201,15 +201,16 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [T], -1: not stored
         qkv_out: torch.Tensor | None = None,
-        store: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, H, D], k and v [T, KVH, D]: projected, normed (qk-norm models), rotated.
-        With `qkv_out` ([T, q_size + 2 * kv_size]) the projection is written there, and q, k
-        and v are views of it, except q and k of qk-norm models (the norm makes new ones).
-        With `store` (the whole pool, slot_mapping) the rotated k and v are also written
-        into this layer's pool (`RotaryEmbedding.rotate_and_store`); `attend` then takes
-        metadata with `kv_stored`."""
+        """q [T, H, D], k and v [T, KVH, D]: projected, normed (qk-norm models), rotated,
+        and k and v written into this layer's pool at `slot_mapping`
+        (`RotaryEmbedding.rotate_and_store`); `attend` then takes metadata with
+        `kv_stored`. With `qkv_out` ([T, q_size + 2 * kv_size]) the projection is written
+        there, and q, k and v are views of it, except q and k of qk-norm models (the norm
+        makes new ones)."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, out=qkv_out)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -218,9 +219,6 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if store is None:
-            return (*rotary(positions, q, k), v)
-        kv_cache, slot_mapping = store
         kv = kv_cache[:, self.layer_idx]
         rotary.rotate_and_store(positions, q, k, v, kv, slot_mapping, self.backend.store)
         return q, k, v
@@ -288,9 +286,7 @@ class DecoderLayer(nn.Module):
         The layer stores its K/V with its rotary (`pre`, at `meta.slot_mapping`), so its
         attention only attends (with metadata that says `kv_stored`: the caller's when it
         says so already, as the model's forward makes it once a step)."""
-        q, k, v, residual = self.pre(
-            x, residual, positions, rotary, store=(kv_cache, meta.slot_mapping)
-        )
+        q, k, v, residual = self.pre(x, residual, positions, rotary, kv_cache, meta.slot_mapping)
         if not meta.kv_stored:
             meta = dataclasses.replace(meta, kv_stored=True)
         return self.post(self.self_attn.attend(q, k, v, kv_cache, meta), residual)
@@ -301,19 +297,21 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
         qkv_out: torch.Tensor | None = None,
         residual_out: torch.Tensor | None = None,
-        store: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything before attention: (q, k, v, residual stream). The projection goes into
-        `qkv_out` and the residual sum into `residual_out` when given (the piecewise graphs'
-        static buffers); the first layer's residual stream is `x` itself. `store`: see
-        `Attention.project`."""
+        """Everything before attention, K/V stored (`Attention.project`): (q, k, v, residual
+        stream). The projection goes into `qkv_out` and the residual sum into
+        `residual_out` when given (the piecewise graphs' static buffers); the first layer's
+        residual stream is `x` itself."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add_forward(x, residual, residual_out)
-        return (*self.self_attn.project(h, positions, rotary, qkv_out, store), residual)
+        attn = self.self_attn
+        return (*attn.project(h, positions, rotary, kv_cache, slot_mapping, qkv_out), residual)
 
     def post(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything after attention (`attn`: [T, H, D]): (MLP output, residual stream)."""
