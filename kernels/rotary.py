@@ -87,7 +87,7 @@ def head_halves(
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     x_ptr,  # [T, num_heads, 2 * HALF_DIM] (this token's row is at `x_ptr`)
     num_heads,
     stride_head,
@@ -95,16 +95,20 @@ def _rotate_heads(
     cos_hi,
     sin_lo,
     sin_hi,
+    rotate,  # scalar: rotate (else leave the heads as they are)
     HALF_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
+    """Rotate a token's heads in place where `rotate`; their halves as they now are, with
+    the mask of the heads (for a caller that also stores them)."""
     lo_ptrs, mask, lo, hi = head_halves(
         x_ptr, num_heads, stride_head, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF
     )
     new_lo, new_hi = rotated_halves(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi)
-    tl.store(lo_ptrs, new_lo, mask=mask)
-    tl.store(lo_ptrs + HALF_DIM, new_hi, mask=mask)
+    tl.store(lo_ptrs, new_lo, mask=mask & rotate)
+    tl.store(lo_ptrs + HALF_DIM, new_hi, mask=mask & rotate)
+    return mask, tl.where(rotate, new_lo, lo), tl.where(rotate, new_hi, hi)
 
 
 @triton.jit
@@ -136,13 +140,13 @@ def _rotary_kernel(
         cos_sin_ptr, pos, stride_cs_pos, stride_cs_kind, stride_cs_dim, q_ptr.dtype.element_ty,
         HALF_DIM=HALF_DIM, BLOCK_HALF=BLOCK_HALF,
     )  # fmt: skip
-    _rotate_heads(
+    rotate_heads(
         q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos_lo, cos_hi, sin_lo, sin_hi,
-        HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HQ, BLOCK_HALF=BLOCK_HALF,
+        True, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HQ, BLOCK_HALF=BLOCK_HALF,
     )  # fmt: skip
-    _rotate_heads(
+    rotate_heads(
         k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, cos_lo, cos_hi, sin_lo, sin_hi,
-        HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
+        True, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
     )  # fmt: skip
 
 

@@ -35,45 +35,28 @@ from splitserve.kernels.rotary import (
     check_rotary_args,
     cos_sin_halves,
     head_halves,
-    rotated_halves,
+    rotate_heads,
 )
 
 
 @triton.jit
-def _rotate_and_store_heads(
-    x_ptr,  # this token's row of [T, num_heads, 2 * HALF_DIM]
-    num_heads,
-    stride_head,
-    cos_lo,
-    cos_hi,
-    sin_lo,
-    sin_hi,
-    rotate,  # scalar: the token has a position
-    dst_ptr,  # this token's pool row for these heads (K or V; unused unless STORES)
+def _store_heads(
+    dst_ptr,  # this token's pool row for these heads (its K or its V)
     stride_dst_head,
+    mask,  # the heads' mask (`head_halves`)
+    lo,  # [BLOCK_H, BLOCK_HALF], the heads' halves
+    hi,
     store,  # scalar: the token has a slot
-    ROTATES: tl.constexpr,
-    STORES: tl.constexpr,
     HALF_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    lo_ptrs, mask, lo, hi = head_halves(
-        x_ptr, num_heads, stride_head, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF
-    )
-    if ROTATES:
-        new_lo, new_hi = rotated_halves(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi)
-        tl.store(lo_ptrs, new_lo, mask=mask & rotate)
-        tl.store(lo_ptrs + HALF_DIM, new_hi, mask=mask & rotate)
-        lo = tl.where(rotate, new_lo, lo)
-        hi = tl.where(rotate, new_hi, hi)
-    if STORES:
-        heads = tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, BLOCK_HALF)
-        dst = dst_ptr + heads[:, None] * stride_dst_head + dims[None, :]
-        pool_ty = dst_ptr.dtype.element_ty
-        tl.store(dst, lo.to(pool_ty), mask=mask & store)
-        tl.store(dst + HALF_DIM, hi.to(pool_ty), mask=mask & store)
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    dst = dst_ptr + heads[:, None] * stride_dst_head + dims[None, :]
+    pool_ty = dst_ptr.dtype.element_ty
+    tl.store(dst, lo.to(pool_ty), mask=mask & store)
+    tl.store(dst + HALF_DIM, hi.to(pool_ty), mask=mask & store)
 
 
 @triton.jit
@@ -117,26 +100,30 @@ def _rotary_store_kernel(
         cos_sin_ptr, tl.maximum(pos, 0), stride_cs_pos, stride_cs_kind, stride_cs_dim,
         q_ptr.dtype.element_ty, HALF_DIM=HALF_DIM, BLOCK_HALF=BLOCK_HALF,
     )  # fmt: skip
-    q_row = q_ptr + tok * stride_q_tok
-    _rotate_and_store_heads(
-        q_row, num_heads, stride_q_head, cos_lo, cos_hi, sin_lo, sin_hi, rotate,
-        q_row, stride_q_head, store,
-        ROTATES=True, STORES=False, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HQ, BLOCK_HALF=BLOCK_HALF,
+    rotate_heads(
+        q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos_lo, cos_hi, sin_lo, sin_hi,
+        rotate, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HQ, BLOCK_HALF=BLOCK_HALF,
     )  # fmt: skip
     pool_row = (
         kv_ptr
         + (tl.maximum(slot, 0) // KV_BLOCK_SIZE) * stride_kv_block
         + (tl.maximum(slot, 0) % KV_BLOCK_SIZE) * stride_kv_tok
     )
-    _rotate_and_store_heads(
+    mask, k_lo, k_hi = rotate_heads(
         k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, cos_lo, cos_hi, sin_lo,
-        sin_hi, rotate, pool_row, stride_kv_head, store,
-        ROTATES=True, STORES=True, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
+        sin_hi, rotate, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
     )  # fmt: skip
-    _rotate_and_store_heads(
-        v_ptr + tok * stride_v_tok, num_kv_heads, stride_v_head, cos_lo, cos_hi, sin_lo,
-        sin_hi, rotate, pool_row + stride_kv_kv, stride_kv_head, store,
-        ROTATES=False, STORES=True, HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
+    _store_heads(
+        pool_row, stride_kv_head, mask, k_lo, k_hi, store,
+        HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
+    )  # fmt: skip
+    _, mask, v_lo, v_hi = head_halves(
+        v_ptr + tok * stride_v_tok, num_kv_heads, stride_v_head,
+        HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
+    )  # fmt: skip
+    _store_heads(
+        pool_row + stride_kv_kv, stride_kv_head, mask, v_lo, v_hi, store,
+        HALF_DIM=HALF_DIM, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
     )  # fmt: skip
 
 
