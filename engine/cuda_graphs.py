@@ -32,6 +32,7 @@ import torch
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.decode_inputs import StaticDecodeInputs
+from splitserve.engine.graph_capture import collector_paused
 from splitserve.engine.scheduler import ScheduledChunk
 from splitserve.kernels.attention import AttentionMetadata
 
@@ -100,13 +101,14 @@ class DecodeGraphs:
         inputs.slot_mapping.fill_(-1)
         inputs.seq_lens.zero_()
         pool = torch.cuda.graph_pool_handle()
-        for batch in reversed(self.sizes):
-            self._forward(batch)  # compiles the kernels for this shape outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._hidden[batch] = self._forward(batch)
-            self._graphs[batch] = graph
+        with collector_paused():  # no older graph destroyed in the middle of a capture
+            for batch in reversed(self.sizes):
+                self._forward(batch)  # compiles this shape's kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._hidden[batch] = self._forward(batch)
+                self._graphs[batch] = graph
         torch.cuda.synchronize()
         logger.info(
             "captured decode CUDA graphs for %d batch sizes (1..%d, context <= %d) in %.1f s",

@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from splitserve.engine.graph_capture import collector_paused
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import BUCKET_ROWS
 
@@ -152,15 +153,16 @@ class PiecewiseGraphs:
         """Capture every piece of every bucket, largest first, into one memory pool."""
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            graphs = []
-            for index in range(self.num_layers + 1):
-                self._piece(index, size)  # outside the capture: lazy inits, workspaces
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._piece(index, size)
-                graphs.append(graph)
-            self._graphs[size] = graphs
+        with collector_paused():  # no older graph destroyed in the middle of a capture
+            for size in reversed(self.sizes):
+                graphs = []
+                for index in range(self.num_layers + 1):
+                    self._piece(index, size)  # outside the capture: lazy inits, workspaces
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._piece(index, size)
+                    graphs.append(graph)
+                self._graphs[size] = graphs
         torch.cuda.synchronize()
         logger.info(
             "captured piecewise CUDA graphs for %d step sizes (16..%d tokens) in %.1f s",

@@ -195,3 +195,48 @@ def test_decode_steps_never_wait_for_the_stream(tiny_model_factory, temperature:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert core.runner.num_graph_steps >= 10
+
+
+def _captured_graphs(count: int) -> list[torch.cuda.CUDAGraph]:
+    x = torch.zeros(4, device="cuda")
+    graphs = []
+    for _ in range(count):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.add_(1)
+        graphs.append(graph)
+    return graphs
+
+
+def test_capture_survives_older_graphs_left_in_garbage_cycles(tiny_model_factory, monkeypatch):
+    """Each capture begins by dropping an older captured graph into an unreachable cycle,
+    and the collector runs at every allocation: had it freed one there, the graph's
+    destructor would fail the capture (an engine built after another in one process). The
+    engine's captures collect first and keep the collector off until they end."""
+    import gc
+
+    old_graphs = _captured_graphs(400)
+    real_graph = torch.cuda.graph
+
+    class DropsAnOldGraph(real_graph):  # type: ignore[misc, valid-type]
+        def __enter__(self) -> None:
+            super().__enter__()
+            if old_graphs:
+                cycle: list[Any] = [old_graphs.pop()]
+                cycle.append(cycle)  # only the collector frees it
+
+    monkeypatch.setattr(torch.cuda, "graph", DropsAnOldGraph)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        llm = gpu_llm(
+            tiny_model_factory("llama"), dtype="bfloat16", max_num_batched_tokens=96,
+            cuda_graph_max_batch=8,
+        )  # fmt: skip
+    finally:
+        gc.set_threshold(*thresholds)
+    gc.collect()  # the dropped graphs, now that no capture runs
+    vocab = llm.engine.arch.vocab_size
+    out = llm.generate([[i % vocab for i in range(40)]] * 3, GREEDY)
+    assert [len(o.outputs[0].token_ids) for o in out] == [NUM_NEW] * 3
+    assert llm.engine.runner.num_graph_steps > 0 and llm.engine.stats().num_piecewise_steps > 0
