@@ -198,6 +198,7 @@ def test_merge_counters_grow_and_keep_every_buffer() -> None:
     grown = counters.get(DEVICE, 9)
     assert grown is not first and grown.numel() >= 16 and not grown.any()
     assert counters.get(DEVICE, 3) is grown
+    assert counters.get(str(DEVICE), 2) is grown  # "cuda" names the tensors' "cuda:0"
     assert counters._buffers == [first, grown]
 
 
