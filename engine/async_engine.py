@@ -9,7 +9,11 @@ self-pipe write and a wake-up of the loop, taken under the GIL).
 
 A step's outputs are handed over during the next step, once that step has launched the
 one after it and waits for the device (`EngineCore.step(while_waiting=...)`), or at once
-when no step follows. The event loops' work on them (one output per running request) then
+when no step follows. Requests' first tokens are the exception
+(`SchedulerConfig.first_tokens_at_once`, on by default): they go out as soon as their step
+is read back, so that the time to first token does not include the next launch; they are
+few a step (the prompts that ended in it), so the event loops' share of the GIL they take
+during that launch is small. The event loops' work on them (one output per running request) then
 takes the GIL while the engine thread waits for the device, not while it launches the next
 step: with steps launched ahead, that launch must come before the device finishes the step
 in flight, and at a few hundred rows a step the event loops' share of the GIL, taken then,
@@ -55,7 +59,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, TypeVar
 
-from splitserve.engine.config import EngineConfig
+from splitserve.engine.config import EngineConfig, SchedulerConfig
 from splitserve.engine.core import EngineCore, StepOutput
 from splitserve.engine.output_collector import OutputCollector
 from splitserve.engine.outputs import RequestOutput, merge_deltas
@@ -85,6 +89,7 @@ class _Stream:
         self.loop = loop
         self.on_output = on_output
         self.collector = collector
+        self.started = False  # an output was handed over (engine thread)
 
 
 class _Held(NamedTuple):
@@ -96,8 +101,15 @@ class _Held(NamedTuple):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
-        self.core = core if core is not None else EngineCore(config)
+    def __init__(self, config: EngineConfig | None, core: EngineCore | None = None) -> None:
+        """The engine of `config`, or `core` when given (config None: default settings)."""
+        if core is None:
+            if config is None:
+                raise ValueError("AsyncEngine needs an EngineConfig or a core")
+            core = EngineCore(config)
+        self.core = core
+        scheduler = config.scheduler if config is not None else SchedulerConfig()
+        self._first_tokens_at_once = scheduler.first_tokens_at_once
         self._commands: deque[tuple[Callable[[EngineCore], Any], concurrent.futures.Future]] = (
             deque()
         )
@@ -262,7 +274,22 @@ class AsyncEngine:
         ended = time.monotonic()
         self._observe_step(ended - started)
         self._release_held()  # a step that waited for nothing did not call it
-        self._held = _Held(outputs, ended, ended - started)
+        held = _Held(outputs, ended, ended - started)
+        if self._first_tokens_at_once:
+            firsts, held = self._split_first_tokens(held)
+            if firsts.outputs:
+                self._hand_over(firsts)
+        self._held = held
+
+    def _split_first_tokens(self, held: _Held) -> tuple[_Held, _Held]:
+        """The outputs of requests that have had none handed over (their first tokens),
+        and the rest. Every earlier output is out by now, so each request's order holds."""
+        firsts: list[StepOutput] = []
+        rest: list[StepOutput] = []
+        for out in held.outputs:
+            stream = self._streams.get(out.request_id)
+            (firsts if stream is not None and not stream.started else rest).append(out)
+        return held._replace(outputs=firsts), held._replace(outputs=rest)
 
     def _abort_now(self, core: EngineCore, request_id: str) -> None:
         """Abort on the engine thread: its outputs go out after the held ones."""
@@ -329,6 +356,7 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
+            stream.started = True
             result = stream.collector.make([stream.collector.add(out)])
             result.metrics["step_end_s"] = held.step_end_s
             result.metrics["step_time_s"] = held.step_time_s

@@ -39,6 +39,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(g)
     _add_kernel_arguments(g)
     _add_cache_and_scheduler_arguments(g)
+    _add_output_arguments(g)
 
 
 def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
@@ -195,12 +196,24 @@ def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="prefill each prompt in one step instead of budget-sized chunks",
     )
+
+
+def _add_output_arguments(g: argparse._ArgumentGroup) -> None:
+    """When a step's tokens are read back and handed on."""
+    sched = SchedulerConfig
     g.add_argument(
         "--overlap-output-processing",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="launch each step before the previous step's tokens are read back (default: "
         "on CUDA, unless the node's KV connector needs each step's blocks as it ends)",
+    )
+    g.add_argument(
+        "--first-tokens-at-once",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(sched, "first_tokens_at_once"),
+        help="stream a request's first tokens as soon as they are read back, not with the "
+        "rest of their step's outputs after the next step's launch",
     )
 
 
@@ -251,5 +264,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
             overlap_output_processing=args.overlap_output_processing,
+            first_tokens_at_once=args.first_tokens_at_once,
         ),
     )

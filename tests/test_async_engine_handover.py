@@ -3,7 +3,8 @@ that step launched the one after it and before it waits for the device, so that 
 loop's work takes the GIL while the engine thread waits, not while it launches
 (engine/async_engine.py). A scripted core, built on node_overhead's stand-in, takes
 EngineCore's place: its steps record their launch and their wait, and every hand-over is
-recorded on the same thread."""
+recorded on the same thread. A request's first tokens are the exception: they go out as
+soon as their step is read back."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from splitserve.benchmarks.node_overhead import StandInCore
 from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.config import EngineConfig, ModelConfig, SchedulerConfig
 from splitserve.engine.output_processor import StepOutput
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampler import WhileWaiting
@@ -67,9 +71,31 @@ def _record_hand_overs(loop: asyncio.AbstractEventLoop, core: ScriptedCore) -> N
     loop.call_soon_threadsafe = recording  # type: ignore[method-assign]
 
 
-def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait() -> None:
+def _engine(core: ScriptedCore, first_tokens_at_once: bool = True) -> AsyncEngine:
+    config = EngineConfig(
+        ModelConfig("unused: the core is given"),
+        scheduler=SchedulerConfig(first_tokens_at_once=first_tokens_at_once),
+    )
+    return AsyncEngine(config, core)  # type: ignore[arg-type]
+
+
+# A request's four tokens, one a step, with the first handed over at once (the default) or
+# held like the others.
+_HAND_OVERS = {
+    True: [("launch", 1), ("wait", 1), ("hand_over", 1), ("launch", 2), ("wait", 2)],
+    False: [("launch", 1), ("wait", 1), ("launch", 2), ("hand_over", 1), ("wait", 2)],
+}
+
+
+@pytest.mark.parametrize("first_tokens_at_once", [True, False])
+def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait(
+    first_tokens_at_once: bool,
+) -> None:
+    """Each step's outputs go out during the next step, after its launch and before its
+    wait; a request's first token goes out as soon as its step is read back, before the
+    next launch (unless first_tokens_at_once is off)."""
     core = ScriptedCore(length=4)
-    engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+    engine = _engine(core, first_tokens_at_once)
 
     async def main() -> list[int]:
         _record_hand_overs(asyncio.get_running_loop(), core)
@@ -81,12 +107,7 @@ def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait() -> None:
     finally:
         engine.shutdown()
     assert tokens == [1, 2, 3, 4]
-    assert core.events == [
-        ("launch", 1),
-        ("wait", 1),
-        ("launch", 2),
-        ("hand_over", 1),
-        ("wait", 2),
+    assert core.events == _HAND_OVERS[first_tokens_at_once] + [
         ("launch", 3),
         ("hand_over", 2),
         ("wait", 3),
@@ -96,6 +117,43 @@ def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait() -> None:
         # No step follows the last one: its outputs go out once the engine is idle.
         ("hand_over", 4),
     ]
+
+
+def test_a_new_requests_first_token_goes_out_at_once_beside_held_tokens() -> None:
+    """A step that makes a running request's token and a new request's first: the first
+    goes out before the next launch, the other with the next step's wait."""
+    core = ScriptedCore(length=1 << 20)
+    engine = _engine(core)
+    handed: list[tuple[str, list[str]]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def recording(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if getattr(callback, "__name__", "") == "_put_all":
+                handed.append((core.events[-1][0], [r.request_id for _, r in args[0]]))
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = recording  # type: ignore[method-assign]
+        received: list[RequestOutput] = []
+        await engine.add("a", [1], _PARAMS, None, received.append)
+        while len(received) < 2:
+            await asyncio.sleep(0.001)
+        await engine.add("b", [1], _PARAMS, None, received.append)
+        while not any(out.request_id == "b" for out in received):
+            await asyncio.sleep(0.001)
+        for rid in ("a", "b"):
+            await engine.close(rid, False)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    firsts = [i for i, (_, rids) in enumerate(handed) if "b" in rids]
+    assert handed[firsts[0]] == ("wait", ["b"])  # alone, right after its step's wait
+    assert all(rids == ["a"] and after == "launch" for after, rids in handed[1 : firsts[0]])
+    assert handed[0] == ("wait", ["a"])
 
 
 def test_an_abort_comes_after_the_held_outputs_of_its_request() -> None:
