@@ -5,7 +5,8 @@
 #       calls before this one leave .carry/piece.00 and piece.01 in /root/stash (each a
 #       call of its own: with the checkout a piece passes the 64 MiB a call carries); this
 #       one carries .carry/{serve_piece.00,install_on_gpu.sh,install_serve_on_gpu.sh,
-#       serve_vllm.sh} (and piece.01 too, if it fits: a piece carried is stashed first)
+#       serve_vllm.sh} (and piece.01 too, if it fits: a piece carried is stashed first);
+#       or scripts/gpu_stash.sh installs vLLM and the wheels in the calls before this one
 # Both serve dummy Llama-3.1-8B in bf16 with prefix caching off, and are loaded by
 # benchmarks/serving.py with the same prompts (one bench run per workload and rate, fresh
 # prompts per rate). Results merge into $RESULTS (summary.json, summary.md, runs/), which
@@ -104,14 +105,16 @@ case $system in
         bash .carry/install_on_gpu.sh && bash .carry/install_serve_on_gpu.sh ||
           { echo "vLLM install failed: were piece.00 and piece.01 left in /root/stash by the calls before?"; exit 1; }
       fi
+      serve=.carry/serve_vllm.sh  # or where scripts/gpu_stash.sh install left it
+      [ -f "$serve" ] || serve=/root/stash/serve_vllm.sh
       if [ -n "${VLLM_KEEP:-}" ]; then
-        setsid bash -c "echo \$\$ > $pidfile.group; source .carry/serve_vllm.sh $port;
+        setsid bash -c "echo \$\$ > $pidfile.group; source $serve $port;
           echo \$VLLM_PID > $pidfile; wait" </dev/null >/tmp/vllm_start.log 2>&1 &
         for _ in $(seq 1 450); do [ -f "$pidfile" ] && break; sleep 1; done
         VLLM_PID=$(cat "$pidfile" 2>/dev/null)
         cat /tmp/vllm_start.log
       else
-        source .carry/serve_vllm.sh "$port"
+        source "$serve" "$port"
       fi
     fi
     kill -0 "${VLLM_PID:-0}" 2>/dev/null || exit 1  # serve_vllm.sh printed why
