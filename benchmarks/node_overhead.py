@@ -1,7 +1,8 @@
 """What a decode node's streaming costs its engine thread, on the CPU, without a GPU.
 
     python -m splitserve.benchmarks.node_overhead [--rows 150] [--seconds 4] \
-        [--host-ops 400] [--device-ms 20] [--runs 3] [--out node.json]
+        [--host-ops 400] [--device-ms 20] [--runs 3] [--modes alone,served] \
+        [--arrivals-per-s 0 --length 64] [--out node.json]
 
 The engine thread shares the node's process, and so the GIL, with the event loop that
 turns each step's outputs into stream messages. This measures that share with the node's
@@ -16,6 +17,13 @@ each, alternating:
 - `alone`: nobody consumes the outputs beyond AsyncEngine's own hand-over;
 - `served`: every request is a `StreamedRequest` of a `Multiplexer` (decode/multiplex.py,
   as `Decode.GenerateMany` runs them), whose step batches are serialised as gRPC would.
+
+- `served_held`: `served` with `--no-first-tokens-at-once`: a request's first output waits
+  for the next step's launch like the others.
+
+With `--arrivals-per-s`, the served modes also add requests of `--length` tokens at that
+rate beside the `--rows` that never end, and time each one's first output from the end of
+the step that made it to its stream's callback on the event loop (`first_output_ms`).
 
 Reported per mode: the host phase's duration (p50, mean, p90: how much the event loop's
 work stretches it) and the process's CPU time per step. The difference between the modes
@@ -38,13 +46,16 @@ from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.decode.multiplex import Metadata, Multiplexer, Outbox
 from splitserve.decode.streamed_request import StreamedRequest
 from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.config import EngineConfig, ModelConfig, SchedulerConfig
 from splitserve.engine.output_processor import StepOutput
+from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampler import WhileWaiting
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protocol import node_pb2 as pb
 
 logger = logging.getLogger(__name__)
 _WARMUP_STEPS = 10
+MODES = ("alone", "served", "served_held")
 
 
 class StandInCore:
@@ -54,11 +65,15 @@ class StandInCore:
         self.host_ops = host_ops
         self.device_s = device_s
         self.requests: dict[str, int] = {}
+        self.lengths: dict[str, int] = {}  # requests that end after so many tokens
         self.host_phases: list[float] = []
         self._x = torch.ones(16)
 
     def add_request(self, rid: str, prompt: list[int], params: object, kv: object) -> None:
         self.requests[rid] = 0
+        max_tokens = getattr(params, "max_tokens", None)
+        if isinstance(max_tokens, int) and max_tokens < 1 << 20:
+            self.lengths[rid] = max_tokens
 
     def has_runnable(self) -> bool:
         return bool(self.requests)
@@ -83,34 +98,63 @@ class StandInCore:
             while_waiting()
         time.sleep(self.device_s)
         outputs = []
-        for rid in self.requests:
-            self.requests[rid] += 1
-            outputs.append(StepOutput(rid, 0, [7], None, " a", None, None))
+        for rid in list(self.requests):
+            count = self.requests[rid] = self.requests[rid] + 1
+            finish = "length" if count == self.lengths.get(rid) else None
+            if finish is not None:
+                del self.requests[rid], self.lengths[rid]
+            outputs.append(StepOutput(rid, 0, [7], None, " a", finish, None))
         return outputs
 
 
-async def _served(engine: AsyncEngine, rows: int, seconds: float) -> None:
-    params = SamplingParams(max_tokens=1 << 30, ignore_eos=True)
+async def _served(
+    engine: AsyncEngine, args: argparse.Namespace, first_outputs: list[float]
+) -> None:
+    """`args.rows` endless requests, and arrivals of `args.length` tokens at
+    `args.arrivals_per_s`, whose first outputs' delays from their step's end go to
+    `first_outputs` (seconds)."""
+    endless = SamplingParams(max_tokens=1 << 30, ignore_eos=True)
+    finite = SamplingParams(max_tokens=args.length, ignore_eos=True)
 
     async def run(request: pb.GenerateRequest, metadata: Metadata, outbox: Outbox) -> None:
         stream = StreamedRequest(request, 1, outbox, lambda: None)
+        arrival = request.request_id.startswith("a")
+
+        def on_output(out: RequestOutput) -> None:
+            if arrival and stream.num_generated == 0:
+                first_outputs.append(time.monotonic() - out.metrics["step_end_s"])
+            stream.on_output(out)
+
         prompt = list(request.prompt_token_ids)
-        await engine.add(request.request_id, prompt, params, None, stream.on_output)
+        params = finite if arrival else endless
+        await engine.add(request.request_id, prompt, params, None, on_output)
         stream.send_last(await stream.last, {})
 
     async def requests() -> AsyncIterator[pb.StreamRequest]:
-        for i in range(rows):
+        for i in range(args.rows):
             generate = pb.GenerateRequest(request_id=f"r{i}", prompt_token_ids=[1] * 16)
             yield pb.StreamRequest(generate=generate)
-        await asyncio.sleep(seconds + 60)
+        async for rid in _arrivals(args.arrivals_per_s, args.seconds):
+            generate = pb.GenerateRequest(request_id=rid, prompt_token_ids=[1] * 16)
+            yield pb.StreamRequest(generate=generate)
+        await asyncio.sleep(args.seconds + 60)
 
     async def consume() -> None:
         async for batch in Multiplexer(run).serve(requests()):
             batch.SerializeToString()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(args.seconds)
     task.cancel()
+
+
+async def _arrivals(per_s: float, seconds: float) -> AsyncIterator[str]:
+    """Request ids a0, a1, ... at `per_s` a second (evenly) for `seconds`; none at 0."""
+    if per_s <= 0:
+        return
+    for i in range(int(per_s * seconds)):
+        await asyncio.sleep(1 / per_s)
+        yield f"a{i}"
 
 
 async def _alone(engine: AsyncEngine, core: StandInCore, rows: int, seconds: float) -> None:
@@ -122,15 +166,18 @@ async def _alone(engine: AsyncEngine, core: StandInCore, rows: int, seconds: flo
 
 def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     core = StandInCore(args.host_ops, args.device_ms / 1e3)
+    scheduler = SchedulerConfig(first_tokens_at_once=mode != "served_held")
+    config = EngineConfig(ModelConfig("stand-in core"), scheduler=scheduler)
+    first_outputs: list[float] = []
     cpu = time.process_time()
 
     async def run() -> None:
-        engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+        engine = AsyncEngine(config, core)  # type: ignore[arg-type]
         try:
-            if mode == "served":
-                await _served(engine, args.rows, args.seconds)
-            else:
+            if mode == "alone":
                 await _alone(engine, core, args.rows, args.seconds)
+            else:
+                await _served(engine, args, first_outputs)
         finally:  # the engine thread stops before its event loop closes
             await asyncio.to_thread(engine.shutdown)
 
@@ -149,6 +196,22 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "p90": ms[int(0.9 * (len(ms) - 1))],
         },
         "cpu_ms_per_step": cpu * 1e3 / len(core.host_phases),
+        **_first_output_figures(first_outputs),
+    }
+
+
+def _first_output_figures(seconds: list[float]) -> dict[str, Any]:
+    """The arrivals' first outputs: how many, and their delays (ms) p50 / mean / p90."""
+    if not seconds:
+        return {}
+    ms = sorted(x * 1e3 for x in seconds)
+    return {
+        "first_outputs": len(ms),
+        "first_output_ms": {
+            "p50": statistics.median(ms),
+            "mean": statistics.fmean(ms),
+            "p90": ms[int(0.9 * (len(ms) - 1))],
+        },
     }
 
 
@@ -159,11 +222,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host-ops", type=int, default=400, help="torch ops per host phase")
     parser.add_argument("--device-ms", type=float, default=20.0, help="device wait per step")
     parser.add_argument("--runs", type=int, default=3, help="runs of each mode")
+    parser.add_argument(
+        "--modes", type=_modes, default="alone,served", help=f"comma-separated, of {MODES}"
+    )
+    parser.add_argument(
+        "--arrivals-per-s", type=float, default=0.0, help="served: requests added a second"
+    )
+    parser.add_argument("--length", type=int, default=64, help="tokens of an added request")
     parser.add_argument("--out", help="write the JSON result here")
     args = parser.parse_args(argv)
-    if min(args.rows, args.host_ops, args.runs) < 1 or args.seconds <= 0 or args.device_ms < 0:
-        parser.error("--rows, --host-ops and --runs must be >= 1, --seconds > 0, --device-ms >= 0")
+    if min(args.rows, args.host_ops, args.runs, args.length) < 1:
+        parser.error("--rows, --host-ops, --runs and --length must be >= 1")
+    if args.seconds <= 0 or args.device_ms < 0 or args.arrivals_per_s < 0:
+        parser.error("--seconds must be > 0, --device-ms and --arrivals-per-s >= 0")
     return args
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m for m in text.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes are some of {MODES}, got {text!r}")
+    return modes
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -172,20 +252,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     runs = []
     for index in range(args.runs):
-        for mode in ("alone", "served"):
+        for mode in args.modes:
             runs.append({"run": index + 1, **measure(mode, args)})
             logger.info("%s", runs[-1])
     figures = {
         "host_phase_ms_p50": lambda r: r["host_phase_ms"]["p50"],
         "host_phase_ms_mean": lambda r: r["host_phase_ms"]["mean"],
         "cpu_ms_per_step": lambda r: r["cpu_ms_per_step"],
+        "first_output_ms_p50": lambda r: r.get("first_output_ms", {}).get("p50"),
     }
     summary = {
         mode: {
-            name: statistics.median(figure(r) for r in runs if r["mode"] == mode)
+            name: statistics.median(v)
             for name, figure in figures.items()
+            if (v := [x for r in runs if r["mode"] == mode if (x := figure(r)) is not None])
         }
-        for mode in ("alone", "served")
+        for mode in args.modes
     }
     result = {
         **provenance("cpu"),
@@ -193,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "host_ops": args.host_ops,
         "device_ms": args.device_ms,
         "seconds": args.seconds,
+        "arrivals_per_s": args.arrivals_per_s,
+        "length": args.length,
         "runs": runs,
         "summary": summary,
     }
