@@ -18,12 +18,13 @@ each, alternating:
 - `served`: every request is a `StreamedRequest` of a `Multiplexer` (decode/multiplex.py,
   as `Decode.GenerateMany` runs them), whose step batches are serialised as gRPC would.
 
-- `served_held`: `served` with `--no-first-tokens-at-once`: a request's first output waits
-  for the next step's launch like the others.
+- `served_held`: `served` with `--no-first-and-last-at-once`: a request's first and last
+  outputs wait for the next step's launch like the others.
 
 With `--arrivals-per-s`, the served modes also add requests of `--length` tokens at that
-rate beside the `--rows` that never end, and time each one's first output from the end of
-the step that made it to its stream's callback on the event loop (`first_output_ms`).
+rate beside the `--rows` that never end, and time each one's first and last output from
+the end of the step that made it to its stream's callback on the event loop
+(`first_output_ms`, `last_output_ms`).
 
 Reported per mode: the host phase's duration (p50, mean, p90: how much the event loop's
 work stretches it) and the process's CPU time per step. The difference between the modes
@@ -108,11 +109,11 @@ class StandInCore:
 
 
 async def _served(
-    engine: AsyncEngine, args: argparse.Namespace, first_outputs: list[float]
+    engine: AsyncEngine, args: argparse.Namespace, delays: dict[str, list[float]]
 ) -> None:
     """`args.rows` endless requests, and arrivals of `args.length` tokens at
-    `args.arrivals_per_s`, whose first outputs' delays from their step's end go to
-    `first_outputs` (seconds)."""
+    `args.arrivals_per_s`, whose first and last outputs' delays from their step's end go
+    to `delays["first"]` and `delays["last"]` (seconds)."""
     endless = SamplingParams(max_tokens=1 << 30, ignore_eos=True)
     finite = SamplingParams(max_tokens=args.length, ignore_eos=True)
 
@@ -121,8 +122,9 @@ async def _served(
         arrival = request.request_id.startswith("a")
 
         def on_output(out: RequestOutput) -> None:
-            if arrival and stream.num_generated == 0:
-                first_outputs.append(time.monotonic() - out.metrics["step_end_s"])
+            if arrival and (stream.num_generated == 0 or out.finished):
+                late = time.monotonic() - out.metrics["step_end_s"]
+                delays["last" if out.finished else "first"].append(late)
             stream.on_output(out)
 
         prompt = list(request.prompt_token_ids)
@@ -166,9 +168,9 @@ async def _alone(engine: AsyncEngine, core: StandInCore, rows: int, seconds: flo
 
 def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     core = StandInCore(args.host_ops, args.device_ms / 1e3)
-    scheduler = SchedulerConfig(first_tokens_at_once=mode != "served_held")
+    scheduler = SchedulerConfig(first_and_last_at_once=mode != "served_held")
     config = EngineConfig(ModelConfig("stand-in core"), scheduler=scheduler)
-    first_outputs: list[float] = []
+    delays: dict[str, list[float]] = {"first": [], "last": []}
     cpu = time.process_time()
 
     async def run() -> None:
@@ -177,7 +179,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             if mode == "alone":
                 await _alone(engine, core, args.rows, args.seconds)
             else:
-                await _served(engine, args, first_outputs)
+                await _served(engine, args, delays)
         finally:  # the engine thread stops before its event loop closes
             await asyncio.to_thread(engine.shutdown)
 
@@ -196,18 +198,20 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "p90": ms[int(0.9 * (len(ms) - 1))],
         },
         "cpu_ms_per_step": cpu * 1e3 / len(core.host_phases),
-        **_first_output_figures(first_outputs),
+        **_delay_figures("first", delays["first"]),
+        **_delay_figures("last", delays["last"]),
     }
 
 
-def _first_output_figures(seconds: list[float]) -> dict[str, Any]:
-    """The arrivals' first outputs: how many, and their delays (ms) p50 / mean / p90."""
+def _delay_figures(which: str, seconds: list[float]) -> dict[str, Any]:
+    """The arrivals' `which` (first, last) outputs: how many, and their delays (ms) p50 /
+    mean / p90."""
     if not seconds:
         return {}
     ms = sorted(x * 1e3 for x in seconds)
     return {
-        "first_outputs": len(ms),
-        "first_output_ms": {
+        f"{which}_outputs": len(ms),
+        f"{which}_output_ms": {
             "p50": statistics.median(ms),
             "mean": statistics.fmean(ms),
             "p90": ms[int(0.9 * (len(ms) - 1))],
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "host_phase_ms_mean": lambda r: r["host_phase_ms"]["mean"],
         "cpu_ms_per_step": lambda r: r["cpu_ms_per_step"],
         "first_output_ms_p50": lambda r: r.get("first_output_ms", {}).get("p50"),
+        "last_output_ms_p50": lambda r: r.get("last_output_ms", {}).get("p50"),
     }
     summary = {
         mode: {

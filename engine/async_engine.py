@@ -9,16 +9,18 @@ self-pipe write and a wake-up of the loop, taken under the GIL).
 
 A step's outputs are handed over during the next step, once that step has launched the
 one after it and waits for the device (`EngineCore.step(while_waiting=...)`), or at once
-when no step follows. Requests' first tokens are the exception
-(`SchedulerConfig.first_tokens_at_once`, on by default): they go out as soon as their step
-is read back, so that the time to first token does not include the next launch; they are
-few a step (the prompts that ended in it), so the event loops' share of the GIL they take
-during that launch is small. The event loops' work on them (one output per running request) then
+when no step follows. The event loops' work on them (one output per running request) then
 takes the GIL while the engine thread waits for the device, not while it launches the next
 step: with steps launched ahead, that launch must come before the device finishes the step
 in flight, and at a few hundred rows a step the event loops' share of the GIL, taken then,
-left the device idle (docs/performance.md). An idle engine hands over what it holds before
-it answers commands, so `stats` never counts a request out whose last outputs are still
+left the device idle (docs/performance.md). A request's first and last outputs are the
+exception (`SchedulerConfig.first_and_last_at_once`, on by default): they go out as soon
+as their step is read back, so that neither the time to first token nor the request's end
+includes the next launch (and the time per output token, last less first, is what it would
+be if every output went at once); they are few a step (the prompts that ended in it, the
+requests that finished), so the GIL they take during that launch is little. An idle
+engine hands over what it holds before it answers commands, so `stats` never counts a
+request out whose last outputs are still
 held. Outputs of any other kind (aborts, connector
 events, failures) are handed over on the engine thread too, after what is held, so that a
 request's outputs keep their order. Every touch of the
@@ -109,7 +111,7 @@ class AsyncEngine:
             core = EngineCore(config)
         self.core = core
         scheduler = config.scheduler if config is not None else SchedulerConfig()
-        self._first_tokens_at_once = scheduler.first_tokens_at_once
+        self._ends_at_once = scheduler.first_and_last_at_once
         self._commands: deque[tuple[Callable[[EngineCore], Any], concurrent.futures.Future]] = (
             deque()
         )
@@ -275,21 +277,23 @@ class AsyncEngine:
         self._observe_step(ended - started)
         self._release_held()  # a step that waited for nothing did not call it
         held = _Held(outputs, ended, ended - started)
-        if self._first_tokens_at_once:
-            firsts, held = self._split_first_tokens(held)
-            if firsts.outputs:
-                self._hand_over(firsts)
+        if self._ends_at_once:
+            ends, held = self._split_ends(held)
+            if ends.outputs:
+                self._hand_over(ends)
         self._held = held
 
-    def _split_first_tokens(self, held: _Held) -> tuple[_Held, _Held]:
-        """The outputs of requests that have had none handed over (their first tokens),
-        and the rest. Every earlier output is out by now, so each request's order holds."""
-        firsts: list[StepOutput] = []
+    def _split_ends(self, held: _Held) -> tuple[_Held, _Held]:
+        """The outputs that start a request's stream (none handed over before) or end
+        it (finished), and the rest. Every earlier output is out by now, so each request's
+        order holds."""
+        ends: list[StepOutput] = []
         rest: list[StepOutput] = []
         for out in held.outputs:
             stream = self._streams.get(out.request_id)
-            (firsts if stream is not None and not stream.started else rest).append(out)
-        return held._replace(outputs=firsts), held._replace(outputs=rest)
+            is_end = stream is not None and (not stream.started or out.finished)
+            (ends if is_end else rest).append(out)
+        return held._replace(outputs=ends), held._replace(outputs=rest)
 
     def _abort_now(self, core: EngineCore, request_id: str) -> None:
         """Abort on the engine thread: its outputs go out after the held ones."""

@@ -144,10 +144,11 @@ class SchedulerConfig:
     # host's output work overlaps the GPU. None: on for CUDA devices, unless the node's KV
     # connector needs each step's blocks as it ends (a prefill node's).
     overlap_output_processing: bool | None = None
-    # Hand a request's first tokens to its stream as soon as the step that made them is
-    # read back, not with the rest of that step's outputs during the next step
-    # (engine/async_engine.py): the time to first token does not wait for a launch.
-    first_tokens_at_once: bool = True
+    # Hand a request's first and last outputs to its stream as soon as the step that made
+    # them is read back, not with the rest of that step's outputs during the next step
+    # (engine/async_engine.py): neither the time to first token nor the request's end
+    # waits for a launch.
+    first_and_last_at_once: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

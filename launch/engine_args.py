@@ -209,11 +209,11 @@ def _add_output_arguments(g: argparse._ArgumentGroup) -> None:
         "on CUDA, unless the node's KV connector needs each step's blocks as it ends)",
     )
     g.add_argument(
-        "--first-tokens-at-once",
+        "--first-and-last-at-once",
         action=argparse.BooleanOptionalAction,
-        default=default_of(sched, "first_tokens_at_once"),
-        help="stream a request's first tokens as soon as they are read back, not with the "
-        "rest of their step's outputs after the next step's launch",
+        default=default_of(sched, "first_and_last_at_once"),
+        help="stream a request's first and last outputs as soon as they are read back, not "
+        "with the rest of their step's outputs after the next step's launch",
     )
 
 
@@ -264,6 +264,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             enable_chunked_prefill=not args.no_chunked_prefill,
             overlap_output_processing=args.overlap_output_processing,
-            first_tokens_at_once=args.first_tokens_at_once,
+            first_and_last_at_once=args.first_and_last_at_once,
         ),
     )

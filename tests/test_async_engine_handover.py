@@ -3,8 +3,8 @@ that step launched the one after it and before it waits for the device, so that 
 loop's work takes the GIL while the engine thread waits, not while it launches
 (engine/async_engine.py). A scripted core, built on node_overhead's stand-in, takes
 EngineCore's place: its steps record their launch and their wait, and every hand-over is
-recorded on the same thread. A request's first tokens are the exception: they go out as
-soon as their step is read back."""
+recorded on the same thread. A request's first and last outputs are the exception: they go
+out as soon as their step is read back."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class ScriptedCore(StandInCore):
         outputs = []
         for rid in list(self.requests):
             count = self.requests[rid] = self.requests[rid] + 1
-            finish = "length" if count == self.length else None
+            finish = "length" if count == self.lengths.get(rid, self.length) else None
             if finish:
                 del self.requests[rid]
             outputs.append(StepOutput(rid, 0, [count], None, f" {count}", finish, None))
@@ -71,31 +71,31 @@ def _record_hand_overs(loop: asyncio.AbstractEventLoop, core: ScriptedCore) -> N
     loop.call_soon_threadsafe = recording  # type: ignore[method-assign]
 
 
-def _engine(core: ScriptedCore, first_tokens_at_once: bool = True) -> AsyncEngine:
+def _engine(core: ScriptedCore, first_and_last_at_once: bool = True) -> AsyncEngine:
     config = EngineConfig(
         ModelConfig("unused: the core is given"),
-        scheduler=SchedulerConfig(first_tokens_at_once=first_tokens_at_once),
+        scheduler=SchedulerConfig(first_and_last_at_once=first_and_last_at_once),
     )
     return AsyncEngine(config, core)  # type: ignore[arg-type]
 
 
-# A request's four tokens, one a step, with the first handed over at once (the default) or
-# held like the others.
+# The start of a request's four tokens, one a step, with the first handed over at once
+# (the default) or held like the others.
 _HAND_OVERS = {
     True: [("launch", 1), ("wait", 1), ("hand_over", 1), ("launch", 2), ("wait", 2)],
     False: [("launch", 1), ("wait", 1), ("launch", 2), ("hand_over", 1), ("wait", 2)],
 }
 
 
-@pytest.mark.parametrize("first_tokens_at_once", [True, False])
+@pytest.mark.parametrize("first_and_last_at_once", [True, False])
 def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait(
-    first_tokens_at_once: bool,
+    first_and_last_at_once: bool,
 ) -> None:
     """Each step's outputs go out during the next step, after its launch and before its
     wait; a request's first token goes out as soon as its step is read back, before the
-    next launch (unless first_tokens_at_once is off)."""
+    next launch (unless first_and_last_at_once is off)."""
     core = ScriptedCore(length=4)
-    engine = _engine(core, first_tokens_at_once)
+    engine = _engine(core, first_and_last_at_once)
 
     async def main() -> list[int]:
         _record_hand_overs(asyncio.get_running_loop(), core)
@@ -107,7 +107,7 @@ def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait(
     finally:
         engine.shutdown()
     assert tokens == [1, 2, 3, 4]
-    assert core.events == _HAND_OVERS[first_tokens_at_once] + [
+    assert core.events == _HAND_OVERS[first_and_last_at_once] + [
         ("launch", 3),
         ("hand_over", 2),
         ("wait", 3),
@@ -119,12 +119,13 @@ def test_a_steps_outputs_go_out_between_the_next_launch_and_its_wait(
     ]
 
 
-def test_a_new_requests_first_token_goes_out_at_once_beside_held_tokens() -> None:
-    """A step that makes a running request's token and a new request's first: the first
-    goes out before the next launch, the other with the next step's wait."""
+def test_a_requests_first_and_last_outputs_go_out_at_once_beside_held_ones() -> None:
+    """A request of three tokens joins one that runs on: its first and its last output go
+    out alone, right after their step's wait; every other output (its second, all of the
+    other request's) during the next step, after its launch."""
     core = ScriptedCore(length=1 << 20)
     engine = _engine(core)
-    handed: list[tuple[str, list[str]]] = []
+    handed: list[tuple[str, list[tuple[str, int]]]] = []
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -132,7 +133,8 @@ def test_a_new_requests_first_token_goes_out_at_once_beside_held_tokens() -> Non
 
         def recording(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
             if getattr(callback, "__name__", "") == "_put_all":
-                handed.append((core.events[-1][0], [r.request_id for _, r in args[0]]))
+                outs = [(r.request_id, (r.outputs[0].token_ids or [0])[0]) for _, r in args[0]]
+                handed.append((core.events[-1][0], outs))
             return original(callback, *args, **kwargs)
 
         loop.call_soon_threadsafe = recording  # type: ignore[method-assign]
@@ -140,20 +142,26 @@ def test_a_new_requests_first_token_goes_out_at_once_beside_held_tokens() -> Non
         await engine.add("a", [1], _PARAMS, None, received.append)
         while len(received) < 2:
             await asyncio.sleep(0.001)
-        await engine.add("b", [1], _PARAMS, None, received.append)
-        while not any(out.request_id == "b" for out in received):
+        three = SamplingParams(max_tokens=3, ignore_eos=True)
+        await engine.add("b", [1], three, None, received.append)
+        while not any(out.request_id == "b" and out.finished for out in received):
             await asyncio.sleep(0.001)
-        for rid in ("a", "b"):
-            await engine.close(rid, False)
+        await engine.close("a", False)
+        await engine.close("b", True)
 
     try:
         asyncio.run(main())
     finally:
         engine.shutdown()
-    firsts = [i for i, (_, rids) in enumerate(handed) if "b" in rids]
-    assert handed[firsts[0]] == ("wait", ["b"])  # alone, right after its step's wait
-    assert all(rids == ["a"] and after == "launch" for after, rids in handed[1 : firsts[0]])
-    assert handed[0] == ("wait", ["a"])
+    b_outputs = [(after, outs) for after, outs in handed if any(r == "b" for r, _ in outs)]
+    assert b_outputs[0] == ("wait", [("b", 1)])  # the first, alone, before the next launch
+    assert b_outputs[1][0] == "launch" and ("b", 2) in b_outputs[1][1]  # held
+    assert b_outputs[2] == ("wait", [("b", 3)])  # the last, alone
+    assert handed[0] == ("wait", [("a", 1)])  # a's first
+    # a's others, while b ran, were held (its abort releases what is held when a closes).
+    b_last = handed.index(b_outputs[2])
+    a_only = [after for after, outs in handed[1:b_last] if all(r == "a" for r, _ in outs)]
+    assert a_only and all(after == "launch" for after in a_only)
 
 
 def test_an_abort_comes_after_the_held_outputs_of_its_request() -> None:
