@@ -20,12 +20,11 @@ includes the next launch (and the time per output token, last less first, is wha
 be if every output went at once); they are few a step (the prompts that ended in it, the
 requests that finished), so the GIL they take during that launch is little. An idle
 engine hands over what it holds before it answers commands, so `stats` never counts a
-request out whose last outputs are still
-held. Outputs of any other kind (aborts, connector
-events, failures) are handed over on the engine thread too, after what is held, so that a
-request's outputs keep their order. Every touch of the
-EngineCore happens on that thread; other threads go through `call` (a function run there
-between steps; `run` is its awaitable form on the asyncio side) or `generate`/`abort`.
+request out whose last outputs are still held. Outputs of any other kind (aborts,
+connector events, failures) are handed over on the engine thread too, after what is held,
+so that a request's outputs keep their order. Every touch of the EngineCore happens on
+that thread; other threads go through `call` (a function run there between steps; `run`
+is its awaitable form on the asyncio side) or `generate`/`abort`.
 A request's grammar is compiled on a worker thread before it is added (`compile_grammar`).
 
 Two ways to follow a request, on the asyncio side:
