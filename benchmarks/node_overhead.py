@@ -66,15 +66,13 @@ class StandInCore:
         self.host_ops = host_ops
         self.device_s = device_s
         self.requests: dict[str, int] = {}
-        self.lengths: dict[str, int] = {}  # requests that end after so many tokens
+        self.lengths: dict[str, int | None] = {}  # each added request's max_tokens
         self.host_phases: list[float] = []
         self._x = torch.ones(16)
 
-    def add_request(self, rid: str, prompt: list[int], params: object, kv: object) -> None:
+    def add_request(self, rid: str, prompt: list[int], params: SamplingParams, kv: object) -> None:
         self.requests[rid] = 0
-        max_tokens = getattr(params, "max_tokens", None)
-        if isinstance(max_tokens, int) and max_tokens < 1 << 20:
-            self.lengths[rid] = max_tokens
+        self.lengths[rid] = params.max_tokens
 
     def has_runnable(self) -> bool:
         return bool(self.requests)
@@ -188,15 +186,10 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     phases = core.host_phases[_WARMUP_STEPS:]
     if len(phases) < 10:
         raise RuntimeError(f"only {len(phases)} steps measured: raise --seconds")
-    ms = sorted(p * 1e3 for p in phases)
     return {
         "mode": mode,
         "steps": len(phases),
-        "host_phase_ms": {
-            "p50": statistics.median(ms),
-            "mean": statistics.fmean(ms),
-            "p90": ms[int(0.9 * (len(ms) - 1))],
-        },
+        "host_phase_ms": _spread_ms(phases),
         "cpu_ms_per_step": cpu * 1e3 / len(core.host_phases),
         **_delay_figures("first", delays["first"]),
         **_delay_figures("last", delays["last"]),
@@ -208,14 +201,16 @@ def _delay_figures(which: str, seconds: list[float]) -> dict[str, Any]:
     mean / p90."""
     if not seconds:
         return {}
+    return {f"{which}_outputs": len(seconds), f"{which}_output_ms": _spread_ms(seconds)}
+
+
+def _spread_ms(seconds: list[float]) -> dict[str, float]:
+    """p50, mean and p90 of durations given in seconds, in ms."""
     ms = sorted(x * 1e3 for x in seconds)
     return {
-        f"{which}_outputs": len(ms),
-        f"{which}_output_ms": {
-            "p50": statistics.median(ms),
-            "mean": statistics.fmean(ms),
-            "p90": ms[int(0.9 * (len(ms) - 1))],
-        },
+        "p50": statistics.median(ms),
+        "mean": statistics.fmean(ms),
+        "p90": ms[int(0.9 * (len(ms) - 1))],
     }
 
 

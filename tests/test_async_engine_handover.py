@@ -28,7 +28,8 @@ _PARAMS = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
 class ScriptedCore(StandInCore):
     """node_overhead's stand-in core with scripted steps: each step records ("launch", n),
     runs the caller's `while_waiting`, records ("wait", n), then gives one token per
-    request (its n-th), ending a request after `length`; an abort gives its output."""
+    request (its n-th), ending a request after `length` tokens or its max_tokens, whichever
+    is fewer; an abort gives its output."""
 
     def __init__(self, length: int) -> None:
         super().__init__(host_ops=0, device_s=0.0)
@@ -50,7 +51,8 @@ class ScriptedCore(StandInCore):
         outputs = []
         for rid in list(self.requests):
             count = self.requests[rid] = self.requests[rid] + 1
-            finish = "length" if count == self.lengths.get(rid, self.length) else None
+            limit = min(self.length, self.lengths[rid] or self.length)
+            finish = "length" if count == limit else None
             if finish:
                 del self.requests[rid]
             outputs.append(StepOutput(rid, 0, [count], None, f" {count}", finish, None))
