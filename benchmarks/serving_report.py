@@ -25,6 +25,11 @@ One system against another, every head-to-head check in one table
 (benchmarks/comparison.py):
 
     python -m splitserve.benchmarks.serving_report compare RESULTS_DIR [--baseline vllm]
+
+What moves capacity: per system and workload, the fixed cost of a step and the GPU time
+of a request, fitted to TPOT against the rate (benchmarks/capacity_fit.py):
+
+    python -m splitserve.benchmarks.serving_report fit RESULTS_DIR
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from splitserve.benchmarks import capacity_fit
 from splitserve.benchmarks.comparison import Targets, capacity
 from splitserve.benchmarks.comparison import compare as compare_rows
 from splitserve.benchmarks.comparison import markdown as comparison_markdown
@@ -271,7 +277,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--capacity-ratio", type=float, default=targets.capacity_ratio)
     compare.add_argument("--fresh-ratio", type=float, default=targets.fresh_ratio)
     compare.add_argument("--lowest-rate", type=float, default=targets.lowest_rate)
-    for p in (merge, compare):
+    fit = sub.add_parser("fit", help="each system's step and request cost, fitted to TPOT")
+    fit.add_argument("results_dir", type=Path, help="a folder with summary.json")
+    for p in (merge, compare, fit):
         p.add_argument("--slo-ttft-ms", type=float, default=targets.slo_ttft_ms)
         p.add_argument("--slo-tpot-ms", type=float, default=targets.slo_tpot_ms)
     return parser
@@ -292,12 +300,22 @@ def _compare(args: argparse.Namespace) -> str:
     return comparison_markdown(checks, args.system, args.baseline)
 
 
+def _fit(args: argparse.Namespace) -> str:
+    rows = read_rows(args.results_dir)
+    if not rows:
+        raise ValueError(f"{args.results_dir} has no {SUMMARY_FILE}: pass a results folder")
+    return capacity_fit.markdown(capacity_fit.fits(rows, args.slo_ttft_ms, args.slo_tpot_ms))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":
             print(_compare(args), end="")
+            return 0
+        if args.command == "fit":
+            print(_fit(args), end="")
             return 0
         num = merge_dirs(args.out_dir, args.in_dirs, args.slo_ttft_ms, args.slo_tpot_ms)
     except ValueError as exc:
