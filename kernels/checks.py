@@ -93,11 +93,18 @@ def _cuda_num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """The device as its tensors name it: a CUDA device without an index is the current one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return _CPU_NUM_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_num_sms(index)
+    return _cuda_num_sms(indexed_device(device).index)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -47,6 +47,7 @@ from splitserve.kernels.checks import (
     check_tensor,
     check_tile,
     dot_precision,
+    indexed_device,
     next_pow2,
     num_sms,
 )
@@ -389,7 +390,7 @@ class MergeCounters:
         self._buffers: list[torch.Tensor] = []
 
     def get(self, device: torch.device, count: int) -> torch.Tensor | None:
-        device = _indexed(device)  # "cuda" is the tensors' "cuda:0": one buffer for both
+        device = indexed_device(device)  # "cuda" is the tensors' "cuda:0": one buffer for both
         if self._buffers:
             latest = self._buffers[-1]
             if latest.device == device and latest.numel() >= count:
@@ -399,14 +400,6 @@ class MergeCounters:
         size = max(count, 2 * self._buffers[-1].numel() if self._buffers else count)
         self._buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
         return self._buffers[-1]
-
-
-def _indexed(device: torch.device | str) -> torch.device:
-    """The device as its tensors name it: a CUDA device without an index is the current one."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 class PreparedDecode:
