@@ -21,9 +21,8 @@ request (a lower `k`) moves capacity, and by how much the fit says.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-Row = dict[str, Any]
+from splitserve.benchmarks.comparison import Row, meets_slo
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,9 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
 def fit(rows: list[Row], slo_ttft_ms: float, slo_tpot_ms: float) -> Fit:
     """Fit one system's rows of one workload; only rows that met the SLO count."""
     kept = sorted(
-        (r for r in rows if r.get("tpot_p50_ms") and r.get("ttft_p90_ms") is not None
-         and r["ttft_p90_ms"] <= slo_ttft_ms and r.get("tpot_p90_ms", 0) <= slo_tpot_ms),
+        (r for r in rows if r.get("tpot_p50_ms") and meets_slo(r, slo_ttft_ms, slo_tpot_ms)),
         key=lambda r: r["rate"],
-    )  # fmt: skip
+    )
     rates = tuple(float(r["rate"]) for r in kept)
     first = rows[0] if rows else {}
     where = f"{first.get('system', '?')} on {first.get('workload', '?')}"

@@ -54,17 +54,15 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f} ms"
 
 
+def meets_slo(row: Row, ttft_ms: float, tpot_ms: float) -> bool:
+    """Whether a row's TTFT p90 and TPOT p90 were measured and meet the SLO."""
+    ttft, tpot = row.get("ttft_p90_ms"), row.get("tpot_p90_ms")
+    return ttft is not None and tpot is not None and ttft <= ttft_ms and tpot <= tpot_ms
+
+
 def capacity(rows: list[Row], ttft_ms: float, tpot_ms: float) -> float | None:
     """Highest rate of `rows` (one system and workload) whose p90s meet the SLO."""
-    passing = [
-        r["rate"]
-        for r in rows
-        if r.get("ttft_p90_ms") is not None
-        and r.get("tpot_p90_ms") is not None
-        and r["ttft_p90_ms"] <= ttft_ms
-        and r["tpot_p90_ms"] <= tpot_ms
-    ]
-    return max(passing, default=None)
+    return max((r["rate"] for r in rows if meets_slo(r, ttft_ms, tpot_ms)), default=None)
 
 
 def _capacity(rows: list[Row], targets: Targets) -> float | None:
