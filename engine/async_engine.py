@@ -365,8 +365,14 @@ class AsyncEngine:
             result.metrics["step_time_s"] = held.step_time_s
             batches.setdefault(stream.loop, []).append((stream, result))
         for loop, batch in batches.items():
-            if not loop.is_closed():  # a closed loop's streams are gone (shut down)
+            if loop.is_closed():  # a closed loop's streams are gone (shut down)
+                continue
+            try:
                 loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:
+                if not loop.is_closed():
+                    raise
+                # it closed since the check above: its streams are gone as well
 
 
 def _put_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:

@@ -208,9 +208,55 @@ def test_outputs_for_a_closed_event_loop_are_dropped() -> None:
         await asyncio.sleep(0.05)
 
     asyncio.run(main())  # closes the loop with the request still running
+    _assert_keeps_stepping(engine, core)
+
+
+def test_a_loop_closing_while_outputs_are_handed_to_it_is_dropped_too() -> None:
+    """The loop closes between the engine thread's check that it is open and its call to
+    it (`call_soon_threadsafe` then raises): the engine goes on stepping as above."""
+    core = ScriptedCore(length=1 << 20)
+    engine = AsyncEngine(None, core)  # type: ignore[arg-type]
+    closing, raised = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def call_soon_threadsafe(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if closing.is_set() and getattr(callback, "__name__", "") == "_put_all":
+                raised.set()
+                raise RuntimeError("Event loop is closed")
+            return original(callback, *args, **kwargs)
+
+        is_closed = loop.is_closed
+
+        def closed_once_raised() -> bool:  # as the engine thread sees it
+            on_engine = threading.current_thread().name == "engine-loop"
+            return raised.is_set() if on_engine else is_closed()
+
+        loop.call_soon_threadsafe = call_soon_threadsafe  # type: ignore[method-assign]
+        loop.is_closed = closed_once_raised  # type: ignore[method-assign]
+        await engine.add("r", [1, 2], _PARAMS, None, lambda out: None)
+        await asyncio.sleep(0.05)
+        closing.set()
+        for _ in range(100):
+            if raised.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert raised.is_set()
+
+    asyncio.run(main())
+    _assert_keeps_stepping(engine, core)
+
+
+def _assert_keeps_stepping(engine: AsyncEngine, core: ScriptedCore) -> None:
+    """The engine thread is alive, request "r" still runs, and steps go on (within 5 s:
+    a loaded CI machine may not run the thread for a while); then shut the engine down."""
     steps = core.num_steps
-    time.sleep(0.2)
     try:
+        deadline = time.monotonic() + 5.0
+        while core.num_steps <= steps and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert engine._thread.is_alive() and "r" in core.requests
         assert core.num_steps > steps
     finally:
