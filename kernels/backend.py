@@ -10,11 +10,12 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`
    inside that kernel: `MergeCounters`); a batch with prefill chunks runs its leading
    `meta.num_decodes` decode rows with the decode kernel (which reads each KV head once for
    its whole query group; checked, planned and given its scratch on the step's first layer,
-   then only launched: `PreparedDecode`) and the other sequences with the varlen prefill
-   kernel, or, with `flash_fresh_prefill` and when none of them has cached context, with
-   torch's flash kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
-   `cudnn_fresh_prefill` once `prepare` has run and for a step of one prompt of at least
-   `cudnn_prefill.MIN_ROWS` tokens, with cuDNN's fused attention (kernels/cudnn_prefill.py).
+   then only launched: `PreparedDecode`) and the other sequences in runs
+   (kernels/prefill_runs.py): sequences with cached context with the varlen prefill
+   kernel; with `flash_fresh_prefill`, fresh ones (nothing cached before them) with torch's
+   flash kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
+   `cudnn_fresh_prefill` once `prepare` has run, long fresh prompts with cuDNN's fused
+   attention (kernels/cudnn_prefill.py).
    With `overlap_decode_rows` (CUDA), the decode rows of such a step are attended on a
    second stream beside the prefill rows (kernels/side_stream.py).
 
@@ -34,25 +35,28 @@ from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import PaddedPrompt
 from splitserve.kernels.decode_attention import MergeCounters, PreparedDecode, decode_attention
-from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention, is_fresh
+from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention
 from splitserve.kernels.prefill_attention import prefill_attention
+from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, PrefillRun, plan_runs
 from splitserve.kernels.side_stream import DecodeBranch, SideStream
 from splitserve.kernels.store_kv import store_kv
+
+
+class _Run(NamedTuple):
+    """One run of prefill sequences and its query starts on the device, from 0."""
+
+    run: PrefillRun
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
 
 
 class _MixedPlan(NamedTuple):
     """What every layer of one mixed step reads, worked out once per step (the metadata
     object) instead of once per layer: `decodes` leading decode rows, then the prefill
-    sequences."""
+    sequences in runs, each attended by its own path."""
 
     decodes: int
     decode_max_seq_len: int
-    # The prefill sequences' query starts, from 0 (the step's own when decodes is 0).
-    query_start_loc: torch.Tensor
-    query_lens: list[int]
-    is_fresh: bool
-    # Fresh, few and long enough for cuDNN's path (kernels/cudnn_prefill.py), prepared.
-    cudnn: bool
+    runs: tuple[_Run, ...]
 
 
 class TritonPagedAttention:
@@ -93,8 +97,9 @@ class TritonPagedAttention:
         self.cudnn_fresh_prefill = cudnn_fresh_prefill
         self._dense_attend = dense_attend
         self._cudnn_ready = False
-        # The step's padded prompts (None: past the buffer), for the q/k/v they view.
-        self._prompts: tuple[_MixedPlan, tuple, list[PaddedPrompt] | None] | None = None
+        # A cuDNN run's padded prompts (None: past the buffer), by the run's index in its
+        # plan, with the plan and the q/k/v they view.
+        self._prompts: dict[int, tuple[_MixedPlan, tuple, list[PaddedPrompt] | None]] = {}
         self._counters = MergeCounters() if fused_decode_merge else None
 
     def prepare(
@@ -163,37 +168,61 @@ class TritonPagedAttention:
         scale: float,
         out: torch.Tensor,
     ) -> None:
-        """The prefill sequences' rows (those past `plan.decodes`), attended into `out`."""
-        decodes = plan.decodes
-        q, k, v, out = q[decodes:], k[decodes:], v[decodes:], out[decodes:]
-        prompts = self._padded_prompts(q, k, v, plan) if plan.cudnn else None
-        if prompts is not None:
-            cudnn_prefill.attend_prompts(prompts, plan.query_lens, scale, out, self._dense_attend)
+        """The prefill sequences' rows (those past `plan.decodes`), attended into `out`
+        run by run; the last run's views reach to the end of the rows (any padding)."""
+        last = len(plan.runs) - 1
+        for index, run in enumerate(plan.runs):
+            first = plan.decodes + run.run.first_row
+            end = None if index == last else first + run.run.rows
+            rows = q[first:end], k[first:end], v[first:end], out[first:end]
+            self._attend_run(index, run, *rows, kv_cache, meta, plan, scale)
+
+    def _attend_run(
+        self,
+        index: int,
+        run: _Run,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        plan: _MixedPlan,
+        scale: float,
+    ) -> None:
+        lens = run.run.query_lens
+        if run.run.kind == CUDNN:
+            prompts = self._padded_prompts(index, q, k, v, plan)
+            if prompts is not None:
+                cudnn_prefill.attend_prompts(prompts, lens, scale, out, self._dense_attend)
+                return
+        if run.run.kind != CONTEXT:  # fresh: FLASH, or CUDNN past its buffer
+            fresh_prefill_attention(q, k, v, run.query_start_loc, lens, scale, out=out)
             return
-        if plan.is_fresh:
-            fresh_prefill_attention(q, k, v, plan.query_start_loc, plan.query_lens, scale, out=out)
-            return
+        first = plan.decodes + run.run.first_seq
+        seqs = slice(first, first + run.run.num_seqs)
         prefill_attention(
             q,
             kv_cache,
-            meta.block_tables[decodes:],
-            meta.seq_lens[decodes:],
-            plan.query_start_loc,
-            meta.max_query_len,
+            meta.block_tables[seqs],
+            meta.seq_lens[seqs],
+            run.query_start_loc,
+            max(lens),
             scale,
             out=out,
         )
 
     def _padded_prompts(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _MixedPlan
+        self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _MixedPlan
     ) -> list[PaddedPrompt] | None:
-        """The step's prompts padded for cuDNN, worked out on its first layer and kept
-        while its layers pass the same buffers (the piecewise graphs' static ones)."""
+        """Run `index`'s prompts padded for cuDNN, worked out on the step's first layer and
+        kept while its layers pass the same buffers (the piecewise graphs' static ones)."""
         views = (q.data_ptr(), k.data_ptr(), v.data_ptr(), q.shape, q.stride(), k.stride())
-        if self._prompts is not None and self._prompts[0] is plan and self._prompts[1] == views:
-            return self._prompts[2]
-        prompts = cudnn_prefill.padded_prompts(q, k, v, plan.query_lens)
-        self._prompts = (plan, views, prompts)
+        kept = self._prompts.get(index)
+        if kept is not None and kept[0] is plan and kept[1] == views:
+            return kept[2]
+        prompts = cudnn_prefill.padded_prompts(q, k, v, plan.runs[index].run.query_lens)
+        self._prompts[index] = (plan, views, prompts)
         return prompts
 
     def _prepared_decode(
@@ -243,26 +272,27 @@ class TritonPagedAttention:
         decodes = meta.num_decodes
         if not 0 < decodes < meta.num_seqs:
             decodes = 0
-        query_lens = meta.query_lens_cpu[decodes:]
-        fresh = (
-            self.flash_fresh_prefill
-            and dtype in FLASH_DTYPES
-            and is_fresh(query_lens, meta.seq_lens_cpu[decodes:])
+        query_start_loc = (
+            meta.query_start_loc[decodes:] - decodes if decodes else meta.query_start_loc
+        )
+        runs = plan_runs(
+            meta.query_lens_cpu[decodes:],
+            meta.seq_lens_cpu[decodes:],
+            flash=self.flash_fresh_prefill and dtype in FLASH_DTYPES,
+            cudnn=self._cudnn_ready,
         )
         plan = _MixedPlan(
             decodes=decodes,
             decode_max_seq_len=max(meta.seq_lens_cpu[:decodes], default=0),
-            query_start_loc=(
-                meta.query_start_loc[decodes:] - decodes if decodes else meta.query_start_loc
-            ),
-            query_lens=query_lens,
-            is_fresh=fresh,
-            cudnn=(
-                fresh
-                and self._cudnn_ready
-                and len(query_lens) <= cudnn_prefill.MAX_PROMPTS
-                and min(query_lens) >= cudnn_prefill.MIN_ROWS
-            ),
+            runs=tuple(_Run(run, _run_starts(query_start_loc, run, len(runs))) for run in runs),
         )
         self._planned = (meta, plan)
         return plan
+
+
+def _run_starts(query_start_loc: torch.Tensor, run: PrefillRun, num_runs: int) -> torch.Tensor:
+    """The run's query starts from 0: the prefill sequences' own when it is the only run."""
+    if num_runs == 1:
+        return query_start_loc
+    starts = query_start_loc[run.first_seq : run.first_seq + run.num_seqs + 1]
+    return starts - run.first_row

@@ -165,6 +165,85 @@ def test_the_backend_takes_the_path_once_prepared_for_one_long_fresh_prompt(monk
     assert flash_calls == [1, 2, 1] and attend.rows == [48, 48, 48]
 
 
+class FlashStandIn:
+    """Plain-torch causal attention of each fresh sequence over its own rows, standing in
+    for FlashAttention-2's ragged call; records each call's lengths and starts."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], list[int]]] = []
+
+    def __call__(self, q, k, v, query_start_loc, query_lens, scale, out) -> None:
+        self.calls.append((list(query_lens), query_start_loc.tolist()))
+        start = 0
+        for rows in query_lens:
+            heads = (x[start : start + rows].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            result = DenseAttend()(*heads, scale)
+            out[start : start + rows].copy_(result[0].transpose(0, 1))
+            start += rows
+        out[start:].zero_()
+
+
+def _runs_backend(monkeypatch) -> tuple[object, DenseAttend, FlashStandIn]:
+    """A prepared backend whose cuDNN and flash calls are plain torch, float32 standing in
+    for the 16-bit dtypes."""
+    monkeypatch.setattr(backend_module, "FLASH_DTYPES", (torch.float32,))
+    monkeypatch.setattr(cudnn_prefill, "MANY_MIN_ROWS", 40)
+    flash = FlashStandIn()
+    monkeypatch.setattr(backend_module, "fresh_prefill_attention", flash)
+    attend = DenseAttend()
+    attention = TritonPagedAttention(
+        flash_fresh_prefill=True, cudnn_fresh_prefill=True, dense_attend=attend
+    )
+    buffer = torch.zeros(96, HEADS + 2 * KV_HEADS, HEAD_DIM, dtype=torch.float32)
+    attention.prepare(*buffer.split([HEADS, KV_HEADS, KV_HEADS], dim=1), SCALE, max_rows=96)
+    attend.rows.clear()
+    return attention, attend, flash
+
+
+@pytest.mark.usefixtures("small_buckets")
+@pytest.mark.parametrize(
+    ("cases", "cudnn_rows", "flash_lens", "triton_rows"),
+    [
+        # The rest of a running prompt, then two fresh prompts long enough for cuDNN.
+        ([(16, 24), (0, 40), (0, 48)], [48, 48], [], 24),
+        # A fresh prompt too short for cuDNN in the fresh run: FlashAttention-2 takes both.
+        ([(16, 24), (0, 40), (0, 20)], [], [40, 20], 24),
+        # One fresh prompt before a cached chunk: its padding reads the chunk's rows.
+        ([(0, 40), (16, 24)], [48], [], 24),
+        # Nothing fresh: the Triton kernel alone.
+        ([(16, 24), (8, 40)], [], [], 64),
+    ],
+)
+def test_each_run_of_a_mixed_step_takes_its_path_and_matches_the_torch_backend(
+    monkeypatch, cases, cudnn_rows, flash_lens, triton_rows
+) -> None:
+    """Decode rows, then prefill runs: cuDNN, flash and the Triton kernel each attend their
+    own rows, and together they give the torch backend's output, on every layer."""
+    attention, attend, flash = _runs_backend(monkeypatch)
+    triton_calls: list[int] = []
+    triton_kernel = backend_module.prefill_attention
+
+    def triton(q, *args, **kwargs):
+        triton_calls.append(q.shape[0])
+        return triton_kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "prefill_attention", triton)
+    batch = make_paged_batch(
+        [(20, 1), (30, 1), *cases], HEADS, KV_HEADS, HEAD_DIM, 16, torch.float32, DEVICE, seed=4
+    )
+    meta = dataclasses.replace(batch.meta, num_decodes=2)
+    q, k, v = (_with_slack(x, 16) for x in (batch.q, batch.k, batch.v))
+    ref = TorchPagedAttention().forward(q, k, v, batch.pool.clone()[:, 1], meta, SCALE)
+    for _layer in range(2):
+        out = attention.forward(q, k, v, batch.kv_cache, meta, SCALE)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert attend.rows == cudnn_rows * 2
+    assert [lens for lens, _ in flash.calls] == ([flash_lens] * 2 if flash_lens else [])
+    for _, starts in flash.calls:  # the run's own starts, from 0
+        assert starts[0] == 0 and starts[-1] == sum(flash_lens)
+    assert triton_calls == [triton_rows] * 2 if triton_rows else not triton_calls
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not cudnn_prefill.cudnn_prefill_supported(DEVICE.type), reason="needs cuDNN on an sm90+ GPU"
@@ -199,4 +278,46 @@ def test_cudnn_matches_the_torch_backend_at_model_shapes() -> None:
     )
     out = attention.forward(q[:rows], k[:rows], v[:rows], batch.kv_cache, meta, dim**-0.5)
     assert calls == [1152] and not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not cudnn_prefill.cudnn_prefill_supported(DEVICE.type), reason="needs cuDNN on an sm90+ GPU"
+)
+@pytest.mark.parametrize(
+    ("fresh", "cudnn_rows"),
+    [([2100, 2200], [2176, 2304]), ([900, 800], [])],  # cuDNN's run; FlashAttention-2's
+)
+def test_the_runs_of_a_mixed_step_match_the_torch_backend_at_model_shapes(
+    fresh, cudnn_rows
+) -> None:
+    """bf16, Llama-8B heads: decode rows, the rest of a prompt over its cached context (the
+    Triton kernel), then two fresh prompts on cuDNN or FlashAttention-2, from a fused
+    q/k/v buffer with slack rows."""
+    heads, kv_heads, dim = 32, 8, 128
+    cases = [(700, 1)] * 3 + [(1000, 300)] + [(0, n) for n in fresh]
+    batch = make_paged_batch(cases, heads, kv_heads, dim, 16, torch.bfloat16, DEVICE, seed=5)
+    meta = dataclasses.replace(batch.meta, num_decodes=3)
+    rows = batch.q.shape[0]
+    fused = torch.zeros(rows + 128, heads + 2 * kv_heads, dim, dtype=torch.bfloat16, device=DEVICE)
+    q, k, v = fused.split([heads, kv_heads, kv_heads], dim=1)
+    for view, src in zip((q, k, v), (batch.q, batch.k, batch.v), strict=True):
+        view[:rows].copy_(src)
+    calls: list[int] = []
+
+    def attend(q, k, v, scale: float) -> torch.Tensor:
+        calls.append(q.shape[2])
+        return cudnn_prefill.cudnn_attend(q, k, v, scale)
+
+    attention = TritonPagedAttention(
+        flash_fresh_prefill=True, cudnn_fresh_prefill=True, dense_attend=attend
+    )
+    attention.prepare(q, k, v, dim**-0.5, max_rows=rows)
+    calls.clear()
+    ref = TorchPagedAttention().forward(
+        q[:rows], k[:rows], v[:rows], batch.pool.clone()[:, 1], meta, dim**-0.5
+    )
+    out = attention.forward(q[:rows], k[:rows], v[:rows], batch.kv_cache, meta, dim**-0.5)
+    assert calls == cudnn_rows and not out.isnan().any()
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)

@@ -1,0 +1,62 @@
+"""How a step's prefill sequences split into runs, each with its attention path
+(kernels/prefill_runs.py): plain host lists, no kernels."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.kernels import cudnn_prefill
+from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, MAX_RUNS, plan_runs
+
+LONG = cudnn_prefill.MANY_MIN_ROWS  # long enough for cuDNN however many prompts
+MID = cudnn_prefill.MIN_ROWS  # long enough for cuDNN alone only
+
+
+def _kinds(runs) -> list[tuple[str, int, int, list[int]]]:
+    return [(r.kind, r.first_seq, r.first_row, r.query_lens) for r in runs]
+
+
+def test_the_rest_of_a_prompt_and_the_next_prompts_take_a_path_each() -> None:
+    # A running prompt's last 300 rows over 3,796 cached, then two fresh 4,096-row prompts.
+    runs = plan_runs([300, 4096, 4096], [4096, 4096, 4096], flash=True, cudnn=True)
+    assert _kinds(runs) == [(CONTEXT, 0, 0, [300]), (CUDNN, 1, 300, [4096, 4096])]
+    assert [r.rows for r in runs] == [300, 8192] and [r.num_seqs for r in runs] == [1, 2]
+    # Before cuDNN's plans exist the fresh prompts take FlashAttention-2's ragged call.
+    runs = plan_runs([300, 4096, 4096], [4096, 4096, 4096], flash=True, cudnn=False)
+    assert _kinds(runs) == [(CONTEXT, 0, 0, [300]), (FLASH, 1, 300, [4096, 4096])]
+
+
+def test_which_fresh_prompts_cudnn_takes() -> None:
+    one = plan_runs([MID], [MID], flash=True, cudnn=True)
+    assert _kinds(one) == [(CUDNN, 0, 0, [MID])]
+    several_mid = plan_runs([MID, LONG], [MID, LONG], flash=True, cudnn=True)
+    assert _kinds(several_mid) == [(FLASH, 0, 0, [MID, LONG])]
+    several_long = plan_runs([LONG, LONG + 1], [LONG, LONG + 1], flash=True, cudnn=True)
+    assert _kinds(several_long) == [(CUDNN, 0, 0, [LONG, LONG + 1])]
+    short = plan_runs([MID - 1], [MID - 1], flash=True, cudnn=True)
+    assert _kinds(short) == [(FLASH, 0, 0, [MID - 1])]
+
+
+def test_without_the_flash_path_every_sequence_takes_the_triton_kernel() -> None:
+    runs = plan_runs([40, 4096, 16], [90, 4096, 16], flash=False, cudnn=True)
+    assert _kinds(runs) == [(CONTEXT, 0, 0, [40, 4096, 16])]
+
+
+def test_fresh_prompts_before_a_cached_one_keep_their_order() -> None:
+    runs = plan_runs([4096, 64, 100], [4096, 64, 900], flash=True, cudnn=True)
+    assert _kinds(runs) == [(FLASH, 0, 0, [4096, 64]), (CONTEXT, 2, 4160, [100])]
+
+
+def test_past_the_most_runs_a_step_takes_one_triton_run() -> None:
+    lens = [8, 16] * MAX_RUNS  # cached, fresh, cached, ...: 2 * MAX_RUNS runs
+    seq_lens = [40 if i % 2 == 0 else n for i, n in enumerate(lens)]
+    runs = plan_runs(lens, seq_lens, flash=True, cudnn=True)
+    assert _kinds(runs) == [(CONTEXT, 0, 0, lens)]
+    at_most = plan_runs(lens[:MAX_RUNS], seq_lens[:MAX_RUNS], flash=True, cudnn=True)
+    assert len(at_most) == MAX_RUNS
+
+
+def test_no_sequences_no_runs_and_lengths_must_pair() -> None:
+    assert plan_runs([], [], flash=True, cudnn=True) == []
+    with pytest.raises(ValueError, match="2 query lengths for 1 sequences"):
+        plan_runs([4, 5], [9], flash=True, cudnn=True)
