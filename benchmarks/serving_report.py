@@ -16,7 +16,8 @@ Results of calls unpacked apart merge into one directory:
     python -m splitserve.benchmarks.serving_report merge OUT_DIR IN_DIR [IN_DIR ...]
 
 A row also gets `engine_steps` and `tokens_per_step` where the server's /metrics counts
-them (`engine_steps`): how each system batched the same arrivals.
+them (`engine_steps`): how each system batched the same arrivals; and `preemptions` (over
+the run) and `kv_cache_tokens` (the KV pool's size) where it exposes them (`kv_pool`).
 
 Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
 (default 1 s and 50 ms), read off the rates measured; the issue's definition.
@@ -100,6 +101,7 @@ def make_row(
     steps = engine_steps(summary)
     if steps is not None:
         row["engine_steps"], row["tokens_per_step"] = steps
+    row.update(kv_pool(summary))
     row.update(extra)
     return row
 
@@ -135,6 +137,33 @@ def engine_steps(summary: dict[str, Any]) -> tuple[float, float] | None:
             deltas, prefix + "generation_tokens_total"
         )
     return (steps, tokens / steps) if steps else None
+
+
+def kv_pool(summary: dict[str, Any]) -> dict[str, float]:
+    """`preemptions` over the run and `kv_cache_tokens`, where the server exposes them:
+    vLLM's `vllm:num_preemptions_total` and its `cache_config_info` label
+    `kv_cache_size_tokens`; splitserve's decode nodes' totals on the router (`node_
+    preemptions_total`, `node_kv_cache_tokens`)."""
+    metrics = summary.get("server_metrics") or {}
+    deltas, gauges = metrics.get("deltas") or {}, metrics.get("gauges_after") or {}
+    out: dict[str, float] = {}
+    for name in ("vllm:num_preemptions_total", "splitserve_router_node_preemptions_total"):
+        if any(k == name or k.startswith(name + "{") for k in deltas):
+            out["preemptions"] = _summed(deltas, name)
+    tokens = [
+        float(match[1])
+        for key in gauges
+        if key.startswith("vllm:cache_config_info{")
+        and (match := re.search(r'kv_cache_size_tokens="(\d+)"', key))
+    ]
+    tokens += [
+        value
+        for key, value in gauges.items()
+        if key.startswith("splitserve_router_node_kv_cache_tokens{") and 'role="decode"' in key
+    ]
+    if tokens:
+        out["kv_cache_tokens"] = sum(tokens)
+    return out
 
 
 def archived_request(record: dict[str, Any]) -> dict[str, Any]:
@@ -218,15 +247,16 @@ def markdown(rows: list[dict[str, Any]], slo_ttft_ms: float, slo_tpot_ms: float)
                 f"{slo_tpot_ms:g} ms: {text}"
             )
         for s in systems:
-            line = _steps_line(s, [r for r in mine if r["system"] == s])
-            if line is not None:
-                out.append(line)
+            for line in (_steps_line(s, mine), _pool_line(s, mine)):
+                if line is not None:
+                    out.append(line)
         out.append("")
     return "\n".join(out)
 
 
 def _steps_line(system: str, rows: list[dict[str, Any]]) -> str | None:
     """The engine steps of each run and the tokens a step carried, where counted."""
+    rows = [r for r in rows if r["system"] == system]
     counted = sorted((r for r in rows if r.get("engine_steps")), key=lambda r: r["rate"])
     if not counted:
         return None
@@ -235,6 +265,18 @@ def _steps_line(system: str, rows: list[dict[str, Any]]) -> str | None:
         for r in counted
     )
     return f"- {system}: engine steps over each run (tokens a step): {runs}"
+
+
+def _pool_line(system: str, rows: list[dict[str, Any]]) -> str | None:
+    """The preemptions of each run and the KV pool's size in tokens, where exposed."""
+    rows = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+    counted = [r for r in rows if "preemptions" in r]
+    sizes = sorted({r["kv_cache_tokens"] for r in rows if "kv_cache_tokens" in r})
+    if not counted and not sizes:
+        return None
+    runs = ", ".join(f"{r['rate']:g} req/s {r['preemptions']:,.0f}" for r in counted)
+    pool = " / ".join(f"{s:,.0f}" for s in sizes) or "not exposed"
+    return f"- {system}: preemptions over each run: {runs or 'not counted'}; KV pool {pool} tokens"
 
 
 def write_summary(

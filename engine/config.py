@@ -114,8 +114,9 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = None
     # CUDA, when neither size is given: the share of the device's memory this engine may
     # use in all (weights, activations, KV pool); the rest covers CUDA graphs and the
-    # sampler's temporaries.
-    gpu_memory_utilization: float = 0.9
+    # sampler's temporaries. vLLM 0.26's default (its servers report 0.92 in
+    # cache_config_info), so that both size their KV pools alike.
+    gpu_memory_utilization: float = 0.92
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:

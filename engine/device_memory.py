@@ -14,7 +14,8 @@ leaves once torch's peak allocation (weights and that step's activations) and th
 the process took outside torch's allocator since `start` (cuBLAS workspaces, kernel
 modules) are counted. What the utilization leaves out covers the CUDA graphs captured
 next and the sampler's temporaries. The arithmetic is `kv_budget_bytes`, a pure function.
-`vllm serve` sizes its KV cache the same way (its `gpu_memory_utilization`, 0.9).
+`vllm serve` sizes its KV cache the same way (its `gpu_memory_utilization`, 0.92 in
+vLLM 0.26, this engine's default too).
 """
 
 from __future__ import annotations

@@ -185,6 +185,12 @@ class RouterMetrics:
         self.node_kv_usage = Gauge(
             p + "node_kv_usage", "Fraction of KV blocks in use", _NODE_LABELS, registry=r
         )
+        self.node_kv_cache_tokens = Gauge(
+            p + "node_kv_cache_tokens",
+            "The node's KV pool in tokens (blocks x block size)",
+            _NODE_LABELS,
+            registry=r,
+        )
         self.node_hit_rate = Gauge(
             p + "node_prefix_cache_hit_rate",
             "Prefix-cache hits / queries (prompt tokens) since the node started",
@@ -257,7 +263,14 @@ class RouterMetrics:
     def set_nodes(
         self, nodes: Sequence[NodeRecord], stats: Sequence[pb.StatsResponse | None]
     ) -> None:
-        for gauge in (self.node_running, self.node_waiting, self.node_kv_usage, self.node_hit_rate):
+        gauges = (
+            self.node_running,
+            self.node_waiting,
+            self.node_kv_usage,
+            self.node_kv_cache_tokens,
+            self.node_hit_rate,
+        )
+        for gauge in gauges:
             gauge.clear()
         self.node_totals.update(nodes, stats)
         for node, st in zip(nodes, stats, strict=True):
@@ -277,6 +290,8 @@ class RouterMetrics:
             self.node_running.labels(*labels).set(running)
             self.node_waiting.labels(*labels).set(waiting)
             self.node_kv_usage.labels(*labels).set(kv)
+            pool = node.capacity.num_kv_blocks * node.block_size
+            self.node_kv_cache_tokens.labels(*labels).set(pool)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -226,3 +226,38 @@ def test_engine_steps_read_either_servers_counters() -> None:
     assert serving_report.engine_steps(ours) == (150.0, 3000.0 / 150.0)
     assert serving_report.engine_steps({"server_metrics": {"available": False}}) is None
     assert serving_report.engine_steps({}) is None
+
+
+def test_kv_pool_and_preemptions_read_either_servers_metrics() -> None:
+    info = (
+        'vllm:cache_config_info{block_size="16",gpu_memory_utilization="0.92",'
+        'kv_cache_size_tokens="462944",num_gpu_blocks="28934"}'
+    )
+    vllm = {"server_metrics": {
+        "deltas": {'vllm:num_preemptions_total{engine="0"}': 37.0},
+        "gauges_after": {info: 1.0, 'vllm:num_requests_running{engine="0"}': 0.0},
+    }}  # fmt: skip
+    assert serving_report.kv_pool(vllm) == {"preemptions": 37.0, "kv_cache_tokens": 462944.0}
+    p = "splitserve_router_node_"
+    ours = {"server_metrics": {
+        "deltas": {
+            p + 'preemptions_total{node_id="a",role="decode"}': 19.0,
+            p + 'preemptions_total{node_id="b",role="prefill"}': 2.0,
+        },
+        "gauges_after": {
+            p + 'kv_cache_tokens{node_id="a",role="decode"}': 450000.0,
+            p + 'kv_cache_tokens{node_id="b",role="prefill"}': 90000.0,
+        },
+    }}  # fmt: skip
+    # Preemptions of every node; the pool of the decode nodes, which hold the decoding KV.
+    assert serving_report.kv_pool(ours) == {"preemptions": 21.0, "kv_cache_tokens": 450000.0}
+    assert serving_report.kv_pool({"server_metrics": {"available": False}}) == {}
+    rows = [
+        {"system": "vllm", "rate": 6.0, "preemptions": 4.0, "kv_cache_tokens": 462944.0},
+        {"system": "vllm", "rate": 4.0, "preemptions": 0.0, "kv_cache_tokens": 462944.0},
+        {"system": "splitserve", "rate": 4.0},
+    ]
+    assert serving_report._pool_line("vllm", rows) == (
+        "- vllm: preemptions over each run: 4 req/s 0, 6 req/s 4; KV pool 462,944 tokens"
+    )
+    assert serving_report._pool_line("splitserve", rows) is None

@@ -275,6 +275,9 @@ def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
     assert value(text, p + "prompt_tokens_computed_total", node_id="d1") == 52
     assert value(text, p + "generation_tokens_total", node_id="d1") == 17
     assert value(text, p + "preemptions_total", node_id="d1") == 4
+    # The pool's size comes from the registry record, answered or not.
+    for node in ("d1", "d2"):
+        assert value(text, p + "kv_cache_tokens", node_id=node, role="decode") == 1600
     # d2's gauges fall back to its registry load; its totals are unknown, so absent.
     assert not [k for k in samples(text) if ("node_id", "d2") in k[1] and "_total" in k[0]]
     router.set_nodes([record("d1")], [pb.StatsResponse(num_steps=45)])

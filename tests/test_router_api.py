@@ -346,6 +346,12 @@ def test_health_and_metrics(router: str, client: openai.OpenAI) -> None:
         "splitserve_router_node_generation_tokens_total{",
     ):
         assert name in text, name
+    pools = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("splitserve_router_node_kv_cache_tokens{")
+    ]
+    assert len(pools) == 2 and all(p > 0 and p % 16 == 0 for p in pools), pools
 
 
 ERROR_CASES = [
