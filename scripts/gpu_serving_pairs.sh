@@ -5,14 +5,16 @@
 # keeps whole pairs. Merge after with `python -m splitserve.benchmarks.serving_report merge`.
 #   PAIRS="1024x256:12,16,20,24 4096x256:4" SPLITSERVE_GIT_COMMIT=... NO_WHEELS=1 \
 #     bash scripts/gpu_serving_pairs.sh
-# Other env (SECONDS_PER_RATE, MIN_REQUESTS, NUM_WARMUP, DRAIN_S, NODE_ARGS) passes to
-# gpu_serving.sh; CALL_S, each run's budget there, defaults to 1,500 s here.
+# SYSTEMS (default "vllm splitserve") sets the order within a pair: "splitserve vllm" finds
+# a node that cannot start before vLLM's half is spent. Other env (SECONDS_PER_RATE,
+# MIN_REQUESTS, NUM_WARMUP, DRAIN_S, NODE_ARGS) passes to gpu_serving.sh; CALL_S, each
+# run's budget there, defaults to 1,500 s here.
 set -uo pipefail
 export CALL_S=${CALL_S:-1500}
 status=0
 for pair in ${PAIRS:?set PAIRS, e.g. "1024x256:12,16 4096x256:4"}; do
   workload=${pair%%:*} rates=${pair#*:}
-  for system in vllm splitserve; do
+  for system in ${SYSTEMS:-vllm splitserve}; do
     echo "$(date -u +%H:%M:%S) $system $workload at $rates req/s"
     RESULTS=${BG_OUT:-/tmp/pairs}/$workload/$system WORKLOADS=$workload RATES=$rates \
       bash scripts/gpu_serving.sh "$system" || status=$?
