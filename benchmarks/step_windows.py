@@ -8,22 +8,24 @@ for vLLM, with the same procedure in one process each.
         --out vllm.json          # DIR: a config and tokenizer (make_llama_dir.py), dummy weights
 
 The procedure (both engines): `--batch` requests of `--context` random token ids decode at
-temperature 1 with no end; after 40 warm-up steps, 40 more are timed one by one (wall time of
-each `step()` call; the decode step is their median). Then `--windows` times: one fresh
-prompt of `--prompt` random ids (max_tokens 2) is added and the next four steps are timed
-together from a synchronised device to a synchronised device (the window: the step that
-carries the prompt and three decode steps; the prompt's own second token rides in the
-first of them), then three steps settle. `mixed_step_ms_est` is the median window less
-three decode steps. With `--profile`, torch.profiler records the device kernels of eight
-decode steps and of four more windows: per-kernel device time per step (per window), top
-40, and their sum; then four more windows with host ops and Python stacks as well
-(`windows_timeline`, benchmarks/device_timeline.py): the device's idle time in them, the
-host op and phase each gap began in, and the largest gaps with the code around them.
-With `--launch-lag` (splitserve, CUDA), eight more windows run with launch probes
-(benchmarks/launch_lag.py, no profiler), every other one with the device held back 60 ms
-so that the host queues the prompt's whole forward pass before the device starts it:
-the device's time per piece and attention call as it came less its time held back is
-where, and how long, it waited for the host.
+temperature 1 with no end; after 40 warm-up steps, 40 more are timed one by one (wall time
+of each `step()` call; the decode step is their median). Then `--windows` times: `--prompts`
+fresh prompts (1) of `--prompt` random ids (max_tokens 2) are added at once and the next
+four steps are timed together from a synchronised device to a synchronised device (the
+window: the step that carries the prompt and three decode steps; the prompt's own second
+token rides in the first of them; prompts past the step's token budget are chunked into the
+next steps, so `--prompts 3 --prompt 4096` makes a step of two fresh prompts and one of a
+chunk over cached context beside a fresh prompt), then three steps settle.
+`mixed_step_ms_est` is the median window less three decode steps. With `--profile`,
+torch.profiler records the device kernels of eight decode steps and of four more windows:
+per-kernel device time per step (per window), top 40, and their sum; then four more windows
+with host ops and Python stacks as well (`windows_timeline`, benchmarks/device_timeline.py):
+the device's idle time in them, the host op and phase each gap began in, and the largest
+gaps with the code around them. With `--launch-lag` (splitserve, CUDA), eight more windows
+run with launch probes (benchmarks/launch_lag.py, no profiler), every other one with the
+device held back 60 ms so that the host queues the prompt's whole forward pass before the
+device starts it: the device's time per piece and attention call as it came less its time
+held back is where, and how long, it waited for the host.
 
 splitserve runs `EngineCore.step` (steps launched ahead, as served); vLLM `LLMEngine.step`
 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, its default async scheduling), FlashAttention
@@ -113,15 +115,21 @@ def vllm_engine(args: argparse.Namespace) -> Engine:
 
 
 class _Prompts:
-    def __init__(self, id_limit: int) -> None:
+    def __init__(self, id_limit: int, per_window: int = 1) -> None:
         self._rng = random.Random(0)
         self._id_limit = id_limit
         self._count = 0
+        self._per_window = per_window
 
     def add(self, engine: Engine, length: int, max_tokens: int) -> None:
         self._count += 1
         ids = [self._rng.randrange(self._id_limit) for _ in range(length)]
         engine.add(f"w{self._count}", ids, max_tokens)
+
+    def join(self, engine: Engine, length: int) -> None:
+        """A window's fresh prompts, two tokens each."""
+        for _ in range(self._per_window):
+            self.add(engine, length, 2)
 
 
 def _timed_steps(engine: Engine, count: int) -> list[float]:
@@ -134,8 +142,9 @@ def _timed_steps(engine: Engine, count: int) -> list[float]:
 
 
 def _window(engine: Engine, prompts: _Prompts, length: int) -> float:
-    """One fresh prompt, then four steps from a synchronised device to a synchronised one."""
-    prompts.add(engine, length, 2)
+    """The window's fresh prompts, then four steps from a synchronised device to a
+    synchronised one."""
+    prompts.join(engine, length)
     engine.sync()
     started = time.perf_counter()
     for _ in range(WINDOW_STEPS):
@@ -184,14 +193,14 @@ def _profiled(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str, A
 
 def _profiled_windows(engine: Engine, prompts: _Prompts, prompt_len: int) -> None:
     for _ in range(PROFILED_WINDOWS):
-        prompts.add(engine, prompt_len, 2)
+        prompts.join(engine, prompt_len)
         for _ in range(WINDOW_STEPS):
             engine.step()
     engine.sync()
 
 
 def measure(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
-    prompts = _Prompts(args.prompt_id_limit)
+    prompts = _Prompts(args.prompt_id_limit, args.prompts)
     for _ in range(args.batch):
         prompts.add(engine, args.context, 1_000_000)
     _timed_steps(engine, WARMUP_STEPS)
@@ -224,7 +233,7 @@ def _launch_lag(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str,
     runs: dict[bool, list[ForwardLag]] = {False: [], True: []}
     for window in range(LAG_WINDOWS):
         held = window % 2 == 1
-        prompts.add(engine, prompt_len, 2)
+        prompts.join(engine, prompt_len)
         probes.start(hold_ms=HOLD_MS if held else 0.0)
         for _ in range(WINDOW_STEPS):
             engine.step()
@@ -238,6 +247,9 @@ def _add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=48, help="decoding requests")
     parser.add_argument("--context", type=int, default=1150, help="their prompt length")
     parser.add_argument("--prompt", type=int, default=1024, help="the fresh prompt's length")
+    parser.add_argument(
+        "--prompts", type=int, default=1, help="fresh prompts added at once, each window"
+    )
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument(
         "--prompt-id-limit", type=int, default=128_000, help="random ids are below this"
@@ -267,8 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.windows < 1 or args.prompt < 1 or args.context < 1:
-        parser.error("--batch, --windows, --prompt and --context must be >= 1")
+    if min(args.batch, args.windows, args.prompt, args.prompts, args.context) < 1:
+        parser.error("--batch, --windows, --prompt, --prompts and --context must be >= 1")
     if args.profile and not torch.cuda.is_available():
         parser.error("--profile records device kernels: it needs a CUDA device")
     if args.launch_lag and (args.engine != "splitserve" or not torch.cuda.is_available()):

@@ -37,6 +37,12 @@ def test_windows_hold_the_prompt_step_and_three_decode_steps(
     assert result["mixed_window_ms_median"] > result["decode_ms_median"]
     assert result["engine"] == "splitserve" and result["git_commit"] and result["command"]
 
+    added.clear()  # --prompts: each window adds that many prompts at once
+    step_windows.main([*argv, "--prompts", "3", "--prompt-id-limit", "200"])
+    assert added == [(20, 1_000_000)] * 3 + [(24, 2)] * 3 * 2
+    with pytest.raises(SystemExit):
+        step_windows.parse_args([*argv, "--prompts", "0"])
+
 
 def test_profile_needs_a_device(tiny_llama: Path) -> None:
     if step_windows.torch.cuda.is_available():
