@@ -287,6 +287,7 @@ class TritonPagedAttention:
             runs=tuple(_Run(run, _run_starts(query_start_loc, run, len(runs))) for run in runs),
         )
         self._planned = (meta, plan)
+        self._prompts.clear()  # the step before's padded views (they keep its buffers alive)
         return plan
 
 
