@@ -17,7 +17,9 @@ Results of calls unpacked apart merge into one directory:
 
 A row also gets `engine_steps` and `tokens_per_step` where the server's /metrics counts
 them (`engine_steps`): how each system batched the same arrivals; and `preemptions` (over
-the run) and `kv_cache_tokens` (the KV pool's size) where it exposes them (`kv_pool`).
+the run) and `kv_cache_tokens` (the KV pool's size) where it exposes them (`kv_pool`); and
+for splitserve `prefill_attention_runs`, the prefill runs of each attention path over the
+run (`prefill_attention_runs`, kernels/prefill_runs.py).
 
 Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
 (default 1 s and 50 ms), read off the rates measured; the issue's definition.
@@ -102,6 +104,9 @@ def make_row(
     if steps is not None:
         row["engine_steps"], row["tokens_per_step"] = steps
     row.update(kv_pool(summary))
+    runs = prefill_attention_runs(summary)
+    if runs:
+        row["prefill_attention_runs"] = runs
     row.update(extra)
     return row
 
@@ -164,6 +169,20 @@ def kv_pool(summary: dict[str, Any]) -> dict[str, float]:
     if tokens:
         out["kv_cache_tokens"] = sum(tokens)
     return out
+
+
+def prefill_attention_runs(summary: dict[str, Any]) -> dict[str, float]:
+    """splitserve's prefill attention runs over the run by path, every node together, from
+    the router's `node_prefill_attention_runs_total{path}`; empty where not exposed."""
+    deltas = (summary.get("server_metrics") or {}).get("deltas") or {}
+    runs: dict[str, float] = {}
+    for key, value in deltas.items():
+        match = re.fullmatch(
+            r'splitserve_router_node_prefill_attention_runs_total\{.*path="(\w+)".*\}', key
+        )
+        if match:
+            runs[match[1]] = runs.get(match[1], 0.0) + value
+    return runs
 
 
 def archived_request(record: dict[str, Any]) -> dict[str, Any]:

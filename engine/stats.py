@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.scheduler import Scheduler
+from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH
 
 if TYPE_CHECKING:
     from splitserve.engine.model_runner import ModelRunner
@@ -36,6 +38,11 @@ class EngineStats:
     num_graph_steps: int = 0
     # Prefill and mixed steps that replayed piecewise CUDA graphs around eager attention.
     num_piecewise_steps: int = 0
+    # Prefill runs attended since start, by path (kernels/prefill_runs.py): the Triton
+    # kernel over cached context, FlashAttention-2, cuDNN; zero on the torch backend.
+    prefill_runs_context: int = 0
+    prefill_runs_flash: int = 0
+    prefill_runs_cudnn: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -57,6 +64,7 @@ def collect_stats(
     num_finished: int,
     num_steps: int,
     runner: ModelRunner,
+    prefill_runs: Mapping[str, int],
 ) -> EngineStats:
     pool = blocks.pool
     return EngineStats(
@@ -77,4 +85,7 @@ def collect_stats(
         num_steps=num_steps,
         num_graph_steps=runner.num_graph_steps,
         num_piecewise_steps=runner.num_piecewise_steps,
+        prefill_runs_context=prefill_runs.get(CONTEXT, 0),
+        prefill_runs_flash=prefill_runs.get(FLASH, 0),
+        prefill_runs_cudnn=prefill_runs.get(CUDNN, 0),
     )

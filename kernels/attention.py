@@ -85,3 +85,8 @@ class AttentionBackend(Protocol):
         """Steps to come take q/k/v as row slices of these views (a static step buffer of
         at least `max_rows` rows): do any per-shape set-up now, at start-up."""
         ...
+
+    def prefill_runs(self) -> dict[str, int]:
+        """Prefill runs planned since start, by path (kernels/prefill_runs.py: one per step
+        and run); empty for a backend with one path."""
+        ...

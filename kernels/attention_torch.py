@@ -126,6 +126,10 @@ class TorchPagedAttention:
     ) -> None:
         """Nothing to set up: every shape runs as it comes."""
 
+    def prefill_runs(self) -> dict[str, int]:
+        """One path for every sequence: nothing to count."""
+        return {}
+
     def store(
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:

@@ -37,7 +37,7 @@ from splitserve.kernels.cudnn_prefill import PaddedPrompt
 from splitserve.kernels.decode_attention import MergeCounters, PreparedDecode, decode_attention
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention
 from splitserve.kernels.prefill_attention import prefill_attention
-from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, PrefillRun, plan_runs
+from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, PrefillRun, plan_runs
 from splitserve.kernels.side_stream import DecodeBranch, SideStream
 from splitserve.kernels.store_kv import store_kv
 
@@ -101,6 +101,7 @@ class TritonPagedAttention:
         # plan, with the plan and the q/k/v they view.
         self._prompts: dict[int, tuple[_MixedPlan, tuple, list[PaddedPrompt] | None]] = {}
         self._counters = MergeCounters() if fused_decode_merge else None
+        self._runs_planned = dict.fromkeys((CONTEXT, FLASH, CUDNN), 0)
 
     def prepare(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_rows: int
@@ -110,6 +111,11 @@ class TritonPagedAttention:
         if self.cudnn_fresh_prefill and q.dtype in FLASH_DTYPES:
             cudnn_prefill.prepare_buckets(q, k, v, scale, max_rows, self._dense_attend)
             self._cudnn_ready = True
+
+    def prefill_runs(self) -> dict[str, int]:
+        """Prefill runs planned since start, by path: each step counts each of its runs once
+        (a cuDNN run that found its padded rows past the buffer took the flash path)."""
+        return dict(self._runs_planned)
 
     def store(
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -287,6 +293,8 @@ class TritonPagedAttention:
             runs=tuple(_Run(run, _run_starts(query_start_loc, run, len(runs))) for run in runs),
         )
         self._planned = (meta, plan)
+        for run in runs:
+            self._runs_planned[run.kind] += 1
         self._prompts.clear()  # the step before's padded views (they keep its buffers alive)
         return plan
 

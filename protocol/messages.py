@@ -12,6 +12,7 @@ Torch-free: the router imports this module.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from splitserve.protocol import node_pb2 as pb
@@ -19,6 +20,23 @@ from splitserve.protocol import node_pb2 as pb
 if TYPE_CHECKING:
     from splitserve.engine.outputs import TokenLogprob
     from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
+
+
+# StatsResponse.extra keys PREFILL_RUNS_KEY + path: a node's prefill attention runs since
+# it started, by path (kernels/prefill_runs.py). The node writes them (node/rpcs.py), the
+# router exports them as node_prefill_attention_runs_total{path} (router/metrics.py).
+PREFILL_RUNS_KEY = "prefill_runs_"
+
+
+def prefill_runs_extra(runs: Mapping[str, int]) -> dict[str, float]:
+    """`runs` (path -> count) as StatsResponse.extra entries."""
+    return {PREFILL_RUNS_KEY + path: float(count) for path, count in runs.items()}
+
+
+def prefill_runs_of(extra: Mapping[str, float]) -> dict[str, float]:
+    """The prefill runs by path in a StatsResponse.extra map (empty when it has none)."""
+    n = len(PREFILL_RUNS_KEY)
+    return {k[n:]: v for k, v in extra.items() if k.startswith(PREFILL_RUNS_KEY)}
 
 
 def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:

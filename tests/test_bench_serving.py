@@ -228,6 +228,18 @@ def test_engine_steps_read_either_servers_counters() -> None:
     assert serving_report.engine_steps({}) is None
 
 
+def test_prefill_attention_runs_add_up_every_nodes_paths() -> None:
+    key = "splitserve_router_node_prefill_attention_runs_total"
+    summary = {"server_metrics": {"deltas": {
+        key + '{node_id="a",role="decode",path="cudnn"}': 30.0,
+        key + '{node_id="b",role="decode",path="cudnn"}': 12.0,
+        key + '{node_id="a",role="decode",path="context"}': 7.0,
+        'vllm:num_preemptions_total{engine="0"}': 1.0,
+    }}}  # fmt: skip
+    assert serving_report.prefill_attention_runs(summary) == {"cudnn": 42.0, "context": 7.0}
+    assert serving_report.prefill_attention_runs({}) == {}
+
+
 def test_kv_pool_and_preemptions_read_either_servers_metrics() -> None:
     info = (
         'vllm:cache_config_info{block_size="16",gpu_memory_utilization="0.92",'

@@ -242,6 +242,11 @@ def test_each_run_of_a_mixed_step_takes_its_path_and_matches_the_torch_backend(
     for _, starts in flash.calls:  # the run's own starts, from 0
         assert starts[0] == 0 and starts[-1] == sum(flash_lens)
     assert triton_calls == [triton_rows] * 2 if triton_rows else not triton_calls
+    # One step: each of its runs counted once, whatever its layers.
+    planned = attention.prefill_runs()
+    assert planned["cudnn"] == (1 if cudnn_rows else 0)
+    assert planned["flash"] == (1 if flash_lens else 0)
+    assert planned["context"] == (1 if triton_rows else 0)
 
 
 @pytest.mark.gpu

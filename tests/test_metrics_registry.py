@@ -266,7 +266,11 @@ def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
 
     router = RouterMetrics()
     answered = pb.StatsResponse(
-        num_steps=30, prompt_tokens_computed=52, generation_tokens=17, num_preemptions=4
+        num_steps=30,
+        prompt_tokens_computed=52,
+        generation_tokens=17,
+        num_preemptions=4,
+        extra={"prefix_cache_hit_rate": 0.5, "prefill_runs_cudnn": 5, "prefill_runs_context": 2},
     )
     router.set_nodes([record("d1"), record("d2")], [answered, None])
     text = router.exposition()
@@ -275,6 +279,10 @@ def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
     assert value(text, p + "prompt_tokens_computed_total", node_id="d1") == 52
     assert value(text, p + "generation_tokens_total", node_id="d1") == 17
     assert value(text, p + "preemptions_total", node_id="d1") == 4
+    runs = p + "prefill_attention_runs_total"
+    assert value(text, runs, node_id="d1", path="cudnn") == 5
+    assert value(text, runs, node_id="d1", path="context") == 2
+    assert not [k for k in samples(text) if k[0] == runs and ("path", "flash") in k[1]]
     # The pool's size comes from the registry record, answered or not.
     for node in ("d1", "d2"):
         assert value(text, p + "kv_cache_tokens", node_id=node, role="decode") == 1600

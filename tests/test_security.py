@@ -31,7 +31,7 @@ from splitserve.launch.processes import ManagedProcess
 from splitserve.node.registry import NodeRecord, NodeRegistry, redis_client
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
-from splitserve.protocol.messages import sampling_params_to_proto
+from splitserve.protocol.messages import prefill_runs_of, sampling_params_to_proto
 from splitserve.protocol.security import (
     TransportSecurity,
     add_port,
@@ -219,6 +219,8 @@ def test_kv_compatibility_mismatch_is_refused_without_a_leak(cluster: Cluster) -
     stats = grpc_call(prefill, good, "Stats", pb.StatsRequest())
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.num_blocks_free == stats.num_blocks_total
+    # The node's prefill attention runs by path ride in the extra map (router/metrics.py).
+    assert set(prefill_runs_of(stats.extra)) == {"context", "flash", "cudnn"}
 
 
 @pytest.mark.slow  # a whole cluster (shared by the module)
