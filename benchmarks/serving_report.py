@@ -33,6 +33,11 @@ What moves capacity: per system and workload, the fixed cost of a step and the G
 of a request, fitted to TPOT against the rate (benchmarks/capacity_fit.py):
 
     python -m splitserve.benchmarks.serving_report fit RESULTS_DIR
+
+What a decode step and each prompt prefilled beside a request cost it, fitted to the
+per-request records of every run (benchmarks/request_costs.py):
+
+    python -m splitserve.benchmarks.serving_report costs RESULTS_DIR
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from splitserve.benchmarks import capacity_fit
+from splitserve.benchmarks import capacity_fit, request_costs
 from splitserve.benchmarks.comparison import Targets, capacity
 from splitserve.benchmarks.comparison import compare as compare_rows
 from splitserve.benchmarks.comparison import markdown as comparison_markdown
@@ -343,13 +348,13 @@ def _parser() -> argparse.ArgumentParser:
     for p in (merge, compare, fit):
         p.add_argument("--slo-ttft-ms", type=float, default=targets.slo_ttft_ms)
         p.add_argument("--slo-tpot-ms", type=float, default=targets.slo_tpot_ms)
+    costs = sub.add_parser("costs", help="decode step and per-prompt costs, from the requests")
+    costs.add_argument("results_dir", type=Path, help="a folder with summary.json and runs/")
     return parser
 
 
 def _compare(args: argparse.Namespace) -> str:
-    rows = read_rows(args.results_dir)
-    if not rows:
-        raise ValueError(f"{args.results_dir} has no {SUMMARY_FILE}: pass a results folder")
+    rows = _rows_of(args.results_dir)
     targets = Targets(
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
         capacity_ratio=args.capacity_ratio, fresh_ratio=args.fresh_ratio,
@@ -361,11 +366,20 @@ def _compare(args: argparse.Namespace) -> str:
     return comparison_markdown(checks, args.system, args.baseline)
 
 
-def _fit(args: argparse.Namespace) -> str:
-    rows = read_rows(args.results_dir)
+def _rows_of(results_dir: Path) -> list[dict[str, Any]]:
+    rows = read_rows(results_dir)
     if not rows:
-        raise ValueError(f"{args.results_dir} has no {SUMMARY_FILE}: pass a results folder")
+        raise ValueError(f"{results_dir} has no {SUMMARY_FILE}: pass a results folder")
+    return rows
+
+
+def _fit(args: argparse.Namespace) -> str:
+    rows = _rows_of(args.results_dir)
     return capacity_fit.markdown(capacity_fit.fits(rows, args.slo_ttft_ms, args.slo_tpot_ms))
+
+
+def _costs(args: argparse.Namespace) -> str:
+    return request_costs.markdown(args.results_dir, _rows_of(args.results_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             print(_compare(args), end="")
             return 0
-        if args.command == "fit":
-            print(_fit(args), end="")
+        if args.command in ("fit", "costs"):
+            print((_fit if args.command == "fit" else _costs)(args), end="")
             return 0
         num = merge_dirs(args.out_dir, args.in_dirs, args.slo_ttft_ms, args.slo_tpot_ms)
     except ValueError as exc:
