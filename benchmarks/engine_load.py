@@ -15,8 +15,11 @@ It reports what a client of `splitserve bench` would see if the server added not
 TTFT (arrival to first token) and TPOT ((last token - first token) / (tokens - 1)) p50, p90
 and p99, and every step's duration split by kind: steps that completed a prompt (a
 prefill, alone or mixed with decode rows) and decode-only steps, with their mean number of
-sequences. Beside a serving run at the same rate (`benchmarks/serving.py`), the difference
-is what the server costs on top of the engine (docs/performance.md).
+sequences; and `request_costs`, the requests' decode times fitted to a decode step and a
+cost per prompt prefilled meanwhile (benchmarks/request_costs.py), the split a served
+run's records give with `serving_report costs`. Beside a serving run at the same rate
+(`benchmarks/serving.py`), the difference is what the server costs on top of the engine
+(docs/performance.md).
 
 Garbage collection pauses are timed through `gc.callbacks` (count, total and longest
 pause per generation), after the start-up heap is frozen as a node freezes it
@@ -50,7 +53,7 @@ import argparse
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -58,6 +61,7 @@ import numpy as np
 from splitserve.benchmarks.arrivals import ArrivalConfig, arrival_times
 from splitserve.benchmarks.engine_offline import random_prompts
 from splitserve.benchmarks.launch_lag import LagWindow, LaunchProbes
+from splitserve.benchmarks.request_costs import fit_costs
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 from splitserve.launch.gc_heap import freeze_startup_heap
@@ -328,11 +332,18 @@ def summarize(timeline: _Timeline, elapsed_s: float) -> dict[str, Any]:
             **_percentiles_ms([s[0] for s in mine]),
         }
     num_tokens = sum(len(t) for t in timeline.token_times.values())
+    records = [
+        {"first_event_s": t[0], "last_event_s": t[-1], "num_output_tokens": len(t)}
+        for t in timeline.token_times.values()
+        if t
+    ]
+    costs = fit_costs(records)
     return {
         "ttft_ms": _percentiles_ms(ttft),
         "tpot_ms": _percentiles_ms(tpot),
         "steps": steps,
         "output_tok_s": num_tokens / elapsed_s,
+        "request_costs": None if costs is None else asdict(costs),
     }
 
 

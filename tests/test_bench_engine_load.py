@@ -32,6 +32,8 @@ def test_a_rate_reports_latencies_and_steps(tiny_llama: Path, tmp_path: Path) ->
     assert point["rate"] == 40 and point["tpot_ms"]["p50"] > 0 and point["ttft_ms"]["p50"] > 0
     assert point["steps"]["prefill_steps"]["num"] >= 1 and point["output_tok_s"] > 0
     assert "launch_lag" not in point and "device_timeline" not in point
+    costs = point["request_costs"]  # six requests of four tokens
+    assert costs["num_requests"] == 6 and costs["decode_ms"] > 0
 
 
 @pytest.mark.parametrize(
