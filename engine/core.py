@@ -60,7 +60,6 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         vocab, seed = self.arch.vocab_size, config.model.seed
         self.sampler = Sampler(vocab, self.device, seed, parts.kernels.draw)
-        self._attention = parts.kernels.attention
         limits = ModelLimits(vocab, self.max_model_len, loaded.eos_token_ids)
         self.intake = RequestIntake(
             limits, self.tokenizer, self.blocks, config.scheduler, self.device
@@ -242,7 +241,6 @@ class EngineCore:
             num_finished=self._num_finished,
             num_steps=self._num_steps,
             runner=self.runner,
-            prefill_runs=self._attention.prefill_runs(),
         )
 
     def check_invariants(self) -> None:

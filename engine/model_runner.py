@@ -15,6 +15,7 @@ with their sources, into one staging buffer and one copy (`device_copy.arrays_to
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -190,10 +191,12 @@ class ModelRunner:
         device: torch.device,
         graphs: DecodeGraphs | None = None,
         pieces: PiecewiseGraphs | None = None,
+        prefill_runs: Callable[[], dict[str, int]] = dict,
     ) -> None:
         """`model` is a CausalLM: forward(ids, positions, kv_cache, meta) and
         compute_logits. `graphs` and `pieces`, when given, must be captured over the same
-        model and pool."""
+        model and pool. `prefill_runs` reads the attention backend's prefill runs by path
+        (AttentionBackend.prefill_runs) for the engine's statistics."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -202,6 +205,7 @@ class ModelRunner:
         self.pieces = pieces
         self.num_graph_steps = 0
         self.num_piecewise_steps = 0
+        self.prefill_runs = prefill_runs
 
     @torch.inference_mode()
     def execute(

@@ -82,7 +82,9 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
         config.model.enforce_eager,
         step_tokens,
     )
-    runner = ModelRunner(loaded.model, kv_cache, block_size, device, graphs, pieces)
+    runner = ModelRunner(
+        loaded.model, kv_cache, block_size, device, graphs, pieces, kernels.attention.prefill_runs
+    )
     logger.info(
         "engine ready: %s (%s, %s), %d KV blocks of %d tokens, context %d, kernels %s/%s",
         config.model.model_id,

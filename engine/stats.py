@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -64,9 +63,9 @@ def collect_stats(
     num_finished: int,
     num_steps: int,
     runner: ModelRunner,
-    prefill_runs: Mapping[str, int],
 ) -> EngineStats:
     pool = blocks.pool
+    prefill_runs = runner.prefill_runs()
     return EngineStats(
         num_running=len(scheduler.running),
         num_waiting=len(scheduler.waiting),

@@ -60,3 +60,21 @@ def test_no_sequences_no_runs_and_lengths_must_pair() -> None:
     assert plan_runs([], [], flash=True, cudnn=True) == []
     with pytest.raises(ValueError, match="2 query lengths for 1 sequences"):
         plan_runs([4, 5], [9], flash=True, cudnn=True)
+
+
+def test_the_engines_statistics_carry_its_backends_runs(tiny_llama) -> None:
+    """EngineStats reads the attention backend's runs through the model runner (the torch
+    backend, on the CPU, has none)."""
+    from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig
+    from splitserve.engine.core import EngineCore
+
+    model = ModelConfig(str(tiny_llama), dtype="float32", device="cpu")
+    core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=8)))
+
+    def runs() -> tuple[int, int, int]:
+        stats = core.stats()
+        return stats.prefill_runs_context, stats.prefill_runs_flash, stats.prefill_runs_cudnn
+
+    assert runs() == (0, 0, 0)
+    core.runner.prefill_runs = lambda: {CUDNN: 3, CONTEXT: 1}
+    assert runs() == (1, 0, 3)
