@@ -8,12 +8,12 @@ block-table gather. Measured on an H200 (Llama-3.1-8B, one layer, store and atte
 docs/kernels.md): one 4,096-token prompt 533 against 640 µs with the Triton kernel; at
 1,024-token prompts the two tie.
 
-`TritonPagedAttention` (kernels/backend.py) calls `is_fresh` with the step's host lengths
-and, when every prefill sequence of the step is fresh, `fresh_prefill_attention` for those
-rows; otherwise the Triton prefill kernel. The registry turns the path on where
-`flash_prefill_supported` holds. Rows past the prefill sequences (padding of a
-piecewise-graph bucket) are not attended; padding sequences (slot -1, an empty block
-table) exist only in all-decode batches, which never reach this path.
+`plan_runs` (kernels/prefill_runs.py) asks `is_fresh` of each prefill sequence of a step,
+with its host lengths; `TritonPagedAttention` (kernels/backend.py) calls
+`fresh_prefill_attention` for each run of fresh sequences that cuDNN does not take. The
+registry turns the path on where `flash_prefill_supported` holds. Rows past the prefill
+sequences (padding of a piecewise-graph bucket) are not attended; padding sequences (slot
+-1, an empty block table) exist only in all-decode batches, which never reach this path.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def flash_prefill_supported(device_type: str) -> bool:
     )
 
 
-def is_fresh(query_lens: list[int], seq_lens: list[int]) -> bool:
-    """Every sequence's context is its new rows alone (none cached before this step)."""
-    return bool(query_lens) and all(q == s > 0 for q, s in zip(query_lens, seq_lens, strict=True))
+def is_fresh(query_len: int, seq_len: int) -> bool:
+    """The sequence's context is its new rows alone (none cached before this step)."""
+    return query_len == seq_len > 0
 
 
 def fresh_prefill_attention(

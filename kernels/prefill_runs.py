@@ -25,9 +25,11 @@ step's host lengths. Pure host arithmetic: tested on plain lists.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 from splitserve.kernels import cudnn_prefill
+from splitserve.kernels.fresh_prefill import is_fresh
 
 CONTEXT, FLASH, CUDNN = "context", "flash", "cudnn"
 # The most runs a step is split into; past it, every sequence takes the Triton kernel.
@@ -51,14 +53,13 @@ class PrefillRun(NamedTuple):
         return sum(self.query_lens)
 
 
-def _fresh_groups(query_lens: list[int], fresh: list[bool]) -> list[tuple[bool, int, int]]:
+def _fresh_groups(fresh: list[bool]) -> list[tuple[bool, int, int]]:
     """(fresh, first sequence, end) of each maximal run of sequences alike."""
-    groups: list[tuple[bool, int, int]] = []
-    for i, is_fresh in enumerate(fresh):
-        if groups and groups[-1][0] == is_fresh:
-            groups[-1] = (is_fresh, groups[-1][1], i + 1)
-        else:
-            groups.append((is_fresh, i, i + 1))
+    groups, start = [], 0
+    for alike, members in itertools.groupby(fresh):
+        end = start + sum(1 for _ in members)
+        groups.append((alike, start, end))
+        start = end
     return groups
 
 
@@ -73,15 +74,15 @@ def plan_runs(
         raise ValueError(f"{len(query_lens)} query lengths for {len(seq_lens)} sequences")
     if not query_lens:
         return []
-    fresh = [flash and q == s > 0 for q, s in zip(query_lens, seq_lens, strict=True)]
-    groups = _fresh_groups(query_lens, fresh)
+    fresh = [flash and is_fresh(q, s) for q, s in zip(query_lens, seq_lens, strict=True)]
+    groups = _fresh_groups(fresh)
     if len(groups) > MAX_RUNS:
         groups = [(False, 0, len(query_lens))]
     runs = []
-    for is_fresh, start, end in groups:
+    for fresh_run, start, end in groups:
         lens = query_lens[start:end]
         kind = CONTEXT
-        if is_fresh:
+        if fresh_run:
             kind = CUDNN if cudnn and cudnn_prefill.takes(lens) else FLASH
         runs.append(PrefillRun(kind, start, sum(query_lens[:start]), lens))
     return runs
