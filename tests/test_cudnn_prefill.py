@@ -249,61 +249,13 @@ def test_each_run_of_a_mixed_step_takes_its_path_and_matches_the_torch_backend(
     assert planned["context"] == (1 if triton_rows else 0)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not cudnn_prefill.cudnn_prefill_supported(DEVICE.type), reason="needs cuDNN on an sm90+ GPU"
-)
-def test_cudnn_matches_the_torch_backend_at_model_shapes() -> None:
-    """cuDNN itself, bf16, Llama-8B heads: one fresh prompt, padded to its bucket, behind
-    decode rows, from a fused q/k/v buffer with slack rows."""
+def _at_model_shapes(cases: list[tuple[int, int]], decodes: int, seed: int):
+    """bf16, Llama-8B heads, from a fused q/k/v buffer with slack rows, on a prepared
+    backend whose cuDNN calls are recorded: (the rows of each cuDNN call, its output, the
+    torch backend's output)."""
     heads, kv_heads, dim = 32, 8, 128
-    lens = [1100]
-    cases = [(700, 1)] * 3 + [(0, n) for n in lens]
-    batch = make_paged_batch(cases, heads, kv_heads, dim, 16, torch.bfloat16, DEVICE, seed=3)
-    meta = dataclasses.replace(batch.meta, num_decodes=3)
-    rows = batch.q.shape[0]
-    fused = torch.zeros(rows + 128, heads + 2 * kv_heads, dim, dtype=torch.bfloat16, device=DEVICE)
-    q, k, v = fused.split([heads, kv_heads, kv_heads], dim=1)
-    for view, src in zip((q, k, v), (batch.q, batch.k, batch.v), strict=True):
-        view[:rows].copy_(src)
-    calls: list[int] = []
-
-    def attend(q, k, v, scale: float) -> torch.Tensor:
-        calls.append(q.shape[2])
-        return cudnn_prefill.cudnn_attend(q, k, v, scale)
-
-    attention = TritonPagedAttention(
-        flash_fresh_prefill=True, cudnn_fresh_prefill=True, dense_attend=attend
-    )
-    attention.prepare(q, k, v, dim**-0.5, max_rows=rows)
-    calls.clear()
-    ref_pool = batch.pool.clone()
-    ref = TorchPagedAttention().forward(
-        q[:rows], k[:rows], v[:rows], ref_pool[:, 1], meta, dim**-0.5
-    )
-    out = attention.forward(q[:rows], k[:rows], v[:rows], batch.kv_cache, meta, dim**-0.5)
-    assert calls == [1152] and not out.isnan().any()
-    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not cudnn_prefill.cudnn_prefill_supported(DEVICE.type), reason="needs cuDNN on an sm90+ GPU"
-)
-@pytest.mark.parametrize(
-    ("fresh", "cudnn_rows"),
-    [([2100, 2200], [2176, 2304]), ([900, 800], [])],  # cuDNN's run; FlashAttention-2's
-)
-def test_the_runs_of_a_mixed_step_match_the_torch_backend_at_model_shapes(
-    fresh, cudnn_rows
-) -> None:
-    """bf16, Llama-8B heads: decode rows, the rest of a prompt over its cached context (the
-    Triton kernel), then two fresh prompts on cuDNN or FlashAttention-2, from a fused
-    q/k/v buffer with slack rows."""
-    heads, kv_heads, dim = 32, 8, 128
-    cases = [(700, 1)] * 3 + [(1000, 300)] + [(0, n) for n in fresh]
-    batch = make_paged_batch(cases, heads, kv_heads, dim, 16, torch.bfloat16, DEVICE, seed=5)
-    meta = dataclasses.replace(batch.meta, num_decodes=3)
+    batch = make_paged_batch(cases, heads, kv_heads, dim, 16, torch.bfloat16, DEVICE, seed=seed)
+    meta = dataclasses.replace(batch.meta, num_decodes=decodes)
     rows = batch.q.shape[0]
     fused = torch.zeros(rows + 128, heads + 2 * kv_heads, dim, dtype=torch.bfloat16, device=DEVICE)
     q, k, v = fused.split([heads, kv_heads, kv_heads], dim=1)
@@ -324,5 +276,34 @@ def test_the_runs_of_a_mixed_step_match_the_torch_backend_at_model_shapes(
         q[:rows], k[:rows], v[:rows], batch.pool.clone()[:, 1], meta, dim**-0.5
     )
     out = attention.forward(q[:rows], k[:rows], v[:rows], batch.kv_cache, meta, dim**-0.5)
+    return calls, out, ref
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not cudnn_prefill.cudnn_prefill_supported(DEVICE.type), reason="needs cuDNN on an sm90+ GPU"
+)
+def test_cudnn_matches_the_torch_backend_at_model_shapes() -> None:
+    """cuDNN itself: one fresh prompt, padded to its bucket, behind decode rows."""
+    calls, out, ref = _at_model_shapes([(700, 1)] * 3 + [(0, 1100)], decodes=3, seed=3)
+    assert calls == [1152] and not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not cudnn_prefill.cudnn_prefill_supported(DEVICE.type), reason="needs cuDNN on an sm90+ GPU"
+)
+@pytest.mark.parametrize(
+    ("fresh", "cudnn_rows"),
+    [([2100, 2200], [2176, 2304]), ([900, 800], [])],  # cuDNN's run; FlashAttention-2's
+)
+def test_the_runs_of_a_mixed_step_match_the_torch_backend_at_model_shapes(
+    fresh, cudnn_rows
+) -> None:
+    """Decode rows, the rest of a prompt over its cached context (the Triton kernel), then
+    two fresh prompts on cuDNN or FlashAttention-2."""
+    cases = [(700, 1)] * 3 + [(1000, 300)] + [(0, n) for n in fresh]
+    calls, out, ref = _at_model_shapes(cases, decodes=3, seed=5)
     assert calls == cudnn_rows and not out.isnan().any()
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
