@@ -39,6 +39,7 @@ class EngineStats:
     num_piecewise_steps: int = 0
     # Prefill runs attended since start, by path (kernels/prefill_runs.py): the Triton
     # kernel over cached context, FlashAttention-2, cuDNN; zero on the torch backend.
+    # Named as the Stats RPC's extra keys (protocol/messages.py PREFILL_RUNS_KEY + path).
     prefill_runs_context: int = 0
     prefill_runs_flash: int = 0
     prefill_runs_cudnn: int = 0

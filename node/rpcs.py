@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH
 from splitserve.node.runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
-from splitserve.protocol.messages import prefill_runs_extra
+from splitserve.protocol.messages import PREFILL_RUNS_KEY
 
 
 @dataclass(frozen=True)
@@ -49,16 +48,9 @@ def health(runtime: NodeRuntime) -> pb.HealthResponse:
 
 async def stats(runtime: NodeRuntime, role: RoleStats) -> pb.StatsResponse:
     engine_stats = await runtime.engine.stats()
-    runs = {
-        CONTEXT: engine_stats.prefill_runs_context,
-        FLASH: engine_stats.prefill_runs_flash,
-        CUDNN: engine_stats.prefill_runs_cudnn,
-    }
-    extra = {
-        "prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate,
-        **prefill_runs_extra(runs),
-        **role.extra,
-    }
+    # EngineStats names its prefill-run counts by the extra map's keys.
+    runs = {k: v for k, v in engine_stats.as_dict().items() if k.startswith(PREFILL_RUNS_KEY)}
+    extra = {"prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate, **runs, **role.extra}
     return pb.StatsResponse(
         node_id=runtime.node_id,
         role=runtime.config.role,

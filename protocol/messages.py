@@ -23,14 +23,10 @@ if TYPE_CHECKING:
 
 
 # StatsResponse.extra keys PREFILL_RUNS_KEY + path: a node's prefill attention runs since
-# it started, by path (kernels/prefill_runs.py). The node writes them (node/rpcs.py), the
-# router exports them as node_prefill_attention_runs_total{path} (router/metrics.py).
+# it started, by path (kernels/prefill_runs.py). The node writes them (node/rpcs.py, from
+# the EngineStats fields of the same names), the router exports them as
+# node_prefill_attention_runs_total{path} (router/metrics.py).
 PREFILL_RUNS_KEY = "prefill_runs_"
-
-
-def prefill_runs_extra(runs: Mapping[str, int]) -> dict[str, float]:
-    """`runs` (path -> count) as StatsResponse.extra entries."""
-    return {PREFILL_RUNS_KEY + path: float(count) for path, count in runs.items()}
 
 
 def prefill_runs_of(extra: Mapping[str, float]) -> dict[str, float]:
