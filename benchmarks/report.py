@@ -9,6 +9,7 @@ Layout of a run's output directory:
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from dataclasses import dataclass
@@ -75,7 +76,9 @@ def write_run(directory: Path, records: list[RequestRecord], summary: dict[str, 
 
 
 def read_requests(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A run's records: the bench's requests.jsonl, or an archived requests.jsonl.gz."""
+    with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_result(path: str | Path) -> dict[str, Any]:

@@ -25,13 +25,13 @@ requests that failed or produced fewer than two tokens are left out.
 from __future__ import annotations
 
 import bisect
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from splitserve.benchmarks.report import read_requests
 
 
 @dataclass(frozen=True)
@@ -69,23 +69,14 @@ def fit_costs(requests: list[dict[str, Any]]) -> Costs | None:
     return Costs(float(coef[0]), float(coef[1]), r2, float(x[:, 1].mean()), len(usable))
 
 
-def read_requests(path: Path) -> list[dict[str, Any]]:
-    """The records of one run (`requests.jsonl.gz`, or the bench's `requests.jsonl`)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def markdown(results_dir: Path, rows: list[dict[str, Any]]) -> str:
-    """One line per row of `rows` (summary.json's) whose run folder has records."""
+def markdown(runs: list[tuple[dict[str, Any], Path]]) -> str:
+    """One line per (summary.json row, its run's records file) whose file exists."""
     lines = [
         "| workload | rate | system | decode step ms | per prompt ms | R² | prompts seen |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    ordered = sorted(rows, key=lambda r: (r["workload"], r["rate"], r["system"]))
-    for row in ordered:
-        name = f"{row['system']}_{row['workload']}_rate{row['rate']:g}"
-        path = results_dir / "runs" / name / "requests.jsonl.gz"
+    ordered = sorted(runs, key=lambda run: (run[0]["workload"], run[0]["rate"], run[0]["system"]))
+    for row, path in ordered:
         costs = fit_costs(read_requests(path)) if path.exists() else None
         if costs is None:
             continue

@@ -59,6 +59,7 @@ from splitserve.benchmarks.comparison import markdown as comparison_markdown
 
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "summary.md"
+ARCHIVED_REQUESTS_FILE = "requests.jsonl.gz"
 ROW_KEYS = (
     "system", "workload", "rate", "num_requests", "cached_prompt_fraction",
     "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "output_tok_s",
@@ -211,7 +212,7 @@ def keep_run(run_dir: Path, out_dir: Path, name: str) -> None:
     shutil.copyfile(run_dir / "summary.json", dest / "summary.json")
     with (
         (run_dir / "requests.jsonl").open() as src,
-        gzip.open(dest / "requests.jsonl.gz", "wt") as dst,
+        gzip.open(dest / ARCHIVED_REQUESTS_FILE, "wt") as dst,
     ):
         for line in src:
             if line.strip():
@@ -379,7 +380,11 @@ def _fit(args: argparse.Namespace) -> str:
 
 
 def _costs(args: argparse.Namespace) -> str:
-    return request_costs.markdown(args.results_dir, _rows_of(args.results_dir))
+    def records(row: dict[str, Any]) -> Path:
+        name = run_name(row["system"], row["workload"], row["rate"])
+        return args.results_dir / "runs" / name / ARCHIVED_REQUESTS_FILE
+
+    return request_costs.markdown([(row, records(row)) for row in _rows_of(args.results_dir)])
 
 
 def main(argv: list[str] | None = None) -> int:
