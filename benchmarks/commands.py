@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -228,17 +229,19 @@ class Bench:
         cfg = build_run_config(self.args, index, **load)
         sessions, warmup = self.workload(cfg, index)
         scrape = self.args.server_metrics
+        scraped_at = time.monotonic()
         before = server_metrics.scrape(self.target.base_url) if scrape else None
         result = run_benchmark(self.target, cfg, sessions, warmup)
         after = (
             server_metrics.scrape(self.target.base_url) if scrape and before is not None else None
         )
+        interval_s = time.monotonic() - scraped_at
         fill_output_counts(result.records, self.tokenizer)
         extra = {
             "cli": _recorded_flags(self.args),
             "workload": workload_section(self.args, sessions),
             "tokenizer": {"name": self.tokenizer.name, "is_exact": self.tokenizer.is_exact},
-            "server_metrics": server_metrics.diff(before, after),
+            "server_metrics": server_metrics.diff(before, after, interval_s),
         }
         summary = build_summary(result, self.target, cfg, replace(self.opts, label=label), extra)
         out = report.write_run(directory, result.records, summary)

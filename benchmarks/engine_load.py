@@ -41,10 +41,12 @@ launch), and the medians of their host launch time, device time and how far the 
 was behind the host at their start and end. Its start and stop synchronise the device
 once each.
 
-On CUDA each forward pass is also timed on the device: CUDA events recorded around
-`ModelRunner.execute` (the benchmark wraps it; the engine is unchanged), summed up for
-one-token (decode) batches and for batches with prompt tokens. A decode forward's device
-time below its step's wall time is time the device waited for the host.
+On CUDA each point also gets the forward passes' device time, from the model runner's own
+CUDA events (engine/forward_times.py, the times a node reports through its Stats and the
+router exports per node): for one-token (decode) batches and for batches with prompt
+tokens, the passes, their mean device ms and rows, and `device_busy`, the share of the
+run the device spent in them. A decode forward's device time below its step's wall time
+is time the device waited for the host.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from splitserve.benchmarks.engine_offline import random_prompts
 from splitserve.benchmarks.launch_lag import LagWindow, LaunchProbes
 from splitserve.benchmarks.request_costs import fit_costs
 from splitserve.benchmarks.results_io import provenance, write_result
+from splitserve.engine.forward_times import KINDS
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 from splitserve.launch.gc_heap import freeze_startup_heap
 
@@ -137,41 +140,37 @@ class _Timeline:
         self.steps.append((ended - started, len(outputs), completed_prompt))
 
 
-class _ForwardTimes:
-    """CUDA events around every `runner.execute` call: each forward pass's device time."""
+class _Forwards:
+    """The model runner's forward passes (engine/forward_times.py) since the last summary:
+    the same device times a node reports through its Stats (router/metrics.py)."""
 
     def __init__(self, runner: Any) -> None:
         import torch
 
         self._cuda = torch.cuda
-        self._execute = runner.execute
-        runner.execute = self
-        # (start, end, one-token rows only, rows)
-        self.events: list[tuple[Any, Any, bool, int]] = []
-
-    def __call__(self, chunks: list[Any], pending: Any = None) -> Any:
-        start = self._cuda.Event(enable_timing=True)
-        end = self._cuda.Event(enable_timing=True)
-        start.record()
-        logits = self._execute(chunks, pending)
-        end.record()
-        decode = all(c.num_new_tokens == 1 for c in chunks)
-        self.events.append((start, end, decode, len(chunks)))
-        return logits
-
-    def summary(self) -> dict[str, Any]:
-        """Mean device ms and rows of the decode and the prompt-carrying forwards since the
-        last summary."""
+        self._times = runner.forward_times
         self._cuda.synchronize()
-        out = {}
-        for name, decode in (("decode_forwards", True), ("prefill_forwards", False)):
-            mine = [(s.elapsed_time(e), n) for s, e, d, n in self.events if d == decode]
-            out[name] = {
-                "num": len(mine),
-                "mean_gpu_ms": float(np.mean([m for m, _ in mine])) if mine else None,
-                "mean_rows": float(np.mean([n for _, n in mine])) if mine else None,
+        self._last = self._times.totals()
+
+    def summary(self, elapsed_s: float) -> dict[str, Any]:
+        """Per kind, the passes, their mean device ms and rows since the last summary, and
+        the share of `elapsed_s` the device spent in them (`device_busy`)."""
+        self._cuda.synchronize()
+        now = self._times.totals()
+        out: dict[str, Any] = {}
+        busy_s = 0.0
+        for kind in KINDS:
+            num = now[kind].num - self._last[kind].num
+            seconds = now[kind].device_s - self._last[kind].device_s
+            rows = now[kind].rows - self._last[kind].rows
+            busy_s += seconds
+            out[f"{kind}_forwards"] = {
+                "num": num,
+                "mean_gpu_ms": seconds / num * 1e3 if num else None,
+                "mean_rows": rows / num if num else None,
             }
-        self.events.clear()
+        out["device_busy"] = busy_s / elapsed_s if elapsed_s > 0 else None
+        self._last = now
         return out
 
 
@@ -356,12 +355,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True
     )
     vocab = core.arch.vocab_size
-    forwards = _ForwardTimes(core.runner) if core.device.type == "cuda" else None
     if args.num_warmup:
         warm = random_prompts(args.num_warmup, args.input_len, vocab, seed=args.seed - 1)
         drive(core, warm, np.zeros(len(warm)), params)
-    if forwards is not None:
-        forwards.summary()
+    forwards = _Forwards(core.runner) if core.device.type == "cuda" else None
     if args.profile_s:
         _ProfileWindow.warm_up()
     probes = None
@@ -384,7 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             key = "launch_lag" if args.launch_lag_s else "device_timeline"
             point[key] = window.summary()
         if forwards is not None:
-            point.update(forwards.summary())
+            point.update(forwards.summary(elapsed))
         point["gc_pauses"] = pauses.summary()
         logging.getLogger(__name__).warning("%s", point)
         points.append(point)

@@ -60,8 +60,13 @@ def scrape(base_url: str, timeout_s: float = 5.0) -> dict[str, Sample] | None:
         return None
 
 
-def diff(before: dict[str, Sample] | None, after: dict[str, Sample] | None) -> dict[str, object]:
-    """The `server_metrics` section of a summary."""
+def diff(
+    before: dict[str, Sample] | None,
+    after: dict[str, Sample] | None,
+    interval_s: float | None = None,
+) -> dict[str, object]:
+    """The `server_metrics` section of a summary; `interval_s`, the time between the two
+    scrapes, goes in as is (what the deltas accrued over: the warm-up and the run)."""
     if before is None or after is None:
         return {"available": False}
     deltas: dict[str, float] = {}
@@ -78,4 +83,12 @@ def diff(before: dict[str, Sample] | None, after: dict[str, Sample] | None) -> d
             count = deltas.get(f"{name[:-4]}_count" + ("{" + labels if labels else ""))
             if count:
                 means[name[:-4] + ("{" + labels if labels else "")] = value / count
-    return {"available": True, "deltas": deltas, "gauges_after": gauges, "histogram_means": means}
+    out: dict[str, object] = {
+        "available": True,
+        "deltas": deltas,
+        "gauges_after": gauges,
+        "histogram_means": means,
+    }
+    if interval_s is not None:
+        out["interval_s"] = interval_s
+    return out

@@ -19,7 +19,9 @@ A row also gets `engine_steps` and `tokens_per_step` where the server's /metrics
 them (`engine_steps`): how each system batched the same arrivals; and `preemptions` (over
 the run) and `kv_cache_tokens` (the KV pool's size) where it exposes them (`kv_pool`); and
 for splitserve `prefill_attention_runs`, the prefill runs of each attention path over the
-run (`prefill_attention_runs`, kernels/prefill_runs.py).
+run (`prefill_attention_runs`, kernels/prefill_runs.py), and `forwards` and `device_busy`,
+its forward passes by kind with their mean device time, and the share of the run the
+device spent in them (`forward_passes`, engine/forward_times.py).
 
 Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
 (default 1 s and 50 ms), read off the rates measured; the issue's definition.
@@ -113,6 +115,7 @@ def make_row(
     runs = prefill_attention_runs(summary)
     if runs:
         row["prefill_attention_runs"] = runs
+    row.update(forward_passes(summary))
     row.update(extra)
     return row
 
@@ -177,18 +180,49 @@ def kv_pool(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _node_deltas(summary: dict[str, Any], metric: str, label: str) -> dict[str, float]:
+    """The run's delta of the router's `node_<metric>_total{<label>}`, every node together,
+    by label value; empty where not exposed."""
+    deltas = (summary.get("server_metrics") or {}).get("deltas") or {}
+    pattern = rf'splitserve_router_node_{metric}_total\{{.*{label}="(\w+)".*\}}'
+    out: dict[str, float] = {}
+    for key, value in deltas.items():
+        match = re.fullmatch(pattern, key)
+        if match:
+            out[match[1]] = out.get(match[1], 0.0) + value
+    return out
+
+
 def prefill_attention_runs(summary: dict[str, Any]) -> dict[str, float]:
     """splitserve's prefill attention runs over the run by path, every node together, from
     the router's `node_prefill_attention_runs_total{path}`; empty where not exposed."""
-    deltas = (summary.get("server_metrics") or {}).get("deltas") or {}
-    runs: dict[str, float] = {}
-    for key, value in deltas.items():
-        match = re.fullmatch(
-            r'splitserve_router_node_prefill_attention_runs_total\{.*path="(\w+)".*\}', key
-        )
-        if match:
-            runs[match[1]] = runs.get(match[1], 0.0) + value
-    return runs
+    return _node_deltas(summary, "prefill_attention_runs", "path")
+
+
+def forward_passes(summary: dict[str, Any]) -> dict[str, Any]:
+    """splitserve's forward passes over the run (engine/forward_times.py), every node
+    together: `forwards`, per kind the passes, their mean device ms and rows; and
+    `device_busy`, their device seconds over the time between the bench's two scrapes of
+    /metrics (the warm-up and the run; above 1 with several nodes). Empty where not
+    exposed."""
+    num = _node_deltas(summary, "forwards", "kind")
+    if not any(num.values()):
+        return {}
+    seconds = _node_deltas(summary, "forward_device_seconds", "kind")
+    rows = _node_deltas(summary, "forward_rows", "kind")
+    forwards = {
+        kind: {
+            "num": n,
+            "mean_device_ms": seconds.get(kind, 0.0) / n * 1e3 if n else None,
+            "mean_rows": rows.get(kind, 0.0) / n if n else None,
+        }
+        for kind, n in sorted(num.items())
+    }
+    out: dict[str, Any] = {"forwards": forwards}
+    interval = (summary.get("server_metrics") or {}).get("interval_s")
+    if interval:
+        out["device_busy"] = sum(seconds.values()) / interval
+    return out
 
 
 def archived_request(record: dict[str, Any]) -> dict[str, Any]:

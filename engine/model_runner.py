@@ -23,6 +23,7 @@ import torch
 
 from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.device_copy import arrays_to_device, to_device
+from splitserve.engine.forward_times import DECODE, PREFILL, ForwardTimes
 from splitserve.engine.piecewise_graphs import PiecewiseGraphs
 from splitserve.engine.request import RequestId
 from splitserve.engine.scheduler import ScheduledChunk
@@ -196,7 +197,8 @@ class ModelRunner:
         """`model` is a CausalLM: forward(ids, positions, kv_cache, meta) and
         compute_logits. `graphs` and `pieces`, when given, must be captured over the same
         model and pool. `prefill_runs` reads the attention backend's prefill runs by path
-        (AttentionBackend.prefill_runs) for the engine's statistics."""
+        (AttentionBackend.prefill_runs) for the engine's statistics, as `forward_times`
+        (engine/forward_times.py) gives every pass's device time."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -206,13 +208,21 @@ class ModelRunner:
         self.num_graph_steps = 0
         self.num_piecewise_steps = 0
         self.prefill_runs = prefill_runs
+        self.forward_times = ForwardTimes.for_device(device.type)
 
-    @torch.inference_mode()
     def execute(
         self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None
     ) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_chunks, vocab]. A chunk whose
         last token is still pending takes it from `pending`, on the device."""
+        mark = self.forward_times.start()
+        logits = self._forward(chunks, pending)
+        kind = DECODE if all(c.num_new_tokens == 1 for c in chunks) else PREFILL
+        self.forward_times.end(mark, kind, len(chunks))
+        return logits
+
+    @torch.inference_mode()
+    def _forward(self, chunks: list[ScheduledChunk], pending: PendingTokens | None) -> torch.Tensor:
         patch = _patch(chunks, pending)
         if self.graphs is not None and self.graphs.can_run(chunks):
             self.graphs.inputs.fill(chunks, self.graphs.padded_batch(len(chunks)))

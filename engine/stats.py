@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.forward_times import DECODE, PREFILL
 from splitserve.engine.scheduler import Scheduler
 from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH
 
@@ -39,10 +40,19 @@ class EngineStats:
     num_piecewise_steps: int = 0
     # Prefill runs attended since start, by path (kernels/prefill_runs.py): the Triton
     # kernel over cached context, FlashAttention-2, cuDNN; zero on the torch backend.
-    # Named as the Stats RPC's extra keys (protocol/messages.py PREFILL_RUNS_KEY + path).
+    # Named as the Stats RPC's extra keys (protocol/messages.py LABELLED_COUNTERS).
     prefill_runs_context: int = 0
     prefill_runs_flash: int = 0
     prefill_runs_cudnn: int = 0
+    # Forward passes since start by kind (engine/forward_times.py: decode, every row one
+    # token; prefill, any prompt tokens), their rows and their device seconds. Named as
+    # the Stats RPC's extra keys (protocol/messages.py LABELLED_COUNTERS).
+    forwards_decode: int = 0
+    forwards_prefill: int = 0
+    forward_rows_decode: int = 0
+    forward_rows_prefill: int = 0
+    forward_device_s_decode: float = 0.0
+    forward_device_s_prefill: float = 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -67,6 +77,7 @@ def collect_stats(
 ) -> EngineStats:
     pool = blocks.pool
     prefill_runs = runner.prefill_runs()
+    forwards = runner.forward_times.totals()
     return EngineStats(
         num_running=len(scheduler.running),
         num_waiting=len(scheduler.waiting),
@@ -88,4 +99,10 @@ def collect_stats(
         prefill_runs_context=prefill_runs.get(CONTEXT, 0),
         prefill_runs_flash=prefill_runs.get(FLASH, 0),
         prefill_runs_cudnn=prefill_runs.get(CUDNN, 0),
+        forwards_decode=forwards[DECODE].num,
+        forwards_prefill=forwards[PREFILL].num,
+        forward_rows_decode=forwards[DECODE].rows,
+        forward_rows_prefill=forwards[PREFILL].rows,
+        forward_device_s_decode=forwards[DECODE].device_s,
+        forward_device_s_prefill=forwards[PREFILL].device_s,
     )

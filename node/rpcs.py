@@ -14,7 +14,7 @@ import grpc
 
 from splitserve.node.runtime import NodeRuntime
 from splitserve.protocol import node_pb2 as pb
-from splitserve.protocol.messages import PREFILL_RUNS_KEY
+from splitserve.protocol.messages import LABELLED_COUNTERS
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,11 @@ def health(runtime: NodeRuntime) -> pb.HealthResponse:
 
 async def stats(runtime: NodeRuntime, role: RoleStats) -> pb.StatsResponse:
     engine_stats = await runtime.engine.stats()
-    # EngineStats names its prefill-run counts by the extra map's keys.
-    runs = {k: v for k, v in engine_stats.as_dict().items() if k.startswith(PREFILL_RUNS_KEY)}
-    extra = {"prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate, **runs, **role.extra}
+    # EngineStats names its labelled counts (prefill runs, forward passes) by the extra
+    # map's keys.
+    keys = tuple(counter.key for counter in LABELLED_COUNTERS)
+    labelled = {k: v for k, v in engine_stats.as_dict().items() if k.startswith(keys)}
+    extra = {"prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate, **labelled, **role.extra}
     return pb.StatsResponse(
         node_id=runtime.node_id,
         role=runtime.config.role,

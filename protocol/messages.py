@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from splitserve.protocol import node_pb2 as pb
@@ -22,17 +23,51 @@ if TYPE_CHECKING:
     from splitserve.engine.sampling_params import GrammarSpec, SamplingParams
 
 
-# StatsResponse.extra keys PREFILL_RUNS_KEY + path: a node's prefill attention runs since
-# it started, by path (kernels/prefill_runs.py). The node writes them (node/rpcs.py, from
-# the EngineStats fields of the same names), the router exports them as
-# node_prefill_attention_runs_total{path} (router/metrics.py).
-PREFILL_RUNS_KEY = "prefill_runs_"
+@dataclass(frozen=True)
+class LabelledCounter:
+    """A node's counter since start, one per label value, carried in StatsResponse.extra
+    under `key` + the label value. The node writes them (node/rpcs.py, from the EngineStats
+    fields of the same names), the router exports each as `<prefix>node_<metric>_total`
+    with the label `label` (router/metrics.py)."""
+
+    key: str
+    metric: str
+    label: str
+    help: str
 
 
-def prefill_runs_of(extra: Mapping[str, float]) -> dict[str, float]:
-    """The prefill runs by path in a StatsResponse.extra map (empty when it has none)."""
-    n = len(PREFILL_RUNS_KEY)
-    return {k[n:]: v for k, v in extra.items() if k.startswith(PREFILL_RUNS_KEY)}
+LABELLED_COUNTERS = (
+    LabelledCounter(
+        "prefill_runs_",
+        "prefill_attention_runs",
+        "path",
+        "Prefill attention runs the node planned since it started, by path "
+        "(context: the Triton kernel over cached context; flash; cudnn)",
+    ),
+    LabelledCounter(
+        "forwards_",
+        "forwards",
+        "kind",
+        "Forward passes the node ran since it started, by kind (decode: every row one "
+        "token; prefill: any prompt tokens)",
+    ),
+    LabelledCounter(
+        "forward_rows_", "forward_rows", "kind", "Rows (sequences) of those forward passes"
+    ),
+    LabelledCounter(
+        "forward_device_s_",
+        "forward_device_seconds",
+        "kind",
+        "Device time of those forward passes (CUDA events; host time on the CPU)",
+    ),
+)
+
+
+def labelled_values(extra: Mapping[str, float], key: str) -> dict[str, float]:
+    """The values under `key` + label in a StatsResponse.extra map, by label (empty when
+    it has none)."""
+    n = len(key)
+    return {k[n:]: v for k, v in extra.items() if k.startswith(key)}
 
 
 def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from splitserve.node.registry import NodeRecord
 from splitserve.protocol import node_pb2 as pb
-from splitserve.protocol.messages import prefill_runs_of
+from splitserve.protocol.messages import LABELLED_COUNTERS, labelled_values
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -123,16 +123,16 @@ class NodeTotals:
             for node_id, role, st in self._rows:
                 family.add_metric([node_id, role], float(getattr(st, field)))
             yield family
-        runs = CounterMetricFamily(
-            self._prefix + "node_prefill_attention_runs",
-            "Prefill attention runs the node planned since it started, by path "
-            "(context: the Triton kernel over cached context; flash; cudnn)",
-            labels=[*_NODE_LABELS, "path"],
-        )
-        for node_id, role, st in self._rows:
-            for path, count in sorted(prefill_runs_of(st.extra).items()):
-                runs.add_metric([node_id, role, path], count)
-        yield runs
+        for counter in LABELLED_COUNTERS:
+            family = CounterMetricFamily(
+                self._prefix + "node_" + counter.metric,
+                counter.help,
+                labels=[*_NODE_LABELS, counter.label],
+            )
+            for node_id, role, st in self._rows:
+                for label, value in sorted(labelled_values(st.extra, counter.key).items()):
+                    family.add_metric([node_id, role, label], value)
+            yield family
 
 
 class RouterMetrics:

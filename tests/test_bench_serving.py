@@ -240,6 +240,36 @@ def test_prefill_attention_runs_add_up_every_nodes_paths() -> None:
     assert serving_report.prefill_attention_runs({}) == {}
 
 
+def test_forward_passes_give_mean_device_time_and_the_devices_busy_share() -> None:
+    p = "splitserve_router_node_"
+    node = '{node_id="a",role="decode",kind="%s"}'
+    summary = {"server_metrics": {"interval_s": 10.0, "deltas": {
+        p + "forwards_total" + node % "decode": 400.0,
+        p + "forwards_total" + node % "prefill": 50.0,
+        p + "forward_device_seconds_total" + node % "decode": 3.2,
+        p + "forward_device_seconds_total" + node % "prefill": 5.0,
+        p + "forward_rows_total" + node % "decode": 4_800.0,
+        p + "forward_rows_total" + node % "prefill": 100.0,
+    }}}  # fmt: skip
+    out = serving_report.forward_passes(summary)
+    assert out["forwards"]["decode"] == {"num": 400.0, "mean_device_ms": 8.0, "mean_rows": 12.0}
+    assert out["forwards"]["prefill"]["mean_device_ms"] == pytest.approx(100.0)
+    assert out["device_busy"] == pytest.approx(0.82)
+    assert serving_report.forward_passes({}) == {}
+    del summary["server_metrics"]["interval_s"]
+    assert "device_busy" not in serving_report.forward_passes(summary)
+
+
+def test_server_metrics_keep_the_time_between_their_scrapes() -> None:
+    from splitserve.benchmarks import server_metrics
+
+    before = {"x_total": ("counter", 1.0)}
+    after = {"x_total": ("counter", 4.0)}
+    out = server_metrics.diff(before, after, 12.5)
+    assert out["deltas"] == {"x_total": 3.0} and out["interval_s"] == 12.5
+    assert "interval_s" not in server_metrics.diff(before, after)
+
+
 def test_kv_pool_and_preemptions_read_either_servers_metrics() -> None:
     info = (
         'vllm:cache_config_info{block_size="16",gpu_memory_utilization="0.92",'

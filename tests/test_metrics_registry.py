@@ -270,7 +270,16 @@ def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
         prompt_tokens_computed=52,
         generation_tokens=17,
         num_preemptions=4,
-        extra={"prefix_cache_hit_rate": 0.5, "prefill_runs_cudnn": 5, "prefill_runs_context": 2},
+        extra={
+            "prefix_cache_hit_rate": 0.5,
+            "prefill_runs_cudnn": 5,
+            "prefill_runs_context": 2,
+            "forwards_decode": 25,
+            "forwards_prefill": 5,
+            "forward_device_s_decode": 0.2,
+            "forward_device_s_prefill": 0.5,
+            "forward_rows_prefill": 9,
+        },
     )
     router.set_nodes([record("d1"), record("d2")], [answered, None])
     text = router.exposition()
@@ -283,6 +292,10 @@ def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
     assert value(text, runs, node_id="d1", path="cudnn") == 5
     assert value(text, runs, node_id="d1", path="context") == 2
     assert not [k for k in samples(text) if k[0] == runs and ("path", "flash") in k[1]]
+    assert value(text, p + "forwards_total", node_id="d1", kind="decode") == 25
+    assert value(text, p + "forwards_total", node_id="d1", kind="prefill") == 5
+    assert value(text, p + "forward_device_seconds_total", node_id="d1", kind="prefill") == 0.5
+    assert value(text, p + "forward_rows_total", node_id="d1", kind="prefill") == 9
     # The pool's size comes from the registry record, answered or not.
     for node in ("d1", "d2"):
         assert value(text, p + "kv_cache_tokens", node_id=node, role="decode") == 1600

@@ -31,7 +31,7 @@ from splitserve.launch.processes import ManagedProcess
 from splitserve.node.registry import NodeRecord, NodeRegistry, redis_client
 from splitserve.protocol import node_pb2 as pb
 from splitserve.protocol import node_pb2_grpc
-from splitserve.protocol.messages import prefill_runs_of, sampling_params_to_proto
+from splitserve.protocol.messages import labelled_values, sampling_params_to_proto
 from splitserve.protocol.security import (
     TransportSecurity,
     add_port,
@@ -219,8 +219,11 @@ def test_kv_compatibility_mismatch_is_refused_without_a_leak(cluster: Cluster) -
     stats = grpc_call(prefill, good, "Stats", pb.StatsRequest())
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.num_blocks_free == stats.num_blocks_total
-    # The node's prefill attention runs by path ride in the extra map (router/metrics.py).
-    assert set(prefill_runs_of(stats.extra)) == {"context", "flash", "cudnn"}
+    # The node's prefill attention runs by path and its forward passes by kind ride in the
+    # extra map (router/metrics.py).
+    assert set(labelled_values(stats.extra, "prefill_runs_")) == {"context", "flash", "cudnn"}
+    assert set(labelled_values(stats.extra, "forwards_")) == {"decode", "prefill"}
+    assert set(labelled_values(stats.extra, "forward_device_s_")) == {"decode", "prefill"}
 
 
 @pytest.mark.slow  # a whole cluster (shared by the module)
