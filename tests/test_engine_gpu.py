@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import random
+import time
 from typing import Any
 
 import pytest
@@ -195,6 +196,22 @@ def test_decode_steps_never_wait_for_the_stream(tiny_model_factory, temperature:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert core.runner.num_graph_steps >= 10
+
+
+def test_forward_passes_are_timed_on_the_device(tiny_model_factory) -> None:
+    """Every pass of a run is read back from its CUDA events by kind, and the device time
+    they add up to fits in the run's wall time."""
+    llm = gpu_llm(tiny_model_factory("llama"), dtype="bfloat16")
+    batch = prompts(llm.engine.arch.vocab_size)
+    started = time.perf_counter()
+    llm.generate(batch, GREEDY)
+    wall_s = time.perf_counter() - started
+    torch.cuda.synchronize()
+    stats = llm.engine.stats()
+    assert stats.forwards_prefill >= 1 and stats.forwards_decode >= NUM_NEW - 1
+    assert stats.forward_rows_decode >= stats.forwards_decode
+    assert stats.forward_device_s_prefill > 0 and stats.forward_device_s_decode > 0
+    assert stats.forward_device_s_prefill + stats.forward_device_s_decode <= wall_s
 
 
 def _captured_graphs(count: int) -> list[torch.cuda.CUDAGraph]:
