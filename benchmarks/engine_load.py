@@ -7,7 +7,11 @@
 
 One process drives `EngineCore` directly: before each step it adds the requests whose
 arrival time has passed, then steps; when nothing is runnable it sleeps until the next
-arrival. The rates run one after another on the same engine, each with its own prompts:
+arrival. With `--async-engine` the engine steps on its own thread instead, as in a node
+(`AsyncEngine`): an event loop adds each request at its arrival time and takes its outputs
+through `AsyncEngine.add`'s callback, with no server or network around it, so that the
+same load through both ways tells what the thread and its event loop cost the engine
+before gRPC and the router come in (no `steps` section then: the steps are the thread's). The rates run one after another on the same engine, each with its own prompts:
 fresh random token ids, `ignore_eos`, sampled at `--temperature` (1.0 by default, the
 OpenAI default that the serving benchmark's requests get).
 
@@ -52,9 +56,11 @@ is time the device waited for the host.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,6 +76,7 @@ from splitserve.launch.engine_args import add_engine_arguments, engine_config_fr
 from splitserve.launch.gc_heap import freeze_startup_heap
 
 if TYPE_CHECKING:
+    from splitserve.engine.async_engine import AsyncEngine
     from splitserve.engine.core import EngineCore, StepOutput
 
 _PERCENTILES = (50, 90, 99)
@@ -104,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="CUDA: seconds of steps to probe per rate, from --profile-after-s (no profiler)",
     )
+    parser.add_argument(
+        "--async-engine",
+        action="store_true",
+        help="run the engine on its own thread behind an event loop, as a node does "
+        "(AsyncEngine), instead of stepping it from this one",
+    )
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -119,6 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--launch-lag-s must be >= 0, and not given with --profile-s")
     if args.launch_lag_s and args.device.split(":")[0] != "cuda":
         parser.error("--launch-lag-s records CUDA events: it needs --device cuda")
+    if args.async_engine and (args.profile_s or args.launch_lag_s):
+        parser.error(
+            "--async-engine steps the engine on its own thread: no --profile-s or "
+            "--launch-lag-s with it (they time steps from this one)"
+        )
     return args
 
 
@@ -306,6 +324,47 @@ def drive(
     return timeline
 
 
+async def drive_async(
+    engine: AsyncEngine, prompts: list[list[int]], times: np.ndarray, params: Any
+) -> _Timeline:
+    """As `drive`, with the engine stepping on its own thread (`AsyncEngine`, as a node
+    runs it): each prompt is added from this event loop at its arrival time, its outputs
+    come back through `AsyncEngine.add`'s callback on this loop, each token timed at the
+    end of the step that made it (`metrics["step_end_s"]`, time.monotonic). The steps
+    are not recorded (the summary has no `steps`)."""
+    from splitserve.engine.outputs import num_tokens
+
+    timeline = _Timeline()
+    all_finished = asyncio.Event()
+    left = len(prompts)
+
+    def recorder(request_id: str) -> Callable[[Any], None]:
+        def record(out: Any) -> None:
+            nonlocal left
+            ended = out.metrics.get("step_end_s", time.monotonic())
+            timeline.token_times.setdefault(request_id, []).extend([ended] * num_tokens(out))
+            if out.finished:
+                left -= 1
+                if not left:
+                    all_finished.set()
+
+        return record
+
+    start = time.monotonic()
+    adds = []
+    for index, prompt in enumerate(prompts):
+        await asyncio.sleep(max(0.0, start + float(times[index]) - time.monotonic()))
+        request_id = str(index)
+        timeline.arrived[request_id] = start + float(times[index])
+        add = engine.add(request_id, prompt, params, None, recorder(request_id))
+        adds.append(asyncio.ensure_future(add))  # admission waits for a step's end
+    await asyncio.gather(*adds)
+    await all_finished.wait()
+    for request_id in timeline.arrived:
+        await engine.close(request_id, finished=True)
+    return timeline
+
+
 def _percentiles_ms(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -340,10 +399,16 @@ def summarize(timeline: _Timeline, elapsed_s: float) -> dict[str, Any]:
     return {
         "ttft_ms": _percentiles_ms(ttft),
         "tpot_ms": _percentiles_ms(tpot),
-        "steps": steps,
+        "steps": steps if timeline.steps else None,
         "output_tok_s": num_tokens / elapsed_s,
         "request_costs": None if costs is None else asdict(costs),
     }
+
+
+def _async_engine(core: EngineCore) -> AsyncEngine:
+    from splitserve.engine.async_engine import AsyncEngine
+
+    return AsyncEngine(None, core=core)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         probes.install(core.runner, list(core.model.model.layers))
     freeze_startup_heap()  # as a node does once it has started (launch/gc_heap.py)
     pauses = _GcPauses()
+    engine = _async_engine(core) if args.async_engine else None
     points = []
     for index, rate in enumerate(args.rates):
         seed = args.seed + index
@@ -374,7 +440,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         times = arrival_times(ArrivalConfig(rate=rate, seed=seed), args.num_requests)
         window = _window(args, probes)
         start = time.perf_counter()
-        timeline = drive(core, prompts, times, params, window)
+        if engine is not None:
+            timeline = asyncio.run(drive_async(engine, prompts, times, params))
+        else:
+            timeline = drive(core, prompts, times, params, window)
         elapsed = time.perf_counter() - start
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
         if window is not None:
@@ -385,9 +454,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         point["gc_pauses"] = pauses.summary()
         logging.getLogger(__name__).warning("%s", point)
         points.append(point)
+    if engine is not None:
+        engine.shutdown()
     return {
         **provenance(args.device),
         "model": args.model,
+        "async_engine": args.async_engine,
         "num_requests": args.num_requests,
         "input_len": args.input_len,
         "output_len": args.output_len,

@@ -36,6 +36,21 @@ def test_a_rate_reports_latencies_and_steps(tiny_llama: Path, tmp_path: Path) ->
     assert costs["num_requests"] == 6 and costs["decode_ms"] > 0
 
 
+def test_the_engine_on_its_own_thread_gives_each_request_its_tokens(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """--async-engine: arrivals from an event loop, outputs through AsyncEngine's callbacks
+    (every request's tokens, timed at their steps' ends); no step records then."""
+    out = tmp_path / "load.json"
+    engine_load.main([*_argv(tiny_llama), "--output-len", "5", "--async-engine", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (point,) = result["points"]
+    assert result["async_engine"] is True and point["steps"] is None
+    assert point["tpot_ms"]["p50"] > 0 and point["ttft_ms"]["p50"] > 0
+    assert point["output_tok_s"] * point["elapsed_s"] == pytest.approx(6 * 5)
+    assert point["request_costs"]["num_requests"] == 6
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -45,6 +60,7 @@ def test_a_rate_reports_latencies_and_steps(tiny_llama: Path, tmp_path: Path) ->
             "not given with --profile-s",
         ),
         (["--launch-lag-s", "-1"], "must be >= 0"),
+        (["--async-engine", "--profile-s", "1", "--device", "cuda"], "no --profile-s"),
     ],
 )
 def test_launch_lag_flags_are_checked(
