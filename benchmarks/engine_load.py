@@ -11,7 +11,8 @@ arrival. With `--async-engine` the engine steps on its own thread instead, as in
 (`AsyncEngine`): an event loop adds each request at its arrival time and takes its outputs
 through `AsyncEngine.add`'s callback, with no server or network around it, so that the
 same load through both ways tells what the thread and its event loop cost the engine
-before gRPC and the router come in (no `steps` section then: the steps are the thread's). The rates run one after another on the same engine, each with its own prompts:
+before gRPC and the router come in (no `steps` section then: the steps are the thread's).
+The rates run one after another on the same engine, each with its own prompts:
 fresh random token ids, `ignore_eos`, sampled at `--temperature` (1.0 by default, the
 OpenAI default that the serving benchmark's requests get).
 
@@ -57,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -74,6 +74,7 @@ from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.engine.forward_times import KINDS
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 from splitserve.launch.gc_heap import freeze_startup_heap
+from splitserve.node.gc_pauses import GENERATIONS, GcPauses
 
 if TYPE_CHECKING:
     from splitserve.engine.async_engine import AsyncEngine
@@ -192,24 +193,16 @@ class _Forwards:
         return out
 
 
-class _GcPauses:
-    """Every garbage collection's pause, through `gc.callbacks`."""
+class _GcPauses(GcPauses):
+    """Every garbage collection's pause (node/gc_pauses.py, as a node times them)."""
 
     def __init__(self) -> None:
-        self._started = 0.0
-        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
-        gc.callbacks.append(self._callback)
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+        super().__init__(keep_each=True)
 
     def summary(self) -> dict[str, Any]:
         """Per generation: pauses, total and longest ms since the last summary."""
         out = {}
-        for generation in range(3):
+        for generation in GENERATIONS:
             mine = [p for g, p in self.pauses if g == generation]
             out[f"gen{generation}"] = {
                 "num": len(mine),

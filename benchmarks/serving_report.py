@@ -21,7 +21,8 @@ the run) and `kv_cache_tokens` (the KV pool's size) where it exposes them (`kv_p
 for splitserve `prefill_attention_runs`, the prefill runs of each attention path over the
 run (`prefill_attention_runs`, kernels/prefill_runs.py), and `forwards` and `device_busy`,
 its forward passes by kind with their mean device time, and the share of the run the
-device spent in them (`forward_passes`, engine/forward_times.py).
+device spent in them (`forward_passes`, engine/forward_times.py), and `node_gc_pauses`, the
+nodes' garbage collections by generation with their total ms (node/gc_pauses.py).
 
 Capacity (in the table): the highest rate whose TTFT p90 and TPOT p90 meet the SLO
 (default 1 s and 50 ms), read off the rates measured; the issue's definition.
@@ -116,6 +117,9 @@ def make_row(
     if runs:
         row["prefill_attention_runs"] = runs
     row.update(forward_passes(summary))
+    pauses = node_gc_pauses(summary)
+    if pauses:
+        row["node_gc_pauses"] = pauses
     row.update(extra)
     return row
 
@@ -223,6 +227,17 @@ def forward_passes(summary: dict[str, Any]) -> dict[str, Any]:
     if interval:
         out["device_busy"] = sum(seconds.values()) / interval
     return out
+
+
+def node_gc_pauses(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """splitserve's nodes' garbage collections over the run by generation (node/
+    gc_pauses.py): how many and their total ms, every node together; empty where not
+    exposed."""
+    num = _node_deltas(summary, "gc_collections", "generation")
+    seconds = _node_deltas(summary, "gc_pause_seconds", "generation")
+    return {
+        f"gen{g}": {"num": n, "total_ms": seconds.get(g, 0.0) * 1e3} for g, n in sorted(num.items())
+    }
 
 
 def archived_request(record: dict[str, Any]) -> dict[str, Any]:

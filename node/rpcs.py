@@ -52,7 +52,12 @@ async def stats(runtime: NodeRuntime, role: RoleStats) -> pb.StatsResponse:
     # map's keys.
     keys = tuple(counter.key for counter in LABELLED_COUNTERS)
     labelled = {k: v for k, v in engine_stats.as_dict().items() if k.startswith(keys)}
-    extra = {"prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate, **labelled, **role.extra}
+    extra = {
+        "prefix_cache_hit_rate": engine_stats.prefix_cache_hit_rate,
+        **labelled,
+        **runtime.gc_pauses.totals(),
+        **role.extra,
+    }
     return pb.StatsResponse(
         node_id=runtime.node_id,
         role=runtime.config.role,

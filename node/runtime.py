@@ -38,6 +38,7 @@ from splitserve.engine.core import EngineCore
 from splitserve.engine.stats import EngineStats
 from splitserve.engine.thread_names import native_thread_name
 from splitserve.kv_transfer import KvCompat, TransferAgent, TransferConfig
+from splitserve.node.gc_pauses import GcPauses
 from splitserve.node.health import NodeHealth
 from splitserve.node.metrics import NodeMetrics
 from splitserve.node.metrics_http import MetricsServer
@@ -134,6 +135,7 @@ class NodeRuntime:
         self.engine = AsyncEngine(engine_config)
         self.core: EngineCore = self.engine.core
         self.started_at = time.monotonic()
+        self.gc_pauses = GcPauses()
         self.is_draining = False
         self.node_id = ""
         self.port = 0
@@ -296,6 +298,7 @@ class NodeRuntime:
             self.metrics_server.stop()
         for hook in self.on_stop:
             await hook()
+        self.gc_pauses.close()
         if self.agent is not None:
             agent = self.agent
 

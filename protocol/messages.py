@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 class LabelledCounter:
     """A node's counter since start, one per label value, carried in StatsResponse.extra
     under `key` + the label value. The node writes them (node/rpcs.py, from the EngineStats
-    fields of the same names), the router exports each as `<prefix>node_<metric>_total`
-    with the label `label` (router/metrics.py)."""
+    fields of the same names and its process's GcPauses), the router exports each as
+    `<prefix>node_<metric>_total` with the label `label` (router/metrics.py)."""
 
     key: str
     metric: str
@@ -59,6 +59,18 @@ LABELLED_COUNTERS = (
         "forward_device_seconds",
         "kind",
         "Device time of those forward passes (CUDA events; host time on the CPU)",
+    ),
+    LabelledCounter(
+        "gc_collections_",
+        "gc_collections",
+        "generation",
+        "Garbage collections in the node's process since it started, by generation",
+    ),
+    LabelledCounter(
+        "gc_pause_s_",
+        "gc_pause_seconds",
+        "generation",
+        "Time the node's process stood still in those collections (every thread)",
     ),
 )
 

@@ -260,6 +260,22 @@ def test_forward_passes_give_mean_device_time_and_the_devices_busy_share() -> No
     assert "device_busy" not in serving_report.forward_passes(summary)
 
 
+def test_node_gc_pauses_add_up_every_nodes_generations() -> None:
+    p = "splitserve_router_node_"
+    summary = {"server_metrics": {"deltas": {
+        p + 'gc_collections_total{node_id="a",role="decode",generation="0"}': 30.0,
+        p + 'gc_collections_total{node_id="b",role="decode",generation="0"}': 10.0,
+        p + 'gc_pause_seconds_total{node_id="a",role="decode",generation="0"}': 0.03,
+        p + 'gc_pause_seconds_total{node_id="b",role="decode",generation="0"}': 0.01,
+        p + 'gc_collections_total{node_id="a",role="decode",generation="2"}': 1.0,
+        p + 'gc_pause_seconds_total{node_id="a",role="decode",generation="2"}': 0.1,
+    }}}  # fmt: skip
+    pauses = serving_report.node_gc_pauses(summary)
+    assert pauses["gen0"]["num"] == 40 and pauses["gen0"]["total_ms"] == pytest.approx(40.0)
+    assert pauses["gen2"] == {"num": 1.0, "total_ms": pytest.approx(100.0)}
+    assert serving_report.node_gc_pauses({}) == {}
+
+
 def test_server_metrics_keep_the_time_between_their_scrapes() -> None:
     from splitserve.benchmarks import server_metrics
 

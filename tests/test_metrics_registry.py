@@ -279,6 +279,8 @@ def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
             "forward_device_s_decode": 0.2,
             "forward_device_s_prefill": 0.5,
             "forward_rows_prefill": 9,
+            "gc_collections_1": 3,
+            "gc_pause_s_1": 0.012,
         },
     )
     router.set_nodes([record("d1"), record("d2")], [answered, None])
@@ -296,6 +298,8 @@ def test_router_exposes_each_nodes_totals_from_its_stats_as_counters() -> None:
     assert value(text, p + "forwards_total", node_id="d1", kind="prefill") == 5
     assert value(text, p + "forward_device_seconds_total", node_id="d1", kind="prefill") == 0.5
     assert value(text, p + "forward_rows_total", node_id="d1", kind="prefill") == 9
+    assert value(text, p + "gc_collections_total", node_id="d1", generation="1") == 3
+    assert value(text, p + "gc_pause_seconds_total", node_id="d1", generation="1") == 0.012
     # The pool's size comes from the registry record, answered or not.
     for node in ("d1", "d2"):
         assert value(text, p + "kv_cache_tokens", node_id=node, role="decode") == 1600
