@@ -133,10 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--launch-lag-s must be >= 0, and not given with --profile-s")
     if args.launch_lag_s and args.device.split(":")[0] != "cuda":
         parser.error("--launch-lag-s records CUDA events: it needs --device cuda")
-    if args.async_engine and (args.profile_s or args.launch_lag_s):
+    if args.async_engine and args.profile_s:
         parser.error(
-            "--async-engine steps the engine on its own thread: no --profile-s or "
-            "--launch-lag-s with it (they time steps from this one)"
+            "--async-engine steps the engine on its own thread: no --profile-s with it "
+            "(the profiler records this one); --launch-lag-s probes that thread"
         )
     return args
 
@@ -398,10 +398,36 @@ def summarize(timeline: _Timeline, elapsed_s: float) -> dict[str, Any]:
     }
 
 
-def _async_engine(core: EngineCore) -> AsyncEngine:
-    from splitserve.engine.async_engine import AsyncEngine
+class _Threaded:
+    """The engine on its own thread (`--async-engine`), with the rate's window ticked from
+    that thread before each step (a step hook), as `drive` ticks it before each step."""
 
-    return AsyncEngine(None, core=core)
+    def __init__(self, core: EngineCore) -> None:
+        from splitserve.engine.async_engine import AsyncEngine
+
+        self.engine = AsyncEngine(None, core=core)
+        self._window: Window | None = None
+        self._start = 0.0
+        self.engine.add_step_hook(self._tick)
+
+    def _tick(self, core: EngineCore) -> bool:
+        window = self._window
+        if window is not None:
+            window.tick(time.perf_counter() - self._start)
+        return False
+
+    def drive(
+        self, prompts: list[list[int]], times: np.ndarray, params: Any, window: Window | None
+    ) -> _Timeline:
+        self._window, self._start = window, time.perf_counter()
+        try:
+            return asyncio.run(drive_async(self.engine, prompts, times, params))
+        finally:
+            self._window = None
+
+    def summary(self, window: Window) -> Any:
+        """The window's summary, taken on the engine thread (it may stop the probes)."""
+        return self.engine.call(lambda core: window.summary()).result()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -425,7 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         probes.install(core.runner, list(core.model.model.layers))
     freeze_startup_heap()  # as a node does once it has started (launch/gc_heap.py)
     pauses = _GcPauses()
-    engine = _async_engine(core) if args.async_engine else None
+    threaded = _Threaded(core) if args.async_engine else None
     points = []
     for index, rate in enumerate(args.rates):
         seed = args.seed + index
@@ -433,22 +459,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         times = arrival_times(ArrivalConfig(rate=rate, seed=seed), args.num_requests)
         window = _window(args, probes)
         start = time.perf_counter()
-        if engine is not None:
-            timeline = asyncio.run(drive_async(engine, prompts, times, params))
+        if threaded is not None:
+            timeline = threaded.drive(prompts, times, params, window)
         else:
             timeline = drive(core, prompts, times, params, window)
         elapsed = time.perf_counter() - start
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
         if window is not None:
             key = "launch_lag" if args.launch_lag_s else "device_timeline"
-            point[key] = window.summary()
+            point[key] = window.summary() if threaded is None else threaded.summary(window)
         if forwards is not None:
             point.update(forwards.summary(elapsed))
         point["gc_pauses"] = pauses.summary()
         logging.getLogger(__name__).warning("%s", point)
         points.append(point)
-    if engine is not None:
-        engine.shutdown()
+    if threaded is not None:
+        threaded.engine.shutdown()
     return {
         **provenance(args.device),
         "model": args.model,

@@ -256,6 +256,20 @@ def _median_summary(forwards: list[ForwardLag]) -> dict[str, float]:
     return {key: statistics.median(s[key] for s in summaries) for key in summaries[0]}
 
 
+def _means(forwards: list[ForwardLag]) -> dict[str, Any]:
+    """The means of `ForwardLag.summary` and of each interval's device ms (a mean is where
+    a few long waits show, which medians hide)."""
+    summaries = [f.summary() for f in forwards]
+    per: dict[str, list[float]] = {}
+    for forward in forwards:
+        for key, ms in forward.intervals().items():
+            per.setdefault(key, []).append(ms)
+    return {
+        **{key: statistics.fmean(s[key] for s in summaries) for key in summaries[0]},
+        "intervals_ms": {key: statistics.fmean(values) for key, values in per.items()},
+    }
+
+
 class LagWindow:
     """Launch probes over `length_s` seconds of steps from `after_s` into a loaded run
     (`engine_load --launch-lag-s`; the interface of its profiler window: `tick` before each
@@ -278,8 +292,9 @@ class LagWindow:
 
     def summary(self) -> dict[str, Any] | None:
         """Per kind of forward pass (with prompt tokens, decode only): how many, how many
-        found the device drained at their start, and the medians of `ForwardLag.summary`
-        (None if the run ended before the window began)."""
+        found the device drained at their start, the medians of `ForwardLag.summary`, and
+        under `mean` its means and each interval's mean device ms (None if the run ended
+        before the window began)."""
         if self._started is None:
             return None
         if self._forwards is None:
@@ -292,5 +307,6 @@ class LagWindow:
                 "num": len(mine),
                 "drained_at_start": len(drained),
                 **(_median_summary(mine) if mine else {}),
+                "mean": _means(mine) if mine else None,
             }
         return out

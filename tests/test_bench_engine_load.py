@@ -51,6 +51,41 @@ def test_the_engine_on_its_own_thread_gives_each_request_its_tokens(
     assert point["request_costs"]["num_requests"] == 6
 
 
+def test_the_engine_thread_ticks_the_window_and_takes_its_summary(tiny_llama: Path) -> None:
+    """--async-engine with a window (launch probes on CUDA): ticked before each step on
+    the engine thread, with the seconds since the rate began, and summarised there."""
+    import threading
+
+    import numpy as np
+
+    from splitserve.engine.core import EngineCore
+    from splitserve.engine.sampling_params import SamplingParams
+
+    class Window:
+        def __init__(self) -> None:
+            self.ticks: list[tuple[str, float]] = []
+
+        def tick(self, now: float) -> None:
+            self.ticks.append((threading.current_thread().name, now))
+
+        def summary(self) -> str:
+            return threading.current_thread().name
+
+    args = engine_load.parse_args(_argv(tiny_llama))
+    threaded = engine_load._Threaded(EngineCore(engine_load.engine_config_from_args(args)))
+    try:
+        window = Window()
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        timeline = threaded.drive([[1, 2, 3], [4, 5]], np.array([0.0, 0.01]), params, window)
+        assert sorted(map(len, timeline.token_times.values())) == [3, 3]
+        assert window.ticks and {name for name, _ in window.ticks} == {"engine-loop"}
+        times = [now for _, now in window.ticks]
+        assert times == sorted(times) and times[0] >= 0
+        assert threaded.summary(window) == "engine-loop"
+    finally:
+        threaded.engine.shutdown()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

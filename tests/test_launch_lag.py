@@ -196,6 +196,10 @@ def test_a_lag_window_probes_its_stretch_and_counts_drained_starts() -> None:
     assert (prompt["num"], prompt["drained_at_start"]) == (1, 1)
     assert (decode["num"], decode["drained_at_start"]) == (2, 0)
     assert decode["lead_at_start_ms"] > 1.0 and prompt["tokens"] == 1026
+    # Means beside the medians: of one prompt pass, its own figures and intervals.
+    assert prompt["mean"]["device_ms"] == pytest.approx(prompt["device_ms"])
+    assert sum(prompt["mean"]["intervals_ms"].values()) == pytest.approx(prompt["device_ms"])
+    assert decode["mean"]["lead_at_start_ms"] > 1.0
 
 
 def test_a_lag_window_the_run_never_reached_has_no_summary() -> None:
