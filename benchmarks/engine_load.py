@@ -38,7 +38,7 @@ Python frames of the host op open when they began). Stopping the profiler stalls
 loop for a while, so a profiled run's latencies are not the engine's: time those in a run
 without it.
 
-With `--launch-lag-s S` (CUDA) launch probes (benchmarks/launch_lag.py, no profiler) run
+With `--launch-lag-s S` (CUDA) launch probes (engine/launch_probes.py, no profiler) run
 over S seconds of steps from `--profile-after-s` seconds into each rate's run, and the
 point gets `launch_lag`: per kind of forward pass (with prompt tokens, decode only) how
 many found the device drained at their start (the steps before did not hide their
@@ -68,10 +68,10 @@ import numpy as np
 
 from splitserve.benchmarks.arrivals import ArrivalConfig, arrival_times
 from splitserve.benchmarks.engine_offline import random_prompts
-from splitserve.benchmarks.launch_lag import LagWindow, LaunchProbes
 from splitserve.benchmarks.request_costs import fit_costs
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.engine.forward_times import KINDS
+from splitserve.engine.launch_probes import LagWindow, LaunchProbes
 from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 from splitserve.launch.gc_heap import freeze_startup_heap
 from splitserve.node.gc_pauses import GENERATIONS, GcPauses

@@ -22,7 +22,7 @@ per-kernel device time per step (per window), top 40, and their sum; then four m
 with host ops and Python stacks as well (`windows_timeline`, benchmarks/device_timeline.py):
 the device's idle time in them, the host op and phase each gap began in, and the largest
 gaps with the code around them. With `--launch-lag` (splitserve, CUDA), eight more windows
-run with launch probes (benchmarks/launch_lag.py, no profiler), every other one with the
+run with launch probes (engine/launch_probes.py, no profiler), every other one with the
 device held back 60 ms so that the host queues the prompt's whole forward pass before the
 device starts it: the device's time per piece and attention call as it came less its time
 held back is where, and how long, it waited for the host.
@@ -46,8 +46,8 @@ from typing import Any
 import torch
 
 from splitserve.benchmarks.device_timeline import device_kernels, timeline_summary
-from splitserve.benchmarks.launch_lag import ForwardLag, LaunchProbes, host_waits
 from splitserve.benchmarks.results_io import provenance, write_result
+from splitserve.engine.launch_probes import ForwardLag, LaunchProbes, host_waits
 
 logger = logging.getLogger(__name__)
 WARMUP_STEPS = 40
@@ -224,7 +224,7 @@ def measure(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _launch_lag(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str, Any]:
-    """`LAG_WINDOWS` windows with launch probes (benchmarks/launch_lag.py), every other one
+    """`LAG_WINDOWS` windows with launch probes (engine/launch_probes.py), every other one
     with the device held back `HOLD_MS` first: where the prompt's forward pass left the
     device waiting for the host, and for how long."""
     core = engine.core

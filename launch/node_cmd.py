@@ -75,7 +75,29 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of the HTTP /metrics server; 0 picks a free one",
     )
     add_tracing_argument(g)
+    _add_launch_lag_arguments(g, node)
     add_security_arguments(parser)
+
+
+def _add_launch_lag_arguments(g: argparse._ArgumentGroup, node: type[NodeConfig]) -> None:
+    g.add_argument(
+        "--launch-lag-s",
+        type=float,
+        default=default_of(node, "launch_lag_s"),
+        help="CUDA: seconds of steps to record with launch probes, where the device waits "
+        "for the host in each forward pass (node/launch_lag.py); 0: off",
+    )
+    g.add_argument(
+        "--launch-lag-after-s",
+        type=float,
+        default=default_of(node, "launch_lag_after_s"),
+        help="... starting this long after the node serves",
+    )
+    g.add_argument(
+        "--launch-lag-out",
+        default=default_of(node, "launch_lag_out"),
+        help="... and write their summary to this JSON file (else only logged)",
+    )
 
 
 def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfig:
@@ -94,6 +116,9 @@ def node_config_from_args(args: argparse.Namespace, role: NodeRole) -> NodeConfi
         metrics_port=args.metrics_port,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
         security=security_from_args(args),
+        launch_lag_s=args.launch_lag_s,
+        launch_lag_after_s=args.launch_lag_after_s,
+        launch_lag_out=args.launch_lag_out,
     )
 
 

@@ -40,6 +40,7 @@ from splitserve.engine.thread_names import native_thread_name
 from splitserve.kv_transfer import KvCompat, TransferAgent, TransferConfig
 from splitserve.node.gc_pauses import GcPauses
 from splitserve.node.health import NodeHealth
+from splitserve.node.launch_lag import NodeLaunchLag
 from splitserve.node.metrics import NodeMetrics
 from splitserve.node.metrics_http import MetricsServer
 from splitserve.node.publisher import NodePublisher
@@ -102,6 +103,12 @@ class NodeConfig:
     # TLS/mTLS of the gRPC server and of this node's calls to others, and the cluster token
     # every RPC must carry (protocol/security.py); default: plaintext, no token.
     security: TransportSecurity = field(default_factory=TransportSecurity)
+    # CUDA: seconds of steps to record with launch probes, from `launch_lag_after_s` after
+    # the node serves, their summary logged and written to `launch_lag_out` when given
+    # (node/launch_lag.py); 0: off.
+    launch_lag_s: float = 0.0
+    launch_lag_after_s: float = 60.0
+    launch_lag_out: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -114,6 +121,11 @@ class NodeConfig:
             raise ValueError("prefill_timeout_s must be > 0 and drain_timeout_s >= 0")
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
+        if self.launch_lag_s < 0 or self.launch_lag_after_s < 0:
+            raise ValueError(
+                f"--launch-lag-s and --launch-lag-after-s must be >= 0, got "
+                f"{self.launch_lag_s} and {self.launch_lag_after_s}"
+            )
         if self.otlp_traces_endpoint:
             check_endpoint(self.otlp_traces_endpoint)
 
@@ -136,6 +148,7 @@ class NodeRuntime:
         self.core: EngineCore = self.engine.core
         self.started_at = time.monotonic()
         self.gc_pauses = GcPauses()
+        self.launch_lag: NodeLaunchLag | None = None
         self.is_draining = False
         self.node_id = ""
         self.port = 0
@@ -198,6 +211,7 @@ class NodeRuntime:
         self._start_metrics_server(self.metrics)
         if self.config.redis_url:
             await self._start_publisher(self.config.redis_url)
+        await self._start_launch_lag()
         await self.health.set_serving(True)
         logger.info(
             "%s node %s serving on %s (%s)",
@@ -239,6 +253,16 @@ class NodeRuntime:
             role=self.config.role,
             extra_resource={"splitserve.cluster": self.config.cluster},
         )
+
+    async def _start_launch_lag(self) -> None:
+        """With --launch-lag-s: launch probes over a stretch of this node's steps."""
+        if not self.config.launch_lag_s:
+            return
+        config = self.config
+        lag = NodeLaunchLag(config.launch_lag_after_s, config.launch_lag_s, config.launch_lag_out)
+        await self.engine.run(lag.install)
+        self.engine.add_step_hook(lag.tick)
+        self.launch_lag = lag
 
     async def _start_publisher(self, redis_url: str) -> None:
         publisher = NodePublisher(
@@ -299,6 +323,8 @@ class NodeRuntime:
         for hook in self.on_stop:
             await hook()
         self.gc_pauses.close()
+        if self.launch_lag is not None:
+            await self.engine.run(self.launch_lag.finish)
         if self.agent is not None:
             agent = self.agent
 

@@ -1,4 +1,4 @@
-"""Launch probes (benchmarks/launch_lag.py) on a simulated device: the host queues work
+"""Launch probes (engine/launch_probes.py) on a simulated device: the host queues work
 that a device runs in order, each op taking its own time. A forward pass run as it comes
 and one with the device held back tell the device's work from its waits for the host."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from splitserve.benchmarks.launch_lag import LagWindow, LaunchProbes, host_waits
+from splitserve.engine.launch_probes import LagWindow, LaunchProbes, host_waits
 
 
 @dataclass

@@ -26,8 +26,9 @@ captured graphs and `_piece`) with instance attributes (the engine's code is unc
 asked; the engine steps; `stop()` synchronises and returns one `ForwardLag` per forward
 pass since `start()`. `benchmarks/step_windows.py --launch-lag` runs them over windows of
 a fresh prompt; `benchmarks/engine_load.py --launch-lag-s` over a stretch of a loaded run
-(`LagWindow`), where a forward pass whose start finds the device already drained is one
-whose launch the steps before it did not hide.
+and a serving node's `--launch-lag-s` over a stretch of its steps (node/launch_lag.py),
+both through `LagWindow`, where a forward pass whose start finds the device already
+drained is one whose launch the steps before it did not hide.
 """
 
 from __future__ import annotations
@@ -289,6 +290,11 @@ class LagWindow:
             self._started = now
         elif self._started is not None and now >= self._started + self.length_s:
             self._forwards = self.probes.stop()
+
+    @property
+    def is_done(self) -> bool:
+        """The window has run its length (its probes are stopped)."""
+        return self._forwards is not None
 
     def summary(self) -> dict[str, Any] | None:
         """Per kind of forward pass (with prompt tokens, decode only): how many, how many
