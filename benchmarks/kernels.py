@@ -17,7 +17,8 @@ split counts and tile shapes, prefill over tile shapes (`config` of each row); o
 prefill case is also attended over the prompts' own k/v rows by the engine's two
 fresh-prompt paths, torch's ragged FlashAttention-2 and cuDNN per bucket-padded prompt
 (kernels/cudnn_prefill.py), with each one's largest difference from FlashAttention-2's
-output. `--smoke` runs tiny
+output, and with `--vllm-fa3` (under vLLM's environment) vLLM's FlashAttention-3 build,
+what vLLM attends prompts with on Hopper. `--smoke` runs tiny
 shapes once each, timed by the host clock (for checking the script without a GPU).
 """
 
@@ -95,6 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prefill-cases", type=parse_cases, default=_cases_text(PREFILL_CASES),
         help="sequences x prompt tokens, comma-separated (empty: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vllm-fa3", action="store_true",
+        help="also time vLLM 0.26's FlashAttention-3 build on the fresh prompts, for "
+        "comparison (run under vLLM's environment: source /tmp/site/vllm_env.sh)",
     )  # fmt: skip
     return p.parse_args(argv)
 
@@ -225,7 +231,9 @@ def bench_decode(batch: int, ctx: int, device, timer, sweep: bool) -> list[dict[
     return rows
 
 
-def bench_prefill(seqs: int, length: int, device, timer, sweep: bool) -> list[dict[str, Any]]:
+def bench_prefill(
+    seqs: int, length: int, device, timer, sweep: bool, fresh: tuple[str, ...]
+) -> list[dict[str, Any]]:
     import torch.nn.functional as F
 
     from splitserve.kernels.prefill_attention import (
@@ -260,7 +268,7 @@ def bench_prefill(seqs: int, length: int, device, timer, sweep: bool) -> list[di
         if error:
             rows[-1]["error"] = error
     if device.type == "cuda":
-        rows += bench_fresh(sets, length, flops, timer)
+        rows += bench_fresh(sets, length, flops, timer, fresh)
     # Dense causal flash attention on contiguous q/k/v, for comparison (not paged).
     pb = sets[0]
     q = pb.q.view(seqs, length, HEADS, HEAD_DIM).transpose(1, 2)
@@ -279,6 +287,9 @@ def bench_prefill(seqs: int, length: int, device, timer, sweep: bool) -> list[di
 # `_cudnn_attention_forward` with cumulative lengths, built a new plan on every call in
 # torch 2.11: 45 to 68 ms a call on an H200.)
 FRESH_KERNELS = ("flash", "cudnn")
+# vLLM 0.26's FlashAttention-3 build (`vllm.vllm_flash_attn`), what vLLM attends prompts
+# with on Hopper: timed beside the engine's paths with --vllm-fa3, never used by the engine.
+VLLM_FA3 = "vllm_fa3"
 
 
 def _with_slack(x: torch.Tensor) -> torch.Tensor:
@@ -289,7 +300,24 @@ def _with_slack(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(BUCKET_ROWS, *x.shape[1:])])[: x.shape[0]]
 
 
+def _vllm_fa3_call(pb: Any, length: int) -> Callable[[], torch.Tensor]:
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError as exc:
+        raise RuntimeError(
+            f"vLLM's FlashAttention-3 is not importable here ({exc}); run under vLLM's "
+            "environment (source /tmp/site/vllm_env.sh) or leave out --vllm-fa3"
+        ) from exc
+    cum, scale = pb.meta.query_start_loc, HEAD_DIM**-0.5
+    return lambda: flash_attn_varlen_func(
+        pb.q, pb.k, pb.v, max_seqlen_q=length, cu_seqlens_q=cum, max_seqlen_k=length,
+        cu_seqlens_k=cum, softmax_scale=scale, causal=True, fa_version=3,
+    )  # fmt: skip
+
+
 def _fresh_call(kind: str, pb: Any, length: int) -> Callable[[], torch.Tensor]:
+    if kind == VLLM_FA3:
+        return _vllm_fa3_call(pb, length)
     cum, scale = pb.meta.query_start_loc, HEAD_DIM**-0.5
     if kind == "flash":  # FlashAttention-2: the engine's fresh-prefill path
         return lambda: torch.ops.aten._flash_attention_forward(
@@ -308,14 +336,16 @@ def _fresh_call(kind: str, pb: Any, length: int) -> Callable[[], torch.Tensor]:
     return call
 
 
-def bench_fresh(sets: list, length: int, flops: float, timer: Timer) -> list[dict[str, Any]]:
-    """Each of FRESH_KERNELS over the prompts of `sets`, with its largest difference
-    from flash's output; a kernel this build or device cannot run gives a row with the
-    error instead."""
+def bench_fresh(
+    sets: list, length: int, flops: float, timer: Timer, kinds: tuple[str, ...] = FRESH_KERNELS
+) -> list[dict[str, Any]]:
+    """Each of `kinds` over the prompts of `sets`, with its largest difference from
+    flash's output; a kernel this build or device cannot run gives a row with the error
+    instead."""
     seqs = len(sets[0].meta.query_lens_cpu)
     reference = _fresh_call("flash", sets[0], length)().float()
     rows = []
-    for kind in FRESH_KERNELS:
+    for kind in kinds:
         case = f"{kind} fresh {seqs} x {length}"
         try:
             diff = (_fresh_call(kind, sets[0], length)().float() - reference).abs().max()
@@ -393,8 +423,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for batch, ctx in decode_cases:
         rows += bench_decode(batch, ctx, device, timer, sweep)
+    fresh = (*FRESH_KERNELS, VLLM_FA3) if args.vllm_fa3 else FRESH_KERNELS
     for seqs, length in prefill_cases:
-        rows += bench_prefill(seqs, length, device, timer, sweep)
+        rows += bench_prefill(seqs, length, device, timer, sweep, fresh)
     rows += bench_elementwise(device, timer, args.smoke)
     command = shlex.join(["python3", "-m", "splitserve.benchmarks.kernels", *sys.argv[1:]])
     return {
