@@ -15,7 +15,9 @@ both systems ran, checks:
   `lowest_rate` or below, TTFT p99 at most `fresh_ratio` times its p50;
 - the measurement itself: at least `min_requests` requests a row, rates from
   `lowest_rate` or below to past the baseline's capacity, one commit for all of the
-  system's rows, and each rate's two rows at most `same_lease_s` apart (one lease).
+  system's rows (or commits whose code is the same, when the caller says how to tell:
+  `same_code`, e.g. a sweep over several leases between which only documents and results
+  changed), and each rate's two rows at most `same_lease_s` apart (one lease).
 
 A check whose rows are missing is reported as not met, with the reason; nothing is
 inferred from rows that were not measured.
@@ -23,11 +25,14 @@ inferred from rows that were not measured.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 Row = dict[str, Any]
+# Whether the given commits hold the same code (None: cannot tell).
+SameCode = Callable[[list[str]], bool | None]
 
 
 @dataclass(frozen=True)
@@ -133,17 +138,27 @@ def _date(row: Row) -> datetime | None:
     return None if not text else datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def _one_code_check(workload: str, mine: list[Row], same_code: SameCode | None) -> Check:
+    """One commit for every row, or commits `same_code` finds to hold the same code."""
+    commits = sorted({str(r.get("commit", "")) for r in mine})
+    short = ", ".join(c[:12] for c in commits)
+    if len(commits) == 1:
+        return Check(workload, "one commit for every row", short, "", True)
+    same = None if same_code is None else same_code(commits)
+    ours = short + {True: " (the same code)", False: " (code differs)", None: ""}[same]
+    return Check(workload, "one commit for every row", ours, "", same is True)
+
+
 def _measurement_checks(
     workload: str, mine: list[Row], pairs: list[tuple[Row, Row]], base_cap: float | None,
-    targets: Targets,
+    targets: Targets, same_code: SameCode | None = None,
 ) -> list[Check]:  # fmt: skip
-    """Requests a row, the rates covered, one commit, each rate's pair in one lease."""
+    """Requests a row, the rates covered, one code, each rate's pair in one lease."""
     rows = mine + [theirs for _, theirs in pairs]
     short = sorted({f"{r['rate']:g}" for r in rows if r["num_requests"] < targets.min_requests})
     rates = sorted(r["rate"] for r in mine)
     covered = bool(rates) and rates[0] <= targets.lowest_rate
     covered = covered and base_cap is not None and rates[-1] > base_cap
-    commits = sorted({str(r.get("commit", ""))[:12] for r in mine})
     apart = []
     for ours, theirs in pairs:
         a, b = _date(ours), _date(theirs)
@@ -155,13 +170,15 @@ def _measurement_checks(
               "short at " + ", ".join(short) if short else "all", "", not short),
         Check(workload, f"rates from {targets.lowest_rate:g} req/s to past the baseline's "
               "capacity", span, "", covered),
-        Check(workload, "one commit for every row", ", ".join(commits), "", len(commits) == 1),
+        _one_code_check(workload, mine, same_code),
         Check(workload, "each rate's rows in one lease",
               "apart at " + ", ".join(apart) if apart else "all", "", not apart),
     ]  # fmt: skip
 
 
-def compare(rows: list[Row], system: str, baseline: str, targets: Targets) -> list[Check]:
+def compare(
+    rows: list[Row], system: str, baseline: str, targets: Targets, same_code: SameCode | None = None
+) -> list[Check]:
     """Every check, workload by workload (those both systems ran)."""
     checks = []
     for workload in sorted({r["workload"] for r in rows}):
@@ -176,7 +193,7 @@ def compare(rows: list[Row], system: str, baseline: str, targets: Targets) -> li
         checks += _latency_checks(workload, pairs, base_cap)
         checks.append(_capacity_check(workload, _capacity(mine, targets), base_cap, targets))
         checks.append(_fresh_check(workload, mine, targets))
-        checks += _measurement_checks(workload, mine, pairs, base_cap, targets)
+        checks += _measurement_checks(workload, mine, pairs, base_cap, targets, same_code)
     return checks
 
 
