@@ -62,7 +62,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -425,9 +426,16 @@ class _Threaded:
         finally:
             self._window = None
 
-    def summary(self, window: Window) -> Any:
-        """The window's summary, taken on the engine thread (it may stop the probes)."""
-        return self.engine.call(lambda core: window.summary()).result()
+
+T = TypeVar("T")
+
+
+def _on_engine_thread(threaded: _Threaded | None, fn: Callable[[], T]) -> T:
+    """`fn()` where the engine steps: on its thread with --async-engine (what the runner
+    keeps, such as its forward times, is that thread's), else here."""
+    if threaded is None:
+        return fn()
+    return threaded.engine.call(lambda core: fn()).result()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -467,9 +475,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         point = {"rate": rate, "elapsed_s": elapsed, **summarize(timeline, elapsed)}
         if window is not None:
             key = "launch_lag" if args.launch_lag_s else "device_timeline"
-            point[key] = window.summary() if threaded is None else threaded.summary(window)
+            point[key] = _on_engine_thread(threaded, window.summary)  # it may stop probes
         if forwards is not None:
-            point.update(forwards.summary(elapsed))
+            point.update(_on_engine_thread(threaded, partial(forwards.summary, elapsed)))
         point["gc_pauses"] = pauses.summary()
         logging.getLogger(__name__).warning("%s", point)
         points.append(point)

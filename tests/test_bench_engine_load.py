@@ -81,7 +81,8 @@ def test_the_engine_thread_ticks_the_window_and_takes_its_summary(tiny_llama: Pa
         assert window.ticks and {name for name, _ in window.ticks} == {"engine-loop"}
         times = [now for _, now in window.ticks]
         assert times == sorted(times) and times[0] >= 0
-        assert threaded.summary(window) == "engine-loop"
+        assert engine_load._on_engine_thread(threaded, window.summary) == "engine-loop"
+        assert engine_load._on_engine_thread(None, window.summary) == "MainThread"
     finally:
         threaded.engine.shutdown()
 
