@@ -66,7 +66,9 @@ class ModelConfig:
     # Triton attention: a step's chunks over cached context of at most this many rows (the
     # rest of a prompt chunked at the step's budget) are attended by the decode kernel, one
     # query row as one sequence (kernels/prefill_runs.py, ROWS); 0: by the prefill kernel.
-    short_rest_rows: int = 32
+    # On an H100 the decode kernel wins at 12 rows and loses at 32 over a 4,096-token prompt
+    # (benchmarks/results/kernels/short_rest_h100_2026-12-06/).
+    short_rest_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Context of the long-context decode row: enough tokens for the most decode splits.
 _LONG_CONTEXT = 16384
-# Rows of the short rest: below any `short_rest_rows` worth setting (its default is 32).
+# Rows of the short rest: below any `short_rest_rows` worth setting (its default is 16).
 _SHORT_REST = 5
 
 

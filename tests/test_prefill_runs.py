@@ -86,10 +86,15 @@ def test_the_engines_statistics_carry_its_backends_runs(tiny_llama) -> None:
     model = ModelConfig(str(tiny_llama), dtype="float32", device="cpu")
     core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=8)))
 
-    def runs() -> tuple[int, int, int]:
+    def runs() -> tuple[int, int, int, int]:
         stats = core.stats()
-        return stats.prefill_runs_context, stats.prefill_runs_flash, stats.prefill_runs_cudnn
+        return (
+            stats.prefill_runs_context,
+            stats.prefill_runs_flash,
+            stats.prefill_runs_cudnn,
+            stats.prefill_runs_rows,
+        )
 
-    assert runs() == (0, 0, 0)
-    core.runner.prefill_runs = lambda: {CUDNN: 3, CONTEXT: 1}
-    assert runs() == (1, 0, 3)
+    assert runs() == (0, 0, 0, 0)
+    core.runner.prefill_runs = lambda: {CUDNN: 3, CONTEXT: 1, ROWS: 2}
+    assert runs() == (1, 0, 3, 2)
