@@ -32,12 +32,14 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import PaddedPrompt
 from splitserve.kernels.decode_attention import MergeCounters, PreparedDecode, decode_attention
+from splitserve.kernels.device_copy import arrays_to_device
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, ROWS, PrefillRun, plan_runs
@@ -376,22 +378,17 @@ def _run_starts(query_start_loc: torch.Tensor, run: PrefillRun, num_runs: int) -
 
 def _rows_inputs(meta: AttentionMetadata, first_seq: int, run: PrefillRun) -> _RowsInputs:
     """A ROWS run's per-row block tables and lengths (`first_seq`: its first sequence among
-    the step's). Sequence indices and lengths go in one host-to-device copy, each row of the
-    packed tensor padded to 16 bytes so that both views keep the pointer alignment the
-    decode kernel was compiled for."""
+    the step's). Sequence indices and lengths go in one host-to-device copy
+    (`arrays_to_device`, whose aligned offsets keep the pointer alignment the decode kernel
+    was compiled for)."""
     seq_of_row: list[int] = []
     row_lens: list[int] = []
     for offset, query_len in enumerate(run.query_lens):
         seq_len = meta.seq_lens_cpu[first_seq + offset]
         seq_of_row += [first_seq + offset] * query_len
         row_lens += range(seq_len - query_len + 1, seq_len + 1)
-    width = -(-len(row_lens) // 4) * 4
-    host = torch.zeros(2, width, dtype=torch.int32)
-    host[0, : len(seq_of_row)] = torch.tensor(seq_of_row, dtype=torch.int32)
-    host[1, : len(row_lens)] = torch.tensor(row_lens, dtype=torch.int32)
-    device = meta.block_tables.device
-    if device.type == "cuda":  # through pinned memory: the host does not wait for the stream
-        host = host.pin_memory()
-    packed = host.to(device, non_blocking=True)
-    tables = meta.block_tables.index_select(0, packed[0, : len(seq_of_row)])
-    return _RowsInputs(tables, packed[1, : len(row_lens)], max(row_lens))
+    rows, lens = arrays_to_device(
+        [np.array(seq_of_row, dtype=np.int32), np.array(row_lens, dtype=np.int32)],
+        meta.block_tables.device,
+    )
+    return _RowsInputs(meta.block_tables.index_select(0, rows), lens, max(row_lens))
