@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from splitserve.benchmarks.results_io import provenance, write_result
+from splitserve.engine.launch_probes import CudaHold
 
 logger = logging.getLogger(__name__)
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-# Device clock cycles the device is held before each trial: longer than the host takes to
-# queue a trial's calls (about 0.4 ms each).
-HOLD_CYCLES = 200_000_000
+# How long the device is held before each trial: longer than the host takes to queue a
+# trial's calls (about 0.4 ms each).
+HOLD_MS = 100.0
 
 
 def _time_forward(attention: Any, batch: Any, meta: Any, reps: int, trials: int) -> float:
@@ -40,12 +41,13 @@ def _time_forward(attention: Any, batch: Any, meta: Any, reps: int, trials: int)
     args = (batch.q, batch.k, batch.v, batch.kv_cache, meta, scale)
     for _ in range(5):
         attention.forward(*args)
+    hold = CudaHold(torch)
     times = []
     for _ in range(trials):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         # Hold the device while the host queues every call, so that the events time the
         # device's work and not the host's launches.
-        torch.cuda._sleep(HOLD_CYCLES)
+        hold.hold(HOLD_MS)
         start.record()
         for _ in range(reps):
             attention.forward(*args)
