@@ -63,6 +63,12 @@ class ModelConfig:
     # the split kernel (the last partition of each query group; kernels/decode_attention.py)
     # instead of a second kernel.
     fused_decode_merge: bool = True
+    # Triton attention: a step's chunks over cached context of at most this many rows (the
+    # rest of a prompt chunked at the step's budget) are attended by the decode kernel, one
+    # query row as one sequence (kernels/prefill_runs.py, ROWS); 0: by the prefill kernel.
+    # On an H100 the decode kernel wins at 12 rows and loses at 32 over a 4,096-token prompt
+    # (benchmarks/results/kernels/short_rest_h100_2026-12-06/).
+    short_rest_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -75,6 +81,11 @@ class ModelConfig:
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(
                 f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}"
+            )
+        if self.short_rest_rows < 0:
+            raise ValueError(
+                f"short_rest_rows must be >= 0 (0 leaves short chunks to the prefill kernel), "
+                f"got {self.short_rest_rows}"
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")

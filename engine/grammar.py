@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from splitserve.engine.device_copy import to_device
 from splitserve.engine.sampling_params import GrammarSpec
+from splitserve.kernels.device_copy import to_device
 
 logger = logging.getLogger(__name__)
 

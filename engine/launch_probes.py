@@ -120,7 +120,7 @@ class LaunchProbes:
 
             new_event = new_event or (lambda: torch.cuda.Event(enable_timing=True))
             synchronize = synchronize or torch.cuda.synchronize
-            hold = hold or _CudaHold(torch).hold
+            hold = hold or CudaHold(torch).hold
         self._new_event = new_event
         self._clock = clock
         self._synchronize = synchronize
@@ -203,7 +203,7 @@ class LaunchProbes:
         return out
 
 
-class _CudaHold:
+class CudaHold:
     """Queues a sleep kernel of about `ms` on the current stream (`torch.cuda._sleep`
     takes clock cycles: calibrated once with events)."""
 

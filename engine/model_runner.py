@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from splitserve.engine.cuda_graphs import DecodeGraphs
-from splitserve.engine.device_copy import arrays_to_device, to_device
 from splitserve.engine.forward_times import DECODE, PREFILL, ForwardTimes
 from splitserve.engine.piecewise_graphs import PiecewiseGraphs
 from splitserve.engine.request import RequestId
 from splitserve.engine.scheduler import ScheduledChunk
 from splitserve.kernels.attention import AttentionMetadata
+from splitserve.kernels.device_copy import arrays_to_device, to_device
 
 
 class PendingTokens(NamedTuple):

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from splitserve.engine.device_copy import to_device
 from splitserve.engine.model_runner import ModelRunner, PendingTokens
 from splitserve.engine.request import Request, RequestId, RequestStatus
 from splitserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from splitserve.kernels.device_copy import to_device
 
 
 @dataclass(eq=False)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from splitserve.engine.device_copy import arrays_to_device
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kernels.device_copy import arrays_to_device
 from splitserve.kernels.registry import DrawOp
 
 if TYPE_CHECKING:

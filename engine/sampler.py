@@ -42,11 +42,11 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.device_copy import host_to_device, to_device
 from splitserve.engine.grammar import TokenBitmask, apply_token_bitmask, grammar_must_end
 from splitserve.engine.outputs import TokenLogprob
 from splitserve.engine.random_draw import FusedDraw, RowGenerator, is_plain
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kernels.device_copy import host_to_device, to_device
 from splitserve.kernels.registry import DrawOp
 
 # What a caller runs before the host waits for a step's tokens (engine/async_engine.py).

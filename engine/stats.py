@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.forward_times import DECODE, PREFILL
 from splitserve.engine.scheduler import Scheduler
-from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH
+from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, ROWS
 
 if TYPE_CHECKING:
     from splitserve.engine.model_runner import ModelRunner
@@ -39,11 +39,13 @@ class EngineStats:
     # Prefill and mixed steps that replayed piecewise CUDA graphs around eager attention.
     num_piecewise_steps: int = 0
     # Prefill runs attended since start, by path (kernels/prefill_runs.py): the Triton
-    # kernel over cached context, FlashAttention-2, cuDNN; zero on the torch backend.
+    # kernel over cached context, FlashAttention-2, cuDNN, the decode kernel a row at a time
+    # (short chunks over cached context); zero on the torch backend.
     # Named as the Stats RPC's extra keys (protocol/messages.py LABELLED_COUNTERS).
     prefill_runs_context: int = 0
     prefill_runs_flash: int = 0
     prefill_runs_cudnn: int = 0
+    prefill_runs_rows: int = 0
     # Forward passes since start by kind (engine/forward_times.py: decode, every row one
     # token; prefill, any prompt tokens), their rows and their device seconds. Named as
     # the Stats RPC's extra keys (protocol/messages.py LABELLED_COUNTERS).
@@ -99,6 +101,7 @@ def collect_stats(
         prefill_runs_context=prefill_runs.get(CONTEXT, 0),
         prefill_runs_flash=prefill_runs.get(FLASH, 0),
         prefill_runs_cudnn=prefill_runs.get(CUDNN, 0),
+        prefill_runs_rows=prefill_runs.get(ROWS, 0),
         forwards_decode=forwards[DECODE].num,
         forwards_prefill=forwards[PREFILL].num,
         forward_rows_decode=forwards[DECODE].rows,

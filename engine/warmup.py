@@ -15,7 +15,10 @@ The steps (`warmup_steps`):
 - prefills whose token counts fall in each class that Triton specialises an integer
   argument on (1, a multiple of 16, any other);
 - a mixed step, decode rows first and then a prefill chunk over cached context, as
-  chunked prefill schedules them under load.
+  chunked prefill schedules them under load;
+- a mixed step whose chunk is the short rest of a long prompt, which the Triton backend
+  attends a row at a time with the decode kernel (`short_rest_rows`,
+  kernels/prefill_runs.py).
 
 The kernels leave their step-varying arguments unspecialised (block-table width, split
 count, view alignment: `kernels/`), so these steps compile every variant a step can need.
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Context of the long-context decode row: enough tokens for the most decode splits.
 _LONG_CONTEXT = 16384
+# Rows of the short rest: below any `short_rest_rows` worth setting (its default is 16).
+_SHORT_REST = 5
 
 
 class Row(NamedTuple):
@@ -61,6 +66,9 @@ def warmup_steps(limits: WarmupLimits) -> list[list[Row]]:
     if chunk >= 1:
         cached = min(32, max_len - chunk)
         steps.append([Row(1, min(64, max_len)), Row(1, long_context), Row(chunk, chunk + cached)])
+    rest = min(_SHORT_REST, budget - 1, long_context - 1)
+    if rest >= 1:
+        steps.append([Row(1, min(64, max_len)), Row(rest, long_context)])
     return steps
 
 

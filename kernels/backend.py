@@ -15,7 +15,10 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`
    kernel; with `flash_fresh_prefill`, fresh ones (nothing cached before them) with torch's
    flash kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
    `cudnn_fresh_prefill` once `prepare` has run, long fresh prompts with cuDNN's fused
-   attention (kernels/cudnn_prefill.py).
+   attention (kernels/cudnn_prefill.py); with `short_rest_rows`, runs of short chunks over
+   cached context with the decode kernel, one query row as one sequence (`ROWS`: its
+   per-row block tables and lengths are built once per step, on the host, and sent in one
+   copy).
    With `overlap_decode_rows` (CUDA), the decode rows of such a step are attended on a
    second stream beside the prefill rows (kernels/side_stream.py).
 
@@ -29,17 +32,28 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import PaddedPrompt
 from splitserve.kernels.decode_attention import MergeCounters, PreparedDecode, decode_attention
+from splitserve.kernels.device_copy import arrays_to_device
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention
 from splitserve.kernels.prefill_attention import prefill_attention
-from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, PrefillRun, plan_runs
+from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, ROWS, PrefillRun, plan_runs
 from splitserve.kernels.side_stream import DecodeBranch, SideStream
 from splitserve.kernels.store_kv import store_kv
+
+
+class _RowsInputs(NamedTuple):
+    """A `ROWS` run's query rows as decode sequences: row i of a chunk of q rows ending a
+    context of s tokens sees the first s - q + 1 + i tokens, through its chunk's table."""
+
+    block_tables: torch.Tensor  # [rows, max_blocks] int32
+    seq_lens: torch.Tensor  # [rows] int32
+    max_seq_len: int
 
 
 class _Run(NamedTuple):
@@ -47,6 +61,7 @@ class _Run(NamedTuple):
 
     run: PrefillRun
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    rows: _RowsInputs | None = None  # ROWS runs only
 
 
 class _MixedPlan(NamedTuple):
@@ -73,7 +88,10 @@ class TritonPagedAttention:
     `cudnn_fresh_prefill` hands long fresh prompts to cuDNN once `prepare` has built its
     plans; `dense_attend` is the call that attends one padded prompt (cuDNN's unless
     given). `fused_decode_merge` merges a split decode plan's partitions inside the split
-    kernel (one launch a layer instead of two; the backend keeps the counters)."""
+    kernel (one launch a layer instead of two; the backend keeps the counters).
+    `short_rest_rows` attends runs of chunks over cached context of at most that many rows
+    with the decode kernel (`ROWS`, kernels/prefill_runs.py); 0 leaves them to the Triton
+    prefill kernel."""
 
     def __init__(
         self,
@@ -84,9 +102,13 @@ class TritonPagedAttention:
         cudnn_fresh_prefill: bool = False,
         dense_attend: cudnn_prefill.DenseAttend = cudnn_prefill.cudnn_attend,
         fused_decode_merge: bool = False,
+        short_rest_rows: int = 0,
     ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
+        if short_rest_rows < 0:
+            raise ValueError(f"short_rest_rows must be >= 0 (0: off), got {short_rest_rows}")
+        self.short_rest_rows = short_rest_rows
         self.decode_num_splits = decode_num_splits
         self.flash_fresh_prefill = flash_fresh_prefill
         self.overlap_decode_rows = overlap_decode_rows
@@ -101,7 +123,11 @@ class TritonPagedAttention:
         # plan, with the plan and the q/k/v they view.
         self._prompts: dict[int, tuple[_MixedPlan, tuple, list[PaddedPrompt] | None]] = {}
         self._counters = MergeCounters() if fused_decode_merge else None
-        self._runs_planned = dict.fromkeys((CONTEXT, FLASH, CUDNN), 0)
+        # ROWS runs launch on the current stream while the decode rows may run on the side
+        # stream: counters of their own. Their prepared launches, by run index, with the plan.
+        self._rows_counters = MergeCounters() if fused_decode_merge else None
+        self._rows: dict[int, tuple[_MixedPlan, PreparedDecode]] = {}
+        self._runs_planned = dict.fromkeys((CONTEXT, FLASH, CUDNN, ROWS), 0)
 
     def prepare(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_rows: int
@@ -197,6 +223,10 @@ class TritonPagedAttention:
         scale: float,
     ) -> None:
         lens = run.run.query_lens
+        if run.run.kind == ROWS:
+            rows = q[: run.run.rows], kv_cache, out[: run.run.rows]
+            self._prepared_rows(index, plan, scale, *rows)(*rows)
+            return
         if run.run.kind == CUDNN:
             prompts = self._padded_prompts(index, q, k, v, plan)
             if prompts is not None:
@@ -259,6 +289,36 @@ class TritonPagedAttention:
         self._decode = (plan, prepared)
         return prepared
 
+    def _prepared_rows(
+        self,
+        index: int,
+        plan: _MixedPlan,
+        scale: float,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        out: torch.Tensor,
+    ) -> PreparedDecode:
+        """ROWS run `index`'s launch, prepared on the step's first layer and kept while
+        its plan lasts."""
+        kept = self._rows.get(index)
+        if kept is not None and kept[0] is plan:
+            return kept[1]
+        inputs = plan.runs[index].rows
+        assert inputs is not None, "a ROWS run is planned with its inputs"
+        prepared = PreparedDecode(
+            q,
+            kv_cache,
+            inputs.block_tables,
+            inputs.seq_lens,
+            inputs.max_seq_len,
+            scale,
+            out,
+            num_splits=self.decode_num_splits,
+            counters=self._rows_counters,
+        )
+        self._rows[index] = (plan, prepared)
+        return prepared
+
     def _side_stream(self, device: torch.device) -> DecodeBranch | None:
         """The stream a mixed step's decode rows run on, or None for the current one."""
         if not self.overlap_decode_rows:
@@ -286,16 +346,25 @@ class TritonPagedAttention:
             meta.seq_lens_cpu[decodes:],
             flash=self.flash_fresh_prefill and dtype in FLASH_DTYPES,
             cudnn=self._cudnn_ready,
+            rows_max=self.short_rest_rows,
         )
         plan = _MixedPlan(
             decodes=decodes,
             decode_max_seq_len=max(meta.seq_lens_cpu[:decodes], default=0),
-            runs=tuple(_Run(run, _run_starts(query_start_loc, run, len(runs))) for run in runs),
+            runs=tuple(
+                _Run(
+                    run,
+                    _run_starts(query_start_loc, run, len(runs)),
+                    _rows_inputs(meta, decodes + run.first_seq, run) if run.kind == ROWS else None,
+                )
+                for run in runs
+            ),
         )
         self._planned = (meta, plan)
         for run in runs:
             self._runs_planned[run.kind] += 1
         self._prompts.clear()  # the step before's padded views (they keep its buffers alive)
+        self._rows.clear()  # the step before's ROWS launches and their scratch
         return plan
 
 
@@ -305,3 +374,21 @@ def _run_starts(query_start_loc: torch.Tensor, run: PrefillRun, num_runs: int) -
         return query_start_loc
     starts = query_start_loc[run.first_seq : run.first_seq + run.num_seqs + 1]
     return starts - run.first_row
+
+
+def _rows_inputs(meta: AttentionMetadata, first_seq: int, run: PrefillRun) -> _RowsInputs:
+    """A ROWS run's per-row block tables and lengths (`first_seq`: its first sequence among
+    the step's). Sequence indices and lengths go in one host-to-device copy
+    (`arrays_to_device`, whose aligned offsets keep the pointer alignment the decode kernel
+    was compiled for)."""
+    seq_of_row: list[int] = []
+    row_lens: list[int] = []
+    for offset, query_len in enumerate(run.query_lens):
+        seq_len = meta.seq_lens_cpu[first_seq + offset]
+        seq_of_row += [first_seq + offset] * query_len
+        row_lens += range(seq_len - query_len + 1, seq_len + 1)
+    rows, lens = arrays_to_device(
+        [np.array(seq_of_row, dtype=np.int32), np.array(row_lens, dtype=np.int32)],
+        meta.block_tables.device,
+    )
+    return _RowsInputs(meta.block_tables.index_select(0, rows), lens, max(row_lens))

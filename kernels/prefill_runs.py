@@ -10,6 +10,14 @@ A step's prefill sequences come in scheduler order: chunks of prompts already ru
   (kernels/fresh_prefill.py); fresh sequences only.
 - `CUDNN`: cuDNN's fused attention, one call per prompt (kernels/cudnn_prefill.py); fresh
   prompts long enough for it (`cudnn_prefill.takes`).
+- `ROWS`: the split-K decode kernel (kernels/decode_attention.py), each query row as a
+  sequence of its own that ends at the row's position; a run `CONTEXT` would take whose
+  chunks are all at most `rows_max` rows (the rest of a prompt chunked at the step's
+  token budget is often as short as the step's decode rows). The Triton prefill kernel
+  gives such a chunk one program a query head, each walking the whole cached context
+  (on an H100, 205 µs a layer for a 12-row rest over 4,084 cached tokens:
+  benchmarks/results/serving_h100_sweep_0cc9f30/steps/); the decode kernel splits the
+  context across programs, and the rows of one chunk read the same blocks side by side.
 
 `plan_runs` splits the sequences into maximal runs of one kind (fresh or not), each run
 attended by its own path over its rows. On an H200 (Llama-3.1-8B heads, one layer,
@@ -31,7 +39,7 @@ from typing import NamedTuple
 from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.fresh_prefill import is_fresh
 
-CONTEXT, FLASH, CUDNN = "context", "flash", "cudnn"
+CONTEXT, FLASH, CUDNN, ROWS = "context", "flash", "cudnn", "rows"
 # The most runs a step is split into; past it, every sequence takes the Triton kernel.
 MAX_RUNS = 3
 
@@ -39,7 +47,7 @@ MAX_RUNS = 3
 class PrefillRun(NamedTuple):
     """Consecutive prefill sequences attended by one path."""
 
-    kind: str  # CONTEXT, FLASH or CUDNN
+    kind: str  # CONTEXT, FLASH, CUDNN or ROWS
     first_seq: int  # its first sequence, counted among the step's prefill sequences
     first_row: int  # its first row, counted among the step's prefill rows
     query_lens: list[int]
@@ -68,6 +76,7 @@ def plan_runs(
     seq_lens: list[int],  # their context after this step, host copy
     flash: bool,  # fresh sequences may leave the Triton kernel (dtype and device allow)
     cudnn: bool,  # cuDNN's plans are built (kernels/cudnn_prefill.py)
+    rows_max: int = 0,  # chunks over context of at most this many rows take ROWS; 0: none
 ) -> list[PrefillRun]:
     """The step's prefill sequences as runs, in order, each with its path."""
     if len(query_lens) != len(seq_lens):
@@ -84,5 +93,7 @@ def plan_runs(
         kind = CONTEXT
         if fresh_run:
             kind = CUDNN if cudnn and cudnn_prefill.takes(lens) else FLASH
+        elif max(lens) <= rows_max:
+            kind = ROWS
         runs.append(PrefillRun(kind, start, sum(query_lens[:start]), lens))
     return runs

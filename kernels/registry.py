@@ -97,11 +97,17 @@ def torch_kernels() -> ModelKernels:
 
 
 def _attention(
-    name: str, device_type: str, pinned: bool, overlap: bool, fused_merge: bool
+    name: str,
+    device_type: str,
+    pinned: bool,
+    overlap: bool,
+    fused_merge: bool,
+    short_rest_rows: int,
 ) -> AttentionBackend:
     """`pinned`: the backend was named, not "auto": Triton kernels for every step.
     `overlap`: a mixed step's decode rows on a second CUDA stream (Triton only).
-    `fused_merge`: split decode plans merged inside the split kernel (Triton only)."""
+    `fused_merge`: split decode plans merged inside the split kernel (Triton only).
+    `short_rest_rows`: short chunks over cached context on the decode kernel (Triton only)."""
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
         from splitserve.kernels.cudnn_prefill import cudnn_prefill_supported
@@ -113,6 +119,7 @@ def _attention(
             overlap_decode_rows=overlap and device_type == "cuda",
             cudnn_fresh_prefill=flash and cudnn_prefill_supported(device_type),
             fused_decode_merge=fused_merge,
+            short_rest_rows=short_rest_rows,
         )
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
@@ -185,6 +192,7 @@ def select_kernels(
     attention_backend: str = "auto",
     overlap_decode_attention: bool = False,
     fused_decode_merge: bool = False,
+    short_rest_rows: int = 0,
 ) -> ModelKernels:
     """The kernels a model on `device_type` ("cpu", "cuda") runs under this configuration."""
     attention = resolve_backend(attention_backend, device_type)
@@ -200,7 +208,9 @@ def select_kernels(
         ops = _triton_elementwise()
     pinned = attention_backend != "auto"
     overlap = overlap_decode_attention
-    attention_op = _attention(attention, device_type, pinned, overlap, fused_decode_merge)
+    attention_op = _attention(
+        attention, device_type, pinned, overlap, fused_decode_merge, short_rest_rows
+    )
     return ModelKernels(
         backend, attention, *ops, attention_op, _draw(backend), _rotary_store(backend)
     )

@@ -142,6 +142,13 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         help="Triton attention: merge a split decode plan's partitions inside the split "
         "kernel (one launch a layer) instead of a second kernel",
     )
+    g.add_argument(
+        "--short-rest-rows",
+        type=int,
+        default=default_of(model, "short_rest_rows"),
+        help="Triton attention: attend a step's chunks over cached context of at most this "
+        "many rows with the decode kernel, a row at a time (0: with the prefill kernel)",
+    )
 
 
 def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
@@ -251,6 +258,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             piecewise_graph_max_tokens=args.piecewise_graph_max_tokens,
             overlap_decode_attention=args.overlap_decode_attention,
             fused_decode_merge=args.fused_decode_merge,
+            short_rest_rows=args.short_rest_rows,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -34,11 +34,10 @@ logger = logging.getLogger(__name__)
 
 class NodeLaunchLag:
     def __init__(self, after_s: float, length_s: float, out_path: str = "") -> None:
-        if after_s < 0 or length_s <= 0:
-            raise ValueError(
-                f"--launch-lag-after-s must be >= 0 and --launch-lag-s > 0, got {after_s} "
-                f"and {length_s}"
-            )
+        """`after_s` and `length_s` as NodeConfig checked them (the runtime builds one only
+        for a window: `length_s` > 0)."""
+        if length_s <= 0:
+            raise ValueError(f"--launch-lag-s must be > 0 for a window, got {length_s}")
         self.after_s, self.length_s, self.out_path = after_s, length_s, out_path
         self._window: LagWindow | None = None
         self._started = 0.0

@@ -42,7 +42,8 @@ LABELLED_COUNTERS = (
         "prefill_attention_runs",
         "path",
         "Prefill attention runs the node planned since it started, by path "
-        "(context: the Triton kernel over cached context; flash; cudnn)",
+        "(context: the Triton kernel over cached context; flash; cudnn; rows: short "
+        "chunks over cached context on the decode kernel, a row at a time)",
     ),
     LabelledCounter(
         "forwards_",

@@ -1,4 +1,4 @@
-"""Host arrays to the device in one copy (engine/device_copy.py): the packing round trip
+"""Host arrays to the device in one copy (kernels/device_copy.py): the packing round trip
 and its alignment on the CPU; on a GPU, one pinned transfer gives the same tensors."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitserve.engine.device_copy import (
+from splitserve.kernels.device_copy import (
     PACK_ALIGN,
     arrays_to_device,
     pack_arrays,

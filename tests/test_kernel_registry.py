@@ -67,17 +67,25 @@ def test_rotary_rotates_in_place_and_matches_the_reference() -> None:
 
 
 def _greedy_tokens(model_dir, kernel_backend: str) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    return _greedy_run(model_dir, kernel_backend)[0]
+
+
+def _greedy_run(  # type: ignore[no-untyped-def]
+    model_dir, kernel_backend: str, attention_backend: str = "torch", short_rest_rows: int = 0
+) -> tuple[list[list[int]], dict[str, int]]:
     """Greedy tokens of a small batch (two prompts over several steps, one in 8-token
-    chunks) from an engine with plain torch attention and `kernel_backend`, on the GPU
-    where there is one (Triton kernels need their tensors there), else on the CPU."""
+    chunks) from an engine with `attention_backend` and `kernel_backend`, on the GPU
+    where there is one (Triton kernels need their tensors there), else on the CPU; and
+    the engine's prefill runs by path."""
     from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from splitserve.engine.core import EngineCore
     from splitserve.engine.sampling_params import SamplingParams
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ModelConfig(
-        str(model_dir), dtype="float32", device=device, attention_backend="torch",
+        str(model_dir), dtype="float32", device=device, attention_backend=attention_backend,
         kernel_backend=kernel_backend, enforce_eager=True,  # no graph captures: a quick test
+        short_rest_rows=short_rest_rows,
     )  # fmt: skip
     sched = SchedulerConfig(max_num_batched_tokens=8)
     core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=32), sched))
@@ -89,7 +97,9 @@ def _greedy_tokens(model_dir, kernel_backend: str) -> list[list[int]]:  # type: 
     while core.has_unfinished():
         for out in core.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return [tokens[f"r{i}"] for i in range(len(prompts))]
+    stats = core.stats()
+    runs = {"context": stats.prefill_runs_context, "rows": stats.prefill_runs_rows}
+    return [tokens[f"r{i}"] for i in range(len(prompts))], runs
 
 
 def test_triton_kernels_generate_the_torch_kernels_tokens(triton_interpreter, tiny_llama) -> None:
@@ -99,3 +109,24 @@ def test_triton_kernels_generate_the_torch_kernels_tokens(triton_interpreter, ti
     assert select_kernels("cpu", "triton", "torch").rotary_store_ is not None
     assert torch_kernels().rotary_store_ is None
     assert _greedy_tokens(tiny_llama, "triton") == _greedy_tokens(tiny_llama, "torch")
+
+
+def test_short_rests_on_the_decode_kernel_generate_the_torch_attention_tokens(
+    triton_interpreter, tiny_llama
+) -> None:
+    """The Triton attention with chunks over cached context attended a row at a time by
+    the decode kernel (every chunk after a prompt's first is at most 8 rows at this step
+    budget, beside the other request's decode rows) gives plain torch attention's greedy
+    tokens, as it does with those chunks on the prefill kernel."""
+    want = _greedy_tokens(tiny_llama, "torch")
+    tokens, runs = _greedy_run(tiny_llama, "triton", "triton", short_rest_rows=16)
+    assert tokens == want and runs["rows"] > 0
+    tokens, runs = _greedy_run(tiny_llama, "triton", "triton", short_rest_rows=0)
+    assert tokens == want and runs == {"context": runs["context"], "rows": 0}
+
+
+def test_short_rest_rows_must_not_be_negative_in_the_config() -> None:
+    from splitserve.engine.config import ModelConfig
+
+    with pytest.raises(ValueError, match="short_rest_rows must be >= 0"):
+        ModelConfig("dummy:llama-3.1-8b", short_rest_rows=-1)

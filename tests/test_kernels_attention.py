@@ -508,6 +508,42 @@ def test_fresh_prefills_take_the_flash_kernel(num_decodes: int, dtype, monkeypat
         _assert_written_and_close(out[:rows], ref[:rows], dtype)
 
 
+# (cached, new): two decode rows, then the short rests of long prompts, as a step's token
+# budget leaves them, and a longer chunk.
+REST_CASES = [(70, 1), (33, 1), (90, 5), (64, 3), (40, 12)]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("rows_max", [0, 11, 12])
+def test_short_rests_take_the_decode_kernel_a_row_at_a_time(rows_max: int, fused: bool) -> None:
+    """With `short_rest_rows`, a mixed step's chunks over cached context of at most that
+    many rows are attended by the decode kernel, each row as a sequence ending at its own
+    position (split three ways, merged by the kernel or by the merge kernel), and come out
+    as the torch backend's; a longer chunk keeps the whole run on the prefill kernel."""
+    from splitserve.kernels.prefill_runs import CONTEXT, ROWS
+
+    batch = _batch(REST_CASES, 4, 64, 16, torch.float32, seed=23, pad_rows=2)
+    meta = dataclasses.replace(batch.meta, num_decodes=2)
+    ref_pool = batch.pool.clone()
+    ref = TorchPagedAttention().forward(batch.q, batch.k, batch.v, ref_pool[:, 1], meta, 0.125)
+    attention = TritonPagedAttention(
+        decode_num_splits=3, fused_decode_merge=fused, short_rest_rows=rows_max
+    )
+    rows = batch.num_seq_rows
+    for _layer in range(2):  # the second layer reuses the step's prepared row launch
+        out = attention.forward(
+            batch.q, batch.k, batch.v, batch.kv_cache, meta, 0.125, out=_nan_like(batch.q)
+        )
+        _assert_written_and_close(out[:rows], ref[:rows], torch.float32)
+    kind = ROWS if rows_max >= 12 else CONTEXT
+    assert attention.prefill_runs() == {**dict.fromkeys(attention.prefill_runs(), 0), kind: 1}
+
+
+def test_short_rest_rows_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="short_rest_rows"):
+        TritonPagedAttention(short_rest_rows=-1)
+
+
 def test_a_mixed_step_is_planned_once_for_all_its_layers(monkeypatch) -> None:
     """The layers of one step share its metadata object: the split into decode rows and
     prefill sequences (and the shifted query starts, a device op) is worked out on the
@@ -602,11 +638,14 @@ def test_overlap_is_off_by_default_and_on_the_cpu() -> None:
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-@pytest.mark.parametrize("prefills", [[(0, 1024), (0, 300)], [(0, 1024), (300, 200)]])
+@pytest.mark.parametrize(
+    "prefills", [[(0, 1024), (0, 300)], [(0, 1024), (300, 200)], [(0, 1024), (4084, 12)]]
+)
 def test_overlapped_mixed_step_matches_torch_backend_on_gpu(prefills, dtype) -> None:
     """On a real second stream (decode rows beside fresh prompts, which take the flash
-    kernel, or beside a cached chunk, which takes the Triton one), the outputs match the
-    torch backend, and repeated layers reuse the one side stream."""
+    kernel, beside a cached chunk, which takes the Triton one, or beside a short rest,
+    which takes the decode kernel a row at a time with merge counters of its own), the
+    outputs match the torch backend, and repeated layers reuse the one side stream."""
     from splitserve.kernels.side_stream import SideStream
 
     cases = [(1000, 1)] * 24 + prefills
@@ -614,7 +653,12 @@ def test_overlapped_mixed_step_matches_torch_backend_on_gpu(prefills, dtype) -> 
     meta = dataclasses.replace(batch.meta, num_decodes=24)
     ref_pool = batch.pool.clone()
     ref = TorchPagedAttention().forward(batch.q, batch.k, batch.v, ref_pool[:, 1], meta, 0.088)
-    attention = TritonPagedAttention(flash_fresh_prefill=True, overlap_decode_rows=True)
+    attention = TritonPagedAttention(
+        flash_fresh_prefill=True,
+        overlap_decode_rows=True,
+        fused_decode_merge=True,
+        short_rest_rows=32,
+    )
     rows = batch.num_seq_rows
     for _layer in range(3):
         out = attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta, 0.088)

@@ -64,7 +64,7 @@ def test_flags_are_checked_and_a_cpu_node_is_refused(tiny_llama: Path) -> None:
     from splitserve.engine.config import CacheConfig, EngineConfig, ModelConfig
     from splitserve.engine.core import EngineCore
 
-    with pytest.raises(ValueError, match="--launch-lag-s > 0"):
+    with pytest.raises(ValueError, match="--launch-lag-s must be > 0"):
         NodeLaunchLag(after_s=1.0, length_s=0.0)
     with pytest.raises(ValueError, match="must be >= 0"):
         NodeConfig(role="decode", launch_lag_s=-1.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from splitserve.kernels import cudnn_prefill
-from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, MAX_RUNS, plan_runs
+from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, MAX_RUNS, ROWS, plan_runs
 
 LONG = cudnn_prefill.MANY_MIN_ROWS  # long enough for cuDNN however many prompts
 MID = cudnn_prefill.MIN_ROWS  # long enough for cuDNN alone only
@@ -56,6 +56,21 @@ def test_past_the_most_runs_a_step_takes_one_triton_run() -> None:
     assert len(at_most) == MAX_RUNS
 
 
+def test_short_chunks_over_context_take_the_decode_kernel_a_row_at_a_time() -> None:
+    # The 12-row rest of a prompt chunked at the step's budget, then two fresh prompts.
+    runs = plan_runs([12, 4096, 4096], [4096, 4096, 4096], flash=True, cudnn=True, rows_max=32)
+    assert _kinds(runs) == [(ROWS, 0, 0, [12]), (CUDNN, 1, 12, [4096, 4096])]
+    # Every chunk of the run must be short; off by default and at 0.
+    assert plan_runs([12, 40], [900, 990], flash=True, cudnn=True, rows_max=32)[0].kind == CONTEXT
+    assert plan_runs([12, 32], [900, 990], flash=True, cudnn=True, rows_max=32)[0].kind == ROWS
+    assert plan_runs([12], [900], flash=True, cudnn=True)[0].kind == CONTEXT
+    assert plan_runs([12], [900], flash=True, cudnn=True, rows_max=0)[0].kind == CONTEXT
+    # Short fresh prompts keep the fresh paths; without them the Triton kernel's run is
+    # short enough for ROWS as a whole.
+    assert plan_runs([12], [12], flash=True, cudnn=True, rows_max=32)[0].kind == FLASH
+    assert plan_runs([12, 5], [12, 90], flash=False, cudnn=True, rows_max=32)[0].kind == ROWS
+
+
 def test_no_sequences_no_runs_and_lengths_must_pair() -> None:
     assert plan_runs([], [], flash=True, cudnn=True) == []
     with pytest.raises(ValueError, match="2 query lengths for 1 sequences"):
@@ -71,10 +86,15 @@ def test_the_engines_statistics_carry_its_backends_runs(tiny_llama) -> None:
     model = ModelConfig(str(tiny_llama), dtype="float32", device="cpu")
     core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=8)))
 
-    def runs() -> tuple[int, int, int]:
+    def runs() -> tuple[int, int, int, int]:
         stats = core.stats()
-        return stats.prefill_runs_context, stats.prefill_runs_flash, stats.prefill_runs_cudnn
+        return (
+            stats.prefill_runs_context,
+            stats.prefill_runs_flash,
+            stats.prefill_runs_cudnn,
+            stats.prefill_runs_rows,
+        )
 
-    assert runs() == (0, 0, 0)
-    core.runner.prefill_runs = lambda: {CUDNN: 3, CONTEXT: 1}
-    assert runs() == (1, 0, 3)
+    assert runs() == (0, 0, 0, 0)
+    core.runner.prefill_runs = lambda: {CUDNN: 3, CONTEXT: 1, ROWS: 2}
+    assert runs() == (1, 0, 3, 2)

@@ -221,7 +221,8 @@ def test_kv_compatibility_mismatch_is_refused_without_a_leak(cluster: Cluster) -
     assert stats.num_blocks_free == stats.num_blocks_total
     # The node's prefill attention runs by path, its forward passes by kind and its
     # process's collections by generation ride in the extra map (router/metrics.py).
-    assert set(labelled_values(stats.extra, "prefill_runs_")) == {"context", "flash", "cudnn"}
+    runs = set(labelled_values(stats.extra, "prefill_runs_"))
+    assert runs == {"context", "flash", "cudnn", "rows"}
     assert set(labelled_values(stats.extra, "forwards_")) == {"decode", "prefill"}
     assert set(labelled_values(stats.extra, "forward_device_s_")) == {"decode", "prefill"}
     assert set(labelled_values(stats.extra, "gc_pause_s_")) == {"0", "1", "2"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splitserve.engine.config import ModelConfig
 from splitserve.engine.llm import LLM
 from splitserve.engine.warmup import Row, WarmupLimits, run_step, warm_up, warmup_steps
 
@@ -27,6 +28,9 @@ def test_steps_cover_each_kind_of_serving_step(limits: WarmupLimits) -> None:
     assert mixed, "no step mixes decode rows with a prefill chunk"
     chunk = mixed[0][-1]
     assert chunk.seq_len > chunk.query_len  # the chunk attends to cached context too
+    # ... and a short rest of a long prompt, which the decode kernel takes a row at a time
+    rests = [s[-1] for s in mixed if s[-1].query_len <= ModelConfig.short_rest_rows]
+    assert rests and max(r.seq_len for r in rests) >= 8192
     for rows in steps:
         decode_rows = [r.query_len == 1 for r in rows]
         assert decode_rows == sorted(decode_rows, reverse=True)  # decode rows lead

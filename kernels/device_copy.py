@@ -11,7 +11,9 @@ has run. On the CPU it is a plain tensor.
 buffer (each at a 16-byte aligned offset, which keeps Triton's pointer specialisation the
 same as for tensors of their own), copied once, and viewed back as one tensor each. A
 prefill or mixed step's index tensors (`engine/model_runner.py`) take one staging buffer
-and one transfer instead of one each.
+and one transfer instead of one each, as do a short rest's per-row inputs
+(`kernels/backend.py`). Host-side, no kernel: it sits here so that both the engine and the
+attention backend can call it.
 """
 
 from __future__ import annotations
