@@ -2,6 +2,8 @@
 
     python -m splitserve.benchmarks.gemm_rows --model dummy:llama-3.1-8b --device cuda \
         --dtype bfloat16 --rows 48,1024,1072,1152 --out gemm_rows.json
+    python -m splitserve.benchmarks.gemm_rows --model dummy:llama-3.1-8b --device cuda \
+        --rows 48,8192 --operands normal,uniform --repeat 3 --out gemm_operands.json
     python -m splitserve.benchmarks.gemm_rows --model dummy:tiny --device cpu --smoke \
         --rows 8,16
 
@@ -11,6 +13,13 @@ a row (median of `Timer`, triton's do_bench on CUDA). The layer's TFLOP/s shows 
 GEMMs stop being bound by reading the weights, and the cost of a row count just past a
 multiple of the GEMM's row tile (docs/performance.md: a prompt step's 1,024 prompt rows
 plus its decode rows). Writes JSON with provenance (--out).
+
+`--operands` names how the operands are drawn, one timing of each kind at each row count,
+`--repeat` times over in turn (so that a difference that follows the data can be told from
+one that follows the order): "randn", inputs and weights N(0, 1); "normal", the engine's
+dummy weights (N(0, 0.02)) on inputs N(0, 1), a norm's output at scale 1; "uniform", vLLM's
+and SGLang's dummy weights (U(-1e-3, 1e-3)) on inputs N(0, 1) times a norm scale drawn from
+the same U(-1e-3, 1e-3) per feature (engine/model/dummy.py, `--dummy-weights`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import statistics
 import sys
 from typing import Any
 
@@ -26,9 +36,11 @@ import torch
 from splitserve.benchmarks.kernels import Timer
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.engine.model.arch import ModelArchConfig
+from splitserve.engine.model.dummy import INIT_STD, UNIFORM_BOUND
 from splitserve.engine.model.dummy_presets import dummy_arch
 
 logger = logging.getLogger(__name__)
+OPERANDS = ("randn", "normal", "uniform")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--rows", default="48,64,96,512,576,1024,1072,1152,2048", help="M,...")
+    parser.add_argument(
+        "--operands", default="randn", help=f"how operands are drawn, one or more of {OPERANDS}"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="times each row count runs every --operands kind"
+    )
     parser.add_argument("--smoke", action="store_true", help="host-timed, for the CPU")
     parser.add_argument("--out", default=None, help="write the result JSON here")
     return parser
@@ -54,11 +72,37 @@ def layer_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
     }
 
 
+def draw_operands(
+    kind: str, rows: int, features: tuple[int, int], device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input [rows, in], weight [out, in]) drawn as `kind` says (the module's docstring)."""
+    in_f, out_f = features
+    x = torch.randn(rows, in_f, device=device, dtype=dtype)
+    w = torch.empty(out_f, in_f, device=device, dtype=dtype)
+    if kind == "randn":
+        w.normal_()
+    elif kind == "normal":
+        w.normal_(0.0, INIT_STD)
+    else:
+        w.uniform_(-UNIFORM_BOUND, UNIFORM_BOUND)
+        scale = torch.empty(in_f, device=device, dtype=dtype).uniform_(
+            -UNIFORM_BOUND, UNIFORM_BOUND
+        )
+        x.mul_(scale)
+    return x, w
+
+
 def time_rows(
-    shapes: dict[str, tuple[int, int]], rows: int, device: str, dtype: torch.dtype, timer: Timer
+    shapes: dict[str, tuple[int, int]],
+    rows: int,
+    device: str,
+    dtype: torch.dtype,
+    timer: Timer,
+    kind: str,
 ) -> dict[str, Any]:
-    weights = {n: torch.randn(o, i, device=device, dtype=dtype) for n, (i, o) in shapes.items()}
-    inputs = {n: torch.randn(rows, i, device=device, dtype=dtype) for n, (i, _) in shapes.items()}
+    drawn = {n: draw_operands(kind, rows, shape, device, dtype) for n, shape in shapes.items()}
+    inputs = {n: x for n, (x, _) in drawn.items()}
+    weights = {n: w for n, (_, w) in drawn.items()}
     per_gemm = {
         name: timer(functools.partial(torch.nn.functional.linear, inputs[name], weights[name]))
         for name in shapes
@@ -72,24 +116,44 @@ def time_rows(
     flops = 2 * rows * sum(i * o for i, o in shapes.values())
     return {
         "rows": rows,
+        "operands": kind,
         "layer_us": round(layer_ms * 1e3, 1),
         "layer_tflop_s": round(flops / (layer_ms * 1e-3) / 1e12, 1),
         "per_gemm_us": {name: round(ms * 1e3, 1) for name, ms in per_gemm.items()},
     }
 
 
-def run(args: argparse.Namespace, rows: list[int]) -> dict[str, Any]:
+def run(args: argparse.Namespace, rows: list[int], kinds: list[str]) -> dict[str, Any]:
     arch = dummy_arch(args.model)
     dtype = getattr(torch, args.dtype)
     shapes = layer_shapes(arch)
     timer = Timer(args.smoke)
-    table = [time_rows(shapes, m, args.device, dtype, timer) for m in rows]
+    table = [
+        time_rows(shapes, m, args.device, dtype, timer, kind)
+        for m in rows
+        for _ in range(args.repeat)
+        for kind in kinds
+    ]
     return {
         **provenance(args.device),
         "model": args.model,
         "dtype": args.dtype,
         "shapes": {name: list(shape) for name, shape in shapes.items()},
         "rows": table,
+        "layer_us_median": medians(table),
+    }
+
+
+def medians(table: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{rows: {operands: median layer_us over the repeats}}."""
+    times: dict[str, dict[str, list[float]]] = {}
+    for row in table:
+        times.setdefault(str(row["rows"]), {}).setdefault(row["operands"], []).append(
+            row["layer_us"]
+        )
+    return {
+        rows: {kind: round(statistics.median(us), 1) for kind, us in kinds.items()}
+        for rows, kinds in times.items()
     }
 
 
@@ -104,15 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     if not rows or min(rows) < 1:
         print(f"--rows takes positive integers, got {args.rows!r}", file=sys.stderr)
         return 2
+    kinds = args.operands.split(",")
+    if not set(kinds) <= set(OPERANDS):
+        print(f"--operands takes one or more of {OPERANDS}, got {args.operands!r}", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print(f"--repeat must be at least 1, got {args.repeat}", file=sys.stderr)
+        return 2
     try:
-        result = run(args, rows)
+        result = run(args, rows, kinds)
     except ValueError as exc:  # an unknown preset
         print(f"{exc}", file=sys.stderr)
         return 2
     for row in result["rows"]:
         logger.info(
-            "%6d rows  layer %8.1f us  %6.1f TFLOP/s  %s",
+            "%6d rows  %-7s  layer %8.1f us  %6.1f TFLOP/s  %s",
             row["rows"],
+            row["operands"],
             row["layer_us"],
             row["layer_tflop_s"],
             row["per_gemm_us"],

@@ -14,11 +14,15 @@ AttentionBackendName = Literal["auto", "torch", "triton"]
 KernelBackendName = Literal["auto", "torch", "triton"]
 # "dummy": the model directory's config and tokenizer with random weights (vLLM's flag).
 LoadFormat = Literal["auto", "dummy"]
+# How random weights are drawn (engine/model/dummy.py): "normal" at a trained checkpoint's
+# scale, "uniform" as vLLM's and SGLang's dummy loaders draw them.
+DummyWeights = Literal["normal", "uniform"]
 
 DTYPES: tuple[str, ...] = get_args(DType)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
 KERNEL_BACKENDS: tuple[str, ...] = get_args(KernelBackendName)
 LOAD_FORMATS: tuple[str, ...] = get_args(LoadFormat)
+DUMMY_WEIGHTS: tuple[str, ...] = get_args(DummyWeights)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,11 @@ class ModelConfig:
     seed: int = 0
     # "auto" reads the checkpoint's weights; "dummy" draws random ones of its shape.
     load_format: LoadFormat = "auto"
+    # Random weights (dummy presets, load_format "dummy"): "normal" draws N(0, 0.02) with
+    # norm scales 1 and biases 0; "uniform" draws every parameter, norm scales included,
+    # from U(-1e-3, 1e-3), as vLLM's and SGLang's dummy loaders do, so that engines compared
+    # on dummy weights multiply operands of one distribution.
+    dummy_weights: DummyWeights = "normal"
     # CPU only: torch's intra-op threads in this process; None keeps torch's default (one
     # per core). Nodes sharing a machine each take a share, or their threads contend.
     cpu_threads: int | None = None
@@ -89,6 +98,10 @@ class ModelConfig:
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.dummy_weights not in DUMMY_WEIGHTS:
+            raise ValueError(
+                f"dummy_weights must be one of {DUMMY_WEIGHTS}, got {self.dummy_weights!r}"
+            )
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:

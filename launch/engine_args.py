@@ -11,6 +11,7 @@ from splitserve.engine.config import (
     ATTENTION_BACKENDS,
     CPU_KV_CACHE_MEMORY_GIB,
     DTYPES,
+    DUMMY_WEIGHTS,
     KERNEL_BACKENDS,
     LARGE_GPU_MIN_GIB,
     LARGE_GPU_SCHEDULER,
@@ -77,6 +78,13 @@ def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
         default=default_of(model, "load_format"),
         choices=LOAD_FORMATS,
         help="dummy: the model directory's config and tokenizer with random weights",
+    )
+    g.add_argument(
+        "--dummy-weights",
+        default=default_of(model, "dummy_weights"),
+        choices=DUMMY_WEIGHTS,
+        help="how random weights are drawn: normal, N(0, 0.02) with norm scales 1; uniform, "
+        "every parameter from U(-1e-3, 1e-3) as vLLM's and SGLang's dummy loaders",
     )
     g.add_argument(
         "--max-model-len",
@@ -247,6 +255,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             device=args.device,
             seed=args.seed,
             load_format=args.load_format,
+            dummy_weights=args.dummy_weights,
             cpu_threads=args.cpu_threads,
             max_model_len=args.max_model_len,
             served_model_name=args.served_model_name,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from splitserve.benchmarks.gemm_rows import layer_shapes, main
+import torch
+
+from splitserve.benchmarks.gemm_rows import draw_operands, layer_shapes, main
 from splitserve.engine.model.dummy_presets import dummy_arch
 
 
@@ -31,8 +33,31 @@ def test_smoke_run_writes_one_row_per_count_with_provenance(tmp_path: Path) -> N
     assert {"command", "git_commit", "device", "date"} <= set(result)
 
 
+def test_operands_alternate_at_each_row_count_and_have_medians(tmp_path: Path) -> None:
+    out = tmp_path / "gemm.json"
+    argv = ["--model", "dummy:tiny", "--device", "cpu", "--dtype", "float32", "--smoke"]
+    argv += ["--rows", "4", "--operands", "normal,uniform", "--repeat", "2", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [row["operands"] for row in result["rows"]] == ["normal", "uniform"] * 2
+    assert set(result["layer_us_median"]["4"]) == {"normal", "uniform"}
+
+
+def test_operands_are_drawn_as_each_engine_draws_dummy_weights() -> None:
+    torch.manual_seed(0)
+    x, w = draw_operands("normal", 64, (256, 512), "cpu", torch.float32)
+    assert x.shape == (64, 256) and w.shape == (512, 256)
+    assert 0.018 < w.std().item() < 0.022 and 0.9 < x.std().item() < 1.1
+    x, w = draw_operands("uniform", 64, (256, 512), "cpu", torch.float32)
+    assert w.abs().max().item() <= 1e-3 and x.abs().max().item() < 1e-2
+    x, w = draw_operands("randn", 64, (256, 512), "cpu", torch.float32)
+    assert 0.9 < w.std().item() < 1.1
+
+
 def test_bad_rows_and_presets_are_one_line_errors(capsys) -> None:
     assert main(["--rows", "4,x", "--device", "cpu"]) == 2
     assert main(["--rows", "0", "--device", "cpu"]) == 2
+    assert main(["--rows", "4", "--device", "cpu", "--operands", "zeros"]) == 2
+    assert main(["--rows", "4", "--device", "cpu", "--repeat", "0"]) == 2
     assert main(["--model", "dummy:nope", "--rows", "4", "--device", "cpu", "--smoke"]) == 2
     assert "unknown dummy preset" in capsys.readouterr().err

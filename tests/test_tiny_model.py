@@ -310,6 +310,43 @@ def test_dummy_tiny_loads_runs_and_decodes_every_id() -> None:
         _load("dummy:nonexistent")
 
 
+def test_uniform_dummy_weights_draw_every_parameter_as_vllm_does() -> None:
+    """`--dummy-weights uniform`: norm scales and all, U(-1e-3, 1e-3); the forward stays
+    finite. The default draws norm scales 1 and N(0, 0.02) elsewhere."""
+    uniform = _load("dummy:tiny", seed=3, dummy_weights="uniform")
+    normal = _load("dummy:tiny", seed=3)
+    params = dict(uniform.model.named_parameters())
+    assert any(name.endswith("norm.weight") for name in params)
+    for name, param in params.items():
+        assert param.abs().max().item() <= 1e-3, name
+        assert param.std().item() > 4e-4, name  # drawn, not filled
+    assert torch.equal(
+        normal.model.model.norm.weight, torch.ones_like(normal.model.model.norm.weight)
+    )
+    again = _load("dummy:tiny", seed=3, dummy_weights="uniform")
+    assert torch.equal(again.model.lm_head.weight, uniform.model.lm_head.weight)
+    logits = _prompt_logits(uniform, list(range(40)))
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="dummy_weights must be one of"):
+        ModelConfig("dummy:tiny", dummy_weights="zeros")  # type: ignore[arg-type]
+
+
+def test_dummy_weights_flag_reaches_the_model_config(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    given = ["--model", "dummy:tiny", "--dummy-weights", "uniform"]
+    assert engine_config_from_args(parser.parse_args(given)).model.dummy_weights == "uniform"
+    default = engine_config_from_args(parser.parse_args(["--model", "dummy:tiny"]))
+    assert default.model.dummy_weights == ModelConfig("dummy:tiny").dummy_weights == "normal"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "dummy:tiny", "--dummy-weights", "zeros"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "preset,num_params,kv_bytes_per_token",
     [("llama-3.1-8b", 8_030_261_248, 131072), ("qwen3-0.6b", 596_049_920, 114688)],

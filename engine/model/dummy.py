@@ -1,7 +1,9 @@
 """`dummy:<preset>` models: random weights of a real shape, for benchmarks without weights.
 
-Weights are drawn straight on the target device in the target dtype (std 0.02, norm
-scales 1), seeded by `ModelConfig.seed`. The presets and the in-memory tokenizer live in
+Weights are drawn straight on the target device in the target dtype, seeded by
+`ModelConfig.seed`, as `ModelConfig.dummy_weights` says: "normal", N(0, 0.02) with norm
+scales 1 and biases 0 (a trained checkpoint's scale); "uniform", every parameter from
+U(-1e-3, 1e-3), vLLM's and SGLang's dummy draw. The presets and the in-memory tokenizer live in
 engine/model/dummy_presets.py (torch-free, shared with the router).
 """
 
@@ -11,7 +13,7 @@ import logging
 
 import torch
 
-from splitserve.engine.config import ModelConfig
+from splitserve.engine.config import DummyWeights, ModelConfig
 from splitserve.engine.model.arch import ModelArchConfig
 from splitserve.engine.model.dummy_presets import build_dummy_tokenizer, dummy_arch
 from splitserve.engine.model.llama import CausalLM
@@ -25,6 +27,8 @@ from splitserve.kernels.registry import ModelKernels
 logger = logging.getLogger(__name__)
 
 INIT_STD = 0.02
+# "uniform": every parameter from U(-UNIFORM_BOUND, UNIFORM_BOUND).
+UNIFORM_BOUND = 1e-3
 
 
 def load_dummy_model(config: ModelConfig, kernels: ModelKernels) -> LoadedModel:
@@ -48,21 +52,32 @@ def random_model(
     `dummy:<preset>`, or any source under `--load-format dummy` (engine/model/loader.py)."""
     with torch.device(config.device):
         model = CausalLM(arch, kernels, dtype)
-    init_dummy_weights(model, config.seed)
-    logger.info("built %s with random weights (%s, seed %d)", name, dtype, config.seed)
+    init_dummy_weights(model, config.seed, config.dummy_weights)
+    logger.info(
+        "built %s with random weights (%s, %s, seed %d)",
+        name,
+        dtype,
+        config.dummy_weights,
+        config.seed,
+    )
     return model
 
 
 @torch.no_grad()
-def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """Norm scales 1, biases 0, everything else N(0, INIT_STD), drawn on the params' device."""
+def init_dummy_weights(model: torch.nn.Module, seed: int, draw: DummyWeights) -> None:
+    """With `draw` "normal": norm scales 1, biases 0, everything else N(0, INIT_STD);
+    "uniform": every parameter U(-UNIFORM_BOUND, UNIFORM_BOUND). Drawn on the params'
+    device."""
     generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(param.device).manual_seed(seed)
+        generator = generators[param.device]
+        if draw == "uniform":
+            param.uniform_(-UNIFORM_BOUND, UNIFORM_BOUND, generator=generator)
+        elif name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()
         else:
-            if param.device not in generators:
-                generators[param.device] = torch.Generator(param.device).manual_seed(seed)
-            param.normal_(0.0, INIT_STD, generator=generators[param.device])
+            param.normal_(0.0, INIT_STD, generator=generator)
