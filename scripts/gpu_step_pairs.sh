@@ -6,7 +6,8 @@
 # A shape is BATCHxCONTEXT+PROMPTSxPROMPT: BATCH requests decoding at CONTEXT tokens, and
 # PROMPTS fresh prompts of PROMPT tokens added at once in each window (--prompts). Writes
 # ${BG_OUT:-/tmp/steps}/sw_<system>_<shape>.json and .log. SYSTEMS ("splitserve vllm"),
-# STEP_ARGS (more step_windows flags for both, e.g. --profile), STEP_S (300: each run's
+# STEP_ARGS (more step_windows flags for both, e.g. --profile), OURS_ARGS (more for
+# splitserve only, e.g. --dummy-weights uniform: vLLM's draw), STEP_S (300: each run's
 # limit), SPLITSERVE_GIT_COMMIT (the commit the JSON records: the device copy has no .git),
 # REPEAT (1: how many times the systems alternate at each shape, e.g. 2 runs splitserve,
 # vllm, splitserve, vllm, naming the files ..._r1, ..._r2: what follows the engine and not
@@ -32,7 +33,8 @@ for shape in ${SHAPES:?set SHAPES, e.g. "12x4200+3x4096"}; do
         cmd=(bash -c 'source /tmp/site/vllm_env.sh && exec python3 -m splitserve.benchmarks.step_windows "$@"'
           _ --engine vllm --model /tmp/llama31-8b-dummy)
       else
-        cmd=(python3 -m splitserve.benchmarks.step_windows "${ours[@]}")
+        # shellcheck disable=SC2206
+        cmd=(python3 -m splitserve.benchmarks.step_windows "${ours[@]}" ${OURS_ARGS:-})
       fi
       # shellcheck disable=SC2086
       timeout "${STEP_S:-300}" "${cmd[@]}" "${args[@]}" ${STEP_ARGS:-} --out "$out/$name.json" \
