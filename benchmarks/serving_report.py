@@ -57,7 +57,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from splitserve.benchmarks import capacity_fit, request_costs
+from splitserve.benchmarks import capacity_fit, request_costs, request_pairs
 from splitserve.benchmarks.comparison import Targets, capacity
 from splitserve.benchmarks.comparison import compare as compare_rows
 from splitserve.benchmarks.comparison import markdown as comparison_markdown
@@ -403,6 +403,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--slo-tpot-ms", type=float, default=targets.slo_tpot_ms)
     costs = sub.add_parser("costs", help="decode step and per-prompt costs, from the requests")
     costs.add_argument("results_dir", type=Path, help="a folder with summary.json and runs/")
+    pairs = sub.add_parser("pairs", help="TPOT intervals and the two systems request by request")
+    pairs.add_argument("results_dir", type=Path, help="a folder with summary.json and runs/")
+    pairs.add_argument("--system", default="splitserve")
+    pairs.add_argument("--baseline", default="vllm")
     return parser
 
 
@@ -457,10 +461,28 @@ def _fit(args: argparse.Namespace) -> str:
 
 def _costs(args: argparse.Namespace) -> str:
     def records(row: dict[str, Any]) -> Path:
-        name = run_name(row["system"], row["workload"], row["rate"])
-        return args.results_dir / "runs" / name / ARCHIVED_REQUESTS_FILE
+        run = _run_dir(args.results_dir, row["system"], row["workload"], row["rate"])
+        return run / ARCHIVED_REQUESTS_FILE
 
     return request_costs.markdown([(row, records(row)) for row in _rows_of(args.results_dir)])
+
+
+def _run_dir(results_dir: Path, system: str, workload: str, rate: float) -> Path:
+    return results_dir / "runs" / run_name(system, workload, rate)
+
+
+def _pairs(args: argparse.Namespace) -> str:
+    points = {(row["workload"], row["rate"]) for row in _rows_of(args.results_dir)}
+    runs = [
+        (
+            workload,
+            rate,
+            _run_dir(args.results_dir, args.system, workload, rate),
+            _run_dir(args.results_dir, args.baseline, workload, rate),
+        )
+        for workload, rate in points
+    ]
+    return request_pairs.markdown(runs, args.system, args.baseline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             print(_compare(args), end="")
             return 0
-        if args.command in ("fit", "costs"):
-            print((_fit if args.command == "fit" else _costs)(args), end="")
+        if args.command in ("fit", "costs", "pairs"):
+            report = {"fit": _fit, "costs": _costs, "pairs": _pairs}[args.command]
+            print(report(args), end="")
             return 0
         num = merge_dirs(args.out_dir, args.in_dirs, args.slo_ttft_ms, args.slo_tpot_ms)
     except ValueError as exc:
