@@ -533,20 +533,29 @@ def test_node_failures(router: str, nodes) -> None:
     assert events[-1] == "[DONE]" and "error" in events[-2] and "choices" in events[0]
 
 
-def wait_for_abort(nodes: list[ScriptedDecodeNode], prefix: str, timeout_s: float = 5.0) -> str:
+# How long a test waits for the router's Decode.Abort after its client left.
+ABORT_WAIT_S = 15.0
+
+
+def wait_for_abort(nodes: list[ScriptedDecodeNode], prefix: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         hits = [rid for n in nodes for rid in n.aborted if rid.startswith(prefix)]
         if hits:
             return hits[0]
         time.sleep(0.05)
-    raise AssertionError(f"no Abort for {prefix}* reached a decode node")
+    raise AssertionError(
+        f"no Abort for {prefix}* reached a decode node in {timeout_s} s; the nodes had "
+        f"{sorted(all_requests(nodes))} and aborted {[n.aborted for n in nodes]}"
+    )
 
 
 def test_client_disconnect_aborts_on_the_decode_node(router: str, nodes) -> None:
     for node in nodes:
         node.token_delay_s = 0.1
-    body = {"model": MODEL, "prompt": "slow", "max_tokens": 60, "stream": True}
+    # 200 tokens 0.1 s apart outlast every wait below: on a loaded machine the abort may come
+    # late, but an abort that never comes still fails the test.
+    body = {"model": MODEL, "prompt": "slow", "max_tokens": 200, "stream": True}
     with (
         httpx.Client(timeout=10) as http,
         http.stream(
@@ -554,7 +563,7 @@ def test_client_disconnect_aborts_on_the_decode_node(router: str, nodes) -> None
         ) as r,
     ):
         next(line for line in r.iter_lines() if line.startswith("data: "))
-    aborted = wait_for_abort(nodes, "gone1-")
+    aborted = wait_for_abort(nodes, "gone1-", ABORT_WAIT_S)
     assert aborted in all_requests(nodes)
     # A non-streamed request whose client leaves once a node has it (a raw socket, so the
     # client goes exactly then, not on a timer a loaded machine may beat).
@@ -571,7 +580,7 @@ def test_client_disconnect_aborts_on_the_decode_node(router: str, nodes) -> None
         while not any(rid.startswith("gone2-") for rid in all_requests(nodes)):
             assert time.monotonic() < deadline, "the request never reached a decode node"
             time.sleep(0.02)
-    wait_for_abort(nodes, "gone2-")
+    wait_for_abort(nodes, "gone2-", ABORT_WAIT_S)
 
 
 def test_unknown_fields_are_ignored_logged_and_named(router: str, caplog) -> None:
