@@ -55,8 +55,13 @@ class Check:
     met: bool
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f} ms"
+def _ms(value: float | None, decimals: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{decimals}f} ms"
+
+
+# TPOTs a check compares are shown to the microsecond: two runs of one system differ by
+# hundredths of a millisecond, and a check met or missed by less must show by how much.
+TPOT_DECIMALS = 3
 
 
 def meets_slo(row: Row, ttft_ms: float, tpot_ms: float) -> bool:
@@ -95,8 +100,8 @@ def _latency_checks(
         for q in ("p50", "p90"):
             tpot = ours.get(f"tpot_{q}_ms"), theirs.get(f"tpot_{q}_ms")
             checks.append(
-                Check(workload, f"TPOT {q} <= baseline at {rate}", _ms(tpot[0]), _ms(tpot[1]),
-                      _at_most(*tpot))
+                Check(workload, f"TPOT {q} <= baseline at {rate}",
+                      _ms(tpot[0], TPOT_DECIMALS), _ms(tpot[1], TPOT_DECIMALS), _at_most(*tpot))
             )  # fmt: skip
     return checks
 

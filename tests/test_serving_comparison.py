@@ -104,7 +104,7 @@ def test_the_fc30e0e_lease_reads_as_its_closing_note_says(capsys) -> None:
     folder = RESULTS / "serving_h200_2026-12-05_fc30e0e"
     assert serving_report.main(["compare", str(folder)]) == 0
     table = capsys.readouterr().out
-    assert "| 1024x256 | TPOT p50 <= baseline at 16 req/s | 10.5 ms | 10.4 ms | no |" in table
+    assert "| 1024x256 | TPOT p50 <= baseline at 16 req/s | 10.474 ms | 10.371 ms | no |" in table
     capacity = "capacity (TTFT p90 <= 1000 ms, TPOT p90 <= 50 ms) >= 1.1 x baseline's"
     assert f"| 1024x256 | {capacity} | 20 req/s | 24 req/s | no |" in table
     rows = serving_report.read_rows(folder)
