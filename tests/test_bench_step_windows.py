@@ -5,6 +5,8 @@ prompt running to its two tokens while the batch keeps decoding."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,41 @@ def test_launch_lag_compares_windows_as_they_come_with_held_back_ones(tiny_llama
     assert lag["work_ms"] > 0 and lag["held"]["lead_at_start_ms"] > step_windows.HOLD_MS / 2
     layers = len(engine.core.model.model.layers)
     assert lag["held"]["points"] == 2 + 2 * layers + 1  # start, pieces, attention, end
+
+
+def test_step_pairs_script_alternates_and_gives_ours_args_to_splitserve_only(
+    tmp_path: Path,
+) -> None:
+    """scripts/gpu_step_pairs.sh with a stand-in `python3` that records its arguments:
+    REPEAT=2 runs each system twice under names of their own, OURS_ARGS reach splitserve's
+    command and STEP_ARGS every command."""
+    root = Path(step_windows.__file__).resolve().parents[1]
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    stand_in = bin_dir / "python3"
+    stand_in.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\necho "ran"\n')
+    stand_in.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PKG": str(tmp_path / "pkg"),
+        "BG_OUT": str(out),
+        "SYSTEMS": "splitserve",
+        "SHAPES": "12x4200+2x4096",
+        "REPEAT": "2",
+        "OURS_ARGS": "--dummy-weights uniform",
+        "STEP_ARGS": "--profile",
+    }
+    done = subprocess.run(
+        ["bash", "scripts/gpu_step_pairs.sh"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2
+    for round_, line in zip((1, 2), lines, strict=True):
+        assert line.startswith("-m splitserve.benchmarks.step_windows --engine splitserve")
+        assert "--dummy-weights uniform" in line and "--profile" in line
+        assert "--batch 12 --context 4200 --prompts 2 --prompt 4096" in line
+        assert f"--out {out}/sw_splitserve_12x4200_2x4096_r{round_}.json" in line
