@@ -25,6 +25,8 @@ from splitserve.benchmarks.metrics import LATENCY_METRICS, RequestMetrics, reque
 SUMMARY_SCHEMA = "splitserve.bench.summary/1"
 REQUESTS_FILE = "requests.jsonl"
 SUMMARY_FILE = "summary.json"
+# A run's records as a results folder keeps them (benchmarks/serving_report.py), gzipped.
+ARCHIVED_REQUESTS_FILE = REQUESTS_FILE + ".gz"
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from splitserve.benchmarks.report import SUMMARY_FILE, read_requests
+from splitserve.benchmarks.report import ARCHIVED_REQUESTS_FILE, SUMMARY_FILE, read_requests
 
 # The TPOT percentiles reported, each with its interval.
 QUANTILES = ("p50", "p90")
-RECORDS_FILE = "requests.jsonl.gz"
 
 
 @dataclass(frozen=True)
@@ -71,14 +70,17 @@ def _ms(value: float) -> str:
     return "0.00" if text == "-0.00" else text
 
 
-def tpot_cell(run_dir: Path, quantile: str) -> str:
-    """'value (low–high)' from the run's summary, '' when it has none."""
+def tpot_cells(run_dir: Path) -> dict[str, str]:
+    """'value (low–high)' of each of QUANTILES from the run's summary ('' where it has
+    none)."""
     metrics = json.loads((run_dir / SUMMARY_FILE).read_text()).get("metrics", {})
-    estimate = metrics.get("tpot_ms", {}).get(quantile)
-    if not estimate:
-        return ""
-    low, high = estimate["ci95"]
-    return f"{estimate['value']:.3f} ({low:.2f}–{high:.2f})"
+    tpot = metrics.get("tpot_ms", {})
+    cells = dict.fromkeys(QUANTILES, "")
+    for quantile in QUANTILES:
+        if estimate := tpot.get(quantile):
+            low, high = estimate["ci95"]
+            cells[quantile] = f"{estimate['value']:.3f} ({low:.2f}–{high:.2f})"
+    return cells
 
 
 def markdown(pairs: list[tuple[str, float, Path, Path]], system: str, baseline: str) -> str:
@@ -91,15 +93,14 @@ def markdown(pairs: list[tuple[str, float, Path, Path]], system: str, baseline: 
         "| --- | --- | " + "--- | --- | " * len(QUANTILES) + "--- | --- | --- | --- |",
     ]
     for workload, rate, ours, theirs in sorted(pairs, key=lambda p: (p[0], p[1])):
-        if not ((ours / RECORDS_FILE).exists() and (theirs / RECORDS_FILE).exists()):
+        records = [ours / ARCHIVED_REQUESTS_FILE, theirs / ARCHIVED_REQUESTS_FILE]
+        if not all(path.exists() for path in records):
             continue
-        matched = match(
-            tpot_by_request(read_requests(ours / RECORDS_FILE)),
-            tpot_by_request(read_requests(theirs / RECORDS_FILE)),
-        )
+        matched = match(*(tpot_by_request(read_requests(path)) for path in records))
         if matched is None:
             continue
-        cells = " | ".join(f"{tpot_cell(ours, q)} | {tpot_cell(theirs, q)}" for q in QUANTILES)
+        mine, base = tpot_cells(ours), tpot_cells(theirs)
+        cells = " | ".join(f"{mine[q]} | {base[q]}" for q in QUANTILES)
         lines.append(
             f"| {workload} | {rate:g} | {cells} | {matched.num} | {matched.correlation:.3f} | "
             f"{_ms(matched.median_difference_ms)} | {_ms(matched.slow_tenth_difference_ms)} |"

@@ -41,6 +41,11 @@ What a decode step and each prompt prefilled beside a request cost it, fitted to
 per-request records of every run (benchmarks/request_costs.py):
 
     python -m splitserve.benchmarks.serving_report costs RESULTS_DIR
+
+Each workload and rate's two runs side by side: TPOT p50 and p90 with the intervals each
+run's bench gave them, and the two systems request by request (benchmarks/request_pairs.py):
+
+    python -m splitserve.benchmarks.serving_report pairs RESULTS_DIR [--baseline vllm]
 """
 
 from __future__ import annotations
@@ -61,11 +66,11 @@ from splitserve.benchmarks import capacity_fit, request_costs, request_pairs
 from splitserve.benchmarks.comparison import Targets, capacity
 from splitserve.benchmarks.comparison import compare as compare_rows
 from splitserve.benchmarks.comparison import markdown as comparison_markdown
+from splitserve.benchmarks.report import ARCHIVED_REQUESTS_FILE
 
 logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "summary.md"
-ARCHIVED_REQUESTS_FILE = "requests.jsonl.gz"
 ROW_KEYS = (
     "system", "workload", "rate", "num_requests", "cached_prompt_fraction",
     "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "output_tok_s",

@@ -3,6 +3,7 @@ error paths and sharded checkpoints, config parsing, and the dummy presets."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from splitserve.engine.model.tiny import make_tiny_model
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.registry import torch_kernels
 from splitserve.launch.cli import main as cli_main
+from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -332,10 +334,6 @@ def test_uniform_dummy_weights_draw_every_parameter_as_vllm_does() -> None:
 
 
 def test_dummy_weights_flag_reaches_the_model_config(capsys: pytest.CaptureFixture[str]) -> None:
-    import argparse
-
-    from splitserve.launch.engine_args import add_engine_arguments, engine_config_from_args
-
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     given = ["--model", "dummy:tiny", "--dummy-weights", "uniform"]
