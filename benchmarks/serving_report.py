@@ -40,7 +40,7 @@ of a request, fitted to TPOT against the rate (benchmarks/capacity_fit.py):
 What a decode step and each prompt prefilled beside a request cost it, fitted to the
 per-request records of every run (benchmarks/request_costs.py):
 
-    python -m splitserve.benchmarks.serving_report costs RESULTS_DIR
+    python -m splitserve.benchmarks.serving_report costs RESULTS_DIR [--baseline vllm]
 
 Each workload and rate's two runs side by side: TPOT p50 and p90 with the intervals each
 run's bench gave them, and the two systems request by request (benchmarks/request_pairs.py):
@@ -395,8 +395,6 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("in_dirs", type=Path, nargs="+")
     compare = sub.add_parser("compare", help="one system's rows against a baseline's")
     compare.add_argument("results_dir", type=Path, help="a folder with summary.json")
-    compare.add_argument("--system", default="splitserve")
-    compare.add_argument("--baseline", default="vllm")
     compare.add_argument("--min-requests", type=int, default=targets.min_requests)
     compare.add_argument("--capacity-ratio", type=float, default=targets.capacity_ratio)
     compare.add_argument("--fresh-ratio", type=float, default=targets.fresh_ratio)
@@ -410,8 +408,9 @@ def _parser() -> argparse.ArgumentParser:
     costs.add_argument("results_dir", type=Path, help="a folder with summary.json and runs/")
     pairs = sub.add_parser("pairs", help="TPOT intervals and the two systems request by request")
     pairs.add_argument("results_dir", type=Path, help="a folder with summary.json and runs/")
-    pairs.add_argument("--system", default="splitserve")
-    pairs.add_argument("--baseline", default="vllm")
+    for p in (compare, costs, pairs):
+        p.add_argument("--system", default="splitserve")
+        p.add_argument("--baseline", default="vllm")
     return parser
 
 
@@ -469,7 +468,8 @@ def _costs(args: argparse.Namespace) -> str:
         run = _run_dir(args.results_dir, row["system"], row["workload"], row["rate"])
         return run / ARCHIVED_REQUESTS_FILE
 
-    return request_costs.markdown([(row, records(row)) for row in _rows_of(args.results_dir)])
+    runs = [(row, records(row)) for row in _rows_of(args.results_dir)]
+    return request_costs.markdown(runs, args.system, args.baseline)
 
 
 def _run_dir(results_dir: Path, system: str, workload: str, rate: float) -> Path:
