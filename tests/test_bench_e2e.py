@@ -44,35 +44,22 @@ def _chunk(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-def make_app() -> FastAPI:
-    app = FastAPI()
-    state: dict[str, Any] = {"requests": 0, "pools": {}}
+class FakeServer:
+    """The fake server's state (requests served, the named slot pools) and its two
+    completion paths, streamed and not."""
 
-    def pool(name: str | None) -> asyncio.Semaphore | None:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.pools: dict[str, asyncio.Semaphore] = {}
+
+    def pool(self, name: str | None) -> asyncio.Semaphore | None:
         if name is None:
             return None
-        return state["pools"].setdefault(name, asyncio.Semaphore(POOL_SIZES[name]))
+        return self.pools.setdefault(name, asyncio.Semaphore(POOL_SIZES[name]))
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        text = f"# TYPE fake_requests_total counter\nfake_requests_total {state['requests']}\n"
-        return PlainTextResponse(text + "# TYPE fake_up gauge\nfake_up 1\n")
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:  # byte-level tokenizer
-        return {"tokens": list((await request.json())["prompt"].encode())}
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
-        return {"prompt": bytes((await request.json())["tokens"]).decode(errors="ignore")}
-
-    async def stream(body: dict[str, Any], is_chat: bool, n: int) -> AsyncIterator[bytes]:
+    async def stream(self, body: dict[str, Any], is_chat: bool, n: int) -> AsyncIterator[bytes]:
         ttft, itl = body["fake_ttft_ms"] / 1e3, body["fake_itl_ms"] / 1e3
-        slots = pool(body.get("fake_pool"))
+        slots = self.pool(body.get("fake_pool"))
         if slots is not None:
             await slots.acquire()
         try:
@@ -109,21 +96,21 @@ def make_app() -> FastAPI:
             )
         yield b": keep-alive comment\n\ndata: [DONE]\n\n"
 
-    async def handle(request: Request, is_chat: bool) -> Any:
+    async def handle(self, request: Request, is_chat: bool) -> Any:
         body = await request.json()
-        state["requests"] += 1
+        self.requests += 1
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         if body["model"] != "fake-model":
             message = f"The model `{body['model']}` does not exist."
             error = {"message": message, "type": "NotFoundError", "param": None, "code": 404}
             return JSONResponse({"error": error}, status_code=404)
         every = body.get("fake_fail_every")
-        if every and state["requests"] % every == 0:
+        if every and self.requests % every == 0:
             return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
         if body.get("fake_status"):
             return JSONResponse({"error": {"message": "nope"}}, status_code=body["fake_status"])
         if body.get("stream"):
-            return StreamingResponse(stream(body, is_chat, n), media_type="text/event-stream")
+            return StreamingResponse(self.stream(body, is_chat, n), media_type="text/event-stream")
         await asyncio.sleep(body["fake_ttft_ms"] / 1e3 + (n - 1) * body["fake_itl_ms"] / 1e3)
         text = "".join(chr(ord("a") + i % 26) for i in range(n))
         choice = (
@@ -133,13 +120,35 @@ def make_app() -> FastAPI:
         )
         return {"choices": [choice], "usage": {"prompt_tokens": 5, "completion_tokens": n}}
 
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    server = FakeServer()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        text = f"# TYPE fake_requests_total counter\nfake_requests_total {server.requests}\n"
+        return PlainTextResponse(text + "# TYPE fake_up gauge\nfake_up 1\n")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:  # byte-level tokenizer
+        return {"tokens": list((await request.json())["prompt"].encode())}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return {"prompt": bytes((await request.json())["tokens"]).decode(errors="ignore")}
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await handle(request, is_chat=False)
+        return await server.handle(request, is_chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        return await handle(request, is_chat=True)
+        return await server.handle(request, is_chat=True)
 
     return app
 

@@ -203,27 +203,19 @@ def test_chat_and_completion_bodies_resend_history() -> None:
     )
 
 
-def test_multi_turn_and_shared_prefix_from_cli_flags() -> None:
+def _run_args(*flags: str) -> argparse.Namespace:
+    """`splitserve bench run` parsed with these flags after a URL."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    return parser.parse_args(["run", "--url", "http://x:1", *flags])
+
+
+def test_shared_prefix_from_cli_flags() -> None:
     tok = WhitespaceTokenizer()
-    args = parser.parse_args(
-        [
-            "run",
-            "--url",
-            "http://x:1",
-            "--workload",
-            "shared-prefix",
-            "--num-requests",
-            "12",
-            "--num-prefixes",
-            "3",
-            "--prefix-len",
-            "20",
-            "--input-len",
-            "5",
-        ]
-    )
+    args = _run_args(
+        "--workload", "shared-prefix", "--num-requests", "12", "--num-prefixes", "3",
+        "--prefix-len", "20", "--input-len", "5",
+    )  # fmt: skip
     sessions = build_sessions(args, tok, seed=0)
     systems = [s.system for s in sessions]
     assert len(set(systems)) == 3 and all(systems.count(x) == 4 for x in set(systems))
@@ -233,21 +225,14 @@ def test_multi_turn_and_shared_prefix_from_cli_flags() -> None:
     assert sorted(shared) == [0] * 3 + [20] * 9  # each prefix's first use shares nothing
     other = build_sessions(args, tok, seed=draw_seed(0, MEASURED_STREAM, 1))
     assert not {s.system for s in other} & set(systems)  # a new point: new prefixes
-    args = parser.parse_args(
-        [
-            "run",
-            "--url",
-            "http://x:1",
-            "--workload",
-            "multi-turn",
-            "--num-requests",
-            "4",
-            "--num-turns",
-            "3",
-            "--think-time-s",
-            "0.2",
-        ]
-    )
+
+
+def test_multi_turn_from_cli_flags_and_what_it_refuses() -> None:
+    tok = WhitespaceTokenizer()
+    args = _run_args(
+        "--workload", "multi-turn", "--num-requests", "4", "--num-turns", "3",
+        "--think-time-s", "0.2",
+    )  # fmt: skip
     conv = build_sessions(args, tok, seed=0)
     assert len(conv) == 4 and all(len(s.turns) == 3 for s in conv)
     assert [t.think_time_s for t in conv[0].turns] == [0.0, 0.2, 0.2]
@@ -261,15 +246,12 @@ def test_multi_turn_and_shared_prefix_from_cli_flags() -> None:
             np.ones(2, int),
             np.random.default_rng(0),
         )
-    args = parser.parse_args(["run", "--url", "http://x:1", "--workload", "mooncake"])
     with pytest.raises(ValueError, match="--dataset"):
-        build_sessions(args, tok, seed=0)
+        build_sessions(_run_args("--workload", "mooncake"), tok, seed=0)
 
 
 def test_every_run_and_warmup_draws_fresh_prompts() -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["run", "--url", "http://x:1", "--num-requests", "50"])
+    args = _run_args("--num-requests", "50")
     tok = WhitespaceTokenizer()
     seeds = [draw_seed(0, stream, i) for stream in (MEASURED_STREAM, WARMUP_STREAM) for i in (0, 1)]
     prompts = [{s.turns[0].text for s in build_sessions(args, tok, seed)} for seed in seeds]
