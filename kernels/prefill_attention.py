@@ -151,27 +151,22 @@ def default_num_warps(block_m: int, dtype: torch.dtype) -> int:
     return 8 if block_m >= 128 or dtype == torch.float32 else 4
 
 
-def prefill_attention(
-    q: torch.Tensor,  # [T, num_heads, head_dim]
-    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
-    block_tables: torch.Tensor,  # [B, max_blocks] int32, -1 padded
-    seq_lens: torch.Tensor,  # [B] int32
-    query_start_loc: torch.Tensor,  # [B + 1] int32
-    max_query_len: int,  # host upper bound of the query lengths (sizes the grid)
-    scale: float,
-    out: torch.Tensor | None = None,  # [T, num_heads, head_dim], q's dtype
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int = 2,
-) -> torch.Tensor:  # [T, num_heads, head_dim]; rows outside every sequence are not written
-    """Causal attention of every chunk's queries over its sequence's pooled context."""
+def check_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """The prefill kernels' arguments checked (a ValueError naming what is off); `out`,
+    allocated like q when None."""
     device = q.device
     check_launchable(device)
     check_tensor("q", q, 3, FLOAT_DTYPES, device)
     check_tensor("kv_cache", kv_cache, 5, (q.dtype,), device)
     num_heads, head_dim = q.shape[1:]
-    _, two, block_size, num_kv_heads, _ = kv_cache.shape
+    _, two, _, num_kv_heads, _ = kv_cache.shape
     if two != 2 or kv_cache.shape[4] != head_dim:
         raise ValueError(
             f"kv_cache shape {tuple(kv_cache.shape)} does not match q {tuple(q.shape)}: "
@@ -189,9 +184,30 @@ def prefill_attention(
         out = torch.empty_like(q)
     check_tensor("out", out, 3, (q.dtype,), device)
     check_shape("out", out, q.shape)
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, -1 padded
+    seq_lens: torch.Tensor,  # [B] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    max_query_len: int,  # host upper bound of the query lengths (sizes the grid)
+    scale: float,
+    out: torch.Tensor | None = None,  # [T, num_heads, head_dim], q's dtype
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> torch.Tensor:  # [T, num_heads, head_dim]; rows outside every sequence are not written
+    """Causal attention of every chunk's queries over its sequence's pooled context."""
+    out = check_prefill(q, kv_cache, block_tables, seq_lens, query_start_loc, out)
+    num_heads, head_dim = q.shape[1:]
+    batch, block_size, num_kv_heads = block_tables.shape[0], kv_cache.shape[2], kv_cache.shape[3]
     if batch == 0 or max_query_len <= 0:
         return out
-    default_m, default_n = default_tiles(q.dtype, head_dim, device)
+    default_m, default_n = default_tiles(q.dtype, head_dim, q.device)
     block_m, block_n = block_m or default_m, block_n or default_n
     check_tile("block_m", block_m)
     check_tile("block_n", block_n)
