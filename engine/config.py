@@ -78,6 +78,10 @@ class ModelConfig:
     # On an H100 the decode kernel wins at 12 rows and loses at 32 over a 4,096-token prompt
     # (benchmarks/results/kernels/short_rest_h100_2026-12-06/).
     short_rest_rows: int = 16
+    # Triton attention: a run of chunks over cached context whose query tiles would leave
+    # most of the device idle (a short chunk over a long context) is attended by the prefill
+    # kernel with each context split across programs (kernels/prefill_split.py).
+    split_context_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -157,6 +157,13 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         help="Triton attention: attend a step's chunks over cached context of at most this "
         "many rows with the decode kernel, a row at a time (0: with the prefill kernel)",
     )
+    g.add_argument(
+        "--split-context-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(model, "split_context_prefill"),
+        help="Triton attention: attend chunks over cached context that would leave the device "
+        "idle (a short chunk over a long context) with each context split across programs",
+    )
 
 
 def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
@@ -268,6 +275,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             overlap_decode_attention=args.overlap_decode_attention,
             fused_decode_merge=args.fused_decode_merge,
             short_rest_rows=args.short_rest_rows,
+            split_context_prefill=args.split_context_prefill,
         ),
         cache=CacheConfig(
             block_size=args.block_size,
