@@ -44,7 +44,7 @@ from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attenti
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, ROWS, PrefillRun, plan_runs
 from splitserve.kernels.prefill_split import default_tiles as split_tiles
-from splitserve.kernels.prefill_split import plan_context_splits, prefill_attention_split
+from splitserve.kernels.prefill_split import plan_context_splits
 from splitserve.kernels.side_stream import DecodeBranch, SideStream
 from splitserve.kernels.store_kv import store_kv
 
@@ -246,10 +246,7 @@ class TritonPagedAttention:
         first = plan.decodes + run.run.first_seq
         seqs = slice(first, first + run.run.num_seqs)
         args = (q, kv_cache, meta.block_tables[seqs], meta.seq_lens[seqs], run.query_start_loc)
-        if run.context_splits > 1:
-            prefill_attention_split(*args, max(lens), scale, run.context_splits, out=out)
-        else:
-            prefill_attention(*args, max(lens), scale, out=out)
+        prefill_attention(*args, max(lens), scale, out=out, num_splits=run.context_splits)
 
     def _padded_prompts(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _MixedPlan

@@ -78,16 +78,17 @@ def _attention_specs(dtype: torch.dtype) -> list[Spec]:
     warps = pre.default_num_warps(block_m, dtype)
     split_ptrs = dict(pre_ptrs, part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32")
     split_ptrs |= dict(row_seq_lens_ptr="i32")
-    del split_ptrs["out_ptr"]
     split_m, split_n = spl.default_tiles(dtype, HEAD_DIM, torch.device("cuda"))
     split_consts = dict(common, GROUP_SIZE=GROUP, BLOCK_M=split_m, BLOCK_N=split_n)
     specs.append(
-        Spec(f"prefill, context split ({ty})", spl._prefill_split_kernel, split_ptrs,
-             ("qk_scale_log2",), split_consts, spl.default_num_warps(split_m, dtype), 2)
+        Spec(f"prefill, context split ({ty})", pre._prefill_kernel, split_ptrs,
+             ("qk_scale_log2",), split_consts | dict(IS_SINGLE_SPLIT=False), spl.NUM_WARPS, 2)
     )  # fmt: skip
+    single_ptrs = dict(pre_ptrs, part_acc_ptr=ty, part_m_ptr=ty, part_l_ptr=ty)
+    single_ptrs |= dict(row_seq_lens_ptr="i32")
     specs.append(
-        Spec(f"prefill ({ty})", pre._prefill_kernel, pre_ptrs, ("qk_scale_log2",), consts,
-             warps, 2)
+        Spec(f"prefill ({ty})", pre._prefill_kernel, single_ptrs, ("qk_scale_log2",),
+             consts | dict(IS_SINGLE_SPLIT=True), warps, 2)
     )  # fmt: skip
     return specs
 

@@ -1,8 +1,9 @@
-"""Prefill attention with the context split across programs (kernels/prefill_split.py)
-against the torch reference, on random ragged batches in a NaN-poisoned, shuffled pool:
-short chunks over long cached context (what the path is for), fresh prompts and extends,
-decode rows, every split count from one to more partitions than some sequences have.
-Without CUDA the kernel runs in the Triton interpreter in float32."""
+"""Prefill attention with each context split across programs (`prefill_attention` with
+`num_splits`, kernels/prefill_split.py) against the torch reference, on random ragged
+batches in a NaN-poisoned, shuffled pool: short chunks over long cached context (what the
+path is for), fresh prompts and extends, decode rows, every split count from one to more
+partitions than some sequences have. Without CUDA the kernel runs in the Triton
+interpreter in float32."""
 
 from __future__ import annotations
 
@@ -28,9 +29,8 @@ CASES = [(180, 12), (97, 40), (16, 16), (0, 23), (31, 1), (250, 3)]
 @pytest.fixture(scope="module", autouse=True)
 def _kernels(triton_interpreter) -> None:
     """Kernel modules, imported once the interpreter is chosen (see conftest)."""
-    global make_paged_batch, prefill_attention_reference, prefill_attention_split, store_kv
-    from splitserve.kernels.prefill_attention import prefill_attention_reference
-    from splitserve.kernels.prefill_split import prefill_attention_split
+    global make_paged_batch, prefill_attention, prefill_attention_reference, store_kv
+    from splitserve.kernels.prefill_attention import prefill_attention, prefill_attention_reference
     from splitserve.kernels.store_kv import store_kv
     from splitserve.kernels.testing import make_paged_batch
 
@@ -48,9 +48,9 @@ def _batch(ratio: int, head_dim: int, block_size: int, dtype, pad_rows: int = 0)
 def _split(batch: PagedBatch, num_splits: int, **kwargs) -> torch.Tensor:
     meta = batch.meta
     out = torch.full_like(batch.q, float("nan"))
-    prefill_attention_split(
+    prefill_attention(
         batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        meta.max_query_len, batch.q.shape[2] ** -0.5, num_splits, out=out, **kwargs,
+        meta.max_query_len, batch.q.shape[2] ** -0.5, out=out, num_splits=num_splits, **kwargs,
     )  # fmt: skip
     return out
 
