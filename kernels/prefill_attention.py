@@ -47,10 +47,11 @@ LOG2E = 1.4426950408889634
 # What varies step to step is not specialised on, so that no step compiles a new variant
 # mid-serving (engine/warmup.py compiles the kernels at start-up): the block-table row
 # stride (the batch's widest table), the alignment of the table and context-length
-# pointers (a mixed step passes views that start after its decode rows), the split count.
+# pointers (a mixed step passes views that start after its decode rows; an unsplit launch
+# passes the context lengths as the rows' too), the split count.
 @triton.jit(
     do_not_specialize=["stride_table_seq", "num_splits"],
-    do_not_specialize_on_alignment=["table_ptr", "seq_lens_ptr"],
+    do_not_specialize_on_alignment=["table_ptr", "seq_lens_ptr", "row_seq_lens_ptr"],
 )
 def _prefill_kernel(
     q_ptr,  # [T, num_heads, HEAD_DIM]
