@@ -173,6 +173,16 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert {"router", "decode"} <= roles, roles
 
 
+def test_pairs_script_refuses_one_name_for_two_systems() -> None:
+    root = Path(serving.__file__).resolve().parents[1]
+    env = {**os.environ, "SYSTEM_NAME": "splitserve-b", "PAIRS": "1024x256:2"}
+    done = subprocess.run(
+        ["bash", "scripts/gpu_serving_pairs.sh"], cwd=root, env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "set SYSTEMS to one system" in done.stderr
+
+
 def test_merge_command_joins_calls_unpacked_apart(tmp_path: Path) -> None:
     def row(system: str, rate: float, ttft: float) -> dict[str, object]:
         keys = dict.fromkeys(serving_report.ROW_KEYS, 1.0)
