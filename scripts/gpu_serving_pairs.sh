@@ -2,8 +2,8 @@
 # Both systems, one workload at a time, for a job longer than one device call (started by
 # scripts/gpu_background.sh): for each WORKLOAD:RATES in PAIRS, vLLM and then splitserve
 # through scripts/gpu_serving.sh, each into $BG_OUT/<workload>/<system> (or <SYSTEM_NAME>);
-# a lease cut short
-# keeps whole pairs. Merge after with `python -m splitserve.benchmarks.serving_report merge`.
+# a lease cut short keeps whole pairs. Merge after with
+# `python -m splitserve.benchmarks.serving_report merge`.
 #   PAIRS="1024x256:12,16,20,24 4096x256:4" SPLITSERVE_GIT_COMMIT=... NO_WHEELS=1 \
 #     bash scripts/gpu_serving_pairs.sh
 # SYSTEMS (default "vllm splitserve") sets the order within a pair: "splitserve vllm" finds
