@@ -23,7 +23,12 @@
 #   requests / rate + DRAIN_S (45) seconds, are left out and printed), NODE_ARGS (extra
 #   splitserve node flags, e.g. --node-arg=--stream-interval=4), SPLITSERVE_GIT_COMMIT
 #   (the commit recorded in the rows: the device copy has no .git), RESULTS, PYTHON,
-#   VLLM_KEEP (1: leave vLLM serving for the next call; see the vllm branch), THREAD_CPU
+#   VLLM_KEEP (1: leave vLLM serving for the next call; see the vllm branch), SYSTEM_NAME
+#   (the system's name in the rows and run folders, the system by default: another name
+#   keeps a run of splitserve with other NODE_ARGS apart from the default's, e.g.
+#   SYSTEM_NAME=splitserve-split NODE_ARGS=--node-arg=--split-context-prefill, to set
+#   against it with `serving_report compare --system splitserve-split --baseline
+#   splitserve`), THREAD_CPU
 #   (1: sample the served processes' CPU per thread beside the bench,
 #   benchmarks/thread_cpu.py, every THREAD_CPU_INTERVAL_S=5 s, into
 #   $RESULTS/threads/<system>.jsonl).
@@ -32,6 +37,7 @@
 #     RESULTS=/tmp/serving bash scripts/gpu_serving.sh splitserve
 set -uo pipefail
 system=${1:?usage: bash scripts/gpu_serving.sh splitserve|vllm}
+name=${SYSTEM_NAME:-$system}
 started=$(date +%s)
 results=${RESULTS:-benchmarks/results/serving_h200}
 export SPLITSERVE_GIT_COMMIT=${SPLITSERVE_GIT_COMMIT:-unknown}
@@ -51,7 +57,7 @@ start_thread_cpu() {  # $@: which processes (thread_cpu's --program / --match)
   mkdir -p "$results/threads"
   "${PYTHON:-python3}" -m splitserve.benchmarks.thread_cpu "$@" \
     --interval-s "${THREAD_CPU_INTERVAL_S:-5}" --duration-s "${CALL_S:-560}" \
-    --out "$results/threads/$system.jsonl" >"$results/threads/$system.log" 2>&1 &
+    --out "$results/threads/$name.jsonl" >"$results/threads/$name.log" 2>&1 &
   sampler=$!
 }
 
@@ -81,7 +87,7 @@ case $system in
     [ -n "${CPU_DRY_RUN:-}" ] && engine=(--cpu --node-arg=--dtype=float32)
     start_thread_cpu --match router --match decode
     # shellcheck disable=SC2086
-    bench --system splitserve "${engine[@]}" ${NODE_ARGS:-}
+    bench --system "$name" "${engine[@]}" ${NODE_ARGS:-}
     status=$?
     stop_thread_cpu
     ;;
@@ -120,7 +126,7 @@ case $system in
     kill -0 "${VLLM_PID:-0}" 2>/dev/null || exit 1  # serve_vllm.sh printed why
     SITE=/tmp/site_splitserve source scripts/device_env.sh  # the bench client: no wheels needed
     start_thread_cpu --program vllm --match llama-8b
-    bench --system vllm --url "http://127.0.0.1:$port" ${warm[@]+"${warm[@]}"}
+    bench --system "$name" --url "http://127.0.0.1:$port" ${warm[@]+"${warm[@]}"}
     status=$?
     stop_thread_cpu
     if [ -z "${VLLM_KEEP:-}" ]; then

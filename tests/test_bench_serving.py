@@ -148,6 +148,9 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
         "SPLITSERVE_GIT_COMMIT": "0123abc",
         "THREAD_CPU": "1",
         "THREAD_CPU_INTERVAL_S": "1",
+        # A variant of the node, named apart from the default's runs.
+        "SYSTEM_NAME": "splitserve-b",
+        "NODE_ARGS": "--node-arg=--short-rest-rows=8",
     }
     done = subprocess.run(
         ["bash", "scripts/gpu_serving.sh", "splitserve"],
@@ -155,18 +158,29 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "serving_cpu" / "summary.json").read_text())
-    assert [(r["system"], r["workload"], r["rate"]) for r in rows] == [("splitserve", "32x4", 4)]
+    assert [(r["system"], r["workload"], r["rate"]) for r in rows] == [("splitserve-b", "32x4", 4)]
     assert rows[0]["commit"] == "0123abc" and rows[0]["is_first_after_start"]
     assert "--no-prefix-caching" in rows[0]["server"]
+    assert "--node-arg=--short-rest-rows=8" in rows[0]["server"]
     # Named after the results folder, so that runs with other RESULTS in one call keep apart.
     with tarfile.open(out / "serving_cpu.tgz") as tar:
         names = tar.getnames()
     assert "serving_cpu/summary.json" in names and (out / "serving_cpu.summary.md").exists()
     # THREAD_CPU=1: the router's and the node's threads sampled beside the bench.
-    assert "serving_cpu/threads/splitserve.jsonl" in names
-    samples = (tmp_path / "serving_cpu" / "threads" / "splitserve.jsonl").read_text()
+    assert "serving_cpu/threads/splitserve-b.jsonl" in names
+    samples = (tmp_path / "serving_cpu" / "threads" / "splitserve-b.jsonl").read_text()
     roles = {json.loads(line)["role"] for line in samples.splitlines()}
     assert {"router", "decode"} <= roles, roles
+
+
+def test_pairs_script_refuses_one_name_for_two_systems() -> None:
+    root = Path(serving.__file__).resolve().parents[1]
+    env = {**os.environ, "SYSTEM_NAME": "splitserve-b", "PAIRS": "1024x256:2"}
+    done = subprocess.run(
+        ["bash", "scripts/gpu_serving_pairs.sh"], cwd=root, env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "set SYSTEMS to one system" in done.stderr
 
 
 def test_merge_command_joins_calls_unpacked_apart(tmp_path: Path) -> None:
