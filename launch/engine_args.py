@@ -136,6 +136,12 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         help="CUDA: largest prefill or mixed step that replays piecewise graphs; larger "
         "ones run the pieces eagerly at their own size (0: every step eager)",
     )
+    _add_attention_path_arguments(g)
+
+
+def _add_attention_path_arguments(g: argparse._ArgumentGroup) -> None:
+    """The Triton attention's paths: which kernel takes which rows of a step."""
+    model = ModelConfig
     g.add_argument(
         "--overlap-decode-attention",
         action=argparse.BooleanOptionalAction,
