@@ -40,6 +40,12 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else value * 1000.0
 
 
+def fixed(value: float, digits: int) -> str:
+    """`value` to `digits` decimals, with no sign on what rounds to zero."""
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
+
+
 def request_row(rec: RequestRecord, m: RequestMetrics | None) -> dict[str, Any]:
     row = rec.to_dict()
     row.update(

@@ -39,12 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from splitserve.benchmarks.report import read_requests
+from splitserve.benchmarks.report import fixed, read_requests
+from splitserve.benchmarks.stats import CONFIDENCE, DEFAULT_NUM_BOOT
 
-# Resamples behind each interval, and their seed (the tables are reproducible).
-NUM_BOOT = 2000
+# The resamples' seed (the tables are reproducible).
 BOOT_SEED = 0
-CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -99,9 +98,10 @@ def design(requests: list[dict[str, Any]]) -> Design | None:
 
 
 def resample_weights(num: int) -> np.ndarray:
-    """(NUM_BOOT, num): how many times each row is drawn in each resample."""
+    """(DEFAULT_NUM_BOOT, num): how many times each row is drawn in each resample."""
     rng = np.random.default_rng(BOOT_SEED)
-    return rng.multinomial(num, np.full(num, 1.0 / num), size=NUM_BOOT).astype(np.float64)
+    draws = rng.multinomial(num, np.full(num, 1.0 / num), size=DEFAULT_NUM_BOOT)
+    return draws.astype(np.float64)
 
 
 def weighted_fits(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -126,8 +126,11 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
 def fit_costs(requests: list[dict[str, Any]]) -> Costs | None:
     """The fit over one run's records; None with fewer than three usable requests."""
     data = design(requests)
-    if data is None:
-        return None
+    return None if data is None else costs_of(data)
+
+
+def costs_of(data: Design) -> Costs:
+    """The fit over one run's usable requests, with its intervals."""
     x, y = data.x, data.y
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     spread = float(((y - y.mean()) ** 2).sum())
@@ -165,12 +168,7 @@ def cost_difference(ours: Design, theirs: Design) -> CostDifference | None:
 
 def _ms(value: float, low: float, high: float, digits: int) -> str:
     """'value (low, high)', with no sign on what rounds to zero."""
-
-    def text(x: float) -> str:
-        out = f"{x:.{digits}f}"
-        return out.lstrip("-") if float(out) == 0 else out
-
-    return f"{text(value)} ({text(low)}, {text(high)})"
+    return f"{fixed(value, digits)} ({fixed(low, digits)}, {fixed(high, digits)})"
 
 
 def markdown(runs: list[tuple[dict[str, Any], Path]], system: str, baseline: str) -> str:
@@ -184,11 +182,10 @@ def markdown(runs: list[tuple[dict[str, Any], Path]], system: str, baseline: str
     designs: dict[tuple[str, float, str], Design] = {}
     ordered = sorted(runs, key=lambda run: (run[0]["workload"], run[0]["rate"], run[0]["system"]))
     for row, path in ordered:
-        records = read_requests(path) if path.exists() else []
-        costs = fit_costs(records)
-        data = design(records)
-        if costs is None or data is None:
+        data = design(read_requests(path)) if path.exists() else None
+        if data is None:
             continue
+        costs = costs_of(data)
         designs[(row["workload"], row["rate"], row["system"])] = data
         lines.append(
             f"| {row['workload']} | {row['rate']:g} | {row['system']} | "

@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from splitserve.benchmarks.report import ARCHIVED_REQUESTS_FILE, SUMMARY_FILE, read_requests
+from splitserve.benchmarks.report import (
+    ARCHIVED_REQUESTS_FILE,
+    SUMMARY_FILE,
+    fixed,
+    read_requests,
+)
 
 # The TPOT percentiles reported, each with its interval.
 QUANTILES = ("p50", "p90")
@@ -64,12 +69,6 @@ def match(ours: dict[str, float], theirs: dict[str, float]) -> Matched | None:
     )
 
 
-def _ms(value: float) -> str:
-    """Two decimals, without a sign on what rounds to zero."""
-    text = f"{value:.2f}"
-    return "0.00" if text == "-0.00" else text
-
-
 def tpot_cells(run_dir: Path) -> dict[str, str]:
     """'value (low–high)' of each of QUANTILES from the run's summary ('' where it has
     none)."""
@@ -103,6 +102,7 @@ def markdown(pairs: list[tuple[str, float, Path, Path]], system: str, baseline: 
         cells = " | ".join(f"{mine[q]} | {base[q]}" for q in QUANTILES)
         lines.append(
             f"| {workload} | {rate:g} | {cells} | {matched.num} | {matched.correlation:.3f} | "
-            f"{_ms(matched.median_difference_ms)} | {_ms(matched.slow_tenth_difference_ms)} |"
+            f"{fixed(matched.median_difference_ms, 2)} | "
+            f"{fixed(matched.slow_tenth_difference_ms, 2)} |"
         )
     return "\n".join(lines) + "\n"

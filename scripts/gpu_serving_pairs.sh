@@ -23,7 +23,8 @@ for pair in ${PAIRS:?set PAIRS, e.g. "1024x256:12,16 4096x256:4"}; do
   workload=${pair%%:*} rates=${pair#*:}
   for system in ${SYSTEMS:-vllm splitserve}; do
     echo "$(date -u +%H:%M:%S) $system $workload at $rates req/s"
-    RESULTS=${BG_OUT:-/tmp/pairs}/$workload/${SYSTEM_NAME:-$system} WORKLOADS=$workload RATES=$rates \
+    RESULTS=${BG_OUT:-/tmp/pairs}/$workload/${SYSTEM_NAME:-$system} \
+      WORKLOADS=$workload RATES=$rates \
       bash scripts/gpu_serving.sh "$system" || status=$?
   done
 done
