@@ -90,7 +90,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         err = (out[:rows].float() - ref[:rows].float()).abs().max().item()
         us = _time_forward(attention, batch, meta, args.reps, args.trials)
         runs = {kind: n for kind, n in attention.prefill_runs().items() if n}
-        result[name] = {"layer_us": round(us, 2), "max_abs_diff": err, "runs": runs}
+        splits = attention.context_splits()
+        result[name] = {
+            "layer_us": round(us, 2), "max_abs_diff": err, "runs": runs, "context_splits": splits
+        }  # fmt: skip
         logger.info("%s: %.1f µs a layer (largest difference %.4f)", name, us, err)
     return result
 

@@ -151,6 +151,12 @@ class TritonPagedAttention:
         (a cuDNN run that found its padded rows past the buffer took the flash path)."""
         return dict(self._runs_planned)
 
+    def context_splits(self) -> list[int]:
+        """The last planned step's CONTEXT runs' partitions of each context (1: unsplit)."""
+        if self._planned is None:
+            return []
+        return [run.context_splits for run in self._planned[1].runs if run.run.kind == CONTEXT]
+
     def store(
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:

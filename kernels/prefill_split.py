@@ -13,9 +13,17 @@ running max, sum and unnormalised output over its partition, and the decode kern
 length, which the split-0 programs write (rows outside every sequence are left unwritten).
 
 `plan_context_splits` picks the split count for a run from host lengths: none when the
-unsplit grid already gives every multiprocessor `PROGRAMS_PER_SM` programs, otherwise as
-many as fill them, each partition at least `MIN_PARTITION_TOKENS` of the longest context.
-A split launch takes `default_tiles` and `NUM_WARPS`. Pure host arithmetic.
+run's query tiles (at the split launch's rows) times heads exceed `MAX_FILL_FRACTION` of
+the multiprocessors, otherwise as many as give every multiprocessor
+`PROGRAMS_PER_SM` programs, each partition at least `MIN_PARTITION_TOKENS` of the longest
+context. A split launch's 64 x 64 tiles do the same work more slowly than the unsplit
+kernel's, so it pays only where the unsplit grid leaves most of the device idle: one
+layer of Llama-3.1-8B (32 query heads) on an H100 beside 12 decode rows
+(`benchmarks/results/kernels/short_rest_split_h100_2026-12-06/`), a 32-row chunk over 4,096
+tokens (32 programs, 9 partitions) 131.0 µs against 192.6 unsplit; 128 rows (64 programs)
+181.5 against 193.6 over 4,096 tokens but 66.8 against 56.3 over 1,024; 512 rows (256
+programs, 2 partitions) 384.8 against 224.2. A split launch takes `default_tiles` and
+`NUM_WARPS`. Pure host arithmetic.
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ import math
 
 import torch
 
-# Programs a multiprocessor should get; the fewest context tokens worth a partition; the
-# most partitions (each row's merge reads all of its sequence's).
+# Programs a multiprocessor should get; the split runs' largest unsplit grid, as a
+# fraction of the multiprocessors; the fewest context tokens worth a partition; the most
+# partitions (each row's merge reads all of its sequence's).
 PROGRAMS_PER_SM = 2
+MAX_FILL_FRACTION = 0.25
 MIN_PARTITION_TOKENS = 256
 MAX_SPLITS = 32
 # A split launch's warps at its 64 x 64 tiles (on sm_90, Triton 3.6, a spill of 16 bytes a
@@ -38,12 +48,13 @@ def plan_context_splits(
     query_lens: list[int], seq_lens: list[int], num_heads: int, block_m: int, sms: int
 ) -> int:
     """Partitions of each sequence's context for a run of these chunks (host lengths):
-    1 when the run's query tiles times heads fill `PROGRAMS_PER_SM` programs a
-    multiprocessor, else the count that fills them, bounded by the longest context."""
+    1 when the run's query tiles times heads exceed `MAX_FILL_FRACTION` of the
+    multiprocessors, else the count that gives each `PROGRAMS_PER_SM` programs, bounded by
+    the longest context."""
     programs = num_heads * sum(math.ceil(q / block_m) for q in query_lens)
-    wanted = PROGRAMS_PER_SM * sms
-    if programs == 0 or programs >= wanted:
+    if programs == 0 or programs > MAX_FILL_FRACTION * sms:
         return 1
+    wanted = PROGRAMS_PER_SM * sms
     by_length = max(seq_lens, default=0) // MIN_PARTITION_TOKENS
     return max(1, min(math.ceil(wanted / programs), by_length, MAX_SPLITS))
 
