@@ -1,6 +1,8 @@
 """One layer of a mixed step whose prefill part is the short rest of a long prompt, on the
-Triton backend with the rest on the prefill kernel (`--short-rest-rows 0`) and on the
-decode kernel a row at a time (kernels/prefill_runs.py, ROWS), at Llama-3.1-8B shapes.
+Triton backend with the rest on the prefill kernel (`--short-rest-rows 0`), on the
+decode kernel a row at a time (kernels/prefill_runs.py, ROWS) and on the prefill kernel
+with its context split across programs (`split_context_prefill`, kernels/prefill_split.py),
+at Llama-3.1-8B shapes.
 
     python -m splitserve.benchmarks.short_rest --out short_rest.json
 
@@ -74,15 +76,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     )
     rows = batch.num_seq_rows
     result: dict[str, Any] = {}
-    for name, rest_rows in (("prefill_kernel", 0), ("decode_kernel_rows", args.rest)):
+    paths = (
+        ("prefill_kernel", 0, False),
+        ("decode_kernel_rows", args.rest, False),
+        ("prefill_kernel_split", 0, True),
+    )
+    for name, rest_rows, split in paths:
         attention = TritonPagedAttention(
-            overlap_decode_rows=True, fused_decode_merge=True, short_rest_rows=rest_rows
-        )
+            overlap_decode_rows=True, fused_decode_merge=True, short_rest_rows=rest_rows,
+            split_context_prefill=split,
+        )  # fmt: skip
         out = attention.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta, HEAD_DIM**-0.5)
         err = (out[:rows].float() - ref[:rows].float()).abs().max().item()
         us = _time_forward(attention, batch, meta, args.reps, args.trials)
         runs = {kind: n for kind, n in attention.prefill_runs().items() if n}
-        result[name] = {"layer_us": round(us, 2), "max_abs_diff": err, "runs": runs}
+        splits = attention.context_splits()
+        result[name] = {
+            "layer_us": round(us, 2), "max_abs_diff": err, "runs": runs, "context_splits": splits
+        }  # fmt: skip
         logger.info("%s: %.1f µs a layer (largest difference %.4f)", name, us, err)
     return result
 

@@ -78,6 +78,12 @@ class ModelConfig:
     # On an H100 the decode kernel wins at 12 rows and loses at 32 over a 4,096-token prompt
     # (benchmarks/results/kernels/short_rest_h100_2026-12-06/).
     short_rest_rows: int = 16
+    # Triton attention: a run of chunks over cached context whose query tiles would leave
+    # most of the device idle (a short chunk over a long context) is attended by the prefill
+    # kernel with each context split across programs (kernels/prefill_split.py). On an H100
+    # a 32-row chunk over 4,096 tokens beside 12 decode rows took 131.0 µs a layer against
+    # 192.6 unsplit (benchmarks/results/kernels/short_rest_split_h100_2026-12-06/).
+    split_context_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

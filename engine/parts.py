@@ -62,6 +62,7 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
             overlap_decode_attention=model_config.overlap_decode_attention,
             fused_decode_merge=model_config.fused_decode_merge,
             short_rest_rows=model_config.short_rest_rows,
+            split_context_prefill=model_config.split_context_prefill,
         )
     start = MemoryStart.take(device) if needs_profile(config.cache, device) else None
     loaded = load_model(config.model, kernels)

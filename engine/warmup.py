@@ -18,7 +18,10 @@ The steps (`warmup_steps`):
   chunked prefill schedules them under load;
 - a mixed step whose chunk is the short rest of a long prompt, which the Triton backend
   attends a row at a time with the decode kernel (`short_rest_rows`,
-  kernels/prefill_runs.py).
+  kernels/prefill_runs.py);
+- a mixed step whose chunk is longer than any such rest over a long context, which the
+  prefill kernel attends (with `split_context_prefill`, its context split across programs:
+  kernels/prefill_split.py).
 
 The kernels leave their step-varying arguments unspecialised (block-table width, split
 count, view alignment: `kernels/`), so these steps compile every variant a step can need.
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 _LONG_CONTEXT = 16384
 # Rows of the short rest: below any `short_rest_rows` worth setting (its default is 16).
 _SHORT_REST = 5
+# Rows of a chunk over long context: above any `short_rest_rows` worth setting.
+_LONG_REST = 40
 
 
 class Row(NamedTuple):
@@ -66,9 +71,10 @@ def warmup_steps(limits: WarmupLimits) -> list[list[Row]]:
     if chunk >= 1:
         cached = min(32, max_len - chunk)
         steps.append([Row(1, min(64, max_len)), Row(1, long_context), Row(chunk, chunk + cached)])
-    rest = min(_SHORT_REST, budget - 1, long_context - 1)
-    if rest >= 1:
-        steps.append([Row(1, min(64, max_len)), Row(rest, long_context)])
+    for rows in (_SHORT_REST, _LONG_REST):
+        rest = min(rows, budget - 1, long_context - 1)
+        if rest >= 1:
+            steps.append([Row(1, min(64, max_len)), Row(rest, long_context)])
     return steps
 
 

@@ -43,6 +43,8 @@ from splitserve.kernels.device_copy import arrays_to_device
 from splitserve.kernels.fresh_prefill import FLASH_DTYPES, fresh_prefill_attention
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, ROWS, PrefillRun, plan_runs
+from splitserve.kernels.prefill_split import default_tiles as split_tiles
+from splitserve.kernels.prefill_split import plan_context_splits
 from splitserve.kernels.side_stream import DecodeBranch, SideStream
 from splitserve.kernels.store_kv import store_kv
 
@@ -62,6 +64,7 @@ class _Run(NamedTuple):
     run: PrefillRun
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     rows: _RowsInputs | None = None  # ROWS runs only
+    context_splits: int = 1  # CONTEXT runs: partitions of each context (kernels/prefill_split.py)
 
 
 class _MixedPlan(NamedTuple):
@@ -91,7 +94,9 @@ class TritonPagedAttention:
     kernel (one launch a layer instead of two; the backend keeps the counters).
     `short_rest_rows` attends runs of chunks over cached context of at most that many rows
     with the decode kernel (`ROWS`, kernels/prefill_runs.py); 0 leaves them to the Triton
-    prefill kernel."""
+    prefill kernel. `split_context_prefill` gives a run on the Triton prefill kernel whose
+    query tiles leave the device mostly idle the kernel that splits each context across
+    programs (kernels/prefill_split.py)."""
 
     def __init__(
         self,
@@ -103,12 +108,15 @@ class TritonPagedAttention:
         dense_attend: cudnn_prefill.DenseAttend = cudnn_prefill.cudnn_attend,
         fused_decode_merge: bool = False,
         short_rest_rows: int = 0,
+        split_context_prefill: bool = False,
     ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
         if short_rest_rows < 0:
             raise ValueError(f"short_rest_rows must be >= 0 (0: off), got {short_rest_rows}")
         self.short_rest_rows = short_rest_rows
+        self.split_context_prefill = split_context_prefill
+        self._sms: int | None = None  # the device's multiprocessors, read on first use
         self.decode_num_splits = decode_num_splits
         self.flash_fresh_prefill = flash_fresh_prefill
         self.overlap_decode_rows = overlap_decode_rows
@@ -143,6 +151,12 @@ class TritonPagedAttention:
         (a cuDNN run that found its padded rows past the buffer took the flash path)."""
         return dict(self._runs_planned)
 
+    def context_splits(self) -> list[int]:
+        """The last planned step's CONTEXT runs' partitions of each context (1: unsplit)."""
+        if self._planned is None:
+            return []
+        return [run.context_splits for run in self._planned[1].runs if run.run.kind == CONTEXT]
+
     def store(
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
@@ -175,7 +189,7 @@ class TritonPagedAttention:
                 num_splits=self.decode_num_splits,
                 counters=self._counters,
             )
-        plan = self._plan(meta, q.dtype)
+        plan = self._plan(meta, q)
         decodes = plan.decodes
         if out is None:
             out = torch.empty_like(q)
@@ -237,16 +251,8 @@ class TritonPagedAttention:
             return
         first = plan.decodes + run.run.first_seq
         seqs = slice(first, first + run.run.num_seqs)
-        prefill_attention(
-            q,
-            kv_cache,
-            meta.block_tables[seqs],
-            meta.seq_lens[seqs],
-            run.query_start_loc,
-            max(lens),
-            scale,
-            out=out,
-        )
+        args = (q, kv_cache, meta.block_tables[seqs], meta.seq_lens[seqs], run.query_start_loc)
+        prefill_attention(*args, max(lens), scale, out=out, num_splits=run.context_splits)
 
     def _padded_prompts(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _MixedPlan
@@ -331,7 +337,7 @@ class TritonPagedAttention:
             self._side = SideStream(device)
         return self._side
 
-    def _plan(self, meta: AttentionMetadata, dtype: torch.dtype) -> _MixedPlan:
+    def _plan(self, meta: AttentionMetadata, q: torch.Tensor) -> _MixedPlan:
         """The step's plan: kept from the layer before when `meta` is the same object."""
         if self._planned is not None and self._planned[0] is meta:
             return self._planned[1]
@@ -344,7 +350,7 @@ class TritonPagedAttention:
         runs = plan_runs(
             meta.query_lens_cpu[decodes:],
             meta.seq_lens_cpu[decodes:],
-            flash=self.flash_fresh_prefill and dtype in FLASH_DTYPES,
+            flash=self.flash_fresh_prefill and q.dtype in FLASH_DTYPES,
             cudnn=self._cudnn_ready,
             rows_max=self.short_rest_rows,
         )
@@ -356,6 +362,9 @@ class TritonPagedAttention:
                     run,
                     _run_starts(query_start_loc, run, len(runs)),
                     _rows_inputs(meta, decodes + run.first_seq, run) if run.kind == ROWS else None,
+                    self._context_splits(run, meta.seq_lens_cpu[decodes:], q)
+                    if run.kind == CONTEXT
+                    else 1,
                 )
                 for run in runs
             ),
@@ -366,6 +375,21 @@ class TritonPagedAttention:
         self._prompts.clear()  # the step before's padded views (they keep its buffers alive)
         self._rows.clear()  # the step before's ROWS launches and their scratch
         return plan
+
+    def _context_splits(self, run: PrefillRun, seq_lens: list[int], q: torch.Tensor) -> int:
+        """Partitions of each context for a CONTEXT run (`seq_lens`: the step's prefill
+        sequences' lengths): 1 unless `split_context_prefill`."""
+        if not self.split_context_prefill:
+            return 1
+        device = q.device
+        if self._sms is None:
+            cuda = device.type == "cuda"
+            self._sms = (
+                torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
+            )
+        lens = seq_lens[run.first_seq : run.first_seq + run.num_seqs]
+        block_m = split_tiles(q.dtype, q.shape[2], device)[0]
+        return plan_context_splits(run.query_lens, lens, q.shape[1], block_m, self._sms)
 
 
 def _run_starts(query_start_loc: torch.Tensor, run: PrefillRun, num_runs: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from splitserve.kernels import decode_attention as dec
 from splitserve.kernels import decode_reduce as red
 from splitserve.kernels import gumbel_sample as gum
 from splitserve.kernels import prefill_attention as pre
+from splitserve.kernels import prefill_split as spl
 from splitserve.kernels import rmsnorm as rms
 from splitserve.kernels import rotary as rot
 from splitserve.kernels import rotary_store as rst
@@ -75,9 +76,19 @@ def _attention_specs(dtype: torch.dtype) -> list[Spec]:
         )  # fmt: skip
     consts = dict(common, GROUP_SIZE=GROUP, BLOCK_M=block_m, BLOCK_N=block_n)
     warps = pre.default_num_warps(block_m, dtype)
+    split_ptrs = dict(pre_ptrs, part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32")
+    split_ptrs |= dict(row_seq_lens_ptr="i32")
+    split_m, split_n = spl.default_tiles(dtype, HEAD_DIM, torch.device("cuda"))
+    split_consts = dict(common, GROUP_SIZE=GROUP, BLOCK_M=split_m, BLOCK_N=split_n)
     specs.append(
-        Spec(f"prefill ({ty})", pre._prefill_kernel, pre_ptrs, ("qk_scale_log2",), consts,
-             warps, 2)
+        Spec(f"prefill, context split ({ty})", pre._prefill_kernel, split_ptrs,
+             ("qk_scale_log2",), split_consts | dict(IS_SINGLE_SPLIT=False), spl.NUM_WARPS, 2)
+    )  # fmt: skip
+    single_ptrs = dict(pre_ptrs, part_acc_ptr=ty, part_m_ptr=ty, part_l_ptr=ty)
+    single_ptrs |= dict(row_seq_lens_ptr="i32")
+    specs.append(
+        Spec(f"prefill ({ty})", pre._prefill_kernel, single_ptrs, ("qk_scale_log2",),
+             consts | dict(IS_SINGLE_SPLIT=True), warps, 2)
     )  # fmt: skip
     return specs
 
@@ -93,7 +104,7 @@ def all_specs() -> list[Spec]:
         *_attention_specs(torch.float32),
         Spec(
             "decode reduce (bf16)", red._decode_reduce_kernel, reduce_ptrs, (),
-            dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM), 1, 1,
+            dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, SKIP_EMPTY=False), 1, 1,
         ),
         Spec(
             "store_kv (bf16)", st._store_kv_kernel,

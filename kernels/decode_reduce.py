@@ -55,10 +55,13 @@ def _decode_reduce_kernel(
     stride_out_dim,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
+    if SKIP_EMPTY and seq_len <= 0:
+        return
     partition = partition_tokens(seq_len, num_splits, partition_tile)
     num_active = tl.minimum(tl.cdiv(seq_len, partition), num_splits)
     dims = tl.arange(0, BLOCK_D)
@@ -104,9 +107,12 @@ def prepare_merge(
     seq_lens: torch.Tensor,
     out: torch.Tensor,
     partition_tile: int,
+    skip_empty: bool = False,
 ) -> Callable[[torch.Tensor], None]:
     """`merge_partitions` checked once: the launch, taking an output of `out`'s shape and
-    strides (each layer of a step its own)."""
+    strides (each layer of a step its own). With `skip_empty`, rows whose length is 0
+    are left unwritten (the split prefill's rows outside every sequence) where otherwise
+    they get zeros."""
     device = out.device
     check_launchable(device)
     check_tensor("part_acc", part_acc, 4, (torch.float32,), device)
@@ -131,7 +137,7 @@ def prepare_merge(
         stride_pml_split=part_m.stride(2),
         stride_out_seq=out.stride(0), stride_out_head=out.stride(1),
         stride_out_dim=out.stride(2),
-        HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim, 16),
+        HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim, 16), SKIP_EMPTY=skip_empty,
         num_warps=1,
     )  # fmt: skip
     grid = (batch, num_heads)

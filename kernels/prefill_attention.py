@@ -9,6 +9,10 @@ once. Each program runs an online softmax in fp32 over KV tiles gathered through
 block table: first the tiles every row of the query tile sees in full, then the tiles on
 the causal diagonal with the mask. float32 inputs use full-precision dots.
 
+With `num_splits` > 1 the grid's last axis is (query head, partition): each program folds
+only its partition of the context and stores its rows' partials, which the decode merge
+combines (kernels/prefill_split.py says when and how a run is split).
+
 Reference: `splitserve.kernels.attention_torch.TorchPagedAttention` (via
 `prefill_attention_reference`).
 """
@@ -16,11 +20,13 @@ Reference: `splitserve.kernels.attention_torch.TorchPagedAttention` (via
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels import prefill_split
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.attention_torch import TorchPagedAttention
 from splitserve.kernels.checks import (
@@ -32,6 +38,7 @@ from splitserve.kernels.checks import (
     dot_precision,
     next_pow2,
 )
+from splitserve.kernels.decode_reduce import partition_tokens, prepare_merge
 from splitserve.kernels.paged import attend_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -39,11 +46,12 @@ LOG2E = 1.4426950408889634
 
 # What varies step to step is not specialised on, so that no step compiles a new variant
 # mid-serving (engine/warmup.py compiles the kernels at start-up): the block-table row
-# stride (the batch's widest table), and the alignment of the table and context-length
-# pointers (a mixed step passes views that start after its decode rows).
+# stride (the batch's widest table), the alignment of the table and context-length
+# pointers (a mixed step passes views that start after its decode rows; an unsplit launch
+# passes the context lengths as the rows' too), the split count.
 @triton.jit(
-    do_not_specialize=["stride_table_seq"],
-    do_not_specialize_on_alignment=["table_ptr", "seq_lens_ptr"],
+    do_not_specialize=["stride_table_seq", "num_splits"],
+    do_not_specialize_on_alignment=["table_ptr", "seq_lens_ptr", "row_seq_lens_ptr"],
 )
 def _prefill_kernel(
     q_ptr,  # [T, num_heads, HEAD_DIM]
@@ -51,8 +59,13 @@ def _prefill_kernel(
     table_ptr,  # [B, max_blocks] int32, -1 padded
     seq_lens_ptr,  # [B] int32
     query_start_ptr,  # [B + 1] int32
-    out_ptr,  # [T, num_heads, HEAD_DIM]
+    out_ptr,  # [T, num_heads, HEAD_DIM] (written when IS_SINGLE_SPLIT)
+    part_acc_ptr,  # [T, num_heads, num_splits, HEAD_DIM] fp32 (otherwise)
+    part_m_ptr,  # [T, num_heads, num_splits] fp32
+    part_l_ptr,  # [T, num_heads, num_splits] fp32
+    row_seq_lens_ptr,  # [T] int32, zeros: each row's sequence length, written here
     qk_scale_log2,
+    num_splits,
     stride_q_tok,
     stride_q_head,
     stride_q_dim,
@@ -68,6 +81,11 @@ def _prefill_kernel(
     stride_out_tok,
     stride_out_head,
     stride_out_dim,
+    stride_pacc_tok,
+    stride_pacc_head,
+    stride_pacc_split,
+    stride_pml_tok,
+    stride_pml_head,
     GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -75,10 +93,11 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    IS_SINGLE_SPLIT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
-    head = tl.program_id(2)
+    head = tl.program_id(2) // num_splits
     q_begin = tl.load(query_start_ptr + seq * stride_query_start)
     query_len = tl.load(query_start_ptr + (seq + 1) * stride_query_start) - q_begin
     tile_begin = tile * BLOCK_M
@@ -87,6 +106,15 @@ def _prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
     cached_len = seq_len - query_len
     kv_head = head // GROUP_SIZE
+    # This program's keys: all of them, or its partition of the context.
+    part_begin = 0
+    part_end = seq_len
+    if not IS_SINGLE_SPLIT:
+        partition = partition_tokens(seq_len, num_splits, BLOCK_N)
+        part_begin = (tl.program_id(2) % num_splits) * partition
+        if part_begin >= seq_len:
+            return
+        part_end = tl.minimum(part_begin + partition, seq_len)
 
     rows = tile_begin + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -105,7 +133,7 @@ def _prefill_kernel(
 
     # Keys before the tile's first query position are visible to every row.
     full_end = ((cached_len + tile_begin) // BLOCK_N) * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(part_begin, tl.minimum(part_end, full_end), BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
             q, acc, m_i, l_i, q_pos, kv_ptr, table, kv_head, seq_len, start, qk_scale_log2,
             stride_kv_block, stride_kv_kv, stride_kv_tok, stride_kv_head, stride_kv_dim,
@@ -115,7 +143,7 @@ def _prefill_kernel(
         )  # fmt: skip
     # The diagonal: up to the tile's last query position, masked causally.
     kv_end = cached_len + tl.minimum(tile_begin + BLOCK_M, query_len)
-    for start in range(full_end, kv_end, BLOCK_N):
+    for start in range(tl.maximum(part_begin, full_end), tl.minimum(part_end, kv_end), BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
             q, acc, m_i, l_i, q_pos, kv_ptr, table, kv_head, seq_len, start, qk_scale_log2,
             stride_kv_block, stride_kv_kv, stride_kv_tok, stride_kv_head, stride_kv_dim,
@@ -124,16 +152,27 @@ def _prefill_kernel(
             CAUSAL=True, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
 
-    # A row that saw no visible key has acc = 0 and l = 0: it gets 0.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(
-        out_ptr
-        + tok[:, None] * stride_out_tok
-        + head * stride_out_head
-        + dims[None, :] * stride_out_dim,
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    if IS_SINGLE_SPLIT:
+        # A row that saw no visible key has acc = 0 and l = 0: it gets 0.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr
+            + tok[:, None] * stride_out_tok
+            + head * stride_out_head
+            + dims[None, :] * stride_out_dim,
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
+    else:
+        split = tl.program_id(2) % num_splits
+        pacc = part_acc_ptr + tok[:, None] * stride_pacc_tok + head * stride_pacc_head
+        tl.store(pacc + split * stride_pacc_split + dims[None, :], acc, mask=mask)
+        pml = tok * stride_pml_tok + head * stride_pml_head + split
+        in_rows = rows < query_len
+        tl.store(part_m_ptr + pml, m_i, mask=in_rows)
+        tl.store(part_l_ptr + pml, l_i, mask=in_rows)
+        if (split == 0) & (head == 0):
+            tl.store(row_seq_lens_ptr + tok, seq_len, mask=in_rows)
 
 
 def default_tiles(dtype: torch.dtype, head_dim: int, device: torch.device) -> tuple[int, int]:
@@ -151,27 +190,22 @@ def default_num_warps(block_m: int, dtype: torch.dtype) -> int:
     return 8 if block_m >= 128 or dtype == torch.float32 else 4
 
 
-def prefill_attention(
-    q: torch.Tensor,  # [T, num_heads, head_dim]
-    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
-    block_tables: torch.Tensor,  # [B, max_blocks] int32, -1 padded
-    seq_lens: torch.Tensor,  # [B] int32
-    query_start_loc: torch.Tensor,  # [B + 1] int32
-    max_query_len: int,  # host upper bound of the query lengths (sizes the grid)
-    scale: float,
-    out: torch.Tensor | None = None,  # [T, num_heads, head_dim], q's dtype
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int = 2,
-) -> torch.Tensor:  # [T, num_heads, head_dim]; rows outside every sequence are not written
-    """Causal attention of every chunk's queries over its sequence's pooled context."""
+def check_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """The prefill kernels' arguments checked (a ValueError naming what is off); `out`,
+    allocated like q when None."""
     device = q.device
     check_launchable(device)
     check_tensor("q", q, 3, FLOAT_DTYPES, device)
     check_tensor("kv_cache", kv_cache, 5, (q.dtype,), device)
     num_heads, head_dim = q.shape[1:]
-    _, two, block_size, num_kv_heads, _ = kv_cache.shape
+    _, two, _, num_kv_heads, _ = kv_cache.shape
     if two != 2 or kv_cache.shape[4] != head_dim:
         raise ValueError(
             f"kv_cache shape {tuple(kv_cache.shape)} does not match q {tuple(q.shape)}: "
@@ -189,17 +223,46 @@ def prefill_attention(
         out = torch.empty_like(q)
     check_tensor("out", out, 3, (q.dtype,), device)
     check_shape("out", out, q.shape)
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, -1 padded
+    seq_lens: torch.Tensor,  # [B] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    max_query_len: int,  # host upper bound of the query lengths (sizes the grid)
+    scale: float,
+    out: torch.Tensor | None = None,  # [T, num_heads, head_dim], q's dtype
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    num_splits: int = 1,  # partitions of each context across programs (kernels/prefill_split.py)
+) -> torch.Tensor:  # [T, num_heads, head_dim]; rows outside every sequence are not written
+    """Causal attention of every chunk's queries over its sequence's pooled context."""
+    out = check_prefill(q, kv_cache, block_tables, seq_lens, query_start_loc, out)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    batch, (tokens, num_heads, head_dim) = block_tables.shape[0], q.shape
     if batch == 0 or max_query_len <= 0:
         return out
-    default_m, default_n = default_tiles(q.dtype, head_dim, device)
+    split = num_splits > 1
+    tiles = prefill_split.default_tiles if split else default_tiles
+    default_m, default_n = tiles(q.dtype, head_dim, q.device)
     block_m, block_n = block_m or default_m, block_n or default_n
     check_tile("block_m", block_m)
     check_tile("block_n", block_n)
-    num_warps = num_warps or default_num_warps(block_m, q.dtype)
-    grid = (triton.cdiv(max_query_len, block_m), batch, num_heads)
+    if num_warps is None:
+        num_warps = prefill_split.NUM_WARPS if split else default_num_warps(block_m, q.dtype)
+    parts = _Partials.make(tokens, num_heads, num_splits, head_dim, q, out, seq_lens)
+    grid = (triton.cdiv(max_query_len, block_m), batch, num_heads * num_splits)
     _prefill_kernel[grid](
         q_ptr=q, kv_ptr=kv_cache, table_ptr=block_tables, seq_lens_ptr=seq_lens,
-        query_start_ptr=query_start_loc, out_ptr=out, qk_scale_log2=scale * LOG2E,
+        query_start_ptr=query_start_loc, out_ptr=out, part_acc_ptr=parts.acc,
+        part_m_ptr=parts.max, part_l_ptr=parts.sum, row_seq_lens_ptr=parts.row_seq_lens,
+        qk_scale_log2=scale * LOG2E, num_splits=num_splits,
         stride_q_tok=q.stride(0), stride_q_head=q.stride(1), stride_q_dim=q.stride(2),
         stride_kv_block=kv_cache.stride(0), stride_kv_kv=kv_cache.stride(1),
         stride_kv_tok=kv_cache.stride(2), stride_kv_head=kv_cache.stride(3),
@@ -207,11 +270,47 @@ def prefill_attention(
         stride_table_seq=block_tables.stride(0), stride_table_blk=block_tables.stride(1),
         stride_seq_lens=seq_lens.stride(0), stride_query_start=query_start_loc.stride(0),
         stride_out_tok=out.stride(0), stride_out_head=out.stride(1), stride_out_dim=out.stride(2),
-        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=next_pow2(head_dim, 16), KV_BLOCK_SIZE=block_size,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        stride_pacc_tok=parts.acc.stride(0), stride_pacc_head=parts.acc.stride(1),
+        stride_pacc_split=parts.acc.stride(2), stride_pml_tok=parts.max.stride(0),
+        stride_pml_head=parts.max.stride(1),
+        GROUP_SIZE=num_heads // kv_cache.shape[3], HEAD_DIM=head_dim, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=next_pow2(head_dim, 16), KV_BLOCK_SIZE=kv_cache.shape[2],
+        DOT_PRECISION=dot_precision(q.dtype), IS_SINGLE_SPLIT=not split,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if split:
+        prepare_merge(
+            parts.acc, parts.max, parts.sum, parts.row_seq_lens, out, block_n, skip_empty=True
+        )(out)
     return out
+
+
+class _Partials(NamedTuple):
+    """A split launch's scratch: each row's partitions and its sequence's length. A
+    single-split launch passes its own tensors in their place (never read)."""
+
+    acc: torch.Tensor  # [T, num_heads, num_splits, head_dim] fp32
+    max: torch.Tensor  # [T, num_heads, num_splits] fp32
+    sum: torch.Tensor  # [T, num_heads, num_splits] fp32
+    row_seq_lens: torch.Tensor  # [T] int32, zeros
+
+    @staticmethod
+    def make(
+        tokens: int, heads: int, splits: int, head_dim: int, q: torch.Tensor,
+        out: torch.Tensor, seq_lens: torch.Tensor,
+    ) -> _Partials:  # fmt: skip
+        if splits == 1:
+            return _Partials(out[:, :, None], out[:, :, :1], out[:, :, :1], seq_lens)
+
+        def scratch(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=torch.float32, device=q.device)
+
+        return _Partials(
+            scratch(tokens, heads, splits, head_dim),
+            scratch(tokens, heads, splits),
+            scratch(tokens, heads, splits),
+            torch.zeros(tokens, dtype=torch.int32, device=q.device),
+        )
 
 
 def prefill_attention_reference(

@@ -103,11 +103,13 @@ def _attention(
     overlap: bool,
     fused_merge: bool,
     short_rest_rows: int,
+    split_context: bool,
 ) -> AttentionBackend:
     """`pinned`: the backend was named, not "auto": Triton kernels for every step.
     `overlap`: a mixed step's decode rows on a second CUDA stream (Triton only).
     `fused_merge`: split decode plans merged inside the split kernel (Triton only).
-    `short_rest_rows`: short chunks over cached context on the decode kernel (Triton only)."""
+    `short_rest_rows`: short chunks over cached context on the decode kernel (Triton only).
+    `split_context`: chunks over long context with the context split (Triton only)."""
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
         from splitserve.kernels.cudnn_prefill import cudnn_prefill_supported
@@ -120,6 +122,7 @@ def _attention(
             cudnn_fresh_prefill=flash and cudnn_prefill_supported(device_type),
             fused_decode_merge=fused_merge,
             short_rest_rows=short_rest_rows,
+            split_context_prefill=split_context,
         )
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
@@ -193,6 +196,7 @@ def select_kernels(
     overlap_decode_attention: bool = False,
     fused_decode_merge: bool = False,
     short_rest_rows: int = 0,
+    split_context_prefill: bool = False,
 ) -> ModelKernels:
     """The kernels a model on `device_type` ("cpu", "cuda") runs under this configuration."""
     attention = resolve_backend(attention_backend, device_type)
@@ -209,8 +213,9 @@ def select_kernels(
     pinned = attention_backend != "auto"
     overlap = overlap_decode_attention
     attention_op = _attention(
-        attention, device_type, pinned, overlap, fused_decode_merge, short_rest_rows
-    )
+        attention, device_type, pinned, overlap, fused_decode_merge, short_rest_rows,
+        split_context_prefill,
+    )  # fmt: skip
     return ModelKernels(
         backend, attention, *ops, attention_op, _draw(backend), _rotary_store(backend)
     )

@@ -136,6 +136,12 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         help="CUDA: largest prefill or mixed step that replays piecewise graphs; larger "
         "ones run the pieces eagerly at their own size (0: every step eager)",
     )
+    _add_attention_path_arguments(g)
+
+
+def _add_attention_path_arguments(g: argparse._ArgumentGroup) -> None:
+    """The Triton attention's paths: which kernel takes which rows of a step."""
+    model = ModelConfig
     g.add_argument(
         "--overlap-decode-attention",
         action=argparse.BooleanOptionalAction,
@@ -156,6 +162,13 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
         default=default_of(model, "short_rest_rows"),
         help="Triton attention: attend a step's chunks over cached context of at most this "
         "many rows with the decode kernel, a row at a time (0: with the prefill kernel)",
+    )
+    g.add_argument(
+        "--split-context-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(model, "split_context_prefill"),
+        help="Triton attention: attend chunks over cached context that would leave the device "
+        "idle (a short chunk over a long context) with each context split across programs",
     )
 
 
@@ -268,6 +281,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             overlap_decode_attention=args.overlap_decode_attention,
             fused_decode_merge=args.fused_decode_merge,
             short_rest_rows=args.short_rest_rows,
+            split_context_prefill=args.split_context_prefill,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

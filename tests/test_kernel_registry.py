@@ -71,7 +71,11 @@ def _greedy_tokens(model_dir, kernel_backend: str) -> list[list[int]]:  # type: 
 
 
 def _greedy_run(  # type: ignore[no-untyped-def]
-    model_dir, kernel_backend: str, attention_backend: str = "torch", short_rest_rows: int = 0
+    model_dir,
+    kernel_backend: str,
+    attention_backend: str = "torch",
+    short_rest_rows: int = 0,
+    split_context_prefill: bool = False,
 ) -> tuple[list[list[int]], dict[str, int]]:
     """Greedy tokens of a small batch (two prompts over several steps, one in 8-token
     chunks) from an engine with `attention_backend` and `kernel_backend`, on the GPU
@@ -85,7 +89,7 @@ def _greedy_run(  # type: ignore[no-untyped-def]
     model = ModelConfig(
         str(model_dir), dtype="float32", device=device, attention_backend=attention_backend,
         kernel_backend=kernel_backend, enforce_eager=True,  # no graph captures: a quick test
-        short_rest_rows=short_rest_rows,
+        short_rest_rows=short_rest_rows, split_context_prefill=split_context_prefill,
     )  # fmt: skip
     sched = SchedulerConfig(max_num_batched_tokens=8)
     core = EngineCore(EngineConfig(model, CacheConfig(block_size=16, num_blocks=32), sched))
@@ -123,6 +127,28 @@ def test_short_rests_on_the_decode_kernel_generate_the_torch_attention_tokens(
     assert tokens == want and runs["rows"] > 0
     tokens, runs = _greedy_run(tiny_llama, "triton", "triton", short_rest_rows=0)
     assert tokens == want and runs == {"context": runs["context"], "rows": 0}
+
+
+def test_split_contexts_generate_the_torch_attention_tokens(
+    triton_interpreter, tiny_llama, monkeypatch
+) -> None:
+    """The Triton attention with chunks over cached context attended with their context
+    split across programs (partitions of 4 tokens and any grid allowed, so that the tiny
+    model's contexts split) gives plain torch attention's greedy tokens."""
+    from splitserve.kernels import backend, prefill_attention, prefill_split
+
+    want = _greedy_tokens(tiny_llama, "torch")
+    monkeypatch.setattr(prefill_split, "MIN_PARTITION_TOKENS", 4)
+    monkeypatch.setattr(prefill_split, "MAX_FILL_FRACTION", 64.0)  # as on a large device
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs["num_splits"])
+        return prefill_attention.prefill_attention(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "prefill_attention", counted)
+    tokens, runs = _greedy_run(tiny_llama, "triton", "triton", split_context_prefill=True)
+    assert tokens == want and runs["context"] > 0 and max(calls) > 1
 
 
 def test_short_rest_rows_must_not_be_negative_in_the_config() -> None:

@@ -31,13 +31,16 @@ def test_all_kernels_compile_for_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reports = {r["label"]: r for r in json.loads(proc.stdout)}
-    assert len(reports) == 15, sorted(reports)
+    assert len(reports) == 17, sorted(reports)
     # The bf16 attention kernels at their defaults: no register spills (when the shipped
     # cuobjdump could read the cubin), and prefill on Hopper's warpgroup matrix instructions.
     for label in ("decode split (bf16, split-K)", "decode split (bf16, single)", "prefill (bf16)"):
         assert reports[label]["stack_bytes"] in (0, None), reports[label]
-    ops = reports["prefill (bf16)"]["ops"]
-    assert not ops or ops["HGMMA"] > 0, ops
+    # The split prefill spills a little (16 bytes a thread at its defaults): bounded here.
+    assert (reports["prefill, context split (bf16)"]["stack_bytes"] or 0) <= 64
+    for label in ("prefill (bf16)", "prefill, context split (bf16)"):
+        ops = reports[label]["ops"]
+        assert not ops or ops["HGMMA"] > 0, ops
     # The merge inside the split kernel: a device-scope fence before its ticket atomic;
     # the separate-merge variant has neither.
     merged = reports["decode split (bf16, split-K, merged inside)"]

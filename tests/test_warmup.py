@@ -31,6 +31,10 @@ def test_steps_cover_each_kind_of_serving_step(limits: WarmupLimits) -> None:
     # ... and a short rest of a long prompt, which the decode kernel takes a row at a time
     rests = [s[-1] for s in mixed if s[-1].query_len <= ModelConfig.short_rest_rows]
     assert rests and max(r.seq_len for r in rests) >= 8192
+    # ... and a longer chunk over a long context, which the prefill kernel takes (its
+    # context split with `split_context_prefill`: a few tiles leave the device idle)
+    longer = [s[-1] for s in mixed if s[-1].query_len > ModelConfig.short_rest_rows]
+    assert any(r.seq_len >= 8192 and r.query_len <= 64 for r in longer)
     for rows in steps:
         decode_rows = [r.query_len == 1 for r in rows]
         assert decode_rows == sorted(decode_rows, reverse=True)  # decode rows lead
