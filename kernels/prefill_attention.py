@@ -48,9 +48,11 @@ LOG2E = 1.4426950408889634
 # mid-serving (engine/warmup.py compiles the kernels at start-up): the block-table row
 # stride (the batch's widest table), the alignment of the table and context-length
 # pointers (a mixed step passes views that start after its decode rows; an unsplit launch
-# passes the context lengths as the rows' too), the split count.
+# passes the context lengths as the rows' too), the split count and the partial max and
+# sum's strides, which follow it (a count or heads times it may be a multiple of 16 in one
+# step and not in the next).
 @triton.jit(
-    do_not_specialize=["stride_table_seq", "num_splits"],
+    do_not_specialize=["stride_table_seq", "num_splits", "stride_pml_tok", "stride_pml_head"],
     do_not_specialize_on_alignment=["table_ptr", "seq_lens_ptr", "row_seq_lens_ptr"],
 )
 def _prefill_kernel(
