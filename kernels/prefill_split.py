@@ -13,17 +13,18 @@ running max, sum and unnormalised output over its partition, and the decode kern
 length, which the split-0 programs write (rows outside every sequence are left unwritten).
 
 `plan_context_splits` picks the split count for a run from host lengths: none when the
-run's query tiles (at the split launch's rows) times heads exceed `MAX_FILL_FRACTION` of
-the multiprocessors, otherwise as many as give every multiprocessor
-`PROGRAMS_PER_SM` programs, each partition at least `MIN_PARTITION_TOKENS` of the longest
-context. A split launch's 64 x 64 tiles do the same work more slowly than the unsplit
-kernel's, so it pays only where the unsplit grid leaves most of the device idle: one
-layer of Llama-3.1-8B (32 query heads) on an H100 beside 12 decode rows
-(`benchmarks/results/kernels/short_rest_split_h100_2026-12-06/`), a 32-row chunk over 4,096
-tokens (32 programs, 9 partitions) 131.0 µs against 192.6 unsplit; 128 rows (64 programs)
-181.5 against 193.6 over 4,096 tokens but 66.8 against 56.3 over 1,024; 512 rows (256
-programs, 2 partitions) 384.8 against 224.2. A split launch takes `default_tiles` and
-`NUM_WARPS`. Pure host arithmetic.
+run's query tiles (at the split launch's rows, the unsplit launch's too) times heads
+exceed `MAX_FILL_FRACTION` of the multiprocessors, otherwise as many as give every
+multiprocessor `PROGRAMS_PER_SM` programs, each partition at least `MIN_PARTITION_TOKENS`
+of the longest context. The prefill kernel alone on an H100, Llama-3.1-8B heads, a chunk
+over 4,096 tokens (`benchmarks/split_tiles.py`,
+`benchmarks/results/kernels/short_rest_split_h100_2026-12-06/tiles/`), µs unsplit against
+split at 128 x 64 tiles with 8 warps: 32 rows 160.9 against 64.5 (4 partitions) and 65.9
+(9); 128 rows 158.8 against 62.7 and 67.4; 512 rows (128 programs, about one a
+multiprocessor) 160.5 against 183.6 (2). The 64 x 64 tiles with 8 warps of the first
+version took 74.6 to 104.3 µs at 32 and 128 rows, which held its plan to a quarter of the
+multiprocessors. A split launch takes `default_tiles` and `NUM_WARPS`. Pure host
+arithmetic.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ import torch
 # fraction of the multiprocessors; the fewest context tokens worth a partition; the most
 # partitions (each row's merge reads all of its sequence's).
 PROGRAMS_PER_SM = 2
-MAX_FILL_FRACTION = 0.25
+MAX_FILL_FRACTION = 0.5
 MIN_PARTITION_TOKENS = 256
 MAX_SPLITS = 32
-# A split launch's warps at its 64 x 64 tiles (on sm_90, Triton 3.6, a spill of 16 bytes a
-# thread: `compile_check`).
+# A split launch's warps at its 128 x 64 tiles (on sm_90, Triton 3.6, a spill of 80 bytes a
+# thread: `compile_check`; 64 x 64 tiles spill 360 bytes with 4 warps).
 NUM_WARPS = 8
 
 
@@ -60,8 +61,9 @@ def plan_context_splits(
 
 
 def default_tiles(dtype: torch.dtype, head_dim: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of a split launch: 64-row query tiles (the chunks it takes are
-    short) over 64-token KV tiles; float32 and the interpreter 32 x 32."""
+    """(BLOCK_M, BLOCK_N) of a split launch: the unsplit launch's 128 x 64 on CUDA in 16-bit
+    types (against 64 x 64 with 8 warps, level at 2 partitions and up to 1.7 times as fast
+    at 4 and 9, `tiles/`); float32 and the interpreter 32 x 32."""
     if device.type != "cuda" or dtype == torch.float32 or head_dim > 128:
         return 32, 32
-    return 64, 64
+    return 128, 64

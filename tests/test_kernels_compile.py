@@ -36,8 +36,9 @@ def test_all_kernels_compile_for_sm90() -> None:
     # cuobjdump could read the cubin), and prefill on Hopper's warpgroup matrix instructions.
     for label in ("decode split (bf16, split-K)", "decode split (bf16, single)", "prefill (bf16)"):
         assert reports[label]["stack_bytes"] in (0, None), reports[label]
-    # The split prefill spills a little (16 bytes a thread at its defaults): bounded here.
-    assert (reports["prefill, context split (bf16)"]["stack_bytes"] or 0) <= 64
+    # The split prefill spills a little (80 bytes a thread at its 128 x 64 tiles, 20 loads
+    # and 20 stores): bounded here.
+    assert (reports["prefill, context split (bf16)"]["stack_bytes"] or 0) <= 96
     for label in ("prefill (bf16)", "prefill, context split (bf16)"):
         ops = reports[label]["ops"]
         assert not ops or ops["HGMMA"] > 0, ops
