@@ -81,8 +81,8 @@ class ModelConfig:
     # Triton attention: a run of chunks over cached context whose query tiles would leave
     # most of the device idle (a short chunk over a long context) is attended by the prefill
     # kernel with each context split across programs (kernels/prefill_split.py). On an H100
-    # a 32-row chunk over 4,096 tokens beside 12 decode rows took 131.0 µs a layer against
-    # 192.6 unsplit (benchmarks/results/kernels/short_rest_split_h100_2026-12-06/).
+    # a 128-row chunk over 4,096 tokens beside 12 decode rows took 140.8 µs a layer against
+    # 194.7 unsplit (benchmarks/results/kernels/short_rest_split_h100_2026-12-06/).
     split_context_prefill: bool = True
 
     def __post_init__(self) -> None:

@@ -16,15 +16,16 @@ length, which the split-0 programs write (rows outside every sequence are left u
 run's query tiles (at the split launch's rows, the unsplit launch's too) times heads
 exceed `MAX_FILL_FRACTION` of the multiprocessors, otherwise as many as give every
 multiprocessor `PROGRAMS_PER_SM` programs, each partition at least `MIN_PARTITION_TOKENS`
-of the longest context. The prefill kernel alone on an H100, Llama-3.1-8B heads, a chunk
-over 4,096 tokens (`benchmarks/split_tiles.py`,
-`benchmarks/results/kernels/short_rest_split_h100_2026-12-06/tiles/`), µs unsplit against
-split at 128 x 64 tiles with 8 warps: 32 rows 160.9 against 64.5 (4 partitions) and 65.9
-(9); 128 rows 158.8 against 62.7 and 67.4; 512 rows (128 programs, about one a
-multiprocessor) 160.5 against 183.6 (2). The 64 x 64 tiles with 8 warps of the first
-version took 74.6 to 104.3 µs at 32 and 128 rows, which held its plan to a quarter of the
-multiprocessors. A split launch takes `default_tiles` and `NUM_WARPS`. Pure host
-arithmetic.
+of the longest context. On an H100, Llama-3.1-8B heads, a chunk over 4,096 tokens
+(`benchmarks/results/kernels/short_rest_split_h100_2026-12-06/`): the prefill kernel alone
+(`benchmarks/split_tiles.py`, `tiles/`), µs unsplit against split at 128 x 64 tiles with 8
+warps, 32 rows 160.9 against 64.5 (4 partitions) and 65.9 (9), 128 rows 158.8 against
+62.7 and 67.4, 512 rows (128 programs, about one a multiprocessor) 160.5 against 183.6
+(2); a layer's attention beside 12 decode rows on the side stream
+(`benchmarks/short_rest.py`, `tiles_layer/`), 32 and 128 rows (32 programs) 131.7 and
+140.8 against 193.3 and 194.7 (9 partitions), but 256 rows (64 programs, half the
+multiprocessors) 190.2 against 174.3 (5). Hence a quarter. A split launch takes
+`default_tiles` and `NUM_WARPS`. Pure host arithmetic.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 # fraction of the multiprocessors; the fewest context tokens worth a partition; the most
 # partitions (each row's merge reads all of its sequence's).
 PROGRAMS_PER_SM = 2
-MAX_FILL_FRACTION = 0.5
+MAX_FILL_FRACTION = 0.25
 MIN_PARTITION_TOKENS = 256
 MAX_SPLITS = 32
 # A split launch's warps at its 128 x 64 tiles (on sm_90, Triton 3.6, a spill of 80 bytes a

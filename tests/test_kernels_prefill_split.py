@@ -116,12 +116,11 @@ def test_the_plan_splits_only_runs_that_leave_the_device_idle() -> None:
     assert plan_context_splits([12], [600], 32, 64, 132) == 2  # bounded by the context
     assert plan_context_splits([12], [300], 32, 64, 132) == 1
     assert plan_context_splits([512] * 3, [4096] * 3, 32, 64, 132) == 1  # fills the device
-    # At 128-row tiles and 32 heads: 128 and 256 rows (32 and 64 programs, at most half the
-    # multiprocessors) split; 512 rows (128 programs) do not
+    # At 128-row tiles and 32 heads: 128 rows (32 programs, a quarter of the
+    # multiprocessors) split; 256 rows (64 programs) do not
     assert plan_context_splits([128], [4096], 32, 128, 132) == 9
-    assert plan_context_splits([256], [4096], 32, 128, 132) == 5
-    assert plan_context_splits([512], [4096], 32, 128, 132) == 1
-    assert plan_context_splits([66] * 66, [4096] * 66, 1, 128, 132) == 4
+    assert plan_context_splits([256], [4096], 32, 128, 132) == 1
+    assert plan_context_splits([33] * 33, [4096] * 33, 1, 128, 132) == 8
     assert plan_context_splits([1], [1 << 20], 1, 64, 132) == MAX_SPLITS
     assert plan_context_splits([], [], 32, 64, 132) == 1
 
