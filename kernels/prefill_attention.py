@@ -100,6 +100,7 @@ def _prefill_kernel(
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits  # this program's partition (0 when unsplit)
     q_begin = tl.load(query_start_ptr + seq * stride_query_start)
     query_len = tl.load(query_start_ptr + (seq + 1) * stride_query_start) - q_begin
     tile_begin = tile * BLOCK_M
@@ -113,7 +114,7 @@ def _prefill_kernel(
     part_end = seq_len
     if not IS_SINGLE_SPLIT:
         partition = partition_tokens(seq_len, num_splits, BLOCK_N)
-        part_begin = (tl.program_id(2) % num_splits) * partition
+        part_begin = split * partition
         if part_begin >= seq_len:
             return
         part_end = tl.minimum(part_begin + partition, seq_len)
@@ -166,7 +167,6 @@ def _prefill_kernel(
             mask=mask,
         )
     else:
-        split = tl.program_id(2) % num_splits
         pacc = part_acc_ptr + tok[:, None] * stride_pacc_tok + head * stride_pacc_head
         tl.store(pacc + split * stride_pacc_split + dims[None, :], acc, mask=mask)
         pml = tok * stride_pml_tok + head * stride_pml_head + split
