@@ -12,7 +12,8 @@ defaults, then each `--configs` entry (BLOCK_M x BLOCK_N x warps) at each `--spl
 count; each launch's device time (`triton.testing.do_bench`, median) and its largest
 difference from the unsplit output. `--smoke` runs tiny float32 shapes on the CPU under
 the Triton interpreter (TRITON_INTERPRET=1 set before this module imports triton), timing
-one host call: a check of the script, not a figure.
+one host call after one untimed (`benchmarks/kernels.py`'s `Timer`): a check of the
+script, not a figure.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from splitserve.benchmarks.kernels import Timer
 from splitserve.benchmarks.results_io import provenance, write_result
 
 logger = logging.getLogger(__name__)
@@ -45,21 +45,6 @@ def _configs(text: str) -> list[tuple[int, int, int]]:
     return configs
 
 
-def _timer(smoke: bool) -> Callable[[Callable[[], Any]], float]:
-    """Microseconds of one call: do_bench's median on CUDA, one host-timed call with --smoke."""
-    if smoke:
-
-        def host(fn: Callable[[], Any]) -> float:
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e6
-
-        return host
-    import triton.testing
-
-    return lambda fn: float(triton.testing.do_bench(fn)) * 1e3
-
-
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     from splitserve.kernels.prefill_attention import prefill_attention
     from splitserve.kernels.store_kv import store_kv
@@ -71,7 +56,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     heads, kv_heads, head_dim = (
         (SMOKE_HEADS, SMOKE_KV_HEADS, SMOKE_HEAD_DIM) if smoke else (HEADS, KV_HEADS, HEAD_DIM)
     )
-    timed = _timer(smoke)
+    timed = Timer(smoke)
     rows: list[dict[str, Any]] = []
     for rest in args.rests:
         batch = make_paged_batch(
@@ -92,7 +77,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 prefill_attention, *call_args, out=out, block_m=block_m, block_n=block_n,
                 num_warps=warps, num_splits=splits,
             )  # fmt: skip
-            us = timed(launch)
+            us = timed(launch) * 1e3
             err = (out.float() - want.float()).abs().max().item()
             row = dict(
                 rest=rest, context=args.context, block_m=block_m, block_n=block_n,
