@@ -8,7 +8,10 @@ block ids in a two-layer block-major pool (the kernels read the strided layer vi
 Ceilings, measured in the same run: a device-to-device copy of 2 GiB (bytes read + bytes
 written) and an 8192^3 bf16 matmul. Each case times the kernel with
 `triton.testing.do_bench` (median; it also flushes L2 before every call) while rotating
-over enough independent input sets to overflow L2 several times.
+over enough independent input sets to overflow L2 several times; with `--queued`, as the
+calls' time on the device alone, queued back to back by the host behind a sleep kernel (a
+call whose launches take the host longer than the device, as cuDNN's per prompt do, is
+timed by do_bench at the host's pace, which a longer step around it hides).
 
 Counted work: decode attention = KV bytes of every context token + q + out; prefill
 attention = 4 * heads * head_dim FLOPs per causally visible (query, key) pair;
@@ -30,6 +33,7 @@ import logging
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -90,6 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, host timing")
     p.add_argument("--no-sweep", action="store_true", help="skip the tuning sweeps")
     p.add_argument(
+        "--queued", action="store_true",
+        help="time each case's calls back to back, queued by the host ahead of the device "
+        "(the device's time alone, as inside a longer step), instead of do_bench's one call "
+        "after an L2 flush",
+    )  # fmt: skip
+    p.add_argument(
         "--decode-cases", type=parse_cases, default=_cases_text(DECODE_CASES),
         help="batch x context tokens, comma-separated (empty: none)",
     )  # fmt: skip
@@ -105,11 +115,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Timer:
-    """Median milliseconds of fn(): do_bench on CUDA, one host-timed call with --smoke."""
+# --queued: calls timed back to back behind a device sleep, and how many times over.
+QUEUED_CALLS, QUEUED_REPEATS = 20, 5
 
-    def __init__(self, smoke: bool) -> None:
+
+class Timer:
+    """Median milliseconds of fn(): do_bench on CUDA, one host-timed call with --smoke;
+    with `queued`, the device's time alone (`queued_ms`)."""
+
+    def __init__(self, smoke: bool, queued: bool = False) -> None:
         self.smoke = smoke
+        self.queued = queued
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         if self.smoke:
@@ -117,9 +133,35 @@ class Timer:
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e3
+        if self.queued:
+            return statistics.median(queued_ms(fn) for _ in range(QUEUED_REPEATS))
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def queued_ms(fn: Callable[[], Any]) -> float:
+    """Milliseconds a call of fn() keeps the device busy when the host has queued it
+    ahead, as in an engine step whose other work outlasts the host's launches: a sleep
+    kernel holds the device while the host queues QUEUED_CALLS calls, and the events
+    around the calls time the device alone. do_bench times each call after an L2 flush,
+    so a call that takes the host longer than the device is timed at the host's pace."""
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(QUEUED_CALLS):
+        fn()
+    host_s = time.perf_counter() - started
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # Twice the host's time at most 2 GHz of device clock: the device sleeps past the last launch.
+    torch.cuda._sleep(int(2 * host_s * 2e9) + 1_000_000)
+    begin.record()
+    for _ in range(QUEUED_CALLS):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / QUEUED_CALLS
 
 
 def rotating(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
@@ -415,7 +457,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device here; run on a GPU machine or pass --smoke --device cpu")
-    timer = Timer(args.smoke)
+    timer = Timer(args.smoke, args.queued)
     decode_cases = [(2, 40)] if args.smoke else args.decode_cases
     prefill_cases = [(2, 40)] if args.smoke else args.prefill_cases
     sweep = not args.no_sweep and not args.smoke
@@ -430,6 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     command = shlex.join(["python3", "-m", "splitserve.benchmarks.kernels", *sys.argv[1:]])
     return {
         "provenance": {**provenance(args.device), "command": command},
+        "timing": "queued" if args.queued and not args.smoke else "do_bench",
         "shapes": dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE),
         "ceilings": ceilings,
         "rows": rows,
