@@ -7,7 +7,7 @@
 # There (a GPU machine; the engine alone needs no wheels):
 #   SHAPES="40x1100+2x1024 40x1100+4x1024" bash scripts/gpu_step_trees.sh run
 # Each round runs every tree in turn, each tree its own copy's scripts/gpu_step_pairs.sh
-# (SYSTEMS=splitserve) at every shape, into ${BG_OUT:-$OUT}/<name>/r<round>/
+# (SYSTEMS=splitserve) at every shape, into ${BG_OUT:-${OUT:-/tmp/steps}}/<name>/r<round>/
 # (sw_splitserve_<shape>.json and .log; the JSON records the tree's commit). REPEAT (2:
 # rounds, so that a tree's figures do not follow the order the device ran them in), and
 # STEP_ARGS, OURS_ARGS and STEP_S pass to gpu_step_pairs.sh.
