@@ -10,8 +10,9 @@ rounded up to `BUCKET_ROWS`: the rows past it are read from the same buffer (the
 prompt's rows, a graph bucket's padding, or slack the buffer keeps for this) and their
 outputs dropped. Causal masking keeps those rows out of every real row's output as long
 as they are finite, which activations of this or an earlier step are. Prompts shorter
-than `MIN_ROWS`, and runs of more than `MAX_PROMPTS` prompts unless every one has
-`MANY_MIN_ROWS` or more, stay on the flash path (`takes`).
+than `MIN_ROWS` (and the run they are in) stay on the flash path (`takes`). Each prompt is
+a call of its own, about 40 µs of host time, which the step's other work hides: a step
+that carries a 768-row prompt keeps the device busier than that on its GEMMs alone.
 
 Who calls what: `TritonPagedAttention` (kernels/backend.py) calls `prepare_buckets` once
 with q/k/v views of the piecewise graphs' static buffer (engine/piecewise_graphs.py, at
@@ -37,15 +38,6 @@ BUCKET_ROWS = 128
 # The shortest prompt cuDNN attends (shorter ones: FlashAttention-2). Measured: 768
 # tokens took 31 against 50 µs, 512 tokens 53 against 28.
 MIN_ROWS = 768
-# The most prompts of MIN_ROWS or more a run may carry for this path. Each prompt is one
-# call of about 40 µs of host time (FlashAttention-2's ragged call takes every prompt at
-# once), so runs of several short prompts ran slower: 4 x 1,024 tokens took 207 against
-# 179 µs, 8 x 1,024 448 against 321.
-MAX_PROMPTS = 1
-# Runs of several prompts take this path when every one has at least this many rows: there
-# the kernel outlasts the call's host time (1 x 2,048: 94 against FlashAttention-2's 168
-# µs; 1 x 4,096: 287 against 500).
-MANY_MIN_ROWS = 2048
 
 # (q [1, H, L, D], k [1, KVH, L, D], v, scale) -> [1, H, L, D], causal.
 DenseAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -64,9 +56,7 @@ def cudnn_prefill_supported(device_type: str) -> bool:
 
 def takes(query_lens: list[int]) -> bool:
     """Whether fresh prompts of these lengths, attended together, take this path."""
-    if not query_lens or min(query_lens) < MIN_ROWS:
-        return False
-    return len(query_lens) <= MAX_PROMPTS or min(query_lens) >= MANY_MIN_ROWS
+    return bool(query_lens) and min(query_lens) >= MIN_ROWS
 
 
 def bucket_rows(rows: int) -> int:

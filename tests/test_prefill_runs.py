@@ -8,8 +8,8 @@ import pytest
 from splitserve.kernels import cudnn_prefill
 from splitserve.kernels.prefill_runs import CONTEXT, CUDNN, FLASH, MAX_RUNS, ROWS, plan_runs
 
-LONG = cudnn_prefill.MANY_MIN_ROWS  # long enough for cuDNN however many prompts
-MID = cudnn_prefill.MIN_ROWS  # long enough for cuDNN alone only
+MID = cudnn_prefill.MIN_ROWS  # the shortest prompt cuDNN takes
+LONG = 2 * MID
 
 
 def _kinds(runs) -> list[tuple[str, int, int, list[int]]]:
@@ -29,12 +29,12 @@ def test_the_rest_of_a_prompt_and_the_next_prompts_take_a_path_each() -> None:
 def test_which_fresh_prompts_cudnn_takes() -> None:
     one = plan_runs([MID], [MID], flash=True, cudnn=True)
     assert _kinds(one) == [(CUDNN, 0, 0, [MID])]
-    several_mid = plan_runs([MID, LONG], [MID, LONG], flash=True, cudnn=True)
-    assert _kinds(several_mid) == [(FLASH, 0, 0, [MID, LONG])]
-    several_long = plan_runs([LONG, LONG + 1], [LONG, LONG + 1], flash=True, cudnn=True)
-    assert _kinds(several_long) == [(CUDNN, 0, 0, [LONG, LONG + 1])]
+    several = plan_runs([MID, LONG, MID], [MID, LONG, MID], flash=True, cudnn=True)
+    assert _kinds(several) == [(CUDNN, 0, 0, [MID, LONG, MID])]
     short = plan_runs([MID - 1], [MID - 1], flash=True, cudnn=True)
     assert _kinds(short) == [(FLASH, 0, 0, [MID - 1])]
+    one_short = plan_runs([LONG, MID - 1], [LONG, MID - 1], flash=True, cudnn=True)
+    assert _kinds(one_short) == [(FLASH, 0, 0, [LONG, MID - 1])]
 
 
 def test_without_the_flash_path_every_sequence_takes_the_triton_kernel() -> None:
