@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from splitserve.benchmarks.arg_types import positive_ints
 from splitserve.engine.hashing import BlockHash, hash_blocks, seed_hash
 from splitserve.launch.redis_server import RedisServer
 from splitserve.node.prefix_index import AsyncPrefixIndex, PrefixIndex
@@ -207,19 +208,12 @@ def _print_case(case: dict[str, Any]) -> None:
     )
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=_int_list, default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--nodes", type=_int_list, default=[2, 4, 8, 16, 32, 64])
+    parser.add_argument(
+        "--tokens", type=positive_ints, default=[1024, 2048, 4096, 8192, 16384, 32768]
+    )
+    parser.add_argument("--nodes", type=positive_ints, default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--redis", help="use this Redis instead of starting one")

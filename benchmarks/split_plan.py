@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from splitserve.benchmarks.arg_types import positive_ints
 from splitserve.benchmarks.kernels import HEAD_DIM, KV_HEADS, _paged_sets
 from splitserve.benchmarks.results_io import provenance, write_result
 
@@ -32,13 +33,6 @@ CALLS_PER_GRAPH = 20
 REPEATS = 7
 REPLAYS_PER_REPEAT = 5
 GRAPH_MAX_SEQ_LEN = 8192  # the decode graphs' default context limit (engine/config.py)
-
-
-def _ints(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive ints")
-    return values
 
 
 def _time_graph(run: Any) -> float:
@@ -102,9 +96,13 @@ def bench_case(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ctx", type=_ints, default=[1150], help="context lengths, comma-separated")
-    p.add_argument("--batches", type=_ints, default=[24, 48, 56, 64, 96, 128, 160, 192, 256])
-    p.add_argument("--splits", type=_ints, default=[1, 2, 3, 4, 5, 6, 8])
+    p.add_argument(
+        "--ctx", type=positive_ints, default=[1150], help="context lengths, comma-separated"
+    )
+    p.add_argument(
+        "--batches", type=positive_ints, default=[24, 48, 56, 64, 96, 128, 160, 192, 256]
+    )
+    p.add_argument("--splits", type=positive_ints, default=[1, 2, 3, 4, 5, 6, 8])
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="run each call once, untimed")
     p.add_argument(

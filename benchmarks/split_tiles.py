@@ -25,16 +25,13 @@ from typing import Any
 
 import torch
 
+from splitserve.benchmarks.arg_types import positive_ints
 from splitserve.benchmarks.kernels import Timer
 from splitserve.benchmarks.results_io import provenance, write_result
 
 logger = logging.getLogger(__name__)
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 SMOKE_HEADS, SMOKE_KV_HEADS, SMOKE_HEAD_DIM = 4, 1, 32
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def _configs(text: str) -> list[tuple[int, int, int]]:
@@ -90,11 +87,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rests", type=_ints, default=[32, 128, 512], help="rows of each chunk")
+    p.add_argument("--rests", type=positive_ints, default=[32, 128, 512], help="rows of each chunk")
     p.add_argument("--context", type=int, default=4096, help="tokens of the chunk's prompt")
     p.add_argument("--configs", type=_configs, default=[(64, 64, 8), (64, 64, 4)],
                    help="split launches as BLOCK_MxBLOCK_NxWARPS, comma-separated")  # fmt: skip
-    p.add_argument("--splits", type=_ints, default=[2, 4, 9], help="split counts to time")
+    p.add_argument("--splits", type=positive_ints, default=[2, 4, 9], help="split counts to time")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
     p.add_argument("--out", help="write the JSON result here")
     args = p.parse_args(argv)
