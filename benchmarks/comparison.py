@@ -154,11 +154,20 @@ def _one_code_check(workload: str, mine: list[Row], same_code: SameCode | None) 
     return Check(workload, "one commit for every row", ours, "", same is True)
 
 
+def _one_device_check(workload: str, rows: list[Row]) -> Check:
+    """Both systems' rows on one kind of device (a sweep in chunks, one lease each, may
+    be lent a different card from one lease to the next)."""
+    devices = sorted({str(r.get("device") or "unknown") for r in rows})
+    return Check(workload, "one device for every row", ", ".join(devices), "",
+                 devices != ["unknown"] and len(devices) == 1)  # fmt: skip
+
+
 def _measurement_checks(
     workload: str, mine: list[Row], pairs: list[tuple[Row, Row]], base_cap: float | None,
     targets: Targets, same_code: SameCode | None = None,
 ) -> list[Check]:  # fmt: skip
-    """Requests a row, the rates covered, one code, each rate's pair in one lease."""
+    """Requests a row, the rates covered, one code, one device, each rate's pair in one
+    lease."""
     rows = mine + [theirs for _, theirs in pairs]
     short = sorted({f"{r['rate']:g}" for r in rows if r["num_requests"] < targets.min_requests})
     rates = sorted(r["rate"] for r in mine)
@@ -176,6 +185,7 @@ def _measurement_checks(
         Check(workload, f"rates from {targets.lowest_rate:g} req/s to past the baseline's "
               "capacity", span, "", covered),
         _one_code_check(workload, mine, same_code),
+        _one_device_check(workload, rows),
         Check(workload, "each rate's rows in one lease",
               "apart at " + ", ".join(apart) if apart else "all", "", not apart),
     ]  # fmt: skip

@@ -18,7 +18,7 @@ def _row(system: str, rate: float, ttft: float, tpot: float, **extra) -> dict:  
         "system": system, "workload": "1024x256", "rate": rate, "num_requests": 1000,
         "ttft_p50_ms": ttft, "ttft_p90_ms": 2 * ttft, "ttft_p99_ms": 2.5 * ttft,
         "tpot_p50_ms": tpot, "tpot_p90_ms": 1.2 * tpot, "commit": "abc", "date":
-        "2026-12-05T03:50:00Z",
+        "2026-12-05T03:50:00Z", "device": "NVIDIA H200",
     }  # fmt: skip
     row.update(extra)
     return row
@@ -50,7 +50,8 @@ def test_each_miss_is_reported_with_its_reason() -> None:
     assert _met(checks, "TPOT p50") == [True, False, True]
     by_target = {c.target.split(" ")[0]: c for c in checks}
     assert not by_target[">="].met and by_target[">="].ours == "short at 8"
-    assert not by_target["one"].met and by_target["one"].ours == "abc, def"
+    one_code = next(c for c in checks if c.target == "one commit for every row")
+    assert not one_code.met and one_code.ours == "abc, def"
     assert not by_target["each"].met and by_target["each"].ours == "apart at 16"
     assert not by_target["rates"].met  # from 4 req/s, and not past the baseline's 16
     fresh = next(c for c in checks if c.target.startswith("fresh"))
@@ -65,11 +66,28 @@ def test_commits_of_the_same_code_count_as_one_when_the_caller_can_tell() -> Non
 
     def one_code(verdict: bool | None):  # type: ignore[no-untyped-def]
         checks = compare(rows, "splitserve", "vllm", Targets(), lambda commits: verdict)
-        return next(c for c in checks if c.target.startswith("one"))
+        return next(c for c in checks if c.target == "one commit for every row")
 
     assert (one_code(True).met, one_code(True).ours) == (True, "abc, def (the same code)")
     assert (one_code(False).met, one_code(False).ours) == (False, "abc, def (code differs)")
     assert (one_code(None).met, one_code(None).ours) == (False, "abc, def")
+
+
+def test_rows_from_two_kinds_of_device_fail_the_one_device_check() -> None:
+    rows = [_row("vllm", r, 10 * r, 6) for r in (2, 8)]
+    rows += [_row("splitserve", 2, 9, 5), _row("splitserve", 8, 70, 5)]
+
+    def one_device(rows):  # type: ignore[no-untyped-def]
+        checks = compare(rows, "splitserve", "vllm", Targets())
+        return next(c for c in checks if c.target == "one device for every row")
+
+    assert (one_device(rows).met, one_device(rows).ours) == (True, "NVIDIA H200")
+    rows[3]["device"] = "NVIDIA H100 80GB HBM3"
+    mixed = one_device(rows)
+    assert not mixed.met and mixed.ours == "NVIDIA H100 80GB HBM3, NVIDIA H200"
+    for row in rows:
+        del row["device"]
+    assert not one_device(rows).met and one_device(rows).ours == "unknown"
 
 
 def test_git_tells_commits_that_differ_only_in_documents_and_results(tmp_path: Path) -> None:
