@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from splitserve.kernels import cudnn_prefill
+from splitserve.kernels import cudnn_prefill, cudnn_ragged
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import PaddedPrompt
 from splitserve.kernels.decode_attention import MergeCounters, PreparedDecode, decode_attention
@@ -109,6 +109,7 @@ class TritonPagedAttention:
         fused_decode_merge: bool = False,
         short_rest_rows: int = 0,
         split_context_prefill: bool = False,
+        cudnn_ragged_prompts: bool = False,
     ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
@@ -127,6 +128,13 @@ class TritonPagedAttention:
         self.cudnn_fresh_prefill = cudnn_fresh_prefill
         self._dense_attend = dense_attend
         self._cudnn_ready = False
+        self.cudnn_ragged_prompts = cudnn_ragged_prompts
+        # The step buffer's rows for cuDNN's ragged call, once `prepare` built its plans;
+        # a run's starts as rows of them, by the run's index, with the plan and views.
+        self._ragged: cudnn_ragged.RaggedRows | None = None
+        self._ragged_starts: dict[
+            int, tuple[_MixedPlan, tuple, tuple[int, torch.Tensor] | None]
+        ] = {}
         # A cuDNN run's padded prompts (None: past the buffer), by the run's index in its
         # plan, with the plan and the q/k/v they view.
         self._prompts: dict[int, tuple[_MixedPlan, tuple, list[PaddedPrompt] | None]] = {}
@@ -145,6 +153,8 @@ class TritonPagedAttention:
         if self.cudnn_fresh_prefill and q.dtype in FLASH_DTYPES:
             cudnn_prefill.prepare_buckets(q, k, v, scale, max_rows, self._dense_attend)
             self._cudnn_ready = True
+            if self.cudnn_ragged_prompts and cudnn_ragged.ragged_supported():
+                self._ragged = cudnn_ragged.prepare_ragged(q, k, v, scale, max_rows)
 
     def prefill_runs(self) -> dict[str, int]:
         """Prefill runs planned since start, by path: each step counts each of its runs once
@@ -242,6 +252,8 @@ class TritonPagedAttention:
             self._prepared_rows(index, plan, scale, *rows)(*rows)
             return
         if run.run.kind == CUDNN:
+            if self._attend_ragged(index, run, (q, k, v), out, plan, scale):
+                return
             prompts = self._padded_prompts(index, q, k, v, plan)
             if prompts is not None:
                 cudnn_prefill.attend_prompts(prompts, lens, scale, out, self._dense_attend)
@@ -253,6 +265,42 @@ class TritonPagedAttention:
         seqs = slice(first, first + run.run.num_seqs)
         args = (q, kv_cache, meta.block_tables[seqs], meta.seq_lens[seqs], run.query_start_loc)
         prefill_attention(*args, max(lens), scale, out=out, num_splits=run.context_splits)
+
+    def _attend_ragged(
+        self,
+        index: int,
+        run: _Run,
+        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        out: torch.Tensor,
+        plan: _MixedPlan,
+        scale: float,
+    ) -> bool:
+        """Run `index`'s prompts in one ragged cuDNN call (kernels/cudnn_ragged.py): False
+        (nothing written) without a plan for its shape or when q/k/v are not rows of the
+        prepared buffers."""
+        rows = self._ragged
+        lens = run.run.query_lens
+        bucket = cudnn_ragged.ragged_bucket(max(lens))
+        if rows is None or (len(lens), bucket) not in rows.plans:
+            return False
+        views = tuple((x.data_ptr(), x.shape, x.stride()) for x in qkv)
+        kept = self._ragged_starts.get(index)
+        if kept is None or kept[0] is not plan or kept[1] != views:
+            first = rows.first_row(*qkv)
+            starts = None
+            if first is not None:
+                starts = (first, cudnn_ragged.run_starts(run.query_start_loc, first))
+            kept = (plan, views, starts)
+            self._ragged_starts[index] = kept
+        if kept[2] is None:
+            return False
+        first, device_starts = kept[2]
+        total = sum(lens)
+        result = cudnn_ragged.attend_ragged(rows, device_starts, bucket, scale)
+        out[:total].copy_(result[first : first + total])
+        if total < out.shape[0]:
+            out[total:].zero_()
+        return True
 
     def _padded_prompts(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _MixedPlan
