@@ -77,7 +77,9 @@ class RaggedRows(NamedTuple):
             same = part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
             if not same or part.stride() != whole.stride():
                 return None
-            row, rest = divmod(part.storage_offset() - whole.storage_offset(), whole.stride(0))
+            row, rest = divmod(
+                int(part.storage_offset()) - int(whole.storage_offset()), whole.stride(0)
+            )
             if rest or row < 0 or row + part.shape[0] > whole.shape[0]:
                 return None
             rows.append(row)
