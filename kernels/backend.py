@@ -129,12 +129,10 @@ class TritonPagedAttention:
         self._dense_attend = dense_attend
         self._cudnn_ready = False
         self.cudnn_ragged_prompts = cudnn_ragged_prompts
-        # The step buffer's rows for cuDNN's ragged call, once `prepare` built its plans;
-        # a run's starts as rows of them, by the run's index, with the plan and views.
-        self._ragged: cudnn_ragged.RaggedRows | None = None
-        self._ragged_starts: dict[
-            int, tuple[_MixedPlan, tuple, tuple[int, torch.Tensor] | None]
-        ] = {}
+        # cuDNN's ragged plans, once `prepare` built them; a run's device inputs for them
+        # by the run's index, with the plan they were worked out for.
+        self._ragged: cudnn_ragged.RaggedAttention | None = None
+        self._ragged_inputs: dict[int, tuple[_MixedPlan, cudnn_ragged.RunInputs]] = {}
         # A cuDNN run's padded prompts (None: past the buffer), by the run's index in its
         # plan, with the plan and the q/k/v they view.
         self._prompts: dict[int, tuple[_MixedPlan, tuple, list[PaddedPrompt] | None]] = {}
@@ -153,7 +151,7 @@ class TritonPagedAttention:
         if self.cudnn_fresh_prefill and q.dtype in FLASH_DTYPES:
             cudnn_prefill.prepare_buckets(q, k, v, scale, max_rows, self._dense_attend)
             self._cudnn_ready = True
-            if self.cudnn_ragged_prompts and cudnn_ragged.ragged_supported():
+            if self.cudnn_ragged_prompts:
                 self._ragged = cudnn_ragged.prepare_ragged(q, k, v, scale, max_rows)
 
     def prefill_runs(self) -> dict[str, int]:
@@ -252,7 +250,7 @@ class TritonPagedAttention:
             self._prepared_rows(index, plan, scale, *rows)(*rows)
             return
         if run.run.kind == CUDNN:
-            if self._attend_ragged(index, run, (q, k, v), out, plan, scale):
+            if self._attend_ragged(index, run, (q, k, v), out, plan):
                 return
             prompts = self._padded_prompts(index, q, k, v, plan)
             if prompts is not None:
@@ -273,31 +271,22 @@ class TritonPagedAttention:
         qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         out: torch.Tensor,
         plan: _MixedPlan,
-        scale: float,
     ) -> bool:
         """Run `index`'s prompts in one ragged cuDNN call (kernels/cudnn_ragged.py): False
-        (nothing written) without a plan for its shape or when q/k/v are not rows of the
-        prepared buffers."""
-        rows = self._ragged
+        (nothing written) without a plan for its shape or for its views' strides."""
+        ragged = self._ragged
         lens = run.run.query_lens
         bucket = cudnn_ragged.ragged_bucket(max(lens))
-        if rows is None or (len(lens), bucket) not in rows.plans:
+        if ragged is None or (len(lens), bucket) not in ragged.shapes:
             return False
-        views = tuple((x.data_ptr(), x.shape, x.stride()) for x in qkv)
-        kept = self._ragged_starts.get(index)
-        if kept is None or kept[0] is not plan or kept[1] != views:
-            first = rows.first_row(*qkv)
-            starts = None
-            if first is not None:
-                starts = (first, cudnn_ragged.run_starts(run.query_start_loc, first))
-            kept = (plan, views, starts)
-            self._ragged_starts[index] = kept
-        if kept[2] is None:
+        if not ragged.strides.fits(*qkv, out):
             return False
-        first, device_starts = kept[2]
+        kept = self._ragged_inputs.get(index)
+        if kept is None or kept[0] is not plan:
+            kept = (plan, ragged.inputs(run.query_start_loc))
+            self._ragged_inputs[index] = kept
+        ragged.attend(*qkv, out, kept[1], bucket)
         total = sum(lens)
-        result = cudnn_ragged.attend_ragged(rows, device_starts, bucket, scale)
-        out[:total].copy_(result[first : first + total])
         if total < out.shape[0]:
             out[total:].zero_()
         return True

@@ -2,32 +2,33 @@
 
 `kernels/cudnn_prefill.py` gives cuDNN one call a prompt: one 1,024-token prompt (8 row
 tiles of 32 heads) leaves part of the device idle through its tail, and the calls of a
-run follow one another. cuDNN's ragged layout (torch's `_cudnn_attention_forward` with
-cumulative sequence starts, the call behind nested tensors) takes the whole run at once,
-each prompt's rows where the step put them: one launch whose tiles fill the device.
+run follow one another. cuDNN's ragged layout takes the whole run at once: each prompt's
+rows where the step put them (its start a ragged offset), its length a padding mask, the
+output written straight into the step's output rows. torch's own ragged call
+(`_cudnn_attention_forward` with cumulative lengths) builds a new plan on every call in
+torch 2.11 (45 to 68 ms), so the graph is built here with cuDNN's frontend
+(`nvidia-cudnn-frontend`, the `cudnn` module) and kept.
 
-cuDNN builds a plan per call shape, keyed on the tensors' sizes and strides, the number of
-sequences and the longest one. So that steps reuse the plans built at start-up:
-- q/k/v are views of the same rows of the step buffer every step (`RaggedRows`, all its
-  rows from the first), and the run's starts are offsets into them;
-- the longest sequence is rounded up to a power of two (`ragged_bucket`): a prompt of
-  1,100 rows is attended in a call planned for 2,048, whose tiles past its rows end at once;
-- `prepare_ragged` builds the plan of every (sequences, bucket) pair a step buffer can
-  hold, and checks that a second call finds it (a torch build that rebuilds the plan on
-  every call would cost tens of ms a layer: the run then keeps one call a prompt).
+A plan serves one shape: the number of prompts and the longest one, which is rounded up
+to a power of two (`ragged_bucket`; a prompt of 1,100 rows runs in a call planned for
+2,048, whose tiles past its rows end at once), and the q/k/v/out row strides of the step
+buffers. `prepare_ragged` builds every (prompts, bucket) pair a step of `max_rows` rows
+can carry at start-up; a run with another shape, or views with other strides, keeps one
+call a prompt.
 
 Who calls what: `TritonPagedAttention` (kernels/backend.py) calls `prepare_ragged` once
-with q/k/v views of the piecewise graphs' static buffer (engine/piecewise_graphs.py, at
-start-up) and keeps the `RaggedRows` it returns. On a step with a run of fresh prompts on
-cuDNN, it calls `run_starts` on the run's first layer (kept while the step's layers pass
-the same buffers) and `attend_ragged` on every layer.
+with q/k/v views of the piecewise graphs' static buffer (engine/piecewise_graphs.py,
+at start-up) and keeps the `RaggedAttention` it returns (None: the frontend is missing or
+failed; the reason is logged). On a step with a run of fresh prompts on cuDNN it calls
+`inputs` on the run's first layer (kept while the step's layers pass the same buffers)
+and `attend` on every layer.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,13 +39,6 @@ logger = logging.getLogger(__name__)
 # The smallest bucket: the longest prompt of a run is rounded up to a power of two of at
 # least this many rows.
 MIN_BUCKET = 1024
-# A second call of a prepared plan slower than this (ms) means the build rebuilds plans.
-CACHED_CALL_MS = 5.0
-
-
-def ragged_supported() -> bool:
-    """This torch has cuDNN's ragged attention call."""
-    return hasattr(torch.ops.aten, "_cudnn_attention_forward")
 
 
 def ragged_bucket(longest: int) -> int:
@@ -60,94 +54,182 @@ def max_sequences(bucket: int, rows: int) -> int:
     return 0 if longest > rows else 1 + (rows - longest) // least
 
 
-class RaggedRows(NamedTuple):
-    """q/k/v over every row of the step buffer from its first ([R, heads, head_dim]):
-    the same sizes and strides every step, so that the plans built at start-up serve."""
+def shapes_up_to(rows: int) -> list[tuple[int, int]]:
+    """Every (prompts, bucket) pair a run of at most `rows` rows can take."""
+    pairs = []
+    bucket = MIN_BUCKET
+    while max_sequences(bucket, rows):
+        pairs += [(n, bucket) for n in range(1, max_sequences(bucket, rows) + 1)]
+        bucket *= 2
+    return pairs
+
+
+class Strides(NamedTuple):
+    """Row strides (elements) of q, k, v and out, and the heads and head size."""
+
+    q: int
+    k: int
+    v: int
+    out: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @staticmethod
+    def of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_row: int) -> Strides:
+        rows = (q.stride(0), k.stride(0), v.stride(0), out_row)
+        return Strides(*rows, heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[2])
+
+    def fits(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
+        """The views have these row strides, and heads and elements one after the other."""
+        inner = all(x.stride(1) == x.shape[2] and x.stride(2) == 1 for x in (q, k, v, out))
+        return inner and Strides.of(q, k, v, out.stride(0)) == self
+
+
+class RunInputs(NamedTuple):
+    """A run's device arrays: each prompt's start as an element offset into q, k, v and
+    out ([B + 1, 1, 1, 1]), and its length ([B, 1, 1, 1] int32)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    plans: frozenset[tuple[int, int]]  # (sequences, bucket) pairs with a plan
-
-    def first_row(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int | None:
-        """The row of these buffers that q/k/v's first row is (one for all three), or None
-        when they are not row slices of them."""
-        rows = []
-        for part, whole in ((q, self.q), (k, self.k), (v, self.v)):
-            same = part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
-            if not same or part.stride() != whole.stride():
-                return None
-            row, rest = divmod(
-                int(part.storage_offset()) - int(whole.storage_offset()), whole.stride(0)
-            )
-            if rest or row < 0 or row + part.shape[0] > whole.shape[0]:
-                return None
-            rows.append(row)
-        return rows[0] if rows[0] == rows[1] == rows[2] else None
+    out: torch.Tensor
+    lens: torch.Tensor
 
 
-def run_starts(starts: torch.Tensor, first_row: int) -> torch.Tensor:
-    """The run's cumulative starts ([B + 1], from 0, on the device) as rows of the buffers."""
-    return (starts + first_row).to(torch.int32)
+class _Plan(NamedTuple):
+    graph: Any  # cudnn.pygraph, built
+    tensors: dict[str, Any]  # the graph's tensors by name
 
 
-def attend_ragged(
-    rows: RaggedRows,
-    starts: torch.Tensor,  # [B + 1] int32, rows of `rows`' buffers (`run_starts`)
-    bucket: int,
-    scale: float,
-) -> torch.Tensor:  # [R, heads, head_dim]: each prompt's rows where they are, the rest unset
-    """Causal attention of each prompt over its own rows, one call."""
-    return torch.ops.aten._cudnn_attention_forward(
-        rows.q, rows.k, rows.v, None, starts, starts, bucket, bucket, False, 0.0, True, False,
-        scale=scale,
-    )[0]  # fmt: skip
+class RaggedAttention:
+    """Built plans by (prompts, bucket) for views of `strides`; see the module docstring."""
+
+    def __init__(self, cudnn: Any, handle: Any, strides: Strides, scale: float) -> None:
+        self._cudnn = cudnn
+        self._handle = handle
+        self.strides = strides
+        self.scale = scale
+        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._workspace = torch.empty(0, dtype=torch.uint8)
+        self._stream: int | None = None
+
+    @property
+    def shapes(self) -> frozenset[tuple[int, int]]:
+        return frozenset(self._plans)
+
+    def build(self, prompts: int, bucket: int, device: torch.device) -> None:
+        """The plan of runs of `prompts` prompts whose longest is at most `bucket` rows."""
+        plan = _build_graph(self._cudnn, self._handle, self.strides, self.scale, prompts, bucket)
+        self._plans[(prompts, bucket)] = plan
+        size = max(1, plan.graph.get_workspace_size())
+        if size > self._workspace.numel():
+            self._workspace = torch.empty(size, dtype=torch.uint8, device=device)
+
+    def inputs(self, starts: torch.Tensor) -> RunInputs:
+        """A run's offsets and lengths from its starts ([B + 1] int32, from 0, on the device)."""
+        rows = starts.to(torch.int64).view(-1, 1, 1, 1)
+        lens = (starts[1:] - starts[:-1]).to(torch.int32).view(-1, 1, 1, 1)
+        s = self.strides
+        return RunInputs(rows * s.q, rows * s.k, rows * s.v, rows * s.out, lens)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, heads, head_dim]: the run's rows from its first prompt's
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,  # [T, heads, head_dim]: written at the prompts' rows only
+        inputs: RunInputs,
+        bucket: int,
+    ) -> None:
+        """Causal attention of each prompt over its own rows, one call on the current stream."""
+        plan = self._plans[(inputs.lens.shape[0], bucket)]
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        if stream != self._stream:
+            self._cudnn.set_stream(handle=self._handle, stream=stream)
+            self._stream = stream
+        t = plan.tensors
+        pack = {
+            t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["q_off"]: inputs.q,
+            t["k_off"]: inputs.k, t["v_off"]: inputs.v, t["o_off"]: inputs.out,
+            t["lens_q"]: inputs.lens, t["lens_kv"]: inputs.lens,
+        }  # fmt: skip
+        plan.graph.execute(pack, self._workspace, handle=self._handle)
 
 
-def _timed_call(rows: RaggedRows, sequences: int, bucket: int, scale: float) -> float:
-    """ms of one call over `sequences` prompts of cuDNN's shortest (synchronized)."""
-    lens = [0] + [cudnn_prefill.MIN_ROWS] * sequences
-    starts = torch.tensor(lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    starts = starts.to(rows.q.device)
-    started = time.perf_counter()
-    attend_ragged(rows, starts, bucket, scale)
-    if rows.q.device.type == "cuda":
-        torch.cuda.synchronize(rows.q.device)
-    return (time.perf_counter() - started) * 1e3
+def _build_graph(
+    cudnn: Any, handle: Any, s: Strides, scale: float, prompts: int, bucket: int
+) -> _Plan:
+    """cuDNN's SDPA graph over ragged q/k/v/out ([B, heads, bucket, head_dim] with each
+    batch's start an offset), causal, with each sequence's length a padding mask."""
+    graph = cudnn.pygraph(
+        io_data_type=cudnn.data_type.BFLOAT16,
+        intermediate_data_type=cudnn.data_type.FLOAT,
+        compute_data_type=cudnn.data_type.FLOAT,
+        handle=handle,
+    )
+    t: dict[str, Any] = {}
+
+    def column(name: str, rows: int, data_type: Any) -> Any:
+        return graph.tensor(
+            name=name, dim=[rows, 1, 1, 1], stride=[1, 1, 1, 1], data_type=data_type
+        )
+
+    for name, heads, row in (("q", s.heads, s.q), ("k", s.kv_heads, s.k), ("v", s.kv_heads, s.v)):
+        dims, strides = [prompts, heads, bucket, s.head_dim], [bucket * row, s.head_dim, row, 1]
+        t[name] = graph.tensor(
+            name=name, dim=dims, stride=strides, data_type=cudnn.data_type.BFLOAT16
+        )
+        t[f"{name}_off"] = column(f"{name}_off", prompts + 1, cudnn.data_type.INT64)
+        t[name].set_ragged_offset(t[f"{name}_off"])
+    t["lens_q"] = column("lens_q", prompts, cudnn.data_type.INT32)
+    t["lens_kv"] = column("lens_kv", prompts, cudnn.data_type.INT32)
+    o, _stats = graph.sdpa(
+        name="ragged_prefill", q=t["q"], k=t["k"], v=t["v"], generate_stats=False,
+        attn_scale=scale, use_causal_mask=True, use_padding_mask=True,
+        seq_len_q=t["lens_q"], seq_len_kv=t["lens_kv"],
+    )  # fmt: skip
+    t["o_off"] = column("o_off", prompts + 1, cudnn.data_type.INT64)
+    o.set_output(True).set_dim([prompts, s.heads, bucket, s.head_dim])
+    o.set_stride([bucket * s.out, s.head_dim, s.out, 1]).set_ragged_offset(t["o_off"])
+    t["o"] = o
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return _Plan(graph, t)
 
 
 def prepare_ragged(
-    q: torch.Tensor,  # [R, num_heads, head_dim]: the step buffer's rows
+    q: torch.Tensor,  # [R, heads, head_dim]: views of the step buffers
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
     max_rows: int,
-) -> RaggedRows | None:
-    """Build the plan of every (sequences, bucket) pair a run of up to `max_rows` rows can
-    take; None when a second call of a built plan is slow (the plans are not kept)."""
-    started = time.perf_counter()
-    base = RaggedRows(q, k, v, frozenset())
-    pairs = []
-    bucket = MIN_BUCKET
-    while bucket // 2 < min(max_rows, q.shape[0]):
-        count = max_sequences(bucket, min(max_rows, q.shape[0]))
-        pairs += [(n, bucket) for n in range(1, count + 1)]
-        bucket *= 2
-    if not pairs:
+) -> RaggedAttention | None:
+    """Plans for every (prompts, bucket) pair a run of up to `max_rows` rows can take, for
+    views with these strides and an output whose rows follow one another; None (the
+    reason logged) where cuDNN's frontend is missing or does not build them."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cuda":
         return None
-    for n, b in pairs:
-        _timed_call(base, n, b, scale)
-    again = _timed_call(base, *pairs[0], scale)
-    if again > CACHED_CALL_MS:
-        logger.warning(
-            "cuDNN's ragged attention took %.1f ms on a second call of a built plan: this "
-            "torch rebuilds its plans, so runs of prompts keep one cuDNN call a prompt",
-            again,
-        )
+    try:
+        import cudnn  # nvidia-cudnn-frontend
+    except ImportError as error:
+        logger.info("runs of fresh prompts keep one cuDNN call a prompt: %s", error)
+        return None
+    started = time.perf_counter()
+    strides = Strides.of(q, k, v, q.shape[1] * q.shape[2])
+    ragged = RaggedAttention(cudnn, cudnn.create_handle(), strides, scale)
+    try:
+        for prompts, bucket in shapes_up_to(min(max_rows, q.shape[0])):
+            ragged.build(prompts, bucket, q.device)
+    except (cudnn.cudnnGraphNotSupportedError, RuntimeError) as error:
+        logger.warning("runs of fresh prompts keep one cuDNN call a prompt: %s", error)
         return None
     logger.info(
-        "prepared cuDNN ragged attention for %d (prompts, bucket) shapes in %.1f s",
-        len(pairs),
+        "prepared cuDNN's ragged attention for %d (prompts, bucket) shapes in %.1f s",
+        len(ragged.shapes),
         time.perf_counter() - started,
     )
-    return base._replace(plans=frozenset(pairs))
+    return ragged

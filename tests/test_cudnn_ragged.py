@@ -1,10 +1,11 @@
 """A run of long fresh prompts in one ragged cuDNN call (kernels/cudnn_ragged.py): the
-bucket and plan arithmetic, the buffer rows a step's q/k/v are, and the backend taking the
-call for a run it has a plan for, matching the torch backend, with the run's starts as
-rows of the prepared buffers.
+bucket and shape arithmetic, the views a plan fits, and the backend taking the call for a
+run it has a plan for, matching the torch backend, with each prompt's rows given as
+element offsets into the run's q/k/v/out.
 
-On the CPU a plain-torch ragged attention stands in for cuDNN's call, at a smaller bucket
-and threshold; on an sm90 GPU the `gpu`-marked test runs cuDNN itself at model shapes.
+On the CPU a plain-torch `RaggedAttention` stands in for cuDNN's (its plans and call the
+only parts that differ), at a smaller bucket and threshold; on an sm90 GPU the
+`gpu`-marked test builds cuDNN's plans through its frontend and runs them at model shapes.
 """
 
 from __future__ import annotations
@@ -33,77 +34,100 @@ def _kernels(triton_interpreter) -> None:
     from splitserve.kernels.testing import make_paged_batch
 
 
-def test_buckets_and_sequences() -> None:
+def test_buckets_and_shapes() -> None:
     """The longest prompt rounds up to a power of two from MIN_BUCKET; a bucket's runs hold
     one prompt over half of it and the rest at cuDNN's shortest."""
-    assert [cudnn_ragged.ragged_bucket(n) for n in (768, 1024, 1025, 2048, 3000)] == [
-        1024,
-        1024,
-        2048,
-        2048,
-        4096,
-    ]
+    buckets = [cudnn_ragged.ragged_bucket(n) for n in (768, 1024, 1025, 2048, 3000)]
+    assert buckets == [1024, 1024, 2048, 2048, 4096]
     assert cudnn_ragged.max_sequences(1024, 8192) == 10  # 10 x 768 rows
     assert cudnn_ragged.max_sequences(2048, 8192) == 1 + (8192 - 1025) // 768
     assert cudnn_ragged.max_sequences(8192, 8192) == 1 + (8192 - 4097) // 768
     assert cudnn_ragged.max_sequences(16384, 8192) == 0
+    shapes = cudnn_ragged.shapes_up_to(3000)
+    assert shapes == [
+        (1, 1024),
+        (2, 1024),
+        (3, 1024),
+        (1, 2048),
+        (2, 2048),
+        (3, 2048),
+        (1, 4096),
+        (2, 4096),
+    ]
 
 
-def test_first_row_is_the_row_of_the_prepared_buffers() -> None:
-    """Row slices of the prepared views give their first row; a copy, or q and k from
-    different rows, give None."""
+def test_strides_fit_only_views_like_the_prepared_ones() -> None:
+    """Views of the fused buffer with a contiguous output fit; a copied q or an output with
+    other row strides do not."""
     fused = torch.zeros(64, HEADS + 2 * KV_HEADS, HEAD_DIM)
     q, k, v = fused.split([HEADS, KV_HEADS, KV_HEADS], dim=1)
-    rows = cudnn_ragged.RaggedRows(q, k, v, frozenset())
-    assert rows.first_row(q[10:40], k[10:40], v[10:40]) == 10
-    assert rows.first_row(q[:64], k[:64], v[:64]) == 0
-    assert rows.first_row(q[10:40].clone(), k[10:40], v[10:40]) is None
-    assert rows.first_row(q[10:40], k[11:41], v[10:40]) is None
+    strides = cudnn_ragged.Strides.of(q, k, v, HEADS * HEAD_DIM)
+    out = torch.zeros(64, HEADS, HEAD_DIM)
+    assert strides.fits(q[8:40], k[8:40], v[8:40], out[8:40])
+    assert not strides.fits(q[8:40].clone(), k[8:40], v[8:40], out[8:40])
+    wide = torch.zeros(64, HEADS, 2 * HEAD_DIM)[:, :, :HEAD_DIM]
+    assert not strides.fits(q, k, v, wide)
 
 
-class RaggedStandIn:
-    """Plain-torch causal attention of each sequence over its own rows of the whole
-    buffers, standing in for cuDNN's ragged call; records each call's starts and bucket."""
+class TorchRagged(cudnn_ragged.RaggedAttention):
+    """cuDNN's ragged call in plain torch: each prompt found from the run's element offsets
+    and lengths, attended over its own rows, written at its rows of `out`; records each
+    call's prompt rows and bucket."""
 
-    def __init__(self) -> None:
+    def __init__(self, strides: cudnn_ragged.Strides, scale: float) -> None:
+        super().__init__(None, None, strides, scale)
         self.calls: list[tuple[list[int], int]] = []
 
-    def __call__(self, rows, starts, bucket: int, scale: float) -> torch.Tensor:
-        bounds = starts.tolist()
-        self.calls.append((bounds, bucket))
-        out = torch.full_like(rows.q, float("nan"))  # rows of no sequence: unset
-        for start, end in itertools.pairwise(bounds):
-            heads = (
-                x[start:end].transpose(0, 1).unsqueeze(0).float() for x in (rows.q, rows.k, rows.v)
-            )
+    def build(self, prompts: int, bucket: int, device: torch.device) -> None:
+        self._plans[(prompts, bucket)] = None  # type: ignore[assignment]
+
+    def attend(self, q, k, v, out, inputs, bucket: int) -> None:
+        assert (inputs.lens.shape[0], bucket) in self.shapes
+        s = self.strides
+        rows = (inputs.q.flatten() // s.q).tolist()
+        assert rows == (inputs.k.flatten() // s.k).tolist() == (inputs.v.flatten() // s.v).tolist()
+        assert rows == (inputs.out.flatten() // s.out).tolist()
+        lens = inputs.lens.flatten().tolist()
+        assert [end - start for start, end in itertools.pairwise(rows)] == lens
+        assert max(lens) <= bucket
+        self.calls.append((rows, bucket))
+        for start, end in itertools.pairwise(rows):
+            heads = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
             result = F.scaled_dot_product_attention(
-                *heads, is_causal=True, scale=scale, enable_gqa=True
+                *heads, is_causal=True, scale=self.scale, enable_gqa=True
             )
-            out[start:end] = result[0].transpose(0, 1).to(out.dtype)
-        return out
+            out[start:end] = result[0].transpose(0, 1)
 
 
 @pytest.fixture
-def small_shapes(monkeypatch) -> RaggedStandIn:
+def prepared(monkeypatch) -> list[TorchRagged]:
     """cuDNN's threshold at 32 rows and the smallest bucket at 32, so that CPU shapes stay
-    small; the ragged call in plain torch, float32 standing in for the 16-bit dtypes."""
+    small; the ragged plans in plain torch (each one made listed), float32 standing in for
+    the 16-bit dtypes."""
     monkeypatch.setattr(cudnn_prefill, "BUCKET_ROWS", 16)
     monkeypatch.setattr(cudnn_prefill, "MIN_ROWS", 32)
     monkeypatch.setattr(cudnn_ragged, "MIN_BUCKET", 32)
-    monkeypatch.setattr(cudnn_ragged, "ragged_supported", lambda: True)
     monkeypatch.setattr(backend_module, "FLASH_DTYPES", (torch.float32,))
-    stand_in = RaggedStandIn()
-    monkeypatch.setattr(cudnn_ragged, "attend_ragged", stand_in)
-    return stand_in
+    made: list[TorchRagged] = []
+
+    def prepare(q, k, v, scale: float, max_rows: int) -> TorchRagged:
+        ragged = TorchRagged(cudnn_ragged.Strides.of(q, k, v, q.shape[1] * q.shape[2]), scale)
+        for prompts, bucket in cudnn_ragged.shapes_up_to(min(max_rows, q.shape[0])):
+            ragged.build(prompts, bucket, q.device)
+        made.append(ragged)
+        return ragged
+
+    monkeypatch.setattr(cudnn_ragged, "prepare_ragged", prepare)
+    return made
 
 
-def _prepared(ragged: bool, per_prompt: list[int]):
-    """A backend prepared over a 160-row fused buffer; its per-prompt calls recorded."""
+def _backend(ragged: bool, per_prompt: list[int]):
+    """A backend prepared over a 160-row fused buffer (the buffer's q/k/v returned); its
+    per-prompt cuDNN calls recorded."""
 
     def attend(q, k, v, scale: float) -> torch.Tensor:
         per_prompt.append(q.shape[2])
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return out
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
     attention = TritonPagedAttention(
         flash_fresh_prefill=True,
@@ -120,32 +144,17 @@ def _prepared(ragged: bool, per_prompt: list[int]):
 
 @pytest.mark.parametrize("ragged", [True, False])
 def test_a_run_of_prompts_takes_one_ragged_call_and_matches_the_torch_backend(
-    small_shapes, ragged
+    prepared, ragged
 ) -> None:
-    """Two decode rows, then fresh prompts of 40 and 33 rows: with the ragged call, one call
-    for the run (bucket 64, starts after the decode rows) on each layer and none a prompt;
-    without it, a call a prompt. Both match the torch backend; preparing built a plan for
-    every (prompts, bucket) pair the buffer holds."""
+    """Two decode rows, the rest of a prompt over its cached context, then fresh prompts of
+    40 and 33 rows: with the ragged plans, one call for the fresh run on each layer (bucket
+    64, the prompts at rows 0 and 40 of the run) and none a prompt; without them, a call a
+    prompt. Both match the torch backend."""
     per_prompt: list[int] = []
-    attention, (q, k, v) = _prepared(ragged, per_prompt)
-    prepared = small_shapes.calls[:]
-    if ragged:
-        expected = {(n, 32) for n in range(1, 6)} | {(n, 64) for n in range(1, 5)}
-        expected |= {(n, 128) for n in range(1, 4)} | {(1, 256)}
-        assert {(len(starts) - 1, bucket) for starts, bucket in prepared} == expected
-    else:
-        assert prepared == []
-    small_shapes.calls.clear()
-    batch = make_paged_batch(
-        [(16, 1), (20, 1), (0, 40), (0, 33)],
-        HEADS,
-        KV_HEADS,
-        HEAD_DIM,
-        16,
-        torch.float32,
-        DEVICE,
-        seed=4,
-    )
+    attention, (q, k, v) = _backend(ragged, per_prompt)
+    assert len(prepared) == (1 if ragged else 0)
+    cases = [(16, 1), (20, 1), (30, 5), (0, 40), (0, 33)]
+    batch = make_paged_batch(cases, HEADS, KV_HEADS, HEAD_DIM, 16, torch.float32, DEVICE, seed=4)
     meta = dataclasses.replace(batch.meta, num_decodes=2)
     rows = batch.q.shape[0]
     for view, src in zip((q, k, v), (batch.q, batch.k, batch.v), strict=True):
@@ -157,15 +166,41 @@ def test_a_run_of_prompts_takes_one_ragged_call_and_matches_the_torch_backend(
         out = attention.forward(q[:rows], k[:rows], v[:rows], batch.kv_cache, meta, SCALE)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     if ragged:
-        assert small_shapes.calls == [([2, 42, 75], 64)] * 2 and per_prompt == []
+        assert prepared[0].calls == [([0, 40, 73], 64)] * 2 and per_prompt == []
     else:
-        assert small_shapes.calls == [] and per_prompt == [48, 48, 48, 48]
+        assert per_prompt == [48, 48, 48, 48]
+
+
+def test_views_unlike_the_prepared_ones_keep_a_call_a_prompt(prepared) -> None:
+    """q/k/v that are not views with the prepared buffer's strides (an eager step's own
+    tensors) take a call a prompt, and match the torch backend."""
+    per_prompt: list[int] = []
+    attention, _ = _backend(True, per_prompt)
+    batch = make_paged_batch(
+        [(16, 1), (0, 40), (0, 33)], HEADS, KV_HEADS, HEAD_DIM, 16, torch.float32, DEVICE, seed=5
+    )
+    meta = dataclasses.replace(batch.meta, num_decodes=1)
+    q, k, v = (
+        torch.cat([x, torch.randn_like(x[:16])])[: x.shape[0]] for x in (batch.q, batch.k, batch.v)
+    )
+    ref = TorchPagedAttention().forward(q, k, v, batch.pool.clone()[:, 1], meta, SCALE)
+    out = attention.forward(q, k, v, batch.kv_cache, meta, SCALE)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert prepared[0].calls == [] and per_prompt == [48, 48]
+
+
+def _has_frontend() -> bool:
+    try:
+        import cudnn  # noqa: F401  (nvidia-cudnn-frontend)
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(
-    not (cudnn_prefill.cudnn_prefill_supported(DEVICE.type) and cudnn_ragged.ragged_supported()),
-    reason="needs cuDNN's ragged attention on an sm90+ GPU",
+    not (cudnn_prefill.cudnn_prefill_supported(DEVICE.type) and _has_frontend()),
+    reason="needs cuDNN and its frontend (nvidia-cudnn-frontend) on an sm90+ GPU",
 )
 @pytest.mark.parametrize("fresh", [[900, 800], [2100, 2200], [1024, 1024, 1024]])
 def test_cudnn_ragged_matches_the_torch_backend_at_model_shapes(monkeypatch, fresh) -> None:
@@ -182,11 +217,11 @@ def test_cudnn_ragged_matches_the_torch_backend_at_model_shapes(monkeypatch, fre
     for view, src in zip((q, k, v), (batch.q, batch.k, batch.v), strict=True):
         view[:rows].copy_(src)
     ragged_calls: list[int] = []
-    ragged = cudnn_ragged.attend_ragged
+    ragged = cudnn_ragged.RaggedAttention.attend
 
-    def counted(*args, **kwargs):
+    def counted(self, *args, **kwargs):
         ragged_calls.append(1)
-        return ragged(*args, **kwargs)
+        return ragged(self, *args, **kwargs)
 
     per_prompt: list[int] = []
 
@@ -202,7 +237,7 @@ def test_cudnn_ragged_matches_the_torch_backend_at_model_shapes(monkeypatch, fre
     )
     attention.prepare(q, k, v, dim**-0.5, max_rows=rows)
     per_prompt.clear()
-    monkeypatch.setattr(cudnn_ragged, "attend_ragged", counted)
+    monkeypatch.setattr(cudnn_ragged.RaggedAttention, "attend", counted)
     ref = TorchPagedAttention().forward(
         q[:rows], k[:rows], v[:rows], batch.pool.clone()[:, 1], meta, dim**-0.5
     )
