@@ -84,6 +84,10 @@ class ModelConfig:
     # a 128-row chunk over 4,096 tokens beside 12 decode rows took 140.8 µs a layer against
     # 194.7 unsplit (benchmarks/results/kernels/short_rest_split_h100_2026-12-06/).
     split_context_prefill: bool = True
+    # CUDA, Triton attention: a run of several fresh prompts on cuDNN is attended in one
+    # ragged call (kernels/cudnn_ragged.py) where the torch build keeps its plans; False:
+    # one call a prompt.
+    cudnn_ragged_prompts: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

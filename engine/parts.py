@@ -63,6 +63,7 @@ def build_parts(config: EngineConfig, kernels: ModelKernels | None) -> EnginePar
             fused_decode_merge=model_config.fused_decode_merge,
             short_rest_rows=model_config.short_rest_rows,
             split_context_prefill=model_config.split_context_prefill,
+            cudnn_ragged_prompts=model_config.cudnn_ragged_prompts,
         )
     start = MemoryStart.take(device) if needs_profile(config.cache, device) else None
     loaded = load_model(config.model, kernels)

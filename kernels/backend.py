@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from splitserve.kernels import cudnn_prefill
+from splitserve.kernels import cudnn_prefill, cudnn_ragged
 from splitserve.kernels.attention import AttentionMetadata
 from splitserve.kernels.cudnn_prefill import PaddedPrompt
 from splitserve.kernels.decode_attention import MergeCounters, PreparedDecode, decode_attention
@@ -109,6 +109,7 @@ class TritonPagedAttention:
         fused_decode_merge: bool = False,
         short_rest_rows: int = 0,
         split_context_prefill: bool = False,
+        cudnn_ragged_prompts: bool = False,
     ) -> None:
         if decode_num_splits is not None and decode_num_splits < 1:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
@@ -127,6 +128,11 @@ class TritonPagedAttention:
         self.cudnn_fresh_prefill = cudnn_fresh_prefill
         self._dense_attend = dense_attend
         self._cudnn_ready = False
+        self.cudnn_ragged_prompts = cudnn_ragged_prompts
+        # cuDNN's ragged plans, once `prepare` built them; a run's device inputs for them
+        # by the run's index, with the plan they were worked out for.
+        self._ragged: cudnn_ragged.RaggedAttention | None = None
+        self._ragged_inputs: dict[int, tuple[_MixedPlan, cudnn_ragged.RunInputs]] = {}
         # A cuDNN run's padded prompts (None: past the buffer), by the run's index in its
         # plan, with the plan and the q/k/v they view.
         self._prompts: dict[int, tuple[_MixedPlan, tuple, list[PaddedPrompt] | None]] = {}
@@ -145,6 +151,8 @@ class TritonPagedAttention:
         if self.cudnn_fresh_prefill and q.dtype in FLASH_DTYPES:
             cudnn_prefill.prepare_buckets(q, k, v, scale, max_rows, self._dense_attend)
             self._cudnn_ready = True
+            if self.cudnn_ragged_prompts:
+                self._ragged = cudnn_ragged.prepare_ragged(q, k, v, scale, max_rows)
 
     def prefill_runs(self) -> dict[str, int]:
         """Prefill runs planned since start, by path: each step counts each of its runs once
@@ -242,6 +250,8 @@ class TritonPagedAttention:
             self._prepared_rows(index, plan, scale, *rows)(*rows)
             return
         if run.run.kind == CUDNN:
+            if self._attend_ragged(index, run, (q, k, v), out, plan):
+                return
             prompts = self._padded_prompts(index, q, k, v, plan)
             if prompts is not None:
                 cudnn_prefill.attend_prompts(prompts, lens, scale, out, self._dense_attend)
@@ -253,6 +263,33 @@ class TritonPagedAttention:
         seqs = slice(first, first + run.run.num_seqs)
         args = (q, kv_cache, meta.block_tables[seqs], meta.seq_lens[seqs], run.query_start_loc)
         prefill_attention(*args, max(lens), scale, out=out, num_splits=run.context_splits)
+
+    def _attend_ragged(
+        self,
+        index: int,
+        run: _Run,
+        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        out: torch.Tensor,
+        plan: _MixedPlan,
+    ) -> bool:
+        """Run `index`'s prompts in one ragged cuDNN call (kernels/cudnn_ragged.py): False
+        (nothing written) without a plan for its shape or for its views' strides."""
+        ragged = self._ragged
+        lens = run.run.query_lens
+        bucket = cudnn_ragged.ragged_bucket(max(lens))
+        if ragged is None or (len(lens), bucket) not in ragged.shapes:
+            return False
+        if not ragged.strides.fits(*qkv, out):
+            return False
+        kept = self._ragged_inputs.get(index)
+        if kept is None or kept[0] is not plan:
+            kept = (plan, ragged.inputs(run.query_start_loc))
+            self._ragged_inputs[index] = kept
+        ragged.attend(*qkv, out, kept[1], bucket)
+        total = sum(lens)
+        if total < out.shape[0]:
+            out[total:].zero_()
+        return True
 
     def _padded_prompts(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _MixedPlan

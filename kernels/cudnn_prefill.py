@@ -13,6 +13,8 @@ as they are finite, which activations of this or an earlier step are. Prompts sh
 than `MIN_ROWS` (and the run they are in) stay on the flash path (`takes`). Each prompt is
 a call of its own, about 40 µs of host time, which the step's other work hides: a step
 that carries a 768-row prompt keeps the device busier than that on its GEMMs alone.
+Where cuDNN's frontend built its ragged plans, a run takes one call for all its prompts
+instead (kernels/cudnn_ragged.py); this module's call a prompt is the path without them.
 
 Who calls what: `TritonPagedAttention` (kernels/backend.py) calls `prepare_buckets` once
 with q/k/v views of the piecewise graphs' static buffer (engine/piecewise_graphs.py, at

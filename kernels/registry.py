@@ -104,12 +104,14 @@ def _attention(
     fused_merge: bool,
     short_rest_rows: int,
     split_context: bool,
+    ragged: bool,
 ) -> AttentionBackend:
     """`pinned`: the backend was named, not "auto": Triton kernels for every step.
     `overlap`: a mixed step's decode rows on a second CUDA stream (Triton only).
     `fused_merge`: split decode plans merged inside the split kernel (Triton only).
     `short_rest_rows`: short chunks over cached context on the decode kernel (Triton only).
-    `split_context`: chunks over long context with the context split (Triton only)."""
+    `split_context`: chunks over long context with the context split (Triton only).
+    `ragged`: a run of cuDNN prompts in one ragged call (Triton only)."""
     if name == "triton":
         from splitserve.kernels.backend import TritonPagedAttention
         from splitserve.kernels.cudnn_prefill import cudnn_prefill_supported
@@ -123,6 +125,7 @@ def _attention(
             fused_decode_merge=fused_merge,
             short_rest_rows=short_rest_rows,
             split_context_prefill=split_context,
+            cudnn_ragged_prompts=ragged,
         )
     from splitserve.kernels.attention_torch import TorchPagedAttention
 
@@ -197,6 +200,7 @@ def select_kernels(
     fused_decode_merge: bool = False,
     short_rest_rows: int = 0,
     split_context_prefill: bool = False,
+    cudnn_ragged_prompts: bool = False,
 ) -> ModelKernels:
     """The kernels a model on `device_type` ("cpu", "cuda") runs under this configuration."""
     attention = resolve_backend(attention_backend, device_type)
@@ -214,7 +218,7 @@ def select_kernels(
     overlap = overlap_decode_attention
     attention_op = _attention(
         attention, device_type, pinned, overlap, fused_decode_merge, short_rest_rows,
-        split_context_prefill,
+        split_context_prefill, cudnn_ragged_prompts,
     )  # fmt: skip
     return ModelKernels(
         backend, attention, *ops, attention_op, _draw(backend), _rotary_store(backend)

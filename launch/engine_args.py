@@ -170,6 +170,13 @@ def _add_attention_path_arguments(g: argparse._ArgumentGroup) -> None:
         help="Triton attention: attend chunks over cached context that would leave the device "
         "idle (a short chunk over a long context) with each context split across programs",
     )
+    g.add_argument(
+        "--cudnn-ragged-prompts",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(model, "cudnn_ragged_prompts"),
+        help="CUDA, Triton attention: attend a run of fresh prompts on cuDNN in one ragged "
+        "call (--no-cudnn-ragged-prompts: one call a prompt)",
+    )
 
 
 def _add_cache_and_scheduler_arguments(g: argparse._ArgumentGroup) -> None:
@@ -282,6 +289,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             fused_decode_merge=args.fused_decode_merge,
             short_rest_rows=args.short_rest_rows,
             split_context_prefill=args.split_context_prefill,
+            cudnn_ragged_prompts=args.cudnn_ragged_prompts,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

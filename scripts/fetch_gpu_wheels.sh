@@ -6,6 +6,7 @@
 # Versions: those the CPU test suite runs with; the image (Python 3.12, x86-64, CUDA 13)
 # already has torch, triton, transformers, numpy, aiohttp, httpx, rich, prometheus-client,
 # anyio, h11 and click. grpcio/protobuf are pinned to what the generated stubs check.
+# nvidia-cudnn-frontend (12 MiB) builds the ragged cuDNN plans (kernels/cudnn_ragged.py).
 set -euo pipefail
 py=${1:-python3}
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ wheels=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
   xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 grpcio-health-checking==1.85.1
+  nvidia-cudnn-frontend==1.32.0
 )
 # The GPU tests of structured output also need jsonschema (jsonschema==4.26.0
 # jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0).
