@@ -141,41 +141,46 @@ def _add_kernel_arguments(g: argparse._ArgumentGroup) -> None:
 
 def _add_attention_path_arguments(g: argparse._ArgumentGroup) -> None:
     """The Triton attention's paths: which kernel takes which rows of a step."""
-    model = ModelConfig
-    g.add_argument(
-        "--overlap-decode-attention",
-        action=argparse.BooleanOptionalAction,
-        default=default_of(model, "overlap_decode_attention"),
-        help="CUDA, Triton attention: attend a mixed step's decode rows on a second stream "
+    _switch(
+        g,
+        "overlap_decode_attention",
+        "CUDA, Triton attention: attend a mixed step's decode rows on a second stream "
         "beside its prefill rows",
     )
-    g.add_argument(
-        "--fused-decode-merge",
-        action=argparse.BooleanOptionalAction,
-        default=default_of(model, "fused_decode_merge"),
-        help="Triton attention: merge a split decode plan's partitions inside the split "
+    _switch(
+        g,
+        "fused_decode_merge",
+        "Triton attention: merge a split decode plan's partitions inside the split "
         "kernel (one launch a layer) instead of a second kernel",
     )
     g.add_argument(
         "--short-rest-rows",
         type=int,
-        default=default_of(model, "short_rest_rows"),
+        default=default_of(ModelConfig, "short_rest_rows"),
         help="Triton attention: attend a step's chunks over cached context of at most this "
         "many rows with the decode kernel, a row at a time (0: with the prefill kernel)",
     )
-    g.add_argument(
-        "--split-context-prefill",
-        action=argparse.BooleanOptionalAction,
-        default=default_of(model, "split_context_prefill"),
-        help="Triton attention: attend chunks over cached context that would leave the device "
+    _switch(
+        g,
+        "split_context_prefill",
+        "Triton attention: attend chunks over cached context that would leave the device "
         "idle (a short chunk over a long context) with each context split across programs",
     )
-    g.add_argument(
-        "--cudnn-ragged-prompts",
-        action=argparse.BooleanOptionalAction,
-        default=default_of(model, "cudnn_ragged_prompts"),
-        help="CUDA, Triton attention: attend a run of fresh prompts on cuDNN in one ragged "
+    _switch(
+        g,
+        "cudnn_ragged_prompts",
+        "CUDA, Triton attention: attend a run of fresh prompts on cuDNN in one ragged "
         "call (--no-cudnn-ragged-prompts: one call a prompt)",
+    )
+
+
+def _switch(g: argparse._ArgumentGroup, field: str, help_text: str) -> None:
+    """--FIELD / --no-FIELD for a boolean of ModelConfig, defaulting to its default."""
+    g.add_argument(
+        "--" + field.replace("_", "-"),
+        action=argparse.BooleanOptionalAction,
+        default=default_of(ModelConfig, field),
+        help=help_text,
     )
 
 
