@@ -15,10 +15,11 @@ Per layer the model calls `forward(q, k, v, kv_cache_layer, meta, scale[, out])`
    kernel; with `flash_fresh_prefill`, fresh ones (nothing cached before them) with torch's
    flash kernel over their own k/v rows (kernels/fresh_prefill.py), or, with
    `cudnn_fresh_prefill` once `prepare` has run, long fresh prompts with cuDNN's fused
-   attention (kernels/cudnn_prefill.py); with `short_rest_rows`, runs of short chunks over
-   cached context with the decode kernel, one query row as one sequence (`ROWS`: its
-   per-row block tables and lengths are built once per step, on the host, and sent in one
-   copy).
+   attention (kernels/cudnn_prefill.py; with `cudnn_ragged_prompts`, a run of them in one
+   ragged call where `prepare` built its plans, kernels/cudnn_ragged.py); with
+   `short_rest_rows`, runs of short chunks over cached context with the decode kernel,
+   one query row as one sequence (`ROWS`: its per-row block tables and lengths are built
+   once per step, on the host, and sent in one copy).
    With `overlap_decode_rows` (CUDA), the decode rows of such a step are attended on a
    second stream beside the prefill rows (kernels/side_stream.py).
 
@@ -90,8 +91,10 @@ class TritonPagedAttention:
     nothing on other devices or while a CUDA graph is being captured.
     `cudnn_fresh_prefill` hands long fresh prompts to cuDNN once `prepare` has built its
     plans; `dense_attend` is the call that attends one padded prompt (cuDNN's unless
-    given). `fused_decode_merge` merges a split decode plan's partitions inside the split
-    kernel (one launch a layer instead of two; the backend keeps the counters).
+    given); with `cudnn_ragged_prompts`, `prepare` also builds cuDNN's ragged plans and a
+    run of such prompts takes one call. `fused_decode_merge` merges a split decode plan's
+    partitions inside the split kernel (one launch a layer instead of two; the backend
+    keeps the counters).
     `short_rest_rows` attends runs of chunks over cached context of at most that many rows
     with the decode kernel (`ROWS`, kernels/prefill_runs.py); 0 leaves them to the Triton
     prefill kernel. `split_context_prefill` gives a run on the Triton prefill kernel whose
