@@ -89,10 +89,12 @@ def test_streamed_chat_answer_stops_at_end_of_turn(client: openai.OpenAI) -> Non
 
 
 def test_disaggregated_tokens_match_transformers(
-    smollm2, client: openai.OpenAI, smollm2_case
+    smollm2, up, client: openai.OpenAI, smollm2_case
 ) -> None:
     """1P1D through the router: each prompt prefilled on the prefill node, its KV pushed
-    over NIXL, decoded on the decode node; the tokens are transformers' greedy tokens."""
+    over NIXL, decoded on the decode node; the tokens are transformers' greedy tokens. A
+    mismatch reports the cluster's last output lines (the nodes' warnings: a fall-back to
+    a local prefill, a failed push), to tell which path the request took."""
     from transformers import AutoTokenizer
 
     prompts, expected = smollm2_case
@@ -110,10 +112,13 @@ def test_disaggregated_tokens_match_transformers(
 
     with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent, as the decode node batches
         replies = list(pool.map(complete, prompts))
-    for reply, want in zip(replies, expected, strict=True):
+    for index, (reply, want) in enumerate(zip(replies, expected, strict=True)):
         choice = reply.choices[0]
         assert choice.logprobs is not None and choice.logprobs.tokens is not None
-        assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in want]
+        assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in want], (
+            f"prompt {index} ({len(prompts[index])} tokens, request {reply.id}); the "
+            f"cluster's last lines:\n{up.tail(80)}"
+        )
         assert choice.text == tokenizer.decode(want)
     metrics = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics", timeout=30).text
     remote = re.search(r'routing_decisions_total\{[^}]*prefill="remote"[^}]*\} (\S+)', metrics)
