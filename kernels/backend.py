@@ -280,7 +280,7 @@ class TritonPagedAttention:
         ragged = self._ragged
         lens = run.run.query_lens
         bucket = cudnn_ragged.ragged_bucket(max(lens))
-        if ragged is None or (len(lens), bucket) not in ragged.shapes:
+        if ragged is None or not ragged.has_plan(len(lens), bucket):
             return False
         if not ragged.strides.fits(*qkv, out):
             return False

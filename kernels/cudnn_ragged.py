@@ -58,8 +58,8 @@ def shapes_up_to(rows: int) -> list[tuple[int, int]]:
     """Every (prompts, bucket) pair a run of at most `rows` rows can take."""
     pairs = []
     bucket = MIN_BUCKET
-    while max_sequences(bucket, rows):
-        pairs += [(n, bucket) for n in range(1, max_sequences(bucket, rows) + 1)]
+    while count := max_sequences(bucket, rows):
+        pairs += [(n, bucket) for n in range(1, count + 1)]
         bucket *= 2
     return pairs
 
@@ -117,6 +117,10 @@ class RaggedAttention:
     @property
     def shapes(self) -> frozenset[tuple[int, int]]:
         return frozenset(self._plans)
+
+    def has_plan(self, prompts: int, bucket: int) -> bool:
+        """A plan for runs of `prompts` prompts in `bucket` (per layer: no set built)."""
+        return (prompts, bucket) in self._plans
 
     def build(self, prompts: int, bucket: int, device: torch.device) -> None:
         """The plan of runs of `prompts` prompts whose longest is at most `bucket` rows."""
