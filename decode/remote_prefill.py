@@ -9,21 +9,29 @@ The engine calls its hooks:
                                 plan to `params.on_plan` (the service sends the Prefill
                                 RPC); None when the pool is short: the engine prefills it
     on_finish(rid)              a request that ends while its KV is in flight keeps its
-                                blocks until its Prefill RPC has returned (the prefill node
-                                may still be writing them)
+                                blocks until the prefill node writes them no more (its
+                                Prefill RPC answered, or `writes_ended`)
     poll()                      chunk arrivals from the ArrivalTracker; a request whose
                                 blocks all landed AND whose RPC answered arrives with the
                                 first token; a failure, a timeout or a stall (no chunk
                                 within `stall_timeout_s(prompt size)`) makes the engine
                                 prefill it locally into fresh blocks (the ones given to the
-                                prefill node are set aside until its RPC ended); held and
+                                prefill node are set aside until it writes them no more:
+                                its RPC answered, or `writes_ended`); held and
                                 set-aside blocks are released; `params.on_outcome` (when
                                 given) hears of the arrival or the fallback
 
 and the service calls, through `AsyncEngine.run`:
 
-    rpc_succeeded(...)      the prefill node answered: first token, its cache hits
-    rpc_failed(...)         the Prefill RPC failed (node died, error, deadline)
+    rpc_succeeded(...)      the prefill node answered: first token, its cache hits; its
+                            pushes are over (it answers once the last one completed)
+    rpc_failed(...)         the Prefill RPC failed (node died, error, deadline): the
+                            request is prefilled here, but a failed call does not mean
+                            the prefill node stopped writing (a deadline ends the call on
+                            this side at once), so the blocks it was given stay set aside
+    writes_ended(rid)       after `rpc_failed`: the prefill node confirmed that it pushes
+                            no more for the request (its Abort answered once its pushes
+                            drained), or cannot any more; the set-aside blocks may go
     abandon(rid)            the client went away before the Prefill RPC was sent: no
                             prefill node will write the blocks, so they can go
     pop_metrics(rid)        per-request transfer metrics, for the final Generate message
@@ -95,7 +103,9 @@ class _Pending:
     first: tuple[int, TokenLogprob | None] | None = None
     info: RemotePrefillInfo = field(default_factory=RemotePrefillInfo)
     has_arrived: bool = False
-    is_rpc_done: bool = False
+    # No write into the request's blocks can come any more (the RPC answered, the prefill
+    # node confirmed its pushes drained, or none was sent).
+    are_writes_over: bool = False
     is_aborted: bool = False
     on_outcome: Callable[[TransferMetrics], None] | None = None
 
@@ -131,8 +141,9 @@ class RemotePrefills:
         self._admitting: dict[str, RemotePrefillParams] = {}
         self._pending: dict[str, _Pending] = {}
         # Requests that fell back to local prefill: the engine set the blocks the prefill
-        # node was given aside (held under the request's id). Those whose Prefill RPC is
-        # still out may get late writes; their blocks go once it ends (`_release_next`).
+        # node was given aside (held under the request's id). Those whose prefill node may
+        # still write get late writes; their blocks go once its RPC answered or it
+        # confirmed it stopped (`writes_ended`), through `_release_next`.
         self._late_writers: set[str] = set()
         # Set-aside blocks that may go, and the requests whose failure (so whose set-aside)
         # an earlier poll reported.
@@ -198,7 +209,8 @@ class RemotePrefills:
 
     def on_finish(self, request_id: str) -> bool:
         """A request ended while its KV was in flight (the client went away): its blocks
-        stay held until its Prefill RPC is done, then `poll` releases them."""
+        stay held until no write can come (its RPC answered, or `writes_ended`), then
+        `poll` releases them."""
         pending = self._pending.get(request_id)
         if pending is None:
             return False
@@ -243,23 +255,30 @@ class RemotePrefills:
         if pending is None:
             self._end_late_writer(request_id)
             return
-        pending.is_rpc_done = True
+        pending.are_writes_over = True
         pending.first = (first_token_id, first_logprob)
         pending.info = info
         self._advance(request_id, pending)
 
     def rpc_failed(self, request_id: str, error: str) -> None:
+        """The Prefill RPC failed: prefill here; the blocks stay set aside (or held, for an
+        aborted request) until `writes_ended`."""
+        pending = self._pending.get(request_id)
+        if pending is not None and not pending.is_aborted:
+            self._fail(request_id, pending, f"Prefill RPC failed: {error}", "rpc_failed")
+
+    def writes_ended(self, request_id: str) -> None:
+        """After `rpc_failed`: the prefill node writes nothing more for the request."""
         pending = self._pending.get(request_id)
         if pending is None:
             self._end_late_writer(request_id)
-            return
-        pending.is_rpc_done = True
-        self._fail(request_id, pending, f"Prefill RPC failed: {error}", "rpc_failed")
+        else:
+            pending.are_writes_over = True  # an aborted request's held blocks go at poll
 
     def abandon(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
         if pending is not None:
-            pending.is_rpc_done = True  # none was sent; poll frees the held blocks
+            pending.are_writes_over = True  # none was sent; poll frees the held blocks
             self.tracker.forget(request_id)
 
     def pop_metrics(self, request_id: str) -> TransferMetrics | None:
@@ -268,16 +287,16 @@ class RemotePrefills:
     # Internals.
 
     def _release_if_aborted(self, request_id: str, pending: _Pending) -> bool:
-        """Whether the request was aborted; once its RPC is done too, its held blocks go
-        and it is forgotten."""
-        if pending.is_aborted and pending.is_rpc_done:
+        """Whether the request was aborted; once no write can come any more, its held
+        blocks go and it is forgotten."""
+        if pending.is_aborted and pending.are_writes_over:
             self._events.released.append(request_id)
             del self._pending[request_id]
         return pending.is_aborted
 
     def _end_late_writer(self, request_id: str) -> None:
-        """The Prefill RPC of a request that fell back ended: no prefill node writes the
-        blocks set aside for it any more, so they may go."""
+        """The prefill node of a request that fell back writes the blocks set aside for
+        it no more, so they may go."""
         if request_id in self._late_writers:
             self._late_writers.discard(request_id)
             self._release_next.append(request_id)
@@ -302,7 +321,7 @@ class RemotePrefills:
         if self._release_if_aborted(request_id, pending):
             return  # released here or in poll once the RPC is done
         del self._pending[request_id]
-        if pending.is_rpc_done:
+        if pending.are_writes_over:
             self._release_next.append(request_id)
         else:
             self._late_writers.add(request_id)

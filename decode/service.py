@@ -9,7 +9,10 @@ per router, each run as `Generate` runs it (`run`); what follows holds for both.
   chunks and hands the plan back (`on_plan`, engine thread -> event loop); then call
   `Prefill` on that node with this node's NIXL metadata and the destination blocks; the
   request joins the batch once every chunk landed and the RPC answered. If the pool is
-  short, the RPC fails or the KV does not arrive in time, the prompt is prefilled here.
+  short, the RPC fails or the KV does not arrive in time, the prompt is prefilled here;
+  after a failed RPC the blocks the prefill node was given stay set aside until its
+  `Abort` for the request answered (it answers once the request's pushes drained), or
+  past the RPC's deadline when it cannot answer.
 - otherwise: prefill locally (aggregated mode, or conditional disaggregation).
 Token deltas stream back as they are generated, coalesced: one message carries every
 token the request got since the previous one (one per engine step while the stream keeps
@@ -78,6 +81,9 @@ from splitserve.protocol.tracing import (
 
 logger = logging.getLogger(__name__)
 _RECENT = 1000
+# After a failed Prefill RPC whose prefill node did not confirm its pushes drained: how
+# long past the RPC's deadline a push posted before it may still land.
+PUSH_GRACE_S = 5.0
 
 
 class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
@@ -257,6 +263,7 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
             timeout_s=timeout,
         )
         engine = self.runtime.engine
+        deadline = time.monotonic() + timeout
         with spans.prefill_call(node.node_id) as span:
             try:
                 stub = node_pb2_grpc.PrefillStub(self._channel(node.grpc_address))
@@ -265,6 +272,8 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                 error = f"{exc.code().name}: {exc.details()}"
                 span.fail(error)
                 await engine.run(lambda c: self.remote.rpc_failed(rid, error))
+                await self._await_pushes_over(rid, node.grpc_address, deadline)
+                await engine.run(lambda c: self.remote.writes_ended(rid))
                 return
             span.set("splitserve.cached_tokens", resp.num_cached_tokens)
         logprob = (
@@ -281,6 +290,32 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         await engine.run(
             lambda c: self.remote.rpc_succeeded(rid, resp.first_token_id, logprob, info)
         )
+
+    async def _await_pushes_over(self, rid: str, address: str, deadline: float) -> None:
+        """Return once the prefill node at `address` pushes nothing more into `rid`'s blocks.
+
+        A failed Prefill RPC says nothing of that: a deadline ends the call here while the
+        node may still be computing and pushing. Its Abort answers once the request's
+        pushes drained; a node that cannot be reached (UNAVAILABLE: gone) pushes nothing.
+        Otherwise (frozen, overloaded) wait until past the RPC's deadline, after which the
+        node posts no push (prefill/pusher.py), and `PUSH_GRACE_S` for those in flight."""
+        stub = node_pb2_grpc.PrefillStub(self._channel(address))
+        try:
+            timeout = self.runtime.config.prefill_timeout_s
+            await stub.Abort(pb.AbortRequest(request_ids=[rid]), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return
+            wait_s = max(0.0, deadline + PUSH_GRACE_S - time.monotonic())
+            logger.warning(
+                "prefill node %s did not confirm that it stopped pushing %s (%s): its blocks "
+                "stay set aside %.3g s more",
+                address,
+                rid,
+                exc.code().name,
+                wait_s,
+            )
+            await asyncio.sleep(wait_s)
 
     async def _abort_on(self, address: str, rid: str) -> None:
         try:

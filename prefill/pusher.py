@@ -17,9 +17,11 @@ EngineCore call of the prefill node happens. The engine calls its hooks:
                              blocks are released (or it is aborted first, when a push
                              failed mid-prompt) and on_done(PushOutcome) is called
 and the service calls `abort(request_id)` (no further pushes; it finishes once in-flight
-pushes drained). The engine generates one token per request here (`max_new_tokens`) and
-reserves a prompt's blocks at admission (`reserves_prompt`), so a push never reads a block
-that was preempted.
+pushes drained: on_done tells when). No push is posted past the RPC's deadline
+(`PushTarget.deadline`): the decode node may have given the blocks to another request.
+The engine generates one token per request here (`max_new_tokens`) and reserves a
+prompt's blocks at admission (`reserves_prompt`), so a push never reads a block that was
+preempted.
 
 Chunk indices are contiguous from 0 over the pushes actually sent, and the last push
 carries the final flag (a last chunk with nothing left to send carries the tag alone), so
@@ -83,6 +85,9 @@ class PushTarget:
     on_done: Callable[[PushOutcome], None]
     # The Prefill RPC's span: parent of one span per chunk push (issued to completed).
     span: Span = NO_SPAN
+    # time.monotonic() past which no push is posted (the RPC's deadline: the decode node
+    # may give the blocks to another request once it passed); None: no deadline.
+    deadline: float | None = None
 
 
 @dataclass
@@ -92,6 +97,7 @@ class _Pushing:
     num_skip_blocks: int
     on_done: Callable[[PushOutcome], None]
     span: Span = NO_SPAN
+    deadline: float | None = None
     # The span of each push in flight, by push id.
     push_spans: dict[int, Span] = field(default_factory=dict)
     num_chunks: int = 0
@@ -146,7 +152,12 @@ class PrefillPusher:
                 f"num_skip_blocks={num_skip} is outside [0, {num_dst}] destination blocks"
             )
         self._requests[request_id] = _Pushing(
-            target.peer, target.dst_block_ids, num_skip, target.on_done, target.span
+            target.peer,
+            target.dst_block_ids,
+            num_skip,
+            target.on_done,
+            target.span,
+            target.deadline,
         )
         return False  # the prompt is computed here
 
@@ -165,6 +176,9 @@ class PrefillPusher:
     def on_blocks_final(self, chunk: FinalBlocks) -> None:
         state = self._requests.get(chunk.request_id)
         if state is None or state.aborted or state.error is not None:
+            return
+        if state.deadline is not None and time.monotonic() > state.deadline:
+            state.error = "the Prefill RPC's deadline passed before its KV was pushed"
             return
         state.num_cached_tokens = chunk.num_cached_tokens
         state.queue_time_s = chunk.queue_time_s

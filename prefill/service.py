@@ -9,7 +9,14 @@ engine's KV connector here, the PrefillPusher, pushes each chunk's finished bloc
 engine reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled token).
 The RPC answers once the last chunk's push completed: first token, final notification
 tag, cache and push statistics. A failed push, an engine error or an abort ends the RPC
-with an error status; the decode node then prefills the prompt itself.
+with an error status; the decode node then prefills the prompt itself. No push is posted
+past the RPC's deadline (the decode node's, propagated by gRPC, or `timeout_s`).
+
+`Abort` (from the decode node: its client went away, or its Prefill RPC failed) stops the
+named requests and answers once their pushes in flight drained, so that the decode node
+may give their blocks to other requests; DEADLINE_EXCEEDED when they did not drain within
+`ABORT_DRAIN_S`. A Prefill RPC that ends early (cancelled, past its deadline) likewise
+aborts its request and waits for the drain before it ends.
 
 Tracing: the RPC is a "Prefill.Prefill" span, child of the decode node's "prefill rpc" span
 (W3C traceparent in the call's metadata); each chunk push is a "kv push" span under it.
@@ -43,6 +50,10 @@ from splitserve.protocol.tracing import (
 
 logger = logging.getLogger(__name__)
 
+# How long an Abort waits for the named requests' pushes in flight to complete (they
+# normally take milliseconds; a push to an unreachable peer fails within UCX's timeout).
+ABORT_DRAIN_S = 30.0
+
 
 def _refusal_status(exc: ValueError) -> grpc.StatusCode:
     """FAILED_PRECONDITION for a decode node whose KV pool is incompatible, else
@@ -56,6 +67,11 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
     def __init__(self, runtime: NodeRuntime, pusher: PrefillPusher) -> None:
         self.runtime = runtime
         self.pusher = pusher
+        # Each request's push outcome, resolved once its pushes drained (any outcome).
+        self._outcomes: dict[str, asyncio.Future[PushOutcome]] = {}
+        # Requests whose Abort reached the engine before their Prefill's admission (engine
+        # thread only): that admission is refused.
+        self._aborted_early: set[str] = set()
 
     @classmethod
     async def create(cls, runtime: NodeRuntime) -> PrefillService:
@@ -103,9 +119,10 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[PushOutcome] = loop.create_future()
+        done = self._outcome_of(rid)
         agent = self.runtime.require_agent()
         prompt = list(request.prompt_token_ids)
+        deadline = _deadline(request.timeout_s, context.time_remaining())
 
         def resolve(outcome: PushOutcome) -> None:
             if not done.done():
@@ -117,27 +134,45 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
         def admit(core: EngineCore) -> None:
             if params.n != 1:
                 raise ValueError("remote prefill serves n=1 requests")
+            if rid in self._aborted_early:
+                self._aborted_early.discard(rid)
+                raise ValueError(f"request {rid} was aborted before its prefill began")
             peer = agent.connect(request.decode_agent_metadata, descriptor)
             dst = list(request.dst_block_ids)
-            target = PushTarget(peer, dst, request.num_skip_blocks, on_done, span)
+            target = PushTarget(peer, dst, request.num_skip_blocks, on_done, span, deadline)
             core.add_request(rid, prompt, params, target)
 
         try:
             await self.runtime.engine.compile_grammar(params)
             await self.runtime.engine.run(admit)
         except ValueError as exc:
+            done.cancel()  # nothing to drain: an Abort waiting for it returns
             await context.abort(_refusal_status(exc), str(exc))
-        timeout = request.timeout_s or None
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             outcome = await asyncio.wait_for(asyncio.shield(done), timeout)
         except (TimeoutError, asyncio.CancelledError):
-            await self._abort([rid])
+            await self._abort([rid])  # returns once its pushes drained
             raise
         if not outcome.ok:
             await context.abort(grpc.StatusCode.ABORTED, outcome.error or "prefill failed")
         return _response(rid, outcome, time.monotonic() - started)
 
-    async def _abort(self, request_ids: list[str]) -> int:
+    def _outcome_of(self, rid: str) -> asyncio.Future[PushOutcome]:
+        """A new future for `rid`'s push outcome, known to `_abort` until resolved."""
+        done: asyncio.Future[PushOutcome] = asyncio.get_running_loop().create_future()
+        self._outcomes[rid] = done
+
+        def forget(_: object) -> None:
+            if self._outcomes.get(rid) is done:
+                del self._outcomes[rid]
+
+        done.add_done_callback(forget)
+        return done
+
+    async def _abort(self, request_ids: list[str]) -> tuple[int, list[str]]:
+        """Abort the requests; (how many were known, those whose pushes in flight did not
+        drain within ABORT_DRAIN_S), once the others drained."""
         pusher = self.pusher
 
         def abort(core: EngineCore) -> int:
@@ -145,15 +180,28 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             for rid in request_ids:
                 known = core.is_unfinished(rid)
                 core.abort(rid)
-                num += int(pusher.abort(rid) or known)
+                known = pusher.abort(rid) or known
+                if not known and rid in self._outcomes:  # its Prefill is not admitted yet
+                    self._aborted_early.add(rid)
+                num += int(known)
             return num
 
-        return await self.runtime.engine.run(abort)
+        num = await self.runtime.engine.run(abort)
+        draining = {rid: f for rid in request_ids if (f := self._outcomes.get(rid)) is not None}
+        if draining:
+            await asyncio.wait(draining.values(), timeout=ABORT_DRAIN_S)
+        return num, [rid for rid, f in draining.items() if not f.done()]
 
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
-        return pb.AbortResponse(num_aborted=await self._abort(list(request.request_ids)))
+        num, undrained = await self._abort(list(request.request_ids))
+        if undrained:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"pushes of {undrained} still in flight after {ABORT_DRAIN_S:g} s",
+            )
+        return pb.AbortResponse(num_aborted=num)
 
     def role_stats(self) -> RoleStats:
         pusher = self.pusher
@@ -164,6 +212,13 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             num_transfers_completed=pusher.num_pushes_completed,
             num_transfers_failed=pusher.num_pushes_failed,
         )
+
+
+def _deadline(timeout_s: float, remaining_s: float | None) -> float | None:
+    """time.monotonic() of the earlier of the request's `timeout_s` (0: none) and the
+    call's propagated deadline (`remaining_s` from now; None: none)."""
+    bounds = [t for t in (timeout_s or None, remaining_s) if t is not None]
+    return time.monotonic() + min(bounds) if bounds else None
 
 
 def _response(rid: str, outcome: PushOutcome, prefill_time_s: float) -> pb.PrefillResponse:

@@ -11,11 +11,11 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from scripted_agent import ScriptedAgent
 
 from splitserve.engine.kv_connector import FinalBlocks
-from splitserve.engine.request import RequestId
 from splitserve.engine.stats import EngineStats
-from splitserve.kv_transfer import PeerName, PushHandle, PushResult
+from splitserve.kv_transfer import PeerName
 from splitserve.node.metrics import NodeMetrics
 from splitserve.node.metrics_http import MetricsServer
 from splitserve.prefill.pusher import PrefillPusher, PushOutcome, PushTarget
@@ -180,30 +180,6 @@ def test_router_exports_the_ttft_breakdown_of_remote_prefills() -> None:
     assert value(text, p + "kv_transfer_time_seconds_sum") == pytest.approx(0.25)
     assert value(text, p + "decode_queue_time_seconds_count") == 3
     assert value(text, p + "decode_queue_time_seconds_sum") == pytest.approx(0.032)
-
-
-class ScriptedAgent:
-    """A TransferAgent double: pushes are posted, and finish when the test says so."""
-
-    def __init__(self) -> None:
-        self.posted: list[PushHandle] = []
-        self.finished: list[PushResult] = []
-
-    def push(self, peer: PeerName, src: list[int], dst: list[int], tag: str) -> PushHandle:
-        handle = PushHandle(len(self.posted), peer, tag, RequestId(tag), 1000 * len(src), 1)
-        self.posted.append(handle)
-        return handle
-
-    def finish(self, push_id: int, ok: bool) -> None:
-        h = self.posted[push_id]
-        error = None if ok else "UCX error"
-        self.finished.append(
-            PushResult(h.push_id, h.peer, h.tag, h.request_id, ok, error, h.num_bytes, 0.003)
-        )
-
-    def poll(self) -> list[PushResult]:
-        out, self.finished = self.finished, []
-        return out
 
 
 def test_pusher_counts_pushes_and_requests_by_result() -> None:

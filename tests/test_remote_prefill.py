@@ -1,6 +1,7 @@
 """The decode node's remote-prefill bookkeeping frees a request's held blocks however its
 abort interleaves with the Prefill RPC's answer and the engine's connector polling (engine
-thread commands can run before the poll notices the abort)."""
+thread commands can run before the poll notices the abort), and never while the prefill
+node may still write them: a failed RPC keeps them until `writes_ended`."""
 
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def test_abort_before_the_hook_polls_still_frees_the_blocks(core, answer: str) -
     assert core.pool.usage > 0
     if answer == "failed":
         remote.rpc_failed(rid, "CANCELLED: aborted on the prefill node")
+        core.poll_connector()
+        assert core.pool.usage > 0  # the prefill node may still write them
+        remote.writes_ended(rid)
     elif answer == "succeeded":
         remote.rpc_succeeded(rid, 7, None, RemotePrefillInfo())
     else:
@@ -77,6 +81,9 @@ def test_blocks_stay_held_until_the_rpc_answers(core) -> None:
     core.poll_connector()
     assert core.pool.usage > 0 and remote.num_in_flight == 1
     remote.rpc_failed("r-late", "DEADLINE_EXCEEDED")
+    core.poll_connector()
+    assert core.pool.usage > 0 and remote.num_in_flight == 1
+    remote.writes_ended("r-late")
     core.poll_connector()
     assert core.pool.usage == 0.0 and remote.num_in_flight == 0
 
@@ -121,6 +128,7 @@ def test_stalled_prefill_falls_back_to_local_well_before_the_timeout(core) -> No
     the prompt's size, not the whole prefill timeout."""
     remote = stalled(core, "r-stall")
     remote.rpc_failed("r-stall", "DEADLINE_EXCEEDED")
+    remote.writes_ended("r-stall")
     core.abort("r-stall")
     core.poll_connector()
     assert core.pool.usage == 0.0
@@ -139,6 +147,9 @@ def test_after_a_stall_fallback_blocks_stay_held_until_the_rpc_answers(core, ans
     assert core.pool.usage > 0  # finished, but the prefill node may still write
     if answer == "failed":
         remote.rpc_failed("r-resume", "DEADLINE_EXCEEDED")
+        core.poll_connector()
+        assert core.pool.usage > 0  # the call ended here; the node may still be pushing
+        remote.writes_ended("r-resume")
     else:
         remote.rpc_succeeded("r-resume", 7, None, RemotePrefillInfo())
     core.poll_connector()
@@ -146,16 +157,22 @@ def test_after_a_stall_fallback_blocks_stay_held_until_the_rpc_answers(core, ans
     core.check_invariants()
 
 
-def test_a_failed_rpc_falls_back_and_its_set_aside_blocks_go(core) -> None:
-    """The Prefill RPC fails first (the prefill node died): the request is prefilled here
-    into fresh blocks and the ones the node was given go at the next poll, not before the
-    failure that set them aside was applied."""
+def test_a_failed_rpc_falls_back_and_its_set_aside_blocks_go_once_writes_ended(core) -> None:
+    """The Prefill RPC fails first (a deadline: the call ends here while the prefill node
+    may still push): the request is prefilled here into fresh blocks at once; the ones the
+    node was given stay set aside (no other request gets them) until `writes_ended` (its
+    Abort answered), and go at the poll after it, not before the failure that set them
+    aside was applied."""
     remote = admitted(core, "r-died")
-    remote.rpc_failed("r-died", "UNAVAILABLE: connection reset")
+    held = core.pool.num_blocks - core.pool.num_free_blocks
+    remote.rpc_failed("r-died", "DEADLINE_EXCEEDED: Deadline Exceeded")
     core.poll_connector()  # the failure: prefill locally, the node's blocks set aside
     assert core.request_status("r-died") == RequestStatus.WAITING
     while core.has_unfinished():
         core.step()
+    core.poll_connector()
+    assert core.pool.num_blocks - core.pool.num_free_blocks == held  # still set aside
+    remote.writes_ended("r-died")
     core.poll_connector()  # the release
     assert core.pool.usage == 0.0 and remote.num_fallbacks == 1
     fallbacks = "splitserve_decode_prefill_fallbacks_total"
