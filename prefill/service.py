@@ -147,6 +147,8 @@ class PrefillService(NodeRpcs, node_pb2_grpc.PrefillServicer):
             await self.runtime.engine.run(admit)
         except ValueError as exc:
             done.cancel()  # nothing to drain: an Abort waiting for it returns
+            # An Abort that came before a refused admission leaves nothing to refuse.
+            await self.runtime.engine.run(lambda core: self._aborted_early.discard(rid))
             await context.abort(_refusal_status(exc), str(exc))
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:

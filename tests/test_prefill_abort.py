@@ -62,9 +62,12 @@ class Engine:
         self.core = core
         self.grammar_ready = asyncio.Event()
         self.grammar_ready.set()
+        self.grammar_error = ""
 
     async def compile_grammar(self, params: Any) -> None:
         await self.grammar_ready.wait()
+        if self.grammar_error:
+            raise ValueError(self.grammar_error)
 
     async def run(self, fn: Any) -> Any:
         return fn(self.core)
@@ -77,20 +80,18 @@ class Runtime:
         self.agent, self.engine = agent, engine
 
     def require_agent(self) -> Any:
-        return self
+        return self  # the agent's `connect`, below
 
-
-def connect(metadata: bytes, descriptor: PoolDescriptor) -> str:
-    return "decode-b"
+    def connect(self, metadata: bytes, descriptor: PoolDescriptor) -> str:
+        return "decode-b"
 
 
 def service() -> tuple[PrefillService, ScriptedAgent, PrefillPusher, Engine]:
     agent = ScriptedAgent()
     pusher = PrefillPusher(agent)  # type: ignore[arg-type]
     engine = Engine(Core(pusher))
-    runtime = Runtime(agent, engine)
-    runtime.connect = connect  # type: ignore[attr-defined]
-    return PrefillService(runtime, pusher), agent, pusher, engine  # type: ignore[arg-type]
+    runtime: Any = Runtime(agent, engine)
+    return PrefillService(runtime, pusher), agent, pusher, engine
 
 
 def prefill_request(rid: str) -> pb.PrefillRequest:
@@ -141,5 +142,24 @@ def test_a_prefill_whose_abort_came_first_is_refused() -> None:
         assert "aborted before its prefill began" in refused.value.args[1]
         assert (await asyncio.wait_for(abort, 5)).num_aborted == 0
         assert not agent.posted and not engine.core.running
+
+    asyncio.run(run())
+
+
+def test_an_early_abort_of_a_prefill_refused_for_its_grammar_is_forgotten() -> None:
+    async def run() -> None:
+        svc, _, _, engine = service()
+        context: Any = Context()
+        engine.grammar_ready.clear()
+        engine.grammar_error = "not a grammar"
+        prefill = asyncio.create_task(svc._prefill(prefill_request("r"), context, NO_SPAN))
+        await asyncio.sleep(0.01)
+        abort = asyncio.create_task(svc.Abort(pb.AbortRequest(request_ids=["r"]), context))
+        await asyncio.sleep(0.01)
+        engine.grammar_ready.set()
+        with pytest.raises(Aborted, match="not a grammar"):
+            await prefill
+        assert (await asyncio.wait_for(abort, 5)).num_aborted == 0
+        assert not svc._aborted_early and not svc._outcomes
 
     asyncio.run(run())
