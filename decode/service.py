@@ -84,6 +84,8 @@ _RECENT = 1000
 # After a failed Prefill RPC whose prefill node did not confirm its pushes drained: how
 # long past the RPC's deadline a push posted before it may still land.
 PUSH_GRACE_S = 5.0
+# How long a client-gone request's Abort, forwarded to its prefill node, may take.
+ABORT_FORWARD_TIMEOUT_S = 5.0
 
 
 class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
@@ -299,30 +301,34 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
         pushes drained; a node that cannot be reached (UNAVAILABLE: gone) pushes nothing.
         Otherwise (frozen, overloaded) wait until past the RPC's deadline, after which the
         node posts no push (prefill/pusher.py), and `PUSH_GRACE_S` for those in flight."""
-        stub = node_pb2_grpc.PrefillStub(self._channel(address))
-        try:
-            timeout = self.runtime.config.prefill_timeout_s
-            await stub.Abort(pb.AbortRequest(request_ids=[rid]), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                return
-            wait_s = max(0.0, deadline + PUSH_GRACE_S - time.monotonic())
-            logger.warning(
-                "prefill node %s did not confirm that it stopped pushing %s (%s): its blocks "
-                "stay set aside %.3g s more",
-                address,
-                rid,
-                exc.code().name,
-                wait_s,
-            )
-            await asyncio.sleep(wait_s)
+        code = await self._send_abort(address, rid, self.runtime.config.prefill_timeout_s)
+        if code is None or code == grpc.StatusCode.UNAVAILABLE:
+            return
+        wait_s = max(0.0, deadline + PUSH_GRACE_S - time.monotonic())
+        logger.warning(
+            "prefill node %s did not confirm that it stopped pushing %s (%s): its blocks "
+            "stay set aside %.3g s more",
+            address,
+            rid,
+            code.name,
+            wait_s,
+        )
+        await asyncio.sleep(wait_s)
 
     async def _abort_on(self, address: str, rid: str) -> None:
+        code = await self._send_abort(address, rid, ABORT_FORWARD_TIMEOUT_S)
+        if code is not None:
+            logger.info("could not forward abort of %s to %s: %s", rid, address, code.name)
+
+    async def _send_abort(self, address: str, rid: str, timeout: float) -> grpc.StatusCode | None:
+        """Call Abort for `rid` on the prefill node at `address`: None once it answered
+        (it stopped the request and its pushes drained), else the call's status code."""
+        stub = node_pb2_grpc.PrefillStub(self._channel(address))
         try:
-            stub = node_pb2_grpc.PrefillStub(self._channel(address))
-            await stub.Abort(pb.AbortRequest(request_ids=[rid]), timeout=5)
+            await stub.Abort(pb.AbortRequest(request_ids=[rid]), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            logger.info("could not forward abort of %s to %s: %s", rid, address, exc.code().name)
+            return exc.code()
+        return None
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
