@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from splitserve.benchmarks.arg_types import positive_ints
 from splitserve.benchmarks.kernels import Timer
 from splitserve.benchmarks.results_io import provenance, write_result
 from splitserve.engine.model.arch import ModelArchConfig
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="dummy:llama-3.1-8b", help="a dummy:NAME preset")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--rows", default="48,64,96,512,576,1024,1072,1152,2048", help="M,...")
+    parser.add_argument(
+        "--rows", type=positive_ints, default=[48, 64, 96, 512, 576, 1024, 1072, 1152, 2048]
+    )
     parser.add_argument(
         "--operands", default="randn", help=f"how operands are drawn, one or more of {OPERANDS}"
     )
@@ -160,14 +163,7 @@ def medians(table: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        rows = [int(m) for m in args.rows.split(",")]
-    except ValueError:
-        print(f"--rows takes comma-separated integers, got {args.rows!r}", file=sys.stderr)
-        return 2
-    if not rows or min(rows) < 1:
-        print(f"--rows takes positive integers, got {args.rows!r}", file=sys.stderr)
-        return 2
+    rows: list[int] = args.rows
     kinds = args.operands.split(",")
     if not set(kinds) <= set(OPERANDS):
         print(f"--operands takes one or more of {OPERANDS}, got {args.operands!r}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from splitserve.benchmarks.gemm_rows import draw_operands, layer_shapes, main
@@ -54,9 +55,11 @@ def test_operands_are_drawn_as_each_engine_draws_dummy_weights() -> None:
     assert 0.9 < w.std().item() < 1.1
 
 
-def test_bad_rows_and_presets_are_one_line_errors(capsys) -> None:
-    assert main(["--rows", "4,x", "--device", "cpu"]) == 2
-    assert main(["--rows", "0", "--device", "cpu"]) == 2
+def test_bad_rows_and_presets_are_errors(capsys) -> None:
+    for rows in ("4,x", "0"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--rows", rows, "--device", "cpu"])
+        assert exit_info.value.code == 2
     assert main(["--rows", "4", "--device", "cpu", "--operands", "zeros"]) == 2
     assert main(["--rows", "4", "--device", "cpu", "--repeat", "0"]) == 2
     assert main(["--model", "dummy:nope", "--rows", "4", "--device", "cpu", "--smoke"]) == 2

@@ -25,10 +25,13 @@ def test_smoke_run_times_both_draws_per_row_count(tmp_path: Path) -> None:
     assert {"command", "git_commit", "device", "date"} <= set(result)
 
 
-def test_bad_rows_are_one_line_errors(capsys) -> None:
+def test_bad_arguments_are_errors(capsys) -> None:
     from splitserve.benchmarks.sampler_draw import main
 
-    assert main(["--device", "cpu", "--rows", "4,x"]) == 2
-    assert main(["--device", "cpu", "--rows", "0"]) == 2
+    for rows in ("4,x", "0"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--device", "cpu", "--rows", rows])
+        assert exit_info.value.code == 2
+        assert "comma-separated list of positive integers" in capsys.readouterr().err
     assert main(["--device", "cpu", "--vocab", "0"]) == 2
-    assert "comma-separated row counts" in capsys.readouterr().err
+    assert "--vocab must be at least 1" in capsys.readouterr().err
