@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
-        "--rows", type=positive_ints, default=[48, 64, 96, 512, 576, 1024, 1072, 1152, 2048]
+        "--rows",
+        type=positive_ints,
+        default=[48, 64, 96, 512, 576, 1024, 1072, 1152, 2048],
+        help="the GEMMs' row counts (M), comma-separated",
     )
     parser.add_argument(
         "--operands", default="randn", help=f"how operands are drawn, one or more of {OPERANDS}"
