@@ -12,7 +12,9 @@ per router, each run as `Generate` runs it (`run`); what follows holds for both.
   short, the RPC fails or the KV does not arrive in time, the prompt is prefilled here;
   after a failed RPC the blocks the prefill node was given stay set aside until its
   `Abort` for the request answered (it answers once the request's pushes drained), or
-  past the RPC's deadline when it cannot answer.
+  past the RPC's deadline when it cannot answer. An RPC that ended ABORTED (the node
+  stopped the request: a failed push, or the Abort sent when the client went away) was
+  answered once its pushes drained: its blocks go at once, with no second Abort.
 - otherwise: prefill locally (aggregated mode, or conditional disaggregation).
 Token deltas stream back as they are generated, coalesced: one message carries every
 token the request got since the previous one (one per engine step while the stream keeps
@@ -274,7 +276,8 @@ class DecodeService(NodeRpcs, node_pb2_grpc.DecodeServicer):
                 error = f"{exc.code().name}: {exc.details()}"
                 span.fail(error)
                 await engine.run(lambda c: self.remote.rpc_failed(rid, error))
-                await self._await_pushes_over(rid, node.grpc_address, deadline)
+                if exc.code() != grpc.StatusCode.ABORTED:  # ABORTED: its pushes drained
+                    await self._await_pushes_over(rid, node.grpc_address, deadline)
                 await engine.run(lambda c: self.remote.writes_ended(rid))
                 return
             span.set("splitserve.cached_tokens", resp.num_cached_tokens)

@@ -9,7 +9,9 @@ engine's KV connector here, the PrefillPusher, pushes each chunk's finished bloc
 engine reports them (prefix-cache reuse and chunked prefill as anywhere; one sampled token).
 The RPC answers once the last chunk's push completed: first token, final notification
 tag, cache and push statistics. A failed push, an engine error or an abort ends the RPC
-with an error status; the decode node then prefills the prompt itself. No push is posted
+with an error status; the decode node then prefills the prompt itself. ABORTED (a failed
+push, an abort) comes only once the request's pushes drained: the decode node gives its
+blocks to other requests on it. No push is posted
 past the RPC's deadline (the decode node's, propagated by gRPC, or `timeout_s`).
 
 `Abort` (from the decode node: its client went away, or its Prefill RPC failed) stops the

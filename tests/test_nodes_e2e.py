@@ -68,7 +68,7 @@ async def generate(
     decode: NodeProcess,
     rid: str,
     prompt: list[int],
-    prefill: NodeProcess | None,
+    prefill: NodeProcess | pb.NodeEndpoint | None,
     params: SamplingParams = GREEDY,
     cancel_after: int | None = None,
 ) -> tuple[list[int], pb.GenerateResponse | None]:
@@ -76,10 +76,10 @@ async def generate(
     request = pb.GenerateRequest(
         request_id=rid, prompt_token_ids=prompt, sampling_params=sampling_params_to_proto(params)
     )
+    if isinstance(prefill, NodeProcess):
+        prefill = pb.NodeEndpoint(node_id=prefill.node_id, grpc_address=prefill.address)
     if prefill is not None:
-        request.prefill_node.CopyFrom(
-            pb.NodeEndpoint(node_id=prefill.node_id, grpc_address=prefill.address)
-        )
+        request.prefill_node.CopyFrom(prefill)
     tokens: list[int] = []
     async with grpc.aio.insecure_channel(decode.address) as channel:
         call = node_pb2_grpc.DecodeStub(channel).Generate(request)
@@ -214,6 +214,53 @@ def test_prefill_node_killed_mid_request_falls_back_to_local_prefill(cluster, re
     assert num_fallbacks > 0
     assert sum(bool(final and final.metrics.is_prefill_fallback) for _, final in results) > 0
     assert asyncio.run(wait_idle([decode]))[0].kv_usage == 0.0
+
+
+class HeldPrefill(node_pb2_grpc.PrefillServicer):
+    """A prefill node that pushes nothing: each Prefill waits for its request's Abort and
+    then ends ABORTED, as a real node does once its pushes drained; it counts the Aborts."""
+
+    def __init__(self) -> None:
+        self.aborts: dict[str, int] = {}
+        self._aborted: dict[str, asyncio.Event] = {}
+
+    def _event(self, rid: str) -> asyncio.Event:
+        return self._aborted.setdefault(rid, asyncio.Event())
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext):
+        await asyncio.wait_for(self._event(request.request_id).wait(), 20)
+        await context.abort(grpc.StatusCode.ABORTED, "aborted")
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext):
+        for rid in request.request_ids:
+            self.aborts[rid] = self.aborts.get(rid, 0) + 1
+            self._event(rid).set()
+        return pb.AbortResponse(num_aborted=len(request.request_ids))
+
+
+def test_client_gone_during_remote_prefill_aborts_the_prefill_node_once(cluster) -> None:
+    """The client leaves while the prefill node holds the request: the decode node forwards
+    one Abort, and the Prefill RPC's ABORTED answer (given once the node's pushes drained)
+    frees the request's blocks with no second Abort."""
+    decode = cluster.decode[1]
+    servicer = HeldPrefill()
+
+    async def run() -> pb.StatsResponse:
+        server = grpc.aio.server()
+        node_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            held = pb.NodeEndpoint(node_id="held-prefill", grpc_address=f"127.0.0.1:{port}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(generate(decode, "gone", list(range(1, 200)), held), 0.5)
+            return (await wait_idle([decode]))[0]
+        finally:
+            await server.stop(None)
+
+    stats = asyncio.run(run())
+    assert stats.kv_usage == 0.0 and stats.num_running == 0, stats
+    assert servicer.aborts == {"gone": 1}
 
 
 def test_redis_restart_nodes_reregister_and_republish(cluster, reference) -> None:
