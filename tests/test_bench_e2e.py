@@ -224,9 +224,10 @@ def test_chat_stream_recovers_known_latencies(server_url: str, tmp_path: Path) -
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["num_completed"] == 20 and summary["counts"]["num_failed"] == 0
-    assert 195 <= value(summary, "ttft") <= 260  # role chunk at t=0 must not count
-    assert 19 <= value(summary, "itl") <= 30  # the empty chunk must not split a gap
-    assert 19 <= value(summary, "tpot") <= 30
+    # At least what the server injected; what each is measured from is checked per request
+    # below (upper bounds would time the CI machine).
+    assert value(summary, "ttft") >= 195  # the role chunk at t=0 must not count
+    assert value(summary, "itl") >= 19 and value(summary, "tpot") >= 19
     assert value(summary, "e2e") >= 335  # TTFT + 7 ITL
     assert summary["counts"]["output_token_sources"] == {"usage": 20}
     assert summary["throughput"]["num_output_tokens"] == 160
@@ -236,8 +237,12 @@ def test_chat_stream_recovers_known_latencies(server_url: str, tmp_path: Path) -
     assert summary["workload"]["prompt_tokens"]["min"] == 16
     rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(len(r["chunk_times_s"]) == 8 for r in rows)
-    for r in rows:  # E2E ends at the last content chunk, not at the usage chunk after it
-        assert r["e2e_ms"] == pytest.approx((r["chunk_times_s"][-1] - r["send_s"]) * 1e3)
+    for r in rows:  # the empty chunk is no content chunk (8 times, above)
+        first, last = r["chunk_times_s"][0], r["chunk_times_s"][-1]
+        assert r["ttft_ms"] == pytest.approx((first - r["send_s"]) * 1e3)
+        assert r["tpot_ms"] == pytest.approx((last - first) / 7 * 1e3)
+        # E2E ends at the last content chunk, not at the usage chunk after it
+        assert r["e2e_ms"] == pytest.approx((last - r["send_s"]) * 1e3)
         assert r["response_end_s"] - r["chunk_times_s"][-1] >= 0.9 * USAGE_DELAY_S
     for png in ("latency_cdf.png", "over_time.png", "slo_scale.png"):
         assert (out / png).stat().st_size > 1000
