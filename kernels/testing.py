@@ -34,6 +34,56 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, ge
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
 
+def _block_tables(
+    blocks_per_seq: list[int], num_blocks: int, rows: int, gen, device: torch.device
+) -> torch.Tensor:
+    """Each sequence's blocks drawn from a shuffle of the pool's ids; -1 past them and in
+    the `rows` beyond the sequences (padding rows)."""
+    order = torch.randperm(num_blocks, generator=gen, device=device)
+    tables = torch.full((rows, max([*blocks_per_seq, 1])), -1, dtype=torch.int32, device=device)
+    first = 0
+    for b, nblk in enumerate(blocks_per_seq):
+        tables[b, :nblk] = order[first : first + nblk].to(torch.int32)
+        first += nblk
+    return tables
+
+
+def _context_slots(
+    cases: list[tuple[int, int]], tables: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot of every context position of every case sequence, and which of them are
+    cached (the rest are the new rows)."""
+    device = tables.device
+    lens = torch.tensor([c + n for c, n in cases], device=device)
+    seq_of = torch.repeat_interleave(torch.arange(len(cases), device=device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(int(lens.sum()), device=device) - starts[seq_of]
+    slots = tables[seq_of, pos // block_size].long() * block_size + pos % block_size
+    cached = torch.tensor([c for c, _ in cases], device=device)
+    return slots, pos < cached[seq_of]
+
+
+def _metadata(
+    cases: list[tuple[int, int]], new_slots: torch.Tensor, tables: torch.Tensor, pad_rows: int
+) -> AttentionMetadata:
+    """The batch's metadata: the cases' new rows, then `pad_rows` one-row decodes of
+    length 1 (slot -1)."""
+    device = tables.device
+    query_lens = [n for _, n in cases] + [1] * pad_rows
+    all_seq_lens = [c + n for c, n in cases] + [1] * pad_rows
+    padding = torch.full((pad_rows,), -1, dtype=torch.int64, device=device)
+    return AttentionMetadata(
+        slot_mapping=torch.cat([new_slots, padding]),
+        query_start_loc=torch.tensor([0, *query_lens], device=device).cumsum(0).to(torch.int32),
+        seq_lens=torch.tensor(all_seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables,
+        max_query_len=max([*query_lens, 0]),
+        max_seq_len=max([*all_seq_lens, 0]),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=all_seq_lens,
+    )
+
+
 def make_paged_batch(
     cases: list[tuple[int, int]],  # (cached tokens, new tokens) per sequence
     num_heads: int,
@@ -51,60 +101,28 @@ def make_paged_batch(
 ) -> PagedBatch:
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    seq_lens = [c + n for c, n in cases]
-    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    blocks_per_seq = [-(-(c + n) // block_size) for c, n in cases]
     num_blocks = sum(blocks_per_seq) + spare_blocks
-    max_blocks = max([*blocks_per_seq, 1])
     shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
     if poison:
         pool = torch.full(shape, float("nan"), dtype=dtype, device=device)
     else:
         pool = _random(shape, dtype, device, gen)
     kv_cache = pool[:, layer]
-
-    order = torch.randperm(num_blocks, generator=gen, device=device)
-    tables = torch.full((len(cases) + pad_rows, max_blocks), -1, dtype=torch.int32, device=device)
-    first = 0
-    for b, nblk in enumerate(blocks_per_seq):
-        tables[b, :nblk] = order[first : first + nblk].to(torch.int32)
-        first += nblk
-
-    # Slot of every context position of every case sequence.
-    lens = torch.tensor(seq_lens, device=device)
-    seq_of = torch.repeat_interleave(torch.arange(len(cases), device=device), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    pos = torch.arange(int(lens.sum()), device=device) - starts[seq_of]
-    slots = tables[seq_of, pos // block_size].long() * block_size + pos % block_size
-    cached = torch.tensor([c for c, _ in cases], device=device)
-    is_cached = pos < cached[seq_of]
+    tables = _block_tables(blocks_per_seq, num_blocks, len(cases) + pad_rows, gen, device)
+    slots, is_cached = _context_slots(cases, tables, block_size)
     cached_slots = slots[is_cached]
     ctx_shape = (int(cached_slots.numel()), num_kv_heads, head_dim)
     blocks, offsets = cached_slots // block_size, cached_slots % block_size
     for kind in (0, 1):
         kv_cache[:, kind][blocks, offsets] = _random(ctx_shape, dtype, device, gen)
-
-    query_lens = [n for _, n in cases] + [1] * pad_rows
-    num_rows = sum(query_lens)
-    new_slots = torch.cat(
-        [slots[~is_cached], torch.full((pad_rows,), -1, dtype=torch.int64, device=device)]
-    )
-    all_seq_lens = seq_lens + [1] * pad_rows
-    meta = AttentionMetadata(
-        slot_mapping=new_slots,
-        query_start_loc=torch.tensor([0, *query_lens], device=device).cumsum(0).to(torch.int32),
-        seq_lens=torch.tensor(all_seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables,
-        max_query_len=max([*query_lens, 0]),
-        max_seq_len=max([*all_seq_lens, 0]),
-        query_lens_cpu=query_lens,
-        seq_lens_cpu=all_seq_lens,
-    )
+    num_rows = sum(n for _, n in cases) + pad_rows
     return PagedBatch(
         pool=pool,
         kv_cache=kv_cache,
         q=_random((num_rows, num_heads, head_dim), dtype, device, gen),
         k=_random((num_rows, num_kv_heads, head_dim), dtype, device, gen),
         v=_random((num_rows, num_kv_heads, head_dim), dtype, device, gen),
-        meta=meta,
+        meta=_metadata(cases, slots[~is_cached], tables, pad_rows),
         num_seq_rows=num_rows - pad_rows,
     )
