@@ -20,15 +20,22 @@ one that follows the order): "randn", inputs and weights N(0, 1); "normal", the 
 dummy weights (N(0, 0.02)) on inputs N(0, 1), a norm's output at scale 1; "uniform", vLLM's
 and SGLang's dummy weights (U(-1e-3, 1e-3)) on inputs N(0, 1) times a norm scale drawn from
 the same U(-1e-3, 1e-3) per feature (engine/model/dummy.py, `--dummy-weights`).
+
+`--blas` names the library torch's GEMMs go to (`torch.backends.cuda.preferred_blas_library`),
+one timing with each at every row count and operand kind, in turn: "default" (torch's own
+choice, cuBLAS), "cublas", "cublaslt" (CUDA only), so that a row count where one library's
+choice of kernel is slow (just past a row tile) can be told from what the shape costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import statistics
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,6 +49,7 @@ from splitserve.engine.model.dummy_presets import dummy_arch
 
 logger = logging.getLogger(__name__)
 OPERANDS = ("randn", "normal", "uniform")
+BLAS = ("default", "cublas", "cublaslt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--operands", default="randn", help=f"how operands are drawn, one or more of {OPERANDS}"
+    )
+    parser.add_argument(
+        "--blas",
+        default="default",
+        help=f"the GEMM library torch takes, one or more of {BLAS}, each timed in turn",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="times each row count runs every --operands kind"
@@ -98,6 +111,20 @@ def draw_operands(
     return x, w
 
 
+@contextlib.contextmanager
+def blas_library(blas: str) -> Iterator[None]:
+    """torch's GEMMs go to `blas` inside, to what they went to before after."""
+    if blas == "default":
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(blas)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
 def time_rows(
     shapes: dict[str, tuple[int, int]],
     rows: int,
@@ -105,40 +132,46 @@ def time_rows(
     dtype: torch.dtype,
     timer: Timer,
     kind: str,
+    blas: str = "default",
 ) -> dict[str, Any]:
     drawn = {n: draw_operands(kind, rows, shape, device, dtype) for n, shape in shapes.items()}
     inputs = {n: x for n, (x, _) in drawn.items()}
     weights = {n: w for n, (_, w) in drawn.items()}
-    per_gemm = {
-        name: timer(functools.partial(torch.nn.functional.linear, inputs[name], weights[name]))
-        for name in shapes
-    }
 
     def layer() -> None:
         for name in shapes:
             torch.nn.functional.linear(inputs[name], weights[name])
 
-    layer_ms = timer(layer)
+    with blas_library(blas):
+        per_gemm = {
+            name: timer(functools.partial(torch.nn.functional.linear, inputs[name], weights[name]))
+            for name in shapes
+        }
+        layer_ms = timer(layer)
     flops = 2 * rows * sum(i * o for i, o in shapes.values())
     return {
         "rows": rows,
         "operands": kind,
+        "blas": blas,
         "layer_us": round(layer_ms * 1e3, 1),
         "layer_tflop_s": round(flops / (layer_ms * 1e-3) / 1e12, 1),
         "per_gemm_us": {name: round(ms * 1e3, 1) for name, ms in per_gemm.items()},
     }
 
 
-def run(args: argparse.Namespace, rows: list[int], kinds: list[str]) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, rows: list[int], kinds: list[str], libraries: list[str]
+) -> dict[str, Any]:
     arch = dummy_arch(args.model)
     dtype = getattr(torch, args.dtype)
     shapes = layer_shapes(arch)
     timer = Timer(args.smoke)
     table = [
-        time_rows(shapes, m, args.device, dtype, timer, kind)
+        time_rows(shapes, m, args.device, dtype, timer, kind, blas)
         for m in rows
         for _ in range(args.repeat)
         for kind in kinds
+        for blas in libraries
     ]
     return {
         **provenance(args.device),
@@ -151,12 +184,11 @@ def run(args: argparse.Namespace, rows: list[int], kinds: list[str]) -> dict[str
 
 
 def medians(table: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{rows: {operands: median layer_us over the repeats}}."""
+    """{rows: {operands (", blas" unless default): median layer_us over the repeats}}."""
     times: dict[str, dict[str, list[float]]] = {}
     for row in table:
-        times.setdefault(str(row["rows"]), {}).setdefault(row["operands"], []).append(
-            row["layer_us"]
-        )
+        key = row["operands"] if row["blas"] == "default" else f"{row['operands']}, {row['blas']}"
+        times.setdefault(str(row["rows"]), {}).setdefault(key, []).append(row["layer_us"])
     return {
         rows: {kind: round(statistics.median(us), 1) for kind, us in kinds.items()}
         for rows, kinds in times.items()
@@ -174,16 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         print(f"--repeat must be at least 1, got {args.repeat}", file=sys.stderr)
         return 2
+    libraries = args.blas.split(",")
+    if not set(libraries) <= set(BLAS):
+        print(f"--blas takes one or more of {BLAS}, got {args.blas!r}", file=sys.stderr)
+        return 2
+    if args.device != "cuda" and libraries != ["default"]:
+        print(f"--blas {args.blas} picks CUDA's GEMM libraries: add --device cuda", file=sys.stderr)
+        return 2
     try:
-        result = run(args, rows, kinds)
+        result = run(args, rows, kinds, libraries)
     except ValueError as exc:  # an unknown preset
         print(f"{exc}", file=sys.stderr)
         return 2
     for row in result["rows"]:
         logger.info(
-            "%6d rows  %-7s  layer %8.1f us  %6.1f TFLOP/s  %s",
+            "%6d rows  %-7s  %-8s  layer %8.1f us  %6.1f TFLOP/s  %s",
             row["rows"],
             row["operands"],
+            row["blas"],
             row["layer_us"],
             row["layer_tflop_s"],
             row["per_gemm_us"],

@@ -64,3 +64,37 @@ def test_bad_rows_and_presets_are_errors(capsys) -> None:
     assert main(["--rows", "4", "--device", "cpu", "--repeat", "0"]) == 2
     assert main(["--model", "dummy:nope", "--rows", "4", "--device", "cpu", "--smoke"]) == 2
     assert "unknown dummy preset" in capsys.readouterr().err
+
+
+def test_rows_name_their_library_and_libraries_other_than_torchs_need_cuda(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "gemm.json"
+    argv = ["--model", "dummy:tiny", "--device", "cpu", "--dtype", "float32", "--smoke"]
+    assert main([*argv, "--rows", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["blas"] for row in result["rows"]] == ["default"]
+    assert set(result["layer_us_median"]["4"]) == {"randn"}
+    assert main([*argv, "--rows", "4", "--blas", "default,cublaslt"]) == 2
+    assert "add --device cuda" in capsys.readouterr().err
+    assert main([*argv, "--rows", "4", "--blas", "mkl"]) == 2
+    assert "--blas takes one or more of" in capsys.readouterr().err
+
+
+def test_blas_library_restores_the_library_before_it() -> None:
+    from splitserve.benchmarks.gemm_rows import blas_library
+
+    before = torch.backends.cuda.preferred_blas_library()
+    with blas_library("cublas"):
+        assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublas
+    assert torch.backends.cuda.preferred_blas_library() == before
+
+
+def test_medians_key_a_library_other_than_the_default_beside_the_operands() -> None:
+    from splitserve.benchmarks.gemm_rows import medians
+
+    table = [
+        {"rows": 8, "operands": "randn", "blas": blas, "layer_us": us}
+        for blas, us in (("default", 1.0), ("cublaslt", 2.0), ("cublaslt", 4.0))
+    ]
+    assert medians(table) == {"8": {"randn": 1.0, "randn, cublaslt": 3.0}}
