@@ -25,7 +25,11 @@ gaps with the code around them. With `--launch-lag` (splitserve, CUDA), eight mo
 run with launch probes (engine/launch_probes.py, no profiler), every other one with the
 device held back 60 ms so that the host queues the prompt's whole forward pass before the
 device starts it: the device's time per piece and attention call as it came less its time
-held back is where, and how long, it waited for the host.
+held back is where, and how long, it waited for the host. With `--clocks` (CUDA, nvidia-smi
+on PATH), 300 more decode steps and then 16 more windows run while `nvidia-smi` samples the
+device every 20 ms (benchmarks/device_clocks.py): each phase's step or window time beside
+the SM and memory clocks, power, temperature and clock event reasons it ran at, so that a
+kernel slower in one engine than in the other can be told from a device running slower.
 
 splitserve runs `EngineCore.step` (steps launched ahead, as served); vLLM `LLMEngine.step`
 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, its default async scheduling), FlashAttention
@@ -38,6 +42,7 @@ import argparse
 import logging
 import os
 import random
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -58,6 +63,8 @@ PROFILED_WINDOWS = 4
 LAG_WINDOWS = 8
 # How long --launch-lag holds the device back: longer than the host takes to launch a step.
 HOLD_MS = 60.0
+CLOCK_DECODE_STEPS = 300
+CLOCK_WINDOWS = 16
 TOP_KERNELS = 40
 
 
@@ -218,9 +225,49 @@ def measure(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.launch_lag:
         result["launch_lag"] = _launch_lag(engine, prompts, args.prompt)
+    if args.clocks:
+        result["clocks"] = _clocked(engine, prompts, args.prompt)
     if args.profile:
         result["profile"] = _profiled(engine, prompts, args.prompt)
     return result
+
+
+def _smi_index() -> int:
+    """nvidia-smi's index of the device torch uses (CUDA_VISIBLE_DEVICES renumbers them)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    index = torch.cuda.current_device()
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if entries and all(e.isdigit() for e in entries):
+        return int(entries[index])
+    return index
+
+
+def _clocked(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str, Any]:
+    """Decode steps, then windows, each phase under its own ClockSampler."""
+    from splitserve.benchmarks.device_clocks import ClockSampler
+
+    engine.sync()
+    with ClockSampler(_smi_index()) as decode:
+        steps = _timed_steps(engine, CLOCK_DECODE_STEPS)
+        engine.sync()
+    with ClockSampler(_smi_index()) as windows:
+        times = []
+        for _ in range(CLOCK_WINDOWS):
+            times.append(_window(engine, prompts, prompt_len))
+            _timed_steps(engine, 3)
+        engine.sync()
+    return {
+        "decode_steps": {
+            "steps": CLOCK_DECODE_STEPS,
+            "step_ms_median": statistics.median(steps),
+            **decode.summary(),
+        },
+        "windows": {
+            "windows": CLOCK_WINDOWS,
+            "window_ms_median": statistics.median(times),
+            **windows.summary(),
+        },
+    }
 
 
 def _launch_lag(engine: Engine, prompts: _Prompts, prompt_len: int) -> dict[str, Any]:
@@ -260,6 +307,11 @@ def _add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="splitserve, CUDA: how far the device runs behind the host in each forward",
     )
+    parser.add_argument(
+        "--clocks",
+        action="store_true",
+        help="CUDA: the device's clocks and power over more decode steps and windows",
+    )
     parser.add_argument("--out", help="write the JSON result here")
 
 
@@ -285,6 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--profile records device kernels: it needs a CUDA device")
     if args.launch_lag and (args.engine != "splitserve" or not torch.cuda.is_available()):
         parser.error("--launch-lag probes splitserve's forward passes on a CUDA device")
+    if args.clocks and (not torch.cuda.is_available() or shutil.which("nvidia-smi") is None):
+        parser.error("--clocks samples a CUDA device with nvidia-smi: run it on the GPU machine")
     return args
 
 

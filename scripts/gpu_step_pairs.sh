@@ -6,7 +6,7 @@
 # A shape is BATCHxCONTEXT+PROMPTSxPROMPT: BATCH requests decoding at CONTEXT tokens, and
 # PROMPTS fresh prompts of PROMPT tokens added at once in each window (--prompts). Writes
 # ${BG_OUT:-/tmp/steps}/sw_<system>_<shape>.json and .log. SYSTEMS ("splitserve vllm"),
-# STEP_ARGS (more step_windows flags for both, e.g. --profile), OURS_ARGS (more for
+# STEP_ARGS (more step_windows flags for both, e.g. --profile --clocks), OURS_ARGS (more for
 # splitserve only, e.g. --dummy-weights uniform: vLLM's draw), STEP_S (300: each run's
 # limit), SPLITSERVE_GIT_COMMIT (the commit the JSON records: the device copy has no .git),
 # REPEAT (1: how many times the systems alternate at each shape, e.g. 2 runs splitserve,

@@ -46,11 +46,12 @@ def test_windows_hold_the_prompt_step_and_three_decode_steps(
         step_windows.parse_args([*argv, "--prompts", "0"])
 
 
-def test_profile_needs_a_device(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("flag", ["--profile", "--clocks"])
+def test_device_flags_need_a_device(tiny_llama: Path, flag: str) -> None:
     if step_windows.torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit):
-        step_windows.parse_args(["--engine", "splitserve", "--model", str(tiny_llama), "--profile"])
+        step_windows.parse_args(["--engine", "splitserve", "--model", str(tiny_llama), flag])
 
 
 def _decoding_on_cuda(
@@ -134,3 +135,43 @@ def test_step_pairs_script_alternates_and_gives_ours_args_to_splitserve_only(
         assert "--dummy-weights uniform" in line and "--profile" in line
         assert "--batch 12 --context 4200 --prompts 2 --prompt 4096" in line
         assert f"--out {out}/sw_splitserve_12x4200_2x4096_r{round_}.json" in line
+
+
+def test_clocked_phases_carry_their_times_and_the_samples_taken_beside(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--clocks`: decode steps, then windows, each under its own sampler (here a stand-in
+    for nvidia-smi printing its lines), each phase's time beside its samples."""
+    import sys
+
+    from splitserve.benchmarks import device_clocks
+
+    fake = [sys.executable, "-c", "import time\nwhile True:\n"
+            "    print('1980, 2619, 400.0, 45, 0x0', flush=True); time.sleep(0.001)"]  # fmt: skip
+    monkeypatch.setattr(device_clocks, "nvidia_smi_command", lambda index: fake)
+    monkeypatch.setattr(step_windows, "_smi_index", lambda: 0)
+    monkeypatch.setattr(step_windows, "CLOCK_DECODE_STEPS", 30)
+    monkeypatch.setattr(step_windows, "CLOCK_WINDOWS", 2)
+    argv = ["--engine", "splitserve", "--model", str(tiny_llama), "--dtype", "float32"]
+    engine = step_windows.splitserve_engine(step_windows.parse_args(argv))
+    prompts = step_windows._Prompts(200)
+    for _ in range(2):
+        prompts.add(engine, 20, 1_000_000)
+    clocks = step_windows._clocked(engine, prompts, 24)
+    decode, windows = clocks["decode_steps"], clocks["windows"]
+    assert decode["steps"] == 30 and decode["step_ms_median"] > 0
+    assert windows["windows"] == 2 and windows["window_ms_median"] > decode["step_ms_median"]
+    assert decode["samples"] > 0 and windows["samples"] > 0
+    assert decode["sm_mhz"]["median"] == 1980.0 and decode["event_reasons"] == {
+        "0x0": decode["samples"]
+    }
+
+
+def test_the_sampled_device_is_nvidia_smis_index_of_torchs_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(step_windows.torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert step_windows._smi_index() == 5
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert step_windows._smi_index() == 1
