@@ -51,6 +51,18 @@ def nvidia_smi_command(device_index: int, period_ms: int = PERIOD_MS) -> list[st
     ]  # fmt: skip
 
 
+def check_query(device_index: int = 0) -> None:
+    """One query of every field, before a run relies on them: RuntimeError with what
+    nvidia-smi said when the driver lacks one (older drivers name them differently)."""
+    command = nvidia_smi_command(device_index)[:-1]  # no loop: one sample
+    if shutil.which(command[0]) is None:
+        raise RuntimeError(f"{command[0]} is not on PATH: run on the GPU machine")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or not parse_samples(done.stdout):
+        said = (done.stdout + done.stderr).strip()[:300]
+        raise RuntimeError(f"{' '.join(command)} gave no sample: {said or 'no output'}")
+
+
 def parse_samples(text: str) -> list[ClockSample]:
     """One sample a line of `--format=csv,noheader,nounits` output; lines that are not five
     numbers-and-mask (a partial last line, "[N/A]") are left out."""

@@ -339,6 +339,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--launch-lag probes splitserve's forward passes on a CUDA device")
     if args.clocks and (not torch.cuda.is_available() or shutil.which("nvidia-smi") is None):
         parser.error("--clocks samples a CUDA device with nvidia-smi: run it on the GPU machine")
+    if args.clocks:
+        from splitserve.benchmarks.device_clocks import check_query
+
+        try:
+            check_query(_smi_index())
+        except RuntimeError as exc:
+            parser.error(f"--clocks: {exc} (leave --clocks off to run without it)")
     return args
 
 

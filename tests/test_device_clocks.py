@@ -90,3 +90,15 @@ def test_samples_from_before_the_phase_are_left_out() -> None:
     with ClockSampler(command=late) as sampler:
         time.sleep(0.8)
     assert set(sampler.summary()["event_reasons"]) == {"0x4"}
+
+
+def test_a_query_the_driver_refuses_is_an_error_before_the_run(monkeypatch) -> None:
+    from splitserve.benchmarks import device_clocks
+
+    refusing = [sys.executable, "-c", "print('Field \"power.draw.instant\" is not a valid field')"]
+    monkeypatch.setattr(device_clocks, "nvidia_smi_command", lambda index: [*refusing, "-loop"])
+    with pytest.raises(RuntimeError, match="not a valid field"):
+        device_clocks.check_query(0)
+    answering = [sys.executable, "-c", "print('1980, 2619, 400.0, 45, 0x0')"]
+    monkeypatch.setattr(device_clocks, "nvidia_smi_command", lambda index: [*answering, "-loop"])
+    device_clocks.check_query(0)
