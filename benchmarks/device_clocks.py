@@ -51,12 +51,19 @@ def nvidia_smi_command(device_index: int, period_ms: int = PERIOD_MS) -> list[st
     ]  # fmt: skip
 
 
+def require_on_path(program: str) -> None:
+    if shutil.which(program) is None:
+        raise RuntimeError(
+            f"{program} is not on PATH: clock sampling needs the NVIDIA driver's tools (run on "
+            "the GPU machine, or leave --clocks off)"
+        )
+
+
 def check_query(device_index: int = 0) -> None:
     """One query of every field, before a run relies on them: RuntimeError with what
     nvidia-smi said when the driver lacks one (older drivers name them differently)."""
     command = nvidia_smi_command(device_index)[:-1]  # no loop: one sample
-    if shutil.which(command[0]) is None:
-        raise RuntimeError(f"{command[0]} is not on PATH: run on the GPU machine")
+    require_on_path(command[0])
     done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     if done.returncode != 0 or not parse_samples(done.stdout):
         said = (done.stdout + done.stderr).strip()[:300]
@@ -107,11 +114,7 @@ class ClockSampler:
 
     def __init__(self, device_index: int = 0, command: list[str] | None = None) -> None:
         self._command = command or nvidia_smi_command(device_index)
-        if shutil.which(self._command[0]) is None:
-            raise RuntimeError(
-                f"{self._command[0]} is not on PATH: clock sampling needs the NVIDIA driver's "
-                "tools (run on the GPU machine, or leave --clocks off)"
-            )
+        require_on_path(self._command[0])
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self._lines: list[str] = []
