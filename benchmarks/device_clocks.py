@@ -16,6 +16,7 @@ process itself.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import shutil
 import statistics
@@ -90,9 +91,6 @@ def summarize(samples: list[ClockSample]) -> dict[str, Any]:
     """Medians and extremes of each quantity, and how many samples had each reason mask."""
     if not samples:
         return {"samples": 0}
-    reasons: dict[str, int] = {}
-    for s in samples:
-        reasons[s.reasons] = reasons.get(s.reasons, 0) + 1
 
     def spread(values: list[float]) -> dict[str, float]:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -103,7 +101,7 @@ def summarize(samples: list[ClockSample]) -> dict[str, Any]:
         "mem_mhz": spread([s.mem_mhz for s in samples]),
         "power_w": spread([s.power_w for s in samples]),
         "temp_c": spread([s.temp_c for s in samples]),
-        "event_reasons": reasons,
+        "event_reasons": dict(collections.Counter(s.reasons for s in samples)),
     }
 
 

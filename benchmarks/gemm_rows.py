@@ -195,20 +195,25 @@ def medians(table: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def _listed(flag: str, text: str, allowed: tuple[str, ...]) -> list[str] | None:
+    """`text`'s comma-separated names, or None (and the error printed) for one not allowed."""
+    names = text.split(",")
+    if set(names) <= set(allowed):
+        return names
+    print(f"{flag} takes one or more of {allowed}, got {text!r}", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     rows: list[int] = args.rows
-    kinds = args.operands.split(",")
-    if not set(kinds) <= set(OPERANDS):
-        print(f"--operands takes one or more of {OPERANDS}, got {args.operands!r}", file=sys.stderr)
+    kinds = _listed("--operands", args.operands, OPERANDS)
+    libraries = _listed("--blas", args.blas, BLAS)
+    if kinds is None or libraries is None:
         return 2
     if args.repeat < 1:
         print(f"--repeat must be at least 1, got {args.repeat}", file=sys.stderr)
-        return 2
-    libraries = args.blas.split(",")
-    if not set(libraries) <= set(BLAS):
-        print(f"--blas takes one or more of {BLAS}, got {args.blas!r}", file=sys.stderr)
         return 2
     if args.device != "cuda" and libraries != ["default"]:
         print(f"--blas {args.blas} picks CUDA's GEMM libraries: add --device cuda", file=sys.stderr)
