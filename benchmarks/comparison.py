@@ -15,9 +15,10 @@ both systems ran, checks:
   `lowest_rate` or below, TTFT p99 at most `fresh_ratio` times its p50;
 - the measurement itself: at least `min_requests` requests a row, rates from
   `lowest_rate` or below to past the baseline's capacity, one commit for all of the
-  system's rows (or commits whose code is the same, when the caller says how to tell:
-  `same_code`, e.g. a sweep over several leases between which only documents and results
-  changed), and each rate's two rows at most `same_lease_s` apart (one lease).
+  system's rows (or commits whose served code is the same, when the caller says how to
+  tell: `same_code`, e.g. benchmarks/served_code.py for a sweep over several leases
+  between which only what a serving run does not read changed), and each rate's two rows
+  at most `same_lease_s` apart (one lease).
 
 A check whose rows are missing is reported as not met, with the reason; nothing is
 inferred from rows that were not measured.
@@ -31,7 +32,7 @@ from datetime import datetime
 from typing import Any
 
 Row = dict[str, Any]
-# Whether the given commits hold the same code (None: cannot tell).
+# Whether the given commits hold the same served code (None: cannot tell).
 SameCode = Callable[[list[str]], bool | None]
 
 
@@ -144,13 +145,15 @@ def _date(row: Row) -> datetime | None:
 
 
 def _one_code_check(workload: str, mine: list[Row], same_code: SameCode | None) -> Check:
-    """One commit for every row, or commits `same_code` finds to hold the same code."""
+    """One commit for every row, or commits `same_code` finds to hold the same served
+    code."""
     commits = sorted({str(r.get("commit", "")) for r in mine})
     short = ", ".join(c[:12] for c in commits)
     if len(commits) == 1:
         return Check(workload, "one commit for every row", short, "", True)
     same = None if same_code is None else same_code(commits)
-    ours = short + {True: " (the same code)", False: " (code differs)", None: ""}[same]
+    verdict = {True: " (the same served code)", False: " (served code differs)", None: ""}
+    ours = short + verdict[same]
     return Check(workload, "one commit for every row", ours, "", same is True)
 
 

@@ -57,7 +57,6 @@ import json
 import logging
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ from splitserve.benchmarks.comparison import Targets, capacity
 from splitserve.benchmarks.comparison import compare as compare_rows
 from splitserve.benchmarks.comparison import markdown as comparison_markdown
 from splitserve.benchmarks.report import ARCHIVED_REQUESTS_FILE
+from splitserve.benchmarks.served_code import same_served_code
 
 logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -421,34 +421,10 @@ def _compare(args: argparse.Namespace) -> str:
         capacity_ratio=args.capacity_ratio, fresh_ratio=args.fresh_ratio,
         min_requests=args.min_requests, lowest_rate=args.lowest_rate,
     )  # fmt: skip
-    checks = compare_rows(rows, args.system, args.baseline, targets, same_code_in_git)
+    checks = compare_rows(rows, args.system, args.baseline, targets, same_served_code)
     if not checks:
         raise ValueError(f"no workload has rows of both {args.system} and {args.baseline}")
     return comparison_markdown(checks, args.system, args.baseline)
-
-
-# What does not change what is measured: documents, tests and results.
-NOT_CODE = ("docs", "README.md", "tests", "benchmarks/results")
-
-
-def same_code_in_git(commits: list[str], repo: Path | None = None) -> bool | None:
-    """Whether `commits` differ only in NOT_CODE (`git diff`, in `repo` or this checkout);
-    None when git cannot tell (no repository, a commit it does not know)."""
-    repo = repo or Path(__file__).resolve().parents[1]
-    excluded = [f":(exclude){path}" for path in NOT_CODE]
-    for commit in commits[1:]:
-        done = subprocess.run(
-            ["git", "-C", str(repo), "diff", "--quiet", commits[0], commit, "--", ".", *excluded],
-            capture_output=True,
-            check=False,
-        )
-        if done.returncode not in (0, 1):
-            logger.warning("git cannot compare %s and %s: %s", commits[0], commit,
-                           done.stderr.decode(errors="replace").strip())  # fmt: skip
-            return None
-        if done.returncode == 1:
-            return False
-    return True
 
 
 def _rows_of(results_dir: Path) -> list[dict[str, Any]]:

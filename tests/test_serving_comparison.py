@@ -68,8 +68,8 @@ def test_commits_of_the_same_code_count_as_one_when_the_caller_can_tell() -> Non
         checks = compare(rows, "splitserve", "vllm", Targets(), lambda commits: verdict)
         return next(c for c in checks if c.target == "one commit for every row")
 
-    assert (one_code(True).met, one_code(True).ours) == (True, "abc, def (the same code)")
-    assert (one_code(False).met, one_code(False).ours) == (False, "abc, def (code differs)")
+    assert (one_code(True).met, one_code(True).ours) == (True, "abc, def (the same served code)")
+    assert (one_code(False).met, one_code(False).ours) == (False, "abc, def (served code differs)")
     assert (one_code(None).met, one_code(None).ours) == (False, "abc, def")
 
 
@@ -88,32 +88,6 @@ def test_rows_from_two_kinds_of_device_fail_the_one_device_check() -> None:
     for row in rows:
         del row["device"]
     assert not one_device(rows).met and one_device(rows).ours == "unknown"
-
-
-def test_git_tells_commits_that_differ_only_in_documents_and_results(tmp_path: Path) -> None:
-    import subprocess
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
-                              capture_output=True, text=True)  # fmt: skip
-        return done.stdout.strip()
-
-    def commit(path: str, text: str) -> str:
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(text)
-        git("add", "-A")
-        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", path)
-        return git("rev-parse", "HEAD")
-
-    git("init", "-q")
-    first = commit("engine/core.py", "a = 1\n")
-    docs = commit("docs/performance.md", "measured\n")
-    results = commit("benchmarks/results/x/summary.json", "[]\n")
-    code = commit("engine/core.py", "a = 2\n")
-    same = serving_report.same_code_in_git
-    assert same([first, docs, results], tmp_path) is True
-    assert same([first, docs, code], tmp_path) is False
-    assert same([first, "0" * 40], tmp_path) is None
 
 
 def test_the_fc30e0e_lease_reads_as_its_closing_note_says(capsys) -> None:
