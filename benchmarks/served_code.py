@@ -170,17 +170,27 @@ def _script_lines(repo: Path, commit: str, path: str) -> list[str] | None:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def differing_served(repo: Path, first: str, other: str) -> list[str] | None:
+def _served_at(repo: Path, commit: str, known: dict[str, set[str] | None]) -> set[str] | None:
+    """`served_files` of `commit`'s tree, read once per commit into `known`."""
+    if commit not in known:
+        with git_reader(repo, commit) as read:
+            known[commit] = served_files(read)
+    return known[commit]
+
+
+def differing_served(
+    repo: Path, first: str, other: str, known: dict[str, set[str] | None] | None = None
+) -> list[str] | None:
     """The files that differ between two commits that a serving run reads (empty: the
     same served code); None when git cannot tell (no repository, an unknown commit, a
-    tree without the serving roots)."""
+    tree without the serving roots). `known`: closures already read, by commit."""
     changed = _changed(repo, first, other)
     if changed is None:
         return None
+    known = {} if known is None else known
     served: set[str] = set()
     for commit in (first, other):
-        with git_reader(repo, commit) as read:
-            files = served_files(read)
+        files = _served_at(repo, commit, known)
         if files is None:
             return None
         served |= files
@@ -200,8 +210,9 @@ def same_served_code(commits: list[str], repo: Path | None = None) -> bool | Non
     """Whether every commit holds the first's served code (`differing_served`), in
     `repo` or this checkout; None when git cannot tell."""
     repo = repo or Path(__file__).resolve().parents[1]
+    known: dict[str, set[str] | None] = {}  # the first commit's closure is read once
     for commit in commits[1:]:
-        differ = differing_served(repo, commits[0], commit)
+        differ = differing_served(repo, commits[0], commit, known)
         if differ is None:
             return None
         if differ:
