@@ -67,6 +67,7 @@ def _attention_specs(dtype: torch.dtype) -> list[Spec]:
     specs = []
     for single, fused in ((False, False), (False, True), (True, False)):
         consts = dict(common, GROUP_SIZE=GROUP, BLOCK_G=16, BLOCK_N=launch.block_n)
+        consts |= dict(MIN_TILES=dec.min_walk_tiles(launch.block_n))
         consts |= dict(IS_SINGLE_SPLIT=single, FUSED_MERGE=fused)
         kind = "single" if single else "split-K, merged inside" if fused else "split-K"
         label = f"decode split ({ty}, {kind})"

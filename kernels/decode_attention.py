@@ -18,13 +18,15 @@ partition that takes the last ticket merges the group's partitions (loads that b
 and sets the counter back to zero: one launch a layer instead of two.
 
 Each sequence splits its own context evenly: its partitions hold
-`partition_tokens(seq_len, num_splits, block_n)` tokens (seq_len / num_splits rounded up
-to whole KV tiles), so a short sequence in a batch of long ones still spreads over the
-splits. The number of splits is picked on the host from `max_seq_len` and the batch shape
-so that batch x kv_heads x splits fills the multiprocessors a few times over, and a batch
-of more programs than the device holds at once evens out its last round (`round_cost`);
-nothing is read back from the device, and the grid depends only on host ints (a CUDA
-graph captures it once for contexts up to its `max_seq_len`).
+`partition_tokens(seq_len, num_splits, block_n, min_tiles)` tokens (seq_len / num_splits
+rounded up to whole KV tiles, and at least `MIN_WALK_TOKENS`), so a short sequence in a
+batch of long ones still spreads over the splits, into fewer of them where its context
+is too short for partitions of that length. The number of splits is picked on the host
+from `max_seq_len` and the batch shape so that batch x kv_heads x splits fills the
+multiprocessors a few times over, and a batch of more programs than the device holds at
+once evens out its last round (`round_cost`); nothing is read back from the device, and
+the grid depends only on host ints (a CUDA graph captures it once for contexts up to its
+`max_seq_len`).
 Reference: `splitserve.kernels.attention_torch.decode_batched` (via
 `decode_attention_reference`).
 """
@@ -60,6 +62,13 @@ LOG2E = 1.4426950408889634
 MIN_PARTITION_TOKENS = 256
 # The most partitions a sequence is split into.
 MAX_SPLITS = 64
+# Fewest context tokens a partition walks (rounded up to whole KV tiles): a decode graph's
+# split count is planned for its context limit, so a short context cut that many ways gets
+# partitions too short to pay for their partial results. Graph-replayed on an H100 at
+# 1,150 tokens, 96-token partitions were the fastest at batch 1, 2 and 4 (13.2, 13.7 and
+# 15.6 µs) where the plan's 48 and 64 took 14.7, 16.1 and 17.6
+# (benchmarks/results/kernels/split_plan_small_h100_2523bcc/).
+MIN_WALK_TOKENS = 96
 # Programs per multiprocessor the split heuristic aims for: graph-replayed on an H200, the
 # fastest count gave 5.8 at batch 24, 32 and 48 of 1,150-token contexts and at batch 24 of
 # 4,200 (4 splits at batch 24: 9% and 13% faster than the 3 that an aim of 4 picked).
@@ -122,6 +131,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
+    MIN_TILES: tl.constexpr,
     IS_SINGLE_SPLIT: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -130,7 +140,7 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
-    partition = partition_tokens(seq_len, tl.num_programs(2), BLOCK_N)
+    partition = partition_tokens(seq_len, tl.num_programs(2), BLOCK_N, MIN_TILES)
     start = split * partition
     if start >= seq_len:
         return
@@ -231,6 +241,11 @@ def _merge_group(
     out = numer / tl.where(denom > 0, denom, 1.0)[:, None]
     out_ptrs = out_ptr + heads[:, None] * stride_out_head + dims[None, :] * stride_out_dim
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def min_walk_tiles(block_n: int) -> int:
+    """KV tiles of `block_n` tokens in the shortest partition (`MIN_WALK_TOKENS`)."""
+    return max(1, math.ceil(MIN_WALK_TOKENS / block_n))
 
 
 class SplitPlan(NamedTuple):
@@ -454,7 +469,9 @@ class PreparedDecode:
         )
         self._merge = None
         if not single and counts is None:
-            self._merge = prepare_merge(acc, m, l_sum, seq_lens, out, block_n)
+            self._merge = prepare_merge(
+                acc, m, l_sum, seq_lens, out, block_n, min_walk_tiles(block_n)
+            )
 
     def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if _layout(q, kv_cache, out) != self._layout:
@@ -502,7 +519,8 @@ def _split_args(
         stride_pml_split=part_m.stride(2),
         GROUP_SIZE=group_size, HEAD_DIM=head_dim, BLOCK_G=next_pow2(group_size, 16),
         BLOCK_D=next_pow2(head_dim, 16), BLOCK_N=block_n, KV_BLOCK_SIZE=kv_cache.shape[2],
-        IS_SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype),
+        MIN_TILES=min_walk_tiles(block_n), IS_SINGLE_SPLIT=single,
+        DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
 
 

@@ -4,8 +4,9 @@ Stage 1 left, per (sequence, query head, partition s), the partition's running m
 (log2 domain), sum `l_s` and unnormalised output `acc_s`, all fp32; partitions at or past
 the sequence's length were never written. One program per (sequence, head) merges the
 partitions that hold tokens (a sequence of L tokens split S ways has partitions of
-`partition_tokens(L, S, tile)` tokens, L / S rounded up to whole KV tiles), in a loop over
-those partitions alone: one compiled kernel serves every split count:
+`partition_tokens(L, S, tile, min_tiles)` tokens, L / S rounded up to whole KV tiles and
+at least `min_tiles` of them), in a loop over those partitions alone: one compiled kernel
+serves every split count:
 
     out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,   M = max_s m_s
 
@@ -25,15 +26,21 @@ from splitserve.kernels.checks import check_launchable, check_shape, check_tenso
 
 
 @triton.jit
-def partition_tokens(seq_len, num_splits, tile):
+def partition_tokens(seq_len, num_splits, tile, min_tiles):
     """Tokens in each partition of a sequence's context: seq_len / num_splits rounded up
-    to whole tiles (at least one tile)."""
+    to whole tiles, at least `min_tiles` tiles (a context too short for that many
+    partitions of that length fills fewer)."""
     tiles = tl.cdiv(tl.cdiv(seq_len, num_splits), tile)
-    return tl.maximum(tiles, 1) * tile
+    return tl.maximum(tiles, min_tiles) * tile
 
 
 # Arguments that vary with the split plan are not specialised on (engine/warmup.py).
-@triton.jit(do_not_specialize=["partition_tile", "num_splits", "stride_pml_seq", "stride_pml_head"])
+@triton.jit(
+    do_not_specialize=[
+        "partition_tile", "partition_min_tiles", "num_splits", "stride_pml_seq",
+        "stride_pml_head",
+    ]
+)  # fmt: skip
 def _decode_reduce_kernel(
     part_acc_ptr,  # [B, num_heads, num_splits, HEAD_DIM] fp32
     part_m_ptr,  # [B, num_heads, num_splits] fp32
@@ -41,6 +48,7 @@ def _decode_reduce_kernel(
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, num_heads, HEAD_DIM]
     partition_tile,
+    partition_min_tiles,
     num_splits,
     stride_seq_lens,
     stride_pacc_seq,
@@ -62,7 +70,7 @@ def _decode_reduce_kernel(
     seq_len = tl.load(seq_lens_ptr + seq * stride_seq_lens)
     if SKIP_EMPTY and seq_len <= 0:
         return
-    partition = partition_tokens(seq_len, num_splits, partition_tile)
+    partition = partition_tokens(seq_len, num_splits, partition_tile, partition_min_tiles)
     num_active = tl.minimum(tl.cdiv(seq_len, partition), num_splits)
     dims = tl.arange(0, BLOCK_D)
     pml = part_m_ptr + seq * stride_pml_seq + head * stride_pml_head
@@ -96,8 +104,9 @@ def merge_partitions(
     seq_lens: torch.Tensor,  # [B] int32
     out: torch.Tensor,  # [B, num_heads, head_dim], written
     partition_tile: int,  # partitions are whole multiples of this many tokens
+    min_tiles: int,  # and at least this many tiles (`partition_tokens`)
 ) -> None:
-    prepare_merge(part_acc, part_m, part_l, seq_lens, out, partition_tile)(out)
+    prepare_merge(part_acc, part_m, part_l, seq_lens, out, partition_tile, min_tiles)(out)
 
 
 def prepare_merge(
@@ -107,6 +116,7 @@ def prepare_merge(
     seq_lens: torch.Tensor,
     out: torch.Tensor,
     partition_tile: int,
+    min_tiles: int,
     skip_empty: bool = False,
 ) -> Callable[[torch.Tensor], None]:
     """`merge_partitions` checked once: the launch, taking an output of `out`'s shape and
@@ -124,12 +134,14 @@ def prepare_merge(
     check_shape("seq_lens", seq_lens, (batch,))
     check_tensor("out", out, 3, (torch.float32, torch.float16, torch.bfloat16), device)
     check_shape("out", out, (batch, num_heads, head_dim))
-    if partition_tile < 1:
-        raise ValueError(f"partition_tile must be >= 1, got {partition_tile}")
+    if partition_tile < 1 or min_tiles < 1:
+        raise ValueError(
+            f"partition_tile and min_tiles must be >= 1, got {partition_tile} and {min_tiles}"
+        )
     args = dict(
         part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
         seq_lens_ptr=seq_lens,
-        partition_tile=partition_tile, num_splits=num_splits,
+        partition_tile=partition_tile, partition_min_tiles=min_tiles, num_splits=num_splits,
         stride_seq_lens=seq_lens.stride(0),
         stride_pacc_seq=part_acc.stride(0), stride_pacc_head=part_acc.stride(1),
         stride_pacc_split=part_acc.stride(2), stride_pacc_dim=part_acc.stride(3),
@@ -155,12 +167,13 @@ def merge_partitions_reference(
     part_l: torch.Tensor,  # [B, num_heads, num_splits] fp32
     seq_lens: torch.Tensor,  # [B] int32
     partition_tile: int,
+    min_tiles: int,
 ) -> torch.Tensor:  # [B, num_heads, head_dim] fp32
     num_splits = part_m.shape[2]
     splits = torch.arange(num_splits, device=part_m.device)
     lens = seq_lens.long()[:, None]
     tiles = ((lens + num_splits - 1) // num_splits + partition_tile - 1) // partition_tile
-    partition = tiles.clamp_min(1) * partition_tile
+    partition = tiles.clamp_min(min_tiles) * partition_tile
     active = splits[None, :] < (lens + partition - 1) // partition
     active = active[:, None, :]  # [B, 1, S]
     m = torch.where(active, part_m, float("-inf"))

@@ -113,7 +113,7 @@ def _prefill_kernel(
     part_begin = 0
     part_end = seq_len
     if not IS_SINGLE_SPLIT:
-        partition = partition_tokens(seq_len, num_splits, BLOCK_N)
+        partition = partition_tokens(seq_len, num_splits, BLOCK_N, 1)
         part_begin = split * partition
         if part_begin >= seq_len:
             return
@@ -282,7 +282,7 @@ def prefill_attention(
     )  # fmt: skip
     if split:
         prepare_merge(
-            parts.acc, parts.max, parts.sum, parts.row_seq_lens, out, block_n, skip_empty=True
+            parts.acc, parts.max, parts.sum, parts.row_seq_lens, out, block_n, 1, skip_empty=True
         )(out)
     return out
 

@@ -97,6 +97,16 @@ def test_store_kv(block_size: int, head_dim: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(batch.pool, expected, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.fixture
+def one_tile_walks(monkeypatch) -> None:
+    """Partitions as short as one 16-token tile: the short contexts of these CPU batches
+    then spread over every split planned (with the served `MIN_WALK_TOKENS`, 96, each of
+    them would fill one partition)."""
+    from splitserve.kernels import decode_attention as dec
+
+    monkeypatch.setattr(dec, "MIN_WALK_TOKENS", 16)
+
+
 def _run_decode(batch: PagedBatch, scale: float, **kwargs) -> torch.Tensor:
     meta = batch.meta
     out = _nan_like(batch.q)
@@ -112,6 +122,7 @@ def _run_decode(batch: PagedBatch, scale: float, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.usefixtures("one_tile_walks")
 def test_decode_attention(head_dim, ratio, block_size, num_splits, dtype) -> None:
     cases = [(n - 1, 1) for n in DECODE_LENS]
     batch = _batch(cases, ratio, head_dim, block_size, dtype, seed=ratio + block_size)
@@ -129,6 +140,7 @@ def test_decode_attention(head_dim, ratio, block_size, num_splits, dtype) -> Non
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.usefixtures("one_tile_walks")
 def test_a_prepared_decode_serves_every_layer_of_a_step(num_splits: int) -> None:
     """One PreparedDecode, launched for two layers' pool views, q rows and outputs (what a
     mixed step's 32 layers do), writes what decode_attention writes for each; a layout it
@@ -171,6 +183,7 @@ def _assert_same_merge(fused: torch.Tensor, separate: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("num_splits", [2, 3, 5])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.usefixtures("one_tile_walks")
 def test_fused_merge_writes_what_the_merge_kernel_writes(ratio: int, num_splits: int) -> None:
     """With counters the split kernel's last partition of each query group merges (one
     launch); every sequence length, empty partitions included (16-token tiles over up to 5
@@ -203,6 +216,7 @@ def test_merge_counters_grow_and_keep_every_buffer() -> None:
 
 
 @pytest.mark.parametrize("case", ["decode", "mixed_decodes_first"])
+@pytest.mark.usefixtures("one_tile_walks")
 def test_backend_fused_merge_matches_the_separate_merge(case: str) -> None:
     """The backend with `fused_decode_merge` (decode batches and a mixed step's decode
     rows, both split three ways) writes what it writes without."""
@@ -239,9 +253,40 @@ def test_merge_partitions_skips_unwritten_partitions(head_dim: int) -> None:
         t.masked_fill_(~active[:, None, :], float("nan"))
     part_acc.masked_fill_(~active[:, None, :, None], float("nan"))
     out = torch.full((batch, heads, head_dim), float("nan"), device=DEVICE)
-    merge_partitions(part_acc, part_m, part_l, seq_lens, out, tile)
-    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, tile)
+    merge_partitions(part_acc, part_m, part_l, seq_lens, out, tile, 1)
+    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, tile, 1)
     _assert_written_and_close(out, ref, torch.float32)
+    # At least 3 tiles a partition: 48 tokens each, 1, 1, 1, 3 and 4 of the 6 written.
+    num_active = torch.tensor([1, 1, 1, 3, 4], device=DEVICE)
+    active = torch.arange(splits, device=DEVICE)[None, :] < num_active[:, None]
+    for t in (part_m, part_l):
+        t.masked_fill_(~active[:, None, :], float("nan"))
+    part_acc.masked_fill_(~active[:, None, :, None], float("nan"))
+    merge_partitions(part_acc, part_m, part_l, seq_lens, out, tile, 3)
+    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, tile, 3)
+    _assert_written_and_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_short_contexts_fill_fewer_partitions_than_planned(fused: bool, monkeypatch) -> None:
+    """With partitions of at least `MIN_WALK_TOKENS` (48 here: three 16-token tiles), a
+    plan of 5 splits cuts the 17- to 70-token contexts into 1 or 2 partitions, not 5 of one
+    tile, and both merges take only those: the output is the reference's, all written."""
+    from splitserve.kernels import decode_attention as dec
+
+    monkeypatch.setattr(dec, "MIN_WALK_TOKENS", 48)
+    cases = [(n - 1, 1) for n in DECODE_LENS]
+    batch = _batch(cases, 4, 64, 16, torch.float32, seed=29)
+    store_kv(batch.k, batch.v, batch.kv_cache, batch.meta.slot_mapping)
+    counters = MergeCounters() if fused else None
+    out = _run_decode(batch, 0.125, num_splits=5, block_n=16, counters=counters)
+    meta = batch.meta
+    ref = decode_attention_reference(
+        batch.q, batch.kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, 0.125
+    )
+    _assert_written_and_close(out, ref, torch.float32)
+    if fused:
+        assert not counters.get(DEVICE, 1).any(), "a counter was left non-zero"
 
 
 def _run_prefill(batch: PagedBatch, scale: float, **kwargs) -> torch.Tensor:
@@ -515,6 +560,7 @@ REST_CASES = [(70, 1), (33, 1), (90, 5), (64, 3), (40, 12)]
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("rows_max", [0, 11, 12])
+@pytest.mark.usefixtures("one_tile_walks")
 def test_short_rests_take_the_decode_kernel_a_row_at_a_time(rows_max: int, fused: bool) -> None:
     """With `short_rest_rows`, a mixed step's chunks over cached context of at most that
     many rows are attended by the decode kernel, each row as a sequence ending at its own
