@@ -458,9 +458,12 @@ class PreparedDecode:
         counts = None
         if counters is not None and not single:
             counts = counters.get(device, batch * num_kv_heads)
+        # The split kernel and the separate merge must cut partitions alike.
+        min_tiles = min_walk_tiles(block_n)
         self._args = _split_args(
-            q, kv_cache, block_tables, seq_lens, out, acc, m, l_sum, scale, block_n, single
-        )
+            q, kv_cache, block_tables, seq_lens, out, acc, m, l_sum, scale, block_n, min_tiles,
+            single,
+        )  # fmt: skip
         self._args.update(
             counters_ptr=acc if counts is None else counts,  # not read unless FUSED_MERGE
             FUSED_MERGE=counts is not None,
@@ -469,9 +472,7 @@ class PreparedDecode:
         )
         self._merge = None
         if not single and counts is None:
-            self._merge = prepare_merge(
-                acc, m, l_sum, seq_lens, out, block_n, min_walk_tiles(block_n)
-            )
+            self._merge = prepare_merge(acc, m, l_sum, seq_lens, out, block_n, min_tiles)
 
     def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if _layout(q, kv_cache, out) != self._layout:
@@ -497,6 +498,7 @@ def _split_args(
     part_l: torch.Tensor,
     scale: float,
     block_n: int,
+    min_tiles: int,
     single: bool,
 ) -> dict[str, object]:
     """The split kernel's arguments but q, the pool and the output (which a layer passes)."""
@@ -519,7 +521,7 @@ def _split_args(
         stride_pml_split=part_m.stride(2),
         GROUP_SIZE=group_size, HEAD_DIM=head_dim, BLOCK_G=next_pow2(group_size, 16),
         BLOCK_D=next_pow2(head_dim, 16), BLOCK_N=block_n, KV_BLOCK_SIZE=kv_cache.shape[2],
-        MIN_TILES=min_walk_tiles(block_n), IS_SINGLE_SPLIT=single,
+        MIN_TILES=min_tiles, IS_SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
 
