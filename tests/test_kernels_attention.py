@@ -246,25 +246,18 @@ def test_merge_partitions_skips_unwritten_partitions(head_dim: int) -> None:
     part_acc = torch.randn(batch, heads, splits, head_dim, generator=gen, device=DEVICE)
     part_m = 4 * torch.randn(batch, heads, splits, generator=gen, device=DEVICE)
     part_l = torch.rand(batch, heads, splits, generator=gen, device=DEVICE) + 0.5
-    # Partitions past a sequence's length were never written: poison them.
-    num_active = torch.tensor([1, 2, 3, 4, 6], device=DEVICE)
-    active = torch.arange(splits, device=DEVICE)[None, :] < num_active[:, None]
-    for t in (part_m, part_l):
-        t.masked_fill_(~active[:, None, :], float("nan"))
-    part_acc.masked_fill_(~active[:, None, :, None], float("nan"))
-    out = torch.full((batch, heads, head_dim), float("nan"), device=DEVICE)
-    merge_partitions(part_acc, part_m, part_l, seq_lens, out, tile, 1)
-    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, tile, 1)
-    _assert_written_and_close(out, ref, torch.float32)
-    # At least 3 tiles a partition: 48 tokens each, 1, 1, 1, 3 and 4 of the 6 written.
-    num_active = torch.tensor([1, 1, 1, 3, 4], device=DEVICE)
-    active = torch.arange(splits, device=DEVICE)[None, :] < num_active[:, None]
-    for t in (part_m, part_l):
-        t.masked_fill_(~active[:, None, :], float("nan"))
-    part_acc.masked_fill_(~active[:, None, :, None], float("nan"))
-    merge_partitions(part_acc, part_m, part_l, seq_lens, out, tile, 3)
-    ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, tile, 3)
-    _assert_written_and_close(out, ref, torch.float32)
+    # Partitions past a sequence's length were never written: poison them. At least 3
+    # tiles a partition: 48 tokens each, 1, 1, 1, 3 and 4 of the 6 written.
+    for min_tiles, written in ((1, [1, 2, 3, 4, 6]), (3, [1, 1, 1, 3, 4])):
+        num_active = torch.tensor(written, device=DEVICE)
+        active = torch.arange(splits, device=DEVICE)[None, :] < num_active[:, None]
+        for t in (part_m, part_l):
+            t.masked_fill_(~active[:, None, :], float("nan"))
+        part_acc.masked_fill_(~active[:, None, :, None], float("nan"))
+        out = torch.full((batch, heads, head_dim), float("nan"), device=DEVICE)
+        merge_partitions(part_acc, part_m, part_l, seq_lens, out, tile, min_tiles)
+        ref = merge_partitions_reference(part_acc, part_m, part_l, seq_lens, tile, min_tiles)
+        _assert_written_and_close(out, ref, torch.float32)
 
 
 @pytest.mark.parametrize("fused", [False, True])
