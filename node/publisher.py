@@ -203,7 +203,7 @@ class NodePublisher:
             logger.warning(
                 "Redis lost the state of %s (%s); republishing",
                 self._node(),
-                "Redis restarted" if is_alive else "record expired",
+                "Redis restarted" if run_id != self._run_id else "record expired",
             )
             self._mark_needs_sync()
             self._sync()
