@@ -341,8 +341,9 @@ def test_publisher_never_raises_while_redis_is_down(
         publisher.publish_events(stored=hashes[3:6], removed=hashes[0:1])
         publisher.heartbeat(NodeLoad(num_running=1))
         assert publisher.flush() is False
-        time.sleep(0.3)
-        assert any("Redis unreachable" in r.getMessage() for r in caplog.records)
+        wait_until(
+            lambda: any("Redis unreachable" in r.getMessage() for r in caplog.records), 3, "warning"
+        )
         private_redis.start()
         index = PrefixIndex(client, cluster)
         wait_until(lambda: index.longest_prefixes(hashes[1:]) == {record.node_id: 5}, 3, "resync")
