@@ -152,7 +152,7 @@ def offline_text(tiny_llama: Path, prompts: list[str], max_tokens: int) -> list[
 
 
 async def one_request(client: openai.AsyncOpenAI, prompt: str) -> str:
-    """ok | error (a clean OpenAI error object) | hung (no answer within the timeout)."""
+    """ok | error: <what> (a clean OpenAI error object) | hung (no answer within the timeout)."""
     try:
         await client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
         return "ok"
@@ -161,9 +161,9 @@ async def one_request(client: openai.AsyncOpenAI, prompt: str) -> str:
     except openai.APIStatusError as exc:
         body = exc.body if isinstance(exc.body, dict) else {}
         assert "message" in body or "error" in body, f"not an OpenAI error object: {exc}"
-        return "error"
-    except openai.APIConnectionError:
-        return "error"
+        return f"error: {exc.status_code} {body.get('code')}: {body.get('message')}"
+    except openai.APIConnectionError as exc:
+        return f"error: connection: {exc!r}"
 
 
 async def steady_load(url: str, rate: float, count: int | None, stop: threading.Event) -> Counter:
