@@ -149,6 +149,13 @@ def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.first_message_timeout_s,
         help="longest wait for a decode stream's first token (prefill included)",
     )
+    g.add_argument(
+        "--http-keep-alive-s",
+        type=int,
+        default=defaults.http_keep_alive_s,
+        help="idle HTTP client connections stay open this long (keep it above the clients' "
+        "and load balancers' own idle timeouts)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -170,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         keepalive_timeout_s=args.keepalive_timeout_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
         first_message_timeout_s=args.first_message_timeout_s,
+        http_keep_alive_s=args.http_keep_alive_s,
         max_body_bytes=args.max_body_bytes,
         num_tokenizer_threads=args.tokenizer_threads,
         strict_fields=args.strict_fields,

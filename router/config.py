@@ -27,6 +27,7 @@ _POSITIVE_FIELDS = (
     "stream_idle_timeout_s",
     "first_message_timeout_s",
     "suspect_s",
+    "http_keep_alive_s",
 )
 
 
@@ -74,6 +75,12 @@ class RouterConfig:
     first_message_timeout_s: float = 120.0
     # How long a decode node that failed a liveness check is left out of routing (s).
     suspect_s: float = 5.0
+    # How long an idle HTTP/1.1 client connection is kept open (s). Longer than clients keep
+    # idle connections pooled (httpx and the openai client 5 s, aiohttp 15 s, load balancers
+    # 60 s), so a client never sends on a connection the router is closing at that instant:
+    # uvicorn's default of 5 s equals httpx's, and a request then fails at random with
+    # "Server disconnected without sending a response".
+    http_keep_alive_s: int = 75
     # Largest request body (bytes); 0: derived from the model's context length
     # (body_limit_for). A larger one is a 413 before it is parsed.
     max_body_bytes: int = 0

@@ -81,6 +81,7 @@ class RouterServer:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=graceful_timeout_s,
+            timeout_keep_alive=config.http_keep_alive_s,
             **_ssl_options(config),
         )
         self._server = _Server(uv_config)
