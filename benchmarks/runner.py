@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 
 DEFAULT_ABORT_AFTER_FAILURES = 10
+# Idle pooled connections are dropped after this (s): below uvicorn's default keep-alive (5 s),
+# after which servers built on it close an idle connection, so the load never reuses one the
+# server is closing at that instant, which fails the request with "Server disconnected"
+# (aiohttp's own default keeps them 15 s).
+CLIENT_KEEPALIVE_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,9 @@ async def _run(
     target: TargetConfig, cfg: RunConfig, sessions: list[Session], warmup: list[Session]
 ) -> RunResult:
     total = sum(len(s.turns) for s in sessions)
-    connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or 0)
+    connector = aiohttp.TCPConnector(
+        limit=cfg.max_concurrency or 0, keepalive_timeout=CLIENT_KEEPALIVE_S
+    )
     async with aiohttp.ClientSession(connector=connector) as http:
         progress = _Progress(total, cfg.show_progress)
         fail_fast = _FailFast(cfg.abort_after_failures)
